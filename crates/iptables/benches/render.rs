@@ -1,0 +1,164 @@
+//! Rendering cost at scale: N ClusterIP services with 10 remote endpoints each (the shape upstream's nftables
+//! benchmarks use), as a full payload, and as the partial payload after one endpoint changed — both by
+//! re-rendering everything and by re-rendering only the changed service port.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use ipnet::IpNet;
+use svcproxy_iptables::{
+    LocalDetector, RenderConfig, ServicePortRules, assemble, full_payload, is_large_cluster, partial_payload,
+    render, render_service_port,
+};
+use svcproxy_model::intent::build_intent;
+use svcproxy_model::{
+    ClusterState, Endpoint, EndpointPort, EndpointSlice, Intent, IntentConfig, IpFamily, ObjectName,
+    Protocol, Service, ServicePort,
+};
+
+fn v4(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(n))
+}
+
+fn cluster(services: u32, moved: Option<u32>) -> Intent {
+    let mut state = ClusterState::default();
+    for i in 0..services {
+        let name = ObjectName::new("bench", format!("svc-{i}"));
+        let port = ServicePort {
+            name: "p80".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
+        };
+        let svc = Service::cluster_ip(name.clone(), v4(0x0a60_0000 + i), vec![port]);
+        let endpoints = (0..10u32)
+            .map(|j| {
+                let addr = if moved == Some(i) && j == 0 {
+                    0x0af0_0000 + i
+                } else {
+                    0x0af4_0000 + i * 16 + j
+                };
+                Endpoint::ready(v4(addr), Some("node-b"))
+            })
+            .collect();
+        let slice = EndpointSlice {
+            name: ObjectName::new("bench", format!("svc-{i}-1")),
+            service_name: name.name.clone(),
+            address_family: Some(IpFamily::V4),
+            ports: vec![EndpointPort {
+                name: "p80".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints,
+            last_change_trigger_time: None,
+        };
+        state.endpoint_slices.insert(slice.name.clone(), slice);
+        state.services.insert(name, svc);
+    }
+    build_intent(
+        &state,
+        &IntentConfig {
+            family: IpFamily::V4,
+            node_name: "node-a".into(),
+        },
+    )
+}
+
+fn cfg() -> RenderConfig {
+    let cidr: IpNet = "10.244.0.0/16".parse().unwrap();
+    RenderConfig {
+        local_detector: LocalDetector::Cidrs(vec![cidr]),
+        ..RenderConfig::default()
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let cfg = cfg();
+    let mut group = c.benchmark_group("render");
+    group.sample_size(10);
+    for n in [1_000u32, 10_000] {
+        let prev_intent = cluster(n, None);
+        let next_intent = cluster(n, Some(n / 2));
+        let prev = render(&prev_intent, &cfg);
+        let full = full_payload(&prev, &[], &[]);
+        eprintln!(
+            "{n} services: full payload {} lines, {} bytes",
+            full.line_count,
+            full.text.len()
+        );
+
+        group.bench_with_input(BenchmarkId::new("full", n), &prev_intent, |b, intent| {
+            b.iter(|| full_payload(&render(black_box(intent), &cfg), &[], &[]))
+        });
+
+        group.bench_with_input(
+            BenchmarkId::new("partial_rerender_all", n),
+            &next_intent,
+            |b, intent| b.iter(|| partial_payload(&prev, &render(black_box(intent), &cfg), &[])),
+        );
+
+        // What a sync engine caching per-service-port parts does: re-render the changed port only.
+        let large = is_large_cluster(&prev_intent);
+        let cache: BTreeMap<_, ServicePortRules> = prev_intent
+            .service_ports
+            .iter()
+            .map(|(k, spi)| (k.clone(), render_service_port(spi, &cfg, large)))
+            .collect();
+        let prev_cached = assemble(&cfg, cache.values());
+        let changed: Vec<_> = next_intent
+            .service_ports
+            .iter()
+            .filter(|(k, spi)| prev_intent.service_ports[*k].content_hash != spi.content_hash)
+            .collect();
+        assert_eq!(changed.len(), 1);
+        let once = {
+            let mut parts = cache.clone();
+            for (k, spi) in &changed {
+                parts.insert((*k).clone(), render_service_port(spi, &cfg, large));
+            }
+            partial_payload(&prev_cached, &assemble(&cfg, parts.values()), &[])
+        };
+        {
+            let t = std::time::Instant::now();
+            let r = assemble(&cfg, cache.values());
+            let t1 = t.elapsed();
+            let p = partial_payload(&prev_cached, &r, &[]);
+            let t2 = t.elapsed();
+            drop(r);
+            let t3 = t.elapsed();
+            eprintln!(
+                "TIMING assemble {t1:?} partial {:?} drop {:?} {}",
+                t2 - t1,
+                t3 - t2,
+                p.line_count
+            );
+        }
+        eprintln!(
+            "{n} services: partial payload {} lines, {} chains written",
+            once.line_count, once.chains_written
+        );
+        group.bench_with_input(
+            BenchmarkId::new("partial_incremental", n),
+            &changed,
+            |b, changed| {
+                b.iter(|| {
+                    let fresh: Vec<_> = changed
+                        .iter()
+                        .map(|(k, spi)| ((*k).clone(), render_service_port(spi, &cfg, large)))
+                        .collect();
+                    let parts = cache
+                        .iter()
+                        .map(|(k, v)| fresh.iter().find(|(fk, _)| fk == k).map_or(v, |(_, f)| f));
+                    partial_payload(&prev_cached, &assemble(&cfg, parts), &[])
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

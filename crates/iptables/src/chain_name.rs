@@ -1,0 +1,245 @@
+//! Chain names, computed exactly as upstream kube-proxy computes them.
+//!
+//! Byte-identical names are what let svcproxy take a node over from kube-proxy (and hand it back) without
+//! leftovers: each side recognises and rewrites the other's chains, and ClientIP affinity survives because the
+//! `recent` lists are named after the endpoint chains.
+
+use std::fmt::Write as _;
+
+use data_encoding::BASE32_NOPAD;
+use sha2::{Digest, Sha256};
+use svcproxy_model::{EndpointInfo, ServicePortName};
+
+/// nat: entry point for service traffic, one rule per (service port, destination address).
+pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+/// nat: NodePort dispatch; filter: health-check node port ACCEPTs.
+pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+/// nat: masquerades marked packets.
+pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+/// nat: sets the masquerade bit.
+pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+/// filter: REJECT/DROP for external destinations of services without (local) endpoints.
+pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+/// filter: forwarding accept rules.
+pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+/// filter: DROP for load-balancer traffic from outside `loadBalancerSourceRanges`.
+pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+/// filter: the localnet anti-martian rule; shared with kubelet, so never deleted by us.
+pub const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
+
+pub const SVC_PREFIX: &str = "KUBE-SVC-";
+pub const SVL_PREFIX: &str = "KUBE-SVL-";
+pub const EXT_PREFIX: &str = "KUBE-EXT-";
+pub const FW_PREFIX: &str = "KUBE-FW-";
+pub const SEP_PREFIX: &str = "KUBE-SEP-";
+/// Written by kube-proxy ≤ 1.23 for eTP=Local; releases ≥ 1.28 no longer collect it, so we must.
+pub const XLB_PREFIX: &str = "KUBE-XLB-";
+
+/// Length of the hash part of a per-service chain name.
+pub const HASH_LEN: usize = 16;
+
+/// Upstream takes the first 16 characters of the padded standard base32 encoding of the SHA-256. Ten bytes
+/// encode to exactly sixteen characters, so encoding only those gives the same prefix without the rest.
+fn hash16(input: &str) -> String {
+    let digest = Sha256::digest(input.as_bytes());
+    BASE32_NOPAD.encode(&digest[..10])
+}
+
+/// The hash the SVC, SVL, EXT and FW chains of one service port share: the service-port name (`ns/svc:port`,
+/// or `ns/svc` for an unnamed port) immediately followed by the lower-case protocol.
+pub fn service_chain_hash(spn: &ServicePortName) -> String {
+    let mut input = spn.to_string();
+    input.push_str(spn.protocol.lower());
+    hash16(&input)
+}
+
+pub fn svc_chain(spn: &ServicePortName) -> String {
+    format!("{SVC_PREFIX}{}", service_chain_hash(spn))
+}
+
+pub fn svl_chain(spn: &ServicePortName) -> String {
+    format!("{SVL_PREFIX}{}", service_chain_hash(spn))
+}
+
+pub fn ext_chain(spn: &ServicePortName) -> String {
+    format!("{EXT_PREFIX}{}", service_chain_hash(spn))
+}
+
+pub fn fw_chain(spn: &ServicePortName) -> String {
+    format!("{FW_PREFIX}{}", service_chain_hash(spn))
+}
+
+/// The endpoint chain: the service hash input followed by `ip:port` (`[ip]:port` for IPv6), so the same
+/// backend of two service ports gets two chains, and a target-port change renames the chain.
+pub fn sep_chain(spn: &ServicePortName, endpoint: &EndpointInfo) -> String {
+    let mut input = spn.to_string();
+    input.push_str(spn.protocol.lower());
+    let _ = write!(input, "{endpoint}");
+    format!("{SEP_PREFIX}{}", hash16(&input))
+}
+
+/// The four per-service chain names of one service port; hashing once serves all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceChains {
+    pub svc: String,
+    pub svl: String,
+    pub ext: String,
+    pub fw: String,
+}
+
+impl ServiceChains {
+    pub fn new(spn: &ServicePortName) -> Self {
+        let hash = service_chain_hash(spn);
+        ServiceChains {
+            svc: format!("{SVC_PREFIX}{hash}"),
+            svl: format!("{SVL_PREFIX}{hash}"),
+            ext: format!("{EXT_PREFIX}{hash}"),
+            fw: format!("{FW_PREFIX}{hash}"),
+        }
+    }
+}
+
+/// Whether a chain is a per-service chain that some version of kube-proxy or svcproxy wrote:
+/// `KUBE-(SVC|SVL|EXT|FW|SEP|XLB)-` and exactly 16 characters of the base32 alphabet.
+///
+/// These are ours to collect whoever wrote them. Matching the full shape rather than the prefix leaves alone
+/// anything an administrator named `KUBE-SVC-mine`.
+pub fn is_owned_service_chain(name: &str) -> bool {
+    let Some(hash) = [
+        SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX, SEP_PREFIX, XLB_PREFIX,
+    ]
+    .iter()
+    .find_map(|prefix| name.strip_prefix(prefix)) else {
+        return false;
+    };
+    hash.len() == HASH_LEN
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use svcproxy_model::{ObjectName, Protocol};
+
+    use super::*;
+
+    fn spn(ns: &str, svc: &str, port: &str, protocol: Protocol) -> ServicePortName {
+        ServicePortName::new(ObjectName::new(ns, svc), port, protocol)
+    }
+
+    fn ep(ip: &str, port: u16) -> EndpointInfo {
+        EndpointInfo {
+            ip: ip.parse::<IpAddr>().unwrap(),
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            zone_hints: None,
+            node_hints: None,
+        }
+    }
+
+    #[test]
+    fn service_hash_vectors() {
+        use Protocol::*;
+        let cases = [
+            (spn("ns1", "svc1", "p80", Tcp), "XPGD46QRK7WJZT7O"),
+            (spn("ns2", "svc2", "p80", Tcp), "GNZBNJ2PO5MGZ6GT"),
+            (spn("ns3", "svc3", "p80", Tcp), "X27LE4BHSL4DOUIK"),
+            (spn("ns4", "svc4", "p80", Tcp), "4SW47YFZTEDKD3PK"),
+            (spn("ns5", "svc5", "p80", Tcp), "NUKIZ6OKUXPJNT4C"),
+            (spn("ns2", "svc2", "p8080", Tcp), "2VJB64SDSIJUP5T6"),
+            (spn("ns4", "svc4", "p8082", Tcp), "EBDQOQU5SJFXRIL3"),
+            (spn("default", "kubernetes", "https", Tcp), "NPX46M4PTMTKRN6Y"),
+            (spn("kube-system", "kube-dns", "dns", Udp), "TCOU7JCQXEZGVUNU"),
+            (spn("kube-system", "kube-dns", "dns-tcp", Tcp), "ERIFXISQEP7F7OF4"),
+            (spn("kube-system", "kube-dns", "metrics", Tcp), "JD5MR3NA4I4DYORP"),
+            (spn("ns1", "svc1", "", Tcp), "AQI2S6QIMU7PVVRP"),
+            (spn("ns1", "svc1", "p80", Udp), "OJWW7NSBVZTDHXNW"),
+            (spn("ns1", "svc1", "p80", Sctp), "GFCIFIA5VTFSTMSM"),
+            (spn("demo", "web", "http", Tcp), "XRY76EGRC3BSCIIJ"),
+        ];
+        for (name, want) in cases {
+            assert_eq!(service_chain_hash(&name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn endpoint_hash_vectors() {
+        let p80 = spn("ns1", "svc1", "p80", Protocol::Tcp);
+        let cases = [
+            (p80.clone(), ep("10.180.0.1", 80), "KUBE-SEP-SXIVWICOYRO3J4NJ"),
+            (
+                spn("ns2", "svc2", "p80", Protocol::Tcp),
+                ep("10.180.0.2", 80),
+                "KUBE-SEP-RS4RBKLTHTF2IUXJ",
+            ),
+            (
+                spn("ns5", "svc5", "p80", Protocol::Tcp),
+                ep("10.180.0.3", 80),
+                "KUBE-SEP-I77PXRDZVX7PMWMN",
+            ),
+            (p80, ep("2001:db8::1", 80), "KUBE-SEP-PXJBZORW63OXSFDY"),
+            (
+                spn("demo", "web", "http", Protocol::Tcp),
+                ep("10.244.1.5", 8080),
+                "KUBE-SEP-NW5VICAF3Z2QABHQ",
+            ),
+            (
+                spn("demo", "web", "http", Protocol::Tcp),
+                ep("10.244.2.7", 8080),
+                "KUBE-SEP-JPICTQTYOLMYNIJ7",
+            ),
+        ];
+        for (name, endpoint, want) in cases {
+            assert_eq!(sep_chain(&name, &endpoint), want, "{name} {endpoint}");
+        }
+    }
+
+    #[test]
+    fn chain_prefixes_share_the_hash() {
+        let name = spn("default", "kubernetes", "https", Protocol::Tcp);
+        let chains = ServiceChains::new(&name);
+        assert_eq!(chains.svc, "KUBE-SVC-NPX46M4PTMTKRN6Y");
+        assert_eq!(chains.svl, "KUBE-SVL-NPX46M4PTMTKRN6Y");
+        assert_eq!(chains.ext, "KUBE-EXT-NPX46M4PTMTKRN6Y");
+        assert_eq!(chains.fw, "KUBE-FW-NPX46M4PTMTKRN6Y");
+        assert_eq!(svc_chain(&name), chains.svc);
+        assert_eq!(svl_chain(&name), chains.svl);
+        assert_eq!(ext_chain(&name), chains.ext);
+        assert_eq!(fw_chain(&name), chains.fw);
+    }
+
+    #[test]
+    fn ownership_pattern() {
+        for owned in [
+            "KUBE-SVC-NPX46M4PTMTKRN6Y",
+            "KUBE-SVL-GNZBNJ2PO5MGZ6GT",
+            "KUBE-EXT-GNZBNJ2PO5MGZ6GT",
+            "KUBE-FW-NUKIZ6OKUXPJNT4C",
+            "KUBE-SEP-SXIVWICOYRO3J4NJ",
+            "KUBE-XLB-GNZBNJ2PO5MGZ6GT",
+        ] {
+            assert!(is_owned_service_chain(owned), "{owned}");
+        }
+        for foreign in [
+            "KUBE-SERVICES",
+            "KUBE-NODEPORTS",
+            "KUBE-MARK-MASQ",
+            "KUBE-SVC-NPX46M4PTMTKRN6",
+            "KUBE-SVC-NPX46M4PTMTKRN6YY",
+            "KUBE-SVC-npx46m4ptmtkrn6y",
+            "KUBE-SVC-NPX46M4PTMTKRN61",
+            "KUBE-SVC-NPX46M4PTMTKRN68",
+            "KUBE-ABC-NPX46M4PTMTKRN6Y",
+            "XKUBE-SVC-NPX46M4PTMTKRN6Y",
+            "KUBE-FIREWALL",
+        ] {
+            assert!(!is_owned_service_chain(foreign), "{foreign}");
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The iptables backend of svcproxy, as pure functions: chain names that match upstream kube-proxy byte for
+//! byte, the desired rule set rendered from an [`Intent`](svcproxy_model::Intent), `iptables-restore` payloads
+//! (full and partial), the jump rules from the built-in chains, and a parser for `iptables-save` output.
+//!
+//! Nothing here runs processes or touches the kernel: the same inputs always give byte-identical outputs, so
+//! everything can be tested without privileges and the applier stays a thin layer.
+#![forbid(unsafe_code)]
+
+pub mod chain_name;
+pub mod config;
+pub mod gc;
+pub mod jumps;
+pub mod payload;
+pub mod render;
+mod rule_text;
+pub mod ruleset;
+pub mod save_parser;
+pub mod service_rules;
+
+pub use chain_name::{ServiceChains, is_owned_service_chain, sep_chain, service_chain_hash};
+pub use config::{ConfigError, LocalDetector, NodePortAddresses, RenderConfig};
+pub use gc::stale_owned_chains;
+pub use jumps::{JumpRule, jump_rules, missing_jumps};
+pub use payload::{Payload, full_payload, partial_payload};
+pub use render::{LARGE_CLUSTER_ENDPOINTS, assemble, is_large_cluster, render};
+pub use ruleset::{Chain, Ruleset, Table, TableName};
+pub use save_parser::{SaveParseError, SavedRule, SavedRuleset, SavedTable, parse_save};
+pub use service_rules::{ServicePortRules, SharedRule, render_service_port};

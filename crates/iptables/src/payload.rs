@@ -1,0 +1,189 @@
+//! `iptables-restore --noflush` input: what to send the kernel to go from one state to the next.
+//!
+//! With `--noflush`, a `:NAME - [0:0]` line creates the chain or flushes it, and chains a payload does not
+//! mention stay as they are. So a payload declares exactly the chains it rewrites (then appends their rules)
+//! and the chains it deletes (flushed first, so references among them are gone before their `-X`). Each
+//! table is committed as one transaction.
+
+use std::collections::BTreeSet;
+
+use crate::chain_name::is_owned_service_chain;
+use crate::jumps::JumpRule;
+use crate::ruleset::{Chain, Ruleset, TableName};
+
+/// One restore input and what it does.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Payload {
+    pub text: String,
+    pub line_count: usize,
+    /// Chains declared and rewritten (not counting the ones deleted).
+    pub chains_written: usize,
+    pub chains_deleted: usize,
+    /// `-A` and `-I` lines.
+    pub rules_written: usize,
+}
+
+impl Payload {
+    /// Nothing to send: the kernel already matches.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// Line `n`, 1-based as `iptables-restore` counts in its "line N failed" messages.
+    pub fn line(&self, n: usize) -> Option<&str> {
+        n.checked_sub(1).and_then(|i| self.text.lines().nth(i))
+    }
+
+    /// Lines `n - ctx ..= n + ctx` (clamped) with their numbers, for quoting a failure in context.
+    pub fn lines_around(&self, n: usize, ctx: usize) -> Vec<(usize, &str)> {
+        let first = n.saturating_sub(ctx).max(1);
+        let last = n.saturating_add(ctx);
+        self.text
+            .lines()
+            .enumerate()
+            .map(|(i, l)| (i + 1, l))
+            .skip(first - 1)
+            .take_while(|(i, _)| *i <= last)
+            .collect()
+    }
+}
+
+/// What one table section does.
+struct Section<'a> {
+    table: TableName,
+    write: Vec<(&'a str, &'a Chain)>,
+    delete: Vec<&'a str>,
+    jumps: Vec<&'a JumpRule>,
+}
+
+impl Section<'_> {
+    fn is_empty(&self) -> bool {
+        self.write.is_empty() && self.delete.is_empty() && self.jumps.is_empty()
+    }
+}
+
+/// Rewrites every chain of `next`, deletes `stale_chains` from nat and inserts `missing_jumps`.
+///
+/// Only owned-pattern chains absent from `next` are deleted from `stale_chains`; anything else in that list
+/// is ignored, so a mistaken caller cannot delete a chain we are about to write or one we do not own.
+pub fn full_payload(next: &Ruleset, stale_chains: &[String], missing_jumps: &[JumpRule]) -> Payload {
+    let sections = TableName::ALL.map(|table| {
+        let t = next.table(table);
+        let delete = if table == TableName::Nat {
+            let unique: BTreeSet<&str> = stale_chains
+                .iter()
+                .map(String::as_str)
+                .filter(|name| is_owned_service_chain(name) && !t.chains.contains_key(*name))
+                .collect();
+            unique.into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        Section {
+            table,
+            write: t.chains.iter().map(|(n, c)| (n.as_str(), c)).collect(),
+            delete,
+            jumps: missing_jumps.iter().filter(|j| j.table == table).collect(),
+        }
+    });
+    serialize(&sections)
+}
+
+/// Writes only what differs between `prev` (what the kernel holds, as we last wrote it) and `next`: chains
+/// that are new or whose lines changed, and deletion of owned chains `next` no longer has.
+///
+/// Shared chains such as `KUBE-SERVICES` are rewritten only when their own lines changed; upstream rewrites
+/// them on every sync, which makes each update cost O(services). Chains targeted by a missing jump are
+/// rewritten too, so the inserted jump cannot point at a chain that was lost along with it.
+pub fn partial_payload(prev: &Ruleset, next: &Ruleset, missing_jumps: &[JumpRule]) -> Payload {
+    let sections = TableName::ALL.map(|table| {
+        let (p, n) = (prev.table(table), next.table(table));
+        let jumps: Vec<&JumpRule> = missing_jumps.iter().filter(|j| j.table == table).collect();
+        let write = n
+            .chains
+            .iter()
+            .filter(|(name, chain)| {
+                p.chains.get(name.as_str()) != Some(chain) || jumps.iter().any(|j| j.target == name.as_str())
+            })
+            .map(|(name, chain)| (name.as_str(), chain))
+            .collect();
+        // A shared chain that disappears (only KUBE-FIREWALL can, and kubelet keeps using it) is left alone.
+        let delete = p
+            .chains
+            .keys()
+            .filter(|name| !n.chains.contains_key(name.as_str()) && is_owned_service_chain(name))
+            .map(String::as_str)
+            .collect();
+        Section {
+            table,
+            write,
+            delete,
+            jumps,
+        }
+    });
+    serialize(&sections)
+}
+
+fn serialize(sections: &[Section<'_>]) -> Payload {
+    // Payloads reach tens of megabytes on large clusters; size the buffer once.
+    let capacity: usize = sections
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let rules: usize = s
+                .write
+                .iter()
+                .flat_map(|(_, c)| c.lines())
+                .map(|l| l.len() + 1)
+                .sum();
+            let names: usize = s.write.iter().map(|(n, _)| n.len() + 9).sum::<usize>()
+                + s.delete.iter().map(|n| 2 * n.len() + 13).sum::<usize>();
+            rules + names + s.jumps.len() * 128 + 16
+        })
+        .sum();
+    let mut w = Writer {
+        text: String::with_capacity(capacity),
+        lines: 0,
+    };
+    let mut payload = Payload::default();
+    for s in sections.iter().filter(|s| !s.is_empty()) {
+        w.line(&["*", s.table.as_str()]);
+        for name in s.write.iter().map(|(n, _)| n).chain(&s.delete) {
+            w.line(&[":", name, " - [0:0]"]);
+        }
+        for (_, chain) in &s.write {
+            for rule in chain.lines() {
+                w.line(&[rule]);
+            }
+            payload.rules_written += chain.len();
+        }
+        for jump in &s.jumps {
+            w.line(&[&jump.insert_line()]);
+        }
+        payload.rules_written += s.jumps.len();
+        for name in &s.delete {
+            w.line(&["-X ", name]);
+        }
+        w.line(&["COMMIT"]);
+        payload.chains_written += s.write.len();
+        payload.chains_deleted += s.delete.len();
+    }
+    payload.line_count = w.lines;
+    payload.text = w.text;
+    payload
+}
+
+struct Writer {
+    text: String,
+    lines: usize,
+}
+
+impl Writer {
+    fn line(&mut self, parts: &[&str]) {
+        for p in parts {
+            self.text.push_str(p);
+        }
+        self.text.push('\n');
+        self.lines += 1;
+    }
+}

@@ -1,0 +1,195 @@
+//! From intent to ruleset: the fixed chains, plus every service port's part, concatenated in service-port
+//! order so the same intent always gives the same bytes.
+
+use svcproxy_model::Intent;
+
+use crate::chain_name::{
+    KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_POSTROUTING,
+    KUBE_PROXY_FIREWALL, KUBE_SERVICES,
+};
+use crate::config::{NodePortAddresses, RenderConfig};
+use crate::rule_text::Line;
+use crate::ruleset::{Chain, Ruleset, TableName};
+use crate::service_rules::{ServicePortRules, render_service_port};
+
+/// Above this many endpoints in total (any state, summed over service ports) upstream drops per-endpoint
+/// comments, which shrinks payloads by 40% and more.
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+pub fn is_large_cluster(intent: &Intent) -> bool {
+    intent.total_endpoints() > LARGE_CLUSTER_ENDPOINTS
+}
+
+/// The whole desired ruleset for one family.
+pub fn render(intent: &Intent, cfg: &RenderConfig) -> Ruleset {
+    let large = is_large_cluster(intent);
+    let parts: Vec<ServicePortRules> = intent
+        .service_ports
+        .values()
+        .map(|spi| render_service_port(spi, cfg, large))
+        .collect();
+    assemble(cfg, &parts)
+}
+
+/// Builds the ruleset from per-service-port parts, given in service-port order. A sync that caches the parts
+/// of unchanged service ports calls this instead of [`render`].
+pub fn assemble<'a>(cfg: &RenderConfig, parts: impl IntoIterator<Item = &'a ServicePortRules>) -> Ruleset {
+    let mut shared = SharedChains::default();
+    let mut ruleset = Ruleset::default();
+    for part in parts {
+        for rule in &part.shared {
+            shared.get(rule.table, rule.chain).push(rule.line.clone());
+        }
+        for (name, chain) in &part.chains {
+            ruleset.nat.chains.insert(name.clone(), chain.clone());
+        }
+    }
+
+    let mark = cfg.masquerade_mark();
+    let nat = &mut ruleset.nat.chains;
+    shared.nat_services.extend(nodeport_gate(cfg));
+    nat.insert(KUBE_SERVICES.into(), Chain::new(shared.nat_services));
+    nat.insert(KUBE_NODEPORTS.into(), Chain::new(shared.nat_nodeports));
+    nat.insert(KUBE_POSTROUTING.into(), Chain::new(postrouting(cfg, &mark)));
+    nat.insert(
+        KUBE_MARK_MASQ.into(),
+        Chain::new(vec![
+            Line::append(KUBE_MARK_MASQ)
+                .args("-j MARK")
+                .arg_value("--or-mark", &mark)
+                .finish(),
+        ]),
+    );
+
+    let filter = &mut ruleset.filter.chains;
+    filter.insert(KUBE_SERVICES.into(), Chain::new(shared.filter_services));
+    filter.insert(
+        KUBE_EXTERNAL_SERVICES.into(),
+        Chain::new(shared.filter_external_services),
+    );
+    filter.insert(KUBE_NODEPORTS.into(), Chain::new(shared.filter_nodeports));
+    filter.insert(
+        KUBE_PROXY_FIREWALL.into(),
+        Chain::new(shared.filter_proxy_firewall),
+    );
+    filter.insert(KUBE_FORWARD.into(), Chain::new(forward(cfg, &mark)));
+    if cfg.localhost_node_ports_active() {
+        // route_localnet lets packets to 127/8 arrive from outside; drop any that were not DNAT-ed to a
+        // NodePort backend (CVE-2020-8558).
+        let line = Line::append(KUBE_FIREWALL)
+            .comment("block incoming localnet connections")
+            .args("-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT")
+            .jump("DROP");
+        filter.insert(KUBE_FIREWALL.into(), Chain::new(vec![line]));
+    }
+    ruleset
+}
+
+#[derive(Default)]
+struct SharedChains {
+    nat_services: Vec<String>,
+    nat_nodeports: Vec<String>,
+    filter_services: Vec<String>,
+    filter_external_services: Vec<String>,
+    filter_nodeports: Vec<String>,
+    filter_proxy_firewall: Vec<String>,
+    other: Vec<String>,
+}
+
+impl SharedChains {
+    fn get(&mut self, table: TableName, chain: &str) -> &mut Vec<String> {
+        match (table, chain) {
+            (TableName::Nat, KUBE_SERVICES) => &mut self.nat_services,
+            (TableName::Nat, KUBE_NODEPORTS) => &mut self.nat_nodeports,
+            (TableName::Filter, KUBE_SERVICES) => &mut self.filter_services,
+            (TableName::Filter, KUBE_EXTERNAL_SERVICES) => &mut self.filter_external_services,
+            (TableName::Filter, KUBE_NODEPORTS) => &mut self.filter_nodeports,
+            (TableName::Filter, KUBE_PROXY_FIREWALL) => &mut self.filter_proxy_firewall,
+            _ => {
+                debug_assert!(false, "service rules never target {table} {chain}");
+                &mut self.other
+            }
+        }
+    }
+}
+
+/// The last rules of nat `KUBE-SERVICES`: whatever matched no service address and is addressed to the node
+/// goes on to the NodePorts.
+fn nodeport_gate(cfg: &RenderConfig) -> Vec<String> {
+    const COMMENT: &str = "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
+    let localhost = cfg.localhost_node_ports_active();
+    match &cfg.node_port_addresses {
+        NodePortAddresses::All => {
+            let mut line = Line::append(KUBE_SERVICES)
+                .comment(COMMENT)
+                .args("-m addrtype --dst-type LOCAL");
+            // Localhost NodePorts never work for IPv6 and for IPv4 only with route_localnet.
+            if !localhost {
+                line = line.arg_value("! -d", cfg.loopback_net());
+            }
+            vec![line.jump(KUBE_NODEPORTS)]
+        }
+        NodePortAddresses::Ips(ips) => ips
+            .iter()
+            .filter(|ip| cfg.family.contains(ip))
+            .filter(|ip| !ip.is_loopback() || localhost)
+            .map(|ip| {
+                Line::append(KUBE_SERVICES)
+                    .comment(COMMENT)
+                    .arg_value("-d", ip)
+                    .jump(KUBE_NODEPORTS)
+            })
+            .collect(),
+    }
+}
+
+/// Masquerade marked packets, clearing the bit first so a packet that traverses POSTROUTING again is not
+/// masqueraded twice.
+fn postrouting(cfg: &RenderConfig, mark: &str) -> Vec<String> {
+    let masquerade = Line::append(KUBE_POSTROUTING)
+        .comment("kubernetes service traffic requiring SNAT")
+        .args("-j MASQUERADE");
+    vec![
+        Line::append(KUBE_POSTROUTING)
+            .arg_value("-m mark ! --mark", format_args!("{mark}/{mark}"))
+            .jump("RETURN"),
+        Line::append(KUBE_POSTROUTING)
+            .args("-j MARK")
+            .arg_value("--xor-mark", mark)
+            .finish(),
+        if cfg.random_fully {
+            masquerade.args("--random-fully")
+        } else {
+            masquerade
+        }
+        .finish(),
+    ]
+}
+
+/// Accept forwarded service traffic even when the host's FORWARD policy drops: marked (to-be-masqueraded)
+/// packets and the rest of connections already accepted.
+fn forward(cfg: &RenderConfig, mark: &str) -> Vec<String> {
+    let mut lines = Vec::with_capacity(3);
+    if cfg.drop_invalid {
+        // A packet conntrack cannot place would escape the reverse NAT and reach the client with the pod's
+        // address, which resets the connection (kubernetes#74839).
+        lines.push(
+            Line::append(KUBE_FORWARD)
+                .args("-m conntrack --ctstate INVALID")
+                .jump("DROP"),
+        );
+    }
+    lines.push(
+        Line::append(KUBE_FORWARD)
+            .comment("kubernetes forwarding rules")
+            .arg_value("-m mark --mark", format_args!("{mark}/{mark}"))
+            .jump("ACCEPT"),
+    );
+    lines.push(
+        Line::append(KUBE_FORWARD)
+            .comment("kubernetes forwarding conntrack rule")
+            .args("-m conntrack --ctstate RELATED,ESTABLISHED")
+            .jump("ACCEPT"),
+    );
+    lines
+}

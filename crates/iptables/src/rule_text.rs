@@ -1,0 +1,106 @@
+//! The spelling of rule lines: upstream's argument order and quoting, so our payloads read like kube-proxy's
+//! and rules written by either are recognisable to the other.
+
+use std::fmt::{Display, Write as _};
+
+use svcproxy_model::Protocol;
+
+/// Builds one `-A CHAIN …` line in place; rendering is the hot path of a full sync, so no intermediate
+/// argument vectors.
+pub(crate) struct Line(String);
+
+impl Line {
+    pub(crate) fn append(chain: &str) -> Self {
+        let mut s = String::with_capacity(160);
+        s.push_str("-A ");
+        s.push_str(chain);
+        Line(s)
+    }
+
+    /// `-I CHAIN 1 …`: a rule inserted at the top of a chain we do not own.
+    pub(crate) fn insert_first(chain: &str) -> Self {
+        Line(format!("-I {chain} 1"))
+    }
+
+    /// Raw arguments, already space-separated (`-m addrtype --dst-type LOCAL`).
+    pub(crate) fn args(mut self, args: &str) -> Self {
+        self.0.push(' ');
+        self.0.push_str(args);
+        self
+    }
+
+    pub(crate) fn arg_value(mut self, flag: &str, value: impl Display) -> Self {
+        let _ = write!(self.0, " {flag} {value}");
+        self
+    }
+
+    /// `-m comment --comment <text>`, quoted only when the text has a space, as upstream writes it. The texts
+    /// come from DNS-label names and fixed phrases, so they never need escaping.
+    pub(crate) fn comment(mut self, text: &str) -> Self {
+        self.0.push_str(" -m comment --comment ");
+        if text.contains(' ') {
+            self.0.push('"');
+            self.0.push_str(text);
+            self.0.push('"');
+        } else {
+            self.0.push_str(text);
+        }
+        self
+    }
+
+    /// Upstream names the match module before the protocol: `-m tcp -p tcp`.
+    pub(crate) fn protocol(self, protocol: Protocol) -> Self {
+        let p = protocol.lower();
+        self.arg_value("-m", p).arg_value("-p", p)
+    }
+
+    pub(crate) fn jump(self, target: &str) -> String {
+        self.arg_value("-j", target).0
+    }
+
+    pub(crate) fn finish(self) -> String {
+        self.0
+    }
+}
+
+/// `1/n` with ten decimals, as Go's `%0.10f` prints it; both are correctly rounded conversions of the same
+/// f64, so the strings agree.
+pub(crate) fn probability(n: usize) -> String {
+    format!("{:.10}", 1.0_f64 / n as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probability_vectors() {
+        let cases = [
+            (1, "1.0000000000"),
+            (2, "0.5000000000"),
+            (3, "0.3333333333"),
+            (7, "0.1428571429"),
+            (10, "0.1000000000"),
+            (100, "0.0100000000"),
+            (1000, "0.0010000000"),
+            (10000, "0.0001000000"),
+            (100000, "0.0000100000"),
+            (100001, "0.0000099999"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(probability(n), want, "n={n}");
+        }
+    }
+
+    #[test]
+    fn comment_quoting() {
+        let l = Line::append("X")
+            .comment("ns/svc:p")
+            .comment("ns/svc:p cluster IP")
+            .jump("Y");
+        assert_eq!(
+            l,
+            r#"-A X -m comment --comment ns/svc:p -m comment --comment "ns/svc:p cluster IP" -j Y"#
+        );
+    }
+}

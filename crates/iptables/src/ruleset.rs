@@ -1,0 +1,152 @@
+//! The desired state as data: for each table we write, every chain we own and its rule lines.
+//!
+//! Rule lines are the exact `-A CHAIN …` text we hand to `iptables-restore`, so comparing two rulesets is
+//! comparing what the kernel would be told, and a payload is a straight serialisation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// A table svcproxy writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TableName {
+    Filter,
+    Nat,
+}
+
+impl TableName {
+    /// In payload order: upstream writes filter before nat.
+    pub const ALL: [TableName; 2] = [TableName::Filter, TableName::Nat];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableName::Filter => "filter",
+            TableName::Nat => "nat",
+        }
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The rule lines of one chain. Shared, so a ruleset assembled from cached per-service parts reuses them
+/// without copying, and comparing an unchanged chain with its previous self is a pointer check.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Chain(Arc<[String]>);
+
+impl Chain {
+    pub fn new(lines: Vec<String>) -> Self {
+        Chain(lines.into())
+    }
+
+    pub fn lines(&self) -> &[String] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The chains of one table, by name. Name order keeps output deterministic and happens to be the order
+/// `iptables-save` lists user chains in, which makes payloads easy to hold against a dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub name: TableName,
+    pub chains: BTreeMap<String, Chain>,
+}
+
+impl Table {
+    pub fn new(name: TableName) -> Self {
+        Table {
+            name,
+            chains: BTreeMap::new(),
+        }
+    }
+
+    pub fn chain(&self, name: &str) -> Option<&Chain> {
+        self.chains.get(name)
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.chains.values().map(Chain::len).sum()
+    }
+}
+
+/// Everything svcproxy wants in the kernel for one IP family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub filter: Table,
+    pub nat: Table,
+}
+
+impl Default for Ruleset {
+    fn default() -> Self {
+        Ruleset {
+            filter: Table::new(TableName::Filter),
+            nat: Table::new(TableName::Nat),
+        }
+    }
+}
+
+impl Ruleset {
+    pub fn table(&self, name: TableName) -> &Table {
+        match name {
+            TableName::Filter => &self.filter,
+            TableName::Nat => &self.nat,
+        }
+    }
+
+    pub fn table_mut(&mut self, name: TableName) -> &mut Table {
+        match name {
+            TableName::Filter => &mut self.filter,
+            TableName::Nat => &mut self.nat,
+        }
+    }
+
+    /// Jumps (`-j`/`-g`) to a target that is neither a chain of the same table nor a built-in target or
+    /// standard chain: as `(table, chain, target)`. A non-empty result means `iptables-restore` would refuse the
+    /// payload, so it is an invariant check for tests and debug assertions.
+    pub fn dangling_jumps(&self) -> Vec<(TableName, String, String)> {
+        let mut out = Vec::new();
+        for table in [&self.filter, &self.nat] {
+            for (chain, rules) in &table.chains {
+                for line in rules.lines() {
+                    if let Some(target) = jump_target(line)
+                        && !table.chains.contains_key(target)
+                        && !is_builtin_target(target)
+                    {
+                        out.push((table.name, chain.clone(), target.to_string()));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The `-j`/`-g` target of a rule line we rendered (our lines never quote a target).
+pub fn jump_target(line: &str) -> Option<&str> {
+    let mut words = line.split(' ');
+    while let Some(w) = words.next() {
+        if w == "-j" || w == "-g" {
+            return words.next();
+        }
+    }
+    None
+}
+
+/// Targets provided by extensions or standard verdicts rather than user chains.
+pub fn is_builtin_target(target: &str) -> bool {
+    matches!(
+        target,
+        "ACCEPT" | "DROP" | "REJECT" | "RETURN" | "MARK" | "MASQUERADE" | "DNAT" | "SNAT"
+    )
+}

@@ -1,0 +1,152 @@
+//! Running `iptables-restore` and `iptables-save`.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use svcproxy_model::IpFamily;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecError {
+    #[error("cannot run {program}: {reason}")]
+    Spawn { program: String, reason: String },
+    #[error("{program} exited with {status}: {stderr}")]
+    Failed {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// The two calls a sync makes. Implementations must be usable from a blocking context.
+pub trait IptablesCommands: Send + Sync {
+    /// `iptables-restore --noflush`: one atomic transaction per table in `payload`.
+    fn restore(&self, payload: &str) -> Result<(), ExecError>;
+    /// `iptables-save` of the given tables, concatenated.
+    fn save(&self, tables: &[&str]) -> Result<String, ExecError>;
+}
+
+/// The real binaries. The wait flags match upstream's: wait up to 5 s for the xtables lock, polling every
+/// 100 ms, instead of failing at once when another writer (kubelet, a CNI plugin) holds it.
+#[derive(Debug, Clone)]
+pub struct SystemIptables {
+    restore: &'static str,
+    save: &'static str,
+}
+
+impl SystemIptables {
+    pub fn new(family: IpFamily) -> Self {
+        match family {
+            IpFamily::V4 => SystemIptables {
+                restore: "iptables-restore",
+                save: "iptables-save",
+            },
+            IpFamily::V6 => SystemIptables {
+                restore: "ip6tables-restore",
+                save: "ip6tables-save",
+            },
+        }
+    }
+}
+
+fn spawn_err(program: &str, e: std::io::Error) -> ExecError {
+    ExecError::Spawn {
+        program: program.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl IptablesCommands for SystemIptables {
+    fn restore(&self, payload: &str) -> Result<(), ExecError> {
+        let mut child = Command::new(self.restore)
+            .args(["-w", "5", "-W", "100000", "--noflush", "--counters"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| spawn_err(self.restore, e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A write error means the child died early; its exit status and stderr below say why.
+            let _ = stdin.write_all(payload.as_bytes());
+        }
+        let out = child.wait_with_output().map_err(|e| spawn_err(self.restore, e))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(ExecError::Failed {
+                program: self.restore.to_string(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
+    fn save(&self, tables: &[&str]) -> Result<String, ExecError> {
+        let mut all = String::new();
+        for table in tables {
+            let out = Command::new(self.save)
+                .args(["-t", table])
+                .output()
+                .map_err(|e| spawn_err(self.save, e))?;
+            if !out.status.success() {
+                return Err(ExecError::Failed {
+                    program: self.save.to_string(),
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            all.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(all)
+    }
+}
+
+/// A call the fake received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    Restore(String),
+    Save(Vec<String>),
+}
+
+/// Records every call; answers saves with a canned dump and fails restores on demand.
+#[derive(Debug, Clone, Default)]
+pub struct RecordingIptables {
+    pub calls: Arc<Mutex<Vec<Recorded>>>,
+    pub save_output: Arc<Mutex<String>>,
+    pub fail_restores: Arc<Mutex<Vec<ExecError>>>,
+}
+
+impl RecordingIptables {
+    pub fn restores(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|c| match c {
+                Recorded::Restore(p) => Some(p.clone()),
+                Recorded::Save(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl IptablesCommands for RecordingIptables {
+    fn restore(&self, payload: &str) -> Result<(), ExecError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Recorded::Restore(payload.to_string()));
+        match self.fail_restores.lock().unwrap().pop() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn save(&self, tables: &[&str]) -> Result<String, ExecError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Recorded::Save(tables.iter().map(|t| t.to_string()).collect()));
+        Ok(self.save_output.lock().unwrap().clone())
+    }
+}

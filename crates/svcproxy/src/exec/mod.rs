@@ -1,0 +1,3 @@
+//! External commands behind small traits, each with a real implementation and a recording fake.
+
+pub mod iptables;

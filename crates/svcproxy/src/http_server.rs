@@ -1,0 +1,127 @@
+//! The health server (`/healthz`, `/livez`) and the metrics server (`/metrics`, `/proxyMode`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::health::{ProxyHealth, go_time};
+use crate::metrics::{CodeLabels, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub health: Arc<ProxyHealth>,
+    pub metrics: Arc<Metrics>,
+    pub proxy_mode: &'static str,
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert("X-Content-Type-Options", HeaderValue::from_static("nosniff"));
+    r
+}
+
+fn code(status: StatusCode) -> CodeLabels {
+    CodeLabels {
+        code: status.as_u16().to_string(),
+    }
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    let st = s.health.status();
+    let status = if st.healthy && st.node_eligible {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    s.metrics.healthz.get_or_create(&code(status)).inc();
+    // Same body shape (and spacing) as upstream, so existing probes and scrapers parse it.
+    json(
+        status,
+        format!(
+            "{{\"lastUpdated\": {:?},\"currentTime\": {:?}, \"nodeEligible\": {}}}",
+            go_time(st.last_updated),
+            go_time(st.current_time),
+            st.node_eligible
+        ),
+    )
+}
+
+async fn livez(State(s): State<AppState>) -> Response {
+    let st = s.health.status();
+    let status = if st.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    s.metrics.livez.get_or_create(&code(status)).inc();
+    json(
+        status,
+        format!(
+            "{{\"lastUpdated\": {:?},\"currentTime\": {:?}}}",
+            go_time(st.last_updated),
+            go_time(st.current_time)
+        ),
+    )
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let mut r = s.metrics.encode().into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+async fn proxy_mode(State(s): State<AppState>) -> &'static str {
+    s.proxy_mode
+}
+
+pub fn health_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .with_state(state)
+}
+
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/proxyMode", get(proxy_mode))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// Binds now (so a port conflict is reported at start) and serves in the background.
+pub async fn serve(
+    what: &str,
+    addr: SocketAddr,
+    router: Router,
+) -> Result<tokio::task::JoinHandle<()>, HttpError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    tracing::info!("serving {what} on http://{addr}");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!("HTTP server on {addr} stopped: {e}");
+        }
+    }))
+}

@@ -1,0 +1,11 @@
+//! svcproxy: the node Service proxy. The binary's pieces live here so integration tests and benchmarks can
+//! drive them; the pure logic lives in the model and backend crates.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod exec;
+pub mod health;
+pub mod http_server;
+pub mod metrics;
+pub mod source;
+pub mod sync;

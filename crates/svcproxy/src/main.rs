@@ -1,0 +1,129 @@
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use svcproxy::cli::{Cli, Command, LogFormat, ProxyMode, RunArgs};
+use svcproxy::exec::iptables::SystemIptables;
+use svcproxy::health::ProxyHealth;
+use svcproxy::http_server::{self, AppState};
+use svcproxy::metrics::Metrics;
+use svcproxy::source::{self, manifest_dir::ManifestDir};
+use svcproxy::sync::engine::{Engine, EngineConfig};
+use svcproxy::sync::iptables_proxier::IptablesProxier;
+use svcproxy_model::{IntentConfig, IpFamily};
+use tokio::sync::{mpsc, watch};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn node_name(args: &RunArgs) -> anyhow::Result<String> {
+    if let Some(n) = args.hostname_override.as_ref().filter(|n| !n.trim().is_empty()) {
+        return Ok(n.trim().to_lowercase());
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").context("cannot read the hostname")?;
+    Ok(host.trim().to_lowercase())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.proxy_mode == ProxyMode::Nftables {
+        bail!("--proxy-mode=nftables is not available in this build yet; use --proxy-mode=iptables");
+    }
+    let node = node_name(&args)?;
+    tracing::info!(node = %node, mode = "iptables", "starting svcproxy {}", env!("CARGO_PKG_VERSION"));
+
+    let family = IpFamily::V4;
+    let health = Arc::new(ProxyHealth::new(args.sync_period * 2));
+    let metrics = Arc::new(Metrics::new());
+    let app = AppState {
+        health: health.clone(),
+        metrics: metrics.clone(),
+        proxy_mode: "iptables",
+    };
+    let _health_server = http_server::serve(
+        "health",
+        args.healthz_bind_address,
+        http_server::health_router(app.clone()),
+    )
+    .await?;
+    let _metrics_server = http_server::serve(
+        "metrics",
+        args.metrics_bind_address,
+        http_server::metrics_router(app),
+    )
+    .await?;
+
+    let (tx, rx) = mpsc::channel(1024);
+    let source_task = match &args.manifests {
+        Some(dir) => {
+            let dir = ManifestDir::new(dir, node.clone());
+            tokio::spawn(async move {
+                if let Err(e) = source::manifest_watch::run(dir, tx).await {
+                    tracing::error!("manifest source stopped: {e}");
+                }
+            })
+        }
+        None => {
+            let client = source::kube_api::client(args.kubeconfig.as_ref()).await?;
+            let node = node.clone();
+            tokio::spawn(source::kube_api::run(client, node, tx))
+        }
+    };
+
+    let proxier = IptablesProxier::new(
+        Box::new(SystemIptables::new(family)),
+        IntentConfig {
+            family,
+            node_name: node,
+        },
+        svcproxy::sync::iptables_proxier::render_config(&args, family),
+    );
+    let engine = Engine::new(
+        proxier,
+        EngineConfig {
+            min_sync_period: args.min_sync_period,
+            sync_period: args.sync_period,
+            ..Default::default()
+        },
+        health,
+        metrics,
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down; programmed rules stay in place");
+        let _ = stop_tx.send(true);
+    });
+    engine.run(rx, stop_rx).await;
+    source_task.abort();
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            run(*args).await
+        }
+    }
+}

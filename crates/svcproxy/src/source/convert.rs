@@ -1,0 +1,414 @@
+//! The one place API objects become model objects. Everything is validated here, so a malformed object is
+//! rejected with an error naming the object and the field, and nothing downstream has to cope with bad data.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use svcproxy_model::{
+    Endpoint, EndpointPort, EndpointSlice, IpFamily, LoadBalancerIngress, Node, ObjectName, Protocol,
+    Service, ServicePort, ServiceType, SessionAffinity, TrafficDistribution, TrafficPolicy,
+};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+const AUTOSCALER_DELETION_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+/// API default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+const MAX_AFFINITY_TIMEOUT: u32 = 86400;
+
+/// A rejected object: which one, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {object}: invalid field {field}: {reason}")]
+pub struct ConvertError {
+    pub kind: &'static str,
+    /// `namespace/name`, or whatever part of it is known.
+    pub object: String,
+    pub field: String,
+    pub reason: String,
+}
+
+struct Ctx {
+    kind: &'static str,
+    object: String,
+}
+
+impl Ctx {
+    fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> ConvertError {
+        ConvertError {
+            kind: self.kind,
+            object: self.object.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn ip(&self, field: impl Into<String>, s: &str) -> Result<IpAddr, ConvertError> {
+        IpAddr::from_str(s.trim()).map_err(|_| self.err(field, format!("{s:?} is not an IP address")))
+    }
+
+    fn port(&self, field: impl Into<String>, p: i32) -> Result<u16, ConvertError> {
+        match u16::try_from(p) {
+            Ok(p) if p != 0 => Ok(p),
+            _ => Err(self.err(field, format!("{p} is not a port number (1-65535)"))),
+        }
+    }
+
+    fn protocol(&self, field: impl Into<String>, p: Option<&str>) -> Result<Protocol, ConvertError> {
+        match p {
+            None => Ok(Protocol::Tcp),
+            Some(p) => Protocol::from_str(p).map_err(|e| self.err(field, e.to_string())),
+        }
+    }
+}
+
+fn object_name(
+    kind: &'static str,
+    meta: &ObjectMeta,
+    default_namespace: &str,
+) -> Result<ObjectName, ConvertError> {
+    let namespace = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| default_namespace.to_string());
+    let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
+        return Err(ConvertError {
+            kind,
+            object: format!("{namespace}/<unnamed>"),
+            field: "metadata.name".into(),
+            reason: "missing".into(),
+        });
+    };
+    Ok(ObjectName::new(namespace, name))
+}
+
+/// Converts a Service. `default_namespace` applies when the object has none (manifests written for
+/// `kubectl apply` often omit it).
+pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, ConvertError> {
+    let name = object_name("Service", &svc.metadata, default_namespace)?;
+    let cx = Ctx {
+        kind: "Service",
+        object: name.to_string(),
+    };
+    let Some(spec) = &svc.spec else {
+        return Err(cx.err("spec", "missing"));
+    };
+    let service_type = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceType::ClusterIP,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(other) => return Err(cx.err("spec.type", format!("unknown type {other:?}"))),
+    };
+
+    let mut headless = false;
+    let mut cluster_ips = Vec::new();
+    let listed: Vec<(String, &String)> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip))
+            .collect(),
+        (_, Some(ip)) => vec![("spec.clusterIP".to_string(), ip)],
+        _ => Vec::new(),
+    };
+    for (field, ip) in listed {
+        if ip == "None" {
+            headless = true;
+        } else if !ip.is_empty() {
+            cluster_ips.push(cx.ip(field, ip)?);
+        }
+    }
+
+    let mut ports = Vec::new();
+    let mut seen = BTreeSet::new();
+    let spec_ports = spec.ports.as_deref().unwrap_or_default();
+    for (i, p) in spec_ports.iter().enumerate() {
+        let name = p.name.clone().unwrap_or_default();
+        if name.is_empty() && spec_ports.len() > 1 {
+            return Err(cx.err(
+                format!("spec.ports[{i}].name"),
+                "required when a Service has several ports",
+            ));
+        }
+        let protocol = cx.protocol(format!("spec.ports[{i}].protocol"), p.protocol.as_deref())?;
+        if !seen.insert((name.clone(), protocol)) {
+            return Err(cx.err(
+                format!("spec.ports[{i}].name"),
+                format!("duplicate port {name:?}/{protocol}"),
+            ));
+        }
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(np) => Some(cx.port(format!("spec.ports[{i}].nodePort"), np)?),
+        };
+        ports.push(ServicePort {
+            name,
+            protocol,
+            port: cx.port(format!("spec.ports[{i}].port"), p.port)?,
+            node_port,
+        });
+    }
+
+    let external_ips = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, ip)| cx.ip(format!("spec.externalIPs[{i}]"), ip))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let load_balancer_source_ranges = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, r)| {
+            // The API historically accepted padded entries; upstream trims them, and so do we.
+            IpNet::from_str(r.trim()).map_err(|_| {
+                cx.err(
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{r:?} is not a CIDR"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let policy = |field: &str, v: Option<&str>| match v {
+        None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(cx.err(
+            field,
+            format!("unknown policy {other:?} (expected Cluster or Local)"),
+        )),
+    };
+    let external_traffic_policy = policy(
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    )?;
+    let internal_traffic_policy = policy(
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    )?;
+
+    let session_affinity = match spec.session_affinity.as_deref() {
+        None | Some("None") => SessionAffinity::None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            let timeout_seconds = match timeout {
+                None => DEFAULT_AFFINITY_TIMEOUT,
+                Some(t) => u32::try_from(t)
+                    .ok()
+                    .filter(|t| (1..=MAX_AFFINITY_TIMEOUT).contains(t))
+                    .ok_or_else(|| {
+                        cx.err(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            format!("{t} is outside 1-{MAX_AFFINITY_TIMEOUT}"),
+                        )
+                    })?,
+            };
+            SessionAffinity::ClientIP { timeout_seconds }
+        }
+        Some(other) => {
+            return Err(cx.err(
+                "spec.sessionAffinity",
+                format!("unknown affinity {other:?} (expected None or ClientIP)"),
+            ));
+        }
+    };
+
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(p) => Some(cx.port("spec.healthCheckNodePort", p)?),
+    };
+
+    let traffic_distribution = spec.traffic_distribution.as_deref().map(|t| match t {
+        "PreferClose" => TrafficDistribution::PreferClose,
+        "PreferSameZone" => TrafficDistribution::PreferSameZone,
+        "PreferSameNode" => TrafficDistribution::PreferSameNode,
+        other => TrafficDistribution::Other(other.to_string()),
+    });
+
+    let mut load_balancer_ingress = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        // Hostname-only entries (some cloud load balancers) carry no address for the proxy to capture.
+        let Some(ip) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let ip = cx.ip(format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+        let ip_mode_proxy = match ing.ip_mode.as_deref() {
+            None | Some("VIP") => false,
+            Some("Proxy") => true,
+            Some(other) => {
+                return Err(cx.err(
+                    format!("status.loadBalancer.ingress[{i}].ipMode"),
+                    format!("unknown mode {other:?}"),
+                ));
+            }
+        };
+        load_balancer_ingress.push(LoadBalancerIngress { ip, ip_mode_proxy });
+    }
+
+    Ok(Service {
+        name,
+        service_type,
+        cluster_ips,
+        headless,
+        ports,
+        external_ips,
+        load_balancer_ingress,
+        load_balancer_source_ranges,
+        external_traffic_policy,
+        internal_traffic_policy,
+        session_affinity,
+        health_check_node_port,
+        traffic_distribution,
+    })
+}
+
+/// Converts an EndpointSlice. Slices without the service-name label belong to no Service; they convert to a
+/// slice with an empty service name that matches nothing, as upstream ignores them.
+pub fn endpoint_slice(
+    slice: &discovery::EndpointSlice,
+    default_namespace: &str,
+) -> Result<EndpointSlice, ConvertError> {
+    let name = object_name("EndpointSlice", &slice.metadata, default_namespace)?;
+    let cx = Ctx {
+        kind: "EndpointSlice",
+        object: name.to_string(),
+    };
+    let service_name = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned()
+        .unwrap_or_default();
+    let address_family = match slice.address_type.as_str() {
+        "IPv4" => Some(IpFamily::V4),
+        "IPv6" => Some(IpFamily::V6),
+        "FQDN" => None,
+        other => return Err(cx.err("addressType", format!("unknown address type {other:?}"))),
+    };
+
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let protocol = cx.protocol(format!("ports[{i}].protocol"), p.protocol.as_deref())?;
+        // A port without a number means "all ports" in the API; a Service proxy cannot use it (upstream skips it).
+        let Some(port) = p.port else { continue };
+        let port = cx.port(format!("ports[{i}].port"), port)?;
+        ports.push(EndpointPort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol,
+            port,
+        });
+    }
+
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        let Some(first) = ep.addresses.first() else {
+            continue;
+        };
+        let address = if address_family.is_some() {
+            let ip = cx.ip(format!("endpoints[{i}].addresses[0]"), first)?;
+            if Some(IpFamily::of(&ip)) != address_family {
+                return Err(cx.err(
+                    format!("endpoints[{i}].addresses[0]"),
+                    format!("{ip} does not match addressType {}", slice.address_type),
+                ));
+            }
+            ip
+        } else {
+            continue;
+        };
+        let conditions = ep.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let hints = ep.hints.as_ref();
+        endpoints.push(Endpoint {
+            address,
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: ep.node_name.clone(),
+            zone: ep.zone.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect()),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect()),
+        });
+    }
+
+    Ok(EndpointSlice {
+        name,
+        service_name,
+        address_family,
+        ports,
+        endpoints,
+        last_change_trigger_time: slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .cloned(),
+    })
+}
+
+pub fn node(node: &core::Node) -> Result<Node, ConvertError> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let cx = Ctx {
+        kind: "Node",
+        object: name.clone(),
+    };
+    if name.is_empty() {
+        return Err(cx.err("metadata.name", "missing"));
+    }
+    let spec = node.spec.as_ref();
+    let cidr_strings: Vec<(String, &String)> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+        Some(c) if !c.is_empty() => c
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c))
+            .collect(),
+        _ => spec
+            .and_then(|s| s.pod_cidr.as_ref())
+            .map(|c| vec![("spec.podCIDR".to_string(), c)])
+            .unwrap_or_default(),
+    };
+    let pod_cidrs = cidr_strings
+        .into_iter()
+        .map(|(field, c)| IpNet::from_str(c).map_err(|_| cx.err(field, format!("{c:?} is not a CIDR"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut addresses = Vec::new();
+    let status_addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in status_addresses.into_iter().flatten().enumerate() {
+        if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
+            addresses.push(cx.ip(format!("status.addresses[{i}].address"), &a.address)?);
+        }
+    }
+    let tainted = spec
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == AUTOSCALER_DELETION_TAINT));
+    Ok(Node {
+        name,
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        pod_cidrs,
+        addresses,
+        being_deleted: node.metadata.deletion_timestamp.is_some() || tainted,
+    })
+}

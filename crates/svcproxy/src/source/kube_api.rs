@@ -1,0 +1,213 @@
+//! The Kubernetes API source: list + watch of Services, EndpointSlices and our own Node through kube-rs.
+//!
+//! The watches use upstream kube-proxy's server-side filter, so Services handed to another proxy
+//! (`service.kubernetes.io/service-proxy-name`) and headless ones never reach us. A relist (after a 410 Gone or
+//! a reconnect) is delivered as one `Replace`, so programmed state is swapped in one step and never dropped
+//! while the list is in flight.
+
+use std::path::PathBuf;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Config};
+use svcproxy_model::ObjectName;
+use tokio::sync::mpsc;
+
+use super::convert::{self, ConvertError};
+use super::{Delta, SourceEvent};
+
+/// Upstream's selector: skip objects owned by another Service proxy and headless Services.
+pub const PROXY_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("cannot read kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot configure the API client: {0}")]
+    Config(String),
+    #[error("cannot create the API client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// Builds a client from `--kubeconfig`, or from the in-cluster service account (or `KUBECONFIG`) when absent.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|source| KubeSourceError::Kubeconfig {
+                path: path.clone(),
+                source,
+            })?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| KubeSourceError::Config(e.to_string()))?
+        }
+        None => Config::infer()
+            .await
+            .map_err(|e| KubeSourceError::Config(e.to_string()))?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Which initial lists have completed.
+#[derive(Default)]
+struct Readiness {
+    services: bool,
+    slices: bool,
+    node: bool,
+    announced: bool,
+}
+
+enum Item {
+    Service(Result<Event<core::Service>, watcher::Error>),
+    Slice(Result<Event<discovery::EndpointSlice>, watcher::Error>),
+    Node(Result<Event<core::Node>, watcher::Error>),
+}
+
+/// Watches until the receiver goes away. Watch errors are retried with kube's default backoff.
+pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) {
+    let cfg = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
+    let services = watcher::watcher(Api::<core::Service>::all(client.clone()), cfg.clone())
+        .default_backoff()
+        .map(Item::Service);
+    let slices = watcher::watcher(Api::<discovery::EndpointSlice>::all(client.clone()), cfg)
+        .default_backoff()
+        .map(Item::Slice);
+    let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let nodes = watcher::watcher(Api::<core::Node>::all(client), node_cfg)
+        .default_backoff()
+        .map(Item::Node);
+    let mut items = futures::stream::select(futures::stream::select(services, slices), nodes).boxed();
+
+    let mut ready = Readiness::default();
+    let mut svc_buf = Vec::new();
+    let mut svc_rejected = Vec::new();
+    let mut slice_buf = Vec::new();
+    let mut slice_rejected = Vec::new();
+    let mut node_buf = None;
+    while let Some(item) = items.next().await {
+        let event = match item {
+            Item::Service(ev) => on_event(
+                ev,
+                "Service",
+                |o| convert::service(o, "default"),
+                &mut svc_buf,
+                &mut svc_rejected,
+                &mut ready.services,
+            )
+            .map(SourceEvent::Services),
+            Item::Slice(ev) => on_event(
+                ev,
+                "EndpointSlice",
+                |o| convert::endpoint_slice(o, "default"),
+                &mut slice_buf,
+                &mut slice_rejected,
+                &mut ready.slices,
+            )
+            .map(SourceEvent::EndpointSlices),
+            Item::Node(ev) => match ev {
+                Ok(Event::Init) => {
+                    node_buf = None;
+                    None
+                }
+                Ok(Event::InitApply(n)) => {
+                    node_buf = convert_node(&n);
+                    None
+                }
+                Ok(Event::InitDone) => {
+                    ready.node = true;
+                    Some(SourceEvent::Node(node_buf.take()))
+                }
+                Ok(Event::Apply(n)) => convert_node(&n).map(|n| SourceEvent::Node(Some(n))),
+                Ok(Event::Delete(_)) => Some(SourceEvent::Node(None)),
+                Err(e) => {
+                    tracing::warn!("watch of Node {node_name} failed, retrying: {e}");
+                    None
+                }
+            },
+        };
+        if let Some(event) = event
+            && tx.send(event).await.is_err()
+        {
+            return;
+        }
+        if ready.services && ready.slices && ready.node && !ready.announced {
+            ready.announced = true;
+            tracing::info!("initial lists of Services, EndpointSlices and Node complete");
+            if tx.send(SourceEvent::Synced).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn convert_node(n: &core::Node) -> Option<svcproxy_model::Node> {
+    convert::node(n)
+        .map_err(|e| tracing::error!("rejected: {e}"))
+        .ok()
+}
+
+fn name_of(meta: &kube::api::ObjectMeta) -> ObjectName {
+    ObjectName::new(
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Turns one watch event into a delta. A rejected object is logged and left out: on `Apply` the engine keeps
+/// the previous good version; on a relist its name is carried in `rejected` so the engine keeps it too.
+fn on_event<K, T>(
+    event: Result<Event<K>, watcher::Error>,
+    kind: &str,
+    convert: impl Fn(&K) -> Result<T, ConvertError>,
+    buf: &mut Vec<T>,
+    rejected: &mut Vec<ObjectName>,
+    ready: &mut bool,
+) -> Option<Delta<T>>
+where
+    K: kube::Resource,
+{
+    match event {
+        Ok(Event::Init) => {
+            buf.clear();
+            rejected.clear();
+            None
+        }
+        Ok(Event::InitApply(o)) => {
+            match convert(&o) {
+                Ok(t) => buf.push(t),
+                Err(e) => {
+                    tracing::error!("rejected: {e}; the last good version of the object stays programmed");
+                    rejected.push(name_of(o.meta()));
+                }
+            }
+            None
+        }
+        Ok(Event::InitDone) => {
+            *ready = true;
+            Some(Delta::Replace {
+                objects: std::mem::take(buf),
+                rejected: std::mem::take(rejected),
+            })
+        }
+        Ok(Event::Apply(o)) => match convert(&o) {
+            Ok(t) => Some(Delta::Apply(t)),
+            Err(e) => {
+                tracing::error!("rejected: {e}; the last good version of the object stays programmed");
+                None
+            }
+        },
+        Ok(Event::Delete(o)) => Some(Delta::Delete(name_of(o.meta()))),
+        Err(e) => {
+            tracing::warn!("watch of {kind}s failed, retrying: {e}");
+            None
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Reading a directory of manifests into a [`ClusterState`].
+//!
+//! The directory is always read whole (level-triggered), never patched event by event: editors and ConfigMap
+//! volumes replace files by renames, and a full re-read cannot miss such a change. An object that fails to
+//! parse or validate keeps the last good version we had of it, so one bad edit never takes a working Service
+//! down.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use svcproxy_model::{ClusterState, ObjectName};
+
+use super::convert::{self, ConvertError};
+
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Errors that stop a whole directory read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestDirError {
+    #[error("cannot read manifest directory {dir}: {source}")]
+    ReadDir { dir: PathBuf, source: std::io::Error },
+}
+
+/// A problem with one document; the rest of the directory is still used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DocumentError {
+    #[error("{file}: {reason}")]
+    File { file: String, reason: String },
+    #[error("{file} document {index}: {source}")]
+    Object {
+        file: String,
+        index: usize,
+        #[source]
+        source: ConvertError,
+    },
+}
+
+/// Identity of an object across reads, used to carry the last good version of a rejected object over.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum ObjectKey {
+    Service(ObjectName),
+    Slice(ObjectName),
+    Node,
+}
+
+/// The outcome of one read of the directory.
+#[derive(Debug, Default)]
+pub struct DirRead {
+    pub state: ClusterState,
+    pub errors: Vec<DocumentError>,
+    pub warnings: Vec<String>,
+}
+
+/// Reads a manifest directory repeatedly, remembering what each file contributed last time.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    node_name: String,
+    last_good: ClusterState,
+    origin: BTreeMap<String, BTreeSet<ObjectKey>>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>, node_name: impl Into<String>) -> Self {
+        ManifestDir {
+            dir: dir.into(),
+            node_name: node_name.into(),
+            last_good: ClusterState::default(),
+            origin: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads every `*.yaml`, `*.yml` and `*.json` file (hidden files skipped: ConfigMap volumes keep their
+    /// real data in dot-directories behind symlinks we already follow).
+    pub fn read(&mut self) -> Result<DirRead, ManifestDirError> {
+        let entries = fs::read_dir(&self.dir).map_err(|source| ManifestDirError::ReadDir {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                !name.starts_with('.')
+                    && p.is_file()
+                    && matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("yaml" | "yml" | "json")
+                    )
+            })
+            .collect();
+        files.sort();
+
+        let mut out = DirRead::default();
+        let mut origin: BTreeMap<String, BTreeSet<ObjectKey>> = BTreeMap::new();
+        let mut rejected: BTreeSet<ObjectKey> = BTreeSet::new();
+        for path in files {
+            let file = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("?")
+                .to_string();
+            let text = match fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    out.errors.push(DocumentError::File {
+                        file: file.clone(),
+                        reason: e.to_string(),
+                    });
+                    rejected.extend(self.origin.get(&file).into_iter().flatten().cloned());
+                    continue;
+                }
+            };
+            let docs: Vec<Value> = match serde_saphyr::from_multiple(&text) {
+                Ok(d) => d,
+                Err(e) => {
+                    out.errors.push(DocumentError::File {
+                        file: file.clone(),
+                        reason: format!("not valid YAML: {e}"),
+                    });
+                    rejected.extend(self.origin.get(&file).into_iter().flatten().cloned());
+                    continue;
+                }
+            };
+            let keys = origin.entry(file.clone()).or_default();
+            for (index, doc) in docs.into_iter().enumerate() {
+                self.add_document(&file, index, doc, &mut out, keys, &mut rejected);
+            }
+        }
+
+        // A rejected object keeps its last good version; an object that disappeared from the files is deleted.
+        for key in rejected {
+            match &key {
+                ObjectKey::Service(n) => {
+                    if let (false, Some(s)) =
+                        (out.state.services.contains_key(n), self.last_good.services.get(n))
+                    {
+                        out.state.services.insert(n.clone(), s.clone());
+                    }
+                }
+                ObjectKey::Slice(n) => {
+                    if let (false, Some(s)) = (
+                        out.state.endpoint_slices.contains_key(n),
+                        self.last_good.endpoint_slices.get(n),
+                    ) {
+                        out.state.endpoint_slices.insert(n.clone(), s.clone());
+                    }
+                }
+                ObjectKey::Node => {
+                    if out.state.node.is_none() {
+                        out.state.node = self.last_good.node.clone();
+                    }
+                }
+            }
+        }
+        self.last_good = out.state.clone();
+        self.origin = origin;
+        Ok(out)
+    }
+
+    fn add_document(
+        &self,
+        file: &str,
+        index: usize,
+        doc: Value,
+        out: &mut DirRead,
+        keys: &mut BTreeSet<ObjectKey>,
+        rejected: &mut BTreeSet<ObjectKey>,
+    ) {
+        if doc.is_null() {
+            return;
+        }
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+        let api_version = doc
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let meta_name = ObjectName::new(
+            doc.pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or(DEFAULT_NAMESPACE),
+            doc.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        );
+        let fail = |out: &mut DirRead, source: ConvertError| {
+            out.errors.push(DocumentError::Object {
+                file: file.to_string(),
+                index,
+                source,
+            });
+        };
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "List") => {
+                let items = doc.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+                for item in items {
+                    self.add_document(file, index, item, out, keys, rejected);
+                }
+            }
+            ("v1", "Service") => {
+                let key = ObjectKey::Service(meta_name.clone());
+                keys.insert(key.clone());
+                match typed::<core::Service>("Service", &meta_name, doc)
+                    .and_then(|s| convert::service(&s, DEFAULT_NAMESPACE))
+                {
+                    Ok(s) => {
+                        out.state.services.insert(s.name.clone(), s);
+                    }
+                    Err(e) => {
+                        rejected.insert(key);
+                        fail(out, e);
+                    }
+                }
+            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                let key = ObjectKey::Slice(meta_name.clone());
+                keys.insert(key.clone());
+                match typed::<discovery::EndpointSlice>("EndpointSlice", &meta_name, doc)
+                    .and_then(|s| convert::endpoint_slice(&s, DEFAULT_NAMESPACE))
+                {
+                    Ok(s) => {
+                        out.state.endpoint_slices.insert(s.name.clone(), s);
+                    }
+                    Err(e) => {
+                        rejected.insert(key);
+                        fail(out, e);
+                    }
+                }
+            }
+            ("v1", "Node") => {
+                // Only our own Node matters; others are legal in a shared manifest set and ignored quietly.
+                if meta_name.name != self.node_name {
+                    return;
+                }
+                keys.insert(ObjectKey::Node);
+                match typed::<core::Node>("Node", &meta_name, doc).and_then(|n| convert::node(&n)) {
+                    Ok(n) => out.state.node = Some(n),
+                    Err(e) => {
+                        rejected.insert(ObjectKey::Node);
+                        fail(out, e);
+                    }
+                }
+            }
+            _ => out.warnings.push(format!(
+                "{file} document {index}: ignoring {} {meta_name} (svcproxy reads Service, EndpointSlice, Node and List)",
+                if kind.is_empty() { "object without kind".to_string() } else { format!("{api_version} {kind}") },
+            )),
+        }
+    }
+}
+
+/// Deserialises into a k8s-openapi type, naming the field that did not fit.
+fn typed<T: DeserializeOwned>(kind: &'static str, name: &ObjectName, doc: Value) -> Result<T, ConvertError> {
+    serde_path_to_error::deserialize(doc).map_err(|e| ConvertError {
+        kind,
+        object: name.to_string(),
+        field: e.path().to_string(),
+        reason: e.inner().to_string(),
+    })
+}

@@ -1,0 +1,94 @@
+//! Watches a manifest directory and sends a fresh snapshot whenever anything in it changes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode};
+use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use tokio::sync::mpsc;
+
+use super::SourceEvent;
+use super::manifest_dir::{DirRead, ManifestDir, ManifestDirError};
+
+/// Long enough to coalesce an editor's write-rename-chmod burst or a ConfigMap volume's symlink swap.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+/// A slow re-read covers the rare event a watch misses (network filesystems, overflowed inotify queues).
+const RESCAN: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestWatchError {
+    #[error(transparent)]
+    Dir(#[from] ManifestDirError),
+    #[error("cannot watch {dir}: {source}")]
+    Watch { dir: PathBuf, source: notify::Error },
+}
+
+fn report(dir: &ManifestDir, read: &DirRead) {
+    for w in &read.warnings {
+        tracing::warn!(dir = %dir.dir().display(), "{w}");
+    }
+    for e in &read.errors {
+        tracing::error!(dir = %dir.dir().display(), "rejected: {e}; the last good version of the object stays programmed");
+    }
+    tracing::info!(
+        services = read.state.services.len(),
+        endpoint_slices = read.state.endpoint_slices.len(),
+        node = read.state.node.is_some(),
+        rejected = read.errors.len(),
+        "read manifest directory {}",
+        dir.dir().display()
+    );
+}
+
+/// Reads the directory once, sends the snapshot and `Synced`, then re-reads on every change until the
+/// receiver goes away. A directory that cannot be read at start is an error; later read failures are logged
+/// and the previous state stays.
+pub async fn run(mut dir: ManifestDir, tx: mpsc::Sender<SourceEvent>) -> Result<(), ManifestWatchError> {
+    let first = dir.read()?;
+    report(&dir, &first);
+    if tx.send(SourceEvent::Snapshot(first.state)).await.is_err()
+        || tx.send(SourceEvent::Synced).await.is_err()
+    {
+        return Ok(());
+    }
+
+    let (fs_tx, mut fs_rx) = mpsc::channel::<()>(1);
+    let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
+        // Our own reads raise access events; only changes to the directory's content matter.
+        let changed = res.is_ok_and(|events| events.iter().any(|e| !matches!(e.kind, EventKind::Access(_))));
+        if changed {
+            // A full channel already holds a pending re-read, which covers this change too.
+            let _ = fs_tx.try_send(());
+        }
+    })
+    .map_err(|source| ManifestWatchError::Watch {
+        dir: dir.dir().to_path_buf(),
+        source,
+    })?;
+    debouncer
+        .watch(dir.dir(), RecursiveMode::Recursive)
+        .map_err(|source| ManifestWatchError::Watch {
+            dir: dir.dir().to_path_buf(),
+            source,
+        })?;
+
+    let mut rescan = tokio::time::interval(RESCAN);
+    rescan.tick().await;
+    loop {
+        tokio::select! {
+            changed = fs_rx.recv() => if changed.is_none() { break },
+            _ = rescan.tick() => {},
+            _ = tx.closed() => break,
+        }
+        match dir.read() {
+            Ok(read) => {
+                report(&dir, &read);
+                if tx.send(SourceEvent::Snapshot(read.state)).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => tracing::error!("{e}; keeping the previous state"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! Where the cluster state comes from: the Kubernetes API or a manifest directory. Both feed the engine the
+//! same [`SourceEvent`]s, so everything after this edge is shared.
+
+pub mod convert;
+pub mod kube_api;
+pub mod manifest_dir;
+pub mod manifest_watch;
+
+use svcproxy_model::{ClusterState, EndpointSlice, Node, ObjectName, Service};
+
+/// A change to one kind of object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta<T> {
+    Apply(T),
+    Delete(ObjectName),
+    /// Everything of this kind, after a (re)list: objects absent from it are gone, except those named in
+    /// `rejected`, which failed validation and keep their last good version.
+    Replace {
+        objects: Vec<T>,
+        rejected: Vec<ObjectName>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    /// A complete replacement of the cluster state (the manifest directory is always re-read whole).
+    Snapshot(ClusterState),
+    Services(Delta<Service>),
+    EndpointSlices(Delta<EndpointSlice>),
+    /// Our own Node, or `None` when it does not exist.
+    Node(Option<Node>),
+    /// Every initial list has completed; before this nothing is programmed, so a restart never writes a
+    /// partial view of the cluster.
+    Synced,
+}

@@ -1,0 +1,251 @@
+//! ClusterIP services on a real kernel, driven from a manifest directory: real TCP and UDP traffic from a pod
+//! and from an outside host through the rules svcproxy writes.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{Svcproxy, TempDir, metric_value};
+use svcproxy_testkit::{Backend, ClientError, Lab, http_get, spread, tcp_request, udp_request, wait_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+const T: Duration = Duration::from_secs(2);
+
+fn web(endpoints: &[&str]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|ip| format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n  nodeName: node-a\n"))
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: 10.96.0.100
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+endpoints:
+{eps}"
+    )
+}
+
+const DNS: &str = "apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: dns, protocol: UDP, port: 53, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: dns}
+addressType: IPv4
+ports:
+- {name: dns, protocol: UDP, port: 5353}
+endpoints:
+- addresses: [10.244.0.11]
+- addresses: [10.244.0.12]
+";
+
+const EMPTY: &str = "apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: demo}
+spec:
+  clusterIP: 10.96.0.200
+  ports:
+  - {protocol: TCP, port: 80}
+";
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+fn identities(map: &std::collections::BTreeMap<String, usize>) -> BTreeSet<String> {
+    map.keys().cloned().collect()
+}
+
+#[test]
+fn clusterip_traffic_follows_the_manifests() {
+    let lab = Lab::new();
+    let pods: Vec<_> = (11..=13)
+        .map(|i| lab.add_pod(&format!("pod{i}"), Ipv4Addr::new(10, 244, 0, i)))
+        .collect();
+    let _backends: Vec<_> = pods
+        .iter()
+        .map(|p| Backend::start(p.ns(), p.name(), &[8080], &[5353]))
+        .collect();
+    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+
+    let dir = TempDir::new("manifests");
+    dir.write("web.yaml", &web(&["10.244.0.11", "10.244.0.12", "10.244.0.13"]));
+    dir.write("dns.yaml", DNS);
+    dir.write("empty.yaml", EMPTY);
+    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+
+    let vip = addr("10.96.0.100", 80);
+    wait_until(WAIT, POLL, "the web ClusterIP answers", || {
+        proxy.assert_running();
+        tcp_request(client.ns(), vip, T).ok()
+    });
+
+    // Connections spread over every ready endpoint, and a pod's own source address is kept.
+    let seen = spread(client.ns(), vip, 60);
+    assert_eq!(
+        identities(&seen),
+        BTreeSet::from(["pod11".into(), "pod12".into(), "pod13".into()]),
+        "{seen:?}"
+    );
+    let reply = tcp_request(client.ns(), vip, T).unwrap();
+    assert_eq!(
+        reply.seen_source.ip(),
+        IpAddr::V4(client.ip()),
+        "pod-to-ClusterIP keeps its source"
+    );
+
+    // UDP through the same machinery.
+    let reply = udp_request(client.ns(), addr("10.96.0.10", 53), T).unwrap();
+    assert!(["pod11", "pod12"].contains(&reply.identity.as_str()), "{reply:?}");
+
+    // A service without endpoints refuses at once instead of letting clients hang.
+    assert!(matches!(
+        tcp_request(client.ns(), addr("10.96.0.200", 80), T),
+        Err(ClientError::Refused)
+    ));
+
+    // A client outside the pod network is masqueraded, so the reply returns through this node.
+    let reply = tcp_request(lab.external(), vip, T).unwrap();
+    assert_ne!(
+        reply.seen_source.ip(),
+        "10.0.0.20".parse::<IpAddr>().unwrap(),
+        "external client masqueraded"
+    );
+
+    // Hairpin: a pod reaching itself through its own Service is masqueraded, or the reply would bypass NAT.
+    let own = wait_until(WAIT, POLL, "pod11 reaches itself through the ClusterIP", || {
+        tcp_request(pods[0].ns(), vip, T)
+            .ok()
+            .filter(|r| r.identity == "pod11")
+    });
+    assert_ne!(
+        own.seen_source.ip(),
+        IpAddr::V4(pods[0].ip()),
+        "hairpin traffic masqueraded"
+    );
+
+    // An endpoint removed from the slice gets no new connections after the next sync.
+    dir.write("web.yaml", &web(&["10.244.0.11", "10.244.0.12"]));
+    wait_until(WAIT, POLL, "pod13 no longer receives connections", || {
+        let seen = spread(client.ns(), vip, 30);
+        (identities(&seen) == BTreeSet::from(["pod11".into(), "pod12".into()])).then_some(())
+    });
+
+    // Health and metrics.
+    let (status, body) = http_get(lab.node(), common::HEALTHZ.parse().unwrap(), "/healthz", T).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"nodeEligible\": true"), "{body}");
+    let metrics = proxy.metrics(lab.node());
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+    ] {
+        assert!(
+            metric_value(&metrics, name).is_some_and(|v| v > 0.0),
+            "{name} missing or zero:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures"),
+        "{metrics}"
+    );
+    proxy.assert_running();
+}
+
+#[test]
+fn bad_manifests_are_rejected_and_lose_nothing() {
+    let lab = Lab::new();
+    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
+    let _backend = Backend::start(pod.ns(), "pod11", &[8080], &[5353]);
+    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+    let dir = TempDir::new("bad");
+    dir.write("web.yaml", &web(&["10.244.0.11"]));
+    dir.write("dns.yaml", DNS);
+    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    let vip = addr("10.96.0.100", 80);
+    wait_until(WAIT, POLL, "web answers", || {
+        proxy.assert_running();
+        tcp_request(client.ns(), vip, T).ok()
+    });
+
+    // Break the web Service (a port out of range) and make another file unreadable YAML.
+    dir.write(
+        "web.yaml",
+        &web(&["10.244.0.11"]).replace("port: 80,", "port: 70000,"),
+    );
+    dir.write(
+        "dns.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: dns\n",
+    );
+    // A new, valid Service next to the broken ones must still get programmed.
+    dir.write(
+        "more.yaml",
+        &EMPTY
+            .replace("name: empty", "name: more")
+            .replace("10.96.0.200", "10.96.0.201"),
+    );
+    wait_until(
+        WAIT,
+        POLL,
+        "the new service is programmed (refuses: no endpoints)",
+        || {
+            matches!(
+                tcp_request(client.ns(), addr("10.96.0.201", 80), T),
+                Err(ClientError::Refused)
+            )
+            .then_some(())
+        },
+    );
+    let log = proxy.log();
+    assert!(
+        log.contains("Service demo/web: invalid field spec.ports[0].port"),
+        "error names object and field:\n{log}"
+    );
+    assert!(log.contains("dns.yaml"), "YAML error names the file:\n{log}");
+    // The last good versions stay programmed.
+    assert_eq!(tcp_request(client.ns(), vip, T).unwrap().identity, "pod11");
+    assert_eq!(
+        udp_request(client.ns(), addr("10.96.0.10", 53), T)
+            .unwrap()
+            .identity,
+        "pod11"
+    );
+
+    // An unknown kind is a warning naming file and document, not an error.
+    dir.write(
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+    );
+    wait_until(WAIT, POLL, "the unknown kind is reported", || {
+        proxy
+            .log()
+            .contains("cm.yaml document 0: ignoring v1 ConfigMap")
+            .then_some(())
+    });
+    proxy.assert_running();
+}

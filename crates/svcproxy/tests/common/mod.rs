@@ -1,0 +1,122 @@
+//! Helpers shared by the end-to-end tests: a temporary directory and a svcproxy process running inside a lab's
+//! node namespace.
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use svcproxy_testkit::{NetNs, http_get};
+
+pub const HEALTHZ: &str = "127.0.0.1:10256";
+pub const METRICS: &str = "127.0.0.1:10249";
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "svcproxy-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn write(&self, name: &str, text: &str) {
+        // Write then rename, as editors and ConfigMap volumes do, so a reader never sees half a file.
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, self.0.join(name)).unwrap();
+    }
+    pub fn remove(&self, name: &str) {
+        fs::remove_file(self.0.join(name)).unwrap();
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// svcproxy running in a namespace; killed on drop. Its log goes to a file the test can read.
+pub struct Svcproxy {
+    child: Child,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Svcproxy {
+    pub fn start(ns: &NetNs, args: &[&str]) -> Svcproxy {
+        let dir = TempDir::new("log");
+        let log = dir.path().join("svcproxy.log");
+        let file = fs::File::create(&log).unwrap();
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_svcproxy"))
+            .arg("run")
+            .args(["--hostname-override", "node-a", "--cluster-cidr", "10.244.0.0/16"])
+            .args([
+                "--healthz-bind-address",
+                HEALTHZ,
+                "--metrics-bind-address",
+                METRICS,
+            ])
+            .args(["--min-sync-period", "0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start svcproxy");
+        Svcproxy {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("svcproxy exited with {status}; log:\n{}", self.log());
+        }
+    }
+
+    pub fn metrics(&self, ns: &NetNs) -> String {
+        let addr: SocketAddr = METRICS.parse().unwrap();
+        http_get(ns, addr, "/metrics", Duration::from_secs(5))
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Svcproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("svcproxy log:\n{}", self.log());
+        }
+    }
+}
+
+/// The value of one sample line of a Prometheus text exposition (`name{labels} value`), if present.
+pub fn metric_value(exposition: &str, name_and_labels: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == name_and_labels).then(|| value.parse().ok()).flatten()
+    })
+}

@@ -1,0 +1,167 @@
+//! The Kubernetes source end to end: svcproxy lists and watches a fake API server speaking the real protocol,
+//! and the kernel rules and real traffic follow creates, updates, deletes, relists and outages.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{Svcproxy, TempDir};
+use serde_json::{Value, json};
+use svcproxy_testkit::{Backend, FakeApiServer, Lab, spread, tcp_request, wait_until};
+
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+const T: Duration = Duration::from_secs(2);
+
+fn service(name: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "demo", "labels": labels},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}
+    })
+}
+
+fn slice(service: &str, ips: &[&str]) -> Value {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node-a"}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-1"), "namespace": "demo",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": endpoints
+    })
+}
+
+fn node() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        "spec": {"podCIDR": "10.244.0.0/24"}
+    })
+}
+
+fn identities(ns: &svcproxy_testkit::NetNs, vip: SocketAddr) -> BTreeSet<String> {
+    spread(ns, vip, 30).into_keys().collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn rules_follow_the_api_through_changes_relists_and_outages() {
+    let lab = Lab::new();
+    let pods: Vec<_> = (11..=12)
+        .map(|i| lab.add_pod(&format!("pod{i}"), Ipv4Addr::new(10, 244, 0, i)))
+        .collect();
+    let _backends: Vec<_> = pods
+        .iter()
+        .map(|p| Backend::start(p.ns(), p.name(), &[8080], &[]))
+        .collect();
+    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+
+    let api = FakeApiServer::start_in(lab.node(), "127.0.0.1:0".parse().unwrap());
+    let store = api.store();
+    store.apply(node()).unwrap();
+    store.apply(service("web", "10.96.0.100", json!({}))).unwrap();
+    store
+        .apply(slice("web", &["10.244.0.11", "10.244.0.12"]))
+        .unwrap();
+    // Handed to another proxy: svcproxy must never see it (the selector is applied by the server).
+    store
+        .apply(service(
+            "other",
+            "10.96.0.101",
+            json!({"service.kubernetes.io/service-proxy-name": "x"}),
+        ))
+        .unwrap();
+    store.apply(slice("other", &["10.244.0.11"])).unwrap();
+
+    let dir = TempDir::new("kubeconfig");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let mut proxy = Svcproxy::start(lab.node(), &["--kubeconfig", kubeconfig.to_str().unwrap()]);
+
+    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
+    wait_until(WAIT, POLL, "web reaches both pods", || {
+        proxy.assert_running();
+        (identities(client.ns(), vip) == set(&["pod11", "pod12"])).then_some(())
+    });
+    assert!(
+        tcp_request(client.ns(), "10.96.0.101:80".parse().unwrap(), T).is_err(),
+        "a service labelled for another proxy must not be programmed"
+    );
+    let log = store.request_log();
+    assert!(
+        log.iter().any(|r| r.path == "/api/v1/services"
+            && r.param("labelSelector")
+                == Some("!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless")),
+        "upstream's label selector is sent: {log:?}"
+    );
+
+    // Update: an endpoint goes away.
+    store.apply(slice("web", &["10.244.0.12"])).unwrap();
+    wait_until(WAIT, POLL, "only pod12 answers", || {
+        (identities(client.ns(), vip) == set(&["pod12"])).then_some(())
+    });
+
+    // A new Service appears; a malformed one is rejected without harming the rest.
+    store.apply(service("api", "10.96.0.102", json!({}))).unwrap();
+    store.apply(slice("api", &["10.244.0.11"])).unwrap();
+    let mut bad = service("web", "10.96.0.100", json!({}));
+    bad["spec"]["ports"][0]["protocol"] = json!("ICMP");
+    store.apply(bad).unwrap();
+    let api_vip: SocketAddr = "10.96.0.102:80".parse().unwrap();
+    wait_until(WAIT, POLL, "the new service answers", || {
+        tcp_request(client.ns(), api_vip, T).ok()
+    });
+    wait_until(WAIT, POLL, "the rejection is logged", || {
+        proxy
+            .log()
+            .contains("Service demo/web: invalid field spec.ports[0].protocol")
+            .then_some(())
+    });
+    assert_eq!(
+        tcp_request(client.ns(), vip, T).unwrap().identity,
+        "pod12",
+        "last good web stays programmed"
+    );
+    store.apply(service("web", "10.96.0.100", json!({}))).unwrap();
+
+    // The API server loses its history and drops every watch: svcproxy relists (410 Gone) and converges on
+    // what changed meanwhile, without dropping what is programmed.
+    store.compact();
+    store.break_watches();
+    store
+        .apply(slice("web", &["10.244.0.11", "10.244.0.12"]))
+        .unwrap();
+    wait_until(WAIT, POLL, "after the relist both pods answer", || {
+        (identities(client.ns(), vip) == set(&["pod11", "pod12"])).then_some(())
+    });
+
+    // An outage: lists fail for a while; programmed rules keep working, and changes arrive afterwards.
+    store.set_fail_lists(3);
+    store.break_watches();
+    assert_eq!(
+        identities(client.ns(), vip),
+        set(&["pod11", "pod12"]),
+        "rules survive the outage"
+    );
+    store.delete("Service", Some("demo"), "api");
+    wait_until(WAIT, POLL, "the deleted service is gone", || {
+        tcp_request(client.ns(), api_vip, T).is_err().then_some(())
+    });
+    let nat = lab.node().exec_stdout(&["iptables-save", "-t", "nat"]).unwrap();
+    assert!(
+        !nat.contains("demo/api"),
+        "no rule of the deleted service is left:\n{nat}"
+    );
+    proxy.assert_running();
+}
