@@ -121,21 +121,6 @@ fn bench(c: &mut Criterion) {
             }
             partial_payload(&prev_cached, &assemble(&cfg, parts.values()), &[])
         };
-        {
-            let t = std::time::Instant::now();
-            let r = assemble(&cfg, cache.values());
-            let t1 = t.elapsed();
-            let p = partial_payload(&prev_cached, &r, &[]);
-            let t2 = t.elapsed();
-            drop(r);
-            let t3 = t.elapsed();
-            eprintln!(
-                "TIMING assemble {t1:?} partial {:?} drop {:?} {}",
-                t2 - t1,
-                t3 - t2,
-                p.line_count
-            );
-        }
         eprintln!(
             "{n} services: partial payload {} lines, {} chains written",
             once.line_count, once.chains_written

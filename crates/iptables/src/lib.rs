@@ -23,6 +23,6 @@ pub use gc::stale_owned_chains;
 pub use jumps::{JumpRule, jump_rules, missing_jumps};
 pub use payload::{Payload, full_payload, partial_payload};
 pub use render::{LARGE_CLUSTER_ENDPOINTS, assemble, is_large_cluster, render};
-pub use ruleset::{Chain, Ruleset, Table, TableName};
+pub use ruleset::{Chain, ChainName, Ruleset, Table, TableName};
 pub use save_parser::{SaveParseError, SavedRule, SavedRuleset, SavedTable, parse_save};
 pub use service_rules::{ServicePortRules, SharedRule, render_service_port};

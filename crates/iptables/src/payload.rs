@@ -5,11 +5,11 @@
 //! and the chains it deletes (flushed first, so references among them are gone before their `-X`). Each
 //! table is committed as one transaction.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::chain_name::is_owned_service_chain;
 use crate::jumps::JumpRule;
-use crate::ruleset::{Chain, Ruleset, TableName};
+use crate::ruleset::{Chain, ChainName, Ruleset, TableName};
 
 /// One restore input and what it does.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -81,7 +81,7 @@ pub fn full_payload(next: &Ruleset, stale_chains: &[String], missing_jumps: &[Ju
         };
         Section {
             table,
-            write: t.chains.iter().map(|(n, c)| (n.as_str(), c)).collect(),
+            write: t.chains.iter().map(|(n, c)| (&**n, c)).collect(),
             delete,
             jumps: missing_jumps.iter().filter(|j| j.table == table).collect(),
         }
@@ -97,23 +97,22 @@ pub fn full_payload(next: &Ruleset, stale_chains: &[String], missing_jumps: &[Ju
 /// rewritten too, so the inserted jump cannot point at a chain that was lost along with it.
 pub fn partial_payload(prev: &Ruleset, next: &Ruleset, missing_jumps: &[JumpRule]) -> Payload {
     let sections = TableName::ALL.map(|table| {
-        let (p, n) = (prev.table(table), next.table(table));
         let jumps: Vec<&JumpRule> = missing_jumps.iter().filter(|j| j.table == table).collect();
-        let write = n
-            .chains
-            .iter()
-            .filter(|(name, chain)| {
-                p.chains.get(name.as_str()) != Some(chain) || jumps.iter().any(|j| j.target == name.as_str())
-            })
-            .map(|(name, chain)| (name.as_str(), chain))
-            .collect();
-        // A shared chain that disappears (only KUBE-FIREWALL can, and kubelet keeps using it) is left alone.
-        let delete = p
-            .chains
-            .keys()
-            .filter(|name| !n.chains.contains_key(name.as_str()) && is_owned_service_chain(name))
-            .map(String::as_str)
-            .collect();
+        let mut write = Vec::new();
+        let mut delete = Vec::new();
+        for (name, before, after) in merge_join(&prev.table(table).chains, &next.table(table).chains) {
+            match (before, after) {
+                (_, Some(chain)) => {
+                    if before != Some(chain) || jumps.iter().any(|j| j.target == name) {
+                        write.push((name, chain));
+                    }
+                }
+                // A shared chain that disappears (only KUBE-FIREWALL can, and kubelet keeps using it) is left
+                // alone.
+                (Some(_), None) if is_owned_service_chain(name) => delete.push(name),
+                _ => {}
+            }
+        }
         Section {
             table,
             write,
@@ -122,6 +121,27 @@ pub fn partial_payload(prev: &Ruleset, next: &Ruleset, missing_jumps: &[JumpRule
         }
     });
     serialize(&sections)
+}
+
+/// Walks two name-ordered maps side by side: one pass and no lookups, which keeps comparing two rulesets of
+/// a hundred thousand chains cheap (unchanged chains are shared, so their comparison is a pointer check).
+fn merge_join<'a>(
+    prev: &'a BTreeMap<ChainName, Chain>,
+    next: &'a BTreeMap<ChainName, Chain>,
+) -> impl Iterator<Item = (&'a str, Option<&'a Chain>, Option<&'a Chain>)> + 'a {
+    let mut p = prev.iter().peekable();
+    let mut n = next.iter().peekable();
+    std::iter::from_fn(move || match (p.peek(), n.peek()) {
+        (None, None) => None,
+        (Some((pk, _)), Some((nk, _))) if pk == nk => {
+            let (name, before) = p.next().unwrap();
+            let (_, after) = n.next().unwrap();
+            Some((&**name, Some(before), Some(after)))
+        }
+        (Some((pk, _)), Some((nk, _))) if pk < nk => p.next().map(|(k, c)| (&**k, Some(c), None)),
+        (Some(_), None) => p.next().map(|(k, c)| (&**k, Some(c), None)),
+        _ => n.next().map(|(k, c)| (&**k, None, Some(c))),
+    })
 }
 
 fn serialize(sections: &[Section<'_>]) -> Payload {

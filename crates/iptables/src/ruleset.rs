@@ -34,8 +34,16 @@ impl fmt::Display for TableName {
 
 /// The rule lines of one chain. Shared, so a ruleset assembled from cached per-service parts reuses them
 /// without copying, and comparing an unchanged chain with its previous self is a pointer check.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Chain(Arc<[String]>);
+
+impl PartialEq for Chain {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for Chain {}
 
 impl Chain {
     pub fn new(lines: Vec<String>) -> Self {
@@ -55,12 +63,15 @@ impl Chain {
     }
 }
 
+/// A chain name. Shared, so assembling a ruleset from cached per-service parts does not copy names.
+pub type ChainName = Arc<str>;
+
 /// The chains of one table, by name. Name order keeps output deterministic and happens to be the order
 /// `iptables-save` lists user chains in, which makes payloads easy to hold against a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     pub name: TableName,
-    pub chains: BTreeMap<String, Chain>,
+    pub chains: BTreeMap<ChainName, Chain>,
 }
 
 impl Table {
@@ -123,7 +134,7 @@ impl Ruleset {
                         && !table.chains.contains_key(target)
                         && !is_builtin_target(target)
                     {
-                        out.push((table.name, chain.clone(), target.to_string()));
+                        out.push((table.name, chain.to_string(), target.to_string()));
                     }
                 }
             }

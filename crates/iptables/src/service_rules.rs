@@ -12,7 +12,7 @@ use crate::chain_name::{
 };
 use crate::config::RenderConfig;
 use crate::rule_text::{Line, probability};
-use crate::ruleset::{Chain, TableName};
+use crate::ruleset::{Chain, ChainName, TableName};
 
 /// One line a service port adds to a chain shared by all service ports (`KUBE-SERVICES`, …).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub struct SharedRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePortRules {
     /// The nat chains this service port owns (EXT, FW, SVC, SVL, then SEP), in upstream's writing order.
-    pub chains: Vec<(String, Chain)>,
+    pub chains: Vec<(ChainName, Chain)>,
     /// Its lines in the shared chains, in upstream's writing order; they are concatenated across service
     /// ports in service-port order.
     pub shared: Vec<SharedRule>,
@@ -282,7 +282,7 @@ impl<'a> ServiceRenderer<'a> {
             if has_external {
                 lines.push(Line::append(&ext).jump(&external_policy_chain));
             }
-            ext_chain = Some((ext.clone(), Chain::new(lines)));
+            ext_chain = Some((ChainName::from(ext.as_str()), Chain::new(lines)));
         }
 
         let mut fw_chain = None;
@@ -320,7 +320,7 @@ impl<'a> ServiceRenderer<'a> {
                     ))
                     .finish(),
             );
-            fw_chain = Some((fw.clone(), Chain::new(lines)));
+            fw_chain = Some((ChainName::from(fw.as_str()), Chain::new(lines)));
         }
 
         let uses_svc = spi.uses_cluster_chain();
@@ -338,15 +338,15 @@ impl<'a> ServiceRenderer<'a> {
         // Only chains with endpoints are declared. The masquerade rule above cannot be orphaned: the intent's
         // derived booleans make "has internal endpoints" imply that the internal chain is in use.
         if uses_svc {
-            chains.push((svc.name, Chain::new(svc.lines)));
+            chains.push((svc.name.into(), Chain::new(svc.lines)));
         }
         if uses_svl {
-            chains.push((svl.name, Chain::new(svl.lines)));
+            chains.push((svl.name.into(), Chain::new(svl.lines)));
         }
         for ep in &spi.endpoints.all_reachable {
             let name = sep_chain(&spi.name, ep);
             let lines = self.endpoint_chain(&name, ep);
-            chains.push((name, Chain::new(lines)));
+            chains.push((name.into(), Chain::new(lines)));
         }
 
         ServicePortRules {

@@ -230,7 +230,7 @@ proptest! {
         let targets: BTreeSet<&str> = r.nat.chains.values().flat_map(|c| c.lines()).filter_map(|l| jump_target(l)).collect();
         for name in r.nat.chains.keys().filter(|n| n.starts_with("KUBE-") && n.len() > 20) {
             prop_assert!(is_owned_service_chain(name), "{}", name);
-            prop_assert!(targets.contains(name.as_str()), "{} unreferenced", name);
+            prop_assert!(targets.contains(&**name), "{} unreferenced", name);
             prop_assert!(!r.nat.chains[name].is_empty(), "{} empty", name);
         }
         // Every line belongs to the chain it is filed under.

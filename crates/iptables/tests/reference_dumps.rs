@@ -171,7 +171,7 @@ fn clusterip_basic_chain_names_match_upstream() {
     };
     let theirs = pick(saved.tables["nat"].chains.keys().map(String::as_str).collect());
     assert_eq!(theirs.len(), 7 + 17);
-    assert_eq!(pick(ours.nat.chains.keys().map(String::as_str).collect()), theirs);
+    assert_eq!(pick(ours.nat.chains.keys().map(|k| &**k).collect()), theirs);
 }
 
 /// One rule in a spelling-independent form: arguments as a sorted multiset, with iptables-save's
@@ -254,7 +254,7 @@ fn ours_comparable(r: &Ruleset) -> BTreeMap<(String, String), Vec<Vec<String>>> 
                 .iter()
                 .map(|l| tokenize(l).unwrap()[2..].to_vec())
                 .collect();
-            (t.name.as_str().to_string(), name.clone(), rules)
+            (t.name.as_str().to_string(), name.to_string(), rules)
         })
     }))
 }
@@ -336,14 +336,15 @@ fn takeover_collects_upstream_chains_we_do_not_want() {
 
     let fewer = render(&intent_of(&scenario_state(&scenario("clusterip-basic"))), &cfg);
     let stale = stale_owned_chains(&saved, &fewer);
-    let owned_in_dump: BTreeSet<&String> = saved.tables["nat"]
+    let owned_in_dump: BTreeSet<&str> = saved.tables["nat"]
         .chains
         .keys()
+        .map(String::as_str)
         .filter(|c| svcproxy_iptables::is_owned_service_chain(c))
         .collect();
-    let kept: BTreeSet<&String> = fewer.nat.chains.keys().collect();
+    let kept: BTreeSet<&str> = fewer.nat.chains.keys().map(|k| &**k).collect();
     assert_eq!(
-        stale.iter().collect::<BTreeSet<_>>(),
+        stale.iter().map(String::as_str).collect::<BTreeSet<_>>(),
         owned_in_dump.difference(&kept).copied().collect()
     );
     assert!(

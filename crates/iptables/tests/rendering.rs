@@ -81,7 +81,7 @@ fn worked_example() {
         .nat
         .chains
         .iter()
-        .map(|(n, c)| (n.clone(), c.lines().to_vec()))
+        .map(|(n, c)| (n.to_string(), c.lines().to_vec()))
         .collect();
     assert_eq!(got, want);
 
@@ -418,10 +418,7 @@ fn large_cluster_mode_drops_endpoint_comments() {
         .unwrap();
     let words: Vec<&str> = sep.1.lines()[0].split(' ').collect();
     assert_eq!(words.len(), 6, "{words:?}");
-    assert_eq!(
-        (words[1], words[2], words[5]),
-        (sep.0.as_str(), "-s", "KUBE-MARK-MASQ")
-    );
+    assert_eq!((words[1], words[2], words[5]), (&**sep.0, "-s", "KUBE-MARK-MASQ"));
     let dnat = format!("-A {} -m tcp -p tcp -j DNAT --to-destination 10.245.", sep.0);
     assert!(sep.1.lines()[1].starts_with(&dnat));
 }

@@ -18,11 +18,16 @@ use svcproxy_model::ObjectName;
 use tokio::sync::mpsc;
 
 use super::convert::{self, ConvertError};
-use super::{Delta, SourceEvent};
+use super::{Delta, IGNORE_LABELS, SourceEvent};
 
-/// Upstream's selector: skip objects owned by another Service proxy and headless Services.
-pub const PROXY_LABEL_SELECTOR: &str =
-    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// Upstream's server-side selector: `!label` for each of [`IGNORE_LABELS`].
+pub fn proxy_label_selector() -> String {
+    IGNORE_LABELS
+        .iter()
+        .map(|l| format!("!{l}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -73,7 +78,7 @@ enum Item {
 
 /// Watches until the receiver goes away. Watch errors are retried with kube's default backoff.
 pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) {
-    let cfg = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
+    let cfg = watcher::Config::default().labels(&proxy_label_selector());
     let services = watcher::watcher(Api::<core::Service>::all(client.clone()), cfg.clone())
         .default_backoff()
         .map(Item::Service);

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use svcproxy_model::{ClusterState, ObjectName};
 
+use super::IGNORE_LABELS;
 use super::convert::{self, ConvertError};
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -194,6 +195,12 @@ impl ManifestDir {
                 .and_then(Value::as_str)
                 .unwrap_or(""),
         );
+        let ignored = IGNORE_LABELS
+            .iter()
+            .any(|l| doc.pointer("/metadata/labels").and_then(|m| m.get(l)).is_some());
+        if ignored && matches!(kind.as_str(), "Service" | "EndpointSlice") {
+            return;
+        }
         let fail = |out: &mut DirRead, source: ConvertError| {
             out.errors.push(DocumentError::Object {
                 file: file.to_string(),

@@ -8,6 +8,14 @@ pub mod manifest_watch;
 
 use svcproxy_model::{ClusterState, EndpointSlice, Node, ObjectName, Service};
 
+/// Services (and their slices) carrying either label are not ours to proxy: the first hands them to another
+/// Service proxy, the second marks headless ones. Upstream filters both on its watches; the manifest source
+/// applies the same rule so both sources see the same cluster.
+pub const IGNORE_LABELS: [&str; 2] = [
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/headless",
+];
+
 /// A change to one kind of object.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delta<T> {

@@ -1,0 +1,178 @@
+//! The sync engine against a recording fake of iptables: when it syncs, full versus partial, and what a
+//! failure does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use svcproxy::exec::iptables::{ExecError, Recorded, RecordingIptables};
+use svcproxy::health::ProxyHealth;
+use svcproxy::metrics::Metrics;
+use svcproxy::source::{Delta, SourceEvent};
+use svcproxy::sync::engine::{Engine, EngineConfig, EngineStatus};
+use svcproxy::sync::iptables_proxier::IptablesProxier;
+use svcproxy_iptables::config::RenderConfig;
+use svcproxy_model::{
+    ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentConfig, IpFamily, ObjectName, Protocol,
+    Service, ServicePort,
+};
+use tokio::sync::{mpsc, watch};
+
+fn service(name: &str, ip: &str) -> Service {
+    Service::cluster_ip(
+        ObjectName::new("ns", name),
+        ip.parse().unwrap(),
+        vec![ServicePort {
+            name: "p".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
+        }],
+    )
+}
+
+fn slice(service: &str, ips: &[&str]) -> EndpointSlice {
+    EndpointSlice {
+        name: ObjectName::new("ns", format!("{service}-1")),
+        service_name: service.into(),
+        address_family: Some(IpFamily::V4),
+        ports: vec![EndpointPort {
+            name: "p".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        endpoints: ips
+            .iter()
+            .map(|ip| Endpoint::ready(ip.parse().unwrap(), None))
+            .collect(),
+        last_change_trigger_time: None,
+    }
+}
+
+struct Harness {
+    fake: RecordingIptables,
+    tx: mpsc::Sender<SourceEvent>,
+    status: watch::Receiver<EngineStatus>,
+    health: Arc<ProxyHealth>,
+    _stop: watch::Sender<bool>,
+}
+
+fn start() -> Harness {
+    let fake = RecordingIptables::default();
+    let proxier = IptablesProxier::new(
+        Box::new(fake.clone()),
+        IntentConfig {
+            family: IpFamily::V4,
+            node_name: "node-a".into(),
+        },
+        RenderConfig::default(),
+    );
+    let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+    let config = EngineConfig {
+        min_sync_period: Duration::ZERO,
+        sync_period: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let engine = Engine::new(proxier, config, health.clone(), Arc::new(Metrics::new()));
+    let status = engine.status();
+    let (tx, rx) = mpsc::channel(16);
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(engine.run(rx, stop_rx));
+    Harness {
+        fake,
+        tx,
+        status,
+        health,
+        _stop: stop,
+    }
+}
+
+impl Harness {
+    async fn wait_syncs(&mut self, n: u64) -> EngineStatus {
+        tokio::time::timeout(Duration::from_secs(10), self.status.wait_for(|s| s.syncs >= n))
+            .await
+            .expect("sync happened")
+            .unwrap()
+            .clone()
+    }
+    fn calls(&self) -> Vec<Recorded> {
+        self.fake.calls.lock().unwrap().clone()
+    }
+}
+
+fn saves(calls: &[Recorded]) -> usize {
+    calls.iter().filter(|c| matches!(c, Recorded::Save(_))).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_is_written_before_every_initial_list_completes() {
+    let mut h = start();
+    let mut state = ClusterState::default();
+    state
+        .services
+        .insert(ObjectName::new("ns", "a"), service("a", "10.96.0.1"));
+    h.tx.send(SourceEvent::Snapshot(state)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        h.calls().is_empty(),
+        "no kernel access before Synced: {:?}",
+        h.calls()
+    );
+    h.tx.send(SourceEvent::Synced).await.unwrap();
+    h.wait_syncs(1).await;
+    let restores = h.fake.restores();
+    assert_eq!(restores.len(), 1);
+    assert!(restores[0].contains("ns/a"), "{}", restores[0]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_sync_is_full_later_ones_partial_and_a_failure_escalates_to_full() {
+    let mut h = start();
+    h.tx.send(SourceEvent::Services(Delta::Apply(service("a", "10.96.0.1"))))
+        .await
+        .unwrap();
+    h.tx.send(SourceEvent::EndpointSlices(Delta::Apply(slice(
+        "a",
+        &["10.244.0.1"],
+    ))))
+    .await
+    .unwrap();
+    h.tx.send(SourceEvent::Synced).await.unwrap();
+    h.wait_syncs(1).await;
+    assert_eq!(
+        saves(&h.calls()),
+        1,
+        "a full sync reads the kernel once, to collect leftovers"
+    );
+
+    // An endpoint change is a partial sync: no kernel listing, and only the changed service's chains.
+    h.tx.send(SourceEvent::EndpointSlices(Delta::Apply(slice(
+        "a",
+        &["10.244.0.1", "10.244.0.2"],
+    ))))
+    .await
+    .unwrap();
+    h.wait_syncs(2).await;
+    assert_eq!(saves(&h.calls()), 1, "partial sync never lists the kernel");
+    let partial = h.fake.restores().last().unwrap().clone();
+    assert!(partial.contains("10.244.0.2:8080"), "{partial}");
+
+    // The kernel refuses the next transaction: the engine retries at once with a full sync, not the same one.
+    h.fake.fail_restores.lock().unwrap().push(ExecError::Failed {
+        program: "iptables-restore".into(),
+        status: "exit status: 1".into(),
+        stderr: "iptables-restore: line 3 failed".into(),
+    });
+    h.tx.send(SourceEvent::Services(Delta::Apply(service("b", "10.96.0.2"))))
+        .await
+        .unwrap();
+    let failed = h.wait_syncs(3).await;
+    assert!(
+        failed.last_error.as_deref().is_some_and(|e| e.contains("line 3")),
+        "{failed:?}"
+    );
+    let ok = h.wait_syncs(4).await;
+    assert_eq!(ok.last_error, None);
+    assert_eq!(saves(&h.calls()), 2, "the retry was a full sync");
+    assert!(h.fake.restores().last().unwrap().contains("ns/b"));
+    assert!(h.health.status().healthy);
+}
