@@ -102,10 +102,8 @@ pub fn partial_payload(prev: &Ruleset, next: &Ruleset, missing_jumps: &[JumpRule
         let mut delete = Vec::new();
         for (name, before, after) in merge_join(&prev.table(table).chains, &next.table(table).chains) {
             match (before, after) {
-                (_, Some(chain)) => {
-                    if before != Some(chain) || jumps.iter().any(|j| j.target == name) {
-                        write.push((name, chain));
-                    }
+                (_, Some(chain)) if before != Some(chain) || jumps.iter().any(|j| j.target == name) => {
+                    write.push((name, chain));
                 }
                 // A shared chain that disappears (only KUBE-FIREWALL can, and kubelet keeps using it) is left
                 // alone.

@@ -16,6 +16,7 @@ pub mod protocol;
 pub mod service;
 pub mod service_port_name;
 pub mod topology;
+pub mod trace;
 
 pub use cluster_state::ClusterState;
 pub use endpoint::EndpointInfo;
