@@ -438,3 +438,65 @@ fn payload_line_lookup() {
     assert_eq!(end.len(), 4);
     assert_eq!(payload.text.lines().count(), payload.line_count);
 }
+
+#[test]
+fn ipv6_family() {
+    use svcproxy_model::intent::build_intent;
+    use svcproxy_model::{IntentConfig, IpFamily};
+    let mut svc = service(
+        "v6",
+        "web",
+        ServiceType::NodePort,
+        "fd00:96::10",
+        vec![port("http", Protocol::Tcp, 80, Some(30080))],
+    );
+    svc.cluster_ips.insert(0, ip("10.96.0.10"));
+    let mut sl = slice(
+        "v6",
+        "web-1",
+        "web",
+        &[("http", Protocol::Tcp, 8080)],
+        vec![ep("fd00:10::5", "node-b")],
+    );
+    sl.address_family = Some(IpFamily::V6);
+    let intent = build_intent(
+        &state(vec![svc], vec![sl]),
+        &IntentConfig {
+            family: IpFamily::V6,
+            node_name: NODE.into(),
+        },
+    );
+    let cfg = RenderConfig {
+        family: IpFamily::V6,
+        localhost_node_ports: true,
+        local_detector: LocalDetector::Cidrs(vec![net("10.244.0.0/16"), net("fd00:10::/64")]),
+        ..RenderConfig::default()
+    };
+    let r = render(&intent, &cfg);
+    let services = lines(&r, "nat", KUBE_SERVICES);
+    assert_eq!(
+        services,
+        [
+            r#"-A KUBE-SERVICES -m comment --comment "v6/web:http cluster IP" -m tcp -p tcp -d fd00:96::10 --dport 80 -j KUBE-SVC-MZQI2OEBPJK52I3H"#,
+            r#"-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS"#,
+        ]
+    );
+    let svc_chain = lines(&r, "nat", "KUBE-SVC-MZQI2OEBPJK52I3H");
+    assert!(
+        svc_chain[0].ends_with("--dport 80 ! -s fd00:10::/64 -j KUBE-MARK-MASQ"),
+        "{}",
+        svc_chain[0]
+    );
+    let sep = r
+        .nat
+        .chains
+        .iter()
+        .find(|(n, _)| n.starts_with("KUBE-SEP-"))
+        .unwrap()
+        .1;
+    assert!(sep.lines()[0].contains("-s fd00:10::5 -j KUBE-MARK-MASQ"));
+    assert!(sep.lines()[1].ends_with("-j DNAT --to-destination [fd00:10::5]:8080"));
+    // No localhost NodePorts and no anti-martian chain for IPv6.
+    assert!(r.filter.chain("KUBE-FIREWALL").is_none());
+    assert_eq!(jump_rules(&cfg).len(), 12);
+}

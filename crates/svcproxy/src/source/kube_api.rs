@@ -70,10 +70,12 @@ struct Readiness {
     announced: bool,
 }
 
+/// One event from any of the three watches. Boxed: the Node variant is several times larger than the others
+/// and the stream moves every item.
 enum Item {
-    Service(Result<Event<core::Service>, watcher::Error>),
-    Slice(Result<Event<discovery::EndpointSlice>, watcher::Error>),
-    Node(Result<Event<core::Node>, watcher::Error>),
+    Service(Box<Result<Event<core::Service>, watcher::Error>>),
+    Slice(Box<Result<Event<discovery::EndpointSlice>, watcher::Error>>),
+    Node(Box<Result<Event<core::Node>, watcher::Error>>),
 }
 
 /// Watches until the receiver goes away. Watch errors are retried with kube's default backoff.
@@ -81,14 +83,14 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     let cfg = watcher::Config::default().labels(&proxy_label_selector());
     let services = watcher::watcher(Api::<core::Service>::all(client.clone()), cfg.clone())
         .default_backoff()
-        .map(Item::Service);
+        .map(|e| Item::Service(Box::new(e)));
     let slices = watcher::watcher(Api::<discovery::EndpointSlice>::all(client.clone()), cfg)
         .default_backoff()
-        .map(Item::Slice);
+        .map(|e| Item::Slice(Box::new(e)));
     let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let nodes = watcher::watcher(Api::<core::Node>::all(client), node_cfg)
         .default_backoff()
-        .map(Item::Node);
+        .map(|e| Item::Node(Box::new(e)));
     let mut items = futures::stream::select(futures::stream::select(services, slices), nodes).boxed();
 
     let mut ready = Readiness::default();
@@ -100,7 +102,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     while let Some(item) = items.next().await {
         let event = match item {
             Item::Service(ev) => on_event(
-                ev,
+                *ev,
                 "Service",
                 |o| convert::service(o, "default"),
                 &mut svc_buf,
@@ -109,7 +111,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             )
             .map(SourceEvent::Services),
             Item::Slice(ev) => on_event(
-                ev,
+                *ev,
                 "EndpointSlice",
                 |o| convert::endpoint_slice(o, "default"),
                 &mut slice_buf,
@@ -117,7 +119,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                 &mut ready.slices,
             )
             .map(SourceEvent::EndpointSlices),
-            Item::Node(ev) => match ev {
+            Item::Node(ev) => match *ev {
                 Ok(Event::Init) => {
                     node_buf = None;
                     None

@@ -204,8 +204,8 @@ impl<P: Proxier> Engine<P> {
         self.health.updated();
         // Failure counters exist from the start at zero, so alerts on their rate work before the first failure.
         let labels = self.family_labels();
-        self.metrics.restore_failures.get_or_create(&labels);
-        self.metrics.partial_restore_failures.get_or_create(&labels);
+        let _ = self.metrics.restore_failures.get_or_create(&labels);
+        let _ = self.metrics.partial_restore_failures.get_or_create(&labels);
         loop {
             let deadline = self.next_deadline(Instant::now());
             let sleep = async {

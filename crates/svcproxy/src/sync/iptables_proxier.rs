@@ -111,11 +111,11 @@ impl Proxier for IptablesProxier {
             }
         };
         let lines = payload.line_count;
-        if lines > 0 {
-            if let Err(e) = self.cmds.restore(&payload.text) {
-                self.applied = None;
-                return Err(Self::refused(e, &payload));
-            }
+        if lines > 0
+            && let Err(e) = self.cmds.restore(&payload.text)
+        {
+            self.applied = None;
+            return Err(Self::refused(e, &payload));
         }
         self.applied = Some(next);
         Ok(SyncReport {
