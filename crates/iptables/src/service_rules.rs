@@ -1,8 +1,8 @@
 //! The rules of one service port, computed on their own so a sync can reuse the result for every service port
 //! whose intent did not change.
 //!
-//! Rule shapes, texts and order follow upstream's generator (research notes §3), so chains written by either
-//! proxy look the same; the comments below say which upstream behaviour each part reproduces.
+//! Rule shapes, texts and order follow upstream's generator, so chains written by either proxy look the
+//! same; the comments below say which upstream behaviour each part reproduces.
 
 use std::fmt::Display;
 

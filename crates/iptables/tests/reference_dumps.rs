@@ -90,7 +90,7 @@ fn every_dump_parses_and_reprints() {
     }
 }
 
-/// The brief's name check, with the intent built by hand.
+/// Chain names for the `clusterip-basic` scenario, with the intent built by hand rather than from YAML.
 #[test]
 fn clusterip_basic_chain_names_match_upstream() {
     use Protocol::*;

@@ -1,4 +1,4 @@
-//! Rendering against hand-checked expectations: the worked example of the research notes, snapshots of a
+//! Rendering against hand-checked expectations: a worked example of one NodePort service, snapshots of a
 //! payload covering every rule shape, and large-cluster mode.
 
 mod common;
@@ -31,7 +31,8 @@ fn lines(ruleset: &Ruleset, table: &str, chain: &str) -> Vec<String> {
         .to_vec()
 }
 
-/// The research notes' worked example (§3.15), minus the nfacct-counted rules we never write.
+/// One NodePort service with two endpoints, line by line as upstream writes it (minus the nfacct-counted rule,
+/// which we never write).
 #[test]
 fn worked_example() {
     let svc = service(
