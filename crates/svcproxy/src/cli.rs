@@ -33,6 +33,23 @@ pub enum ProxyMode {
     Nftables,
 }
 
+/// How traffic from this node's pods is recognised (upstream `--detect-local-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DetectLocalMode {
+    /// Sources inside `--cluster-cidr`.
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    /// Sources inside the Node's `spec.podCIDRs`.
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
+    /// Packets arriving on `--pod-bridge-interface`.
+    #[value(name = "BridgeInterface")]
+    BridgeInterface,
+    /// Packets arriving on interfaces named `--pod-interface-name-prefix`*.
+    #[value(name = "InterfaceNamePrefix")]
+    InterfaceNamePrefix,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -70,6 +87,28 @@ pub struct RunArgs {
     /// The fwmark bit (0-31) that marks packets to be masqueraded.
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
     pub iptables_masquerade_bit: u8,
+
+    /// How to tell pod traffic from other traffic (only pod traffic keeps its source when it reaches a ClusterIP).
+    #[arg(long, value_enum, default_value = "ClusterCIDR")]
+    pub detect_local_mode: DetectLocalMode,
+
+    /// The bridge pods are attached to, with --detect-local-mode=BridgeInterface.
+    #[arg(long, value_name = "IFACE")]
+    pub pod_bridge_interface: Option<String>,
+
+    /// The name prefix of pod interfaces, with --detect-local-mode=InterfaceNamePrefix.
+    #[arg(long, value_name = "PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
+
+    /// Node addresses that accept NodePort connections: comma-separated CIDRs, or `primary` for the Node's
+    /// primary address. Default: every local address.
+    #[arg(long, value_delimiter = ',', value_name = "CIDRS|primary")]
+    pub nodeport_addresses: Vec<String>,
+
+    /// Also accept NodePort connections on 127.0.0.0/8. Off by default: it needs route_localnet, which lets
+    /// martian packets reach localhost services (CVE-2020-8558); a guard rule is written when it is on.
+    #[arg(long)]
+    pub iptables_localhost_nodeports: bool,
 
     /// Where /healthz and /livez are served.
     #[arg(long, default_value = "0.0.0.0:10256")]

@@ -7,5 +7,6 @@ pub mod exec;
 pub mod health;
 pub mod http_server;
 pub mod metrics;
+pub mod node_addresses;
 pub mod source;
 pub mod sync;

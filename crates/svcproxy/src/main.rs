@@ -9,9 +9,10 @@ use svcproxy::exec::iptables::SystemIptables;
 use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
+use svcproxy::node_addresses::SystemAddresses;
 use svcproxy::source::{self, manifest_dir::ManifestDir};
 use svcproxy::sync::engine::{Engine, EngineConfig};
-use svcproxy::sync::iptables_proxier::IptablesProxier;
+use svcproxy::sync::iptables_proxier::{IptablesProxier, ProxierOptions};
 use svcproxy_model::{IntentConfig, IpFamily};
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
@@ -88,13 +89,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
+    let options = ProxierOptions::from_args(&args, family)?;
     let proxier = IptablesProxier::new(
         Box::new(SystemIptables::new(family)),
+        Box::new(SystemAddresses),
         IntentConfig {
             family,
             node_name: node,
         },
-        svcproxy::sync::iptables_proxier::render_config(&args, family),
+        options,
     );
     let engine = Engine::new(
         proxier,

@@ -7,9 +7,10 @@ use std::time::Duration;
 use svcproxy::exec::iptables::{ExecError, Recorded, RecordingIptables};
 use svcproxy::health::ProxyHealth;
 use svcproxy::metrics::Metrics;
+use svcproxy::node_addresses::{FixedAddresses, NodePortSpec};
 use svcproxy::source::{Delta, SourceEvent};
 use svcproxy::sync::engine::{Engine, EngineConfig, EngineStatus};
-use svcproxy::sync::iptables_proxier::IptablesProxier;
+use svcproxy::sync::iptables_proxier::{DetectLocal, IptablesProxier, ProxierOptions};
 use svcproxy_iptables::config::RenderConfig;
 use svcproxy_model::{
     ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentConfig, IpFamily, ObjectName, Protocol,
@@ -58,13 +59,19 @@ struct Harness {
 
 fn start() -> Harness {
     let fake = RecordingIptables::default();
+    let options = ProxierOptions {
+        base: RenderConfig::default(),
+        detect_local: DetectLocal::None,
+        nodeport_addresses: NodePortSpec::All,
+    };
     let proxier = IptablesProxier::new(
         Box::new(fake.clone()),
+        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
         IntentConfig {
             family: IpFamily::V4,
             node_name: "node-a".into(),
         },
-        RenderConfig::default(),
+        options,
     );
     let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
     let config = EngineConfig {

@@ -1,0 +1,321 @@
+//! Every Service behaviour on a real kernel with real traffic: NodePorts, externalIPs, load-balancer IPs with
+//! source ranges, the Local traffic policies, session affinity and the terminating fallback.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{Svcproxy, TempDir};
+use svcproxy_testkit::{Backend, Lab, Pod, spread, tcp_request, udp_request, wait_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+const T: Duration = Duration::from_secs(2);
+const EXTERNAL: &str = "10.0.0.20";
+
+/// One endpoint of the test service: its pod address, the node it claims to run on, and its conditions.
+struct Ep {
+    ip: &'static str,
+    node: &'static str,
+    conditions: &'static str,
+}
+
+const fn ready(ip: &'static str, node: &'static str) -> Ep {
+    Ep {
+        ip,
+        node,
+        conditions: "{ready: true}",
+    }
+}
+
+/// A Service named `svc` in namespace `t` with one TCP and one UDP port, and its slice.
+fn manifest(spec_extra: &str, status: &str, eps: &[Ep]) -> String {
+    let endpoints: String = eps
+        .iter()
+        .map(|e| {
+            format!(
+                "- addresses: [{}]\n  conditions: {}\n  nodeName: {}\n",
+                e.ip, e.conditions, e.node
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: svc, namespace: t}}
+spec:
+  clusterIP: 10.96.0.50
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30053}}
+{spec_extra}
+{status}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: svc-1
+  namespace: t
+  labels: {{kubernetes.io/service-name: svc}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+{endpoints}"
+    )
+}
+
+struct Setup {
+    lab: Lab,
+    pods: Vec<Pod>,
+    _backends: Vec<Backend>,
+    client: Pod,
+    dir: TempDir,
+    proxy: Svcproxy,
+}
+
+fn setup(manifest_text: &str) -> Setup {
+    let lab = Lab::new();
+    let pods: Vec<Pod> = (11..=12)
+        .map(|i| lab.add_pod(&format!("pod{i}"), Ipv4Addr::new(10, 244, 0, i)))
+        .collect();
+    let backends = pods
+        .iter()
+        .map(|p| Backend::start(p.ns(), p.name(), &[8080], &[5353]))
+        .collect();
+    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+    // The outside host reaches the example external and load-balancer ranges through the node, as a router would.
+    for net in ["192.0.2.0/24", "198.51.100.0/24"] {
+        lab.external()
+            .exec(&["ip", "route", "add", net, "via", "10.0.0.10"])
+            .unwrap();
+    }
+    let dir = TempDir::new("svc");
+    dir.write("svc.yaml", manifest_text);
+    let proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    Setup {
+        lab,
+        pods,
+        _backends: backends,
+        client,
+        dir,
+        proxy,
+    }
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+fn ids(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+impl Setup {
+    fn wait_for(&mut self, what: &str, mut f: impl FnMut(&Setup) -> bool) {
+        wait_until(WAIT, POLL, what, || {
+            self.proxy.assert_running();
+            f(self).then_some(())
+        });
+    }
+}
+
+fn reachable_from(ns: &svcproxy_testkit::NetNs, to: SocketAddr) -> BTreeSet<String> {
+    spread(ns, to, 24).into_keys().collect()
+}
+
+#[test]
+fn node_port_from_outside_is_masqueraded_and_spread() {
+    let mut s = setup(&manifest(
+        "  type: NodePort",
+        "",
+        &[ready("10.244.0.11", "node-b"), ready("10.244.0.12", "node-b")],
+    ));
+    let np = addr("10.0.0.10", 30080);
+    s.wait_for("the NodePort spreads over both pods", |s| {
+        reachable_from(s.lab.external(), np) == ids(&["pod11", "pod12"])
+    });
+    let reply = tcp_request(s.lab.external(), np, T).unwrap();
+    assert_ne!(
+        reply.seen_source.ip().to_string(),
+        EXTERNAL,
+        "eTP=Cluster masquerades external clients"
+    );
+    let reply = udp_request(s.lab.external(), addr("10.0.0.10", 30053), T).unwrap();
+    assert!(reply.identity.starts_with("pod"), "UDP NodePort: {reply:?}");
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_source_and_drops_without_local_endpoints() {
+    let spec = "  type: NodePort\n  externalTrafficPolicy: Local";
+    let mut s = setup(&manifest(
+        spec,
+        "",
+        &[ready("10.244.0.11", "node-a"), ready("10.244.0.12", "node-b")],
+    ));
+    let np = addr("10.0.0.10", 30080);
+    s.wait_for("only the local pod answers on the NodePort", |s| {
+        reachable_from(s.lab.external(), np) == ids(&["pod11"])
+    });
+    let reply = tcp_request(s.lab.external(), np, T).unwrap();
+    assert_eq!(
+        reply.seen_source.ip().to_string(),
+        EXTERNAL,
+        "eTP=Local preserves the client address"
+    );
+    // Pods use the cluster-wide set through the ClusterIP.
+    assert_eq!(
+        reachable_from(s.client.ns(), addr("10.96.0.50", 80)),
+        ids(&["pod11", "pod12"])
+    );
+
+    // No local endpoint left: external traffic is dropped on this node (the load balancer's health check
+    // takes the node out), while cluster traffic still flows.
+    s.dir
+        .write("svc.yaml", &manifest(spec, "", &[ready("10.244.0.12", "node-b")]));
+    s.wait_for("the NodePort drops", |s| {
+        tcp_request(s.lab.external(), np, T).is_err()
+    });
+    assert!(matches!(
+        tcp_request(s.lab.external(), np, T),
+        Err(svcproxy_testkit::ClientError::Timeout)
+    ));
+    assert_eq!(
+        reachable_from(s.client.ns(), addr("10.96.0.50", 80)),
+        ids(&["pod12"])
+    );
+}
+
+#[test]
+fn load_balancer_ip_honours_source_ranges() {
+    let spec = |range: &str| format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [{range}]");
+    let status = "status:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.10";
+    let eps = [ready("10.244.0.11", "node-b")];
+    let mut s = setup(&manifest(&spec("10.0.0.0/24"), status, &eps));
+    let lb = addr("192.0.2.10", 80);
+    s.wait_for("an allowed client reaches the LB IP", |s| {
+        tcp_request(s.lab.external(), lb, T).is_ok()
+    });
+
+    s.dir
+        .write("svc.yaml", &manifest(&spec("203.0.113.0/24"), status, &eps));
+    s.wait_for("a client outside the ranges is dropped", |s| {
+        matches!(
+            tcp_request(s.lab.external(), lb, T),
+            Err(svcproxy_testkit::ClientError::Timeout)
+        )
+    });
+    // Source ranges do not apply to the NodePort, as upstream decided.
+    assert!(tcp_request(s.lab.external(), addr("10.0.0.10", 30080), T).is_ok());
+}
+
+#[test]
+fn external_ips_reach_the_endpoints() {
+    let spec = "  externalIPs: [198.51.100.5]";
+    let mut s = setup(&manifest(spec, "", &[ready("10.244.0.11", "node-b")]));
+    let eip = addr("198.51.100.5", 80);
+    s.wait_for("the external IP answers", |s| {
+        tcp_request(s.lab.external(), eip, T).is_ok_and(|r| r.identity == "pod11")
+    });
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_only_local_endpoints() {
+    let spec = "  internalTrafficPolicy: Local";
+    let mut s = setup(&manifest(
+        spec,
+        "",
+        &[ready("10.244.0.11", "node-a"), ready("10.244.0.12", "node-b")],
+    ));
+    let vip = addr("10.96.0.50", 80);
+    s.wait_for("only the local pod answers", |s| {
+        reachable_from(s.client.ns(), vip) == ids(&["pod11"])
+    });
+
+    s.dir
+        .write("svc.yaml", &manifest(spec, "", &[ready("10.244.0.12", "node-b")]));
+    s.wait_for("no local endpoint: dropped, not refused", |s| {
+        matches!(
+            tcp_request(s.client.ns(), vip, T),
+            Err(svcproxy_testkit::ClientError::Timeout)
+        )
+    });
+}
+
+#[test]
+fn client_ip_affinity_keeps_one_backend() {
+    let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}";
+    let mut s = setup(&manifest(
+        spec,
+        "",
+        &[ready("10.244.0.11", "node-b"), ready("10.244.0.12", "node-b")],
+    ));
+    let vip = addr("10.96.0.50", 80);
+    s.wait_for("the service answers", |s| {
+        tcp_request(s.client.ns(), vip, T).is_ok()
+    });
+    let seen = spread(s.client.ns(), vip, 30);
+    assert_eq!(seen.len(), 1, "one client sticks to one backend: {seen:?}");
+    // A different client may land elsewhere, but sticks too.
+    let other = spread(s.pods[0].ns(), vip, 20);
+    assert_eq!(other.len(), 1, "{other:?}");
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+    let terminating = "{ready: false, serving: true, terminating: true}";
+    let eps = [
+        Ep {
+            ip: "10.244.0.11",
+            node: "node-b",
+            conditions: terminating,
+        },
+        ready("10.244.0.12", "node-b"),
+    ];
+    let mut s = setup(&manifest("", "", &eps));
+    let vip = addr("10.96.0.50", 80);
+    s.wait_for("only the ready pod answers", |s| {
+        reachable_from(s.client.ns(), vip) == ids(&["pod12"])
+    });
+
+    // The ready pod is gone: the terminating one still serves rather than the service going dark.
+    s.dir.write(
+        "svc.yaml",
+        &manifest(
+            "",
+            "",
+            &[Ep {
+                ip: "10.244.0.11",
+                node: "node-b",
+                conditions: terminating,
+            }],
+        ),
+    );
+    s.wait_for("the terminating pod takes over", |s| {
+        reachable_from(s.client.ns(), vip) == ids(&["pod11"])
+    });
+
+    // Not serving either: nothing can take traffic, so connections are refused.
+    let gone = "{ready: false, serving: false, terminating: true}";
+    s.dir.write(
+        "svc.yaml",
+        &manifest(
+            "",
+            "",
+            &[Ep {
+                ip: "10.244.0.11",
+                node: "node-b",
+                conditions: gone,
+            }],
+        ),
+    );
+    s.wait_for("refused", |s| {
+        matches!(
+            tcp_request(s.client.ns(), vip, T),
+            Err(svcproxy_testkit::ClientError::Refused)
+        )
+    });
+}
