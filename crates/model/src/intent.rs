@@ -11,8 +11,8 @@ use serde::Serialize;
 use crate::endpoint::endpoints_for_port;
 use crate::topology::{Categorized, SelectionNeeds, categorize};
 use crate::{
-    ClusterState, EndpointSlice, IpFamily, Service, ServicePortName, ServiceType, SessionAffinity,
-    TrafficPolicy,
+    ClusterState, EndpointSlice, IpFamily, ObjectName, Service, ServicePortName, ServiceType,
+    SessionAffinity, TrafficPolicy,
 };
 
 /// Node-level inputs to intent building that do not come from the API objects.
@@ -101,7 +101,33 @@ pub struct Intent {
     pub service_ports: BTreeMap<ServicePortName, ServicePortIntent>,
 }
 
+/// A Service's health-check node port and how many ready endpoints it has on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    pub local_ready_endpoints: usize,
+}
+
 impl Intent {
+    /// Every Service with a health-check node port (LoadBalancer with externalTrafficPolicy Local). A Service
+    /// with several ports reports its best-served port: load balancers probe the node, not a port.
+    pub fn health_checks(&self) -> BTreeMap<ObjectName, HealthCheck> {
+        let mut out: BTreeMap<ObjectName, HealthCheck> = BTreeMap::new();
+        for spi in self.service_ports.values() {
+            let Some(node_port) = spi.health_check_node_port else {
+                continue;
+            };
+            let count = spi.local_ready_endpoints();
+            out.entry(spi.name.service.clone())
+                .and_modify(|h| h.local_ready_endpoints = h.local_ready_endpoints.max(count))
+                .or_insert(HealthCheck {
+                    node_port,
+                    local_ready_endpoints: count,
+                });
+        }
+        out
+    }
+
     /// Sum of all endpoints of all service ports (upstream's large-cluster threshold input).
     pub fn total_endpoints(&self) -> usize {
         self.service_ports.values().map(|s| s.total_endpoints).sum()

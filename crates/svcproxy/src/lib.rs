@@ -8,5 +8,6 @@ pub mod health;
 pub mod http_server;
 pub mod metrics;
 pub mod node_addresses;
+pub mod service_health;
 pub mod source;
 pub mod sync;

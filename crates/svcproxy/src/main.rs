@@ -10,6 +10,7 @@ use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
 use svcproxy::node_addresses::SystemAddresses;
+use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, manifest_dir::ManifestDir};
 use svcproxy::sync::engine::{Engine, EngineConfig};
 use svcproxy::sync::iptables_proxier::{IptablesProxier, ProxierOptions};
@@ -106,9 +107,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             sync_period: args.sync_period,
             ..Default::default()
         },
-        health,
-        metrics,
+        health.clone(),
+        metrics.clone(),
     );
+    tokio::spawn(ServiceHealthServers::new(health, metrics).run(engine.status()));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;

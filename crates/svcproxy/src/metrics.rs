@@ -53,6 +53,7 @@ pub struct Metrics {
     pub rejected_objects: Counter,
     pub programmed_service_ports: Family<FamilyLabels, Gauge>,
     pub payload_lines: Family<FamilyLabels, Gauge>,
+    pub health_check_bind_failures: Counter,
 }
 
 impl Metrics {
@@ -74,6 +75,7 @@ impl Metrics {
             rejected_objects: Counter::default(),
             programmed_service_ports: Family::default(),
             payload_lines: Family::default(),
+            health_check_bind_failures: Counter::default(),
             registry: Registry::default(),
         };
         {
@@ -151,6 +153,11 @@ impl Metrics {
                 "payload_lines",
                 "Lines in the last transaction sent to the kernel",
                 m.payload_lines.clone(),
+            );
+            own.register(
+                "health_check_node_port_bind_failures",
+                "Health-check node ports that could not be opened",
+                m.health_check_bind_failures.clone(),
             );
         }
         Metrics { registry, ..m }

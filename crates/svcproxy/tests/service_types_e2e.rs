@@ -319,3 +319,45 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
         )
     });
 }
+
+#[test]
+fn health_check_node_port_follows_local_endpoints() {
+    let spec = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000";
+    let status = "status:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.20";
+    let mut s = setup(&manifest(
+        spec,
+        status,
+        &[ready("10.244.0.11", "node-a"), ready("10.244.0.12", "node-b")],
+    ));
+    let hc = addr("10.0.0.10", 32000);
+    let probe = |s: &Setup| svcproxy_testkit::http_get(s.lab.external(), hc, "/", T).ok();
+    s.wait_for("the load balancer's probe sees a local endpoint", |s| {
+        probe(s).is_some_and(|(code, _)| code == 200)
+    });
+    let (_, body) = probe(&s).unwrap();
+    assert!(
+        body.contains("\"localEndpoints\": 1") && body.contains("\"name\": \"svc\""),
+        "{body}"
+    );
+
+    s.dir.write(
+        "svc.yaml",
+        &manifest(spec, status, &[ready("10.244.0.12", "node-b")]),
+    );
+    s.wait_for("503 once the node has no local endpoint", |s| {
+        probe(s).is_some_and(|(code, _)| code == 503)
+    });
+
+    s.dir.write(
+        "svc.yaml",
+        &manifest(spec, status, &[ready("10.244.0.11", "node-a")]),
+    );
+    s.wait_for("200 again", |s| probe(s).is_some_and(|(code, _)| code == 200));
+
+    // The Service stops being eTP=Local: the listener closes.
+    s.dir.write(
+        "svc.yaml",
+        &manifest("  type: LoadBalancer", status, &[ready("10.244.0.11", "node-a")]),
+    );
+    s.wait_for("the listener is closed", |s| probe(s).is_none());
+}

@@ -37,6 +37,8 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineStatus {
     pub syncs: u64,
+    /// The intent of the last successful sync.
+    pub applied: Option<Arc<svcproxy_model::Intent>>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
 }
@@ -270,7 +272,7 @@ impl<P: Proxier> Engine<P> {
             Ok(report) => {
                 tracing::info!(
                     kind,
-                    service_ports = report.service_ports,
+                    service_ports = report.intent.service_ports.len(),
                     payload_lines = report.payload_lines,
                     seconds = elapsed,
                     "synced"
@@ -288,13 +290,14 @@ impl<P: Proxier> Engine<P> {
                 self.metrics
                     .programmed_service_ports
                     .get_or_create(&labels)
-                    .set(report.service_ports as i64);
+                    .set(report.intent.service_ports.len() as i64);
                 self.metrics
                     .payload_lines
                     .get_or_create(&labels)
                     .set(report.payload_lines as i64);
                 self.status.send_modify(|s| {
                     s.syncs += 1;
+                    s.applied = Some(report.intent.clone());
                     s.last_error = None;
                     s.consecutive_failures = 0;
                 });

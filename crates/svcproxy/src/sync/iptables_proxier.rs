@@ -4,9 +4,11 @@
 //! chains); partial syncs diff the new rules against the last applied ones held in memory and send only what
 //! changed, so their cost follows the size of the change, not the size of the cluster.
 
+use std::sync::Arc;
 use svcproxy_iptables::config::{LocalDetector, RenderConfig};
 use svcproxy_iptables::ruleset::Ruleset;
 use svcproxy_iptables::{gc, jumps, payload, render, save_parser};
+
 use svcproxy_model::Node;
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{ClusterState, IntentConfig, IpFamily};
@@ -219,7 +221,7 @@ impl Proxier for IptablesProxier {
         self.applied = Some((next, config));
         Ok(SyncReport {
             full,
-            service_ports: intent.service_ports.len(),
+            intent: Arc::new(intent),
             payload_lines: lines,
         })
     }

@@ -1,13 +1,15 @@
 //! What a backend does for the engine: make the kernel match the cluster state.
 
-use svcproxy_model::{ClusterState, IpFamily};
+use std::sync::Arc;
+
+use svcproxy_model::{ClusterState, Intent, IpFamily};
 
 /// The outcome of one successful sync.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncReport {
     pub full: bool,
-    /// Service ports in the intent that was applied.
-    pub service_ports: usize,
+    /// The intent the kernel now holds.
+    pub intent: Arc<Intent>,
     /// Lines sent to the kernel (0 when nothing had changed).
     pub payload_lines: usize,
 }

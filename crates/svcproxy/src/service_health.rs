@@ -1,0 +1,140 @@
+//! Health-check node ports: for each LoadBalancer Service with externalTrafficPolicy Local, an HTTP server on
+//! its `healthCheckNodePort` that tells the cloud load balancer whether this node has a ready endpoint of it.
+//! Listeners follow the applied intent: they open when a Service gains a port and close when it goes.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use svcproxy_model::ObjectName;
+use svcproxy_model::intent::HealthCheck;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::health::ProxyHealth;
+use crate::metrics::Metrics;
+use crate::sync::engine::EngineStatus;
+
+#[derive(Clone)]
+struct ListenerState {
+    service: ObjectName,
+    local_endpoints: Arc<AtomicUsize>,
+    health: Arc<ProxyHealth>,
+}
+
+struct Listener {
+    port: u16,
+    local_endpoints: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(State(s): State<ListenerState>) -> Response {
+    let count = s.local_endpoints.load(Ordering::Relaxed);
+    let healthy = s.health.status().healthy;
+    let status = if count > 0 && healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    // Upstream's body, tab-indented, so tooling that parses it keeps working.
+    let body = format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {:?},\n\t\t\"name\": {:?}\n\t}},\n\t\"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {healthy}\n}}",
+        s.service.namespace, s.service.name
+    );
+    let mut r = (status, body).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert("X-Content-Type-Options", HeaderValue::from_static("nosniff"));
+    r
+}
+
+/// Owns the listeners.
+pub struct ServiceHealthServers {
+    bind_ip: Ipv4Addr,
+    health: Arc<ProxyHealth>,
+    metrics: Arc<Metrics>,
+    listeners: BTreeMap<ObjectName, Listener>,
+}
+
+impl ServiceHealthServers {
+    pub fn new(health: Arc<ProxyHealth>, metrics: Arc<Metrics>) -> Self {
+        ServiceHealthServers {
+            bind_ip: Ipv4Addr::UNSPECIFIED,
+            health,
+            metrics,
+            listeners: BTreeMap::new(),
+        }
+    }
+
+    /// Brings the listeners in line with `desired`. A port that cannot be bound is reported and retried on the
+    /// next update; it never affects the other listeners.
+    pub async fn update(&mut self, desired: &BTreeMap<ObjectName, HealthCheck>) {
+        self.listeners
+            .retain(|name, l| desired.get(name).is_some_and(|hc| hc.node_port == l.port));
+        for (name, hc) in desired {
+            if let Some(l) = self.listeners.get(name) {
+                l.local_endpoints
+                    .store(hc.local_ready_endpoints, Ordering::Relaxed);
+                continue;
+            }
+            let addr = SocketAddr::from((self.bind_ip, hc.node_port));
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let local_endpoints = Arc::new(AtomicUsize::new(hc.local_ready_endpoints));
+                    let state = ListenerState {
+                        service: name.clone(),
+                        local_endpoints: local_endpoints.clone(),
+                        health: self.health.clone(),
+                    };
+                    let router = Router::new().fallback(answer).with_state(state);
+                    let task = tokio::spawn(async move {
+                        let _ = axum::serve(listener, router).await;
+                    });
+                    tracing::info!(service = %name, port = hc.node_port, "health-check node port open");
+                    self.listeners.insert(
+                        name.clone(),
+                        Listener {
+                            port: hc.node_port,
+                            local_endpoints,
+                            task,
+                        },
+                    );
+                }
+                Err(e) => {
+                    self.metrics.health_check_bind_failures.inc();
+                    tracing::error!(
+                        service = %name,
+                        port = hc.node_port,
+                        "cannot open the health-check node port: {e}; retrying after the next sync"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Follows the engine: every applied intent updates the listeners.
+    pub async fn run(mut self, mut status: watch::Receiver<EngineStatus>) {
+        loop {
+            let applied = status.borrow_and_update().applied.clone();
+            if let Some(intent) = applied {
+                self.update(&intent.health_checks()).await;
+            }
+            if status.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+}
