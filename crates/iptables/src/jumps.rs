@@ -122,7 +122,15 @@ impl JumpRule {
     /// declaration order therefore reproduces upstream's order on a clean host, where each was inserted at the
     /// top in turn.
     pub fn insert_line(&self) -> String {
-        let mut line = Line::insert_first(self.chain);
+        self.line(Line::insert_first(self.chain))
+    }
+
+    /// The same rule as `iptables-save` lists it once inserted: `-A CHAIN …`.
+    pub fn append_line(&self) -> String {
+        self.line(Line::append(self.chain))
+    }
+
+    fn line(&self, mut line: Line) -> String {
         if !self.match_args.is_empty() {
             line = line.args(self.match_args);
         }

@@ -8,8 +8,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::chain_name::is_owned_service_chain;
+use crate::gc::GcPlan;
 use crate::jumps::JumpRule;
 use crate::ruleset::{Chain, ChainName, Ruleset, TableName};
+use crate::save_parser::{SavedRule, quote_arg};
 
 /// One restore input and what it does.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -21,6 +23,8 @@ pub struct Payload {
     pub chains_deleted: usize,
     /// `-A` and `-I` lines.
     pub rules_written: usize,
+    /// `-D` lines.
+    pub rules_deleted: usize,
 }
 
 impl Payload {
@@ -54,11 +58,16 @@ struct Section<'a> {
     write: Vec<(&'a str, &'a Chain)>,
     delete: Vec<&'a str>,
     jumps: Vec<&'a JumpRule>,
+    /// Rules of chains we do not rewrite that must go before chains are deleted or jumps re-inserted.
+    delete_rules: Vec<&'a SavedRule>,
 }
 
 impl Section<'_> {
     fn is_empty(&self) -> bool {
-        self.write.is_empty() && self.delete.is_empty() && self.jumps.is_empty()
+        self.write.is_empty()
+            && self.delete.is_empty()
+            && self.jumps.is_empty()
+            && self.delete_rules.is_empty()
     }
 }
 
@@ -67,10 +76,22 @@ impl Section<'_> {
 /// Only owned-pattern chains absent from `next` are deleted from `stale_chains`; anything else in that list
 /// is ignored, so a mistaken caller cannot delete a chain we are about to write or one we do not own.
 pub fn full_payload(next: &Ruleset, stale_chains: &[String], missing_jumps: &[JumpRule]) -> Payload {
+    let plan = GcPlan {
+        delete_chains: stale_chains.to_vec(),
+        delete_rules: Vec::new(),
+    };
+    full_payload_with_gc(next, &plan, missing_jumps)
+}
+
+/// Rewrites every chain of `next` and carries out `plan`: first the foreign rules that reference what goes
+/// away are deleted, then the stale chains, all in the same transaction, so the kernel never sees a half-done
+/// collection.
+pub fn full_payload_with_gc(next: &Ruleset, plan: &GcPlan, missing_jumps: &[JumpRule]) -> Payload {
     let sections = TableName::ALL.map(|table| {
         let t = next.table(table);
         let delete = if table == TableName::Nat {
-            let unique: BTreeSet<&str> = stale_chains
+            let unique: BTreeSet<&str> = plan
+                .delete_chains
                 .iter()
                 .map(String::as_str)
                 .filter(|name| is_owned_service_chain(name) && !t.chains.contains_key(*name))
@@ -84,6 +105,12 @@ pub fn full_payload(next: &Ruleset, stale_chains: &[String], missing_jumps: &[Ju
             write: t.chains.iter().map(|(n, c)| (&**n, c)).collect(),
             delete,
             jumps: missing_jumps.iter().filter(|j| j.table == table).collect(),
+            delete_rules: plan
+                .delete_rules
+                .iter()
+                .filter(|(t, _)| *t == table)
+                .map(|(_, r)| r)
+                .collect(),
         }
     });
     serialize(&sections)
@@ -116,6 +143,7 @@ pub fn partial_payload(prev: &Ruleset, next: &Ruleset, missing_jumps: &[JumpRule
             write,
             delete,
             jumps,
+            delete_rules: Vec::new(),
         }
     });
     serialize(&sections)
@@ -175,6 +203,11 @@ fn serialize(sections: &[Section<'_>]) -> Payload {
             }
             payload.rules_written += chain.len();
         }
+        for rule in &s.delete_rules {
+            let args: Vec<String> = rule.args.iter().map(|a| quote_arg(a)).collect();
+            w.line(&["-D ", &rule.chain, " ", &args.join(" ")]);
+        }
+        payload.rules_deleted += s.delete_rules.len();
         for jump in &s.jumps {
             w.line(&[&jump.insert_line()]);
         }

@@ -1,4 +1,5 @@
-//! Command-line interface. Flag names and defaults follow upstream kube-proxy where the option exists there.
+//! Command-line interface. Flag names and defaults follow upstream kube-proxy where the option exists there;
+//! the same settings can come from a KubeProxyConfiguration file (`--config`, see [`crate::config_file`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,8 +57,20 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, clap::Args)]
+// PartialEq: a configuration written with --write-config-to must read back to the same arguments, and the
+// tests say so by comparing them.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct RunArgs {
+    /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1), as kube-proxy's --config takes it.
+    /// Flags given on the command line override what it says.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Write the effective configuration (the file and the flags merged) to FILE as a KubeProxyConfiguration,
+    /// then exit without touching the node.
+    #[arg(long, value_name = "FILE")]
+    pub write_config_to: Option<PathBuf>,
+
     /// Which netfilter backend programs the rules.
     #[arg(long, value_enum, default_value = "iptables")]
     pub proxy_mode: ProxyMode,
@@ -81,7 +94,8 @@ pub struct RunArgs {
     pub cluster_cidr: Vec<IpNet>,
 
     /// Masquerade all traffic sent to Service cluster IPs.
-    #[arg(long)]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_parser = parse_go_bool)]
     pub masquerade_all: bool,
 
     /// The fwmark bit (0-31) that marks packets to be masqueraded.
@@ -107,7 +121,10 @@ pub struct RunArgs {
 
     /// Also accept NodePort connections on 127.0.0.0/8. Off by default: it needs route_localnet, which lets
     /// martian packets reach localhost services (CVE-2020-8558); a guard rule is written when it is on.
-    #[arg(long)]
+    /// (kube-proxy defaults to on; svcproxy does not, and writes `localhostNodePorts` explicitly so the choice
+    /// survives a switch in either direction.)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_parser = parse_go_bool)]
     pub iptables_localhost_nodeports: bool,
 
     /// Where /healthz and /livez are served.
@@ -119,56 +136,165 @@ pub struct RunArgs {
     pub metrics_bind_address: SocketAddr,
 
     /// Minimum interval between syncs: changes arriving faster are batched (e.g. 1s, 500ms, 0 to disable).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, alias = "iptables-min-sync-period", default_value = "1s", value_parser = parse_duration)]
     pub min_sync_period: Duration,
 
     /// Retry interval after a failed sync; a change not programmed within twice this marks the proxy unhealthy.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, alias = "iptables-sync-period", default_value = "30s", value_parser = parse_positive_duration)]
     pub sync_period: Duration,
+
+    /// Connection-tracking entries to allow per CPU core: nf_conntrack_max becomes the larger of this times the
+    /// number of cores and --conntrack-min. 0 leaves nf_conntrack_max as it is.
+    #[arg(long, default_value_t = 32768, value_parser = clap::value_parser!(u32).range(0..=i32::MAX as i64))]
+    pub conntrack_max_per_core: u32,
+
+    /// The least nf_conntrack_max to set, whatever the number of cores.
+    #[arg(long, default_value_t = 131072, value_parser = clap::value_parser!(u32).range(0..=i32::MAX as i64))]
+    pub conntrack_min: u32,
+
+    /// Idle timeout of established TCP connections in the connection-tracking table (0 leaves the kernel's).
+    #[arg(long, default_value = "24h0m0s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+
+    /// How long a TCP entry in CLOSE_WAIT stays in the connection-tracking table (0 leaves the kernel's).
+    #[arg(long, default_value = "1h0m0s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+
+    /// Idle timeout of unreplied UDP flows in the connection-tracking table (0 leaves the kernel's).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Duration,
+
+    /// Idle timeout of UDP flows that have seen replies ("streams") (0 leaves the kernel's).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Duration,
 
     /// Log output format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 
-/// Parses Go-style durations as kube-proxy's flags take them: `1s`, `500ms`, `1m30s`, `2h`, `0`.
+/// Parses Go-style durations as kube-proxy's flags and configuration files take them: `1s`, `500ms`, `1m30s`,
+/// `1.5h`, `0`. Exact to the nanosecond (integer arithmetic), so a duration written by [`format_duration`] reads
+/// back unchanged. Negative durations are refused: no setting here has a meaning for them.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
+    let text = s.trim();
+    let unsigned = text.strip_prefix('+').unwrap_or(text);
+    if unsigned.starts_with('-') {
+        return Err(format!("{text:?}: negative durations are not allowed"));
+    }
+    if unsigned == "0" {
         return Ok(Duration::ZERO);
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    if rest.is_empty() {
+    if unsigned.is_empty() {
         return Err("empty duration".into());
     }
+    let mut total: u128 = 0;
+    let mut rest = unsigned;
     while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or(format!("{s:?}: missing unit"))?;
-        let (num, tail) = rest.split_at(digits);
-        let value: f64 = num.parse().map_err(|_| format!("{s:?}: bad number {num:?}"))?;
+        let int_len = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let (int_part, tail) = rest.split_at(int_len);
+        let (frac_part, tail) = match tail.strip_prefix('.') {
+            Some(t) => t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len())),
+            None => ("", tail),
+        };
+        if int_part.is_empty() && frac_part.is_empty() {
+            return Err(format!("{text:?}: expected a number before {tail:?}"));
+        }
         let unit_len = tail
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
-        let secs = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
+        let unit_ns: u128 = match unit {
+            "ns" => 1,
+            // Go accepts both the micro sign and the Greek mu.
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "" => return Err(format!("{text:?}: missing unit (use ns, us, ms, s, m or h)")),
             other => {
                 return Err(format!(
-                    "{s:?}: unknown unit {other:?} (use ns, us, ms, s, m or h)"
+                    "{text:?}: unknown unit {other:?} (use ns, us, ms, s, m or h)"
                 ));
             }
         };
-        total += Duration::from_secs_f64(value * secs);
+        let too_long = || format!("{text:?}: too long");
+        let int: u128 = if int_part.is_empty() {
+            0
+        } else {
+            int_part.parse().map_err(|_| too_long())?
+        };
+        // Digits beyond nanosecond resolution cannot change the result of any unit; dropping them keeps the
+        // arithmetic within u128.
+        let frac_digits = &frac_part[..frac_part.len().min(19)];
+        let frac_value: u128 = if frac_digits.is_empty() {
+            0
+        } else {
+            frac_digits.parse().map_err(|_| too_long())?
+        };
+        let scale = 10u128.pow(frac_digits.len() as u32);
+        total = int
+            .checked_mul(unit_ns)
+            .and_then(|n| n.checked_add(frac_value * unit_ns / scale))
+            .and_then(|n| total.checked_add(n))
+            .ok_or_else(too_long)?;
         rest = tail;
     }
-    Ok(total)
+    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| format!("{text:?}: too long"))?;
+    Ok(Duration::new(secs, (total % 1_000_000_000) as u32))
+}
+
+/// Like [`parse_duration`], for periods that must not be zero.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err(format!("{:?}: must be greater than 0", s.trim())),
+        d => Ok(d),
+    }
+}
+
+/// Formats a duration the way Go's `time.Duration` prints it (`0s`, `500ms`, `1m30s`, `24h0m0s`), which is how
+/// KubeProxyConfiguration files spell durations.
+pub fn format_duration(d: Duration) -> String {
+    // Whole units, then the remainder as a decimal fraction without trailing zeros.
+    fn with_fraction(value: u128, unit: u128, digits: usize) -> String {
+        let whole = value / unit;
+        let frac = value % unit;
+        if frac == 0 {
+            return whole.to_string();
+        }
+        let frac = format!("{frac:0digits$}");
+        format!("{whole}.{}", frac.trim_end_matches('0'))
+    }
+    let ns = d.as_nanos();
+    match ns {
+        0 => "0s".into(),
+        1..1_000 => format!("{ns}ns"),
+        1_000..1_000_000 => format!("{}\u{b5}s", with_fraction(ns, 1_000, 3)),
+        1_000_000..1_000_000_000 => format!("{}ms", with_fraction(ns, 1_000_000, 6)),
+        _ => {
+            let hours = ns / 3_600_000_000_000;
+            let minutes = ns / 60_000_000_000 % 60;
+            let seconds = with_fraction(ns % 60_000_000_000, 1_000_000_000, 9);
+            if hours > 0 {
+                format!("{hours}h{minutes}m{seconds}s")
+            } else if minutes > 0 {
+                format!("{minutes}m{seconds}s")
+            } else {
+                format!("{seconds}s")
+            }
+        }
+    }
+}
+
+/// Parses a boolean flag value the way kube-proxy's (Go) flags do, so `--masquerade-all=false` from an existing
+/// command line means what it meant there.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        other => Err(format!("{other:?} is not a boolean (true or false)")),
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +320,105 @@ mod tests {
         assert_eq!(args.min_sync_period, Duration::from_secs(1));
         assert_eq!(args.sync_period, Duration::from_secs(30));
         assert_eq!(args.iptables_masquerade_bit, 14);
+    }
+
+    #[test]
+    fn go_durations_are_exact() {
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("333ms").unwrap(), Duration::from_millis(333));
+        assert_eq!(parse_duration("1.000000001s").unwrap(), Duration::new(1, 1));
+        assert_eq!(parse_duration("2\u{b5}s").unwrap(), Duration::from_micros(2));
+        assert_eq!(parse_duration("+3s").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("-1s").unwrap_err().contains("negative"));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("1h30").is_err());
+        assert!(parse_positive_duration("0s").is_err());
+    }
+
+    #[test]
+    fn go_duration_spelling() {
+        for (d, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_nanos(7), "7ns"),
+            (Duration::from_nanos(1_500), "1.5\u{b5}s"),
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_secs(1), "1s"),
+            (Duration::from_millis(1_500), "1.5s"),
+            (Duration::from_secs(90), "1m30s"),
+            (Duration::from_secs(3600), "1h0m0s"),
+            (Duration::from_secs(86400), "24h0m0s"),
+            (Duration::new(7201, 500_000_000), "2h0m1.5s"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text).unwrap(), d, "{text}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn duration_spelling_round_trips(secs in 0u64..10_000_000, nanos in 0u32..1_000_000_000) {
+            let d = Duration::new(secs, nanos);
+            proptest::prop_assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn conntrack_defaults_are_upstreams() {
+        let cli = Cli::try_parse_from(["svcproxy", "run"]).unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.conntrack_max_per_core, 32768);
+        assert_eq!(args.conntrack_min, 131072);
+        assert_eq!(args.conntrack_tcp_timeout_established, Duration::from_secs(86400));
+        assert_eq!(args.conntrack_tcp_timeout_close_wait, Duration::from_secs(3600));
+        assert_eq!(args.conntrack_udp_timeout, Duration::ZERO);
+        assert_eq!(args.conntrack_udp_timeout_stream, Duration::ZERO);
+        assert!(!args.masquerade_all);
+        assert!(!args.iptables_localhost_nodeports);
+        assert_eq!(args.config, None);
+        assert_eq!(args.write_config_to, None);
+    }
+
+    #[test]
+    fn upstream_spellings_are_accepted() {
+        let cli = Cli::try_parse_from([
+            "svcproxy",
+            "run",
+            "--iptables-min-sync-period=2s",
+            "--iptables-sync-period",
+            "1m",
+            "--masquerade-all=false",
+            "--iptables-localhost-nodeports",
+            "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-close-wait=60s",
+            "--config=/etc/svcproxy/config.conf",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.min_sync_period, Duration::from_secs(2));
+        assert_eq!(args.sync_period, Duration::from_secs(60));
+        assert!(!args.masquerade_all);
+        assert!(args.iptables_localhost_nodeports);
+        assert_eq!(args.conntrack_max_per_core, 0);
+        assert_eq!(args.conntrack_tcp_timeout_close_wait, Duration::from_secs(60));
+        assert_eq!(args.config, Some(PathBuf::from("/etc/svcproxy/config.conf")));
+
+        let cli = Cli::try_parse_from(["svcproxy", "run", "--masquerade-all=True"]).unwrap();
+        let Command::Run(args) = cli.command;
+        assert!(args.masquerade_all);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for bad in [
+            "--sync-period=0",
+            "--masquerade-all=maybe",
+            "--conntrack-min=-1",
+            "--conntrack-max-per-core=4294967295",
+            "--conntrack-udp-timeout=-5s",
+        ] {
+            assert!(Cli::try_parse_from(["svcproxy", "run", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -12,6 +12,9 @@ struct Inner {
     /// When the oldest change not yet in the kernel arrived.
     oldest_pending: Option<(Instant, SystemTime)>,
     node_eligible: bool,
+    /// Why the kernel does not match the cluster, when we know: repeated sync failures or a divergence found
+    /// by read-back that is not repaired yet.
+    problem: Option<String>,
 }
 
 #[derive(Debug)]
@@ -24,6 +27,7 @@ pub struct ProxyHealth {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthStatus {
     pub healthy: bool,
+    pub problem: Option<String>,
     pub node_eligible: bool,
     pub last_updated: SystemTime,
     pub current_time: SystemTime,
@@ -37,6 +41,7 @@ impl ProxyHealth {
                 last_updated: SystemTime::now(),
                 oldest_pending: None,
                 node_eligible: true,
+                problem: None,
             }),
         }
     }
@@ -61,6 +66,11 @@ impl ProxyHealth {
         g.last_updated = SystemTime::now();
     }
 
+    /// Marks the proxy unhealthy with a reason, or clears it.
+    pub fn set_problem(&self, problem: Option<String>) {
+        self.lock().problem = problem;
+    }
+
     pub fn set_node_eligible(&self, eligible: bool) {
         self.lock().node_eligible = eligible;
     }
@@ -68,9 +78,11 @@ impl ProxyHealth {
     pub fn status(&self) -> HealthStatus {
         let g = self.lock();
         let now = SystemTime::now();
-        let healthy = g.oldest_pending.is_none_or(|(at, _)| at.elapsed() < self.timeout);
+        let healthy =
+            g.problem.is_none() && g.oldest_pending.is_none_or(|(at, _)| at.elapsed() < self.timeout);
         HealthStatus {
             healthy,
+            problem: g.problem.clone(),
             node_eligible: g.node_eligible,
             // Upstream reports the current time as lastUpdated while healthy (its older meaning was "the sync loop
             // ran"); monitoring built on that keeps working.

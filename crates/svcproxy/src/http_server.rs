@@ -52,10 +52,16 @@ async fn healthz(State(s): State<AppState>) -> Response {
     };
     s.metrics.healthz.get_or_create(&code(status)).inc();
     // Same body shape (and spacing) as upstream, so existing probes and scrapers parse it.
+    // Upstream's fields first; a reason is added only when we know why the node is unhealthy.
+    let reason = st
+        .problem
+        .as_deref()
+        .map(|p| format!(", \"reason\": {}", serde_json::Value::from(p)))
+        .unwrap_or_default();
     json(
         status,
         format!(
-            "{{\"lastUpdated\": {:?},\"currentTime\": {:?}, \"nodeEligible\": {}}}",
+            "{{\"lastUpdated\": {:?},\"currentTime\": {:?}, \"nodeEligible\": {}{reason}}}",
             go_time(st.last_updated),
             go_time(st.current_time),
             st.node_eligible

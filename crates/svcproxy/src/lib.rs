@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod config_file;
 pub mod exec;
 pub mod health;
 pub mod http_server;

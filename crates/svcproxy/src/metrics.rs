@@ -25,6 +25,13 @@ pub struct SyncLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub ip_family: String,
+    /// What kind of failure or divergence.
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: String,
 }
@@ -54,6 +61,10 @@ pub struct Metrics {
     pub programmed_service_ports: Family<FamilyLabels, Gauge>,
     pub payload_lines: Family<FamilyLabels, Gauge>,
     pub health_check_bind_failures: Counter,
+    pub sync_failures: Family<ClassLabels, Counter>,
+    pub verifications: Family<FamilyLabels, Counter>,
+    pub divergences: Family<ClassLabels, Counter>,
+    pub repairs: Family<FamilyLabels, Counter>,
 }
 
 impl Metrics {
@@ -76,6 +87,10 @@ impl Metrics {
             programmed_service_ports: Family::default(),
             payload_lines: Family::default(),
             health_check_bind_failures: Counter::default(),
+            sync_failures: Family::default(),
+            verifications: Family::default(),
+            divergences: Family::default(),
+            repairs: Family::default(),
             registry: Registry::default(),
         };
         {
@@ -154,6 +169,22 @@ impl Metrics {
                 "Lines in the last transaction sent to the kernel",
                 m.payload_lines.clone(),
             );
+            own.register(
+                "sync_failures",
+                "Failed syncs by classified cause",
+                m.sync_failures.clone(),
+            );
+            own.register(
+                "verifications",
+                "Read-backs of the kernel compared with what was written",
+                m.verifications.clone(),
+            );
+            own.register(
+                "divergences",
+                "Differences found by read-back, by kind",
+                m.divergences.clone(),
+            );
+            own.register("repairs", "Divergences repaired and verified", m.repairs.clone());
             own.register(
                 "health_check_node_port_bind_failures",
                 "Health-check node ports that could not be opened",

@@ -77,6 +77,10 @@ fn start() -> Harness {
     let config = EngineConfig {
         min_sync_period: Duration::ZERO,
         sync_period: Duration::from_millis(200),
+        // The fake has no kernel to read back; read-back has its own real-kernel tests.
+        verify_after_sync: false,
+        verify_period: None,
+        canary_period: None,
         ..Default::default()
     };
     let engine = Engine::new(proxier, config, health.clone(), Arc::new(Metrics::new()));

@@ -146,6 +146,7 @@ fn node_port_from_outside_is_masqueraded_and_spread() {
     );
     let reply = udp_request(s.lab.external(), addr("10.0.0.10", 30053), T).unwrap();
     assert!(reply.identity.starts_with("pod"), "UDP NodePort: {reply:?}");
+    s.proxy.assert_no_divergence();
 }
 
 #[test]
@@ -187,6 +188,7 @@ fn external_traffic_policy_local_keeps_the_source_and_drops_without_local_endpoi
         reachable_from(s.client.ns(), addr("10.96.0.50", 80)),
         ids(&["pod12"])
     );
+    s.proxy.assert_no_divergence();
 }
 
 #[test]
@@ -210,6 +212,7 @@ fn load_balancer_ip_honours_source_ranges() {
     });
     // Source ranges do not apply to the NodePort, as upstream decided.
     assert!(tcp_request(s.lab.external(), addr("10.0.0.10", 30080), T).is_ok());
+    s.proxy.assert_no_divergence();
 }
 
 #[test]
@@ -220,6 +223,7 @@ fn external_ips_reach_the_endpoints() {
     s.wait_for("the external IP answers", |s| {
         tcp_request(s.lab.external(), eip, T).is_ok_and(|r| r.identity == "pod11")
     });
+    s.proxy.assert_no_divergence();
 }
 
 #[test]
@@ -243,6 +247,7 @@ fn internal_traffic_policy_local_uses_only_local_endpoints() {
             Err(svcproxy_testkit::ClientError::Timeout)
         )
     });
+    s.proxy.assert_no_divergence();
 }
 
 #[test]
@@ -262,6 +267,7 @@ fn client_ip_affinity_keeps_one_backend() {
     // A different client may land elsewhere, but sticks too.
     let other = spread(s.pods[0].ns(), vip, 20);
     assert_eq!(other.len(), 1, "{other:?}");
+    s.proxy.assert_no_divergence();
 }
 
 #[test]
@@ -318,6 +324,7 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
             Err(svcproxy_testkit::ClientError::Refused)
         )
     });
+    s.proxy.assert_no_divergence();
 }
 
 #[test]
@@ -360,4 +367,5 @@ fn health_check_node_port_follows_local_endpoints() {
         &manifest("  type: LoadBalancer", status, &[ready("10.244.0.11", "node-a")]),
     );
     s.wait_for("the listener is closed", |s| probe(s).is_none());
+    s.proxy.assert_no_divergence();
 }

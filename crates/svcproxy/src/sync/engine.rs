@@ -7,10 +7,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use svcproxy_model::{ClusterState, ObjectName};
 use tokio::sync::{mpsc, watch};
 
-use super::proxier::{Proxier, SyncError};
+use super::proxier::{Finding, Proxier, SyncError, SyncMode, VerifyScope};
 use super::throttle::SyncThrottle;
 use crate::health::ProxyHealth;
-use crate::metrics::{FamilyLabels, Metrics, SyncLabels};
+use crate::metrics::{ClassLabels, FamilyLabels, Metrics, SyncLabels};
 use crate::source::{Delta, SourceEvent};
 
 #[derive(Debug, Clone)]
@@ -21,6 +21,14 @@ pub struct EngineConfig {
     pub sync_period: Duration,
     /// A full sync at least this often, to repair what partial syncs cannot see (upstream: one hour).
     pub full_sync_period: Duration,
+    /// Consecutive failed syncs after which `/healthz` reports the node unhealthy (`--unhealthy-after`).
+    pub unhealthy_after: u32,
+    /// How often everything we own is read back and compared (`--verify-period`); `None` disables it.
+    pub verify_period: Option<Duration>,
+    /// How often the cheap flush check runs; `None` disables it.
+    pub canary_period: Option<Duration>,
+    /// Read back what each sync wrote right after writing it.
+    pub verify_after_sync: bool,
 }
 
 impl Default for EngineConfig {
@@ -29,6 +37,10 @@ impl Default for EngineConfig {
             min_sync_period: Duration::from_secs(1),
             sync_period: Duration::from_secs(30),
             full_sync_period: Duration::from_secs(3600),
+            unhealthy_after: 3,
+            verify_period: Some(Duration::from_secs(60)),
+            canary_period: Some(Duration::from_secs(2)),
+            verify_after_sync: true,
         }
     }
 }
@@ -37,6 +49,10 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineStatus {
     pub syncs: u64,
+    /// Service ports whose rules read-back found different from what we wrote, until a repair is verified.
+    pub unverified: std::collections::BTreeSet<String>,
+    /// Divergences found by read-back since start.
+    pub divergences: u64,
     /// The intent of the last successful sync.
     pub applied: Option<Arc<svcproxy_model::Intent>>,
     pub last_error: Option<String>,
@@ -52,7 +68,16 @@ pub struct Engine<P: Proxier> {
     initialized: bool,
     dirty: bool,
     need_full: bool,
+    /// The rung of the escalation ladder the next sync starts from.
+    mode: SyncMode,
     retry_at: Option<Instant>,
+    consecutive_failures: u32,
+    /// Repairs of divergences recently made, to recognise a second writer fighting us.
+    recent_repairs: Vec<Instant>,
+    /// The health problem reported because of divergence, if any.
+    divergence_problem: Option<String>,
+    /// The health problem reported because of failed syncs, if any.
+    failure_problem: Option<String>,
     last_full: Option<Instant>,
     throttle: SyncThrottle,
     status: watch::Sender<EngineStatus>,
@@ -115,7 +140,12 @@ impl<P: Proxier> Engine<P> {
             initialized: false,
             dirty: false,
             need_full: true,
+            mode: SyncMode::Full,
             retry_at: None,
+            consecutive_failures: 0,
+            recent_repairs: Vec::new(),
+            divergence_problem: None,
+            failure_problem: None,
             last_full: None,
             throttle,
             status: watch::Sender::new(EngineStatus::default()),
@@ -208,6 +238,8 @@ impl<P: Proxier> Engine<P> {
         let labels = self.family_labels();
         let _ = self.metrics.restore_failures.get_or_create(&labels);
         let _ = self.metrics.partial_restore_failures.get_or_create(&labels);
+        let mut verify_tick = self.config.verify_period.map(interval);
+        let mut canary_tick = self.config.canary_period.map(interval);
         loop {
             let deadline = self.next_deadline(Instant::now());
             let sleep = async {
@@ -226,26 +258,113 @@ impl<P: Proxier> Engine<P> {
                     }
                 }
                 _ = sleep => self.sync_once(),
+                _ = tick(&mut verify_tick) => self.check(Check::Verify),
+                _ = tick(&mut canary_tick) => self.check(Check::Canary),
                 _ = shutdown.changed() => break,
             }
         }
         self.proxier
     }
 
+    fn check(&mut self, check: Check) {
+        if !self.initialized || self.consecutive_failures > 0 || self.status.borrow().applied.is_none() {
+            return;
+        }
+        let proxier = &mut self.proxier;
+        let result = tokio::task::block_in_place(|| match check {
+            Check::Verify => proxier.verify(VerifyScope::All),
+            Check::AfterSync => proxier.verify(VerifyScope::LastSync),
+            Check::Canary => proxier.canary(),
+        });
+        match result {
+            Ok(findings) => self.on_findings(check, findings),
+            Err(e) => tracing::warn!("read-back failed: {e}"),
+        }
+    }
+
+    fn on_findings(&mut self, check: Check, findings: Vec<Finding>) {
+        let labels = self.family_labels();
+        self.metrics.verifications.get_or_create(&labels).inc();
+        if findings.is_empty() {
+            if self.divergence_problem.take().is_some() {
+                tracing::info!("read-back matches what was written again; divergence repaired");
+                self.metrics.repairs.get_or_create(&labels).inc();
+            }
+            self.status.send_modify(|s| s.unverified.clear());
+            self.publish_health();
+            return;
+        }
+        for f in &findings {
+            tracing::warn!(
+                check = check.name(),
+                "kernel diverges from what was written: {}",
+                f.what
+            );
+            self.metrics
+                .divergences
+                .get_or_create(&ClassLabels {
+                    ip_family: labels.ip_family.clone(),
+                    class: f.kind.into(),
+                })
+                .inc();
+        }
+        let now = Instant::now();
+        self.recent_repairs
+            .retain(|t| now.duration_since(*t) < FIGHT_WINDOW);
+        self.recent_repairs.push(now);
+        let first = &findings[0].what;
+        let problem = if self.recent_repairs.len() >= FIGHT_REPAIRS {
+            // Repairing again and again means someone keeps rewriting our chains (two proxies on one node, a
+            // configuration manager): say so, and slow the repairs down instead of flapping silently.
+            self.retry_at = Some(now + self.config.sync_period);
+            format!(
+                "our rules were changed from outside {} times in {} s (latest: {first}); is another proxy or tool writing KUBE-* chains on this node?",
+                self.recent_repairs.len(),
+                FIGHT_WINDOW.as_secs()
+            )
+        } else {
+            format!("kernel diverges from what was written: {first}")
+        };
+        self.divergence_problem = Some(problem);
+        let affected: std::collections::BTreeSet<String> =
+            findings.iter().flat_map(|f| f.services.iter().cloned()).collect();
+        self.status.send_modify(|s| {
+            s.divergences += findings.len() as u64;
+            s.unverified.extend(affected);
+        });
+        // The repair is a full sync: it rewrites every chain we own and collects whatever was added.
+        self.need_full = true;
+        self.dirty = true;
+        self.publish_health();
+    }
+
+    fn publish_health(&self) {
+        let problem = self
+            .failure_problem
+            .clone()
+            .or_else(|| self.divergence_problem.clone());
+        self.health.set_problem(problem);
+    }
+
     fn sync_once(&mut self) {
         let now = Instant::now();
-        let full = self.need_full
-            || self
-                .last_full
-                .is_none_or(|t| now >= t + self.config.full_sync_period);
+        let periodic_full = self
+            .last_full
+            .is_none_or(|t| now >= t + self.config.full_sync_period);
+        let mode = if self.need_full || periodic_full {
+            self.mode.max(SyncMode::Full)
+        } else {
+            self.mode
+        };
         self.throttle.record_run(now);
         self.retry_at = None;
         let labels = self.family_labels();
         let started = Instant::now();
         let state = &self.state;
         let proxier = &mut self.proxier;
-        let result = tokio::task::block_in_place(|| proxier.sync(state, full));
+        let result = tokio::task::block_in_place(|| proxier.sync(state, mode));
         let elapsed = started.elapsed().as_secs_f64();
+        let full = mode != SyncMode::Partial;
         self.metrics.sync_duration.get_or_create(&labels).observe(elapsed);
         if full {
             self.metrics
@@ -258,7 +377,11 @@ impl<P: Proxier> Engine<P> {
                 .get_or_create(&labels)
                 .observe(elapsed);
         }
-        let kind = if full { "full" } else { "partial" };
+        let kind = match mode {
+            SyncMode::Partial => "partial",
+            SyncMode::Full => "full",
+            SyncMode::Rebuild => "rebuild",
+        };
         let result_label = if result.is_ok() { "success" } else { "failure" };
         self.metrics
             .syncs
@@ -279,6 +402,9 @@ impl<P: Proxier> Engine<P> {
                 );
                 self.dirty = false;
                 self.need_full = false;
+                self.mode = SyncMode::Partial;
+                self.consecutive_failures = 0;
+                self.failure_problem = None;
                 if full {
                     self.last_full = Some(now);
                 }
@@ -301,29 +427,97 @@ impl<P: Proxier> Engine<P> {
                     s.last_error = None;
                     s.consecutive_failures = 0;
                 });
-            }
-            Err(e) => {
-                if matches!(e, SyncError::Refused { .. }) {
-                    self.metrics.restore_failures.get_or_create(&labels).inc();
-                    if !full {
-                        self.metrics.partial_restore_failures.get_or_create(&labels).inc();
-                    }
+                if self.config.verify_after_sync && report.payload_lines > 0 {
+                    self.check(Check::AfterSync);
                 }
-                // A failed partial sync is retried at once as a full one (it may have been missing a chain that
-                // only a full rewrite restores); a failed full sync waits a sync period, as upstream does.
-                self.need_full = true;
-                self.retry_at = if full {
-                    Some(now + self.config.sync_period)
-                } else {
-                    None
-                };
-                tracing::error!(kind, "sync failed: {e}");
-                self.status.send_modify(|s| {
-                    s.syncs += 1;
-                    s.last_error = Some(e.to_string());
-                    s.consecutive_failures += 1;
-                });
+                self.publish_health();
+            }
+            Err(e) => self.on_failure(mode, e, now),
+        }
+    }
+
+    fn on_failure(&mut self, mode: SyncMode, e: SyncError, now: Instant) {
+        let labels = self.family_labels();
+        if matches!(e, SyncError::Refused { .. }) {
+            self.metrics.restore_failures.get_or_create(&labels).inc();
+            if mode == SyncMode::Partial {
+                self.metrics.partial_restore_failures.get_or_create(&labels).inc();
             }
         }
+        self.metrics
+            .sync_failures
+            .get_or_create(&ClassLabels {
+                ip_family: labels.ip_family.clone(),
+                class: e.class().into(),
+            })
+            .inc();
+        self.consecutive_failures += 1;
+        // Never the same attempt twice: each failure climbs the ladder (partial → full → rebuild). Below the top
+        // the next rung runs at once; at the top, retries back off by a sync period.
+        let repairable = !matches!(
+            e,
+            SyncError::Refused {
+                repairable: false,
+                ..
+            }
+        );
+        let at_top = mode == SyncMode::Rebuild;
+        self.mode = mode.escalate();
+        self.need_full = true;
+        self.retry_at = Some(if at_top || !repairable {
+            now + self.config.sync_period
+        } else {
+            now
+        });
+        tracing::error!(attempt = self.consecutive_failures, rung = ?mode, next = ?self.mode, "sync failed: {e}");
+        if self.consecutive_failures >= self.config.unhealthy_after || !repairable {
+            self.failure_problem = Some(format!(
+                "{} consecutive syncs failed; last: {e}",
+                self.consecutive_failures
+            ));
+        }
+        self.publish_health();
+        self.status.send_modify(|s| {
+            s.syncs += 1;
+            s.last_error = Some(e.to_string());
+            s.consecutive_failures += 1;
+        });
+    }
+}
+
+/// Repairs within this window that count toward recognising a second writer.
+const FIGHT_WINDOW: Duration = Duration::from_secs(300);
+/// This many repairs within the window means someone else keeps changing our rules.
+const FIGHT_REPAIRS: usize = 3;
+
+#[derive(Debug, Clone, Copy)]
+enum Check {
+    AfterSync,
+    Verify,
+    Canary,
+}
+
+impl Check {
+    fn name(self) -> &'static str {
+        match self {
+            Check::AfterSync => "after-sync",
+            Check::Verify => "periodic",
+            Check::Canary => "canary",
+        }
+    }
+}
+
+fn interval(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+async fn tick(i: &mut Option<tokio::time::Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }

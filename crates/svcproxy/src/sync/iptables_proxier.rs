@@ -5,15 +5,20 @@
 //! changed, so their cost follows the size of the change, not the size of the cluster.
 
 use std::sync::Arc;
+use svcproxy_iptables::chain_name::KUBE_SERVICES;
 use svcproxy_iptables::config::{LocalDetector, RenderConfig};
-use svcproxy_iptables::ruleset::Ruleset;
+use svcproxy_iptables::failure::{FailureKind, classify};
+use svcproxy_iptables::payload::Payload;
+use svcproxy_iptables::ruleset::{Ruleset, TableName};
+use svcproxy_iptables::save_parser::SavedRuleset;
+use svcproxy_iptables::verify::{Divergence, verify};
 use svcproxy_iptables::{gc, jumps, payload, render, save_parser};
 
 use svcproxy_model::Node;
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{ClusterState, IntentConfig, IpFamily};
 
-use super::proxier::{Proxier, SyncError, SyncReport};
+use super::proxier::{Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::cli::{DetectLocalMode, RunArgs};
 use crate::exec::iptables::{ExecError, IptablesCommands};
 use crate::node_addresses::{LocalAddresses, NodePortSpec, NodePortSpecError, primary_ip};
@@ -134,7 +139,12 @@ pub struct IptablesProxier {
     /// The rules the kernel holds after our last successful transaction, and the configuration they were
     /// rendered with; `None` forces a full sync.
     applied: Option<(Ruleset, RenderConfig)>,
+    /// Chains the last partial transaction wrote, for the read-back right after it.
+    touched: Vec<(TableName, String)>,
 }
+
+/// Above this many touched chains, reading the whole table back is cheaper than listing chains one by one.
+const PER_CHAIN_READBACK_LIMIT: usize = 16;
 
 impl IptablesProxier {
     pub fn new(
@@ -149,36 +159,70 @@ impl IptablesProxier {
             intent_config,
             options,
             applied: None,
+            touched: Vec::new(),
         }
     }
 
-    fn refused(e: ExecError, payload: &payload::Payload) -> SyncError {
+    fn read_kernel(&self) -> Result<SavedRuleset, SyncError> {
+        let text = self
+            .cmds
+            .save(&["filter", "nat"])
+            .map_err(|e| SyncError::ReadBack(e.to_string()))?;
+        save_parser::parse_save(&text).map_err(|e| SyncError::ReadBack(e.to_string()))
+    }
+
+    /// Turns a refused transaction into a classified error, quoting the payload lines the error points at,
+    /// and repairs what this side can: an iptables without `--random-fully` gets rules without it next time.
+    fn refused(&mut self, e: ExecError, payload: &Payload) -> SyncError {
         let reason = e.to_string();
-        let context = failing_line(&reason)
+        let failure = classify(&reason);
+        let context = failure
+            .line
             .map(|n| {
-                let lines = payload.lines_around(n, CONTEXT_LINES);
-                let quoted: Vec<String> = lines.iter().map(|(i, l)| format!("\n  {i:>6}: {l}")).collect();
+                let quoted: Vec<String> = payload
+                    .lines_around(n, CONTEXT_LINES)
+                    .iter()
+                    .map(|(i, l)| format!("\n  {i:>6}: {l}"))
+                    .collect();
                 format!("; payload around line {n}:{}", quoted.concat())
             })
             .unwrap_or_default();
-        SyncError::Refused { reason, context }
-    }
-}
-
-/// The line number iptables-restore names in its error (`line 8022 failed`, or `Error occurred at line: 367`).
-fn failing_line(stderr: &str) -> Option<usize> {
-    for marker in ["Error occurred at line: ", "line "] {
-        if let Some(pos) = stderr.find(marker) {
-            let digits: String = stderr[pos + marker.len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            if let Ok(n) = digits.parse() {
-                return Some(n);
+        let repairable = match &failure.kind {
+            FailureKind::UnknownOption { option }
+                if option == "--random-fully" && self.options.base.random_fully =>
+            {
+                self.options.base.random_fully = false;
+                true
             }
+            kind => kind.repairable_by_rebuild(),
+        };
+        let hint = match &failure.kind {
+            FailureKind::MissingExtension { kind, name } => format!(
+                " (the kernel or iptables lacks the {name} {kind}: load the xt_{name} module or install an iptables with it)"
+            ),
+            FailureKind::ReferencedChain { chain } => {
+                format!(" (a rule outside our chains still jumps to {chain}; the next attempt removes it)")
+            }
+            FailureKind::Lock => " (another program holds the xtables lock)".to_string(),
+            _ => String::new(),
+        };
+        SyncError::Refused {
+            class: failure.kind.label(),
+            repairable,
+            reason: format!("{reason}{hint}"),
+            context,
         }
     }
-    None
+
+    fn verify_with(&self, saved: &SavedRuleset, chains: Option<&[(TableName, String)]>) -> Vec<Finding> {
+        match &self.applied {
+            Some((ruleset, config)) => verify(saved, ruleset, config, chains)
+                .iter()
+                .map(finding)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 impl Proxier for IptablesProxier {
@@ -186,29 +230,28 @@ impl Proxier for IptablesProxier {
         self.intent_config.family
     }
 
-    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<SyncReport, SyncError> {
+    fn sync(&mut self, state: &ClusterState, mode: SyncMode) -> Result<SyncReport, SyncError> {
         let intent = build_intent(state, &self.intent_config);
         let config = self
             .options
             .resolve(state.node.as_ref(), &self.addresses.addresses());
         let next = render::render(&intent, &config);
         // A configuration change (a new node address, say) can touch every chain: treat it as full.
-        let full = full
-            || self
-                .applied
-                .as_ref()
-                .is_none_or(|(_, applied_with)| *applied_with != config);
-        let payload = match (&self.applied, full) {
-            (Some((prev, _)), false) => payload::partial_payload(prev, &next, &[]),
+        let mode = match &self.applied {
+            Some((_, applied_with)) if *applied_with == config => mode,
+            _ => mode.max(SyncMode::Full),
+        };
+        let payload = match (&self.applied, mode) {
+            (Some((prev, _)), SyncMode::Partial) => payload::partial_payload(prev, &next, &[]),
             _ => {
-                let text = self
-                    .cmds
-                    .save(&["filter", "nat"])
-                    .map_err(|e| SyncError::ReadBack(e.to_string()))?;
-                let saved = save_parser::parse_save(&text).map_err(|e| SyncError::ReadBack(e.to_string()))?;
-                let stale = gc::stale_owned_chains(&saved, &next);
-                let missing = jumps::missing_jumps(&saved, &config);
-                payload::full_payload(&next, &stale, &missing)
+                let saved = self.read_kernel()?;
+                if mode == SyncMode::Rebuild {
+                    let plan = gc::plan_rebuild(&saved, &next);
+                    payload::full_payload_with_gc(&next, &plan, &jumps::jump_rules(&config))
+                } else {
+                    let plan = gc::plan_gc(&saved, &next);
+                    payload::full_payload_with_gc(&next, &plan, &jumps::missing_jumps(&saved, &config))
+                }
             }
         };
         let lines = payload.line_count;
@@ -216,15 +259,110 @@ impl Proxier for IptablesProxier {
             && let Err(e) = self.cmds.restore(&payload.text)
         {
             self.applied = None;
-            return Err(Self::refused(e, &payload));
+            return Err(self.refused(e, &payload));
         }
+        self.touched = if mode == SyncMode::Partial {
+            written_chains(&payload)
+        } else {
+            Vec::new()
+        };
         self.applied = Some((next, config));
         Ok(SyncReport {
-            full,
+            full: mode != SyncMode::Partial,
             intent: Arc::new(intent),
             payload_lines: lines,
         })
     }
+
+    fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError> {
+        if self.applied.is_none() {
+            return Ok(Vec::new());
+        }
+        let touched = std::mem::take(&mut self.touched);
+        if scope == VerifyScope::LastSync && touched.len() <= PER_CHAIN_READBACK_LIMIT {
+            // A partial sync wrote a few chains: list just those, never the whole table.
+            let mut saved = SavedRuleset::default();
+            for (table, chain) in &touched {
+                let listing = self
+                    .cmds
+                    .list_chain(table.as_str(), chain)
+                    .map_err(|e| SyncError::ReadBack(e.to_string()))?;
+                merge_listing(&mut saved, table.as_str(), chain, listing.as_deref())?;
+            }
+            let mut divergences = self.verify_with(&saved, Some(&touched));
+            // Built-in jumps are not in a per-chain listing; they are checked by the full read-backs.
+            divergences.retain(|d| d.kind != "missing_jump");
+            return Ok(divergences);
+        }
+        let saved = self.read_kernel()?;
+        Ok(self.verify_with(&saved, None))
+    }
+
+    fn canary(&mut self) -> Result<Vec<Finding>, SyncError> {
+        // KUBE-SERVICES is the entry to everything in nat; a flush of the table or of the chain shows there
+        // first, and listing one chain costs a fraction of a full dump.
+        let Some((ruleset, config)) = &self.applied else {
+            return Ok(Vec::new());
+        };
+        let chain = (TableName::Nat, KUBE_SERVICES.to_string());
+        let listing = self
+            .cmds
+            .list_chain("nat", KUBE_SERVICES)
+            .map_err(|e| SyncError::ReadBack(e.to_string()))?;
+        let mut saved = SavedRuleset::default();
+        merge_listing(&mut saved, "nat", KUBE_SERVICES, listing.as_deref())?;
+        let mut found: Vec<Finding> = verify(&saved, ruleset, config, Some(std::slice::from_ref(&chain)))
+            .iter()
+            .map(finding)
+            .collect();
+        found.retain(|d| d.kind != "missing_jump");
+        Ok(found)
+    }
+}
+
+fn finding(d: &Divergence) -> Finding {
+    Finding {
+        what: d.to_string(),
+        kind: d.label(),
+        services: d.services.clone(),
+    }
+}
+
+/// The chains a payload declares (and so rewrites), by table.
+fn written_chains(payload: &Payload) -> Vec<(TableName, String)> {
+    let mut table = None;
+    let mut out = Vec::new();
+    for line in payload.text.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = TableName::ALL.into_iter().find(|t| t.as_str() == name);
+        } else if let (Some(t), Some(decl)) = (table, line.strip_prefix(':')) {
+            if let Some(name) = decl.split_whitespace().next() {
+                out.push((t, name.to_string()));
+            }
+        } else if let Some(name) = line.strip_prefix("-X ") {
+            out.retain(|(t, n)| Some(*t) != table || n != name);
+        }
+    }
+    out
+}
+
+/// Adds one chain's `iptables -S` listing (`None` when the chain does not exist) to a saved ruleset.
+fn merge_listing(
+    saved: &mut SavedRuleset,
+    table: &str,
+    chain: &str,
+    listing: Option<&str>,
+) -> Result<(), SyncError> {
+    let Some(listing) = listing else { return Ok(()) };
+    let rules: Vec<&str> = listing.lines().filter(|l| l.starts_with("-A ")).collect();
+    let text = format!("*{table}\n:{chain} - [0:0]\n{}\nCOMMIT\n", rules.join("\n"));
+    let parsed = save_parser::parse_save(&text).map_err(|e| SyncError::ReadBack(e.to_string()))?;
+    if let Some(t) = parsed.tables.get(table) {
+        let entry = saved.tables.entry(table.to_string()).or_default();
+        entry.chains.extend(t.chains.clone());
+        entry.rules.extend(t.rules.iter().cloned());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -232,17 +370,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_failing_line_in_both_backends_messages() {
-        assert_eq!(failing_line("iptables-restore: line 8022 failed"), Some(8022));
+    fn written_chains_excludes_deleted_ones() {
+        let payload = Payload {
+            text: "*nat\n:KUBE-SVC-A - [0:0]\n:KUBE-SEP-B - [0:0]\n-A KUBE-SVC-A -j KUBE-SEP-C\n-X KUBE-SEP-B\nCOMMIT\n".into(),
+            ..Default::default()
+        };
         assert_eq!(
-            failing_line(
-                "iptables-restore v1.8.9 (nf_tables): Chain 'X' does not exist\nError occurred at line: 367"
-            ),
-            Some(367)
-        );
-        assert_eq!(
-            failing_line("Another app is currently holding the xtables lock"),
-            None
+            written_chains(&payload),
+            vec![(TableName::Nat, "KUBE-SVC-A".to_string())]
         );
     }
 }

@@ -20,13 +20,73 @@ pub enum SyncError {
     #[error("cannot read the current rules: {0}")]
     ReadBack(String),
     /// The kernel refused the transaction; nothing of it was applied.
-    #[error("the kernel refused the transaction: {reason}{context}")]
-    Refused { reason: String, context: String },
+    #[error("the kernel refused the transaction ({class}): {reason}{context}")]
+    Refused {
+        /// A short stable class for metrics (`referenced_chain`, `lock`, …).
+        class: &'static str,
+        /// Whether a later rung of the ladder can fix it; if not, retrying only confirms the failure.
+        repairable: bool,
+        reason: String,
+        context: String,
+    },
+}
+
+impl SyncError {
+    pub fn class(&self) -> &'static str {
+        match self {
+            SyncError::ReadBack(_) => "read_back",
+            SyncError::Refused { class, .. } => class,
+        }
+    }
+}
+
+/// How much of what we own a sync rewrites: the rungs of the escalation ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SyncMode {
+    /// Only what changed since the last successful sync; never lists the kernel.
+    Partial,
+    /// Everything we own, after reading the kernel to collect leftovers and references to them.
+    Full,
+    /// As full, and every jump into our chains from the built-in chains is removed and written afresh: what
+    /// is left afterwards is exactly what we wrote.
+    Rebuild,
+}
+
+impl SyncMode {
+    /// The next rung after a failure.
+    pub fn escalate(self) -> SyncMode {
+        match self {
+            SyncMode::Partial => SyncMode::Full,
+            SyncMode::Full | SyncMode::Rebuild => SyncMode::Rebuild,
+        }
+    }
+}
+
+/// One difference between the kernel and what we wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// A sentence naming the chain and what is wrong with it.
+    pub what: String,
+    /// A stable label for metrics (`missing_chain`, `changed_rules`, `missing_jump`).
+    pub kind: &'static str,
+    /// The service ports affected (`namespace/name:port`); empty for shared chains.
+    pub services: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyScope {
+    /// What the last sync wrote.
+    LastSync,
+    /// Everything we own.
+    All,
 }
 
 pub trait Proxier: Send {
     fn family(&self) -> IpFamily;
-    /// Makes the kernel match `state`. A full sync rewrites everything we own and collects leftovers; a
-    /// partial one writes only what changed since the last successful sync.
-    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<SyncReport, SyncError>;
+    /// Makes the kernel match `state`, rewriting as much as `mode` says.
+    fn sync(&mut self, state: &ClusterState, mode: SyncMode) -> Result<SyncReport, SyncError>;
+    /// Reads the kernel back and lists every difference from what the last successful sync wrote.
+    fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError>;
+    /// A cheap, frequent check that catches a flushed table (upstream's canary, without a canary chain).
+    fn canary(&mut self) -> Result<Vec<Finding>, SyncError>;
 }

@@ -95,6 +95,13 @@ impl Svcproxy {
         }
     }
 
+    /// Read-back compares the kernel with what was written after every sync; on an undisturbed node it must
+    /// never find a difference (a false one would mean needless repairs).
+    pub fn assert_no_divergence(&self) {
+        let log = self.log();
+        assert!(!log.contains("diverges"), "unexpected divergence:\n{log}");
+    }
+
     pub fn metrics(&self, ns: &NetNs) -> String {
         let addr: SocketAddr = METRICS.parse().unwrap();
         http_get(ns, addr, "/metrics", Duration::from_secs(5))

@@ -1,0 +1,881 @@
+//! KubeProxyConfiguration files (`kubeproxy.config.k8s.io/v1alpha1`), so a node can switch between kube-proxy
+//! and svcproxy with the same configuration.
+//!
+//! Reading follows upstream's rules: a field that is absent, `null` or zero takes kube-proxy's default (kubeadm
+//! writes every field, most of them as zero values, and means "default" by it), and flags given explicitly on
+//! the command line override the file. Beyond that the reader is strict, because a setting that is silently
+//! dropped is a node that behaves differently from what its operator reads in the ConfigMap:
+//! - an unknown field is an error naming it;
+//! - a value out of range is an error naming the field;
+//! - an option svcproxy does not implement (IPVS, Windows, profiling, `portRange`, `conntrack.tcpBeLiberal`)
+//!   is an error saying so;
+//! - a field that only tunes something svcproxy does not have (`oomScoreAdj`, `configSyncPeriod`,
+//!   `featureGates`, client throttling, klog settings) is accepted, with a warning for the caller to log.
+//!
+//! One deliberate difference from kube-proxy: an unset `iptables.localhostNodePorts` means off here, as the
+//! `--iptables-localhost-nodeports` flag does (see the flag's help for why).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::ArgMatches;
+use clap::ValueEnum;
+use clap::parser::ValueSource;
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::cli::{DetectLocalMode, LogFormat, ProxyMode, RunArgs, format_duration, parse_duration};
+use crate::node_addresses::NodePortSpec;
+
+pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+pub const KIND: &str = "KubeProxyConfiguration";
+
+// kube-proxy's defaults for settings that have no flag default to borrow (the rest come from the flags'
+// defaults in cli.rs, which are the same numbers).
+const DEFAULT_MASQUERADE_BIT: u8 = 14;
+const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
+const DEFAULT_CONNTRACK_MAX_PER_CORE: u32 = 32 * 1024;
+const DEFAULT_CONNTRACK_MIN: u32 = 128 * 1024;
+const DEFAULT_TCP_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_TCP_CLOSE_WAIT_TIMEOUT: Duration = Duration::from_secs(3600);
+const HEALTHZ_PORT: u16 = 10256;
+const METRICS_PORT: u16 = 10249;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("not a YAML document: {0}")]
+    Yaml(String),
+    #[error("{field}: unknown field (not part of {KIND} {API_VERSION})")]
+    UnknownField { field: String },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{field}: {reason}")]
+    Unsupported { field: String, reason: String },
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        source: Box<ConfigFileError>,
+    },
+}
+
+impl ConfigFileError {
+    /// The field an error is about (`iptables.masqueradeBit`), if it is about one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ConfigFileError::UnknownField { field }
+            | ConfigFileError::Invalid { field, .. }
+            | ConfigFileError::Unsupported { field, .. } => Some(field),
+            ConfigFileError::InFile { source, .. } => source.field(),
+            _ => None,
+        }
+    }
+
+    fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        ConfigFileError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn unsupported(field: &str, reason: impl Into<String>) -> Self {
+        ConfigFileError::Unsupported {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a configuration file says, with kube-proxy's defaulting applied: every setting has its final value, so
+/// merging is "the file, except where a flag was given".
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileConfig {
+    pub mode: ProxyMode,
+    pub kubeconfig: Option<PathBuf>,
+    pub hostname_override: Option<String>,
+    pub cluster_cidr: Vec<IpNet>,
+    pub detect_local_mode: DetectLocalMode,
+    pub pod_bridge_interface: Option<String>,
+    pub pod_interface_name_prefix: Option<String>,
+    pub nodeport_addresses: Vec<String>,
+    pub healthz_bind_address: SocketAddr,
+    pub metrics_bind_address: SocketAddr,
+    /// The `iptables` section; used when the mode is iptables.
+    pub iptables: ModeSection,
+    /// The `nftables` section; used when the mode is nftables.
+    pub nftables: ModeSection,
+    pub iptables_localhost_nodeports: bool,
+    /// Top-level `syncPeriod` (the newer spelling); when set it wins over the mode section's.
+    pub sync_period: Option<Duration>,
+    /// Top-level `minSyncPeriod`; when set it wins over the mode section's.
+    pub min_sync_period: Option<Duration>,
+    pub conntrack_max_per_core: u32,
+    pub conntrack_min: u32,
+    pub conntrack_tcp_timeout_established: Duration,
+    pub conntrack_tcp_timeout_close_wait: Duration,
+    pub conntrack_udp_timeout: Duration,
+    pub conntrack_udp_timeout_stream: Duration,
+    pub log_format: LogFormat,
+    /// Settings the file makes that svcproxy accepts but does not act on, one sentence each.
+    pub warnings: Vec<String>,
+}
+
+/// The per-mode settings (`iptables.*`, `nftables.*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModeSection {
+    pub masquerade_all: bool,
+    pub masquerade_bit: u8,
+    pub sync_period: Duration,
+    pub min_sync_period: Duration,
+}
+
+/// The `run` arguments once the configuration file is applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub args: RunArgs,
+    /// What the file sets that has no effect in svcproxy; log these.
+    pub warnings: Vec<String>,
+}
+
+/// Applies `--config`, if given: reads the file and lets it supply every setting not given explicitly on the
+/// command line. `run_matches` are the `run` subcommand's matches, the ones `args` was built from.
+pub fn resolve(args: RunArgs, run_matches: &ArgMatches) -> Result<Resolved, ConfigFileError> {
+    let Some(path) = args.config.clone() else {
+        return Ok(Resolved {
+            args,
+            warnings: Vec::new(),
+        });
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigFileError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let file = parse(&text).map_err(|e| ConfigFileError::InFile {
+        path: path.clone(),
+        source: Box::new(e),
+    })?;
+    let warnings = file.warnings.clone();
+    Ok(Resolved {
+        args: merge(args, run_matches, &file),
+        warnings,
+    })
+}
+
+/// The file's settings, except those given explicitly on the command line (an environment variable does not
+/// count: `NODE_NAME` is a fallback for the node name, below a `hostnameOverride` in the file).
+pub fn merge(args: RunArgs, run_matches: &ArgMatches, file: &FileConfig) -> RunArgs {
+    let explicit = |id: &str| run_matches.value_source(id) == Some(ValueSource::CommandLine);
+    let mut out = args;
+    macro_rules! from_file {
+        ($($field:ident),* $(,)?) => {
+            $( if !explicit(stringify!($field)) { out.$field = file.$field.clone(); } )*
+        };
+    }
+    from_file!(
+        cluster_cidr,
+        detect_local_mode,
+        pod_bridge_interface,
+        pod_interface_name_prefix,
+        nodeport_addresses,
+        healthz_bind_address,
+        metrics_bind_address,
+        iptables_localhost_nodeports,
+        conntrack_max_per_core,
+        conntrack_min,
+        conntrack_tcp_timeout_established,
+        conntrack_tcp_timeout_close_wait,
+        conntrack_udp_timeout,
+        conntrack_udp_timeout_stream,
+        log_format,
+    );
+    if !explicit("proxy_mode") {
+        out.proxy_mode = file.mode;
+    }
+    // As upstream: the section of the mode in effect applies, the other one is ignored.
+    let section = match out.proxy_mode {
+        ProxyMode::Iptables => &file.iptables,
+        ProxyMode::Nftables => &file.nftables,
+    };
+    if !explicit("masquerade_all") {
+        out.masquerade_all = section.masquerade_all;
+    }
+    if !explicit("iptables_masquerade_bit") {
+        out.iptables_masquerade_bit = section.masquerade_bit;
+    }
+    if !explicit("sync_period") {
+        out.sync_period = file.sync_period.unwrap_or(section.sync_period);
+    }
+    if !explicit("min_sync_period") {
+        out.min_sync_period = file.min_sync_period.unwrap_or(section.min_sync_period);
+    }
+    if !explicit("hostname_override") && file.hostname_override.is_some() {
+        out.hostname_override = file.hostname_override.clone();
+    }
+    // --manifests replaces the API server, so a kubeconfig from the file has nothing to configure; keeping it
+    // would also break the rule that the two are never both set.
+    if !explicit("kubeconfig") {
+        out.kubeconfig = if out.manifests.is_some() {
+            None
+        } else {
+            file.kubeconfig.clone()
+        };
+    }
+    out
+}
+
+/// Writes [`effective_config_yaml`] to `path` (`--write-config-to`).
+pub fn write_effective_config(args: &RunArgs, path: &Path) -> Result<(), ConfigFileError> {
+    std::fs::write(path, effective_config_yaml(args)).map_err(|source| ConfigFileError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The effective configuration as a KubeProxyConfiguration: every setting svcproxy supports, with its value.
+/// It reads back to the same arguments (except a zero `--min-sync-period`, which a file cannot express), and
+/// uses only fields kube-proxy knows, so the same file can configure kube-proxy after a rollback.
+pub fn effective_config_yaml(args: &RunArgs) -> String {
+    let q = |s: &str| serde_json::to_string(s).expect("a string always serializes");
+    let path = |p: &Option<PathBuf>| q(&p.as_deref().map(|p| p.to_string_lossy()).unwrap_or_default());
+    let opt = |s: &Option<String>| q(s.as_deref().unwrap_or(""));
+    let d = |d: Duration| q(&format_duration(d));
+    let mode = match args.proxy_mode {
+        ProxyMode::Iptables => "iptables",
+        ProxyMode::Nftables => "nftables",
+    };
+    let detect_local_mode = args
+        .detect_local_mode
+        .to_possible_value()
+        .expect("every mode has a name");
+    let log_format = match args.log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let cidrs: Vec<String> = args.cluster_cidr.iter().map(ToString::to_string).collect();
+    let nodeports: Vec<String> = args.nodeport_addresses.iter().map(|a| q(a)).collect();
+
+    let mut y = String::new();
+    y.push_str(
+        "# svcproxy's effective configuration: its configuration file and command-line flags merged.\n",
+    );
+    if args.manifests.is_some() {
+        y.push_str(
+            "# It was reading a manifest directory (--manifests), which a configuration file cannot say.\n",
+        );
+    }
+    y.push_str(&format!("apiVersion: {API_VERSION}\nkind: {KIND}\n"));
+    y.push_str(&format!("mode: {mode}\n"));
+    y.push_str(&format!(
+        "clientConnection:\n  kubeconfig: {}\n",
+        path(&args.kubeconfig)
+    ));
+    y.push_str(&format!("hostnameOverride: {}\n", opt(&args.hostname_override)));
+    y.push_str(&format!("clusterCIDR: {}\n", q(&cidrs.join(","))));
+    y.push_str(&format!("detectLocalMode: {}\n", detect_local_mode.get_name()));
+    y.push_str(&format!(
+        "detectLocal:\n  bridgeInterface: {}\n  interfaceNamePrefix: {}\n",
+        opt(&args.pod_bridge_interface),
+        opt(&args.pod_interface_name_prefix)
+    ));
+    y.push_str(&format!("nodePortAddresses: [{}]\n", nodeports.join(", ")));
+    y.push_str(&format!(
+        "healthzBindAddress: {}\n",
+        q(&args.healthz_bind_address.to_string())
+    ));
+    y.push_str(&format!(
+        "metricsBindAddress: {}\n",
+        q(&args.metrics_bind_address.to_string())
+    ));
+    if args.min_sync_period.is_zero() {
+        y.push_str(
+            "# minSyncPeriod is 0 (no batching); in a file 0s means the default, 1s, as it does for kube-proxy,\n\
+             # so pass --min-sync-period=0 on the command line to keep it.\n",
+        );
+    }
+    // Both sections carry the same values, so the file means the same thing whichever mode reads it.
+    for section in ["iptables", "nftables"] {
+        y.push_str(&format!("{section}:\n"));
+        y.push_str(&format!("  masqueradeAll: {}\n", args.masquerade_all));
+        y.push_str(&format!("  masqueradeBit: {}\n", args.iptables_masquerade_bit));
+        if section == "iptables" {
+            y.push_str(&format!(
+                "  localhostNodePorts: {}\n",
+                args.iptables_localhost_nodeports
+            ));
+        }
+        y.push_str(&format!("  syncPeriod: {}\n", d(args.sync_period)));
+        y.push_str(&format!("  minSyncPeriod: {}\n", d(args.min_sync_period)));
+    }
+    y.push_str("conntrack:\n");
+    y.push_str(&format!("  maxPerCore: {}\n", args.conntrack_max_per_core));
+    y.push_str(&format!("  min: {}\n", args.conntrack_min));
+    y.push_str(&format!(
+        "  tcpEstablishedTimeout: {}\n",
+        d(args.conntrack_tcp_timeout_established)
+    ));
+    y.push_str(&format!(
+        "  tcpCloseWaitTimeout: {}\n",
+        d(args.conntrack_tcp_timeout_close_wait)
+    ));
+    y.push_str(&format!("  udpTimeout: {}\n", d(args.conntrack_udp_timeout)));
+    y.push_str(&format!(
+        "  udpStreamTimeout: {}\n",
+        d(args.conntrack_udp_timeout_stream)
+    ));
+    y.push_str(&format!("logging:\n  format: {log_format}\n"));
+    y
+}
+
+/// Parses and validates a KubeProxyConfiguration document.
+pub fn parse(yaml: &str) -> Result<FileConfig, ConfigFileError> {
+    // Through a generic value first: serde_path_to_error then names the field of any type error, which the
+    // YAML deserializer alone would report only by line and column.
+    let value: Value = serde_saphyr::from_str(yaml).map_err(|e| ConfigFileError::Yaml(e.to_string()))?;
+    if value.is_null() {
+        return Err(ConfigFileError::Yaml(format!(
+            "the document is empty; expected a {KIND}"
+        )));
+    }
+    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = match e.path().to_string() {
+            p if p == "." => String::new(),
+            p => p,
+        };
+        let message = e.inner().to_string();
+        match unknown_field_name(&message) {
+            Some(name) if field.is_empty() => ConfigFileError::UnknownField { field: name },
+            Some(name) if !field.ends_with(&name) => ConfigFileError::UnknownField {
+                field: format!("{field}.{name}"),
+            },
+            Some(_) => ConfigFileError::UnknownField { field },
+            None if field.is_empty() => ConfigFileError::invalid("(document)", message),
+            None => ConfigFileError::Invalid {
+                field,
+                reason: message,
+            },
+        }
+    })?;
+    raw.validate()
+}
+
+/// The field name in serde's "unknown field `x`, expected one of …" message.
+fn unknown_field_name(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// A Go-style duration string (`30s`, `1m0s`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct GoDuration(Duration);
+
+impl<'de> Deserialize<'de> for GoDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text)
+            .map(GoDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The non-zero duration, if any: zero means "default" in these files.
+fn set(d: Option<GoDuration>) -> Option<Duration> {
+    d.map(|d| d.0).filter(|d| !d.is_zero())
+}
+
+/// The non-empty string, if any.
+fn non_empty(s: &Option<String>) -> Option<&str> {
+    s.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Whether a value is what kubeadm writes for "not set": null, false, 0, "", "0", "0s", empty lists and maps,
+/// and maps of nothing but those.
+fn is_zero(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty() || s == "0" || parse_duration(s).is_ok_and(|d| d.is_zero()),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.values().all(is_zero),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    api_version: Option<String>,
+    kind: Option<String>,
+    bind_address: Option<String>,
+    bind_address_hard_fail: Option<bool>,
+    client_connection: Option<RawClientConnection>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    config_sync_period: Option<GoDuration>,
+    conntrack: Option<RawConntrack>,
+    detect_local: Option<RawDetectLocal>,
+    detect_local_mode: Option<String>,
+    enable_profiling: Option<bool>,
+    feature_gates: Option<BTreeMap<String, bool>>,
+    healthz_bind_address: Option<String>,
+    hostname_override: Option<String>,
+    iptables: Option<RawIptables>,
+    ipvs: Option<RawIpvs>,
+    logging: Option<RawLogging>,
+    metrics_bind_address: Option<String>,
+    min_sync_period: Option<GoDuration>,
+    mode: Option<String>,
+    nftables: Option<RawNftables>,
+    node_port_addresses: Option<Vec<String>>,
+    oom_score_adj: Option<i64>,
+    port_range: Option<String>,
+    show_hidden_metrics_for_version: Option<String>,
+    sync_period: Option<GoDuration>,
+    winkernel: Option<RawWinkernel>,
+    windows_run_as_service: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct RawClientConnection {
+    kubeconfig: Option<String>,
+    accept_content_types: Option<String>,
+    content_type: Option<String>,
+    qps: Option<f64>,
+    burst: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct RawConntrack {
+    max_per_core: Option<i64>,
+    min: Option<i64>,
+    tcp_established_timeout: Option<GoDuration>,
+    tcp_close_wait_timeout: Option<GoDuration>,
+    tcp_be_liberal: Option<bool>,
+    udp_timeout: Option<GoDuration>,
+    udp_stream_timeout: Option<GoDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct RawDetectLocal {
+    bridge_interface: Option<String>,
+    interface_name_prefix: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct RawIptables {
+    masquerade_all: Option<bool>,
+    masquerade_bit: Option<i64>,
+    localhost_node_ports: Option<bool>,
+    sync_period: Option<GoDuration>,
+    min_sync_period: Option<GoDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct RawNftables {
+    masquerade_all: Option<bool>,
+    masquerade_bit: Option<i64>,
+    sync_period: Option<GoDuration>,
+    min_sync_period: Option<GoDuration>,
+}
+
+// The sections of modes svcproxy does not have: the field names are checked, the values only for being unset.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct RawIpvs {
+    sync_period: Value,
+    min_sync_period: Value,
+    scheduler: Value,
+    #[serde(rename = "excludeCIDRs")]
+    exclude_cidrs: Value,
+    #[serde(rename = "strictARP")]
+    strict_arp: Value,
+    tcp_timeout: Value,
+    tcp_fin_timeout: Value,
+    udp_timeout: Value,
+}
+
+impl RawIpvs {
+    fn fields(&self) -> [(&'static str, &Value); 8] {
+        [
+            ("syncPeriod", &self.sync_period),
+            ("minSyncPeriod", &self.min_sync_period),
+            ("scheduler", &self.scheduler),
+            ("excludeCIDRs", &self.exclude_cidrs),
+            ("strictARP", &self.strict_arp),
+            ("tcpTimeout", &self.tcp_timeout),
+            ("tcpFinTimeout", &self.tcp_fin_timeout),
+            ("udpTimeout", &self.udp_timeout),
+        ]
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct RawWinkernel {
+    network_name: Value,
+    source_vip: Value,
+    #[serde(rename = "enableDSR")]
+    enable_dsr: Value,
+    root_hns_endpoint_name: Value,
+    forward_health_check_vip: Value,
+}
+
+impl RawWinkernel {
+    fn fields(&self) -> [(&'static str, &Value); 5] {
+        [
+            ("networkName", &self.network_name),
+            ("sourceVip", &self.source_vip),
+            ("enableDSR", &self.enable_dsr),
+            ("rootHnsEndpointName", &self.root_hns_endpoint_name),
+            ("forwardHealthCheckVip", &self.forward_health_check_vip),
+        ]
+    }
+}
+
+// Logging is component-base's structure; only the format maps onto svcproxy. The rest is klog tuning, checked
+// by name and otherwise taken as opaque values.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct RawLogging {
+    format: Option<String>,
+    flush_frequency: Value,
+    verbosity: Value,
+    vmodule: Value,
+    options: Value,
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<FileConfig, ConfigFileError> {
+        let mut warnings = Vec::new();
+        let mut no_effect = |field: &str, why: &str| {
+            warnings.push(format!("{field}: accepted but has no effect in svcproxy ({why})"));
+        };
+
+        match self.api_version.as_deref() {
+            Some(API_VERSION) => {}
+            Some(other) => {
+                return Err(ConfigFileError::invalid(
+                    "apiVersion",
+                    format!("{other:?} is not {API_VERSION}"),
+                ));
+            }
+            None => {
+                return Err(ConfigFileError::invalid(
+                    "apiVersion",
+                    format!("missing; expected {API_VERSION}"),
+                ));
+            }
+        }
+        match self.kind.as_deref() {
+            Some(KIND) => {}
+            Some(other) => {
+                return Err(ConfigFileError::invalid(
+                    "kind",
+                    format!("{other:?} is not {KIND}"),
+                ));
+            }
+            None => {
+                return Err(ConfigFileError::invalid(
+                    "kind",
+                    format!("missing; expected {KIND}"),
+                ));
+            }
+        }
+
+        let mode = match non_empty(&self.mode) {
+            None | Some("iptables") => ProxyMode::Iptables,
+            Some("nftables") => ProxyMode::Nftables,
+            Some("ipvs") => {
+                return Err(ConfigFileError::unsupported(
+                    "mode",
+                    "ipvs is not supported by svcproxy; use iptables or nftables",
+                ));
+            }
+            Some("kernelspace") => {
+                return Err(ConfigFileError::unsupported(
+                    "mode",
+                    "kernelspace is the Windows proxy; svcproxy runs on Linux only",
+                ));
+            }
+            Some(other) => {
+                return Err(ConfigFileError::invalid(
+                    "mode",
+                    format!("{other:?} is not a proxy mode (iptables, nftables)"),
+                ));
+            }
+        };
+
+        // Unsupported options: refused rather than ignored, since the node would not do what they ask.
+        if let Some(ipvs) = &self.ipvs
+            && let Some((name, _)) = ipvs.fields().into_iter().find(|(_, v)| !is_zero(v))
+        {
+            return Err(ConfigFileError::unsupported(
+                &format!("ipvs.{name}"),
+                "svcproxy has no IPVS mode; remove the ipvs settings",
+            ));
+        }
+        if let Some(win) = &self.winkernel
+            && let Some((name, _)) = win.fields().into_iter().find(|(_, v)| !is_zero(v))
+        {
+            return Err(ConfigFileError::unsupported(
+                &format!("winkernel.{name}"),
+                "Windows settings are not supported; svcproxy runs on Linux only",
+            ));
+        }
+        if self.windows_run_as_service == Some(true) {
+            return Err(ConfigFileError::unsupported(
+                "windowsRunAsService",
+                "svcproxy runs on Linux only",
+            ));
+        }
+        if let Some(range) = non_empty(&self.port_range) {
+            return Err(ConfigFileError::unsupported(
+                "portRange",
+                format!(
+                    "{range:?}: this belonged to the userspace proxy, which no longer exists; leave it empty"
+                ),
+            ));
+        }
+        if self.enable_profiling == Some(true) {
+            return Err(ConfigFileError::unsupported(
+                "enableProfiling",
+                "svcproxy serves no profiling endpoints",
+            ));
+        }
+        let conntrack = self.conntrack.unwrap_or_default();
+        if conntrack.tcp_be_liberal == Some(true) {
+            return Err(ConfigFileError::unsupported(
+                "conntrack.tcpBeLiberal",
+                "svcproxy does not set nf_conntrack_tcp_be_liberal",
+            ));
+        }
+
+        // Accepted without effect.
+        if let Some(cc) = &self.client_connection {
+            if non_empty(&cc.accept_content_types).is_some() || non_empty(&cc.content_type).is_some() {
+                no_effect(
+                    "clientConnection.contentType",
+                    "svcproxy always talks JSON to the API server",
+                );
+            }
+            if cc.qps.is_some_and(|q| q != 0.0) || cc.burst.is_some_and(|b| b != 0) {
+                no_effect("clientConnection.qps", "svcproxy does not throttle its watches");
+            }
+        }
+        if set(self.config_sync_period).is_some() {
+            no_effect(
+                "configSyncPeriod",
+                "svcproxy's watches do not resync periodically",
+            );
+        }
+        if let Some(gates) = self.feature_gates.as_ref().filter(|g| !g.is_empty()) {
+            let list: Vec<String> = gates.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            no_effect(
+                "featureGates",
+                &format!("svcproxy has no feature gates; ignoring {}", list.join(",")),
+            );
+        }
+        if let Some(adj) = self.oom_score_adj {
+            if !(-1000..=1000).contains(&adj) {
+                return Err(ConfigFileError::invalid(
+                    "oomScoreAdj",
+                    format!("{adj} is outside -1000-1000"),
+                ));
+            }
+            no_effect(
+                "oomScoreAdj",
+                "set the process's OOM score from its pod or service manager",
+            );
+        }
+        if non_empty(&self.show_hidden_metrics_for_version).is_some() {
+            no_effect("showHiddenMetricsForVersion", "svcproxy hides no metrics");
+        }
+        let logging = self.logging.unwrap_or_default();
+        for (name, value) in [
+            ("flushFrequency", &logging.flush_frequency),
+            ("verbosity", &logging.verbosity),
+            ("vmodule", &logging.vmodule),
+            ("options", &logging.options),
+        ] {
+            if !is_zero(value) {
+                no_effect(
+                    &format!("logging.{name}"),
+                    "svcproxy's log level is set with RUST_LOG",
+                );
+            }
+        }
+
+        // Supported settings.
+        let log_format = match non_empty(&logging.format) {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigFileError::invalid(
+                    "logging.format",
+                    format!("{other:?} is not a log format (text, json)"),
+                ));
+            }
+        };
+
+        // bindAddress only chooses the family of the default server addresses here, as it does upstream.
+        let mut bind_v6 = false;
+        if let Some(list) = non_empty(&self.bind_address) {
+            let ips = list
+                .split(',')
+                .map(|ip| ip.trim().parse::<IpAddr>().map_err(|_| ip.trim().to_string()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|bad| {
+                    ConfigFileError::invalid("bindAddress", format!("{bad:?} is not an IP address"))
+                })?;
+            bind_v6 = matches!(ips.as_slice(), [IpAddr::V6(_)]);
+        }
+        let (any, loopback): (IpAddr, IpAddr) = if bind_v6 {
+            ("::".parse().expect("literal"), "::1".parse().expect("literal"))
+        } else {
+            (
+                "0.0.0.0".parse().expect("literal"),
+                "127.0.0.1".parse().expect("literal"),
+            )
+        };
+        let socket = |field: &str, value: &Option<String>, default: SocketAddr| match non_empty(value) {
+            None => Ok(default),
+            Some(text) => text
+                .parse::<SocketAddr>()
+                .map_err(|_| ConfigFileError::invalid(field, format!("{text:?} is not an IP:port address"))),
+        };
+        let healthz_bind_address = socket(
+            "healthzBindAddress",
+            &self.healthz_bind_address,
+            SocketAddr::new(any, HEALTHZ_PORT),
+        )?;
+        let metrics_bind_address = socket(
+            "metricsBindAddress",
+            &self.metrics_bind_address,
+            SocketAddr::new(loopback, METRICS_PORT),
+        )?;
+
+        let cluster_cidr = match non_empty(&self.cluster_cidr) {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|c| {
+                    c.trim().parse::<IpNet>().map_err(|_| {
+                        ConfigFileError::invalid("clusterCIDR", format!("{:?} is not a CIDR", c.trim()))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+
+        let detect_local_mode = match non_empty(&self.detect_local_mode) {
+            None => DetectLocalMode::ClusterCidr,
+            Some(text) => DetectLocalMode::from_str(text, false).map_err(|_| {
+                ConfigFileError::invalid(
+                    "detectLocalMode",
+                    format!(
+                        "{text:?} is not one of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix"
+                    ),
+                )
+            })?,
+        };
+        let detect_local = self.detect_local.unwrap_or_default();
+
+        let nodeport_addresses: Vec<String> = self
+            .node_port_addresses
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        NodePortSpec::parse(&nodeport_addresses).map_err(|_| {
+            ConfigFileError::invalid(
+                "nodePortAddresses",
+                format!("{nodeport_addresses:?}: expected CIDRs, or just \"primary\""),
+            )
+        })?;
+
+        let iptables = self.iptables.unwrap_or_default();
+        let nftables = self.nftables.unwrap_or_default();
+        let iptables_section = ModeSection {
+            masquerade_all: iptables.masquerade_all.unwrap_or(false),
+            masquerade_bit: masquerade_bit("iptables.masqueradeBit", iptables.masquerade_bit)?,
+            sync_period: set(iptables.sync_period).unwrap_or(DEFAULT_SYNC_PERIOD),
+            min_sync_period: set(iptables.min_sync_period).unwrap_or(DEFAULT_MIN_SYNC_PERIOD),
+        };
+        let nftables_section = ModeSection {
+            masquerade_all: nftables.masquerade_all.unwrap_or(false),
+            masquerade_bit: masquerade_bit("nftables.masqueradeBit", nftables.masquerade_bit)?,
+            sync_period: set(nftables.sync_period).unwrap_or(DEFAULT_SYNC_PERIOD),
+            min_sync_period: set(nftables.min_sync_period).unwrap_or(DEFAULT_MIN_SYNC_PERIOD),
+        };
+
+        Ok(FileConfig {
+            mode,
+            kubeconfig: self
+                .client_connection
+                .as_ref()
+                .and_then(|cc| non_empty(&cc.kubeconfig))
+                .map(PathBuf::from),
+            hostname_override: non_empty(&self.hostname_override).map(str::to_string),
+            cluster_cidr,
+            detect_local_mode,
+            pod_bridge_interface: non_empty(&detect_local.bridge_interface).map(str::to_string),
+            pod_interface_name_prefix: non_empty(&detect_local.interface_name_prefix).map(str::to_string),
+            nodeport_addresses,
+            healthz_bind_address,
+            metrics_bind_address,
+            iptables: iptables_section,
+            nftables: nftables_section,
+            iptables_localhost_nodeports: iptables.localhost_node_ports.unwrap_or(false),
+            sync_period: set(self.sync_period),
+            min_sync_period: set(self.min_sync_period),
+            conntrack_max_per_core: conntrack_count(
+                "conntrack.maxPerCore",
+                conntrack.max_per_core,
+                DEFAULT_CONNTRACK_MAX_PER_CORE,
+            )?,
+            conntrack_min: conntrack_count("conntrack.min", conntrack.min, DEFAULT_CONNTRACK_MIN)?,
+            // An explicit 0s here means "leave the kernel's value", unlike the sync periods, so only an absent
+            // value takes the default.
+            conntrack_tcp_timeout_established: conntrack
+                .tcp_established_timeout
+                .map_or(DEFAULT_TCP_ESTABLISHED_TIMEOUT, |d| d.0),
+            conntrack_tcp_timeout_close_wait: conntrack
+                .tcp_close_wait_timeout
+                .map_or(DEFAULT_TCP_CLOSE_WAIT_TIMEOUT, |d| d.0),
+            conntrack_udp_timeout: conntrack.udp_timeout.map_or(Duration::ZERO, |d| d.0),
+            conntrack_udp_timeout_stream: conntrack.udp_stream_timeout.map_or(Duration::ZERO, |d| d.0),
+            log_format,
+            warnings,
+        })
+    }
+}
+
+fn masquerade_bit(field: &str, value: Option<i64>) -> Result<u8, ConfigFileError> {
+    match value {
+        None => Ok(DEFAULT_MASQUERADE_BIT),
+        Some(bit @ 0..=31) => Ok(bit as u8),
+        Some(bit) => Err(ConfigFileError::invalid(field, format!("{bit} is outside 0-31"))),
+    }
+}
+
+fn conntrack_count(field: &str, value: Option<i64>, default: u32) -> Result<u32, ConfigFileError> {
+    match value {
+        None => Ok(default),
+        Some(n) if n < 0 => Err(ConfigFileError::invalid(field, format!("{n} is negative"))),
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|&n| n <= i32::MAX as u32)
+            .ok_or_else(|| ConfigFileError::invalid(field, format!("{n} is larger than {}", i32::MAX))),
+    }
+}
