@@ -9,6 +9,7 @@
 
 pub mod canonical;
 pub mod chain_name;
+pub mod cleanup;
 pub mod config;
 pub mod failure;
 pub mod gc;

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster_state;
+pub mod conntrack_plan;
 pub mod endpoint;
 pub mod endpoint_slice;
 pub mod family;

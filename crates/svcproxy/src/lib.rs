@@ -2,6 +2,8 @@
 //! drive them; the pure logic lives in the model and backend crates.
 #![forbid(unsafe_code)]
 
+pub mod backends;
+pub mod cleanup;
 pub mod cli;
 pub mod config_file;
 pub mod exec;

@@ -22,7 +22,7 @@ pub enum ExecError {
 pub trait IptablesCommands: Send + Sync {
     /// `iptables-restore --noflush`: one atomic transaction per table in `payload`.
     fn restore(&self, payload: &str) -> Result<(), ExecError>;
-    /// `iptables-save` of the given tables, concatenated.
+    /// `iptables-save` of the given tables, concatenated; every table when `tables` is empty.
     fn save(&self, tables: &[&str]) -> Result<String, ExecError>;
     /// `iptables -t TABLE -S CHAIN`: one chain's rules; `None` when the chain does not exist.
     fn list_chain(&self, table: &str, chain: &str) -> Result<Option<String>, ExecError>;
@@ -32,24 +32,29 @@ pub trait IptablesCommands: Send + Sync {
 /// 100 ms, instead of failing at once when another writer (kubelet, a CNI plugin) holds it.
 #[derive(Debug, Clone)]
 pub struct SystemIptables {
-    restore: &'static str,
-    save: &'static str,
-    iptables: &'static str,
+    restore: String,
+    save: String,
+    iptables: String,
 }
 
 impl SystemIptables {
     pub fn new(family: IpFamily) -> Self {
         match family {
-            IpFamily::V4 => SystemIptables {
-                restore: "iptables-restore",
-                save: "iptables-save",
-                iptables: "iptables",
-            },
-            IpFamily::V6 => SystemIptables {
-                restore: "ip6tables-restore",
-                save: "ip6tables-save",
-                iptables: "ip6tables",
-            },
+            IpFamily::V4 => Self::with_binaries("iptables-restore", "iptables-save", "iptables"),
+            IpFamily::V6 => Self::with_binaries("ip6tables-restore", "ip6tables-save", "ip6tables"),
+        }
+    }
+
+    /// Specific binaries, e.g. one backend's (`iptables-legacy-restore`, …).
+    pub fn with_binaries(
+        restore: impl Into<String>,
+        save: impl Into<String>,
+        iptables: impl Into<String>,
+    ) -> Self {
+        SystemIptables {
+            restore: restore.into(),
+            save: save.into(),
+            iptables: iptables.into(),
         }
     }
 }
@@ -63,18 +68,20 @@ fn spawn_err(program: &str, e: std::io::Error) -> ExecError {
 
 impl IptablesCommands for SystemIptables {
     fn restore(&self, payload: &str) -> Result<(), ExecError> {
-        let mut child = Command::new(self.restore)
+        let mut child = Command::new(&self.restore)
             .args(["-w", "5", "-W", "100000", "--noflush", "--counters"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| spawn_err(self.restore, e))?;
+            .map_err(|e| spawn_err(&self.restore, e))?;
         if let Some(mut stdin) = child.stdin.take() {
             // A write error means the child died early; its exit status and stderr below say why.
             let _ = stdin.write_all(payload.as_bytes());
         }
-        let out = child.wait_with_output().map_err(|e| spawn_err(self.restore, e))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| spawn_err(&self.restore, e))?;
         if out.status.success() {
             Ok(())
         } else {
@@ -88,11 +95,17 @@ impl IptablesCommands for SystemIptables {
 
     fn save(&self, tables: &[&str]) -> Result<String, ExecError> {
         let mut all = String::new();
-        for table in tables {
-            let out = Command::new(self.save)
-                .args(["-t", table])
+        // No table named means every table.
+        let selections: Vec<Vec<&str>> = if tables.is_empty() {
+            vec![Vec::new()]
+        } else {
+            tables.iter().map(|t| vec!["-t", *t]).collect()
+        };
+        for args in selections {
+            let out = Command::new(&self.save)
+                .args(&args)
                 .output()
-                .map_err(|e| spawn_err(self.save, e))?;
+                .map_err(|e| spawn_err(&self.save, e))?;
             if !out.status.success() {
                 return Err(ExecError::Failed {
                     program: self.save.to_string(),
@@ -106,10 +119,10 @@ impl IptablesCommands for SystemIptables {
     }
 
     fn list_chain(&self, table: &str, chain: &str) -> Result<Option<String>, ExecError> {
-        let out = Command::new(self.iptables)
+        let out = Command::new(&self.iptables)
             .args(["-w", "5", "-W", "100000", "-t", table, "-S", chain])
             .output()
-            .map_err(|e| spawn_err(self.iptables, e))?;
+            .map_err(|e| spawn_err(&self.iptables, e))?;
         if out.status.success() {
             return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
         }

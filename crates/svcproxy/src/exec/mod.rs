@@ -1,3 +1,4 @@
 //! External commands behind small traits, each with a real implementation and a recording fake.
 
 pub mod iptables;
+pub mod runner;
