@@ -121,8 +121,8 @@ pub struct RunArgs {
 
     /// Also accept NodePort connections on 127.0.0.0/8. Off by default: it needs route_localnet, which lets
     /// martian packets reach localhost services (CVE-2020-8558); a guard rule is written when it is on.
-    /// (kube-proxy defaults to on; svcproxy does not, and writes `localhostNodePorts` explicitly so the choice
-    /// survives a switch in either direction.)
+    /// (kube-proxy defaults to on; svcproxy does not, also when a configuration file leaves
+    /// `iptables.localhostNodePorts` unset.)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
           default_value = "false", value_parser = parse_go_bool)]
     pub iptables_localhost_nodeports: bool,
@@ -136,36 +136,48 @@ pub struct RunArgs {
     pub metrics_bind_address: SocketAddr,
 
     /// Minimum interval between syncs: changes arriving faster are batched (e.g. 1s, 500ms, 0 to disable).
-    #[arg(long, alias = "iptables-min-sync-period", default_value = "1s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        visible_alias = "iptables-min-sync-period",
+        value_name = "DURATION",
+        default_value = "1s",
+        value_parser = parse_duration
+    )]
     pub min_sync_period: Duration,
 
     /// Retry interval after a failed sync; a change not programmed within twice this marks the proxy unhealthy.
-    #[arg(long, alias = "iptables-sync-period", default_value = "30s", value_parser = parse_positive_duration)]
+    #[arg(
+        long,
+        visible_alias = "iptables-sync-period",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = parse_positive_duration
+    )]
     pub sync_period: Duration,
 
-    /// Connection-tracking entries to allow per CPU core: nf_conntrack_max becomes the larger of this times the
-    /// number of cores and --conntrack-min. 0 leaves nf_conntrack_max as it is.
-    #[arg(long, default_value_t = 32768, value_parser = clap::value_parser!(u32).range(0..=i32::MAX as i64))]
+    /// Connection-tracking entries to allow per CPU core: nf_conntrack_max becomes the larger of this
+    /// times the number of cores and --conntrack-min. 0 leaves nf_conntrack_max as it is.
+    #[arg(long, value_name = "COUNT", default_value_t = 32768, value_parser = conntrack_count())]
     pub conntrack_max_per_core: u32,
 
     /// The least nf_conntrack_max to set, whatever the number of cores.
-    #[arg(long, default_value_t = 131072, value_parser = clap::value_parser!(u32).range(0..=i32::MAX as i64))]
+    #[arg(long, value_name = "COUNT", default_value_t = 131072, value_parser = conntrack_count())]
     pub conntrack_min: u32,
 
     /// Idle timeout of established TCP connections in the connection-tracking table (0 leaves the kernel's).
-    #[arg(long, default_value = "24h0m0s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "24h0m0s", value_parser = parse_duration)]
     pub conntrack_tcp_timeout_established: Duration,
 
     /// How long a TCP entry in CLOSE_WAIT stays in the connection-tracking table (0 leaves the kernel's).
-    #[arg(long, default_value = "1h0m0s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1h0m0s", value_parser = parse_duration)]
     pub conntrack_tcp_timeout_close_wait: Duration,
 
     /// Idle timeout of unreplied UDP flows in the connection-tracking table (0 leaves the kernel's).
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub conntrack_udp_timeout: Duration,
 
     /// Idle timeout of UDP flows that have seen replies ("streams") (0 leaves the kernel's).
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub conntrack_udp_timeout_stream: Duration,
 
     /// Log output format.
@@ -173,9 +185,16 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
-/// Parses Go-style durations as kube-proxy's flags and configuration files take them: `1s`, `500ms`, `1m30s`,
-/// `1.5h`, `0`. Exact to the nanosecond (integer arithmetic), so a duration written by [`format_duration`] reads
-/// back unchanged. Negative durations are refused: no setting here has a meaning for them.
+// kube-proxy's conntrack counts are int32s; keeping to that range means a value accepted here is accepted by
+// kube-proxy too, after a rollback.
+fn conntrack_count() -> clap::builder::RangedU64ValueParser<u32> {
+    clap::value_parser!(u32).range(0..=i64::from(i32::MAX))
+}
+
+/// Parses Go-style durations as kube-proxy's flags and configuration files take them: `1s`, `500ms`,
+/// `1m30s`, `1.5h`, `0`. Exact to the nanosecond (integer arithmetic), so a duration written by
+/// [`format_duration`] reads back unchanged. Negative durations are refused: no setting here has a meaning
+/// for them.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let text = s.trim();
     let unsigned = text.strip_prefix('+').unwrap_or(text);
@@ -253,8 +272,8 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// Formats a duration the way Go's `time.Duration` prints it (`0s`, `500ms`, `1m30s`, `24h0m0s`), which is how
-/// KubeProxyConfiguration files spell durations.
+/// Formats a duration the way Go's `time.Duration` prints it (`0s`, `500ms`, `1m30s`, `24h0m0s`), which is
+/// how KubeProxyConfiguration files spell durations.
 pub fn format_duration(d: Duration) -> String {
     // Whole units, then the remainder as a decimal fraction without trailing zeros.
     fn with_fraction(value: u128, unit: u128, digits: usize) -> String {
@@ -287,8 +306,8 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
-/// Parses a boolean flag value the way kube-proxy's (Go) flags do, so `--masquerade-all=false` from an existing
-/// command line means what it meant there.
+/// Parses a boolean flag value the way kube-proxy's (Go) flags do, so `--masquerade-all=false` from an
+/// existing command line means what it meant there.
 pub fn parse_go_bool(s: &str) -> Result<bool, String> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),

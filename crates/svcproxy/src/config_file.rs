@@ -1,9 +1,9 @@
 //! KubeProxyConfiguration files (`kubeproxy.config.k8s.io/v1alpha1`), so a node can switch between kube-proxy
 //! and svcproxy with the same configuration.
 //!
-//! Reading follows upstream's rules: a field that is absent, `null` or zero takes kube-proxy's default (kubeadm
-//! writes every field, most of them as zero values, and means "default" by it), and flags given explicitly on
-//! the command line override the file. Beyond that the reader is strict, because a setting that is silently
+//! Reading follows upstream's rules: a field that is absent, `null` or zero takes kube-proxy's default
+//! (kubeadm writes every field, most of them as zero values, and means "default" by it), and flags given
+//! explicitly on the command line override the file. Beyond that the reader is strict, because a setting that is silently
 //! dropped is a node that behaves differently from what its operator reads in the ConfigMap:
 //! - an unknown field is an error naming it;
 //! - a value out of range is an error naming the field;
@@ -51,8 +51,10 @@ pub enum ConfigFileError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write {}: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("not a YAML document: {0}")]
+    #[error("not valid YAML: {0}")]
     Yaml(String),
+    #[error("the document is empty; expected a {KIND}")]
+    Empty,
     #[error("{field}: unknown field (not part of {KIND} {API_VERSION})")]
     UnknownField { field: String },
     #[error("{field}: {reason}")]
@@ -93,8 +95,8 @@ impl ConfigFileError {
     }
 }
 
-/// What a configuration file says, with kube-proxy's defaulting applied: every setting has its final value, so
-/// merging is "the file, except where a flag was given".
+/// What a configuration file says, with kube-proxy's defaulting applied: every setting has its final value,
+/// so merging is "the file, except where a flag was given".
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileConfig {
     pub mode: ProxyMode,
@@ -295,8 +297,8 @@ pub fn effective_config_yaml(args: &RunArgs) -> String {
     ));
     if args.min_sync_period.is_zero() {
         y.push_str(
-            "# minSyncPeriod is 0 (no batching); in a file 0s means the default, 1s, as it does for kube-proxy,\n\
-             # so pass --min-sync-period=0 on the command line to keep it.\n",
+            "# minSyncPeriod is 0 (no batching); in a file 0s means the default, 1s, as it does for\n\
+             # kube-proxy, so pass --min-sync-period=0 on the command line to keep it.\n",
         );
     }
     // Both sections carry the same values, so the file means the same thing whichever mode reads it.
@@ -339,9 +341,7 @@ pub fn parse(yaml: &str) -> Result<FileConfig, ConfigFileError> {
     // YAML deserializer alone would report only by line and column.
     let value: Value = serde_saphyr::from_str(yaml).map_err(|e| ConfigFileError::Yaml(e.to_string()))?;
     if value.is_null() {
-        return Err(ConfigFileError::Yaml(format!(
-            "the document is empty; expected a {KIND}"
-        )));
+        return Err(ConfigFileError::Empty);
     }
     let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
         let field = match e.path().to_string() {
@@ -377,10 +377,17 @@ struct GoDuration(Duration);
 
 impl<'de> Deserialize<'de> for GoDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_duration(&text)
-            .map(GoDuration)
-            .map_err(serde::de::Error::custom)
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = GoDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as \"30s\" or \"1m0s\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<GoDuration, E> {
+                parse_duration(text).map(GoDuration).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Visitor)
     }
 }
 
@@ -845,8 +852,8 @@ impl RawConfig {
                 DEFAULT_CONNTRACK_MAX_PER_CORE,
             )?,
             conntrack_min: conntrack_count("conntrack.min", conntrack.min, DEFAULT_CONNTRACK_MIN)?,
-            // An explicit 0s here means "leave the kernel's value", unlike the sync periods, so only an absent
-            // value takes the default.
+            // An explicit 0s here means "leave the kernel's value", unlike the sync periods, so only an
+            // absent value takes the default.
             conntrack_tcp_timeout_established: conntrack
                 .tcp_established_timeout
                 .map_or(DEFAULT_TCP_ESTABLISHED_TIMEOUT, |d| d.0),

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use svcproxy::backends;
 use svcproxy::cli::{Cli, Command, LogFormat, ProxyMode, RunArgs};
 use svcproxy::exec::iptables::SystemIptables;
 use svcproxy::health::ProxyHealth;
@@ -14,6 +15,7 @@ use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, manifest_dir::ManifestDir};
 use svcproxy::sync::engine::{Engine, EngineConfig};
 use svcproxy::sync::iptables_proxier::{IptablesProxier, ProxierOptions};
+use svcproxy_conntrack::NetlinkConntrack;
 use svcproxy_model::{IntentConfig, IpFamily};
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
@@ -43,6 +45,27 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
     }
+}
+
+/// KUBE-* state in the iptables backend we do not write keeps acting on packets where we can neither see nor
+/// repair it: refuse to start, naming both sides and the fix.
+fn refuse_mixed_backends() -> anyhow::Result<()> {
+    let ours = backends::active_backend()?;
+    let (Some(ours_cmds), Some(theirs_cmds)) = (ours.commands(), ours.other().commands()) else {
+        return Ok(());
+    };
+    let ours_chains = backends::kube_chains(&ours_cmds)?;
+    let theirs_chains = backends::kube_chains(&theirs_cmds).unwrap_or_default();
+    backends::check_mixed(ours, &ours_chains, &theirs_chains)?;
+    if !theirs_chains.is_empty() {
+        tracing::warn!(
+            "the {} iptables backend holds {} KUBE-* chains; svcproxy writes {}. Remove them with `svcproxy cleanup`",
+            ours.other().name(),
+            theirs_chains.len(),
+            ours.name()
+        );
+    }
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -91,7 +114,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let options = ProxierOptions::from_args(&args, family)?;
-    let proxier = IptablesProxier::new(
+    refuse_mixed_backends()?;
+    let mut proxier = IptablesProxier::new(
         Box::new(SystemIptables::new(family)),
         Box::new(SystemAddresses),
         IntentConfig {
@@ -100,6 +124,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         options,
     );
+    match NetlinkConntrack::new() {
+        Ok(ct) => proxier = proxier.with_conntrack(Box::new(ct)),
+        Err(e) => tracing::warn!("stale UDP flows will not be cleaned: cannot open conntrack netlink: {e}"),
+    }
     let engine = Engine::new(
         proxier,
         EngineConfig {

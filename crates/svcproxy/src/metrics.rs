@@ -65,6 +65,8 @@ pub struct Metrics {
     pub verifications: Family<FamilyLabels, Counter>,
     pub divergences: Family<ClassLabels, Counter>,
     pub repairs: Family<FamilyLabels, Counter>,
+    pub conntrack_duration: Family<FamilyLabels, Histogram, fn() -> Histogram>,
+    pub conntrack_deleted: Family<FamilyLabels, Counter>,
 }
 
 impl Metrics {
@@ -91,6 +93,8 @@ impl Metrics {
             verifications: Family::default(),
             divergences: Family::default(),
             repairs: Family::default(),
+            conntrack_duration: Family::new_with_constructor(sync_histogram as fn() -> Histogram),
+            conntrack_deleted: Family::default(),
             registry: Registry::default(),
         };
         {
@@ -139,6 +143,16 @@ impl Metrics {
                 "sync_proxy_rules_endpoint_changes",
                 "Cumulative proxy rules Endpoint changes",
                 m.endpoint_changes.clone(),
+            );
+            kp.register(
+                "conntrack_reconciler_sync_duration_seconds",
+                "Duration of one conntrack reconciliation in seconds",
+                m.conntrack_duration.clone(),
+            );
+            kp.register(
+                "conntrack_reconciler_deleted_entries",
+                "Cumulative conntrack entries deleted by the reconciler",
+                m.conntrack_deleted.clone(),
             );
             kp.register(
                 "proxy_healthz",

@@ -413,6 +413,16 @@ impl<P: Proxier> Engine<P> {
                     .last_sync_timestamp
                     .get_or_create(&labels)
                     .set(unix_now());
+                if let Some(ct) = report.conntrack {
+                    self.metrics
+                        .conntrack_duration
+                        .get_or_create(&labels)
+                        .observe(ct.seconds);
+                    self.metrics
+                        .conntrack_deleted
+                        .get_or_create(&labels)
+                        .inc_by(ct.deleted as u64);
+                }
                 self.metrics
                     .programmed_service_ports
                     .get_or_create(&labels)

@@ -18,10 +18,13 @@ use svcproxy_model::Node;
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{ClusterState, IntentConfig, IpFamily};
 
-use super::proxier::{Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
+use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::cli::{DetectLocalMode, RunArgs};
 use crate::exec::iptables::{ExecError, IptablesCommands};
 use crate::node_addresses::{LocalAddresses, NodePortSpec, NodePortSpecError, primary_ip};
+use svcproxy_conntrack::{Conntrack, clean_stale_flows};
+use svcproxy_iptables::config::NodePortAddresses;
+use svcproxy_model::{Intent, Protocol, ServicePortName};
 
 /// Payload lines quoted around a failing line when the kernel refuses a transaction.
 const CONTEXT_LINES: usize = 2;
@@ -141,6 +144,9 @@ pub struct IptablesProxier {
     applied: Option<(Ruleset, RenderConfig)>,
     /// Chains the last partial transaction wrote, for the read-back right after it.
     touched: Vec<(TableName, String)>,
+    conntrack: Option<Box<dyn Conntrack>>,
+    /// The intent of the last successful sync, to find UDP/SCTP service ports that changed.
+    applied_intent: Option<Arc<Intent>>,
 }
 
 /// Above this many touched chains, reading the whole table back is cheaper than listing chains one by one.
@@ -160,6 +166,64 @@ impl IptablesProxier {
             options,
             applied: None,
             touched: Vec::new(),
+            conntrack: None,
+            applied_intent: None,
+        }
+    }
+
+    /// Cleans stale UDP and SCTP flows after syncs that changed such service ports.
+    pub fn with_conntrack(mut self, conntrack: Box<dyn Conntrack>) -> Self {
+        self.conntrack = Some(conntrack);
+        self
+    }
+
+    /// Deletes the conntrack entries that would keep datagrams going to endpoints that are gone (or keep them
+    /// un-NATed from while the service had none). Runs only when a UDP or SCTP service port changed, since
+    /// it lists the whole table. A failure is reported, not fatal: the rules are right either way.
+    fn clean_conntrack(
+        &self,
+        intent: &Intent,
+        config: &RenderConfig,
+        local: &[std::net::IpAddr],
+    ) -> Option<ConntrackRun> {
+        let conntrack = self.conntrack.as_ref()?;
+        let previous = self.applied_intent.as_deref();
+        if let Some(previous) = previous
+            && !datagram_ports_changed(previous, intent)
+        {
+            return None;
+        }
+        let family = self.intent_config.family;
+        let mut node_ips: Vec<std::net::IpAddr> = match &config.node_port_addresses {
+            NodePortAddresses::All => local
+                .iter()
+                .copied()
+                .filter(|ip| family.contains(ip) && !ip.is_loopback())
+                .collect(),
+            NodePortAddresses::Ips(ips) => ips.clone(),
+        };
+        if config.localhost_node_ports_active() {
+            node_ips.push(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let started = std::time::Instant::now();
+        match clean_stale_flows(conntrack.as_ref(), family, previous, intent, &node_ips) {
+            Ok(report) => {
+                if report.deleted > 0 {
+                    tracing::info!(
+                        listed = report.listed,
+                        deleted = report.deleted,
+                        "deleted stale conntrack entries"
+                    );
+                }
+                Some(ConntrackRun {
+                    seconds: started.elapsed().as_secs_f64(),
+                    deleted: report.deleted,
+                })
+            }
+            Err(e) => {
+                tracing::warn!("conntrack cleanup failed: {e}");
+                None
+            }
         }
     }
 
@@ -266,11 +330,15 @@ impl Proxier for IptablesProxier {
         } else {
             Vec::new()
         };
+        let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
+        let intent = Arc::new(intent);
+        self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));
         Ok(SyncReport {
             full: mode != SyncMode::Partial,
-            intent: Arc::new(intent),
+            intent,
             payload_lines: lines,
+            conntrack,
         })
     }
 
@@ -326,6 +394,18 @@ fn finding(d: &Divergence) -> Finding {
         kind: d.label(),
         services: d.services.clone(),
     }
+}
+
+/// Whether any UDP or SCTP service port differs between two intents (added, removed or changed).
+fn datagram_ports_changed(previous: &Intent, current: &Intent) -> bool {
+    let datagram = |i: &Intent| -> Vec<(ServicePortName, u64)> {
+        i.service_ports
+            .values()
+            .filter(|s| s.name.protocol != Protocol::Tcp)
+            .map(|s| (s.name.clone(), s.content_hash))
+            .collect()
+    };
+    datagram(previous) != datagram(current)
 }
 
 /// The chains a payload declares (and so rewrites), by table.

@@ -5,13 +5,22 @@ use std::sync::Arc;
 use svcproxy_model::{ClusterState, Intent, IpFamily};
 
 /// The outcome of one successful sync.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SyncReport {
     pub full: bool,
     /// The intent the kernel now holds.
     pub intent: Arc<Intent>,
     /// Lines sent to the kernel (0 when nothing had changed).
     pub payload_lines: usize,
+    /// The stale-flow cleanup that followed, when one ran.
+    pub conntrack: Option<ConntrackRun>,
+}
+
+/// One conntrack reconciliation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ConntrackRun {
+    pub seconds: f64,
+    pub deleted: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
