@@ -3,8 +3,8 @@
 //!
 //! Reading follows upstream's rules: a field that is absent, `null` or zero takes kube-proxy's default
 //! (kubeadm writes every field, most of them as zero values, and means "default" by it), and flags given
-//! explicitly on the command line override the file. Beyond that the reader is strict, because a setting that is silently
-//! dropped is a node that behaves differently from what its operator reads in the ConfigMap:
+//! explicitly on the command line override the file. Beyond that the reader is strict, because a setting
+//! that is silently dropped is a node that behaves differently from what its operator reads in the ConfigMap:
 //! - an unknown field is an error naming it;
 //! - a value out of range is an error naming the field;
 //! - an option svcproxy does not implement (IPVS, Windows, profiling, `portRange`, `conntrack.tcpBeLiberal`)

@@ -49,11 +49,14 @@ impl Runner for SystemRunner {
     }
 }
 
+/// Canned answers: a command-line prefix and what a call starting with it returns.
+type Answers = Arc<Mutex<Vec<(String, Result<String, ExecError>)>>>;
+
 /// Answers from a script of canned outputs by program name and records every call.
 #[derive(Debug, Clone, Default)]
 pub struct RecordingRunner {
     pub calls: Arc<Mutex<Vec<String>>>,
-    pub outputs: Arc<Mutex<Vec<(String, Result<String, ExecError>)>>>,
+    pub outputs: Answers,
 }
 
 impl RecordingRunner {
