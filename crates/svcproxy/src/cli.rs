@@ -26,6 +26,16 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy: watch the cluster (or a manifest directory) and keep the node's rules in sync.
     Run(Box<RunArgs>),
+    /// Remove everything any kube-proxy version or svcproxy left on this node (iptables chains in both
+    /// backends and families, nftables tables, IPVS leftovers), then exit. Safe to run twice.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CleanupArgs {
+    /// List what would be removed without removing it.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -183,11 +193,20 @@ pub struct RunArgs {
     /// Log output format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// How often every rule svcproxy owns is read back from the kernel and compared with what it wrote (what a
+    /// sync wrote is always read back right after it). 0 disables the periodic check.
+    #[arg(long, default_value = "1m0s", value_parser = parse_duration)]
+    pub verify_period: Duration,
+
+    /// After this many consecutive failed syncs /healthz answers 503 with the reason.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub unhealthy_after: u32,
 }
 
 // kube-proxy's conntrack counts are int32s; keeping to that range means a value accepted here is accepted by
 // kube-proxy too, after a rollback.
-fn conntrack_count() -> clap::builder::RangedU64ValueParser<u32> {
+fn conntrack_count() -> clap::builder::RangedI64ValueParser<u32> {
     clap::value_parser!(u32).range(0..=i64::from(i32::MAX))
 }
 
@@ -333,7 +352,9 @@ mod tests {
     #[test]
     fn upstream_defaults() {
         let cli = Cli::try_parse_from(["svcproxy", "run"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
         assert_eq!(args.healthz_bind_address.to_string(), "0.0.0.0:10256");
         assert_eq!(args.metrics_bind_address.to_string(), "127.0.0.1:10249");
         assert_eq!(args.min_sync_period, Duration::from_secs(1));
@@ -385,7 +406,9 @@ mod tests {
     #[test]
     fn conntrack_defaults_are_upstreams() {
         let cli = Cli::try_parse_from(["svcproxy", "run"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
         assert_eq!(args.conntrack_max_per_core, 32768);
         assert_eq!(args.conntrack_min, 131072);
         assert_eq!(args.conntrack_tcp_timeout_established, Duration::from_secs(86400));
@@ -413,7 +436,9 @@ mod tests {
             "--config=/etc/svcproxy/config.conf",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
         assert_eq!(args.min_sync_period, Duration::from_secs(2));
         assert_eq!(args.sync_period, Duration::from_secs(60));
         assert!(!args.masquerade_all);
@@ -423,7 +448,9 @@ mod tests {
         assert_eq!(args.config, Some(PathBuf::from("/etc/svcproxy/config.conf")));
 
         let cli = Cli::try_parse_from(["svcproxy", "run", "--masquerade-all=True"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
         assert!(args.masquerade_all);
     }
 

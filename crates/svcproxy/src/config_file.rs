@@ -45,12 +45,14 @@ const DEFAULT_TCP_CLOSE_WAIT_TIMEOUT: Duration = Duration::from_secs(3600);
 const HEALTHZ_PORT: u16 = 10256;
 const METRICS_PORT: u16 = 10249;
 
+// The underlying errors are part of each message rather than a `source`: each message is complete on its
+// own, and a chain would print every cause twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {}: {error}", path.display())]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("cannot write {}: {error}", path.display())]
+    Write { path: PathBuf, error: std::io::Error },
     #[error("not valid YAML: {0}")]
     Yaml(String),
     #[error("the document is empty; expected a {KIND}")]
@@ -61,10 +63,10 @@ pub enum ConfigFileError {
     Invalid { field: String, reason: String },
     #[error("{field}: {reason}")]
     Unsupported { field: String, reason: String },
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     InFile {
         path: PathBuf,
-        source: Box<ConfigFileError>,
+        error: Box<ConfigFileError>,
     },
 }
 
@@ -75,7 +77,7 @@ impl ConfigFileError {
             ConfigFileError::UnknownField { field }
             | ConfigFileError::Invalid { field, .. }
             | ConfigFileError::Unsupported { field, .. } => Some(field),
-            ConfigFileError::InFile { source, .. } => source.field(),
+            ConfigFileError::InFile { error, .. } => error.field(),
             _ => None,
         }
     }
@@ -155,13 +157,13 @@ pub fn resolve(args: RunArgs, run_matches: &ArgMatches) -> Result<Resolved, Conf
             warnings: Vec::new(),
         });
     };
-    let text = std::fs::read_to_string(&path).map_err(|source| ConfigFileError::Read {
+    let text = std::fs::read_to_string(&path).map_err(|error| ConfigFileError::Read {
         path: path.clone(),
-        source,
+        error,
     })?;
     let file = parse(&text).map_err(|e| ConfigFileError::InFile {
         path: path.clone(),
-        source: Box::new(e),
+        error: Box::new(e),
     })?;
     let warnings = file.warnings.clone();
     Ok(Resolved {
@@ -234,9 +236,9 @@ pub fn merge(args: RunArgs, run_matches: &ArgMatches, file: &FileConfig) -> RunA
 
 /// Writes [`effective_config_yaml`] to `path` (`--write-config-to`).
 pub fn write_effective_config(args: &RunArgs, path: &Path) -> Result<(), ConfigFileError> {
-    std::fs::write(path, effective_config_yaml(args)).map_err(|source| ConfigFileError::Write {
+    std::fs::write(path, effective_config_yaml(args)).map_err(|error| ConfigFileError::Write {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

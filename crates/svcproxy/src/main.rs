@@ -3,10 +3,12 @@
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use svcproxy::backends;
 use svcproxy::cli::{Cli, Command, LogFormat, ProxyMode, RunArgs};
+use svcproxy::config_file;
 use svcproxy::exec::iptables::SystemIptables;
+use svcproxy::exec::runner::SystemRunner;
 use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
@@ -133,6 +135,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         EngineConfig {
             min_sync_period: args.min_sync_period,
             sync_period: args.sync_period,
+            unhealthy_after: args.unhealthy_after,
+            verify_period: (!args.verify_period.is_zero()).then_some(args.verify_period),
             ..Default::default()
         },
         health.clone(),
@@ -152,11 +156,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Run(args) => {
-            init_logging(args.log_format);
-            run(*args).await
+            let run_matches = matches.subcommand_matches("run").expect("clap matched `run`");
+            let resolved = config_file::resolve(*args, run_matches)?;
+            init_logging(resolved.args.log_format);
+            for warning in &resolved.warnings {
+                tracing::warn!("configuration: {warning}");
+            }
+            if let Some(path) = &resolved.args.write_config_to {
+                config_file::write_effective_config(&resolved.args, path)?;
+                return Ok(());
+            }
+            run(resolved.args).await
+        }
+        Command::Cleanup(args) => {
+            init_logging(LogFormat::Text);
+            let removed = svcproxy::cleanup::cleanup(&SystemRunner, args.dry_run)?;
+            let verb = if args.dry_run { "would remove" } else { "removed" };
+            if removed.is_empty() {
+                println!("nothing to remove");
+            }
+            for item in removed {
+                println!("{verb} {item}");
+            }
+            Ok(())
         }
     }
 }

@@ -229,12 +229,11 @@ fn bad_manifests_are_rejected_and_lose_nothing() {
     assert!(log.contains("dns.yaml"), "YAML error names the file:\n{log}");
     // The last good versions stay programmed.
     assert_eq!(tcp_request(client.ns(), vip, T).unwrap().identity, "pod11");
-    assert_eq!(
-        udp_request(client.ns(), addr("10.96.0.10", 53), T)
-            .unwrap()
-            .identity,
-        "pod11"
-    );
+    // A single datagram can be lost under load (the first one also waits for neighbour resolution): retry.
+    let dns = wait_until(WAIT, POLL, "the dns service still answers", || {
+        udp_request(client.ns(), addr("10.96.0.10", 53), T).ok()
+    });
+    assert_eq!(dns.identity, "pod11");
 
     // An unknown kind is a warning naming file and document, not an error.
     dir.write(

@@ -152,7 +152,9 @@ fn the_command_line_parses_and_reads_the_configmaps_key() {
     let cmd = command(&m);
     assert_eq!(cmd[..2], ["svcproxy", "run"]);
     let cli = Cli::try_parse_from(&cmd).expect("the DaemonSet's command line parses");
-    let svcproxy::cli::Command::Run(args) = cli.command;
+    let svcproxy::cli::Command::Run(args) = cli.command else {
+        panic!("the DaemonSet runs `svcproxy run`")
+    };
     let config = args.config.expect("the DaemonSet passes --config");
     let expected = Path::new(&config_mount(&m)).join("config.conf");
     assert_eq!(config, expected);

@@ -122,12 +122,12 @@ impl ManifestDir {
                     continue;
                 }
             };
-            let docs: Vec<Value> = match serde_saphyr::from_multiple(&text) {
+            let docs: Vec<Value> = match parse_documents(&path, &text) {
                 Ok(d) => d,
-                Err(e) => {
+                Err(reason) => {
                     out.errors.push(DocumentError::File {
                         file: file.clone(),
-                        reason: format!("not valid YAML: {e}"),
+                        reason,
                     });
                     rejected.extend(self.origin.get(&file).into_iter().flatten().cloned());
                     continue;
@@ -265,6 +265,32 @@ impl ManifestDir {
             )),
         }
     }
+}
+
+/// The parser's default budget guards against YAML bombs but also caps honest files at 250,000 nodes and
+/// 1,024 documents, which a cluster of a few thousand Services exceeds. Raise the size limits, keep the limits
+/// on aliases and anchors (what bombs are made of).
+fn yaml_options() -> serde_saphyr::Options {
+    // Both types are non-exhaustive: start from the defaults and raise fields.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = 500_000_000;
+    budget.max_documents = 10_000_000;
+    budget.max_nodes = 200_000_000;
+    budget.max_total_scalar_bytes = 4 << 30;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
+/// Every document of a file: JSON files (what generators and `kubectl get -o json` write) are one value,
+/// YAML files a stream of documents.
+fn parse_documents(path: &Path, text: &str) -> Result<Vec<Value>, String> {
+    if path.extension().and_then(|e| e.to_str()) == Some("json") {
+        return serde_json::from_str::<Value>(text)
+            .map(|v| vec![v])
+            .map_err(|e| format!("not valid JSON: {e}"));
+    }
+    serde_saphyr::from_multiple_with_options(text, yaml_options()).map_err(|e| format!("not valid YAML: {e}"))
 }
 
 /// Deserialises into a k8s-openapi type, naming the field that did not fit.
