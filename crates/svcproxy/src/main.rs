@@ -15,9 +15,10 @@ use svcproxy::metrics::Metrics;
 use svcproxy::node_addresses::SystemAddresses;
 use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, manifest_dir::ManifestDir};
-use svcproxy::sync::engine::{Engine, EngineConfig};
+use svcproxy::sync::engine::{Engine, EngineConfig, EngineStatus};
 use svcproxy::sync::iptables_proxier::{IptablesProxier, ProxierOptions};
 use svcproxy_conntrack::NetlinkConntrack;
+use svcproxy_conntrack::sysctls::{ConntrackSysctlConfig, apply_sysctls, plan_sysctls};
 use svcproxy_model::{IntentConfig, IpFamily};
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
@@ -68,6 +69,45 @@ fn refuse_mixed_backends() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn sysctl_config(args: &RunArgs) -> ConntrackSysctlConfig {
+    ConntrackSysctlConfig {
+        max_per_core: u64::from(args.conntrack_max_per_core),
+        min: u64::from(args.conntrack_min),
+        tcp_established_timeout_secs: args.conntrack_tcp_timeout_established.as_secs(),
+        tcp_close_wait_timeout_secs: args.conntrack_tcp_timeout_close_wait.as_secs(),
+        tcp_be_liberal: false,
+        udp_timeout_secs: args.conntrack_udp_timeout.as_secs(),
+        udp_stream_timeout_secs: args.conntrack_udp_timeout_stream.as_secs(),
+    }
+}
+
+/// Sets kube-proxy's conntrack sysctls once the first sync has loaded conntrack (its files appear only
+/// then). `nf_conntrack_max` can only be written from the host's network namespace: elsewhere that is a
+/// warning, not a reason to stop, unlike upstream which exits and so fails exactly where people try it first.
+async fn apply_conntrack_sysctls(config: ConntrackSysctlConfig, mut status: watch::Receiver<EngineStatus>) {
+    if status.wait_for(|s| s.applied.is_some()).await.is_err() {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    let settings = plan_sysctls(&config, cpus);
+    for outcome in tokio::task::spawn_blocking(move || apply_sysctls(&settings))
+        .await
+        .unwrap_or_default()
+    {
+        match &outcome.result {
+            Ok(_) => tracing::debug!(
+                path = outcome.setting.path,
+                value = outcome.setting.value,
+                "conntrack sysctl set"
+            ),
+            Err(e) if outcome.is_warning() => {
+                tracing::warn!("{e} (expected outside the host network namespace)")
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -143,6 +183,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
     );
     tokio::spawn(ServiceHealthServers::new(health, metrics).run(engine.status()));
+    tokio::spawn(apply_conntrack_sysctls(sysctl_config(&args), engine.status()));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
