@@ -174,6 +174,21 @@ fn clusterip_traffic_follows_the_manifests() {
         metrics.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures"),
         "{metrics}"
     );
+    // Read-back ran after the syncs and found the kernel exactly as written.
+    let verifications = metric_value(&metrics, "svcproxy_verifications_total{ip_family=\"IPv4\"}");
+    assert!(verifications.is_some_and(|v| v >= 2.0), "{metrics}");
+    proxy.assert_no_divergence();
+    // kube-proxy's conntrack timeouts are set in the node's namespace (the kernel's default is five days).
+    wait_until(WAIT, POLL, "the conntrack sysctls are set", || {
+        let v = lab
+            .node()
+            .exec_stdout(&[
+                "cat",
+                "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established",
+            ])
+            .ok()?;
+        (v.trim() == "86400").then_some(())
+    });
     proxy.assert_running();
 }
 
