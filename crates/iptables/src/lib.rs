@@ -21,6 +21,7 @@ pub mod ruleset;
 pub mod save_parser;
 pub mod saved_view;
 pub mod service_rules;
+pub mod staging;
 pub mod trace_rule;
 pub mod tracer;
 pub mod verify;

@@ -53,13 +53,13 @@ impl Payload {
 }
 
 /// What one table section does.
-struct Section<'a> {
-    table: TableName,
-    write: Vec<(&'a str, &'a Chain)>,
-    delete: Vec<&'a str>,
-    jumps: Vec<&'a JumpRule>,
+pub(crate) struct Section<'a> {
+    pub(crate) table: TableName,
+    pub(crate) write: Vec<(&'a str, &'a Chain)>,
+    pub(crate) delete: Vec<&'a str>,
+    pub(crate) jumps: Vec<&'a JumpRule>,
     /// Rules of chains we do not rewrite that must go before chains are deleted or jumps re-inserted.
-    delete_rules: Vec<&'a SavedRule>,
+    pub(crate) delete_rules: Vec<&'a SavedRule>,
 }
 
 impl Section<'_> {
@@ -151,7 +151,7 @@ pub fn partial_payload(prev: &Ruleset, next: &Ruleset, missing_jumps: &[JumpRule
 
 /// Walks two name-ordered maps side by side: one pass and no lookups, which keeps comparing two rulesets of
 /// a hundred thousand chains cheap (unchanged chains are shared, so their comparison is a pointer check).
-fn merge_join<'a>(
+pub(crate) fn merge_join<'a>(
     prev: &'a BTreeMap<ChainName, Chain>,
     next: &'a BTreeMap<ChainName, Chain>,
 ) -> impl Iterator<Item = (&'a str, Option<&'a Chain>, Option<&'a Chain>)> + 'a {
@@ -170,7 +170,7 @@ fn merge_join<'a>(
     })
 }
 
-fn serialize(sections: &[Section<'_>]) -> Payload {
+pub(crate) fn serialize(sections: &[Section<'_>]) -> Payload {
     // Payloads reach tens of megabytes on large clusters; size the buffer once.
     let capacity: usize = sections
         .iter()

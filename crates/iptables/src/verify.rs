@@ -74,7 +74,7 @@ fn services_of(chain: &Chain) -> Vec<String> {
     out.into_iter().collect()
 }
 
-fn canonical_lines(chain: &Chain) -> Vec<Vec<String>> {
+pub(crate) fn canonical_lines(chain: &Chain) -> Vec<Vec<String>> {
     chain
         .lines()
         .iter()

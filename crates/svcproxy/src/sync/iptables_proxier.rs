@@ -12,7 +12,9 @@ use svcproxy_iptables::payload::Payload;
 use svcproxy_iptables::ruleset::{Ruleset, TableName};
 use svcproxy_iptables::save_parser::SavedRuleset;
 use svcproxy_iptables::verify::{Divergence, verify};
-use svcproxy_iptables::{gc, jumps, payload, render, save_parser};
+use svcproxy_iptables::gc::GcPlan;
+use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, staged_payloads};
+use svcproxy_iptables::{gc, jumps, render, save_parser};
 
 use svcproxy_model::Node;
 use svcproxy_model::intent::build_intent;
@@ -145,6 +147,8 @@ pub struct IptablesProxier {
     /// Chains the last partial transaction wrote, for the read-back right after it.
     touched: Vec<(TableName, String)>,
     conntrack: Option<Box<dyn Conntrack>>,
+    /// Chains per transaction (see the staging module for why transactions are bounded).
+    max_chains: usize,
     /// The intent of the last successful sync, to find UDP/SCTP service ports that changed.
     applied_intent: Option<Arc<Intent>>,
 }
@@ -167,6 +171,7 @@ impl IptablesProxier {
             applied: None,
             touched: Vec::new(),
             conntrack: None,
+            max_chains: DEFAULT_MAX_CHAINS,
             applied_intent: None,
         }
     }
@@ -305,31 +310,34 @@ impl Proxier for IptablesProxier {
             Some((_, applied_with)) if *applied_with == config => mode,
             _ => mode.max(SyncMode::Full),
         };
-        let payload = match (&self.applied, mode) {
-            (Some((prev, _)), SyncMode::Partial) => payload::partial_payload(prev, &next, &[]),
+        let payloads = match (&self.applied, mode) {
+            (Some((prev, _)), SyncMode::Partial) => {
+                staged_payloads(Baseline::Applied(prev), &next, &GcPlan::default(), &[], self.max_chains)
+            }
             _ => {
                 let saved = self.read_kernel()?;
                 if mode == SyncMode::Rebuild {
                     let plan = gc::plan_rebuild(&saved, &next);
-                    payload::full_payload_with_gc(&next, &plan, &jumps::jump_rules(&config))
+                    staged_payloads(Baseline::None, &next, &plan, &jumps::jump_rules(&config), self.max_chains)
                 } else {
+                    // Against what the kernel holds: a restart onto rules that are already right writes nothing.
                     let plan = gc::plan_gc(&saved, &next);
-                    payload::full_payload_with_gc(&next, &plan, &jumps::missing_jumps(&saved, &config))
+                    let missing = jumps::missing_jumps(&saved, &config);
+                    staged_payloads(Baseline::Kernel(&saved), &next, &plan, &missing, self.max_chains)
                 }
             }
         };
-        let lines = payload.line_count;
-        if lines > 0
-            && let Err(e) = self.cmds.restore(&payload.text)
-        {
-            self.applied = None;
-            return Err(self.refused(e, &payload));
+        let mut lines = 0;
+        let mut touched = Vec::new();
+        for payload in &payloads {
+            if let Err(e) = self.cmds.restore(&payload.text) {
+                self.applied = None;
+                return Err(self.refused(e, payload));
+            }
+            lines += payload.line_count;
+            touched.extend(written_chains(payload));
         }
-        self.touched = if mode == SyncMode::Partial {
-            written_chains(&payload)
-        } else {
-            Vec::new()
-        };
+        self.touched = if mode == SyncMode::Partial { touched } else { Vec::new() };
         let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
         let intent = Arc::new(intent);
         self.applied_intent = Some(intent.clone());

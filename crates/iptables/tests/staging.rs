@@ -1,0 +1,109 @@
+//! Staged transactions: applied one after the other to a simulated kernel (which refuses jumps to missing
+//! chains and deletion of referenced ones, as the real one does), they always reach the target, and a kernel
+//! that already holds the right rules gets no transaction at all.
+
+mod common;
+
+use common::{Kernel, ep, intent_of, port, service, slice, state, with_lb};
+use proptest::prelude::*;
+use svcproxy_iptables::gc::{GcPlan, plan_gc};
+use svcproxy_iptables::jumps::{jump_rules, missing_jumps};
+use svcproxy_iptables::staging::{Baseline, staged_payloads};
+use svcproxy_iptables::{RenderConfig, Ruleset, render};
+use svcproxy_model::{Protocol, ServiceType};
+
+/// `n` services, the i-th with `1 + (i + shift) % 4` endpoints; every third one a LoadBalancer.
+fn ruleset(n: usize, shift: usize) -> Ruleset {
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for i in 0..n {
+        let name = format!("s{i}");
+        let ty = if i % 3 == 0 {
+            ServiceType::LoadBalancer
+        } else {
+            ServiceType::ClusterIP
+        };
+        let mut svc = service(
+            "ns",
+            &name,
+            ty,
+            &format!("10.96.1.{}", i + 1),
+            vec![port(
+                "p",
+                Protocol::Tcp,
+                80,
+                (ty == ServiceType::LoadBalancer).then_some(30000 + i as u16),
+            )],
+        );
+        if ty == ServiceType::LoadBalancer {
+            svc = with_lb(svc, &[&format!("192.0.2.{}", i + 1)]);
+        }
+        services.push(svc);
+        let eps = (0..1 + (i + shift) % 4)
+            .map(|e| ep(&format!("10.244.{i}.{}", e + shift + 1), "node-b"))
+            .collect();
+        slices.push(slice(
+            "ns",
+            &format!("{name}-1"),
+            &name,
+            &[("p", Protocol::Tcp, 8080)],
+            eps,
+        ));
+    }
+    render(&intent_of(&state(services, slices)), &RenderConfig::default())
+}
+
+fn apply_all(kernel: &mut Kernel, payloads: &[svcproxy_iptables::Payload]) {
+    for (i, p) in payloads.iter().enumerate() {
+        kernel
+            .apply(&p.text)
+            .unwrap_or_else(|e| panic!("transaction {i} refused: {e}\n{}", p.text));
+    }
+}
+
+#[test]
+fn a_kernel_that_is_already_right_gets_nothing() {
+    let next = ruleset(20, 0);
+    let mut kernel = Kernel::holding(&next);
+    // The built-in jumps are in place too: a restart on a healthy node.
+    let jumps = jump_rules(&RenderConfig::default());
+    apply_all(
+        &mut kernel,
+        &staged_payloads(
+            Baseline::None,
+            &Ruleset::default(),
+            &GcPlan::default(),
+            &jumps,
+            100,
+        ),
+    );
+    let saved = kernel.saved();
+    assert!(missing_jumps(&saved, &RenderConfig::default()).is_empty());
+    let payloads = staged_payloads(Baseline::Kernel(&saved), &next, &plan_gc(&saved, &next), &[], 100);
+    assert!(payloads.is_empty(), "{payloads:?}");
+}
+
+proptest! {
+    #[test]
+    fn staged_transactions_reach_the_target_without_dangling_jumps(
+        before in 0usize..25, after in 0usize..25, shift in 0usize..3, max in 1usize..40, from_empty in any::<bool>()
+    ) {
+        let prev = ruleset(before, 0);
+        let next = ruleset(after, shift);
+        let mut kernel = if from_empty { Kernel::default() } else { Kernel::holding(&prev) };
+        let saved = kernel.saved();
+        let cfg = RenderConfig::default();
+        let jumps = missing_jumps(&saved, &cfg);
+        let payloads = staged_payloads(Baseline::Kernel(&saved), &next, &plan_gc(&saved, &next), &jumps, max);
+        apply_all(&mut kernel, &payloads);
+        prop_assert!(kernel.matches(&next));
+
+        // The same from the in-memory baseline (partial syncs), when the kernel held `prev`.
+        if !from_empty {
+            let mut kernel = Kernel::holding(&prev);
+            let payloads = staged_payloads(Baseline::Applied(&prev), &next, &GcPlan::default(), &[], max);
+            apply_all(&mut kernel, &payloads);
+            prop_assert!(kernel.matches(&next));
+        }
+    }
+}
