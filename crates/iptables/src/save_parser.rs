@@ -31,8 +31,19 @@ pub struct SavedTable {
 }
 
 impl SavedTable {
+    /// One chain's rules. Scans the table: for many chains use [`SavedTable::rules_by_chain`].
     pub fn rules_of<'a>(&'a self, chain: &'a str) -> impl Iterator<Item = &'a SavedRule> + 'a {
         self.rules.iter().filter(move |r| r.chain == chain)
+    }
+
+    /// Every chain's rules in one pass, for comparing whole tables (looking each chain up with `rules_of`
+    /// would be quadratic on a large cluster).
+    pub fn rules_by_chain(&self) -> std::collections::HashMap<&str, Vec<&SavedRule>> {
+        let mut out: std::collections::HashMap<&str, Vec<&SavedRule>> = std::collections::HashMap::new();
+        for rule in &self.rules {
+            out.entry(rule.chain.as_str()).or_default().push(rule);
+        }
+        out
     }
 }
 

@@ -6,12 +6,16 @@
 //! more chains on top of 20,000 already in the kernel take 0.15 s). The cost depends on the transaction, not
 //! on what the kernel holds, so bounded transactions make a cold sync linear.
 //!
-//! Why that stays safe: each transaction is atomic, and they are ordered so that nothing ever jumps to a
-//! chain that does not exist yet: endpoint chains first, then the service chains that jump to them, then the
-//! external and firewall chains, then in one transaction the shared chains (KUBE-SERVICES and friends), the
-//! reference clean-up and the jumps from the built-in chains; stale chains go last, referrers before the
-//! chains they refer to. Between two transactions every chain is either the old or the new version of
-//! itself, and both are complete.
+//! How chains are grouped matters as much: a transaction whose rules jump to many chains written by *earlier*
+//! transactions is slow again (4,000 service chains jumping to 40,000 endpoint chains already in the kernel:
+//! 31 s), while the same chains written service by service — each service port's endpoint, service, external
+//! and firewall chains together — load 5,000 services × 10 endpoints in 5.6 s in total.
+//!
+//! Why that stays safe: each transaction is atomic, and each carries whole service ports, whose chains only
+//! jump to each other and to KUBE-MARK-MASQ (written first). Then one transaction writes the shared chains
+//! (KUBE-SERVICES and friends), the reference clean-up and the jumps from the built-in chains, switching
+//! traffic over; stale chains go last, referrers before the chains they refer to. Between two transactions
+//! every chain is either the old or the new version of itself, and both are complete.
 
 use std::collections::BTreeSet;
 
@@ -23,8 +27,10 @@ use crate::chain_name::{
 use crate::gc::GcPlan;
 use crate::jumps::JumpRule;
 use crate::payload::{Payload, Section, merge_join, serialize};
-use crate::ruleset::{Chain, Ruleset, TableName};
-use crate::save_parser::SavedRuleset;
+use crate::ruleset::{Chain, Ruleset, TableName, jump_target};
+use std::collections::HashMap;
+
+use crate::save_parser::{SavedRule, SavedRuleset, SavedTable};
 use crate::verify::canonical_lines;
 
 /// Chains per transaction. Well below where the quadratic cost starts to show (≈0.2 s per transaction).
@@ -41,17 +47,27 @@ pub enum Baseline<'a> {
     Kernel(&'a SavedRuleset),
 }
 
-/// Order of the per-service stages; a stage only jumps to chains of earlier stages.
-fn write_stage(name: &str) -> usize {
-    if name.starts_with(SEP_PREFIX) {
-        0
-    } else if name.starts_with(SVC_PREFIX) || name.starts_with(SVL_PREFIX) {
-        1
-    } else if name.starts_with(EXT_PREFIX) {
-        2
-    } else {
-        3
+/// The service port a per-service chain belongs to: SVC, SVL, EXT and FW chains share the port's hash; an
+/// endpoint chain belongs to the port whose dispatch chain jumps to it.
+fn service_groups(next: &Ruleset) -> std::collections::HashMap<&str, &str> {
+    let mut group = std::collections::HashMap::new();
+    for (name, chain) in &next.nat.chains {
+        let Some(hash) = [SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+        else {
+            continue;
+        };
+        group.insert(&**name, hash);
+        for line in chain.lines() {
+            if let Some(target) = jump_target(line)
+                && target.starts_with(SEP_PREFIX)
+            {
+                group.entry(target).or_insert(hash);
+            }
+        }
     }
+    group
 }
 
 /// Deletion order: referrers first.
@@ -67,14 +83,21 @@ fn delete_stage(name: &str) -> usize {
     }
 }
 
-fn differs_from_kernel(saved: &SavedRuleset, table: TableName, name: &str, chain: &Chain) -> bool {
-    let Some(t) = saved.table(table.as_str()) else {
-        return true;
-    };
-    if !t.chains.contains_key(name) {
+fn differs_from_kernel(
+    table: Option<&SavedTable>,
+    rules: &HashMap<&str, Vec<&SavedRule>>,
+    name: &str,
+    chain: &Chain,
+) -> bool {
+    if !table.is_some_and(|t| t.chains.contains_key(name)) {
         return true;
     }
-    let found: Vec<Vec<String>> = t.rules_of(name).map(|r| canonical_rule(&r.args)).collect();
+    let found: Vec<Vec<String>> = rules
+        .get(name)
+        .into_iter()
+        .flatten()
+        .map(|r| canonical_rule(&r.args))
+        .collect();
     found != canonical_lines(chain)
 }
 
@@ -113,8 +136,10 @@ pub fn staged_payloads(
                 }
             }
             Baseline::Kernel(saved) => {
+                let kernel_table = saved.table(table.as_str());
+                let rules = kernel_table.map(SavedTable::rules_by_chain).unwrap_or_default();
                 for (name, chain) in &ours.chains {
-                    if differs_from_kernel(saved, table, name, chain) {
+                    if differs_from_kernel(kernel_table, &rules, name, chain) {
                         writes.push((table, &**name, chain));
                     }
                 }
@@ -179,15 +204,24 @@ pub fn staged_payloads(
     let (per_service, shared): (Vec<_>, Vec<_>) = writes
         .iter()
         .partition(|(t, n, _)| *t == TableName::Nat && is_owned_service_chain(n));
-    for stage in 0..4 {
-        let chains: Vec<(&str, &Chain)> = per_service
-            .iter()
-            .filter(|(_, n, _)| write_stage(n) == stage)
-            .map(|(_, n, c)| (*n, *c))
-            .collect();
-        for chunk in chains.chunks(max_chains) {
-            payloads.push(nat_only(chunk.to_vec(), Vec::new()));
+    let groups = service_groups(next);
+    let mut by_group: std::collections::BTreeMap<&str, Vec<(&str, &Chain)>> =
+        std::collections::BTreeMap::new();
+    for (_, name, chain) in &per_service {
+        by_group
+            .entry(groups.get(name).copied().unwrap_or(name))
+            .or_default()
+            .push((*name, *chain));
+    }
+    let mut batch: Vec<(&str, &Chain)> = Vec::new();
+    for chains in by_group.into_values() {
+        if !batch.is_empty() && batch.len() + chains.len() > max_chains {
+            payloads.push(nat_only(std::mem::take(&mut batch), Vec::new()));
         }
+        batch.extend(chains);
+    }
+    if !batch.is_empty() {
+        payloads.push(nat_only(batch, Vec::new()));
     }
     let switch = TableName::ALL.map(|table| Section {
         table,

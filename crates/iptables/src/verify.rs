@@ -95,6 +95,7 @@ pub fn verify(
     for table in TableName::ALL {
         let ours = expected.table(table);
         let theirs = saved.table(table.as_str());
+        let by_chain = theirs.map(|t| t.rules_by_chain()).unwrap_or_default();
         let selected: Vec<(&str, &Chain)> = match chains {
             Some(list) => list
                 .iter()
@@ -114,9 +115,10 @@ pub fn verify(
                 });
                 continue;
             }
-            let found: Vec<Vec<String>> = theirs
+            let found: Vec<Vec<String>> = by_chain
+                .get(name)
                 .into_iter()
-                .flat_map(|t| t.rules_of(name))
+                .flatten()
                 .map(|r| canonical_rule(&r.args))
                 .collect();
             let wanted = canonical_lines(chain);
