@@ -8,12 +8,12 @@ use std::sync::Arc;
 use svcproxy_iptables::chain_name::KUBE_SERVICES;
 use svcproxy_iptables::config::{LocalDetector, RenderConfig};
 use svcproxy_iptables::failure::{FailureKind, classify};
+use svcproxy_iptables::gc::GcPlan;
 use svcproxy_iptables::payload::Payload;
 use svcproxy_iptables::ruleset::{Ruleset, TableName};
 use svcproxy_iptables::save_parser::SavedRuleset;
-use svcproxy_iptables::verify::{Divergence, verify};
-use svcproxy_iptables::gc::GcPlan;
 use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, staged_payloads};
+use svcproxy_iptables::verify::{Divergence, verify};
 use svcproxy_iptables::{gc, jumps, render, save_parser};
 
 use svcproxy_model::Node;
@@ -311,14 +311,24 @@ impl Proxier for IptablesProxier {
             _ => mode.max(SyncMode::Full),
         };
         let payloads = match (&self.applied, mode) {
-            (Some((prev, _)), SyncMode::Partial) => {
-                staged_payloads(Baseline::Applied(prev), &next, &GcPlan::default(), &[], self.max_chains)
-            }
+            (Some((prev, _)), SyncMode::Partial) => staged_payloads(
+                Baseline::Applied(prev),
+                &next,
+                &GcPlan::default(),
+                &[],
+                self.max_chains,
+            ),
             _ => {
                 let saved = self.read_kernel()?;
                 if mode == SyncMode::Rebuild {
                     let plan = gc::plan_rebuild(&saved, &next);
-                    staged_payloads(Baseline::None, &next, &plan, &jumps::jump_rules(&config), self.max_chains)
+                    staged_payloads(
+                        Baseline::None,
+                        &next,
+                        &plan,
+                        &jumps::jump_rules(&config),
+                        self.max_chains,
+                    )
                 } else {
                     // Against what the kernel holds: a restart onto rules that are already right writes nothing.
                     let plan = gc::plan_gc(&saved, &next);
@@ -337,7 +347,11 @@ impl Proxier for IptablesProxier {
             lines += payload.line_count;
             touched.extend(written_chains(payload));
         }
-        self.touched = if mode == SyncMode::Partial { touched } else { Vec::new() };
+        self.touched = if mode == SyncMode::Partial {
+            touched
+        } else {
+            Vec::new()
+        };
         let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
         let intent = Arc::new(intent);
         self.applied_intent = Some(intent.clone());
