@@ -1,0 +1,225 @@
+//! Programs N services × M endpoints into a private network namespace through the real binary, fed by a fake
+//! API server speaking list/watch, and prints: the first (cold) sync, one endpoint change from API event to
+//! kernel, a restart onto rules that are already right, and the peak memory of the proxy.
+//!
+//! `bench_sync [--services 1000,5000] [--endpoints 10] [--changes 5]` (root; build the binary first:
+//! `cargo build --release --bin svcproxy --example bench_sync`).
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Value, json};
+use svcproxy_testkit::{FakeApiServer, NetNs};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("svcproxy"))
+        .expect("target directory")
+}
+
+fn ip(base: [u8; 4], n: u32) -> String {
+    let v = u32::from_be_bytes(base) + n;
+    std::net::Ipv4Addr::from(v).to_string()
+}
+
+fn service(i: u32) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc-{i}"), "namespace": "scale"},
+        "spec": {"clusterIP": ip([10, 96, 128, 0], i + 1), "ports": [{"name": "http", "protocol": "TCP", "port": 80}]}})
+}
+
+fn slice(i: u32, m: u32, generation: u32) -> Value {
+    // Endpoint addresses as the reference generator lays them out, skipping .0 and .255; `generation` moves
+    // the last endpoint so each change is a real one.
+    let endpoints: Vec<Value> = (0..m)
+        .map(|e| {
+            let mut n = i * m + e + 1 + if e + 1 == m { generation * 7919 } else { 0 };
+            n += n / 254 * 2;
+            json!({"addresses": [ip([10, 244, 0, 0], n)], "conditions": {"ready": true},
+                   "nodeName": if e % 2 == 0 { "node-b" } else { "node-c" }})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i}-1"), "namespace": "scale", "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4", "ports": [{"name": "http", "protocol": "TCP", "port": 8080}], "endpoints": endpoints})
+}
+
+/// One `synced` log line.
+struct Synced {
+    at: SystemTime,
+    seconds: f64,
+    lines: u64,
+    kind: String,
+}
+
+struct Proxy {
+    child: Child,
+    log: PathBuf,
+    read: usize,
+}
+
+impl Proxy {
+    fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf) -> Proxy {
+        let child = ns
+            .command(binary().to_str().unwrap())
+            .args([
+                "run",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "--hostname-override",
+                "node-a",
+            ])
+            .args([
+                "--cluster-cidr",
+                "10.244.0.0/16",
+                "--log-format",
+                "json",
+                "--verify-period",
+                "0",
+            ])
+            .args([
+                "--min-sync-period",
+                "0",
+                "--healthz-bind-address",
+                "127.0.0.1:10256",
+            ])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start svcproxy (build it with --release first)");
+        Proxy { child, log, read: 0 }
+    }
+
+    /// Waits for the next `synced` line after those already seen.
+    fn next_sync(&mut self, timeout: Duration) -> Synced {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let file = fs::File::open(&self.log).unwrap();
+            let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+            for (i, line) in lines.iter().enumerate().skip(self.read) {
+                self.read = i + 1;
+                let Ok(v) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                if v.pointer("/fields/message").and_then(Value::as_str) != Some("synced") {
+                    continue;
+                }
+                let at: jiff::Timestamp = v["timestamp"].as_str().unwrap().parse().unwrap();
+                return Synced {
+                    at: SystemTime::from(at),
+                    seconds: v
+                        .pointer("/fields/seconds")
+                        .and_then(Value::as_f64)
+                        .unwrap_or_default(),
+                    lines: v
+                        .pointer("/fields/payload_lines")
+                        .and_then(Value::as_u64)
+                        .unwrap_or_default(),
+                    kind: v
+                        .pointer("/fields/kind")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .trim_matches('"')
+                        .to_string(),
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no sync within {timeout:?}; log: {}",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Peak resident memory so far, from the kernel's high-water mark.
+    fn peak_rss_mib(&self) -> f64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or_default()
+    }
+
+    fn stop(mut self) {
+        // SIGTERM: the rules stay, as on a real node during a restart.
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn main() {
+    let sizes: Vec<u32> = arg("--services", "1000,5000")
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let m: u32 = arg("--endpoints", "10").parse().unwrap();
+    let changes: u32 = arg("--changes", "5").parse().unwrap();
+    let work = std::env::temp_dir().join(format!("svcproxy-bench-{}", std::process::id()));
+    fs::create_dir_all(&work).unwrap();
+    println!(
+        "| services × endpoints | cold sync | lines | one change: event → kernel (median of {changes}) | change lines | restart sync | restart lines | peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in sizes {
+        let ns = NetNs::new("bench").expect("network namespace (run as root)");
+        let api = FakeApiServer::start_in(&ns, "127.0.0.1:0".parse().unwrap());
+        api.store()
+            .apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}))
+            .unwrap();
+        for i in 0..n {
+            api.store().apply(service(i)).unwrap();
+            api.store().apply(slice(i, m, 0)).unwrap();
+        }
+        let kubeconfig = work.join(format!("kubeconfig-{n}"));
+        api.write_kubeconfig(&kubeconfig).unwrap();
+
+        let mut proxy = Proxy::start(&ns, &kubeconfig, work.join(format!("cold-{n}.log")));
+        let cold = proxy.next_sync(Duration::from_secs(600));
+        let mut latencies = Vec::new();
+        let mut change_lines = 0;
+        for c in 0..changes {
+            let i = (c * 7919) % n;
+            let sent = SystemTime::now();
+            api.store().apply(slice(i, m, c + 1)).unwrap();
+            let s = proxy.next_sync(Duration::from_secs(60));
+            latencies.push(s.at.duration_since(sent).unwrap_or_default().as_secs_f64() * 1000.0);
+            change_lines = s.lines;
+            debug_assert_eq!(s.kind, "partial");
+        }
+        latencies.sort_by(f64::total_cmp);
+        let mut peak = proxy.peak_rss_mib();
+        proxy.stop();
+
+        let mut restarted = Proxy::start(&ns, &kubeconfig, work.join(format!("restart-{n}.log")));
+        let restart = restarted.next_sync(Duration::from_secs(600));
+        peak = peak.max(restarted.peak_rss_mib());
+        restarted.stop();
+        println!(
+            "| {n} × {m} | {:.2} s | {} | {:.1} ms | {change_lines} | {:.2} s | {} | {peak:.0} MiB |",
+            cold.seconds,
+            cold.lines,
+            latencies[latencies.len() / 2],
+            restart.seconds,
+            restart.lines
+        );
+    }
+    let _ = fs::remove_dir_all(&work);
+}
