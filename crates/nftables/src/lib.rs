@@ -1,0 +1,47 @@
+//! The nftables backend of svcproxy, as pure functions: our own table (`ip svcproxy` / `ip6 svcproxy`)
+//! rendered from an [`Intent`](svcproxy_model::Intent) as plain data, transactions for `nft -f -` (clean
+//! rebuild, partial update, bounded cold-sync chunks), a parser for `nft list` output, a model of how the
+//! kernel applies a transaction, and a packet tracer that walks a table like netfilter does.
+//!
+//! Nothing here runs processes or touches the kernel: the same inputs always give byte-identical outputs.
+//!
+//! A sync loop uses it like this:
+//! - at start, apply [`probe_transaction`] (refuse to start if the kernel refuses it), then
+//!   [`delete_table_transaction`] for upstream's `kube-proxy` tables, then [`full_transaction`] of
+//!   [`render`]`(intent)` — or, on a cold start with many services, the parts of [`chunked_full`] in order;
+//! - on every change, [`partial_transaction`]`(last applied, render(new intent))`, keeping the applied
+//!   [`Ruleset`] in memory rather than listing the kernel (fall back to a full transaction on failure);
+//! - to verify, [`parse_listing`] of `nft list table ip svcproxy`, then
+//!   `partial_transaction(&read_back.without_dynamic_elements(), &desired)`: empty means the kernel matches,
+//!   otherwise its `services` name the affected Services and its text is the repair;
+//! - to explain, [`trace`] a packet through the desired or the read-back table.
+#![forbid(unsafe_code)]
+
+pub mod addr_text;
+pub mod commands;
+pub mod config;
+pub mod dispatch;
+pub mod fixed;
+pub mod listing;
+pub mod names;
+pub mod probe;
+pub mod references;
+pub mod render;
+pub mod rule_syntax;
+pub mod ruleset;
+pub mod service_port;
+pub mod simulate;
+pub mod tracer;
+pub mod transaction;
+
+pub use config::{ConfigError, DispatchLayout, LocalDetector, NodePortAddresses, RenderConfig};
+pub use listing::{Listing, ListingError, parse_listing};
+pub use probe::{PROBE_TABLE, probe_transaction};
+pub use render::render;
+pub use ruleset::{BaseChain, Chain, ChainType, Element, Family, Hook, Policy, Ruleset, Set, SetKind};
+pub use simulate::{Kernel, SimError};
+pub use tracer::{TraceError, trace};
+pub use transaction::{
+    PlanError, Transaction, TransactionKind, chunked_full, delete_table_transaction, full_transaction,
+    partial_transaction,
+};

@@ -1,0 +1,96 @@
+//! Kernel-side cost of each dispatch layout at scale: loads the full table with `nft -f` into a fresh
+//! network namespace, then applies one-endpoint changes, then a cold sync in chunks. Prints the figures
+//! quoted in `src/dispatch.rs`. Ignored by default (it takes about a minute and needs root):
+//!
+//! `cargo test --release -p svcproxy-nftables --test scale -- --ignored --nocapture`
+//!
+//! `SCALE_SERVICES` and `SCALE_ENDPOINTS` override the default 5,000 × 10; `SCALE_LAYOUT=0|1|2` measures one
+//! layout only (direct, cascade, upstream's vmap), which keeps one layout's namespace teardown (the kernel
+//! frees a large table in the background) from slowing the next one's figures.
+
+mod common;
+
+use std::time::Duration;
+
+use common::flow::LAYOUTS;
+use common::netns::Netns;
+use common::scale::{scale_state, toggle_first_endpoint};
+use common::*;
+use svcproxy_nftables::{
+    DispatchLayout, RenderConfig, chunked_full, full_transaction, partial_transaction, render,
+};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+#[test]
+#[ignore]
+fn measure_layouts() {
+    let services = env("SCALE_SERVICES", 5000);
+    let endpoints = env("SCALE_ENDPOINTS", 10);
+    let mut state = scale_state(services, endpoints);
+    println!("{services} services x {endpoints} endpoints");
+    // SCALE_LAYOUT picks one (0 = direct, 1 = cascade, 2 = upstream's vmap).
+    let picked: Vec<DispatchLayout> = match std::env::var("SCALE_LAYOUT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(i) => vec![LAYOUTS[i.min(2)]],
+        None => LAYOUTS[..3].to_vec(),
+    };
+    for layout in &picked {
+        let layout = *layout;
+        let cfg = RenderConfig {
+            dispatch: layout,
+            ..RenderConfig::default()
+        };
+        let rs = render(&intent_of(&state), &cfg);
+        let full = full_transaction(&rs);
+        let ns = Netns::new();
+        let load = ns.nft_f(&full.text).unwrap();
+        let reload = ns.nft_f(&full.text).unwrap();
+        // One-endpoint changes, alternating back and forth.
+        let mut prev = rs.clone();
+        let mut partial_times = Vec::new();
+        let mut partial_bytes = 0;
+        for _ in 0..4 {
+            toggle_first_endpoint(&mut state, 97);
+            let next = render(&intent_of(&state), &cfg);
+            let tx = partial_transaction(&prev, &next).unwrap();
+            partial_bytes = tx.text.len();
+            partial_times.push(ns.nft_f(&tx.text).unwrap());
+            prev = next;
+        }
+        partial_times.sort();
+        drop(ns);
+        // Cold sync in chunks of 500 services.
+        let ns = Netns::new();
+        let chunks = chunked_full(&prev, 500).unwrap();
+        let mut chunk_times = Vec::new();
+        for c in &chunks {
+            chunk_times.push(ns.nft_f(&c.text).unwrap());
+        }
+        let total: Duration = chunk_times.iter().sum();
+        let longest = chunk_times.iter().max().copied().unwrap_or_default();
+        println!(
+            "{layout:?}: full load {} ({} lines, {} bytes); full reload onto the existing table {}; \
+             one-endpoint change median {} ({partial_bytes} bytes); chunked cold sync {} chunks, total {}, longest {}",
+            secs(load),
+            full.text.lines().count(),
+            full.text.len(),
+            secs(reload),
+            secs(partial_times[partial_times.len() / 2]),
+            chunks.len(),
+            secs(total),
+            secs(longest),
+        );
+    }
+}
