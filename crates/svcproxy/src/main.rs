@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use svcproxy::backends;
 use svcproxy::cli::{Cli, Command, LogFormat, ProxyMode, RunArgs};
 use svcproxy::config_file;
 use svcproxy::exec::iptables::SystemIptables;
+use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::runner::SystemRunner;
 use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
@@ -17,6 +18,7 @@ use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, manifest_dir::ManifestDir};
 use svcproxy::sync::engine::{Engine, EngineConfig, EngineStatus};
 use svcproxy::sync::iptables_proxier::{IptablesProxier, ProxierOptions};
+use svcproxy::sync::nft_proxier::NftProxier;
 use svcproxy_conntrack::NetlinkConntrack;
 use svcproxy_conntrack::sysctls::{ConntrackSysctlConfig, apply_sysctls, plan_sysctls};
 use svcproxy_model::{IntentConfig, IpFamily};
@@ -111,11 +113,12 @@ async fn apply_conntrack_sysctls(config: ConntrackSysctlConfig, mut status: watc
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if args.proxy_mode == ProxyMode::Nftables {
-        bail!("--proxy-mode=nftables is not available in this build yet; use --proxy-mode=iptables");
-    }
+    let mode_name = match args.proxy_mode {
+        ProxyMode::Iptables => "iptables",
+        ProxyMode::Nftables => "nftables",
+    };
     let node = node_name(&args)?;
-    tracing::info!(node = %node, mode = "iptables", "starting svcproxy {}", env!("CARGO_PKG_VERSION"));
+    tracing::info!(node = %node, mode = mode_name, "starting svcproxy {}", env!("CARGO_PKG_VERSION"));
 
     let family = IpFamily::V4;
     let health = Arc::new(ProxyHealth::new(args.sync_period * 2));
@@ -123,7 +126,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let app = AppState {
         health: health.clone(),
         metrics: metrics.clone(),
-        proxy_mode: "iptables",
+        proxy_mode: mode_name,
     };
     let _health_server = http_server::serve(
         "health",
@@ -156,20 +159,73 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let options = ProxierOptions::from_args(&args, family)?;
-    refuse_mixed_backends()?;
-    let mut proxier = IptablesProxier::new(
-        Box::new(SystemIptables::new(family)),
-        Box::new(SystemAddresses),
-        IntentConfig {
-            family,
-            node_name: node,
-        },
-        options,
-    );
-    match NetlinkConntrack::new() {
-        Ok(ct) => proxier = proxier.with_conntrack(Box::new(ct)),
-        Err(e) => tracing::warn!("stale UDP flows will not be cleaned: cannot open conntrack netlink: {e}"),
+    let conntrack = || match NetlinkConntrack::new() {
+        Ok(ct) => Some(Box::new(ct) as Box<dyn svcproxy_conntrack::Conntrack>),
+        Err(e) => {
+            tracing::warn!("stale UDP flows will not be cleaned: cannot open conntrack netlink: {e}");
+            None
+        }
+    };
+    let intent_config = IntentConfig {
+        family,
+        node_name: node,
+    };
+    let shared = Shared {
+        args: &args,
+        health,
+        metrics,
+        source_task,
+        events: rx,
+    };
+    match args.proxy_mode {
+        ProxyMode::Iptables => {
+            refuse_mixed_backends()?;
+            let mut proxier = IptablesProxier::new(
+                Box::new(SystemIptables::new(family)),
+                Box::new(SystemAddresses),
+                intent_config,
+                options,
+            );
+            if let Some(ct) = conntrack() {
+                proxier = proxier.with_conntrack(ct);
+            }
+            drive(proxier, shared).await
+        }
+        ProxyMode::Nftables => {
+            let mut proxier = NftProxier::new(
+                Box::new(SystemNft),
+                Box::new(SystemAddresses),
+                intent_config,
+                options,
+            );
+            if let Some(ct) = conntrack() {
+                proxier = proxier.with_conntrack(ct);
+            }
+            drive(proxier, shared).await
+        }
     }
+}
+
+/// What `run` hands to the engine, whichever backend it chose.
+struct Shared<'a> {
+    args: &'a RunArgs,
+    health: Arc<ProxyHealth>,
+    metrics: Arc<Metrics>,
+    source_task: tokio::task::JoinHandle<()>,
+    events: mpsc::Receiver<svcproxy::source::SourceEvent>,
+}
+
+async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
+    proxier: P,
+    shared: Shared<'_>,
+) -> anyhow::Result<()> {
+    let Shared {
+        args,
+        health,
+        metrics,
+        source_task,
+        events: rx,
+    } = shared;
     let engine = Engine::new(
         proxier,
         EngineConfig {
@@ -183,7 +239,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
     );
     tokio::spawn(ServiceHealthServers::new(health, metrics).run(engine.status()));
-    tokio::spawn(apply_conntrack_sysctls(sysctl_config(&args), engine.status()));
+    tokio::spawn(apply_conntrack_sysctls(sysctl_config(args), engine.status()));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;

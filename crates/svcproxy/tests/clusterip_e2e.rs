@@ -81,8 +81,7 @@ fn identities(map: &std::collections::BTreeMap<String, usize>) -> BTreeSet<Strin
     map.keys().cloned().collect()
 }
 
-#[test]
-fn clusterip_traffic_follows_the_manifests() {
+fn clusterip_traffic_follows_the_manifests(mode: &str) {
     let lab = Lab::new();
     let pods: Vec<_> = (11..=13)
         .map(|i| lab.add_pod(&format!("pod{i}"), Ipv4Addr::new(10, 244, 0, i)))
@@ -97,7 +96,10 @@ fn clusterip_traffic_follows_the_manifests() {
     dir.write("web.yaml", &web(&["10.244.0.11", "10.244.0.12", "10.244.0.13"]));
     dir.write("dns.yaml", DNS);
     dir.write("empty.yaml", EMPTY);
-    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    let mut proxy = Svcproxy::start(
+        lab.node(),
+        &["--manifests", dir.path().to_str().unwrap(), "--proxy-mode", mode],
+    );
 
     let vip = addr("10.96.0.100", 80);
     wait_until(WAIT, POLL, "the web ClusterIP answers", || {
@@ -192,8 +194,7 @@ fn clusterip_traffic_follows_the_manifests() {
     proxy.assert_running();
 }
 
-#[test]
-fn bad_manifests_are_rejected_and_lose_nothing() {
+fn bad_manifests_are_rejected_and_lose_nothing(mode: &str) {
     let lab = Lab::new();
     let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
     let _backend = Backend::start(pod.ns(), "pod11", &[8080], &[5353]);
@@ -201,7 +202,10 @@ fn bad_manifests_are_rejected_and_lose_nothing() {
     let dir = TempDir::new("bad");
     dir.write("web.yaml", &web(&["10.244.0.11"]));
     dir.write("dns.yaml", DNS);
-    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    let mut proxy = Svcproxy::start(
+        lab.node(),
+        &["--manifests", dir.path().to_str().unwrap(), "--proxy-mode", mode],
+    );
     let vip = addr("10.96.0.100", 80);
     wait_until(WAIT, POLL, "web answers", || {
         proxy.assert_running();
@@ -263,3 +267,24 @@ fn bad_manifests_are_rejected_and_lose_nothing() {
     });
     proxy.assert_running();
 }
+
+/// Both backends through the same harness.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[test]
+            fn iptables() {
+                super::$name("iptables")
+            }
+            #[test]
+            fn nftables() {
+                super::$name("nftables")
+            }
+        })*
+    };
+}
+
+in_both_modes!(
+    clusterip_traffic_follows_the_manifests,
+    bad_manifests_are_rejected_and_lose_nothing,
+);

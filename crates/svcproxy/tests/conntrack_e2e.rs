@@ -89,8 +89,7 @@ fn entry_id(ns: &NetNs, vip: &str, source_port: u16) -> Option<String> {
     })
 }
 
-#[test]
-fn replaced_udp_backend_gets_every_datagram_and_other_flows_survive() {
+fn replaced_udp_backend_gets_every_datagram_and_other_flows_survive(mode: &str) {
     let lab = Lab::new();
     let pods: Vec<_> = [("dns1", 11), ("dns2", 12), ("other", 13)]
         .iter()
@@ -104,7 +103,10 @@ fn replaced_udp_backend_gets_every_datagram_and_other_flows_survive() {
     let dir = TempDir::new("ct");
     dir.write("dns.yaml", &service("dns", "10.96.0.10", "10.244.0.11"));
     dir.write("other.yaml", &service("other", "10.96.0.20", "10.244.0.13"));
-    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    let mut proxy = Svcproxy::start(
+        lab.node(),
+        &["--manifests", dir.path().to_str().unwrap(), "--proxy-mode", mode],
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let dns = resident_client(
@@ -180,3 +182,21 @@ fn replaced_udp_backend_gets_every_datagram_and_other_flows_survive() {
     );
     proxy.assert_no_divergence();
 }
+
+/// Both backends through the same harness.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[test]
+            fn iptables() {
+                super::$name("iptables")
+            }
+            #[test]
+            fn nftables() {
+                super::$name("nftables")
+            }
+        })*
+    };
+}
+
+in_both_modes!(replaced_udp_backend_gets_every_datagram_and_other_flows_survive,);

@@ -77,7 +77,7 @@ struct Setup {
     proxy: Svcproxy,
 }
 
-fn setup(manifest_text: &str) -> Setup {
+fn setup(mode: &str, manifest_text: &str) -> Setup {
     let lab = Lab::new();
     let pods: Vec<Pod> = (11..=12)
         .map(|i| lab.add_pod(&format!("pod{i}"), Ipv4Addr::new(10, 244, 0, i)))
@@ -95,7 +95,10 @@ fn setup(manifest_text: &str) -> Setup {
     }
     let dir = TempDir::new("svc");
     dir.write("svc.yaml", manifest_text);
-    let proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    let proxy = Svcproxy::start(
+        lab.node(),
+        &["--manifests", dir.path().to_str().unwrap(), "--proxy-mode", mode],
+    );
     Setup {
         lab,
         pods,
@@ -127,13 +130,15 @@ fn reachable_from(ns: &svcproxy_testkit::NetNs, to: SocketAddr) -> BTreeSet<Stri
     spread(ns, to, 24).into_keys().collect()
 }
 
-#[test]
-fn node_port_from_outside_is_masqueraded_and_spread() {
-    let mut s = setup(&manifest(
-        "  type: NodePort",
-        "",
-        &[ready("10.244.0.11", "node-b"), ready("10.244.0.12", "node-b")],
-    ));
+fn node_port_from_outside_is_masqueraded_and_spread(mode: &str) {
+    let mut s = setup(
+        mode,
+        &manifest(
+            "  type: NodePort",
+            "",
+            &[ready("10.244.0.11", "node-b"), ready("10.244.0.12", "node-b")],
+        ),
+    );
     let np = addr("10.0.0.10", 30080);
     s.wait_for("the NodePort spreads over both pods", |s| {
         reachable_from(s.lab.external(), np) == ids(&["pod11", "pod12"])
@@ -149,14 +154,16 @@ fn node_port_from_outside_is_masqueraded_and_spread() {
     s.proxy.assert_no_divergence();
 }
 
-#[test]
-fn external_traffic_policy_local_keeps_the_source_and_drops_without_local_endpoints() {
+fn external_traffic_policy_local_keeps_the_source_and_drops_without_local_endpoints(mode: &str) {
     let spec = "  type: NodePort\n  externalTrafficPolicy: Local";
-    let mut s = setup(&manifest(
-        spec,
-        "",
-        &[ready("10.244.0.11", "node-a"), ready("10.244.0.12", "node-b")],
-    ));
+    let mut s = setup(
+        mode,
+        &manifest(
+            spec,
+            "",
+            &[ready("10.244.0.11", "node-a"), ready("10.244.0.12", "node-b")],
+        ),
+    );
     let np = addr("10.0.0.10", 30080);
     s.wait_for("only the local pod answers on the NodePort", |s| {
         reachable_from(s.lab.external(), np) == ids(&["pod11"])
@@ -191,12 +198,11 @@ fn external_traffic_policy_local_keeps_the_source_and_drops_without_local_endpoi
     s.proxy.assert_no_divergence();
 }
 
-#[test]
-fn load_balancer_ip_honours_source_ranges() {
+fn load_balancer_ip_honours_source_ranges(mode: &str) {
     let spec = |range: &str| format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [{range}]");
     let status = "status:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.10";
     let eps = [ready("10.244.0.11", "node-b")];
-    let mut s = setup(&manifest(&spec("10.0.0.0/24"), status, &eps));
+    let mut s = setup(mode, &manifest(&spec("10.0.0.0/24"), status, &eps));
     let lb = addr("192.0.2.10", 80);
     s.wait_for("an allowed client reaches the LB IP", |s| {
         tcp_request(s.lab.external(), lb, T).is_ok()
@@ -215,10 +221,9 @@ fn load_balancer_ip_honours_source_ranges() {
     s.proxy.assert_no_divergence();
 }
 
-#[test]
-fn external_ips_reach_the_endpoints() {
+fn external_ips_reach_the_endpoints(mode: &str) {
     let spec = "  externalIPs: [198.51.100.5]";
-    let mut s = setup(&manifest(spec, "", &[ready("10.244.0.11", "node-b")]));
+    let mut s = setup(mode, &manifest(spec, "", &[ready("10.244.0.11", "node-b")]));
     let eip = addr("198.51.100.5", 80);
     s.wait_for("the external IP answers", |s| {
         tcp_request(s.lab.external(), eip, T).is_ok_and(|r| r.identity == "pod11")
@@ -226,14 +231,16 @@ fn external_ips_reach_the_endpoints() {
     s.proxy.assert_no_divergence();
 }
 
-#[test]
-fn internal_traffic_policy_local_uses_only_local_endpoints() {
+fn internal_traffic_policy_local_uses_only_local_endpoints(mode: &str) {
     let spec = "  internalTrafficPolicy: Local";
-    let mut s = setup(&manifest(
-        spec,
-        "",
-        &[ready("10.244.0.11", "node-a"), ready("10.244.0.12", "node-b")],
-    ));
+    let mut s = setup(
+        mode,
+        &manifest(
+            spec,
+            "",
+            &[ready("10.244.0.11", "node-a"), ready("10.244.0.12", "node-b")],
+        ),
+    );
     let vip = addr("10.96.0.50", 80);
     s.wait_for("only the local pod answers", |s| {
         reachable_from(s.client.ns(), vip) == ids(&["pod11"])
@@ -250,14 +257,16 @@ fn internal_traffic_policy_local_uses_only_local_endpoints() {
     s.proxy.assert_no_divergence();
 }
 
-#[test]
-fn client_ip_affinity_keeps_one_backend() {
+fn client_ip_affinity_keeps_one_backend(mode: &str) {
     let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}";
-    let mut s = setup(&manifest(
-        spec,
-        "",
-        &[ready("10.244.0.11", "node-b"), ready("10.244.0.12", "node-b")],
-    ));
+    let mut s = setup(
+        mode,
+        &manifest(
+            spec,
+            "",
+            &[ready("10.244.0.11", "node-b"), ready("10.244.0.12", "node-b")],
+        ),
+    );
     let vip = addr("10.96.0.50", 80);
     s.wait_for("the service answers", |s| {
         tcp_request(s.client.ns(), vip, T).is_ok()
@@ -270,8 +279,7 @@ fn client_ip_affinity_keeps_one_backend() {
     s.proxy.assert_no_divergence();
 }
 
-#[test]
-fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+fn terminating_endpoints_serve_only_when_nothing_is_ready(mode: &str) {
     let terminating = "{ready: false, serving: true, terminating: true}";
     let eps = [
         Ep {
@@ -281,7 +289,7 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
         },
         ready("10.244.0.12", "node-b"),
     ];
-    let mut s = setup(&manifest("", "", &eps));
+    let mut s = setup(mode, &manifest("", "", &eps));
     let vip = addr("10.96.0.50", 80);
     s.wait_for("only the ready pod answers", |s| {
         reachable_from(s.client.ns(), vip) == ids(&["pod12"])
@@ -327,15 +335,17 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
     s.proxy.assert_no_divergence();
 }
 
-#[test]
-fn health_check_node_port_follows_local_endpoints() {
+fn health_check_node_port_follows_local_endpoints(mode: &str) {
     let spec = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000";
     let status = "status:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.20";
-    let mut s = setup(&manifest(
-        spec,
-        status,
-        &[ready("10.244.0.11", "node-a"), ready("10.244.0.12", "node-b")],
-    ));
+    let mut s = setup(
+        mode,
+        &manifest(
+            spec,
+            status,
+            &[ready("10.244.0.11", "node-a"), ready("10.244.0.12", "node-b")],
+        ),
+    );
     let hc = addr("10.0.0.10", 32000);
     let probe = |s: &Setup| svcproxy_testkit::http_get(s.lab.external(), hc, "/", T).ok();
     s.wait_for("the load balancer's probe sees a local endpoint", |s| {
@@ -369,3 +379,30 @@ fn health_check_node_port_follows_local_endpoints() {
     s.wait_for("the listener is closed", |s| probe(s).is_none());
     s.proxy.assert_no_divergence();
 }
+
+/// Every behaviour runs against both backends through the same harness.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[test]
+            fn iptables() {
+                super::$name("iptables")
+            }
+            #[test]
+            fn nftables() {
+                super::$name("nftables")
+            }
+        })*
+    };
+}
+
+in_both_modes!(
+    node_port_from_outside_is_masqueraded_and_spread,
+    external_traffic_policy_local_keeps_the_source_and_drops_without_local_endpoints,
+    load_balancer_ip_honours_source_ranges,
+    external_ips_reach_the_endpoints,
+    internal_traffic_policy_local_uses_only_local_endpoints,
+    client_ip_affinity_keeps_one_backend,
+    terminating_endpoints_serve_only_when_nothing_is_ready,
+    health_check_node_port_follows_local_endpoints,
+);

@@ -1,4 +1,5 @@
 //! External commands behind small traits, each with a real implementation and a recording fake.
 
 pub mod iptables;
+pub mod nft;
 pub mod runner;

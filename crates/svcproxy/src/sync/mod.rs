@@ -2,5 +2,6 @@
 
 pub mod engine;
 pub mod iptables_proxier;
+pub mod nft_proxier;
 pub mod proxier;
 pub mod throttle;

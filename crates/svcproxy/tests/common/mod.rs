@@ -127,3 +127,61 @@ pub fn metric_value(exposition: &str, name_and_labels: &str) -> Option<f64> {
         (key == name_and_labels).then(|| value.parse().ok()).flatten()
     })
 }
+
+impl Svcproxy {
+    /// Like [`Svcproxy::start`], with extra environment for the process: a `PATH` that puts wrapper binaries
+    /// first, an `XTABLES_LOCKFILE`, and so on. Everything else (flags, log capture) is as `start` does it.
+    pub fn start_with_env(ns: &NetNs, args: &[&str], env: &[(&str, &str)]) -> Svcproxy {
+        let dir = TempDir::new("log");
+        let log = dir.path().join("svcproxy.log");
+        let file = fs::File::create(&log).unwrap();
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_svcproxy"))
+            .arg("run")
+            .args(["--hostname-override", "node-a", "--cluster-cidr", "10.244.0.0/16"])
+            .args([
+                "--healthz-bind-address",
+                HEALTHZ,
+                "--metrics-bind-address",
+                METRICS,
+            ])
+            .args(["--min-sync-period", "0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start svcproxy");
+        Svcproxy {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The process id (`ip netns exec` execs the binary, so this is svcproxy itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no shutdown path runs, as when the node's OOM killer or a crash ends the process.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Running `nft`.
+
+use std::sync::{Arc, Mutex};
+
+use super::iptables::ExecError;
+use super::runner::{Runner, SystemRunner};
+
+pub trait NftCommands: Send + Sync {
+    /// `nft -f -`: one atomic transaction.
+    fn apply(&self, script: &str) -> Result<(), ExecError>;
+    /// `nft list table FAMILY NAME`; `None` when the table does not exist.
+    fn list_table(&self, family: &str, name: &str) -> Result<Option<String>, ExecError>;
+    /// `nft list chain FAMILY TABLE CHAIN`; `None` when it does not exist.
+    fn list_chain(&self, family: &str, table: &str, chain: &str) -> Result<Option<String>, ExecError>;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemNft;
+
+fn missing(e: &ExecError) -> bool {
+    matches!(e, ExecError::Failed { stderr, .. } if stderr.contains("No such file or directory"))
+}
+
+impl NftCommands for SystemNft {
+    fn apply(&self, script: &str) -> Result<(), ExecError> {
+        SystemRunner.run("nft", &["-f", "-"], Some(script)).map(drop)
+    }
+
+    fn list_table(&self, family: &str, name: &str) -> Result<Option<String>, ExecError> {
+        match SystemRunner.run("nft", &["list", "table", family, name], None) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if missing(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn list_chain(&self, family: &str, table: &str, chain: &str) -> Result<Option<String>, ExecError> {
+        match SystemRunner.run("nft", &["list", "chain", family, table, chain], None) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if missing(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Records transactions; listings answer from `listing`.
+#[derive(Debug, Clone, Default)]
+pub struct RecordingNft {
+    pub applied: Arc<Mutex<Vec<String>>>,
+    pub listing: Arc<Mutex<Option<String>>>,
+    pub fail: Arc<Mutex<Vec<ExecError>>>,
+}
+
+impl NftCommands for RecordingNft {
+    fn apply(&self, script: &str) -> Result<(), ExecError> {
+        self.applied.lock().unwrap().push(script.to_string());
+        match self.fail.lock().unwrap().pop() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn list_table(&self, _family: &str, _name: &str) -> Result<Option<String>, ExecError> {
+        Ok(self.listing.lock().unwrap().clone())
+    }
+
+    fn list_chain(&self, _family: &str, _table: &str, _chain: &str) -> Result<Option<String>, ExecError> {
+        Ok(self.listing.lock().unwrap().clone())
+    }
+}

@@ -1,0 +1,316 @@
+//! The nftables backend as the engine drives it: our own table (`ip svcproxy`), written with `nft -f -`.
+//!
+//! Partial syncs diff the new table against the last one applied, held in memory, and send only changed map
+//! elements and chains; full syncs read the table back and send what differs (nothing on a restart onto a
+//! table that is already right); the rebuild rung deletes and re-adds the whole table in one transaction.
+//! The first sync also removes upstream's `kube-proxy` table in the same transaction that loads ours, so a
+//! takeover has no moment without rules.
+
+use std::sync::Arc;
+
+use svcproxy_conntrack::{Conntrack, clean_stale_flows};
+use svcproxy_iptables::config::{
+    LocalDetector as IptLocalDetector, NodePortAddresses as IptNodePorts, RenderConfig as IptConfig,
+};
+use svcproxy_model::intent::build_intent;
+use svcproxy_model::{ClusterState, Intent, IntentConfig, IpFamily};
+use svcproxy_nftables::{
+    Family, LocalDetector, NodePortAddresses, RenderConfig, Ruleset, Transaction, chunked_full,
+    delete_table_transaction, full_transaction, parse_listing, partial_transaction, probe_transaction,
+    render,
+};
+
+use super::iptables_proxier::ProxierOptions;
+use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
+use crate::exec::iptables::ExecError;
+use crate::exec::nft::NftCommands;
+use crate::node_addresses::LocalAddresses;
+
+/// Services per transaction on a cold sync: keeps each transaction (and the kernel's nftables lock) short.
+const SERVICES_PER_TRANSACTION: usize = 500;
+/// The table upstream kube-proxy's nftables mode writes.
+const UPSTREAM_TABLE: &str = "kube-proxy";
+
+pub struct NftProxier {
+    cmds: Box<dyn NftCommands>,
+    addresses: Box<dyn LocalAddresses>,
+    intent_config: IntentConfig,
+    options: ProxierOptions,
+    applied: Option<(Ruleset, RenderConfig)>,
+    applied_intent: Option<Arc<Intent>>,
+    conntrack: Option<Box<dyn Conntrack>>,
+    probed: bool,
+}
+
+fn family(f: IpFamily) -> Family {
+    match f {
+        IpFamily::V4 => Family::Ip,
+        IpFamily::V6 => Family::Ip6,
+    }
+}
+
+/// The nftables configuration for the same options the iptables backend resolves.
+fn nft_config(c: &IptConfig) -> RenderConfig {
+    RenderConfig {
+        family: c.family,
+        masquerade_bit: c.masquerade_bit,
+        masquerade_all: c.masquerade_all,
+        local_detector: match &c.local_detector {
+            IptLocalDetector::None => LocalDetector::None,
+            IptLocalDetector::Cidrs(cidrs) => LocalDetector::Cidrs(cidrs.clone()),
+            IptLocalDetector::BridgeInterface(b) => LocalDetector::BridgeInterface(b.clone()),
+            IptLocalDetector::InterfaceNamePrefix(p) => LocalDetector::InterfaceNamePrefix(p.clone()),
+        },
+        node_port_addresses: match &c.node_port_addresses {
+            IptNodePorts::All => NodePortAddresses::All,
+            IptNodePorts::Ips(ips) => NodePortAddresses::Ips(ips.clone()),
+        },
+        node_ip: c.node_ip,
+        ..RenderConfig::default()
+    }
+}
+
+impl NftProxier {
+    pub fn new(
+        cmds: Box<dyn NftCommands>,
+        addresses: Box<dyn LocalAddresses>,
+        intent_config: IntentConfig,
+        options: ProxierOptions,
+    ) -> Self {
+        NftProxier {
+            cmds,
+            addresses,
+            intent_config,
+            options,
+            applied: None,
+            applied_intent: None,
+            conntrack: None,
+            probed: false,
+        }
+    }
+
+    pub fn with_conntrack(mut self, conntrack: Box<dyn Conntrack>) -> Self {
+        self.conntrack = Some(conntrack);
+        self
+    }
+
+    fn table(&self) -> (String, &'static str) {
+        (family(self.intent_config.family).to_string(), "svcproxy")
+    }
+
+    fn read_back(&self) -> Result<Option<Ruleset>, SyncError> {
+        let (fam, name) = self.table();
+        let Some(text) = self
+            .cmds
+            .list_table(&fam, name)
+            .map_err(|e| SyncError::ReadBack(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let listing = parse_listing(&text).map_err(|e| SyncError::ReadBack(e.to_string()))?;
+        Ok(listing.table(family(self.intent_config.family), name).cloned())
+    }
+
+    fn refused(e: ExecError, script: &str) -> SyncError {
+        let reason = e.to_string();
+        // nft quotes the failing command under its message; a missing kernel feature reads "No such file or
+        // directory" or "Operation not supported" on a line no rewrite can avoid.
+        let unsupported = reason.contains("Operation not supported") || reason.contains("not supported");
+        let context = if script.len() < 4096 {
+            format!("; transaction:\n{script}")
+        } else {
+            String::new()
+        };
+        SyncError::Refused {
+            class: if unsupported { "missing_extension" } else { "other" },
+            repairable: !unsupported,
+            reason,
+            context,
+        }
+    }
+
+    fn apply(&self, script: &str) -> Result<(), SyncError> {
+        self.cmds.apply(script).map_err(|e| Self::refused(e, script))
+    }
+
+    fn findings(&self, read_back: Option<&Ruleset>, expected: &Ruleset) -> Vec<Finding> {
+        let Some(read_back) = read_back else {
+            return vec![Finding {
+                what: format!("table {} is missing", expected.qualified_name()),
+                kind: "missing_table",
+                services: Vec::new(),
+            }];
+        };
+        match partial_transaction(read_back, expected) {
+            Ok(t) if t.is_empty() => Vec::new(),
+            Ok(t) => vec![Finding {
+                what: format!(
+                    "table {} differs from what was written ({} lines to repair)",
+                    expected.qualified_name(),
+                    t.text.lines().count()
+                ),
+                kind: "changed_rules",
+                services: t.services.iter().cloned().collect(),
+            }],
+            Err(e) => vec![Finding {
+                what: format!("cannot compare the table: {e}"),
+                kind: "changed_rules",
+                services: Vec::new(),
+            }],
+        }
+    }
+
+    fn clean_conntrack(
+        &self,
+        intent: &Intent,
+        config: &RenderConfig,
+        local: &[std::net::IpAddr],
+    ) -> Option<ConntrackRun> {
+        let conntrack = self.conntrack.as_ref()?;
+        let fam = self.intent_config.family;
+        let node_ips: Vec<std::net::IpAddr> = match &config.node_port_addresses {
+            NodePortAddresses::All => local
+                .iter()
+                .copied()
+                .filter(|ip| fam.contains(ip) && !ip.is_loopback())
+                .collect(),
+            NodePortAddresses::Ips(ips) => ips.clone(),
+        };
+        let started = std::time::Instant::now();
+        match clean_stale_flows(
+            conntrack.as_ref(),
+            fam,
+            self.applied_intent.as_deref(),
+            intent,
+            &node_ips,
+        ) {
+            Ok(r) => Some(ConntrackRun {
+                seconds: started.elapsed().as_secs_f64(),
+                deleted: r.deleted,
+            }),
+            Err(e) => {
+                tracing::warn!("conntrack cleanup failed: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Proxier for NftProxier {
+    fn family(&self) -> IpFamily {
+        self.intent_config.family
+    }
+
+    fn sync(&mut self, state: &ClusterState, mode: SyncMode) -> Result<SyncReport, SyncError> {
+        if !self.probed {
+            // A kernel without a feature we need is refused with nft's own words, before any real change.
+            self.apply(&probe_transaction(self.intent_config.family))?;
+            self.probed = true;
+        }
+        let intent = build_intent(state, &self.intent_config);
+        let local = self.addresses.addresses();
+        let config = nft_config(&self.options.resolve(state.node.as_ref(), &local));
+        let next = render(&intent, &config);
+        let mode = match &self.applied {
+            Some((_, applied_with)) if *applied_with == config => mode,
+            _ => mode.max(SyncMode::Full),
+        };
+        let fam = family(self.intent_config.family);
+        let transactions: Vec<String> = match (&self.applied, mode) {
+            (Some((prev, _)), SyncMode::Partial) => {
+                let t = partial_transaction(prev, &next).map_err(|e| SyncError::ReadBack(e.to_string()))?;
+                vec![t.text]
+            }
+            (_, SyncMode::Rebuild) => {
+                let mut text = full_transaction(&next).text;
+                text.push_str(&delete_table_transaction(fam, UPSTREAM_TABLE));
+                vec![text]
+            }
+            _ => match self.read_back()? {
+                // The table exists: send what differs (nothing on a restart onto the right table).
+                Some(current) => {
+                    let t = partial_transaction(&current, &next)
+                        .map_err(|e| SyncError::ReadBack(e.to_string()))?;
+                    vec![t.text]
+                }
+                None => {
+                    // Cold: bounded transactions, each leaving a consistent table; upstream's table goes in the
+                    // last one, when ours is complete.
+                    let mut parts: Vec<String> = chunked_full(&next, SERVICES_PER_TRANSACTION)
+                        .map_err(|e| SyncError::ReadBack(e.to_string()))?
+                        .into_iter()
+                        .map(|t: Transaction| t.text)
+                        .collect();
+                    match parts.last_mut() {
+                        Some(last) => last.push_str(&delete_table_transaction(fam, UPSTREAM_TABLE)),
+                        None => parts.push(delete_table_transaction(fam, UPSTREAM_TABLE)),
+                    }
+                    parts
+                }
+            },
+        };
+        let mut lines = 0;
+        for text in transactions.iter().filter(|t| !t.is_empty()) {
+            if let Err(e) = self.apply(text) {
+                self.applied = None;
+                return Err(e);
+            }
+            lines += text.lines().count();
+        }
+        let conntrack = self.clean_conntrack(&intent, &config, &local);
+        let intent = Arc::new(intent);
+        self.applied_intent = Some(intent.clone());
+        self.applied = Some((next, config));
+        Ok(SyncReport {
+            full: mode != SyncMode::Partial,
+            intent,
+            payload_lines: lines,
+            conntrack,
+        })
+    }
+
+    fn verify(&mut self, _scope: VerifyScope) -> Result<Vec<Finding>, SyncError> {
+        let Some((expected, _)) = &self.applied else {
+            return Ok(Vec::new());
+        };
+        let expected = expected.clone();
+        let read_back = self.read_back()?;
+        Ok(self.findings(read_back.as_ref(), &expected))
+    }
+
+    fn canary(&mut self) -> Result<Vec<Finding>, SyncError> {
+        // A deleted or flushed table shows in any of its base chains; listing one small chain is cheap at any
+        // scale, unlike listing the table.
+        let Some((expected, _)) = &self.applied else {
+            return Ok(Vec::new());
+        };
+        let Some((name, _)) = expected.chains.iter().find(|(_, c)| c.base.is_some()) else {
+            return Ok(Vec::new());
+        };
+        let (fam, table) = self.table();
+        let listing = self
+            .cmds
+            .list_chain(&fam, table, name)
+            .map_err(|e| SyncError::ReadBack(e.to_string()))?;
+        let rules_now = listing
+            .as_deref()
+            .and_then(|text| parse_listing(text).ok())
+            .and_then(|l| {
+                l.table(family(self.intent_config.family), table)
+                    .and_then(|t| t.chains.get(name))
+                    .map(|c| c.rules.len())
+            });
+        let rules_expected = expected.chains.get(name).map_or(0, |c| c.rules.len());
+        if rules_now != Some(rules_expected) {
+            return Ok(vec![Finding {
+                what: format!(
+                    "table {} or its chain {name} was removed or changed",
+                    expected.qualified_name()
+                ),
+                kind: "missing_chain",
+                services: Vec::new(),
+            }]);
+        }
+        Ok(Vec::new())
+    }
+}
