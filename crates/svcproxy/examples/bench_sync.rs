@@ -2,7 +2,7 @@
 //! API server speaking list/watch, and prints: the first (cold) sync, one endpoint change from API event to
 //! kernel, a restart onto rules that are already right, and the peak memory of the proxy.
 //!
-//! `bench_sync [--services 1000,5000] [--endpoints 10] [--changes 5]` (root; build the binary first:
+//! `bench_sync [--services 1000,5000] [--endpoints 10] [--changes 5] [--proxy-mode iptables|nftables]` (root; build the binary first:
 //! `cargo build --release --bin svcproxy --example bench_sync`).
 
 use std::fs;
@@ -72,7 +72,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf) -> Proxy {
+    fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf, mode: &str) -> Proxy {
         let child = ns
             .command(binary().to_str().unwrap())
             .args([
@@ -91,6 +91,8 @@ impl Proxy {
                 "0",
             ])
             .args([
+                "--proxy-mode",
+                mode,
                 "--min-sync-period",
                 "0",
                 "--healthz-bind-address",
@@ -172,6 +174,8 @@ fn main() {
         .collect();
     let m: u32 = arg("--endpoints", "10").parse().unwrap();
     let changes: u32 = arg("--changes", "5").parse().unwrap();
+    let mode = arg("--proxy-mode", "iptables");
+    println!("proxy mode: {mode}");
     let work = std::env::temp_dir().join(format!("svcproxy-bench-{}", std::process::id()));
     fs::create_dir_all(&work).unwrap();
     println!(
@@ -191,7 +195,7 @@ fn main() {
         let kubeconfig = work.join(format!("kubeconfig-{n}"));
         api.write_kubeconfig(&kubeconfig).unwrap();
 
-        let mut proxy = Proxy::start(&ns, &kubeconfig, work.join(format!("cold-{n}.log")));
+        let mut proxy = Proxy::start(&ns, &kubeconfig, work.join(format!("cold-{n}.log")), &mode);
         let cold = proxy.next_sync(Duration::from_secs(600));
         let mut latencies = Vec::new();
         let mut change_lines = 0;
@@ -208,7 +212,7 @@ fn main() {
         let mut peak = proxy.peak_rss_mib();
         proxy.stop();
 
-        let mut restarted = Proxy::start(&ns, &kubeconfig, work.join(format!("restart-{n}.log")));
+        let mut restarted = Proxy::start(&ns, &kubeconfig, work.join(format!("restart-{n}.log")), &mode);
         let restart = restarted.next_sync(Duration::from_secs(600));
         peak = peak.max(restarted.peak_rss_mib());
         restarted.stop();

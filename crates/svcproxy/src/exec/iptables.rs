@@ -128,7 +128,12 @@ impl IptablesCommands for SystemIptables {
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
         // iptables says so in words and exits 1 when the chain is not there.
-        if stderr.contains("No chain/target/match by that name") || stderr.contains("does not exist") {
+        // iptables-nft says "incompatible, use 'nft' tool" when the chain's table or base chains were removed
+        // from under it (a flush with `-X`): for us the chain is gone either way.
+        if stderr.contains("No chain/target/match by that name")
+            || stderr.contains("does not exist")
+            || stderr.contains("is incompatible")
+        {
             return Ok(None);
         }
         Err(ExecError::Failed {

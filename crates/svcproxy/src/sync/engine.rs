@@ -248,7 +248,11 @@ impl<P: Proxier> Engine<P> {
                     None => std::future::pending().await,
                 }
             };
+            // Biased: a due sync runs before a read-back, so checks can never starve syncs.
             tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                _ = sleep => self.sync_once(),
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
                     if self.apply(ev) {
@@ -257,10 +261,8 @@ impl<P: Proxier> Engine<P> {
                         self.metrics.last_queued_timestamp.get_or_create(&self.family_labels()).set(unix_now());
                     }
                 }
-                _ = sleep => self.sync_once(),
                 _ = tick(&mut verify_tick) => self.check(Check::Verify),
                 _ = tick(&mut canary_tick) => self.check(Check::Canary),
-                _ = shutdown.changed() => break,
             }
         }
         self.proxier
@@ -268,6 +270,12 @@ impl<P: Proxier> Engine<P> {
 
     fn check(&mut self, check: Check) {
         if !self.initialized || self.consecutive_failures > 0 || self.status.borrow().applied.is_none() {
+            return;
+        }
+        // With a sync pending, reading back would only find what it is about to rewrite (and could wait on a
+        // lock the sync needs); the after-sync check follows it anyway.
+        let sync_pending = self.dirty || self.need_full || self.retry_at.is_some();
+        if sync_pending && !matches!(check, Check::AfterSync) {
             return;
         }
         let proxier = &mut self.proxier;
@@ -286,6 +294,10 @@ impl<P: Proxier> Engine<P> {
         let labels = self.family_labels();
         self.metrics.verifications.get_or_create(&labels).inc();
         if findings.is_empty() {
+            // The canary looks at one chain: it can raise an alarm but not prove a repair.
+            if matches!(check, Check::Canary) {
+                return;
+            }
             if self.divergence_problem.take().is_some() {
                 tracing::info!("read-back matches what was written again; divergence repaired");
                 self.metrics.repairs.get_or_create(&labels).inc();
@@ -311,12 +323,17 @@ impl<P: Proxier> Engine<P> {
         let now = Instant::now();
         self.recent_repairs
             .retain(|t| now.duration_since(*t) < FIGHT_WINDOW);
-        self.recent_repairs.push(now);
+        // A repair starts only when none is pending: findings while one is queued are the same divergence.
+        let repair_pending = self.need_full && self.dirty;
+        if !repair_pending {
+            self.recent_repairs.push(now);
+        }
         let first = &findings[0].what;
         let problem = if self.recent_repairs.len() >= FIGHT_REPAIRS {
             // Repairing again and again means someone keeps rewriting our chains (two proxies on one node, a
             // configuration manager): say so, and slow the repairs down instead of flapping silently.
-            self.retry_at = Some(now + self.config.sync_period);
+            // Never push an already scheduled repair further out, or frequent findings would starve it.
+            self.retry_at.get_or_insert(now + self.config.sync_period);
             format!(
                 "our rules were changed from outside {} times in {} s (latest: {first}); is another proxy or tool writing KUBE-* chains on this node?",
                 self.recent_repairs.len(),

@@ -1,0 +1,87 @@
+//! KUBE-* chains in both iptables backends on one node: what a proxy image whose iptables picked the other
+//! backend than kubelet's leaves behind. Packets traverse both, so the rules in the backend svcproxy does
+//! not write would keep steering traffic where it can neither see nor repair them. svcproxy must refuse to
+//! start, naming both backends and the fix, and write nothing.
+
+use std::time::Duration;
+
+use svcproxy_testkit::Lab;
+
+use super::harness::{dump_diff, require_tool, save_with};
+use super::report::Case;
+use super::web::web_manifest;
+use crate::common::{Svcproxy, TempDir};
+
+#[test]
+fn e_kube_chains_in_both_legacy_and_nft() {
+    let mut case = Case::new("E legacy + nft KUBE-* chains");
+    for tool in [
+        "iptables-legacy-restore",
+        "iptables-legacy-save",
+        "iptables-nft-restore",
+        "iptables-nft-save",
+    ] {
+        require_tool(tool);
+    }
+    let lab = Lab::new();
+    let node = lab.node();
+    // Leftovers of an old kube-proxy in the legacy backend, and a current one's chains in nf_tables.
+    super::harness::restore(
+        node,
+        "iptables-legacy-restore",
+        &["--noflush"],
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-NPX46M4PTMTKRN6Y - [0:0]\n\
+         -A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y\nCOMMIT\n",
+    );
+    super::harness::restore(
+        node,
+        "iptables-nft-restore",
+        &["--noflush"],
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\nCOMMIT\n",
+    );
+    let before = [
+        save_with(node, "iptables-legacy-save", "nat"),
+        save_with(node, "iptables-nft-save", "nat"),
+        save_with(node, "iptables-legacy-save", "filter"),
+        save_with(node, "iptables-nft-save", "filter"),
+    ];
+    let dir = TempDir::new("e");
+    dir.write("web.yaml", &web_manifest(&["10.244.0.11"]));
+
+    case.stage("starting svcproxy on a node with both backends in use");
+    case.injected();
+    let mut proxy = Svcproxy::start(node, &["--manifests", dir.path().to_str().unwrap()]);
+    let status = proxy.wait_exit(Duration::from_secs(30));
+    case.detected(case.now());
+    let log = proxy.log();
+    let status =
+        status.unwrap_or_else(|| panic!("svcproxy kept running on a mixed-backend node; log:\n{log}"));
+    case.note(format!("refused at start with {status}"));
+    assert!(
+        !status.success(),
+        "refusal must be a failing exit status, got {status}"
+    );
+    for needle in ["legacy", "nf_tables", "svcproxy cleanup"] {
+        assert!(
+            log.contains(needle),
+            "the refusal names both backends and the fix ({needle:?} missing):\n{log}"
+        );
+    }
+    let after = [
+        save_with(node, "iptables-legacy-save", "nat"),
+        save_with(node, "iptables-nft-save", "nat"),
+        save_with(node, "iptables-legacy-save", "filter"),
+        save_with(node, "iptables-nft-save", "filter"),
+    ];
+    for (b, a) in before.iter().zip(&after) {
+        let diff = dump_diff(b, a);
+        assert!(
+            diff.is_empty(),
+            "svcproxy changed a backend before refusing: {diff:?}"
+        );
+    }
+    case.note(format!(
+        "message: {}",
+        super::harness::shorten(log.lines().find(|l| l.contains("legacy")).unwrap_or(""), 160)
+    ));
+}

@@ -1,0 +1,13 @@
+//! The fault cases, grouped by the kind of fault, and what they share.
+
+pub mod harness;
+pub mod manifests;
+pub mod report;
+pub mod web;
+
+mod api_outage;
+mod backends;
+mod crash;
+mod drift;
+mod leftovers;
+mod restore_failures;
