@@ -4,14 +4,17 @@
 //! chains); partial syncs diff the new rules against the last applied ones held in memory and send only what
 //! changed, so their cost follows the size of the change, not the size of the cluster.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use svcproxy_iptables::chain_name::KUBE_SERVICES;
 use svcproxy_iptables::config::{LocalDetector, RenderConfig};
 use svcproxy_iptables::failure::{FailureKind, classify};
+
 use svcproxy_iptables::gc::GcPlan;
 use svcproxy_iptables::payload::Payload;
 use svcproxy_iptables::ruleset::{Ruleset, TableName};
 use svcproxy_iptables::save_parser::SavedRuleset;
+use svcproxy_iptables::service_rules::{ServicePortRules, render_service_port};
 use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, staged_payloads};
 use svcproxy_iptables::verify::{Divergence, verify};
 use svcproxy_iptables::{gc, jumps, render, save_parser};
@@ -149,6 +152,9 @@ pub struct IptablesProxier {
     conntrack: Option<Box<dyn Conntrack>>,
     /// Chains per transaction (see the staging module for why transactions are bounded).
     max_chains: usize,
+    /// Rendered rules of each service port by intent hash, with the configuration and mode they were rendered
+    /// with: a sync re-renders only the ports that changed, so its cost follows the change, not the cluster.
+    render_cache: RenderCache,
     /// The intent of the last successful sync, to find UDP/SCTP service ports that changed.
     applied_intent: Option<Arc<Intent>>,
 }
@@ -172,8 +178,29 @@ impl IptablesProxier {
             touched: Vec::new(),
             conntrack: None,
             max_chains: DEFAULT_MAX_CHAINS,
+            render_cache: RenderCache::default(),
             applied_intent: None,
         }
+    }
+
+    fn render_cached(&mut self, intent: &Intent, config: &RenderConfig) -> Ruleset {
+        let large = render::is_large_cluster(intent);
+        let cache = &mut self.render_cache;
+        if cache.config.as_ref() != Some(config) || cache.large != large {
+            cache.parts.clear();
+            cache.config = Some(config.clone());
+            cache.large = large;
+        }
+        let mut parts = HashMap::with_capacity(intent.service_ports.len());
+        for (name, spi) in &intent.service_ports {
+            let part = match cache.parts.remove(name) {
+                Some((hash, part)) if hash == spi.content_hash => part,
+                _ => Arc::new(render_service_port(spi, config, large)),
+            };
+            parts.insert(name.clone(), (spi.content_hash, part));
+        }
+        cache.parts = parts;
+        render::assemble(config, intent.service_ports.keys().map(|k| &*cache.parts[k].1))
     }
 
     /// Cleans stale UDP and SCTP flows after syncs that changed such service ports.
@@ -304,7 +331,7 @@ impl Proxier for IptablesProxier {
         let config = self
             .options
             .resolve(state.node.as_ref(), &self.addresses.addresses());
-        let next = render::render(&intent, &config);
+        let next = self.render_cached(&intent, &config);
         // A configuration change (a new node address, say) can touch every chain: treat it as full.
         let mode = match &self.applied {
             Some((_, applied_with)) if *applied_with == config => mode,
@@ -416,6 +443,13 @@ fn finding(d: &Divergence) -> Finding {
         kind: d.label(),
         services: d.services.clone(),
     }
+}
+
+#[derive(Default)]
+struct RenderCache {
+    config: Option<RenderConfig>,
+    large: bool,
+    parts: HashMap<ServicePortName, (u64, Arc<ServicePortRules>)>,
 }
 
 /// Whether any UDP or SCTP service port differs between two intents (added, removed or changed).
