@@ -1,13 +1,14 @@
 //! Kernel-side cost of each dispatch layout at scale: loads the full table with `nft -f` into a fresh
 //! network namespace, then applies one-endpoint changes, then a cold sync in chunks. Prints the figures
-//! quoted in `src/dispatch.rs`. Ignored by default (it takes about a minute and needs root):
+//! quoted in `src/dispatch.rs`. It takes about a minute and needs root, so it runs only as a benchmark:
 //!
-//! `cargo test --release -p svcproxy-nftables --test scale -- --ignored --nocapture`
+//! `cargo bench -p svcproxy-nftables --bench scale` (under `cargo test` it only checks that it builds)
 //!
 //! `SCALE_SERVICES` and `SCALE_ENDPOINTS` override the default 5,000 × 10; `SCALE_LAYOUT=0|1|2` measures one
 //! layout only (direct, cascade, upstream's vmap), which keeps one layout's namespace teardown (the kernel
 //! frees a large table in the background) from slowing the next one's figures.
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::time::Duration;
@@ -31,8 +32,14 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
-#[test]
-#[ignore]
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench binaries without it.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    measure_layouts();
+}
+
 fn measure_layouts() {
     let services = env("SCALE_SERVICES", 5000);
     let endpoints = env("SCALE_ENDPOINTS", 10);
