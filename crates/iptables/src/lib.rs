@@ -7,6 +7,7 @@
 //! everything can be tested without privileges and the applier stays a thin layer.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod canonical;
 pub mod chain_name;
 pub mod cleanup;

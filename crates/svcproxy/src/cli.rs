@@ -29,6 +29,16 @@ pub enum Command {
     /// Remove everything any kube-proxy version or svcproxy left on this node (iptables chains in both
     /// backends and families, nftables tables, IPVS leftovers), then exit. Safe to run twice.
     Cleanup(CleanupArgs),
+    /// Why can (or can't) a client reach a Service? Traces a new connection's first packet through the live
+    /// rules and through what the intent says, and shows where they part.
+    Explain(Box<ExplainArgs>),
+    /// Compare the live rules with the intent, per service port. Exit status 0 when equal, 1 when not.
+    Diff(Box<DiffArgs>),
+    /// Show what a running svcproxy has programmed, per service port (from its debug endpoint).
+    Status(StatusArgs),
+    /// Look for netfilter state that will break a sync or an upgrade (works on nodes run by kube-proxy too).
+    /// Exit status 0 when none is found, 1 when some is.
+    Audit(AuditArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -36,6 +46,92 @@ pub struct CleanupArgs {
     /// List what would be removed without removing it.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// Where the traced packet enters the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TraceOrigin {
+    /// A pod on this node.
+    Pod,
+    /// A process on the node itself.
+    Host,
+    /// Another machine, through the node's uplink.
+    External,
+}
+
+// The intent is rendered exactly as the daemon renders it only with the daemon's own settings, so the
+// commands that compare with it take every flag of `run` (and its --config file).
+const DAEMON_FLAGS: &str = "The daemon's settings (give the same flags or --config as `svcproxy run`)";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExplainArgs {
+    /// The client: an IP address, or a pod as NAMESPACE/NAME.
+    #[arg(long, value_name = "IP|NAMESPACE/POD")]
+    pub from: String,
+
+    /// The destination: a service port as NAMESPACE/SERVICE:PORT (port name or number; NAMESPACE/SERVICE for a
+    /// single-port Service), or an address as IP:PORT[/tcp|udp|sctp].
+    #[arg(long, value_name = "SERVICE|IP:PORT/PROTO")]
+    pub to: String,
+
+    /// Where the packet enters the node [default: pod for pods and pod-network addresses, host for this node's
+    /// addresses, external otherwise].
+    #[arg(long, value_enum)]
+    pub origin: Option<TraceOrigin>,
+
+    /// The interface the packet arrives on, for rules that match interfaces (--detect-local-mode
+    /// BridgeInterface or InterfaceNamePrefix).
+    #[arg(long, value_name = "IFACE")]
+    pub in_interface: Option<String>,
+
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+
+    /// Ask the running svcproxy at this URL (its --metrics-bind-address) instead of reading the intent here.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "http://127.0.0.1:10249")]
+    pub daemon: Option<String>,
+
+    #[command(flatten, next_help_heading = DAEMON_FLAGS)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DiffArgs {
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+
+    /// Ask the running svcproxy at this URL (its --metrics-bind-address) instead of reading the intent here.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "http://127.0.0.1:10249")]
+    pub daemon: Option<String>,
+
+    #[command(flatten, next_help_heading = DAEMON_FLAGS)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The running svcproxy's metrics address.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:10249")]
+    pub daemon: String,
+
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditArgs {
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+
+    /// Audit these saved `iptables-save` dumps instead of this node.
+    #[arg(long, value_name = "FILE")]
+    pub file: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

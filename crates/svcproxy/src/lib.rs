@@ -2,15 +2,20 @@
 //! drive them; the pure logic lives in the model and backend crates.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod backends;
 pub mod cleanup;
 pub mod cli;
 pub mod config_file;
+pub mod debug_http;
+pub mod diff;
 pub mod exec;
+pub mod explain;
 pub mod health;
 pub mod http_server;
 pub mod metrics;
 pub mod node_addresses;
 pub mod service_health;
 pub mod source;
+pub mod status;
 pub mod sync;

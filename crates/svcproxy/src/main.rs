@@ -5,8 +5,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use svcproxy::backends;
-use svcproxy::cli::{Cli, Command, LogFormat, ProxyMode, RunArgs};
+use svcproxy::cli::{Cli, Command, LogFormat, OutputFormat, ProxyMode, RunArgs};
 use svcproxy::config_file;
+use svcproxy::debug_http::DebugState;
 use svcproxy::exec::iptables::SystemIptables;
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::runner::SystemRunner;
@@ -134,10 +135,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         http_server::health_router(app.clone()),
     )
     .await?;
+    let debug = DebugState::new(&args, &node)?;
     let _metrics_server = http_server::serve(
         "metrics",
         args.metrics_bind_address,
-        http_server::metrics_router(app),
+        http_server::metrics_router(app).merge(debug.router()),
     )
     .await?;
 
@@ -172,6 +174,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let shared = Shared {
         args: &args,
+        debug,
         health,
         metrics,
         source_task,
@@ -209,6 +212,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// What `run` hands to the engine, whichever backend it chose.
 struct Shared<'a> {
     args: &'a RunArgs,
+    debug: DebugState,
     health: Arc<ProxyHealth>,
     metrics: Arc<Metrics>,
     source_task: tokio::task::JoinHandle<()>,
@@ -221,6 +225,7 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
 ) -> anyhow::Result<()> {
     let Shared {
         args,
+        debug,
         health,
         metrics,
         source_task,
@@ -238,6 +243,7 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         health.clone(),
         metrics.clone(),
     );
+    debug.attach(engine.status());
     tokio::spawn(ServiceHealthServers::new(health, metrics).run(engine.status()));
     tokio::spawn(apply_conntrack_sysctls(sysctl_config(args), engine.status()));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -280,6 +286,72 @@ async fn main() -> anyhow::Result<()> {
                 println!("{verb} {item}");
             }
             Ok(())
+        }
+        Command::Explain(args) => {
+            init_logging(LogFormat::Text);
+            let mut args = *args;
+            args.run = daemon_settings(args.run, &matches, "explain")?;
+            let report = svcproxy::explain::command(&args).await;
+            let disagree = report.as_ref().is_ok_and(|r| r.agree == Some(false));
+            finish(report, args.output, svcproxy::explain::render_text, disagree)
+        }
+        Command::Diff(args) => {
+            init_logging(LogFormat::Text);
+            let mut args = *args;
+            args.run = daemon_settings(args.run, &matches, "diff")?;
+            let report = svcproxy::diff::command(&args).await;
+            let differ = report.as_ref().is_ok_and(|r| !r.equal);
+            finish(report, args.output, svcproxy::diff::render_text, differ)
+        }
+        Command::Status(args) => {
+            let report = svcproxy::status::command(&args.daemon);
+            let failing = report.as_ref().is_ok_and(|r| r.last_error.is_some());
+            finish(report, args.output, svcproxy::status::render_text, failing)
+        }
+        Command::Audit(args) => {
+            let report = svcproxy::audit::command(&SystemRunner, &args.file);
+            let hazards = report.as_ref().is_ok_and(|r| !r.clean);
+            finish(report, args.output, svcproxy::audit::render_text, hazards)
+        }
+    }
+}
+
+/// The daemon's settings for the commands that render its intent: the flags given, with its `--config` file
+/// applied the way `run` applies it.
+/// A configuration that cannot be read means the command could not look: exit status 2, like [`finish`].
+fn daemon_settings(args: RunArgs, matches: &clap::ArgMatches, subcommand: &str) -> anyhow::Result<RunArgs> {
+    let sub = matches
+        .subcommand_matches(subcommand)
+        .context("clap matched the subcommand")?;
+    let resolved = config_file::resolve(args, sub).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(2)
+    });
+    for warning in &resolved.warnings {
+        tracing::warn!("configuration: {warning}");
+    }
+    Ok(resolved.args)
+}
+
+/// Prints a report and exits: 0, or 1 when `flagged` (a difference, a hazard); 2 when the command could not
+/// do its job, so scripts can tell "found something" from "could not look".
+fn finish<R: serde::Serialize, E: std::fmt::Display>(
+    result: Result<R, E>,
+    output: OutputFormat,
+    text: fn(&R) -> String,
+    flagged: bool,
+) -> anyhow::Result<()> {
+    match result {
+        Ok(report) => {
+            match output {
+                OutputFormat::Text => print!("{}", text(&report)),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            std::process::exit(i32::from(flagged))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2)
         }
     }
 }

@@ -18,6 +18,7 @@ use svcproxy_model::ObjectName;
 use tokio::sync::mpsc;
 
 use super::convert::{self, ConvertError};
+use super::watch_backoff::WatchBackoff;
 use super::{Delta, IGNORE_LABELS, SourceEvent};
 
 /// Upstream's server-side selector: `!label` for each of [`IGNORE_LABELS`].
@@ -78,18 +79,18 @@ enum Item {
     Node(Box<Result<Event<core::Node>, watcher::Error>>),
 }
 
-/// Watches until the receiver goes away. Watch errors are retried with kube's default backoff.
+/// Watches until the receiver goes away. Watch errors are retried with [`WatchBackoff`].
 pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) {
     let cfg = watcher::Config::default().labels(&proxy_label_selector());
     let services = watcher::watcher(Api::<core::Service>::all(client.clone()), cfg.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .map(|e| Item::Service(Box::new(e)));
     let slices = watcher::watcher(Api::<discovery::EndpointSlice>::all(client.clone()), cfg)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .map(|e| Item::Slice(Box::new(e)));
     let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let nodes = watcher::watcher(Api::<core::Node>::all(client), node_cfg)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .map(|e| Item::Node(Box::new(e)));
     let mut items = futures::stream::select(futures::stream::select(services, slices), nodes).boxed();
 

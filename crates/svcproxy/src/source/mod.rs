@@ -5,6 +5,7 @@ pub mod convert;
 pub mod kube_api;
 pub mod manifest_dir;
 pub mod manifest_watch;
+pub mod watch_backoff;
 
 use svcproxy_model::{ClusterState, EndpointSlice, Node, ObjectName, Service};
 
