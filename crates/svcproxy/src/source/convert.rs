@@ -67,6 +67,58 @@ impl Ctx {
     }
 }
 
+/// RFC 1123 label: what the API allows for namespaces and EndpointSlice port names.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: what the API allows for most object names.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A Service port name (IANA service name): lower-case letters, digits and single inner dashes, at most 15
+/// characters, at least one letter.
+fn is_port_name(s: &str) -> bool {
+    is_dns_label(s) && s.len() <= 15 && !s.contains("--") && s.bytes().any(|b| b.is_ascii_lowercase())
+}
+
+/// Names end up in rule comments and chain-name hashes: anything the API would not accept is rejected here,
+/// so no manifest can smuggle quotes, spaces or control characters into a transaction.
+fn check_name(
+    kind: &'static str,
+    name: &ObjectName,
+    object_rule: fn(&str) -> bool,
+) -> Result<(), ConvertError> {
+    let err = |field: &str, value: &str, what: &str| ConvertError {
+        kind,
+        object: name.to_string(),
+        field: field.into(),
+        reason: format!("{value:?} is not a valid {what}"),
+    };
+    if !is_dns_label(&name.namespace) {
+        return Err(err(
+            "metadata.namespace",
+            &name.namespace,
+            "namespace (RFC 1123 label)",
+        ));
+    }
+    if !object_rule(&name.name) {
+        return Err(err("metadata.name", &name.name, "name"));
+    }
+    Ok(())
+}
+
+/// Service names are RFC 1035 labels: RFC 1123 labels that start with a letter.
+fn is_service_name(s: &str) -> bool {
+    is_dns_label(s) && s.starts_with(|c: char| c.is_ascii_lowercase())
+}
+
 fn object_name(
     kind: &'static str,
     meta: &ObjectMeta,
@@ -91,6 +143,7 @@ fn object_name(
 /// `kubectl apply` often omit it).
 pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, ConvertError> {
     let name = object_name("Service", &svc.metadata, default_namespace)?;
+    check_name("Service", &name, is_service_name)?;
     let cx = Ctx {
         kind: "Service",
         object: name.to_string(),
@@ -130,6 +183,12 @@ pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, 
     let spec_ports = spec.ports.as_deref().unwrap_or_default();
     for (i, p) in spec_ports.iter().enumerate() {
         let name = p.name.clone().unwrap_or_default();
+        if !name.is_empty() && !is_port_name(&name) {
+            return Err(cx.err(
+                format!("spec.ports[{i}].name"),
+                format!("{name:?} is not a valid port name"),
+            ));
+        }
         if name.is_empty() && spec_ports.len() > 1 {
             return Err(cx.err(
                 format!("spec.ports[{i}].name"),
@@ -287,6 +346,7 @@ pub fn endpoint_slice(
     default_namespace: &str,
 ) -> Result<EndpointSlice, ConvertError> {
     let name = object_name("EndpointSlice", &slice.metadata, default_namespace)?;
+    check_name("EndpointSlice", &name, is_dns_subdomain)?;
     let cx = Ctx {
         kind: "EndpointSlice",
         object: name.to_string(),
@@ -309,6 +369,13 @@ pub fn endpoint_slice(
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let protocol = cx.protocol(format!("ports[{i}].protocol"), p.protocol.as_deref())?;
         // A port without a number means "all ports" in the API; a Service proxy cannot use it (upstream skips it).
+        let port_name = p.name.clone().unwrap_or_default();
+        if !port_name.is_empty() && !is_dns_label(&port_name) {
+            return Err(cx.err(
+                format!("ports[{i}].name"),
+                format!("{port_name:?} is not a valid port name"),
+            ));
+        }
         let Some(port) = p.port else { continue };
         let port = cx.port(format!("ports[{i}].port"), port)?;
         ports.push(EndpointPort {
@@ -411,4 +478,34 @@ pub fn node(node: &core::Node) -> Result<Node, ConvertError> {
         addresses,
         being_deleted: node.metadata.deletion_timestamp.is_some() || tainted,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, port_name: &str) -> core::Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": port_name, "port": 80}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn names_that_would_break_a_rule_comment_are_rejected() {
+        assert!(service(&svc("web", "http"), "default").is_ok());
+        let e = service(&svc("web\" -j ACCEPT", "http"), "default").unwrap_err();
+        assert_eq!(e.field, "metadata.name");
+        let e = service(&svc("web", "a b"), "default").unwrap_err();
+        assert_eq!(e.field, "spec.ports[0].name");
+        assert!(
+            service(&svc("Web", "http"), "default").is_err(),
+            "upper case is not a DNS label"
+        );
+        assert!(
+            service(&svc("web", "a-very-long-port-name"), "default").is_err(),
+            "port names are at most 15"
+        );
+    }
 }
