@@ -111,14 +111,21 @@ fn takes_over_from_upstream_without_a_gap_and_hands_back_cleanly() {
                 proxy.log().contains("synced").then_some(())
             },
         );
-        std::thread::sleep(Duration::from_secs(1));
+        // Keep the loop going until a good number of requests went through the new rules.
+        let at_sync = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            "20 requests after the takeover",
+            || (ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= at_sync + 20).then_some(()),
+        );
         stop.store(true, Ordering::Relaxed);
         looping.join().unwrap();
         proxy
     });
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     println!("takeover: {ok} requests answered, {failed} failed");
-    assert!(ok > 10, "the loop ran");
+    assert!(ok >= 20, "the loop ran");
     assert_eq!(failed, 0, "no traffic gap during the takeover");
 
     // No leftovers: every KUBE-* chain is one upstream also writes (the same names, hence the same hashes).
