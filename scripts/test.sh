@@ -9,4 +9,4 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 ./scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo test --workspace --all-targets "$@"
+cargo test --workspace --all-targets --no-fail-fast "$@"
