@@ -32,11 +32,28 @@ pub struct ClassLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub ip_family: String,
+    /// `internal` or `external`.
+    pub traffic_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: String,
 }
 
 type SecondsGauge = Gauge<f64, AtomicU64>;
+
+/// Upstream's buckets for network programming latency: 0.25 s, 0.5 s, then 1..59 s by 1, 60..115 s by 5,
+/// 120..300 s by 30.
+fn programming_histogram() -> Histogram {
+    let mut buckets = vec![0.25, 0.5];
+    buckets.extend((1..60).map(f64::from));
+    buckets.extend((60..120).step_by(5).map(f64::from));
+    buckets.extend((120..=300).step_by(30).map(f64::from));
+    Histogram::new(buckets)
+}
 
 fn sync_histogram() -> Histogram {
     // Upstream: 1 ms doubling over 15 buckets, up to ~16 s.
@@ -67,6 +84,10 @@ pub struct Metrics {
     pub repairs: Family<FamilyLabels, Counter>,
     pub conntrack_duration: Family<FamilyLabels, Histogram, fn() -> Histogram>,
     pub conntrack_deleted: Family<FamilyLabels, Counter>,
+    pub network_programming_duration: Family<FamilyLabels, Histogram, fn() -> Histogram>,
+    pub service_changes_pending: Gauge,
+    pub endpoint_changes_pending: Gauge,
+    pub no_local_endpoints: Family<PolicyLabels, Gauge>,
 }
 
 impl Metrics {
@@ -95,6 +116,12 @@ impl Metrics {
             repairs: Family::default(),
             conntrack_duration: Family::new_with_constructor(sync_histogram as fn() -> Histogram),
             conntrack_deleted: Family::default(),
+            network_programming_duration: Family::new_with_constructor(
+                programming_histogram as fn() -> Histogram,
+            ),
+            service_changes_pending: Gauge::default(),
+            endpoint_changes_pending: Gauge::default(),
+            no_local_endpoints: Family::default(),
             registry: Registry::default(),
         };
         {
@@ -143,6 +170,26 @@ impl Metrics {
                 "sync_proxy_rules_endpoint_changes",
                 "Cumulative proxy rules Endpoint changes",
                 m.endpoint_changes.clone(),
+            );
+            kp.register(
+                "network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
+                m.network_programming_duration.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes",
+                m.service_changes_pending.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes",
+                m.endpoint_changes_pending.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_no_local_endpoints_total",
+                "Number of services with a Local traffic policy and no endpoints",
+                m.no_local_endpoints.clone(),
             );
             kp.register(
                 "conntrack_reconciler_sync_duration_seconds",

@@ -15,6 +15,8 @@ const POLL: Duration = Duration::from_millis(100);
 const T: Duration = Duration::from_secs(2);
 
 fn web(endpoints: &[&str]) -> String {
+    // When the EndpointSlice controller saw the change: svcproxy reports the latency from here to the kernel.
+    let now = jiff::Timestamp::now();
     let eps: String = endpoints
         .iter()
         .map(|ip| format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n  nodeName: node-a\n"))
@@ -34,6 +36,7 @@ metadata:
   name: web-1
   namespace: demo
   labels: {{kubernetes.io/service-name: web}}
+  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{now}\"}}
 addressType: IPv4
 ports:
 - {{name: http, protocol: TCP, port: 8080}}
@@ -176,6 +179,12 @@ fn clusterip_traffic_follows_the_manifests(mode: &str) {
         metrics.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures"),
         "{metrics}"
     );
+    // Network programming latency, from the slices' trigger-time annotation, as upstream reports it.
+    let programmed = metric_value(
+        &metrics,
+        "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}",
+    );
+    assert!(programmed.is_some_and(|n| n >= 1.0), "{metrics}");
     // Read-back ran after the syncs and found the kernel exactly as written.
     let verifications = metric_value(&metrics, "svcproxy_verifications_total{ip_family=\"IPv4\"}");
     assert!(verifications.is_some_and(|v| v >= 2.0), "{metrics}");

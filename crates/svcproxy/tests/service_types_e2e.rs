@@ -187,6 +187,14 @@ fn external_traffic_policy_local_keeps_the_source_and_drops_without_local_endpoi
     s.wait_for("the NodePort drops", |s| {
         tcp_request(s.lab.external(), np, T).is_err()
     });
+    let metrics = s.proxy.metrics(s.lab.node());
+    let name =
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"}";
+    assert_eq!(
+        common::metric_value(&metrics, name),
+        Some(2.0),
+        "both ports lack a local endpoint:\n{metrics}"
+    );
     assert!(matches!(
         tcp_request(s.lab.external(), np, T),
         Err(svcproxy_testkit::ClientError::Timeout)

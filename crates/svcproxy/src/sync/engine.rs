@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use super::proxier::{Finding, Proxier, SyncError, SyncMode, VerifyScope};
 use super::throttle::SyncThrottle;
 use crate::health::ProxyHealth;
-use crate::metrics::{ClassLabels, FamilyLabels, Metrics, SyncLabels};
+use crate::metrics::{ClassLabels, FamilyLabels, Metrics, PolicyLabels, SyncLabels};
 use crate::source::{Delta, SourceEvent};
 
 #[derive(Debug, Clone)]
@@ -78,6 +78,10 @@ pub struct Engine<P: Proxier> {
     divergence_problem: Option<String>,
     /// The health problem reported because of failed syncs, if any.
     failure_problem: Option<String>,
+    /// EndpointSlice trigger times of changes not yet programmed.
+    pending_trigger_times: Vec<SystemTime>,
+    pending_service_changes: usize,
+    pending_endpoint_changes: usize,
     last_full: Option<Instant>,
     throttle: SyncThrottle,
     status: watch::Sender<EngineStatus>,
@@ -146,6 +150,9 @@ impl<P: Proxier> Engine<P> {
             recent_repairs: Vec::new(),
             divergence_problem: None,
             failure_problem: None,
+            pending_trigger_times: Vec::new(),
+            pending_service_changes: 0,
+            pending_endpoint_changes: 0,
             last_full: None,
             throttle,
             status: watch::Sender::new(EngineStatus::default()),
@@ -166,6 +173,9 @@ impl<P: Proxier> Engine<P> {
     fn apply(&mut self, event: SourceEvent) -> bool {
         let (services, slices) = match event {
             SourceEvent::Snapshot(next) => {
+                for slice in next.endpoint_slices.values() {
+                    self.note_trigger_time(slice);
+                }
                 let services = replace(
                     &mut self.state.services,
                     next.services.into_values().collect(),
@@ -184,6 +194,11 @@ impl<P: Proxier> Engine<P> {
             }
             SourceEvent::Services(d) => (apply_delta(&mut self.state.services, d, |s| &s.name), 0),
             SourceEvent::EndpointSlices(d) => {
+                match &d {
+                    Delta::Apply(slice) => self.note_trigger_time(slice),
+                    Delta::Replace { objects, .. } => objects.iter().for_each(|s| self.note_trigger_time(s)),
+                    Delta::Delete(_) => {}
+                }
                 (0, apply_delta(&mut self.state.endpoint_slices, d, |s| &s.name))
             }
             SourceEvent::Node(n) => return self.set_node(n),
@@ -197,9 +212,66 @@ impl<P: Proxier> Engine<P> {
         services + slices > 0
     }
 
-    fn count_changes(&self, services: usize, slices: usize) {
+    fn count_changes(&mut self, services: usize, slices: usize) {
         self.metrics.service_changes.inc_by(services as u64);
         self.metrics.endpoint_changes.inc_by(slices as u64);
+        self.pending_service_changes += services;
+        self.pending_endpoint_changes += slices;
+        self.metrics
+            .service_changes_pending
+            .set(self.pending_service_changes as i64);
+        self.metrics
+            .endpoint_changes_pending
+            .set(self.pending_endpoint_changes as i64);
+    }
+
+    /// Remembers when the EndpointSlice controller saw the change behind a new or changed slice, so the
+    /// sync that programs it can report the network programming latency as upstream does.
+    fn note_trigger_time(&mut self, slice: &svcproxy_model::EndpointSlice) {
+        if self.state.endpoint_slices.get(&slice.name) == Some(slice) {
+            return;
+        }
+        if let Some(at) = slice
+            .last_change_trigger_time
+            .as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        {
+            self.pending_trigger_times.push(SystemTime::from(at));
+        }
+    }
+
+    /// Metrics that describe a successful sync's result.
+    fn record_programmed(&mut self, intent: &svcproxy_model::Intent) {
+        let labels = self.family_labels();
+        let now = SystemTime::now();
+        for at in self.pending_trigger_times.drain(..) {
+            if let Ok(latency) = now.duration_since(at) {
+                self.metrics
+                    .network_programming_duration
+                    .get_or_create(&labels)
+                    .observe(latency.as_secs_f64());
+            }
+        }
+        self.pending_service_changes = 0;
+        self.pending_endpoint_changes = 0;
+        self.metrics.service_changes_pending.set(0);
+        self.metrics.endpoint_changes_pending.set(0);
+        let (mut internal, mut external) = (0, 0);
+        for spi in intent.service_ports.values() {
+            if spi.internal_policy_local && spi.has_endpoints() && spi.endpoints.local.is_empty() {
+                internal += 1;
+            }
+            if spi.external_policy_local && spi.has_endpoints() && spi.endpoints.local.is_empty() {
+                external += 1;
+            }
+        }
+        for (policy, count) in [("internal", internal), ("external", external)] {
+            let l = PolicyLabels {
+                ip_family: labels.ip_family.clone(),
+                traffic_policy: policy.into(),
+            };
+            self.metrics.no_local_endpoints.get_or_create(&l).set(count);
+        }
     }
 
     fn set_node(&mut self, node: Option<svcproxy_model::Node>) -> bool {
@@ -426,6 +498,7 @@ impl<P: Proxier> Engine<P> {
                     self.last_full = Some(now);
                 }
                 self.health.updated();
+                self.record_programmed(&report.intent);
                 self.metrics
                     .last_sync_timestamp
                     .get_or_create(&labels)
