@@ -18,14 +18,29 @@ fn cluster(n: u32, moved: bool) -> svcproxy_model::ClusterState {
     for i in 0..n {
         let name = format!("s{i:05}");
         let ip = format!("10.96.{}.{}", 100 + i / 250, 1 + i % 250);
-        services.push(service("ns", &name, ServiceType::ClusterIP, &ip, vec![port("p", Protocol::Tcp, 80, None)]));
+        services.push(service(
+            "ns",
+            &name,
+            ServiceType::ClusterIP,
+            &ip,
+            vec![port("p", Protocol::Tcp, 80, None)],
+        ));
         let eps = (0..10)
             .map(|e| {
                 let last = if moved && i == 0 && e == 9 { 200 } else { e };
-                ep(&format!("10.{}.{}.{}", 200 + i / 65_000, (i / 250) % 256, last + 1), "node-b")
+                ep(
+                    &format!("10.{}.{}.{}", 200 + i / 65_000, (i / 250) % 256, last + 1),
+                    "node-b",
+                )
             })
             .collect();
-        slices.push(slice("ns", &format!("{name}-1"), &name, &[("p", Protocol::Tcp, 8080)], eps));
+        slices.push(slice(
+            "ns",
+            &format!("{name}-1"),
+            &name,
+            &[("p", Protocol::Tcp, 8080)],
+            eps,
+        ));
     }
     state(services, slices)
 }
@@ -34,7 +49,13 @@ fn one_change_payload(n: u32) -> (usize, usize) {
     let cfg = RenderConfig::default();
     let before = render(&intent_of(&cluster(n, false)), &cfg);
     let after = render(&intent_of(&cluster(n, true)), &cfg);
-    let payloads = staged_payloads(Baseline::Applied(&before), &after, &GcPlan::default(), &[], DEFAULT_MAX_CHAINS);
+    let payloads = staged_payloads(
+        Baseline::Applied(&before),
+        &after,
+        &GcPlan::default(),
+        &[],
+        DEFAULT_MAX_CHAINS,
+    );
     assert_eq!(payloads.len(), 1, "a one-endpoint change is one transaction");
     (payloads[0].line_count, payloads[0].text.len())
 }
