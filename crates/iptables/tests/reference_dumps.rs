@@ -4,6 +4,8 @@
 
 mod common;
 
+use svcproxy_iptables::canonical::canonical_rule;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::scenario::scenario_state;
@@ -174,52 +176,6 @@ fn clusterip_basic_chain_names_match_upstream() {
     assert_eq!(pick(ours.nat.chains.keys().map(|k| &**k).collect()), theirs);
 }
 
-/// One rule in a spelling-independent form: arguments as a sorted multiset, with iptables-save's
-/// rewrites undone (`/32`, `--or-mark`/`--xor-mark`, padded hex, 11-decimal probabilities, the defaults it
-/// prints for `recent` and `REJECT`) and the nfacct matches we deliberately do not write removed.
-fn canonical(args: &[String]) -> Vec<String> {
-    fn hex(s: &str) -> String {
-        s.split('/')
-            .map(|p| match p.strip_prefix("0x") {
-                Some(h) => format!("{:#x}", u64::from_str_radix(h, 16).unwrap()),
-                None => p.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("/")
-    }
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        let next = args.get(i + 1).map(String::as_str);
-        match (a, next) {
-            ("-m", Some("nfacct")) => i += 4,
-            ("--mask", Some("255.255.255.255")) => i += 2,
-            ("--rsource", _) => i += 1,
-            ("--reject-with", Some("icmp-port-unreachable")) => i += 2,
-            ("--or-mark", Some(m)) => {
-                let m = hex(m);
-                out.extend(["--set-xmark".to_string(), format!("{m}/{m}")]);
-                i += 2;
-            }
-            ("--xor-mark", Some(m)) => {
-                out.extend(["--set-xmark".to_string(), format!("{}/0x0", hex(m))]);
-                i += 2;
-            }
-            ("--probability", Some(p)) => {
-                out.extend([a.to_string(), format!("{:.8}", p.parse::<f64>().unwrap())]);
-                i += 2;
-            }
-            _ => {
-                out.push(hex(a.strip_suffix("/32").unwrap_or(a)));
-                i += 1;
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Chain → canonical rules. Shared chains are compared as sets (upstream writes them in Go map order), with
 /// nat KUBE-SERVICES's gate rule required last; per-service chains in order.
 fn comparable(
@@ -233,7 +189,7 @@ fn comparable(
     ];
     let mut out = BTreeMap::new();
     for (table, chain, rules) in tables {
-        let mut rules: Vec<Vec<String>> = rules.iter().map(|r| canonical(r)).collect();
+        let mut rules: Vec<Vec<String>> = rules.iter().map(|r| canonical_rule(r)).collect();
         if SHARED.contains(&chain.as_str()) {
             let last = (table == "nat" && chain == "KUBE-SERVICES")
                 .then(|| rules.pop())
