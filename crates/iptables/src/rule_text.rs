@@ -55,11 +55,14 @@ impl Line {
     }
 
     pub(crate) fn jump(self, target: &str) -> String {
-        self.arg_value("-j", target).0
+        self.arg_value("-j", target).finish()
     }
 
+    /// The line, in a buffer of its own length. Lines are held for as long as they are the applied ruleset:
+    /// kept in their 160-byte build buffers, the 160,000 rules of 5,000 services × 10 endpoints (90 bytes on
+    /// average) took 24 MB instead of 13 MB. The build buffer is freed at once and reused by the next line.
     pub(crate) fn finish(self) -> String {
-        self.0
+        self.0.as_str().to_owned()
     }
 }
 

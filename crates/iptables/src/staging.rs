@@ -19,19 +19,15 @@
 
 use std::collections::BTreeSet;
 
-use crate::canonical::canonical_rule;
 use crate::chain_name::{
     EXT_PREFIX, FW_PREFIX, KUBE_MARK_MASQ, SEP_PREFIX, SVC_PREFIX, SVL_PREFIX, XLB_PREFIX,
     is_owned_service_chain,
 };
 use crate::gc::GcPlan;
 use crate::jumps::JumpRule;
+use crate::kernel_view::{Found, KernelView};
 use crate::payload::{Payload, Section, merge_join, serialize};
 use crate::ruleset::{Chain, Ruleset, TableName, jump_target};
-use std::collections::HashMap;
-
-use crate::save_parser::{SavedRule, SavedRuleset, SavedTable};
-use crate::verify::canonical_lines;
 
 /// Chains per transaction. Well below where the quadratic cost starts to show (≈0.2 s per transaction).
 pub const DEFAULT_MAX_CHAINS: usize = 4_000;
@@ -42,9 +38,10 @@ pub enum Baseline<'a> {
     None,
     /// Our last successful write, held in memory: write chains that differ from it (partial syncs).
     Applied(&'a Ruleset),
-    /// What `iptables-save` just printed: write chains whose rules differ from it in substance (full syncs,
-    /// and restarts, which then rewrite nothing when the rules are already right).
-    Kernel(&'a SavedRuleset),
+    /// What `iptables-save` just printed, read against the ruleset being staged: write chains whose rules
+    /// differ from it in substance (full syncs, and restarts, which then rewrite nothing when the rules are
+    /// already right).
+    Kernel(&'a KernelView),
 }
 
 /// The service port a per-service chain belongs to: SVC, SVL, EXT and FW chains share the port's hash; an
@@ -83,24 +80,6 @@ fn delete_stage(name: &str) -> usize {
     }
 }
 
-fn differs_from_kernel(
-    table: Option<&SavedTable>,
-    rules: &HashMap<&str, Vec<&SavedRule>>,
-    name: &str,
-    chain: &Chain,
-) -> bool {
-    if !table.is_some_and(|t| t.chains.contains_key(name)) {
-        return true;
-    }
-    let found: Vec<Vec<String>> = rules
-        .get(name)
-        .into_iter()
-        .flatten()
-        .map(|r| canonical_rule(&r.args))
-        .collect();
-    found != canonical_lines(chain)
-}
-
 /// The transactions that take the kernel from `baseline` to `next`, carrying out `plan` and inserting
 /// `jumps`. Empty when nothing needs to change.
 pub fn staged_payloads(
@@ -110,6 +89,25 @@ pub fn staged_payloads(
     jumps: &[JumpRule],
     max_chains: usize,
 ) -> Vec<Payload> {
+    let mut payloads = Vec::new();
+    let Ok(()) = stage(baseline, next, plan, jumps, max_chains, |p| {
+        payloads.push(p);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    payloads
+}
+
+/// [`staged_payloads`], handing each transaction to `apply` as soon as it is serialised, in order, and stopping
+/// at the first error `apply` returns. A cold sync's transactions together are as large as the ruleset (31 MB
+/// at 5,000 services × 10 endpoints); applied one by one, only one is held at a time.
+pub fn stage<E>(
+    baseline: Baseline<'_>,
+    next: &Ruleset,
+    plan: &GcPlan,
+    jumps: &[JumpRule],
+    max_chains: usize,
+    mut apply: impl FnMut(Payload) -> Result<(), E>,
+) -> Result<(), E> {
     let max_chains = max_chains.max(1);
     let jump_targets: BTreeSet<&str> = jumps.iter().map(|j| j.target).collect();
     let mut writes: Vec<(TableName, &str, &Chain)> = Vec::new();
@@ -135,11 +133,9 @@ pub fn staged_payloads(
                     }
                 }
             }
-            Baseline::Kernel(saved) => {
-                let kernel_table = saved.table(table.as_str());
-                let rules = kernel_table.map(SavedTable::rules_by_chain).unwrap_or_default();
+            Baseline::Kernel(kernel) => {
                 for (name, chain) in &ours.chains {
-                    if differs_from_kernel(kernel_table, &rules, name, chain) {
+                    if kernel.found(table, name) != Found::Same {
                         writes.push((table, &**name, chain));
                     }
                 }
@@ -172,13 +168,12 @@ pub fn staged_payloads(
         });
         let payload = serialize(&sections);
         return if payload.is_empty() {
-            Vec::new()
+            Ok(())
         } else {
-            vec![payload]
+            apply(payload)
         };
     }
 
-    let mut payloads = Vec::new();
     let nat_only = |write: Vec<(&str, &Chain)>, delete: Vec<&str>| {
         let sections = TableName::ALL.map(|table| Section {
             table,
@@ -199,7 +194,7 @@ pub fn staged_payloads(
     };
     // Endpoint chains jump to KUBE-MARK-MASQ, which a cold node does not have yet.
     if let Some((name, chain)) = next.nat.chains.get_key_value(KUBE_MARK_MASQ) {
-        payloads.push(nat_only(vec![(&**name, chain)], Vec::new()));
+        apply(nat_only(vec![(&**name, chain)], Vec::new()))?;
     }
     let (per_service, shared): (Vec<_>, Vec<_>) = writes
         .iter()
@@ -216,12 +211,12 @@ pub fn staged_payloads(
     let mut batch: Vec<(&str, &Chain)> = Vec::new();
     for chains in by_group.into_values() {
         if !batch.is_empty() && batch.len() + chains.len() > max_chains {
-            payloads.push(nat_only(std::mem::take(&mut batch), Vec::new()));
+            apply(nat_only(std::mem::take(&mut batch), Vec::new()))?;
         }
         batch.extend(chains);
     }
     if !batch.is_empty() {
-        payloads.push(nat_only(batch, Vec::new()));
+        apply(nat_only(batch, Vec::new()))?;
     }
     let switch = TableName::ALL.map(|table| Section {
         table,
@@ -241,7 +236,7 @@ pub fn staged_payloads(
     });
     let switch = serialize(&switch);
     if !switch.is_empty() {
-        payloads.push(switch);
+        apply(switch)?;
     }
     // Stale chains: a batch's chains are flushed and deleted together, so references inside a batch are fine;
     // references from later stages' chains are gone because those stages went first.
@@ -252,8 +247,8 @@ pub fn staged_payloads(
             .filter(|n| delete_stage(n) == stage)
             .collect();
         for chunk in chains.chunks(max_chains) {
-            payloads.push(nat_only(Vec::new(), chunk.to_vec()));
+            apply(nat_only(Vec::new(), chunk.to_vec()))?;
         }
     }
-    payloads
+    Ok(())
 }

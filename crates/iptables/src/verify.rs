@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use crate::canonical::canonical_rule;
 use crate::config::RenderConfig;
 use crate::jumps::missing_jumps;
+use crate::kernel_view::{Found, KernelView};
 use crate::ruleset::{Chain, Ruleset, TableName};
-use crate::save_parser::{SavedRuleset, tokenize};
+use crate::save_parser::tokenize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DivergenceKind {
@@ -83,10 +84,11 @@ pub(crate) fn canonical_lines(chain: &Chain) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// Compares the kernel with `expected`. `chains`, when given, limits the check to those chains (what a
-/// partial sync touched); the built-in jumps are always checked because they are few.
+/// Compares the kernel, read against `expected` (see [`KernelView`]), with `expected`. `chains`, when given,
+/// limits the check to those chains (what a partial sync touched); the built-in jumps are always checked
+/// because they are few.
 pub fn verify(
-    saved: &SavedRuleset,
+    kernel: &KernelView,
     expected: &Ruleset,
     cfg: &RenderConfig,
     chains: Option<&[(TableName, String)]>,
@@ -94,8 +96,6 @@ pub fn verify(
     let mut out = Vec::new();
     for table in TableName::ALL {
         let ours = expected.table(table);
-        let theirs = saved.table(table.as_str());
-        let by_chain = theirs.map(|t| t.rules_by_chain()).unwrap_or_default();
         let selected: Vec<(&str, &Chain)> = match chains {
             Some(list) => list
                 .iter()
@@ -105,37 +105,23 @@ pub fn verify(
             None => ours.chains.iter().map(|(k, c)| (&**k, c)).collect(),
         };
         for (name, chain) in selected {
-            let exists = theirs.is_some_and(|t| t.chains.contains_key(name));
-            if !exists {
-                out.push(Divergence {
-                    table,
-                    chain: name.to_string(),
-                    kind: DivergenceKind::MissingChain,
-                    services: services_of(chain),
-                });
-                continue;
-            }
-            let found: Vec<Vec<String>> = by_chain
-                .get(name)
-                .into_iter()
-                .flatten()
-                .map(|r| canonical_rule(&r.args))
-                .collect();
-            let wanted = canonical_lines(chain);
-            if found != wanted {
-                out.push(Divergence {
-                    table,
-                    chain: name.to_string(),
-                    kind: DivergenceKind::ChangedRules {
-                        expected: wanted.len(),
-                        found: found.len(),
-                    },
-                    services: services_of(chain),
-                });
-            }
+            let kind = match kernel.found(table, name) {
+                Found::Same => continue,
+                Found::Missing => DivergenceKind::MissingChain,
+                Found::Different { rules } => DivergenceKind::ChangedRules {
+                    expected: canonical_lines(chain).len(),
+                    found: rules,
+                },
+            };
+            out.push(Divergence {
+                table,
+                chain: name.to_string(),
+                kind,
+                services: services_of(chain),
+            });
         }
     }
-    for jump in missing_jumps(saved, cfg) {
+    for jump in missing_jumps(&kernel.saved, cfg) {
         out.push(Divergence {
             table: jump.table,
             chain: jump.chain.to_string(),

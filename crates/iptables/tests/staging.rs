@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use svcproxy_iptables::gc::{GcPlan, plan_gc};
 use svcproxy_iptables::jumps::{jump_rules, missing_jumps};
 use svcproxy_iptables::staging::{Baseline, staged_payloads};
-use svcproxy_iptables::{RenderConfig, Ruleset, render};
+use svcproxy_iptables::{KernelView, RenderConfig, Ruleset, render};
 use svcproxy_model::{Protocol, ServiceType};
 
 /// `n` services, the i-th with `1 + (i + shift) % 4` endpoints; every third one a LoadBalancer.
@@ -79,7 +79,8 @@ fn a_kernel_that_is_already_right_gets_nothing() {
     );
     let saved = kernel.saved();
     assert!(missing_jumps(&saved, &RenderConfig::default()).is_empty());
-    let payloads = staged_payloads(Baseline::Kernel(&saved), &next, &plan_gc(&saved, &next), &[], 100);
+    let view = KernelView::from_saved(saved.clone(), &next);
+    let payloads = staged_payloads(Baseline::Kernel(&view), &next, &plan_gc(&saved, &next), &[], 100);
     assert!(payloads.is_empty(), "{payloads:?}");
 }
 
@@ -94,7 +95,9 @@ proptest! {
         let saved = kernel.saved();
         let cfg = RenderConfig::default();
         let jumps = missing_jumps(&saved, &cfg);
-        let payloads = staged_payloads(Baseline::Kernel(&saved), &next, &plan_gc(&saved, &next), &jumps, max);
+        // Read as a full sync reads the kernel: the rules of our chains compared and dropped as they stream by.
+        let view = KernelView::parse(&kernel.save(), &next).unwrap();
+        let payloads = staged_payloads(Baseline::Kernel(&view), &next, &plan_gc(&view.saved, &next), &jumps, max);
         apply_all(&mut kernel, &payloads);
         prop_assert!(kernel.matches(&next));
 

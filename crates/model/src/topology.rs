@@ -129,5 +129,11 @@ pub fn categorize(
             union
         }
     };
+    // Filtered collections grow by doubling: 10 endpoints sat in room for 16. An intent is held for as long as
+    // it is the applied one, and a sync builds the next beside it (5,000 services × 10 endpoints: 11.4 MB of
+    // endpoint lists instead of 8.8).
+    out.cluster.shrink_to_fit();
+    out.local.shrink_to_fit();
+    out.all_reachable.shrink_to_fit();
     out
 }

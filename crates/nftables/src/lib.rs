@@ -42,6 +42,6 @@ pub use ruleset::{BaseChain, Chain, ChainType, Element, Family, Hook, Policy, Ru
 pub use simulate::{Kernel, SimError};
 pub use tracer::{TraceError, trace};
 pub use transaction::{
-    PlanError, Transaction, TransactionKind, chunked_full, delete_table_transaction, full_transaction,
-    partial_transaction,
+    PlanError, Transaction, TransactionKind, chunked_full, delete_table_transaction, full_in_chunks,
+    full_transaction, partial_transaction,
 };

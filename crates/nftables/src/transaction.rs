@@ -124,9 +124,11 @@ pub fn full_transaction(next: &Ruleset) -> Transaction {
     let mut text = format!("table {table} {{}}\ndelete table {table}\n");
     commands::add_table(&mut text, &table, next.comment.as_deref());
     let empty = Ruleset {
+        family: next.family,
+        name: next.name.clone(),
+        comment: next.comment.clone(),
         sets: BTreeMap::new(),
         chains: BTreeMap::new(),
-        ..next.clone()
     };
     let body = diff(&empty, next);
     text.push_str(&body.text);
@@ -169,6 +171,16 @@ pub fn partial_transaction(prev: &Ruleset, next: &Ruleset) -> Result<Transaction
 /// that lead to them. Between parts the kernel holds a valid table in which every Service is either fully
 /// programmed or absent, and no transaction holds the nftables lock for long.
 pub fn chunked_full(next: &Ruleset, max_services_per_tx: usize) -> Result<Vec<Transaction>, PlanError> {
+    Ok(full_in_chunks(next, max_services_per_tx)?.collect())
+}
+
+/// The parts of [`chunked_full`], each built only when the one before it has been taken: a cold sync applies
+/// each part before building the next, so it never holds them all (at 5,000 services × 10 endpoints they
+/// are 11 transactions and as much text as the whole table).
+pub fn full_in_chunks(
+    next: &Ruleset,
+    max_services_per_tx: usize,
+) -> Result<impl Iterator<Item = Transaction> + '_, PlanError> {
     if max_services_per_tx == 0 {
         return Err(PlanError::ChunkSize);
     }
@@ -180,21 +192,20 @@ pub fn chunked_full(next: &Ruleset, max_services_per_tx: usize) -> Result<Vec<Tr
         owners.extend(set.elements.values().filter_map(owner_of_element));
     }
     let owners: Vec<String> = owners.into_iter().collect();
-    let groups: Vec<&[String]> = owners.chunks(max_services_per_tx).collect();
-    let count = groups.len() + 1;
+    let groups = owners.len().div_ceil(max_services_per_tx);
+    let count = groups + 1;
 
-    let mut out = Vec::with_capacity(count);
     let mut first = full_transaction(&fixed);
     first.kind = TransactionKind::Chunk { index: 0, count };
-    out.push(first);
-    for (i, group) in groups.into_iter().enumerate() {
+    let rest = (0..groups).map(move |i| {
+        let group = &owners[i * max_services_per_tx..owners.len().min((i + 1) * max_services_per_tx)];
         let members: BTreeSet<&str> = group.iter().map(String::as_str).collect();
         let with_group = restrict(next, &|owner| owner.is_none_or(|o| members.contains(o)));
         let mut tx = diff(&fixed, &with_group);
         tx.kind = TransactionKind::Chunk { index: i + 1, count };
-        out.push(tx);
-    }
-    Ok(out)
+        tx
+    });
+    Ok(std::iter::once(first).chain(rest))
 }
 
 /// The part of a ruleset whose objects' owners pass `keep` (`None` = fixed objects). Fixed sets are kept
@@ -211,15 +222,34 @@ pub fn restrict(rs: &Ruleset, keep: &dyn Fn(Option<&str>) -> bool) -> Ruleset {
         .iter()
         .filter(|(n, _)| keep(owner_of_object(n).as_deref()))
         .map(|(n, s)| {
-            let mut s = s.clone();
-            s.elements.retain(|_, e| keep(owner_of_element(e).as_deref()));
+            // Only the elements that pass are copied: the fixed maps hold an element per service port, and a
+            // cold sync restricts the ruleset once per part.
+            let elements = s
+                .elements
+                .iter()
+                .filter(|(_, e)| keep(owner_of_element(e).as_deref()))
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect();
+            let s = Set {
+                kind: s.kind,
+                key_type: s.key_type.clone(),
+                data_type: s.data_type.clone(),
+                flags: s.flags.clone(),
+                timeout: s.timeout,
+                size: s.size,
+                comment: s.comment.clone(),
+                elements,
+            };
             (n.clone(), s)
         })
         .collect();
+    // Built field by field: `..rs.clone()` would copy every chain and element only to drop them.
     Ruleset {
+        family: rs.family,
+        name: rs.name.clone(),
+        comment: rs.comment.clone(),
         chains,
         sets,
-        ..rs.clone()
     }
 }
 

@@ -8,6 +8,9 @@
 //!   ([`crate::explain::ExplainReport`]); `to` is an address (with `port` and `proto`) or
 //!   `namespace/service` (with `port` a port name or number, optional for single-port Services).
 //!
+//! Diff and explain read the backend the daemon runs: every iptables table, or in nftables mode our table
+//! `ip svcproxy`.
+//!
 //! The engine publishes the applied intent but not the Node object or the rendering configuration it synced
 //! with, so the rendering here is resolved without the Node: on nodes using `--detect-local-mode=NodeCIDR` or
 //! `--nodeport-addresses=primary` it can differ from what the daemon wrote.
@@ -27,7 +30,7 @@ use tokio::sync::watch;
 
 use crate::cli::{ProxyMode, RunArgs, TraceOrigin};
 use crate::diff;
-use crate::explain::{self, Expected, ExplainInput, ToSpec};
+use crate::explain::{self, Expected, ExplainInput, KernelRead, ToSpec};
 use crate::node_addresses::{LocalAddresses, SystemAddresses};
 use crate::status::{EndpointCounts, ServicePortStatus, StatusReport};
 use crate::sync::engine::EngineStatus;
@@ -72,8 +75,8 @@ impl Tracking {
 
 struct Inner {
     node: String,
-    /// Diff and explain read iptables; in nftables mode they have nothing of ours to read.
-    iptables_mode: bool,
+    /// The backend the daemon writes, which diff and explain read.
+    proxy_mode: ProxyMode,
     options: ProxierOptions,
     status: OnceLock<watch::Receiver<EngineStatus>>,
     tracking: Mutex<Tracking>,
@@ -95,7 +98,7 @@ impl DebugState {
     pub fn new(args: &RunArgs, node: &str) -> Result<Self, OptionsError> {
         Ok(DebugState(Arc::new(Inner {
             node: node.to_string(),
-            iptables_mode: args.proxy_mode == ProxyMode::Iptables,
+            proxy_mode: args.proxy_mode,
             options: ProxierOptions::from_args(args, svcproxy_model::IpFamily::V4)?,
             status: OnceLock::new(),
             tracking: Mutex::new(Tracking::default()),
@@ -136,17 +139,6 @@ impl DebugState {
             .unwrap_or_default()
     }
 
-    fn iptables_only(&self) -> Result<(), Failure> {
-        if self.0.iptables_mode {
-            Ok(())
-        } else {
-            Err(Failure(
-                StatusCode::NOT_IMPLEMENTED,
-                "diff and explain read the iptables backend; this svcproxy runs in nftables mode".into(),
-            ))
-        }
-    }
-
     fn applied(&self) -> Result<Arc<Intent>, Failure> {
         self.current().applied.ok_or_else(|| {
             Failure(
@@ -158,7 +150,12 @@ impl DebugState {
 
     fn expected(&self, intent: Arc<Intent>) -> Expected {
         let config = self.0.options.resolve(None, &SystemAddresses.addresses());
-        Expected::new(intent, config, "the intent svcproxy last applied".to_string())
+        Expected::new(
+            intent,
+            config,
+            "the intent svcproxy last applied".to_string(),
+            self.0.proxy_mode,
+        )
     }
 
     /// The status report: the engine's state with the tracked times.
@@ -274,19 +271,17 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn diff_handler(State(d): State<DebugState>) -> Response {
-    if let Err(f) = d.iptables_only() {
-        return f.into_response();
-    }
     let applied = match d.applied() {
         Ok(i) => i,
         Err(f) => return f.into_response(),
     };
     let expected = d.expected(applied);
+    let mode = d.0.proxy_mode;
     let result = blocking(move || {
-        let kernel = explain::read_kernel(&["filter", "nat"]).map_err(|e| e.to_string())?;
-        Ok(diff::diff(
+        let kernel = KernelRead::read(mode, &["filter", "nat"]).map_err(|e| e.to_string())?;
+        Ok(diff::compare(
             &kernel,
-            &expected.ruleset,
+            &expected.rendering,
             &expected.config,
             expected.intent.service_ports.len(),
         ))
@@ -309,9 +304,6 @@ pub struct ExplainQuery {
 }
 
 async fn explain_handler(State(d): State<DebugState>, Query(q): Query<ExplainQuery>) -> Response {
-    if let Err(f) = d.iptables_only() {
-        return f.into_response();
-    }
     let bad = |m: String| error(StatusCode::BAD_REQUEST, m);
     let Ok(from) = q.from.parse() else {
         return bad(format!(
@@ -334,11 +326,12 @@ async fn explain_handler(State(d): State<DebugState>, Query(q): Query<ExplainQue
         .map_err(|_| "svcproxy has not completed a sync yet".to_string());
     let from_label = q.from.clone();
     let in_interface = q.in_interface.clone();
+    let mode = d.0.proxy_mode;
     let result = blocking(move || {
-        let kernel = explain::read_kernel(&[]).map_err(|e| e.to_string())?;
+        let kernel = KernelRead::read(mode, &[]).map_err(|e| e.to_string())?;
         let local_ips = SystemAddresses.addresses();
         explain::explain(ExplainInput {
-            kernel: &kernel,
+            kernel: kernel.rules(),
             expected: expected.as_ref().map_err(Clone::clone),
             from,
             from_label,

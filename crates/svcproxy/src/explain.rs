@@ -1,7 +1,8 @@
 //! `svcproxy explain`: why can (or can't) this client reach this Service? Traces the first packet of a new
-//! connection through the LIVE ruleset (`iptables-save`), then through what svcproxy renders from the intent,
-//! and says whether the two agree; when they do not, it points at the first rule where their paths part and at
-//! the chains on the path that differ from the rendering.
+//! connection through the LIVE ruleset (`iptables-save`, or in nftables mode our table as `nft list table ip
+//! svcproxy` shows it), then through what svcproxy renders from the intent, and says whether the two agree;
+//! when they do not, it points at the first rule where their paths part and at the chains (and, in nftables
+//! mode, the maps) on the path that differ from the rendering.
 //!
 //! The comparison is the point: the kernel's answer alone says what happens, the intent's alone says what
 //! should; only both together tell a broken node from a misconfigured Service.
@@ -28,16 +29,23 @@ use svcproxy_model::ServicePortIntent;
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::trace::{Origin, Packet, Trace, Verdict};
 use svcproxy_model::{ClusterState, EndpointInfo, Intent, IntentConfig, IpFamily, ObjectName, Protocol};
+use svcproxy_nftables::references::{chain_targets, set_references};
+use svcproxy_nftables::{Family as NftFamily, ListingError, Ruleset as NftRuleset, parse_listing};
 
 use crate::cli::{ExplainArgs, ProxyMode, RunArgs, TraceOrigin};
-use crate::diff::{ChainDiff, chain_diffs};
+use crate::diff::{ChainDiff, chain_diffs, nft_object_diffs};
 use crate::exec::iptables::{ExecError, IptablesCommands, SystemIptables};
+use crate::exec::nft::{NftCommands, SystemNft};
 use crate::node_addresses::{LocalAddresses, SystemAddresses};
 use crate::source::convert;
 use crate::source::kube_api::{self, KubeSourceError, proxy_label_selector};
 use crate::source::manifest_dir::{ManifestDir, ManifestDirError};
 use crate::status::{DaemonError, daemon_get, query_value};
 use crate::sync::iptables_proxier::{OptionsError, ProxierOptions};
+use crate::sync::nft_proxier::nft_config;
+
+/// The table svcproxy writes in nftables mode (IPv4).
+pub const NFT_TABLE: &str = "svcproxy";
 
 /// Why the kernel's rules or the intent could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +64,8 @@ pub enum LoadError {
     List { what: &'static str, source: kube::Error },
     #[error(transparent)]
     Options(#[from] OptionsError),
-    #[error("this command reads the iptables backend; --proxy-mode=nftables is not supported by it yet")]
-    NftablesMode,
+    #[error("cannot parse the listing of table ip {NFT_TABLE}: {0}")]
+    NftListing(#[from] ListingError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,12 +208,22 @@ impl ToSpec {
     }
 }
 
+/// svcproxy's rendering of the intent for the backend the daemon runs.
+#[derive(Debug, Clone)]
+pub enum Rendering {
+    Iptables(Ruleset),
+    /// Our table; its configuration is the one the nftables backend derives from the same options.
+    Nftables(NftRuleset),
+}
+
 /// What svcproxy wants in the kernel: the intent and its rendering.
 #[derive(Debug, Clone)]
 pub struct Expected {
     pub intent: std::sync::Arc<Intent>,
+    /// The resolved options, as the iptables backend holds them (the nftables configuration derives from
+    /// them).
     pub config: RenderConfig,
-    pub ruleset: Ruleset,
+    pub rendering: Rendering,
     /// Where the intent came from, for the reader (`the manifests in ./m`, `the API server`, …).
     pub source: String,
     /// Objects that could not be used (they are left out, as the daemon leaves them out).
@@ -213,12 +231,22 @@ pub struct Expected {
 }
 
 impl Expected {
-    pub fn new(intent: std::sync::Arc<Intent>, config: RenderConfig, source: String) -> Self {
-        let ruleset = render::render(&intent, &config);
+    pub fn new(
+        intent: std::sync::Arc<Intent>,
+        config: RenderConfig,
+        source: String,
+        mode: ProxyMode,
+    ) -> Self {
+        let rendering = match mode {
+            ProxyMode::Iptables => Rendering::Iptables(render::render(&intent, &config)),
+            ProxyMode::Nftables => {
+                Rendering::Nftables(svcproxy_nftables::render(&intent, &nft_config(&config)))
+            }
+        };
         Expected {
             intent,
             config,
-            ruleset,
+            rendering,
             source,
             warnings: Vec::new(),
         }
@@ -238,6 +266,41 @@ pub fn node_name(args: &RunArgs) -> Result<String, LoadError> {
 pub fn read_kernel(tables: &[&str]) -> Result<SavedRuleset, LoadError> {
     let text = SystemIptables::new(IpFamily::V4).save(tables)?;
     Ok(parse_save(&text)?)
+}
+
+/// Our nftables table as the kernel lists it, `None` when it does not exist. The contents of dynamic sets
+/// (ClientIP affinity) are left out: traffic writes them, and neither the rendering nor the daemon's read-back
+/// holds them.
+pub fn read_nft_table() -> Result<Option<NftRuleset>, LoadError> {
+    let Some(text) = SystemNft.list_table("ip", NFT_TABLE)? else {
+        return Ok(None);
+    };
+    Ok(parse_listing(&text)?
+        .table(NftFamily::Ip, NFT_TABLE)
+        .map(NftRuleset::without_dynamic_elements))
+}
+
+/// What the kernel holds for the backend of `mode`: every iptables table, or our nftables table.
+pub enum KernelRead {
+    Iptables(SavedRuleset),
+    Nftables(Option<NftRuleset>),
+}
+
+impl KernelRead {
+    /// Reads the kernel; `tables` limits the iptables tables read (all when empty).
+    pub fn read(mode: ProxyMode, tables: &[&str]) -> Result<KernelRead, LoadError> {
+        Ok(match mode {
+            ProxyMode::Iptables => KernelRead::Iptables(read_kernel(tables)?),
+            ProxyMode::Nftables => KernelRead::Nftables(read_nft_table()?),
+        })
+    }
+
+    pub fn rules(&self) -> KernelRules<'_> {
+        match self {
+            KernelRead::Iptables(saved) => KernelRules::Iptables(saved),
+            KernelRead::Nftables(table) => KernelRules::Nftables(table.as_ref()),
+        }
+    }
 }
 
 /// One read of the cluster state, from the manifest directory or the API server, with the daemon's filters.
@@ -297,9 +360,6 @@ pub async fn read_cluster(
 
 /// The intent and its rendering, built exactly as the daemon builds them from the same flags.
 pub async fn load_expected(args: &RunArgs, local_ips: &[IpAddr]) -> Result<Expected, LoadError> {
-    if args.proxy_mode == ProxyMode::Nftables {
-        return Err(LoadError::NftablesMode);
-    }
     let node = node_name(args)?;
     let options = ProxierOptions::from_args(args, IpFamily::V4)?;
     let (state, source, warnings) = read_cluster(args, &node).await?;
@@ -311,7 +371,7 @@ pub async fn load_expected(args: &RunArgs, local_ips: &[IpAddr]) -> Result<Expec
         },
     );
     let config = options.resolve(state.node.as_ref(), local_ips);
-    let mut expected = Expected::new(std::sync::Arc::new(intent), config, source);
+    let mut expected = Expected::new(std::sync::Arc::new(intent), config, source, args.proxy_mode);
     expected.warnings = warnings;
     Ok(expected)
 }
@@ -404,7 +464,7 @@ pub struct ServiceView {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepView {
-    /// `table/chain`.
+    /// `table/chain` (`ip svcproxy/chain` in nftables mode).
     pub chain: String,
     pub rule: String,
 }
@@ -440,16 +500,23 @@ const BUILTIN_CHAINS: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "
 /// Finds where each further outcome begins. The tracer explores outcomes depth first, flipping the last random
 /// match it took; so a new outcome starts where the walk comes back to the chain of the current outcome's
 /// last random step after having gone on to a built-in chain (which one walk never does: once nat is done
-/// with a packet it does not return to a service chain).
-fn alternatives(steps: &[StepView]) -> Vec<Alternative> {
-    let random = |s: &StepView| s.rule.contains("--mode random");
-    let builtin = |s: &StepView| BUILTIN_CHAINS.contains(&split_chain(&s.chain).1);
+/// with a packet it does not return to a service chain). `random` tells a random match, `builtin` a step in
+/// a chain the kernel calls from a hook, and `ends_chain` a random match that leaves its chain when it hits
+/// (`dnat`, `goto`): a later step in that chain is another outcome even when the steps of the walk after it
+/// were already listed (each step is listed once, so a second outcome's nat and filter steps are not).
+fn alternatives(
+    steps: &[StepView],
+    random: impl Fn(&StepView) -> bool,
+    builtin: impl Fn(&StepView) -> bool,
+    ends_chain: impl Fn(&StepView) -> bool,
+) -> Vec<Alternative> {
     let mut current: Vec<usize> = Vec::new();
     let mut out = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         if let Some(pos) = current.iter().rposition(|&k| random(&steps[k])) {
             let flipped = current[pos];
-            let moved_on = current[pos + 1..].iter().any(|&k| builtin(&steps[k]));
+            let moved_on =
+                ends_chain(&steps[flipped]) || current[pos + 1..].iter().any(|&k| builtin(&steps[k]));
             if moved_on && step.chain == steps[flipped].chain {
                 out.push(Alternative {
                     at: i + 1,
@@ -464,7 +531,40 @@ fn alternatives(steps: &[StepView]) -> Vec<Alternative> {
 }
 
 impl PathView {
+    /// A trace through iptables rules.
     fn of(result: Result<Trace, String>) -> Self {
+        Self::with_alternatives(result, |steps| {
+            alternatives(
+                steps,
+                |s| s.rule.contains("--mode random"),
+                |s| BUILTIN_CHAINS.contains(&split_chain(&s.chain).1),
+                |_| false,
+            )
+        })
+    }
+
+    /// A trace through an nftables table: random matches are `numgen random`, and the base chains (the ones
+    /// hooked into netfilter) play the built-in chains' part.
+    fn of_nft(result: Result<Trace, String>, table: &NftRuleset) -> Self {
+        Self::with_alternatives(result, |steps| {
+            alternatives(
+                steps,
+                |s| s.rule.contains("numgen random"),
+                |s| {
+                    table
+                        .chains
+                        .get(split_chain(&s.chain).1)
+                        .is_some_and(|c| c.base.is_some())
+                },
+                |s| s.rule.contains(" dnat to ") || s.rule.contains(" goto "),
+            )
+        })
+    }
+
+    fn with_alternatives(
+        result: Result<Trace, String>,
+        find: impl Fn(&[StepView]) -> Vec<Alternative>,
+    ) -> Self {
         match result {
             Ok(t) => {
                 let steps: Vec<StepView> = t
@@ -476,7 +576,7 @@ impl PathView {
                     })
                     .collect();
                 PathView {
-                    alternatives: alternatives(&steps),
+                    alternatives: find(&steps),
                     steps,
                     endpoints: t.endpoints,
                     masquerade: t.masquerade,
@@ -579,16 +679,29 @@ pub struct ExplainReport {
     /// How the outcomes differ, one sentence each.
     pub differences: Vec<String>,
     pub first_difference: Option<StepDifference>,
-    /// Chains on either path whose rules differ from svcproxy's rendering.
+    /// Chains on either path whose rules differ from svcproxy's rendering; in nftables mode also the maps
+    /// and sets the path's rules look up (named `@map`, one element per line).
     pub differing_chains: Vec<ChainDiff>,
     /// Jumps from built-in chains on the intent's path that the kernel lacks (`table/chain -> target`).
     pub missing_jumps: Vec<String>,
     pub notes: Vec<String>,
+    /// In nftables mode, the table traced (`ip svcproxy`); absent in iptables mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nft_table: Option<String>,
+}
+
+/// The kernel's rules as [`explain`] reads them.
+#[derive(Debug, Clone, Copy)]
+pub enum KernelRules<'a> {
+    /// Every table of `iptables-save`.
+    Iptables(&'a SavedRuleset),
+    /// Our table in nftables mode; `None` when it does not exist.
+    Nftables(Option<&'a NftRuleset>),
 }
 
 /// Everything [`explain`] reads.
 pub struct ExplainInput<'a> {
-    pub kernel: &'a SavedRuleset,
+    pub kernel: KernelRules<'a>,
     /// The intent, or why it could not be read.
     pub expected: Result<&'a Expected, String>,
     pub from: IpAddr,
@@ -753,13 +866,18 @@ fn step_key(step: &StepView) -> (String, Vec<String>) {
     (step.chain.clone(), canonical_rule(&args))
 }
 
-/// The first of our rules where the two paths differ.
-fn first_difference(kernel: &PathView, intent: &PathView, ours: &Ruleset) -> Option<StepDifference> {
+/// The first of our rules (`is_ours`) where the two paths differ, comparing steps by `key`.
+fn first_difference<K: PartialEq>(
+    kernel: &PathView,
+    intent: &PathView,
+    is_ours: impl Fn(&StepView) -> bool,
+    key: impl Fn(&StepView) -> K,
+) -> Option<StepDifference> {
     let ours_only = |p: &PathView| -> Vec<(usize, StepView)> {
         p.steps
             .iter()
             .enumerate()
-            .filter(|(_, s)| is_ours(s, ours))
+            .filter(|(_, s)| is_ours(s))
             .map(|(n, s)| (n + 1, s.clone()))
             .collect()
     };
@@ -768,7 +886,7 @@ fn first_difference(kernel: &PathView, intent: &PathView, ours: &Ruleset) -> Opt
     (0..n).find_map(|idx| {
         let (a, b) = (k.get(idx), i.get(idx));
         let same = match (a, b) {
-            (Some(a), Some(b)) => step_key(&a.1) == step_key(&b.1),
+            (Some(a), Some(b)) => key(&a.1) == key(&b.1),
             _ => false,
         };
         (!same).then(|| StepDifference {
@@ -790,6 +908,20 @@ fn path_chains(paths: &[&PathView]) -> BTreeSet<(String, String)> {
             if let Some(j) = jump_of(&s.rule) {
                 out.insert((table.to_string(), j));
             }
+        }
+    }
+    out
+}
+
+/// The objects of our nftables table either path entered or looked up: chains (by name) and the sets and
+/// maps their rules use (as `@name`).
+fn nft_path_objects(paths: &[&PathView]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for p in paths {
+        for s in &p.steps {
+            out.insert(split_chain(&s.chain).1.to_string());
+            out.extend(chain_targets(&s.rule).into_iter().map(str::to_string));
+            out.extend(set_references(&s.rule).into_iter().map(|n| format!("@{n}")));
         }
     }
     out
@@ -884,7 +1016,18 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
         pod_interface: input.in_interface.clone().filter(|_| origin == Origin::Pod),
         uplink_interface: input.in_interface.clone().filter(|_| origin == Origin::External),
     };
-    let kernel = PathView::of(trace(input.kernel, &packet, &node).map_err(|e| e.to_string()));
+    // Without our table, the packet meets none of our rules: trace an empty one.
+    let no_table = NftRuleset::new(NftFamily::Ip, NFT_TABLE);
+    let kernel = match input.kernel {
+        KernelRules::Iptables(saved) => PathView::of(trace(saved, &packet, &node).map_err(|e| e.to_string())),
+        KernelRules::Nftables(table) => {
+            let table = table.unwrap_or(&no_table);
+            PathView::of_nft(
+                svcproxy_nftables::trace(table, &packet, input.local_ips).map_err(|e| e.to_string()),
+                table,
+            )
+        }
+    };
 
     let mut report = ExplainReport {
         packet: PacketView {
@@ -917,7 +1060,23 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
         differing_chains: Vec::new(),
         missing_jumps: Vec::new(),
         notes: Vec::new(),
+        nft_table: None,
     };
+    if let KernelRules::Nftables(table) = input.kernel {
+        report.nft_table = Some(format!("ip {NFT_TABLE}"));
+        if table.is_none() {
+            report.notes.push(format!(
+                "table ip {NFT_TABLE} does not exist: none of svcproxy's rules is in the kernel"
+            ));
+        }
+        if input.in_interface.is_some() {
+            report.notes.push(
+                "--in-interface is not used in nftables mode: the table's interface matches follow the packet's \
+                 origin (a pod's interface for --origin pod)"
+                    .into(),
+            );
+        }
+    }
 
     let known: Vec<&EndpointInfo> = service
         .map(|(spi, _)| spi.endpoints.all_reachable.iter().collect())
@@ -936,27 +1095,59 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
             .iter()
             .map(|w| format!("left out of the intent: {w}")),
     );
-    let view = saved_view(&expected.ruleset, &jump_rules(&expected.config))
-        .map_err(|e| e.to_string())
-        .and_then(|v| trace(&v, &packet, &node).map_err(|e| e.to_string()));
-    let intended = PathView::of(view);
+    let intended = match (input.kernel, &expected.rendering) {
+        (KernelRules::Iptables(saved), Rendering::Iptables(ours)) => {
+            let view = saved_view(ours, &jump_rules(&expected.config))
+                .map_err(|e| e.to_string())
+                .and_then(|v| trace(&v, &packet, &node).map_err(|e| e.to_string()));
+            let intended = PathView::of(view);
+            report.differences = outcome_differences(&report.kernel, &intended);
+            if !report.differences.is_empty() {
+                report.first_difference =
+                    first_difference(&report.kernel, &intended, |s| is_ours(s, ours), step_key);
+            }
+            let on_path = path_chains(&[&report.kernel, &intended]);
+            report.differing_chains = chain_diffs(saved, ours, Some(&on_path));
+            report.missing_jumps = missing_jumps(saved, &expected.config)
+                .into_iter()
+                .filter(|j| {
+                    intended.steps.iter().any(|s| {
+                        s.chain == format!("{}/{}", j.table, j.chain)
+                            && jump_of(&s.rule).as_deref() == Some(j.target)
+                    })
+                })
+                .map(|j| format!("{}/{} -> {}", j.table, j.chain, j.target))
+                .collect();
+            intended
+        }
+        (KernelRules::Nftables(table), Rendering::Nftables(ours)) => {
+            let intended = PathView::of_nft(
+                svcproxy_nftables::trace(ours, &packet, input.local_ips).map_err(|e| e.to_string()),
+                ours,
+            );
+            report.differences = outcome_differences(&report.kernel, &intended);
+            if !report.differences.is_empty() {
+                // Every step is in our table, and both sides print rules as nft lists them: compare as text.
+                report.first_difference = first_difference(
+                    &report.kernel,
+                    &intended,
+                    |_| true,
+                    |s| (s.chain.clone(), s.rule.clone()),
+                );
+            }
+            let on_path = nft_path_objects(&[&report.kernel, &intended]);
+            report.differing_chains = nft_object_diffs(table, ours, Some(&on_path));
+            intended
+        }
+        _ => {
+            // The daemon renders for one backend and reads the same one; a mix is a caller's mistake.
+            report.intent_unavailable = Some("the intent was rendered for the other backend".into());
+            report.endpoints = endpoint_views(&report.kernel, None, &known);
+            return Ok(report);
+        }
+    };
     report.endpoints = endpoint_views(&report.kernel, Some(&intended), &known);
-    report.differences = outcome_differences(&report.kernel, &intended);
     report.agree = Some(report.differences.is_empty());
-    if !report.differences.is_empty() {
-        report.first_difference = first_difference(&report.kernel, &intended, &expected.ruleset);
-    }
-    let on_path = path_chains(&[&report.kernel, &intended]);
-    report.differing_chains = chain_diffs(input.kernel, &expected.ruleset, Some(&on_path));
-    report.missing_jumps = missing_jumps(input.kernel, &expected.config)
-        .into_iter()
-        .filter(|j| {
-            intended.steps.iter().any(|s| {
-                s.chain == format!("{}/{}", j.table, j.chain) && jump_of(&s.rule).as_deref() == Some(j.target)
-            })
-        })
-        .map(|j| format!("{}/{} -> {}", j.table, j.chain, j.target))
-        .collect();
     if service.is_none() {
         report.notes.push(format!(
             "{ip}:{port}/{protocol} is no address of a Service in the intent"
@@ -1073,7 +1264,17 @@ pub fn render_text(r: &ExplainReport) -> String {
         None => {}
     }
 
-    let _ = writeln!(out, "\nIn the kernel (the live rules), the packet matches:");
+    match &r.nft_table {
+        Some(table) => {
+            let _ = writeln!(
+                out,
+                "\nIn the kernel (the live table {table}), the packet matches:"
+            );
+        }
+        None => {
+            let _ = writeln!(out, "\nIn the kernel (the live rules), the packet matches:");
+        }
+    }
     if r.kernel.steps.is_empty() && r.kernel.error.is_none() {
         let _ = writeln!(out, "  no rule");
     }
@@ -1150,9 +1351,14 @@ pub fn render_text(r: &ExplainReport) -> String {
         let _ = writeln!(out, "  intent {}", side(d.intent_step, &d.intent));
     }
     if !r.differing_chains.is_empty() {
+        let what = if r.nft_table.is_some() {
+            "Chains and maps"
+        } else {
+            "Chains"
+        };
         let _ = writeln!(
             out,
-            "\nChains on the path that differ from what svcproxy renders:"
+            "\n{what} on the path that differ from what svcproxy renders:"
         );
         for c in &r.differing_chains {
             let _ = writeln!(out, "  {}: {}", c.label(), c.summary());
@@ -1168,7 +1374,13 @@ pub fn render_text(r: &ExplainReport) -> String {
         let _ = writeln!(out, "  missing jump: {j}");
     }
     let kernel_differs = !r.differing_chains.is_empty() || !r.missing_jumps.is_empty();
-    if r.agree == Some(false) && !kernel_differs {
+    if r.agree == Some(false) && !kernel_differs && r.nft_table.is_some() {
+        let _ = writeln!(
+            out,
+            "\nThe chains and maps on the path hold exactly what svcproxy renders, so the difference comes from \
+             settings other than the daemon's (give explain the daemon's flags or its --config)."
+        );
+    } else if r.agree == Some(false) && !kernel_differs {
         let _ = writeln!(
             out,
             "\nThe chains on the path hold exactly what svcproxy renders, so the difference comes from elsewhere: \
@@ -1216,16 +1428,13 @@ pub async fn command(args: &ExplainArgs) -> Result<ExplainReport, ExplainError> 
         report.from = args.from.clone();
         return Ok(report);
     }
-    if args.run.proxy_mode == ProxyMode::Nftables {
-        return Err(LoadError::NftablesMode.into());
-    }
     let local_ips = SystemAddresses.addresses();
-    let kernel = read_kernel(&[])?;
+    let kernel = KernelRead::read(args.run.proxy_mode, &[])?;
     let expected = load_expected(&args.run, &local_ips)
         .await
         .map_err(|e| e.to_string());
     explain(ExplainInput {
-        kernel: &kernel,
+        kernel: kernel.rules(),
         expected: expected.as_ref().map_err(Clone::clone),
         from: from_ip,
         from_label: args.from.clone(),

@@ -477,3 +477,203 @@ fn foreign_rules_in_our_chains_are_pointed_at() {
     assert_eq!(r["shared"][0]["chain"], "KUBE-SERVICES", "{r:#}");
     assert_eq!(r["shared"][0]["table"], "filter");
 }
+
+/// The daemon's flags for nftables mode, given to every command of the nftables test.
+const NFT: [&str; 2] = ["--proxy-mode", "nftables"];
+
+impl Node {
+    /// `svcproxy ARGS… --proxy-mode nftables` with the daemon's flags.
+    fn nft_cli(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = args.to_vec();
+        all.extend(NFT);
+        self.cli(&all, true)
+    }
+
+    fn nft_json(&self, args: &[&str]) -> (i32, Value) {
+        let mut all = args.to_vec();
+        all.extend(NFT);
+        self.json(&all, true)
+    }
+
+    fn nft(&self, args: &[&str]) -> String {
+        let mut argv = vec!["nft"];
+        argv.extend(args);
+        self.ns()
+            .exec_stdout(&argv)
+            .unwrap_or_else(|e| panic!("nft {args:?}: {e}"))
+    }
+}
+
+#[test]
+fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
+    let node = Node::new();
+    let mut proxy = Svcproxy::start(
+        node.ns(),
+        &["--manifests", node.dir(), "--proxy-mode", "nftables"],
+    );
+    for ip in [WEB_VIP, API_VIP] {
+        wait_until(WAIT, POLL, "the ClusterIP answers", || {
+            proxy.assert_running();
+            tcp_request(node.client.ns(), vip(ip), T).ok()
+        });
+    }
+
+    // Healthy: the live table and the rendering agree, read here and asked of the daemon.
+    let (code, r) = node.nft_json(&["explain", "--from", "demo/client", "--to", "demo/web:http"]);
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["agree"], true, "{r:#}");
+    assert_eq!(r["nft_table"], "ip svcproxy");
+    assert_eq!(
+        strings(&r["kernel"]["endpoints"]),
+        ["10.244.0.11:8080", "10.244.0.12:8080", "10.244.0.13:8080"]
+    );
+    assert!(
+        r["kernel"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["chain"].as_str().unwrap().starts_with("ip svcproxy/")),
+        "{r:#}"
+    );
+    assert_eq!(
+        r["kernel"]["alternatives"].as_array().unwrap().len(),
+        2,
+        "one per further endpoint: {r:#}"
+    );
+    let (code, r) = node.nft_json(&["explain", "--from", "10.0.0.20", "--to", "10.96.0.110:80/tcp"]);
+    assert_eq!((code, &r["agree"]), (0, &Value::Bool(true)), "{r:#}");
+    assert_eq!(
+        r["kernel"]["masquerade"], true,
+        "external clients are masqueraded"
+    );
+    let (code, text, err) = node.nft_cli(&["diff"]);
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(
+        text.contains("Table ip svcproxy matches the intent (2 service ports"),
+        "{text}"
+    );
+    let (code, r) = node.json(
+        &[
+            "explain",
+            "--daemon",
+            "--from",
+            "10.244.0.50",
+            "--to",
+            "demo/api:http",
+        ],
+        false,
+    );
+    assert_eq!((code, &r["agree"]), (0, &Value::Bool(true)), "{r:#}");
+    assert_eq!(r["nft_table"], "ip svcproxy");
+    let (code, r) = node.json(&["diff", "--daemon"], false);
+    assert_eq!((code, &r["equal"]), (0, &Value::Bool(true)), "{r:#}");
+    proxy.assert_no_divergence();
+    drop(proxy);
+
+    // Broken while the daemon is stopped: demo/api's element of the ClusterIP map, and demo/web's rule that
+    // sends connections to its third endpoint.
+    let api_key = format!("{API_VIP} . tcp . 80");
+    node.nft(&[
+        "delete",
+        "element",
+        "ip",
+        "svcproxy",
+        "service-ips",
+        &format!("{{ {api_key} }}"),
+    ]);
+    let web_chain = "service-demo/web/tcp/http";
+    let listing = node.nft(&["-a", "list", "chain", "ip", "svcproxy", web_chain]);
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("dnat to 10.244.0.13:8080"))
+        .and_then(|l| l.rsplit_once("# handle "))
+        .map(|(_, h)| h.trim().to_string())
+        .unwrap_or_else(|| panic!("no DNAT rule to 10.244.0.13 in\n{listing}"));
+    node.nft(&["delete", "rule", "ip", "svcproxy", web_chain, "handle", &handle]);
+    assert!(
+        tcp_request(node.client.ns(), vip(API_VIP), T).is_err(),
+        "without its map element the Service is unreachable"
+    );
+
+    let (code, r) = node.nft_json(&["explain", "--from", "demo/client", "--to", "demo/api:http"]);
+    assert_eq!(code, 1, "disagreement is exit status 1: {r:#}");
+    assert_eq!(r["agree"], false);
+    assert!(strings(&r["kernel"]["endpoints"]).is_empty(), "{r:#}");
+    assert_eq!(
+        r["kernel"]["verdict"], "reject",
+        "as the refused connection shows: {r:#}"
+    );
+    assert_eq!(strings(&r["intent"]["endpoints"]), [format!("{API_EP}:8080")]);
+    assert_eq!(
+        r["first_difference"]["intent"]["chain"], "ip svcproxy/services",
+        "{r:#}"
+    );
+    assert!(
+        r["first_difference"]["intent"]["rule"]
+            .as_str()
+            .unwrap()
+            .contains("vmap @service-ips"),
+        "{r:#}"
+    );
+    let chains = r["differing_chains"].as_array().unwrap();
+    assert_eq!(chains.len(), 1, "only the map is on this path: {r:#}");
+    assert_eq!(chains[0]["chain"], "@service-ips");
+    let missing = strings(&chains[0]["missing_rules"]);
+    assert_eq!(missing.len(), 1, "{r:#}");
+    assert!(missing[0].starts_with(&api_key), "{missing:?}");
+    let (_, text, _) = node.nft_cli(&["explain", "--from", "demo/client", "--to", "demo/api:http"]);
+    insta::assert_snapshot!("explain_nft_missing_element", node.stable(&text));
+
+    let (code, r) = node.nft_json(&["explain", "--from", "demo/client", "--to", "demo/web:http"]);
+    assert_eq!(code, 1, "{r:#}");
+    assert_eq!(
+        strings(&r["kernel"]["endpoints"]),
+        ["10.244.0.11:8080", "10.244.0.12:8080"],
+        "{r:#}"
+    );
+    assert_eq!(
+        r["differing_chains"][0]["chain"], web_chain,
+        "the chain missing the rule: {r:#}"
+    );
+
+    let (code, r) = node.nft_json(&["diff"]);
+    assert_eq!(code, 1, "{r:#}");
+    assert_eq!(r["equal"], false);
+    let ports: Vec<&str> = r["service_ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(ports, ["demo/api:http", "demo/web:http"], "{r:#}");
+    assert_eq!(r["service_ports"][0]["chains"][0]["chain"], "@service-ips");
+    assert_eq!(r["service_ports"][1]["chains"][0]["chain"], web_chain);
+    assert_eq!(strings(&r["services"]), ["demo/api", "demo/web"], "{r:#}");
+    let repair = strings(&r["repair"]);
+    assert!(
+        repair
+            .iter()
+            .any(|l| l.starts_with("add element ip svcproxy service-ips {") && l.contains(&api_key)),
+        "{repair:?}"
+    );
+    assert!(
+        repair.iter().any(|l| l.contains("dnat to 10.244.0.13:8080")),
+        "{repair:?}"
+    );
+    let (code, text, _) = node.nft_cli(&["diff"]);
+    assert_eq!(code, 1);
+    insta::assert_snapshot!("diff_nft_missing_element_and_rule", text);
+
+    // The repair diff shows is the one a restarted daemon applies.
+    let mut proxy = Svcproxy::start(
+        node.ns(),
+        &["--manifests", node.dir(), "--proxy-mode", "nftables"],
+    );
+    wait_until(WAIT, POLL, "the restarted daemon repairs the table", || {
+        proxy.assert_running();
+        (node.nft_cli(&["diff"]).0 == 0).then_some(())
+    });
+    let (code, r) = node.nft_json(&["explain", "--from", "demo/client", "--to", "demo/api:http"]);
+    assert_eq!((code, &r["agree"]), (0, &Value::Bool(true)), "{r:#}");
+    tcp_request(node.client.ns(), vip(API_VIP), T).expect("repaired");
+}

@@ -10,6 +10,7 @@
 mod backend;
 mod client;
 pub mod fake_apiserver;
+pub mod fixtures;
 mod http_get;
 mod lab;
 mod netns;

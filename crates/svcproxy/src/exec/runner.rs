@@ -38,7 +38,9 @@ impl Runner for SystemRunner {
         }
         let out = child.wait_with_output().map_err(spawn_err)?;
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            // Without a copy when the output is valid UTF-8, as it is: a listing runs to megabytes.
+            Ok(String::from_utf8(out.stdout)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
         } else {
             Err(ExecError::Failed {
                 program: program.to_string(),

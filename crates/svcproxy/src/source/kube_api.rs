@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
-use k8s_openapi::api::discovery::v1 as discovery;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -19,6 +18,7 @@ use tokio::sync::mpsc;
 
 use super::convert::{self, ConvertError};
 use super::watch_backoff::WatchBackoff;
+use super::wire::WireEndpointSlice;
 use super::{Delta, IGNORE_LABELS, SourceEvent};
 
 /// Upstream's server-side selector: `!label` for each of [`IGNORE_LABELS`].
@@ -75,7 +75,7 @@ struct Readiness {
 /// and the stream moves every item.
 enum Item {
     Service(Box<Result<Event<core::Service>, watcher::Error>>),
-    Slice(Box<Result<Event<discovery::EndpointSlice>, watcher::Error>>),
+    Slice(Box<Result<Event<WireEndpointSlice>, watcher::Error>>),
     Node(Box<Result<Event<core::Node>, watcher::Error>>),
 }
 
@@ -85,7 +85,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     let services = watcher::watcher(Api::<core::Service>::all(client.clone()), cfg.clone())
         .backoff(WatchBackoff::default())
         .map(|e| Item::Service(Box::new(e)));
-    let slices = watcher::watcher(Api::<discovery::EndpointSlice>::all(client.clone()), cfg)
+    let slices = watcher::watcher(Api::<WireEndpointSlice>::all(client.clone()), cfg)
         .backoff(WatchBackoff::default())
         .map(|e| Item::Slice(Box::new(e)));
     let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
@@ -114,7 +114,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             Item::Slice(ev) => on_event(
                 *ev,
                 "EndpointSlice",
-                |o| convert::endpoint_slice(o, "default"),
+                |o| o.convert("default"),
                 &mut slice_buf,
                 &mut slice_rejected,
                 &mut ready.slices,

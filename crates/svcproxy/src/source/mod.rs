@@ -6,6 +6,7 @@ pub mod kube_api;
 pub mod manifest_dir;
 pub mod manifest_watch;
 pub mod watch_backoff;
+pub mod wire;
 
 use svcproxy_model::{ClusterState, EndpointSlice, Node, ObjectName, Service};
 

@@ -407,9 +407,10 @@ impl<P: Proxier> Engine<P> {
             // Never push an already scheduled repair further out, or frequent findings would starve it.
             self.retry_at.get_or_insert(now + self.config.sync_period);
             format!(
-                "our rules were changed from outside {} times in {} s (latest: {first}); is another proxy or tool writing KUBE-* chains on this node?",
+                "our rules were changed from outside {} times in {} s (latest: {first}); is another proxy or tool writing {} on this node?",
                 self.recent_repairs.len(),
-                FIGHT_WINDOW.as_secs()
+                FIGHT_WINDOW.as_secs(),
+                self.proxier.owned_rules()
             )
         } else {
             format!("kernel diverges from what was written: {first}")

@@ -98,4 +98,6 @@ pub trait Proxier: Send {
     fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError>;
     /// A cheap, frequent check that catches a flushed table (upstream's canary, without a canary chain).
     fn canary(&mut self) -> Result<Vec<Finding>, SyncError>;
+    /// What this backend owns, as an operator would look for it (for messages).
+    fn owned_rules(&self) -> &'static str;
 }
