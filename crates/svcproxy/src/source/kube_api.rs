@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::convert::{self, ConvertError};
 use super::watch_backoff::WatchBackoff;
-use super::wire::WireEndpointSlice;
+use super::wire::{Boxed, WireEndpointSlice};
 use super::{Delta, IGNORE_LABELS, SourceEvent};
 
 /// Upstream's server-side selector: `!label` for each of [`IGNORE_LABELS`].
@@ -74,7 +74,7 @@ struct Readiness {
 /// One event from any of the three watches. Boxed: the Node variant is several times larger than the others
 /// and the stream moves every item.
 enum Item {
-    Service(Box<Result<Event<core::Service>, watcher::Error>>),
+    Service(Box<Result<Event<Boxed<core::Service>>, watcher::Error>>),
     Slice(Box<Result<Event<WireEndpointSlice>, watcher::Error>>),
     Node(Box<Result<Event<core::Node>, watcher::Error>>),
 }
@@ -82,7 +82,7 @@ enum Item {
 /// Watches until the receiver goes away. Watch errors are retried with [`WatchBackoff`].
 pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) {
     let cfg = watcher::Config::default().labels(&proxy_label_selector());
-    let services = watcher::watcher(Api::<core::Service>::all(client.clone()), cfg.clone())
+    let services = watcher::watcher(Api::<Boxed<core::Service>>::all(client.clone()), cfg.clone())
         .backoff(WatchBackoff::default())
         .map(|e| Item::Service(Box::new(e)));
     let slices = watcher::watcher(Api::<WireEndpointSlice>::all(client.clone()), cfg)
@@ -105,7 +105,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             Item::Service(ev) => on_event(
                 *ev,
                 "Service",
-                |o| convert::service(o, "default"),
+                |o| convert::service(&o.0, "default"),
                 &mut svc_buf,
                 &mut svc_rejected,
                 &mut ready.services,

@@ -1,4 +1,5 @@
-//! EndpointSlices as the list/watch decodes them: only the parts [`convert::endpoint_slice`] reads.
+//! Objects as the list/watch decodes them: EndpointSlices with only the parts [`convert::endpoint_slice`]
+//! reads, other kinds boxed one by one ([`Boxed`]).
 //!
 //! The watcher holds a whole list response while its objects are handed over one by one, and an API server
 //! serving the initial list from its cache (`resourceVersion=0`) answers in one response whatever page size
@@ -158,6 +159,56 @@ impl WireEndpointSlice {
     }
 }
 
+/// An API object on the heap of its own, without `managedFields`. A list response is decoded into one
+/// array of objects, grown by doubling: 5,000 Services (1 KB each before their strings) took 8.6 MB there;
+/// boxed, the array holds pointers and each object takes its own size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Boxed<K>(pub Box<K>);
+
+impl<'de, K> Deserialize<'de> for Boxed<K>
+where
+    K: Deserialize<'de> + kube::Resource,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut object = K::deserialize(d)?;
+        object.meta_mut().managed_fields = None;
+        Ok(Boxed(Box::new(object)))
+    }
+}
+
+impl<K: kube::Resource> kube::Resource for Boxed<K> {
+    type DynamicType = K::DynamicType;
+    type Scope = K::Scope;
+
+    fn kind(dt: &K::DynamicType) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+
+    fn group(dt: &K::DynamicType) -> Cow<'_, str> {
+        K::group(dt)
+    }
+
+    fn version(dt: &K::DynamicType) -> Cow<'_, str> {
+        K::version(dt)
+    }
+
+    fn api_version(dt: &K::DynamicType) -> Cow<'_, str> {
+        K::api_version(dt)
+    }
+
+    fn plural(dt: &K::DynamicType) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        self.0.meta()
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        self.0.meta_mut()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +243,21 @@ mod tests {
         assert_eq!(
             wire.convert("default").unwrap(),
             convert::endpoint_slice(&full, "default").unwrap()
+        );
+    }
+
+    #[test]
+    fn boxed_objects_decode_as_the_full_type_without_managed_fields() {
+        let value = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "ns", "managedFields": [{"manager": "m"}]},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}});
+        let mut full: k8s_openapi::api::core::v1::Service = serde_json::from_value(value.clone()).unwrap();
+        let boxed: Boxed<k8s_openapi::api::core::v1::Service> = serde_json::from_value(value).unwrap();
+        assert!(full.metadata.managed_fields.take().is_some());
+        assert_eq!(*boxed.0, full);
+        assert!(
+            serde_json::from_value::<Boxed<k8s_openapi::api::core::v1::Service>>(json!({"kind": "Pod"}))
+                .is_err()
         );
     }
 

@@ -27,9 +27,11 @@ use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncRe
 use crate::cli::{DetectLocalMode, RunArgs};
 use crate::exec::iptables::{ExecError, IptablesCommands};
 use crate::node_addresses::{LocalAddresses, NodePortSpec, NodePortSpecError, primary_ip};
-use svcproxy_conntrack::{Conntrack, clean_stale_flows};
+use svcproxy_conntrack::Conntrack;
+
+use super::conntrack_step::reconcile;
 use svcproxy_iptables::config::NodePortAddresses;
-use svcproxy_model::{Intent, Protocol, ServicePortName};
+use svcproxy_model::{Intent, ServicePortName};
 
 /// Payload lines quoted around a failing line when the kernel refuses a transaction.
 const CONTEXT_LINES: usize = 2;
@@ -193,11 +195,14 @@ impl IptablesProxier {
         }
         let mut parts = HashMap::with_capacity(intent.service_ports.len());
         for (name, spi) in &intent.service_ports {
-            let part = match cache.parts.remove(name) {
-                Some((hash, part)) if hash == spi.content_hash => part,
-                _ => Arc::new(render_service_port(spi, config, large)),
+            // Keys move over from the previous map: cloning them would allocate three strings per service
+            // port on every sync.
+            let (key, part) = match cache.parts.remove_entry(name) {
+                Some((key, (hash, part))) if hash == spi.content_hash => (key, part),
+                Some((key, _)) => (key, Arc::new(render_service_port(spi, config, large))),
+                None => (name.clone(), Arc::new(render_service_port(spi, config, large))),
             };
-            parts.insert(name.clone(), (spi.content_hash, part));
+            parts.insert(key, (spi.content_hash, part));
         }
         cache.parts = parts;
         render::assemble(config, intent.service_ports.keys().map(|k| &*cache.parts[k].1))
@@ -220,11 +225,6 @@ impl IptablesProxier {
     ) -> Option<ConntrackRun> {
         let conntrack = self.conntrack.as_ref()?;
         let previous = self.applied_intent.as_deref();
-        if let Some(previous) = previous
-            && !datagram_ports_changed(previous, intent)
-        {
-            return None;
-        }
         let family = self.intent_config.family;
         let mut node_ips: Vec<std::net::IpAddr> = match &config.node_port_addresses {
             NodePortAddresses::All => local
@@ -237,26 +237,7 @@ impl IptablesProxier {
         if config.localhost_node_ports_active() {
             node_ips.push(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        let started = std::time::Instant::now();
-        match clean_stale_flows(conntrack.as_ref(), family, previous, intent, &node_ips) {
-            Ok(report) => {
-                if report.deleted > 0 {
-                    tracing::info!(
-                        listed = report.listed,
-                        deleted = report.deleted,
-                        "deleted stale conntrack entries"
-                    );
-                }
-                Some(ConntrackRun {
-                    seconds: started.elapsed().as_secs_f64(),
-                    deleted: report.deleted,
-                })
-            }
-            Err(e) => {
-                tracing::warn!("conntrack cleanup failed: {e}");
-                None
-            }
-        }
+        reconcile(conntrack.as_ref(), family, previous, intent, &node_ips)
     }
 
     /// The kernel's filter and nat tables, read against `expected` as `iptables-save` prints them: neither the
@@ -503,18 +484,6 @@ struct RenderCache {
     config: Option<RenderConfig>,
     large: bool,
     parts: HashMap<ServicePortName, (u64, Arc<ServicePortRules>)>,
-}
-
-/// Whether any UDP or SCTP service port differs between two intents (added, removed or changed).
-fn datagram_ports_changed(previous: &Intent, current: &Intent) -> bool {
-    let datagram = |i: &Intent| -> Vec<(ServicePortName, u64)> {
-        i.service_ports
-            .values()
-            .filter(|s| s.name.protocol != Protocol::Tcp)
-            .map(|s| (s.name.clone(), s.content_hash))
-            .collect()
-    };
-    datagram(previous) != datagram(current)
 }
 
 /// The chains a payload declares (and so rewrites), by table.

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use svcproxy_conntrack::{Conntrack, clean_stale_flows};
+use svcproxy_conntrack::Conntrack;
+
+use super::conntrack_step::reconcile;
 use svcproxy_iptables::config::{
     LocalDetector as IptLocalDetector, NodePortAddresses as IptNodePorts, RenderConfig as IptConfig,
 };
@@ -183,23 +185,13 @@ impl NftProxier {
                 .collect(),
             NodePortAddresses::Ips(ips) => ips.clone(),
         };
-        let started = std::time::Instant::now();
-        match clean_stale_flows(
+        reconcile(
             conntrack.as_ref(),
             fam,
             self.applied_intent.as_deref(),
             intent,
             &node_ips,
-        ) {
-            Ok(r) => Some(ConntrackRun {
-                seconds: started.elapsed().as_secs_f64(),
-                deleted: r.deleted,
-            }),
-            Err(e) => {
-                tracing::warn!("conntrack cleanup failed: {e}");
-                None
-            }
-        }
+        )
     }
 }
 

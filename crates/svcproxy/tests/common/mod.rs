@@ -58,31 +58,7 @@ pub struct Svcproxy {
 
 impl Svcproxy {
     pub fn start(ns: &NetNs, args: &[&str]) -> Svcproxy {
-        let dir = TempDir::new("log");
-        let log = dir.path().join("svcproxy.log");
-        let file = fs::File::create(&log).unwrap();
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_svcproxy"))
-            .arg("run")
-            .args(["--hostname-override", "node-a", "--cluster-cidr", "10.244.0.0/16"])
-            .args([
-                "--healthz-bind-address",
-                HEALTHZ,
-                "--metrics-bind-address",
-                METRICS,
-            ])
-            .args(["--min-sync-period", "0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start svcproxy");
-        Svcproxy {
-            child,
-            log,
-            _dir: dir,
-        }
+        Self::start_with_env(ns, args, &[])
     }
 
     pub fn log(&self) -> String {
