@@ -476,7 +476,7 @@ fn settings_without_effect_are_accepted_with_a_warning() {
 fn flags_given_on_the_command_line_override_the_file() {
     let flags = [
         "--proxy-mode=iptables",
-        "--kubeconfig=/root/.kube/config",
+        "--kubeconfig=/etc/kubernetes/proxy.conf",
         "--hostname-override=cli-node",
         "--cluster-cidr=10.0.0.0/8",
         "--detect-local-mode=BridgeInterface",
