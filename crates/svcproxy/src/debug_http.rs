@@ -25,11 +25,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clap::ValueEnum;
 use serde::Deserialize;
-use svcproxy_model::Intent;
+use svcproxy_model::intent::build_intent;
+use svcproxy_model::{Intent, IntentConfig, IpFamily};
 use tokio::sync::watch;
 
 use crate::cli::{ProxyMode, RunArgs, TraceOrigin};
+use crate::diagnosis::{DaemonView, node_hazards};
 use crate::diff;
+use crate::exec::runner::SystemRunner;
 use crate::explain::{self, Expected, ExplainInput, KernelRead, ToSpec};
 use crate::node_addresses::{LocalAddresses, SystemAddresses};
 use crate::status::{EndpointCounts, ServicePortStatus, StatusReport};
@@ -158,6 +161,37 @@ impl DebugState {
         )
     }
 
+    /// What explain compares the kernel with: while syncs fail, the state the failing syncs try to program
+    /// (the kernel lacks it, and that is the answer); otherwise the intent of the last successful sync.
+    fn explained_intent(&self) -> Result<Expected, String> {
+        let s = self.current();
+        if let (Some(wanted), true) = (&s.wanted, s.consecutive_failures > 0) {
+            let intent = build_intent(
+                wanted,
+                &IntentConfig {
+                    family: IpFamily::V4,
+                    node_name: self.0.node.clone(),
+                },
+            );
+            let config = self
+                .0
+                .options
+                .resolve(wanted.node.as_ref(), &SystemAddresses.addresses());
+            return Ok(Expected::new(
+                Arc::new(intent),
+                config,
+                format!(
+                    "the cluster state svcproxy is trying to program (its last {} syncs failed)",
+                    s.consecutive_failures
+                ),
+                self.0.proxy_mode,
+            ));
+        }
+        self.applied()
+            .map(|i| self.expected(i))
+            .map_err(|_| "svcproxy has not completed a sync yet".to_string())
+    }
+
     /// The status report: the engine's state with the tracked times.
     pub fn report(&self) -> StatusReport {
         let s = self.current();
@@ -205,6 +239,7 @@ impl DebugState {
             last_check,
             last_error: s.last_error.clone(),
             consecutive_failures: s.consecutive_failures,
+            problem: s.problem.clone(),
             divergences: s.divergences,
             service_ports,
         }
@@ -320,17 +355,15 @@ async fn explain_handler(State(d): State<DebugState>, Query(q): Query<ExplainQue
         Some(Ok(o)) => Some(o),
         Some(Err(_)) => return bad(format!("origin={:?}: expected pod, host or external", q.origin)),
     };
-    let expected = d
-        .applied()
-        .map(|i| d.expected(i))
-        .map_err(|_| "svcproxy has not completed a sync yet".to_string());
+    let expected = d.explained_intent();
     let from_label = q.from.clone();
     let in_interface = q.in_interface.clone();
     let mode = d.0.proxy_mode;
+    let daemon = DaemonView::of("the daemon itself", &d.report());
     let result = blocking(move || {
         let kernel = KernelRead::read(mode, &[]).map_err(|e| e.to_string())?;
         let local_ips = SystemAddresses.addresses();
-        explain::explain(ExplainInput {
+        let mut report = explain::explain(ExplainInput {
             kernel: kernel.rules(),
             expected: expected.as_ref().map_err(Clone::clone),
             from,
@@ -341,7 +374,9 @@ async fn explain_handler(State(d): State<DebugState>, Query(q): Query<ExplainQue
             local_ips: &local_ips,
             in_interface,
         })
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        report.complete(Some(daemon), node_hazards(&SystemRunner));
+        Ok(report)
     })
     .await;
     match result {

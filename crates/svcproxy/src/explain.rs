@@ -32,10 +32,13 @@ use svcproxy_model::{ClusterState, EndpointInfo, Intent, IntentConfig, IpFamily,
 use svcproxy_nftables::references::{chain_targets, set_references};
 use svcproxy_nftables::{Family as NftFamily, ListingError, Ruleset as NftRuleset, parse_listing};
 
+use crate::audit::HazardView;
 use crate::cli::{ExplainArgs, ProxyMode, RunArgs, TraceOrigin};
+use crate::diagnosis::{DaemonView, diagnose, node_hazards};
 use crate::diff::{ChainDiff, chain_diffs, nft_object_diffs};
 use crate::exec::iptables::{ExecError, IptablesCommands, SystemIptables};
 use crate::exec::nft::{NftCommands, SystemNft};
+use crate::exec::runner::SystemRunner;
 use crate::node_addresses::{LocalAddresses, SystemAddresses};
 use crate::source::convert;
 use crate::source::kube_api::{self, KubeSourceError, proxy_label_selector};
@@ -688,6 +691,31 @@ pub struct ExplainReport {
     /// In nftables mode, the table traced (`ip svcproxy`); absent in iptables mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nft_table: Option<String>,
+    /// What the running daemon says of its syncs and health; `None` when it was not asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<DaemonView>,
+    /// What `svcproxy audit` finds on this node.
+    #[serde(default)]
+    pub hazards: Vec<HazardView>,
+    /// Why the node could not be audited, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hazards_unavailable: Option<String>,
+    /// The trace, the daemon's account and the hazards put together ([`crate::diagnosis::diagnose`]).
+    #[serde(default)]
+    pub diagnosis: Vec<String>,
+}
+
+impl ExplainReport {
+    /// Adds what lies beyond the rules: the daemon's account (when it was asked) and the node's hazards, then
+    /// the diagnosis.
+    pub fn complete(&mut self, daemon: Option<DaemonView>, hazards: Result<Vec<HazardView>, String>) {
+        self.daemon = daemon;
+        match hazards {
+            Ok(h) => self.hazards = h,
+            Err(e) => self.hazards_unavailable = Some(e),
+        }
+        self.diagnosis = diagnose(self);
+    }
 }
 
 /// The kernel's rules as [`explain`] reads them.
@@ -1061,6 +1089,10 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
         missing_jumps: Vec::new(),
         notes: Vec::new(),
         nft_table: None,
+        daemon: None,
+        hazards: Vec::new(),
+        hazards_unavailable: None,
+        diagnosis: Vec::new(),
     };
     if let KernelRules::Nftables(table) = input.kernel {
         report.nft_table = Some(format!("ip {NFT_TABLE}"));
@@ -1373,30 +1405,33 @@ pub fn render_text(r: &ExplainReport) -> String {
     for j in &r.missing_jumps {
         let _ = writeln!(out, "  missing jump: {j}");
     }
-    let kernel_differs = !r.differing_chains.is_empty() || !r.missing_jumps.is_empty();
-    if r.agree == Some(false) && !kernel_differs && r.nft_table.is_some() {
-        let _ = writeln!(
-            out,
-            "\nThe chains and maps on the path hold exactly what svcproxy renders, so the difference comes from \
-             settings other than the daemon's (give explain the daemon's flags or its --config)."
-        );
-    } else if r.agree == Some(false) && !kernel_differs {
-        let _ = writeln!(
-            out,
-            "\nThe chains on the path hold exactly what svcproxy renders, so the difference comes from elsewhere: \
-             rules outside svcproxy's chains (see the kernel's steps), or settings other than the daemon's (give \
-             explain the daemon's flags or its --config)."
-        );
-    } else if kernel_differs {
-        let _ = writeln!(
-            out,
-            "\nsvcproxy rewrites chains that differ at its next full sync (at the latest within --verify-period \
-             while it runs); if it is not running, start it. A rule that comes back after a repair is written by \
-             another program on this node."
-        );
-    }
     for n in &r.notes {
         let _ = writeln!(out, "Note: {n}");
+    }
+    if let Some(d) = &r.daemon {
+        match &d.unreachable {
+            Some(_) => {}
+            None if d.consecutive_failures == 0 && d.problem.is_none() => {
+                let _ = writeln!(
+                    out,
+                    "\nsvcproxy ({}): healthy, last successful sync {}.",
+                    d.at,
+                    d.last_sync.as_deref().unwrap_or("never")
+                );
+            }
+            None => {
+                let _ = writeln!(out, "\nsvcproxy ({}): UNHEALTHY.", d.at);
+            }
+        }
+    }
+    if let Some(e) = &r.hazards_unavailable {
+        let _ = writeln!(out, "Note: the node could not be audited for hazards: {e}");
+    }
+    if !r.diagnosis.is_empty() {
+        let _ = writeln!(out, "\nDiagnosis:");
+        for d in &r.diagnosis {
+            let _ = writeln!(out, "  * {d}");
+        }
     }
     out
 }
@@ -1433,7 +1468,7 @@ pub async fn command(args: &ExplainArgs) -> Result<ExplainReport, ExplainError> 
     let expected = load_expected(&args.run, &local_ips)
         .await
         .map_err(|e| e.to_string());
-    explain(ExplainInput {
+    let mut report = explain(ExplainInput {
         kernel: kernel.rules(),
         expected: expected.as_ref().map_err(Clone::clone),
         from: from_ip,
@@ -1443,7 +1478,10 @@ pub async fn command(args: &ExplainArgs) -> Result<ExplainReport, ExplainError> 
         origin: args.origin,
         local_ips: &local_ips,
         in_interface: args.in_interface.clone(),
-    })
+    })?;
+    let daemon = DaemonView::ask(args.run.metrics_bind_address);
+    report.complete(Some(daemon), node_hazards(&SystemRunner));
+    Ok(report)
 }
 
 #[cfg(test)]

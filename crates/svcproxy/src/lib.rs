@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod config_file;
 pub mod debug_http;
+pub mod diagnosis;
 pub mod diff;
 pub mod exec;
 pub mod explain;

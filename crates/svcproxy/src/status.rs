@@ -29,6 +29,11 @@ pub enum DaemonError {
 /// `GET base+path` with HTTP/1.0, so the answer is never chunked and ends with the connection. Enough for a
 /// daemon on this node; anything else (TLS, proxies) is out of scope on purpose.
 pub fn daemon_get(base: &str, path: &str) -> Result<String, DaemonError> {
+    daemon_get_within(base, path, TIMEOUT)
+}
+
+/// [`daemon_get`] giving up after `timeout` to connect and again to read.
+pub fn daemon_get_within(base: &str, path: &str, timeout: Duration) -> Result<String, DaemonError> {
     let host = base
         .strip_prefix("http://")
         .map(|h| h.trim_end_matches('/'))
@@ -44,8 +49,8 @@ pub fn daemon_get(base: &str, path: &str) -> Result<String, DaemonError> {
         .map_err(connect_err)?
         .next()
         .ok_or_else(|| DaemonError::BadUrl(base.to_string()))?;
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(connect_err)?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(connect_err)?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect_err)?;
+    stream.set_read_timeout(Some(timeout)).map_err(connect_err)?;
     write!(
         stream,
         "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n"
@@ -131,6 +136,9 @@ pub struct StatusReport {
     pub last_check: Option<String>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
+    /// Why `/healthz` fails, when it does.
+    #[serde(default)]
+    pub problem: Option<String>,
     /// Divergences read-back has found since start.
     pub divergences: u64,
     pub service_ports: Vec<ServicePortStatus>,
@@ -216,12 +224,20 @@ pub fn render_text(r: &StatusReport) -> String {
     if let Some(e) = &r.last_error {
         let _ = writeln!(out, "last sync FAILED ({} in a row): {e}", r.consecutive_failures);
     }
+    if let Some(p) = &r.problem {
+        let _ = writeln!(out, "UNHEALTHY: {p}");
+    }
     out
 }
 
 /// `svcproxy status`.
 pub fn command(daemon: &str) -> Result<StatusReport, DaemonError> {
-    let body = daemon_get(daemon, "/debug/status")?;
+    fetch(daemon, TIMEOUT)
+}
+
+/// The daemon's status report, giving up after `timeout`.
+pub fn fetch(daemon: &str, timeout: Duration) -> Result<StatusReport, DaemonError> {
+    let body = daemon_get_within(daemon, "/debug/status", timeout)?;
     serde_json::from_str(&body).map_err(|e| DaemonError::Malformed {
         url: format!("{daemon}/debug/status"),
         reason: e.to_string(),
@@ -241,6 +257,7 @@ mod tests {
             last_check: None,
             last_error: None,
             consecutive_failures: 0,
+            problem: None,
             divergences: 0,
             service_ports: vec![ServicePortStatus {
                 name: "demo/web:http".into(),

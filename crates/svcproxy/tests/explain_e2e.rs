@@ -3,8 +3,11 @@
 //! against real traffic, so the tools cannot agree with themselves and still be wrong about the kernel.
 
 mod common;
+#[path = "explain_e2e/faults.rs"]
+mod faults;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -129,13 +132,18 @@ impl Node {
     /// Starts the daemon and waits until both Services answer.
     fn start(&self) -> Svcproxy {
         let mut proxy = Svcproxy::start(self.ns(), &["--manifests", self.dir()]);
+        self.wait_ready(&mut proxy);
+        proxy
+    }
+
+    /// Waits until both Services answer through `proxy`.
+    fn wait_ready(&self, proxy: &mut Svcproxy) {
         for ip in [WEB_VIP, API_VIP] {
             wait_until(WAIT, POLL, "the ClusterIP answers", || {
                 proxy.assert_running();
                 tcp_request(self.client.ns(), vip(ip), T).ok()
             });
         }
-        proxy
     }
 
     /// Runs `svcproxy ARGS…` in the node namespace; `intent` adds the daemon's flags.
@@ -179,7 +187,14 @@ impl Node {
 
     /// Text output with the run-specific manifest directory replaced, for snapshots.
     fn stable(&self, text: &str) -> String {
+        let marker = "last successful sync ";
         text.replace(self.dir(), "<manifests>")
+            .lines()
+            .map(|l| match l.split_once(marker) {
+                Some((head, _)) => format!("{head}{marker}<time>.\n"),
+                None => format!("{l}\n"),
+            })
+            .collect()
     }
 }
 

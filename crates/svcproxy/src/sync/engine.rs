@@ -57,6 +57,10 @@ pub struct EngineStatus {
     pub applied: Option<Arc<svcproxy_model::Intent>>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
+    /// Why `/healthz` is failing, when it is (the same sentence it answers with).
+    pub problem: Option<String>,
+    /// While syncs fail: the cluster state the failing syncs tried to program, which the kernel lacks.
+    pub wanted: Option<Arc<ClusterState>>,
 }
 
 pub struct Engine<P: Proxier> {
@@ -433,7 +437,12 @@ impl<P: Proxier> Engine<P> {
             .failure_problem
             .clone()
             .or_else(|| self.divergence_problem.clone());
-        self.health.set_problem(problem);
+        self.health.set_problem(problem.clone());
+        self.status.send_if_modified(|s| {
+            let changed = s.problem != problem;
+            s.problem = problem;
+            changed
+        });
     }
 
     fn sync_once(&mut self) {
@@ -527,6 +536,7 @@ impl<P: Proxier> Engine<P> {
                     s.applied = Some(report.intent.clone());
                     s.last_error = None;
                     s.consecutive_failures = 0;
+                    s.wanted = None;
                 });
                 if self.config.verify_after_sync && report.payload_lines > 0 {
                     self.check(Check::AfterSync);
@@ -577,12 +587,16 @@ impl<P: Proxier> Engine<P> {
                 self.consecutive_failures
             ));
         }
-        self.publish_health();
+        // The state is shared for explain and status only while syncs fail, so a healthy daemon holds one copy.
+        let wanted = Arc::new(self.state.clone());
         self.status.send_modify(|s| {
             s.syncs += 1;
             s.last_error = Some(e.to_string());
             s.consecutive_failures += 1;
+            s.wanted = Some(wanted);
         });
+        // After the sync count moved, so status followers see one sync, not a check and then a sync.
+        self.publish_health();
     }
 }
 
