@@ -192,6 +192,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             if let Some(ct) = conntrack() {
                 proxier = proxier.with_conntrack(ct);
             }
+            if let Ok(ours) = backends::active_backend()
+                && let Some(theirs) = ours.other().commands()
+            {
+                proxier = proxier.with_other_backend(ours, Box::new(theirs));
+            }
             drive(proxier, shared).await
         }
         ProxyMode::Nftables => {

@@ -82,6 +82,8 @@ pub struct Engine<P: Proxier> {
     divergence_problem: Option<String>,
     /// The health problem reported because of failed syncs, if any.
     failure_problem: Option<String>,
+    /// The health problem reported because of state no sync can repair (another backend's rules), if any.
+    hazard_problem: Option<String>,
     /// EndpointSlice trigger times of changes not yet programmed.
     pending_trigger_times: Vec<SystemTime>,
     pending_service_changes: usize,
@@ -154,6 +156,7 @@ impl<P: Proxier> Engine<P> {
             recent_repairs: Vec::new(),
             divergence_problem: None,
             failure_problem: None,
+            hazard_problem: None,
             pending_trigger_times: Vec::new(),
             pending_service_changes: 0,
             pending_endpoint_changes: 0,
@@ -364,6 +367,24 @@ impl<P: Proxier> Engine<P> {
             Ok(findings) => self.on_findings(check, findings),
             Err(e) => tracing::warn!("read-back failed: {e}"),
         }
+        if matches!(check, Check::Verify) {
+            self.check_hazards();
+        }
+    }
+
+    /// Reads what lies outside our rules but acts on the same packets; health stays red while it is there.
+    fn check_hazards(&mut self) {
+        let proxier = &mut self.proxier;
+        let hazards = tokio::task::block_in_place(|| proxier.hazards());
+        let problem = (!hazards.is_empty()).then(|| hazards.join("; "));
+        if problem != self.hazard_problem {
+            match &problem {
+                Some(p) => tracing::error!("{p}"),
+                None => tracing::info!("the hazard outside our rules is gone"),
+            }
+            self.hazard_problem = problem;
+            self.publish_health();
+        }
     }
 
     fn on_findings(&mut self, check: Check, findings: Vec<Finding>) {
@@ -436,7 +457,8 @@ impl<P: Proxier> Engine<P> {
         let problem = self
             .failure_problem
             .clone()
-            .or_else(|| self.divergence_problem.clone());
+            .or_else(|| self.divergence_problem.clone())
+            .or_else(|| self.hazard_problem.clone());
         self.health.set_problem(problem.clone());
         self.status.send_if_modified(|s| {
             let changed = s.problem != problem;
@@ -542,6 +564,9 @@ impl<P: Proxier> Engine<P> {
                     self.check(Check::AfterSync);
                 }
                 self.publish_health();
+                if full {
+                    self.check_hazards();
+                }
             }
             Err(e) => self.on_failure(mode, e, now),
         }

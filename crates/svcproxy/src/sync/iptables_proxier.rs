@@ -24,6 +24,7 @@ use svcproxy_model::intent::build_intent;
 use svcproxy_model::{ClusterState, IntentConfig, IpFamily};
 
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
+use crate::backends::{Backend, check_mixed, kube_chains};
 use crate::cli::{DetectLocalMode, RunArgs};
 use crate::exec::iptables::{ExecError, IptablesCommands};
 use crate::node_addresses::{LocalAddresses, NodePortSpec, NodePortSpecError, primary_ip};
@@ -159,6 +160,8 @@ pub struct IptablesProxier {
     render_cache: RenderCache,
     /// The intent of the last successful sync, to find UDP/SCTP service ports that changed.
     applied_intent: Option<Arc<Intent>>,
+    /// The iptables backend we write and the other one's commands, to notice KUBE-* chains appearing there.
+    other_backend: Option<(Backend, Box<dyn IptablesCommands>)>,
 }
 
 /// Above this many touched chains, reading the whole table back is cheaper than listing chains one by one.
@@ -182,7 +185,15 @@ impl IptablesProxier {
             max_chains: DEFAULT_MAX_CHAINS,
             render_cache: RenderCache::default(),
             applied_intent: None,
+            other_backend: None,
         }
+    }
+
+    /// Watches the backend we do not write (`theirs`, while we write `ours`) for KUBE-* chains: packets pass
+    /// through both backends, so rules there act on Service traffic where we can neither see nor repair them.
+    pub fn with_other_backend(mut self, ours: Backend, theirs: Box<dyn IptablesCommands>) -> Self {
+        self.other_backend = Some((ours, theirs));
+        self
     }
 
     fn render_cached(&mut self, intent: &Intent, config: &RenderConfig) -> Ruleset {
@@ -452,6 +463,23 @@ impl Proxier for IptablesProxier {
         };
         let kernel = self.read_kernel(ruleset)?;
         Ok(self.verify_with(&kernel, None))
+    }
+
+    fn hazards(&mut self) -> Vec<String> {
+        let (Some((ours, theirs)), Some(_)) = (&self.other_backend, &self.applied) else {
+            return Vec::new();
+        };
+        match kube_chains(theirs.as_ref()) {
+            Ok(chains) => check_mixed(*ours, &[format!("nat/{KUBE_SERVICES}")], &chains)
+                .err()
+                .map(|mixed| mixed.to_string())
+                .into_iter()
+                .collect(),
+            Err(e) => {
+                tracing::debug!("cannot read the {} iptables backend: {e}", ours.other().name());
+                Vec::new()
+            }
+        }
     }
 
     fn canary(&mut self) -> Result<Vec<Finding>, SyncError> {

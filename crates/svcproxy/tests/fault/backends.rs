@@ -1,15 +1,16 @@
 //! KUBE-* chains in both iptables backends on one node: what a proxy image whose iptables picked the other
 //! backend than kubelet's leaves behind. Packets traverse both, so the rules in the backend svcproxy does
 //! not write would keep steering traffic where it can neither see nor repair them. svcproxy must refuse to
-//! start, naming both backends and the fix, and write nothing.
+//! start, naming both backends and the fix, and write nothing; and when such chains appear while it runs, turn
+//! `/healthz` red with the same words until they are gone.
 
 use std::time::Duration;
 
 use svcproxy_testkit::Lab;
 
-use super::harness::{dump_diff, require_tool, save_with};
+use super::harness::{dump_diff, failures, require_tool, save_with, traffic_summary};
 use super::report::Case;
-use super::web::web_manifest;
+use super::web::{WebNode, web_manifest};
 use crate::common::{Svcproxy, TempDir};
 
 #[test]
@@ -85,3 +86,47 @@ fn e_kube_chains_in_both_legacy_and_nft() {
         super::harness::shorten(log.lines().find(|l| l.contains("legacy")).unwrap_or(""), 160)
     ));
 }
+
+#[test]
+fn e2_kube_chains_appear_in_the_legacy_backend_at_run_time() {
+    let mut case = Case::new("E2 legacy KUBE-* chains appear at run time");
+    for tool in ["iptables-legacy-restore", "iptables-legacy"] {
+        require_tool(tool);
+    }
+    let s = WebNode::start(&case, &["--verify-period", "1s"], &[]);
+
+    case.stage("an old kube-proxy of the legacy backend writes its chains");
+    case.injected();
+    super::harness::restore(
+        s.cluster.node(),
+        "iptables-legacy-restore",
+        &["--noflush"],
+        "*nat\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n",
+    );
+    let red = s.health.wait_for("healthz names the other backend", WAIT, |p| {
+        p.status == 503
+            && p.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("legacy") && r.contains("svcproxy cleanup"))
+    });
+    case.detected(red.at);
+
+    case.stage("the legacy chains removed");
+    for args in [
+        ["-t", "nat", "-D", "PREROUTING", "-j", "KUBE-SERVICES"].as_slice(),
+        &["-t", "nat", "-X", "KUBE-SERVICES"],
+    ] {
+        let mut argv = vec!["iptables-legacy"];
+        argv.extend(args);
+        s.cluster.node().exec_stdout(&argv).expect("iptables-legacy");
+    }
+    let green = s.health.wait_for("healthz is 200 again", WAIT, |p| {
+        p.status == 200 && p.reason.is_none()
+    });
+    case.repaired(green.at);
+    case.health(s.health.summary());
+    let samples = s.traffic.next(10);
+    assert_eq!(failures(&samples), 0, "{}", traffic_summary(&samples));
+}
+
+const WAIT: Duration = Duration::from_secs(30);
