@@ -5,10 +5,13 @@
 use svcproxy_iptables::cleanup::{cleanup_payload, plan_cleanup};
 use svcproxy_iptables::save_parser::parse_save;
 
+use crate::cli::ProxyMode;
 use crate::exec::runner::Runner;
 
 /// nftables tables written by upstream's nftables mode and by us.
 const NFT_TABLES: [&str; 2] = ["kube-proxy", "svcproxy"];
+/// The chain old kubelets mark packets to drop with; still jumped to by their rules.
+const KUBE_MARK_DROP: &str = "KUBE-MARK-DROP";
 /// The dummy interface upstream's IPVS mode binds service addresses to.
 const IPVS_INTERFACE: &str = "kube-ipvs0";
 
@@ -16,11 +19,26 @@ const IPVS_INTERFACE: &str = "kube-ipvs0";
 #[error("cleanup left work undone: {}", .0.join("; "))]
 pub struct CleanupError(pub Vec<String>);
 
-/// Removes everything; returns one line per removed item. `dry_run` only lists.
-pub fn cleanup(runner: &dyn Runner, dry_run: bool) -> Result<Vec<String>, CleanupError> {
-    let mut done = Vec::new();
-    let mut failed = Vec::new();
-    for (family, prefix) in [("IPv4", "iptables"), ("IPv6", "ip6tables")] {
+/// What one removal pass did and what it could not do.
+#[derive(Default)]
+struct Removal {
+    done: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Removal {
+    fn finish(self) -> Result<Vec<String>, CleanupError> {
+        if self.failed.is_empty() {
+            Ok(self.done)
+        } else {
+            Err(CleanupError(self.failed))
+        }
+    }
+
+    /// Every KUBE-* chain of one family in both iptables backends, except `keep`, and the rules jumping to
+    /// them. `prefix` is `iptables` or `ip6tables`.
+    fn iptables_chains(&mut self, runner: &dyn Runner, prefix: &str, keep: &[&str], dry_run: bool) {
+        let family = if prefix == "iptables" { "IPv4" } else { "IPv6" };
         for backend in ["nft", "legacy"] {
             let save = format!("{prefix}-{backend}-save");
             let Ok(text) = runner.run(&save, &[], None) else {
@@ -29,46 +47,68 @@ pub fn cleanup(runner: &dyn Runner, dry_run: bool) -> Result<Vec<String>, Cleanu
             let saved = match parse_save(&text) {
                 Ok(s) => s,
                 Err(e) => {
-                    failed.push(format!("cannot read {save} output: {e}"));
+                    self.failed.push(format!("cannot read {save} output: {e}"));
                     continue;
                 }
             };
-            let plan = plan_cleanup(&saved);
+            let mut plan = plan_cleanup(&saved);
+            for t in &mut plan {
+                t.chains.retain(|c| !keep.contains(&c.as_str()));
+                t.rules
+                    .retain(|r| !r.jump.as_deref().is_some_and(|j| keep.contains(&j)));
+            }
+            plan.retain(|t| !t.is_empty());
             if plan.is_empty() {
                 continue;
             }
             for t in &plan {
                 for c in &t.chains {
-                    done.push(format!("{backend} {family} {}: chain {c}", t.table));
+                    self.done
+                        .push(format!("{backend} {family} {}: chain {c}", t.table));
                 }
                 for r in &t.rules {
-                    done.push(format!("{backend} {family} {}: rule {}", t.table, r.line));
+                    self.done
+                        .push(format!("{backend} {family} {}: rule {}", t.table, r.line));
                 }
             }
             if !dry_run {
                 let restore = format!("{prefix}-{backend}-restore");
                 if let Err(e) = runner.run(&restore, &["-w", "5", "--noflush"], Some(&cleanup_payload(&plan)))
                 {
-                    failed.push(e.to_string());
+                    self.failed.push(e.to_string());
                 }
             }
         }
     }
 
-    if let Ok(listing) = runner.run("nft", &["list", "tables"], None) {
+    /// The nftables tables named `names` in the families `families` (`ip`, `ip6`).
+    fn nft_tables(&mut self, runner: &dyn Runner, families: &[&str], names: &[&str], dry_run: bool) {
+        let Ok(listing) = runner.run("nft", &["list", "tables"], None) else {
+            return;
+        };
         for line in listing.lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
             if let ["table", family, name] = words.as_slice()
-                && NFT_TABLES.contains(name)
+                && families.contains(family)
+                && names.contains(name)
             {
-                done.push(format!("nftables: table {family} {name}"));
+                self.done.push(format!("nftables: table {family} {name}"));
                 if !dry_run && let Err(e) = runner.run("nft", &["delete", "table", family, name], None) {
-                    failed.push(e.to_string());
+                    self.failed.push(e.to_string());
                 }
             }
         }
     }
+}
 
+/// Removes everything; returns one line per removed item. `dry_run` only lists.
+pub fn cleanup(runner: &dyn Runner, dry_run: bool) -> Result<Vec<String>, CleanupError> {
+    let mut removal = Removal::default();
+    for prefix in ["iptables", "ip6tables"] {
+        removal.iptables_chains(runner, prefix, &[], dry_run);
+    }
+    removal.nft_tables(runner, &["ip", "ip6"], &NFT_TABLES, dry_run);
+    let Removal { done, failed } = &mut removal;
     if runner.run("ip", &["link", "show", IPVS_INTERFACE], None).is_ok() {
         done.push(format!("IPVS: interface {IPVS_INTERFACE}"));
         if !dry_run && let Err(e) = runner.run("ip", &["link", "delete", IPVS_INTERFACE], None) {
@@ -84,11 +124,23 @@ pub fn cleanup(runner: &dyn Runner, dry_run: bool) -> Result<Vec<String>, Cleanu
             }
         }
     }
-    if failed.is_empty() {
-        Ok(done)
-    } else {
-        Err(CleanupError(failed))
+    removal.finish()
+}
+
+/// Removes the other proxy mode's IPv4 state (the family svcproxy serves), as upstream kube-proxy does when it
+/// starts in a mode: in iptables mode the nftables tables (upstream's `kube-proxy`, and ours from an earlier
+/// nftables run), in nftables mode every kube-proxy KUBE-* chain in both iptables backends. Packets meet both
+/// modes' rules, so stale ones would keep sending new connections to endpoints that are gone.
+///
+/// Unlike upstream, the daemon runs this after its first sync has put its own rules in place, so no packet
+/// meets neither. kubelet's chains stay, KUBE-MARK-DROP included: old kubelets still jump to it.
+pub fn retire_other_mode(runner: &dyn Runner, mode: ProxyMode) -> Result<Vec<String>, CleanupError> {
+    let mut removal = Removal::default();
+    match mode {
+        ProxyMode::Iptables => removal.nft_tables(runner, &["ip"], &NFT_TABLES, false),
+        ProxyMode::Nftables => removal.iptables_chains(runner, "iptables", &[KUBE_MARK_DROP], false),
     }
+    removal.finish()
 }
 
 #[cfg(test)]
@@ -131,6 +183,50 @@ mod tests {
         );
         assert!(calls.contains(&"nft delete table ip kube-proxy".to_string()));
         assert!(!calls.iter().any(|c| c.contains("ipset destroy mine")));
+    }
+
+    #[test]
+    fn iptables_mode_retires_only_the_ipv4_nftables_tables() {
+        let r = RecordingRunner::default();
+        r.answer(
+            "nft list tables",
+            Ok("table ip filter\ntable ip kube-proxy\ntable ip svcproxy\ntable ip6 kube-proxy\n".into()),
+        );
+        r.answer("nft delete", Ok(String::new()));
+        let done = retire_other_mode(&r, ProxyMode::Iptables).unwrap();
+        assert_eq!(
+            done,
+            ["nftables: table ip kube-proxy", "nftables: table ip svcproxy"]
+        );
+        let calls = r.calls.lock().unwrap().clone();
+        assert!(!calls.iter().any(|c| c.contains("iptables")), "{calls:?}");
+    }
+
+    #[test]
+    fn nftables_mode_retires_kube_proxy_chains_but_keeps_kubelets() {
+        let r = RecordingRunner::default();
+        r.answer(
+            "iptables-nft-save",
+            Ok(
+                "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-DROP - [0:0]\n\
+                :KUBE-KUBELET-CANARY - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n\
+                -A PREROUTING -s 192.0.2.1/32 -j KUBE-MARK-DROP\nCOMMIT\n"
+                    .into(),
+            ),
+        );
+        r.answer("iptables-nft-restore", Ok(String::new()));
+        r.answer("nft list tables", Ok("table ip kube-proxy\n".into()));
+        let done = retire_other_mode(&r, ProxyMode::Nftables).unwrap();
+        assert_eq!(
+            done,
+            [
+                "nft IPv4 nat: chain KUBE-SERVICES",
+                "nft IPv4 nat: rule -A PREROUTING -j KUBE-SERVICES",
+            ]
+        );
+        let calls = r.calls.lock().unwrap().clone();
+        assert!(!calls.iter().any(|c| c.starts_with("nft ")), "{calls:?}");
+        assert!(!calls.iter().any(|c| c.starts_with("ip6tables")), "{calls:?}");
     }
 
     #[test]

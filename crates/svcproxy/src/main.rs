@@ -74,6 +74,26 @@ fn refuse_mixed_backends() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Once our first sync has put our rules in place, removes the other proxy mode's rules (see
+/// [`svcproxy::cleanup::retire_other_mode`]). Failures are logged: our rules work either way, and `svcproxy audit`
+/// names what is left.
+async fn retire_other_mode(mode: ProxyMode, mut status: watch::Receiver<EngineStatus>) {
+    if status.wait_for(|s| s.applied.is_some()).await.is_err() {
+        return;
+    }
+    let retired =
+        tokio::task::spawn_blocking(move || svcproxy::cleanup::retire_other_mode(&SystemRunner, mode)).await;
+    match retired {
+        Ok(Ok(removed)) => {
+            for item in removed {
+                tracing::info!("removed the other proxy mode's {item}");
+            }
+        }
+        Ok(Err(e)) => tracing::warn!("the other proxy mode's rules could not all be removed: {e}"),
+        Err(e) => tracing::warn!("removing the other proxy mode's rules stopped: {e}"),
+    }
+}
+
 fn sysctl_config(args: &RunArgs) -> ConntrackSysctlConfig {
     ConntrackSysctlConfig {
         max_per_core: u64::from(args.conntrack_max_per_core),
@@ -249,6 +269,7 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         metrics.clone(),
     );
     debug.attach(engine.status());
+    tokio::spawn(retire_other_mode(args.proxy_mode, engine.status()));
     tokio::spawn(ServiceHealthServers::new(health, metrics).run(engine.status()));
     tokio::spawn(apply_conntrack_sysctls(sysctl_config(args), engine.status()));
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -1,6 +1,8 @@
 //! Taking a node over from upstream kube-proxy, and handing it back: svcproxy starts on a node holding the rules
 //! a real kube-proxy v1.31 wrote (its iptables-save output for the clusterip-basic reference scenario), replaces
-//! them with no traffic gap and no leftovers, and when it stops leaves exactly the chains upstream writes.
+//! them with no traffic gap and no leftovers, and when it stops leaves exactly the chains upstream writes. A
+//! takeover that also switches mode (upstream's iptables mode to our nftables mode, or the reverse) removes
+//! upstream's rules of the other mode once ours are in, again with no gap.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use common::{Svcproxy, TempDir};
 use svcproxy_iptables::save_parser::parse_save;
-use svcproxy_testkit::{Backend, Lab, tcp_request, wait_until};
+use svcproxy_testkit::{Backend, Lab, NetNs, Pod, tcp_request, wait_until};
 
 fn data(path: &str) -> String {
     std::fs::read_to_string(format!(
@@ -35,7 +37,7 @@ fn loadable(dump: &str) -> String {
         + "\n"
 }
 
-fn kube_chains(ns: &svcproxy_testkit::NetNs) -> BTreeSet<String> {
+fn kube_chains(ns: &NetNs) -> BTreeSet<String> {
     let saved = parse_save(&ns.exec_stdout(&["iptables-save"]).unwrap()).unwrap();
     saved
         .tables
@@ -50,92 +52,198 @@ fn kube_chains(ns: &svcproxy_testkit::NetNs) -> BTreeSet<String> {
         .collect()
 }
 
+/// A node with the reference scenario's web endpoints as real pods and a client pod.
+struct Node {
+    lab: Lab,
+    client: Pod,
+    _pods: Vec<(Pod, Backend)>,
+    dir: TempDir,
+}
+
+const VIP: &str = "10.96.1.20:80";
+
+impl Node {
+    fn new() -> Node {
+        let lab = Lab::new();
+        let pods = [(1, 14), (2, 15), (0, 16)]
+            .iter()
+            .map(|(b, c)| {
+                let pod = lab.add_pod(&format!("web{c}"), Ipv4Addr::new(10, 244, *b, *c));
+                let backend = Backend::start(pod.ns(), pod.name(), &[8080], &[]);
+                (pod, backend)
+            })
+            .collect();
+        let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+        let dir = TempDir::new("takeover");
+        dir.write("scenario.yaml", &data("scenarios/clusterip-basic.yaml"));
+        // The apiserver's own service, which every reference run had.
+        dir.write(
+            "kubernetes.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: kubernetes, namespace: default}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{name: https, protocol: TCP, port: 443}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: kubernetes\n  namespace: default\n  labels: {kubernetes.io/service-name: kubernetes}\naddressType: IPv4\nports: [{name: https, protocol: TCP, port: 6443}]\nendpoints:\n- addresses: [10.0.0.10]\n",
+        );
+        Node {
+            lab,
+            client,
+            _pods: pods,
+            dir,
+        }
+    }
+
+    fn ns(&self) -> &NetNs {
+        self.lab.node()
+    }
+
+    /// Feeds `input` to `program` (`iptables-restore`, `nft -f -`) in the node.
+    fn load(&self, program: &[&str], input: &str) {
+        let mut cmd = self.ns().command(program[0]);
+        cmd.args(&program[1..]).stdin(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+        assert!(
+            child.wait().unwrap().success(),
+            "{program:?} loads upstream's rules"
+        );
+    }
+
+    /// Upstream kube-proxy v1.31's iptables-mode rules for the scenario, as it left them.
+    fn load_upstream_iptables(&self) {
+        self.load(
+            &["iptables-restore"],
+            &loadable(&data("upstream-v1.31.14-iptables/clusterip-basic.txt")),
+        );
+    }
+
+    /// Upstream kube-proxy v1.31's nftables-mode table for the scenario (its listing loads back unchanged).
+    fn load_upstream_nftables(&self) {
+        let listing = std::fs::read_to_string(format!(
+            "{}/tests/data/kube-proxy-v1.31.14-nftables-clusterip-basic.nft",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        self.load(&["nft", "-f", "-"], &listing);
+    }
+
+    fn nft_tables(&self) -> String {
+        self.ns()
+            .exec_stdout(&["nft", "list", "tables"])
+            .unwrap_or_default()
+    }
+
+    /// Starts svcproxy with `args` while a client loop runs against the web ClusterIP, and keeps the loop
+    /// going until `done` holds and 20 more requests went through; asserts that no request failed.
+    fn take_over(&self, args: &[&str], done: impl Fn(&Node) -> bool) -> Svcproxy {
+        let vip: SocketAddr = VIP.parse().unwrap();
+        wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            "upstream's rules serve the ClusterIP",
+            || tcp_request(self.client.ns(), vip, Duration::from_secs(1)).ok(),
+        );
+        let stop = AtomicBool::new(false);
+        let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let proxy = std::thread::scope(|scope| {
+            let looping = scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp_request(self.client.ns(), vip, Duration::from_secs(1)) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            let mut all = vec!["--manifests", self.dir.path().to_str().unwrap()];
+            all.extend(args);
+            let mut proxy = Svcproxy::start(self.ns(), &all);
+            wait_until(
+                Duration::from_secs(20),
+                Duration::from_millis(100),
+                "svcproxy synced and finished taking over",
+                || {
+                    proxy.assert_running();
+                    (proxy.log().contains("synced") && done(self)).then_some(())
+                },
+            );
+            // Keep the loop going until a good number of requests went through the new rules alone.
+            let at_sync = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+            wait_until(
+                Duration::from_secs(30),
+                Duration::from_millis(50),
+                "20 requests after the takeover",
+                || {
+                    (ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= at_sync + 20)
+                        .then_some(())
+                },
+            );
+            stop.store(true, Ordering::Relaxed);
+            looping.join().unwrap();
+            proxy
+        });
+        let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+        println!("takeover: {ok} requests answered, {failed} failed");
+        assert!(ok >= 20, "the loop ran");
+        assert_eq!(failed, 0, "no traffic gap during the takeover");
+        proxy
+    }
+}
+
 #[test]
 fn takes_over_from_upstream_without_a_gap_and_hands_back_cleanly() {
-    let lab = Lab::new();
-    // The web service's endpoints in the reference scenario, as real pods.
-    let pods: Vec<_> = [(1, 14), (2, 15), (0, 16)]
-        .iter()
-        .map(|(b, c)| lab.add_pod(&format!("web{c}"), Ipv4Addr::new(10, 244, *b, *c)))
-        .collect();
-    let _backends: Vec<_> = pods
-        .iter()
-        .map(|p| Backend::start(p.ns(), p.name(), &[8080], &[]))
-        .collect();
-    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
-
-    // Upstream's rules, as its kube-proxy left them.
-    let dump = data("upstream-v1.31.14-iptables/clusterip-basic.txt");
-    let mut restore = lab.node().command("iptables-restore");
-    restore.stdin(std::process::Stdio::piped());
-    let mut child = restore.spawn().unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), loadable(&dump).as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "upstream's dump loads");
-    let upstream_chains = kube_chains(lab.node());
-
-    let vip: SocketAddr = "10.96.1.20:80".parse().unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        "upstream's rules serve the ClusterIP",
-        || tcp_request(client.ns(), vip, Duration::from_secs(1)).ok(),
-    );
-
-    // A client loop runs for the whole takeover.
-    let stop = AtomicBool::new(false);
-    let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
-    let dir = TempDir::new("takeover");
-    dir.write("scenario.yaml", &data("scenarios/clusterip-basic.yaml"));
-    // The apiserver's own service, which every reference run had.
-    dir.write(
-        "kubernetes.yaml",
-        "apiVersion: v1\nkind: Service\nmetadata: {name: kubernetes, namespace: default}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{name: https, protocol: TCP, port: 443}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: kubernetes\n  namespace: default\n  labels: {kubernetes.io/service-name: kubernetes}\naddressType: IPv4\nports: [{name: https, protocol: TCP, port: 6443}]\nendpoints:\n- addresses: [10.0.0.10]\n",
-    );
-    let proxy = std::thread::scope(|scope| {
-        let looping = scope.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                match tcp_request(client.ns(), vip, Duration::from_secs(1)) {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
-        wait_until(
-            Duration::from_secs(20),
-            Duration::from_millis(100),
-            "svcproxy synced",
-            || {
-                proxy.assert_running();
-                proxy.log().contains("synced").then_some(())
-            },
-        );
-        // Keep the loop going until a good number of requests went through the new rules.
-        let at_sync = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
-        wait_until(
-            Duration::from_secs(30),
-            Duration::from_millis(50),
-            "20 requests after the takeover",
-            || (ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= at_sync + 20).then_some(()),
-        );
-        stop.store(true, Ordering::Relaxed);
-        looping.join().unwrap();
-        proxy
-    });
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    println!("takeover: {ok} requests answered, {failed} failed");
-    assert!(ok >= 20, "the loop ran");
-    assert_eq!(failed, 0, "no traffic gap during the takeover");
+    let node = Node::new();
+    node.load_upstream_iptables();
+    let upstream_chains = kube_chains(node.ns());
+    let proxy = node.take_over(&[], |_| true);
 
     // No leftovers: every KUBE-* chain is one upstream also writes (the same names, hence the same hashes).
-    let ours = kube_chains(lab.node());
+    let ours = kube_chains(node.ns());
     let extra: Vec<&String> = ours.difference(&upstream_chains).collect();
     assert!(extra.is_empty(), "chains upstream would not recognise: {extra:?}");
     proxy.assert_no_divergence();
 
     // Hand back: stopping leaves the rules in place, in upstream's names, and traffic keeps flowing.
     drop(proxy);
-    assert_eq!(kube_chains(lab.node()), ours);
-    assert!(tcp_request(client.ns(), vip, Duration::from_secs(1)).is_ok());
+    assert_eq!(kube_chains(node.ns()), ours);
+    let vip: SocketAddr = VIP.parse().unwrap();
+    assert!(tcp_request(node.client.ns(), vip, Duration::from_secs(1)).is_ok());
+}
+
+/// kubelet's chains, which a mode switch leaves alone.
+const KUBELET_CHAINS: [&str; 4] = [
+    "KUBE-KUBELET-CANARY",
+    "KUBE-IPTABLES-HINT",
+    "KUBE-FIREWALL",
+    "KUBE-MARK-DROP",
+];
+
+fn kube_proxy_chains(ns: &NetNs) -> BTreeSet<String> {
+    kube_chains(ns)
+        .into_iter()
+        .filter(|c| !KUBELET_CHAINS.iter().any(|k| c.ends_with(&format!("/{k}"))))
+        .collect()
+}
+
+/// Upstream in iptables mode, svcproxy in nftables mode: its table goes in first, then upstream's KUBE-*
+/// chains go, so packets always meet one working set of rules and never two that disagree later.
+#[test]
+fn switches_from_upstream_iptables_mode_to_nftables_mode_without_a_gap() {
+    let node = Node::new();
+    node.load_upstream_iptables();
+    assert!(!kube_proxy_chains(node.ns()).is_empty());
+    let proxy = node.take_over(&["--proxy-mode", "nftables"], |n| {
+        kube_proxy_chains(n.ns()).is_empty()
+    });
+    assert!(node.nft_tables().contains("table ip svcproxy"));
+    assert!(proxy.log().contains("removed the other proxy mode's"));
+    proxy.assert_no_divergence();
+}
+
+/// Upstream in nftables mode, svcproxy in iptables mode: upstream's `ip kube-proxy` table goes once our chains
+/// are in.
+#[test]
+fn switches_from_upstream_nftables_mode_to_iptables_mode_without_a_gap() {
+    let node = Node::new();
+    node.load_upstream_nftables();
+    assert!(node.nft_tables().contains("table ip kube-proxy"));
+    let proxy = node.take_over(&[], |n| !n.nft_tables().contains("table ip kube-proxy"));
+    assert!(kube_chains(node.ns()).contains("nat/KUBE-SERVICES"));
+    proxy.assert_no_divergence();
 }
