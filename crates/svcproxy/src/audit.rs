@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use svcproxy_iptables::audit::{
-    Hazard, IptablesBackend, IptablesDump, NodeNetfilter, audit, parse_nft_tables,
+    Hazard, IptablesBackend, IptablesDump, NftTable, NodeNetfilter, PROXY_NFT_TABLES, audit,
 };
 use svcproxy_iptables::save_parser::{SaveParseError, parse_save};
 use svcproxy_model::IpFamily;
 
+use crate::cleanup::present_nft_tables;
 use crate::exec::runner::Runner;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ impl From<&Hazard> for HazardView {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditReport {
-    /// What was read (`iptables-nft-save`, `nft list tables`, a file, …).
+    /// What was read (`iptables-nft-save`, the proxy nftables tables, a file, …).
     pub read: Vec<String>,
     /// What could not be read and why (a backend that is not installed, say).
     pub skipped: Vec<String>,
@@ -60,7 +61,7 @@ pub struct AuditReport {
 }
 
 /// Reads the node: `{ip,ip6}tables-{nft,legacy}-save` where installed (plain `iptables-save` when neither
-/// is), and `nft list tables`.
+/// is), and which proxy nftables tables exist.
 pub fn read_node(runner: &dyn Runner) -> Result<(NodeNetfilter, Vec<String>, Vec<String>), AuditError> {
     let mut node = NodeNetfilter::default();
     let mut read = Vec::new();
@@ -108,10 +109,16 @@ pub fn read_node(runner: &dyn Runner) -> Result<(NodeNetfilter, Vec<String>, Vec
             }
         }
     }
-    match runner.run("nft", &["list", "tables"], None) {
-        Ok(listing) => {
-            node.nft_tables = parse_nft_tables(&listing);
-            read.push("nft list tables".to_string());
+    match present_nft_tables(runner, &["ip", "ip6", "inet"], &PROXY_NFT_TABLES) {
+        Ok(present) => {
+            node.nft_tables = present
+                .into_iter()
+                .map(|(family, name)| NftTable {
+                    family: family.to_string(),
+                    name: name.to_string(),
+                })
+                .collect();
+            read.push("nft list table (each proxy table by name)".to_string());
         }
         Err(e) => skipped.push(e.to_string()),
     }
@@ -224,11 +231,30 @@ mod tests {
             Ok("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n".into()),
         );
         r.answer("iptables-legacy-save", Ok(String::new()));
-        r.answer("nft list tables", Ok("table ip nat\n".into()));
+        r.answer("nft list table ip kube-proxy", Ok(String::new()));
+        r.answer(
+            "nft list table",
+            Err(crate::exec::iptables::ExecError::Failed {
+                program: "nft".into(),
+                status: "exit status: 1".into(),
+                stderr: "Error: No such file or directory".into(),
+            }),
+        );
         let (node, read, skipped) = read_node(&r).unwrap();
         assert_eq!(
             read,
-            ["iptables-nft-save", "iptables-legacy-save", "nft list tables"]
+            [
+                "iptables-nft-save",
+                "iptables-legacy-save",
+                "nft list table (each proxy table by name)"
+            ]
+        );
+        assert_eq!(
+            node.nft_tables,
+            [NftTable {
+                family: "ip".into(),
+                name: "kube-proxy".into()
+            }]
         );
         assert_eq!(node.iptables.len(), 2);
         assert_eq!(node.iptables[0].command, "iptables-nft");

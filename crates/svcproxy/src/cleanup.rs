@@ -6,6 +6,7 @@ use svcproxy_iptables::cleanup::{cleanup_payload, plan_cleanup};
 use svcproxy_iptables::save_parser::parse_save;
 
 use crate::cli::ProxyMode;
+use crate::exec::iptables::ExecError;
 use crate::exec::runner::Runner;
 
 /// nftables tables written by upstream's nftables mode and by us.
@@ -83,22 +84,39 @@ impl Removal {
 
     /// The nftables tables named `names` in the families `families` (`ip`, `ip6`).
     fn nft_tables(&mut self, runner: &dyn Runner, families: &[&str], names: &[&str], dry_run: bool) {
-        let Ok(listing) = runner.run("nft", &["list", "tables"], None) else {
+        let Ok(present) = present_nft_tables(runner, families, names) else {
             return;
         };
-        for line in listing.lines() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if let ["table", family, name] = words.as_slice()
-                && families.contains(family)
-                && names.contains(name)
-            {
-                self.done.push(format!("nftables: table {family} {name}"));
-                if !dry_run && let Err(e) = runner.run("nft", &["delete", "table", family, name], None) {
-                    self.failed.push(e.to_string());
-                }
+        for (family, name) in present {
+            self.done.push(format!("nftables: table {family} {name}"));
+            if !dry_run && let Err(e) = runner.run("nft", &["delete", "table", family, name], None) {
+                self.failed.push(e.to_string());
             }
         }
     }
+}
+
+/// Which of the tables `families` × `names` exist, asking for each by name; `Err` when nft cannot run.
+///
+/// Never `nft list tables`: nft 1.0 fetches every rule of every table to answer it, iptables-nft's included,
+/// and the kernel's rule dump restarts from the top for each netlink message, so on a node with 200,000
+/// KUBE-* rules that one listing costs seconds of CPU. Listing one table by name fetches only that table.
+pub fn present_nft_tables<'a>(
+    runner: &dyn Runner,
+    families: &[&'a str],
+    names: &[&'a str],
+) -> Result<Vec<(&'a str, &'a str)>, ExecError> {
+    let mut present = Vec::new();
+    for family in families {
+        for name in names {
+            match runner.run("nft", &["list", "table", family, name], None) {
+                Ok(_) => present.push((*family, *name)),
+                Err(e @ ExecError::Spawn { .. }) => return Err(e),
+                Err(ExecError::Failed { .. }) => {}
+            }
+        }
+    }
+    Ok(present)
 }
 
 /// Removes everything; returns one line per removed item. `dry_run` only lists.
@@ -148,6 +166,14 @@ mod tests {
     use super::*;
     use crate::exec::runner::RecordingRunner;
 
+    fn no_such_table() -> ExecError {
+        ExecError::Failed {
+            program: "nft".into(),
+            status: "exit status: 1".into(),
+            stderr: "Error: No such file or directory".into(),
+        }
+    }
+
     #[test]
     fn removes_iptables_nft_and_ipvs_leftovers() {
         let r = RecordingRunner::default();
@@ -156,10 +182,9 @@ mod tests {
             Ok("*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n".into()),
         );
         r.answer("iptables-nft-restore", Ok(String::new()));
-        r.answer(
-            "nft list tables",
-            Ok("table ip filter\ntable ip kube-proxy\ntable ip6 svcproxy\n".into()),
-        );
+        r.answer("nft list table ip kube-proxy", Ok(String::new()));
+        r.answer("nft list table ip6 svcproxy", Ok(String::new()));
+        r.answer("nft list table", Err(no_such_table()));
         r.answer("nft delete", Ok(String::new()));
         r.answer("ipset list", Ok("KUBE-CLUSTER-IP\nmine\n".into()));
         r.answer("ipset destroy", Ok(String::new()));
@@ -188,10 +213,9 @@ mod tests {
     #[test]
     fn iptables_mode_retires_only_the_ipv4_nftables_tables() {
         let r = RecordingRunner::default();
-        r.answer(
-            "nft list tables",
-            Ok("table ip filter\ntable ip kube-proxy\ntable ip svcproxy\ntable ip6 kube-proxy\n".into()),
-        );
+        r.answer("nft list table ip kube-proxy", Ok(String::new()));
+        r.answer("nft list table ip svcproxy", Ok(String::new()));
+        r.answer("nft list table", Err(no_such_table()));
         r.answer("nft delete", Ok(String::new()));
         let done = retire_other_mode(&r, ProxyMode::Iptables).unwrap();
         assert_eq!(
@@ -215,7 +239,7 @@ mod tests {
             ),
         );
         r.answer("iptables-nft-restore", Ok(String::new()));
-        r.answer("nft list tables", Ok("table ip kube-proxy\n".into()));
+        r.answer("nft list table ip kube-proxy", Ok(String::new()));
         let done = retire_other_mode(&r, ProxyMode::Nftables).unwrap();
         assert_eq!(
             done,
@@ -232,7 +256,8 @@ mod tests {
     #[test]
     fn dry_run_changes_nothing() {
         let r = RecordingRunner::default();
-        r.answer("nft list tables", Ok("table ip kube-proxy\n".into()));
+        r.answer("nft list table ip kube-proxy", Ok(String::new()));
+        r.answer("nft list table", Err(no_such_table()));
         assert_eq!(cleanup(&r, true).unwrap(), ["nftables: table ip kube-proxy"]);
         assert!(!r.calls.lock().unwrap().iter().any(|c| c.contains("delete")));
     }
