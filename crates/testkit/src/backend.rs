@@ -1,5 +1,5 @@
 use std::io::{ErrorKind, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -37,8 +37,10 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Starts the servers on 0.0.0.0 inside `ns`, panicking if a port cannot
-    /// be bound. The ports accept traffic once this returns.
+    /// Starts the servers on `[::]` inside `ns` (dual-stack: IPv4 clients
+    /// arrive as v4-mapped addresses and are answered in their IPv4 form),
+    /// panicking if a port cannot be bound. The ports accept traffic once this
+    /// returns.
     pub fn start(ns: &NetNs, identity: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> Backend {
         Backend::try_start(ns, identity, tcp_ports, udp_ports)
             .unwrap_or_else(|err| panic!("starting backend {identity}: {err}"))
@@ -69,7 +71,7 @@ impl Backend {
                 .iter()
                 .map(|&port| {
                     let listener =
-                        TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).map_err(bind_error("tcp", port))?;
+                        TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).map_err(bind_error("tcp", port))?;
                     listener.set_nonblocking(true).map_err(bind_error("tcp", port))?;
                     Ok(listener)
                 })
@@ -78,7 +80,7 @@ impl Backend {
                 .iter()
                 .map(|&port| {
                     let socket =
-                        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).map_err(bind_error("udp", port))?;
+                        UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)).map_err(bind_error("udp", port))?;
                     socket
                         .set_read_timeout(Some(STOP_POLL))
                         .map_err(bind_error("udp", port))?;
@@ -121,6 +123,7 @@ impl Drop for Backend {
 }
 
 fn answer(identity: &str, peer: SocketAddr) -> String {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     format!("{identity} {peer}\n")
 }
 

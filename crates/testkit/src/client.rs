@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use crate::netns::NetNs;
@@ -91,7 +91,12 @@ fn tcp_request_here(addr: SocketAddr, timeout: Duration) -> Result<Reply, Client
 }
 
 fn udp_request_here(addr: SocketAddr, timeout: Duration) -> Result<Reply, ClientError> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let any: IpAddr = if addr.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((any, 0))?;
     // Only a connected UDP socket is told about ICMP errors, which is how a
     // REJECT becomes visible as `Refused`.
     socket.connect(addr)?;

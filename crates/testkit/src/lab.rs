@@ -1,4 +1,4 @@
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -8,6 +8,9 @@ use crate::require_root::require_root;
 /// Gateway address pods route through. Nothing owns it: the node's veth
 /// answers ARP for it by proxy, so every pod can use the same one.
 const POD_GATEWAY: &str = "169.254.1.1";
+/// The IPv6 gateway: every node-side pod veth carries this link-local
+/// address, so every pod routes through the same one.
+const POD_GATEWAY6: &str = "fe80::1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -36,7 +39,12 @@ impl<T> Context<T> for Result<T, NetNsError> {
 ///
 /// ```text
 ///   external 10.0.0.20/24 ──veth── eth0 10.0.0.10/24  node  vethN ──veth── eth0 pod-ip/32  pod
+///            fd00:10::20/64             fd00:10::10/64                        pod-ip6/128
 /// ```
+///
+/// Every link is dual-stack; pods get an IPv6 address when added with
+/// [`Lab::add_dual_pod`]. IPv6 addresses skip duplicate address detection, so
+/// they work the moment they are added.
 ///
 /// Pods hang off the node on routed veths, each with a /32 host route on the
 /// node side. There is deliberately no bridge: bridged replies between pods
@@ -55,6 +63,7 @@ pub struct Lab {
 pub struct Pod {
     name: String,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     ns: NetNs,
     node_veth: String,
     node_ns: String,
@@ -65,6 +74,10 @@ impl Lab {
     pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
     pub const SERVICE_CIDR: &str = "10.96.0.0/12";
     pub const POD_CIDR: &str = "10.244.0.0/16";
+    pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x10);
+    pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x20);
+    pub const SERVICE_CIDR6: &str = "fd00:10:96::/112";
+    pub const POD_CIDR6: &str = "fd00:10:244::/64";
 
     /// Builds the lab, panicking with the reason if the machine cannot.
     pub fn new() -> Lab {
@@ -111,6 +124,30 @@ impl Lab {
                 .exec(&["ip", "route", "add", cidr, "via", &node_ip])
                 .context("external routes to the cluster")?;
         }
+
+        node.set_sysctl("net.ipv6.conf.all.forwarding", "1")
+            .context("node IPv6 forwarding")?;
+        let (node_ip6, external_ip6) = (Lab::NODE_IP6.to_string(), Lab::EXTERNAL_IP6.to_string());
+        for (ns, ip) in [(&node, &node_ip6), (&external, &external_ip6)] {
+            ns.exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .context("uplink IPv6 address")?;
+        }
+        node.exec(&["ip", "-6", "route", "add", "default", "via", &external_ip6])
+            .context("node IPv6 default route")?;
+        for cidr in [Lab::SERVICE_CIDR6, Lab::POD_CIDR6] {
+            external
+                .exec(&["ip", "-6", "route", "add", cidr, "via", &node_ip6])
+                .context("external IPv6 routes to the cluster")?;
+        }
         Ok(Lab {
             node,
             external,
@@ -130,6 +167,53 @@ impl Lab {
     pub fn add_pod(&self, name: &str, ip: Ipv4Addr) -> Pod {
         self.try_add_pod(name, ip)
             .unwrap_or_else(|err| panic!("adding pod {name} ({ip}): {err}"))
+    }
+
+    /// Attaches a new pod with addresses `ip` and `ip6`, panicking if that fails.
+    pub fn add_dual_pod(&self, name: &str, ip: Ipv4Addr, ip6: Ipv6Addr) -> Pod {
+        self.try_add_pod(name, ip)
+            .and_then(|mut pod| {
+                self.add_ipv6(&pod, ip6)?;
+                pod.ip6 = Some(ip6);
+                Ok(pod)
+            })
+            .unwrap_or_else(|err| panic!("adding pod {name} ({ip}, {ip6}): {err}"))
+    }
+
+    fn add_ipv6(&self, pod: &Pod, ip6: Ipv6Addr) -> Result<(), LabError> {
+        let host_route = format!("{ip6}/128");
+        self.node
+            .exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{POD_GATEWAY6}/64"),
+                "dev",
+                &pod.node_veth,
+                "nodad",
+            ])
+            .context("pod veth IPv6 gateway")?;
+        self.node
+            .exec(&["ip", "-6", "route", "add", &host_route, "dev", &pod.node_veth])
+            .context("node IPv6 route to pod")?;
+        pod.ns
+            .exec(&["ip", "-6", "addr", "add", &host_route, "dev", "eth0", "nodad"])
+            .context("pod IPv6 address")?;
+        pod.ns
+            .exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                POD_GATEWAY6,
+                "dev",
+                "eth0",
+            ])
+            .context("pod IPv6 default route")?;
+        Ok(())
     }
 
     pub fn try_add_pod(&self, name: &str, ip: Ipv4Addr) -> Result<Pod, LabError> {
@@ -176,6 +260,7 @@ impl Lab {
         Ok(Pod {
             name: name.to_owned(),
             ip,
+            ip6: None,
             ns,
             node_veth,
             node_ns: self.node.name().to_owned(),
@@ -196,6 +281,11 @@ impl Pod {
 
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The pod's IPv6 address, when it was added with one.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ip6
     }
 
     pub fn ns(&self) -> &NetNs {

@@ -1,7 +1,7 @@
 //! The lab on the real kernel: every path the proxy's tests rely on must
 //! carry traffic before any proxy rules exist.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,13 +11,17 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 
-fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::from((ip, port))
+const POD_A6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 1, 2);
+const POD_B6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 1, 3);
+
+fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
 }
 
 /// Asserts a TCP and a UDP round trip from `client` reach `identity` and
 /// that the backend saw `source` as the sender.
-fn assert_round_trips(client: &NetNs, server: Ipv4Addr, identity: &str, source: Ipv4Addr) {
+fn assert_round_trips<A: Into<IpAddr> + Copy>(client: &NetNs, server: A, identity: &str, source: A) {
+    let source: IpAddr = source.into();
     let tcp = tcp_request(client, addr(server, 8080), TIMEOUT).expect("tcp round trip");
     assert_eq!(tcp.identity, identity);
     assert_eq!(tcp.seen_source.ip(), source);
@@ -35,6 +39,24 @@ fn pods_reach_each_other() {
     let _b = Backend::start(b.ns(), "pod-b", &[8080], &[5353]);
     assert_round_trips(a.ns(), POD_B, "pod-b", POD_A);
     assert_round_trips(b.ns(), POD_A, "pod-a", POD_B);
+}
+
+#[test]
+fn every_path_carries_ipv6_too() {
+    let lab = Lab::new();
+    let a = lab.add_dual_pod("a", POD_A, POD_A6);
+    let b = lab.add_dual_pod("b", POD_B, POD_B6);
+    assert_eq!(a.ip6(), Some(POD_A6));
+    let _a = Backend::start(a.ns(), "pod-a", &[8080], &[5353]);
+    let _b = Backend::start(b.ns(), "pod-b", &[8080], &[5353]);
+    let _external = Backend::start(lab.external(), "external", &[8080], &[5353]);
+    let _node = Backend::start(lab.node(), "node", &[8080], &[5353]);
+    assert_round_trips(a.ns(), POD_B6, "pod-b", POD_A6);
+    assert_round_trips(lab.external(), POD_A6, "pod-a", Lab::EXTERNAL_IP6);
+    assert_round_trips(b.ns(), Lab::EXTERNAL_IP6, "external", POD_B6);
+    assert_round_trips(b.ns(), Lab::NODE_IP6, "node", POD_B6);
+    // The same backends still answer IPv4 clients, in IPv4 form.
+    assert_round_trips(a.ns(), POD_B, "pod-b", POD_A);
 }
 
 #[test]
