@@ -24,9 +24,9 @@ pub fn canonical_rule(args: &[String]) -> Vec<String> {
         let next = args.get(i + 1).map(String::as_str);
         match (a, next) {
             ("-m", Some("nfacct")) => i += 4,
-            ("--mask", Some("255.255.255.255")) => i += 2,
+            ("--mask", Some("255.255.255.255" | "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")) => i += 2,
             ("--rsource", _) => i += 1,
-            ("--reject-with", Some("icmp-port-unreachable")) => i += 2,
+            ("--reject-with", Some("icmp-port-unreachable" | "icmp6-port-unreachable")) => i += 2,
             ("--or-mark", Some(m)) => {
                 let m = hex(m);
                 out.extend(["--set-xmark".to_string(), format!("{m}/{m}")]);
@@ -46,7 +46,13 @@ pub fn canonical_rule(args: &[String]) -> Vec<String> {
                 i += 2;
             }
             _ => {
-                out.push(hex(a.strip_suffix("/32").unwrap_or(a)));
+                // ip6tables-save adds /128 to a lone address as iptables-save adds /32. Only addresses: a
+                // port or a mark never ends so.
+                let lone = a
+                    .strip_suffix("/32")
+                    .or_else(|| a.strip_suffix("/128").filter(|ip| ip.contains(':')))
+                    .unwrap_or(a);
+                out.push(hex(lone));
                 i += 1;
             }
         }
@@ -79,5 +85,24 @@ mod tests {
             c("-A S -m statistic --mode random --probability 0.33333333349 -j E")
         );
         assert_ne!(c("-A S -d 10.96.0.1 -j X"), c("-A S -d 10.96.0.2 -j X"));
+    }
+
+    #[test]
+    fn ip6tables_spellings_agree_too() {
+        assert_eq!(
+            c("-A KUBE-SERVICES -m tcp -p tcp -d fd00:10:96::60 --dport 80 -j X"),
+            c("-A KUBE-SERVICES -d fd00:10:96::60/128 -p tcp -m tcp --dport 80 -j X")
+        );
+        assert_eq!(
+            c("-A S -m recent --name S --rcheck --seconds 10800 --reap -j E"),
+            c(
+                "-A S -m recent --rcheck --seconds 10800 --reap --name S --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource -j E"
+            )
+        );
+        assert_eq!(
+            c("-A F -m tcp -p tcp -d fd00::1 --dport 80 -j REJECT"),
+            c("-A F -d fd00::1/128 -p tcp -m tcp --dport 80 -j REJECT --reject-with icmp6-port-unreachable")
+        );
+        assert_ne!(c("-A S -d fd00::/64 -j X"), c("-A S -d fd00:: -j X"));
     }
 }

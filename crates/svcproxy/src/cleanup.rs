@@ -5,6 +5,8 @@
 use svcproxy_iptables::cleanup::{cleanup_payload, plan_cleanup};
 use svcproxy_iptables::save_parser::parse_save;
 
+use svcproxy_model::IpFamily;
+
 use crate::cli::ProxyMode;
 use crate::exec::iptables::ExecError;
 use crate::exec::runner::Runner;
@@ -145,18 +147,28 @@ pub fn cleanup(runner: &dyn Runner, dry_run: bool) -> Result<Vec<String>, Cleanu
     removal.finish()
 }
 
-/// Removes the other proxy mode's IPv4 state (the family svcproxy serves), as upstream kube-proxy does when it
+/// Removes the other proxy mode's state in the families svcproxy serves, as upstream kube-proxy does when it
 /// starts in a mode: in iptables mode the nftables tables (upstream's `kube-proxy`, and ours from an earlier
 /// nftables run), in nftables mode every kube-proxy KUBE-* chain in both iptables backends. Packets meet both
 /// modes' rules, so stale ones would keep sending new connections to endpoints that are gone.
 ///
 /// Unlike upstream, the daemon runs this after its first sync has put its own rules in place, so no packet
 /// meets neither. kubelet's chains stay, KUBE-MARK-DROP included: old kubelets still jump to it.
-pub fn retire_other_mode(runner: &dyn Runner, mode: ProxyMode) -> Result<Vec<String>, CleanupError> {
+pub fn retire_other_mode(
+    runner: &dyn Runner,
+    mode: ProxyMode,
+    families: &[IpFamily],
+) -> Result<Vec<String>, CleanupError> {
     let mut removal = Removal::default();
-    match mode {
-        ProxyMode::Iptables => removal.nft_tables(runner, &["ip"], &NFT_TABLES, false),
-        ProxyMode::Nftables => removal.iptables_chains(runner, "iptables", &[KUBE_MARK_DROP], false),
+    for family in families {
+        let (nft_family, iptables) = match family {
+            IpFamily::V4 => ("ip", "iptables"),
+            IpFamily::V6 => ("ip6", "ip6tables"),
+        };
+        match mode {
+            ProxyMode::Iptables => removal.nft_tables(runner, &[nft_family], &NFT_TABLES, false),
+            ProxyMode::Nftables => removal.iptables_chains(runner, iptables, &[KUBE_MARK_DROP], false),
+        }
     }
     removal.finish()
 }
@@ -217,7 +229,7 @@ mod tests {
         r.answer("nft list table ip svcproxy", Ok(String::new()));
         r.answer("nft list table", Err(no_such_table()));
         r.answer("nft delete", Ok(String::new()));
-        let done = retire_other_mode(&r, ProxyMode::Iptables).unwrap();
+        let done = retire_other_mode(&r, ProxyMode::Iptables, &[IpFamily::V4]).unwrap();
         assert_eq!(
             done,
             ["nftables: table ip kube-proxy", "nftables: table ip svcproxy"]
@@ -240,7 +252,7 @@ mod tests {
         );
         r.answer("iptables-nft-restore", Ok(String::new()));
         r.answer("nft list table ip kube-proxy", Ok(String::new()));
-        let done = retire_other_mode(&r, ProxyMode::Nftables).unwrap();
+        let done = retire_other_mode(&r, ProxyMode::Nftables, &[IpFamily::V4]).unwrap();
         assert_eq!(
             done,
             [

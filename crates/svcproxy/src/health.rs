@@ -1,22 +1,25 @@
 //! Proxy health with upstream's meaning: healthy unless a change has been waiting for longer than the
 //! timeout (2 × syncPeriod), so a proxy whose syncs keep failing turns red even though its process is alive.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
+use svcproxy_model::IpFamily;
 
 #[derive(Debug)]
 struct Inner {
     last_updated: SystemTime,
-    /// When the oldest change not yet in the kernel arrived.
-    oldest_pending: Option<(Instant, SystemTime)>,
+    /// Per family, when the oldest change not yet in the kernel arrived.
+    oldest_pending: BTreeMap<IpFamily, Instant>,
     node_eligible: bool,
-    /// Why the kernel does not match the cluster, when we know: repeated sync failures or a divergence found
-    /// by read-back that is not repaired yet.
-    problem: Option<String>,
+    /// Per family, why the kernel does not match the cluster, when we know: repeated sync failures, a
+    /// divergence found by read-back that is not repaired yet, a hazard no sync can repair.
+    problems: BTreeMap<IpFamily, String>,
 }
 
+/// The node's health across the engines of every family: healthy only while each one is.
 #[derive(Debug)]
 pub struct ProxyHealth {
     timeout: Duration,
@@ -39,9 +42,9 @@ impl ProxyHealth {
             timeout,
             inner: Mutex::new(Inner {
                 last_updated: SystemTime::now(),
-                oldest_pending: None,
+                oldest_pending: BTreeMap::new(),
                 node_eligible: true,
-                problem: None,
+                problems: BTreeMap::new(),
             }),
         }
     }
@@ -51,24 +54,28 @@ impl ProxyHealth {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A change arrived that the kernel does not reflect yet.
-    pub fn queued_update(&self) {
-        let mut g = self.lock();
-        if g.oldest_pending.is_none() {
-            g.oldest_pending = Some((Instant::now(), SystemTime::now()));
-        }
+    /// A change arrived that the kernel of `family` does not reflect yet.
+    pub fn queued_update(&self, family: IpFamily) {
+        self.lock()
+            .oldest_pending
+            .entry(family)
+            .or_insert_with(Instant::now);
     }
 
-    /// Everything queued so far is now in the kernel.
-    pub fn updated(&self) {
+    /// Everything queued so far for `family` is now in the kernel.
+    pub fn updated(&self, family: IpFamily) {
         let mut g = self.lock();
-        g.oldest_pending = None;
+        g.oldest_pending.remove(&family);
         g.last_updated = SystemTime::now();
     }
 
-    /// Marks the proxy unhealthy with a reason, or clears it.
-    pub fn set_problem(&self, problem: Option<String>) {
-        self.lock().problem = problem;
+    /// Marks `family` unhealthy with a reason, or clears it.
+    pub fn set_problem(&self, family: IpFamily, problem: Option<String>) {
+        let mut g = self.lock();
+        match problem {
+            Some(p) => g.problems.insert(family, p),
+            None => g.problems.remove(&family),
+        };
     }
 
     pub fn set_node_eligible(&self, eligible: bool) {
@@ -79,10 +86,21 @@ impl ProxyHealth {
         let g = self.lock();
         let now = SystemTime::now();
         let healthy =
-            g.problem.is_none() && g.oldest_pending.is_none_or(|(at, _)| at.elapsed() < self.timeout);
+            g.problems.is_empty() && g.oldest_pending.values().all(|at| at.elapsed() < self.timeout);
+        // IPv4's reasons read as they always did; the other family's say which family they are about.
+        let problem = (!g.problems.is_empty()).then(|| {
+            g.problems
+                .iter()
+                .map(|(family, p)| match family {
+                    IpFamily::V4 => p.clone(),
+                    IpFamily::V6 => format!("IPv6: {p}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
         HealthStatus {
             healthy,
-            problem: g.problem.clone(),
+            problem,
             node_eligible: g.node_eligible,
             // Upstream reports the current time as lastUpdated while healthy (its older meaning was "the sync loop
             // ran"); monitoring built on that keeps working.
@@ -108,16 +126,38 @@ mod tests {
     fn stale_pending_change_is_unhealthy_until_updated() {
         let h = ProxyHealth::new(Duration::from_millis(0));
         assert!(h.status().healthy, "idle proxy is healthy");
-        h.queued_update();
+        h.queued_update(IpFamily::V4);
         assert!(!h.status().healthy);
-        h.updated();
+        h.updated(IpFamily::V4);
         assert!(h.status().healthy);
     }
 
     #[test]
     fn fresh_pending_change_is_still_healthy() {
         let h = ProxyHealth::new(Duration::from_secs(3600));
-        h.queued_update();
+        h.queued_update(IpFamily::V4);
+        assert!(h.status().healthy);
+    }
+
+    #[test]
+    fn each_family_answers_for_itself() {
+        let h = ProxyHealth::new(Duration::from_millis(0));
+        h.queued_update(IpFamily::V4);
+        h.queued_update(IpFamily::V6);
+        h.updated(IpFamily::V4);
+        assert!(!h.status().healthy, "IPv6's change is still waiting");
+        h.updated(IpFamily::V6);
+        assert!(h.status().healthy);
+
+        h.set_problem(IpFamily::V6, Some("sync failed".into()));
+        h.set_problem(IpFamily::V4, Some("read-back differs".into()));
+        assert_eq!(
+            h.status().problem.as_deref(),
+            Some("read-back differs; IPv6: sync failed")
+        );
+        h.set_problem(IpFamily::V4, None);
+        assert_eq!(h.status().problem.as_deref(), Some("IPv6: sync failed"));
+        h.set_problem(IpFamily::V6, None);
         assert!(h.status().healthy);
     }
 

@@ -16,7 +16,7 @@ use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
 use svcproxy::node_addresses::SystemAddresses;
 use svcproxy::service_health::ServiceHealthServers;
-use svcproxy::source::{self, manifest_dir::ManifestDir};
+use svcproxy::source::{self, family_split, manifest_dir::ManifestDir};
 use svcproxy::sync::engine::{Engine, EngineConfig, EngineStatus};
 use svcproxy::sync::iptables_proxier::{IptablesProxier, ProxierOptions};
 use svcproxy::sync::nft_proxier::NftProxier;
@@ -77,12 +77,18 @@ fn refuse_mixed_backends() -> anyhow::Result<()> {
 /// Once our first sync has put our rules in place, removes the other proxy mode's rules (see
 /// [`svcproxy::cleanup::retire_other_mode`]). Failures are logged: our rules work either way, and `svcproxy audit`
 /// names what is left.
-async fn retire_other_mode(mode: ProxyMode, mut status: watch::Receiver<EngineStatus>) {
+async fn retire_other_mode(
+    mode: ProxyMode,
+    families: Vec<IpFamily>,
+    mut status: watch::Receiver<EngineStatus>,
+) {
     if status.wait_for(|s| s.applied.is_some()).await.is_err() {
         return;
     }
-    let retired =
-        tokio::task::spawn_blocking(move || svcproxy::cleanup::retire_other_mode(&SystemRunner, mode)).await;
+    let retired = tokio::task::spawn_blocking(move || {
+        svcproxy::cleanup::retire_other_mode(&SystemRunner, mode, &families)
+    })
+    .await;
     match retired {
         Ok(Ok(removed)) => {
             for item in removed {
@@ -141,7 +147,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = node_name(&args)?;
     tracing::info!(node = %node, mode = mode_name, "starting svcproxy {}", env!("CARGO_PKG_VERSION"));
 
-    let family = IpFamily::V4;
+    let families = served_families(&args);
+    if families.contains(&IpFamily::V6) {
+        tracing::info!("serving IPv4 and IPv6 (--cluster-cidr lists an IPv6 CIDR)");
+    }
     let health = Arc::new(ProxyHealth::new(args.sync_period * 2));
     let metrics = Arc::new(Metrics::new());
     let app = AppState {
@@ -180,7 +189,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    let options = ProxierOptions::from_args(&args, family)?;
     let conntrack = || match NetlinkConntrack::new() {
         Ok(ct) => Some(Box::new(ct) as Box<dyn svcproxy_conntrack::Conntrack>),
         Err(e) => {
@@ -188,9 +196,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let intent_config = IntentConfig {
+    let intent_config = |family| IntentConfig {
         family,
-        node_name: node,
+        node_name: node.clone(),
     };
     let shared = Shared {
         args: &args,
@@ -203,35 +211,55 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     match args.proxy_mode {
         ProxyMode::Iptables => {
             refuse_mixed_backends()?;
-            let mut proxier = IptablesProxier::new(
-                Box::new(SystemIptables::new(family)),
-                Box::new(SystemAddresses),
-                intent_config,
-                options,
-            );
-            if let Some(ct) = conntrack() {
-                proxier = proxier.with_conntrack(ct);
+            let mut proxiers = Vec::new();
+            for &family in &families {
+                let mut proxier = IptablesProxier::new(
+                    Box::new(SystemIptables::new(family)),
+                    Box::new(SystemAddresses),
+                    intent_config(family),
+                    ProxierOptions::from_args(&args, family)?,
+                );
+                if let Some(ct) = conntrack() {
+                    proxier = proxier.with_conntrack(ct);
+                }
+                if family == IpFamily::V4
+                    && let Ok(ours) = backends::active_backend()
+                    && let Some(theirs) = ours.other().commands()
+                {
+                    proxier = proxier.with_other_backend(ours, Box::new(theirs));
+                }
+                proxiers.push(proxier);
             }
-            if let Ok(ours) = backends::active_backend()
-                && let Some(theirs) = ours.other().commands()
-            {
-                proxier = proxier.with_other_backend(ours, Box::new(theirs));
-            }
-            drive(proxier, shared).await
+            drive(proxiers, shared).await
         }
         ProxyMode::Nftables => {
-            let mut proxier = NftProxier::new(
-                Box::new(SystemNft),
-                Box::new(SystemAddresses),
-                intent_config,
-                options,
-            );
-            if let Some(ct) = conntrack() {
-                proxier = proxier.with_conntrack(ct);
+            let mut proxiers = Vec::new();
+            for &family in &families {
+                let mut proxier = NftProxier::new(
+                    Box::new(SystemNft),
+                    Box::new(SystemAddresses),
+                    intent_config(family),
+                    ProxierOptions::from_args(&args, family)?,
+                );
+                if let Some(ct) = conntrack() {
+                    proxier = proxier.with_conntrack(ct);
+                }
+                proxiers.push(proxier);
             }
-            drive(proxier, shared).await
+            drive(proxiers, shared).await
         }
     }
+}
+
+/// IPv4 always; IPv6 as well when `--cluster-cidr` lists an IPv6 CIDR, as a dual-stack (or IPv6) cluster
+/// configures it. Upstream runs IPv6 whenever ip6tables works; asking the configuration keeps single-stack
+/// nodes from carrying a second, empty ruleset and a second sync loop.
+fn served_families(args: &RunArgs) -> Vec<IpFamily> {
+    let mut families = vec![IpFamily::V4];
+    if args.cluster_cidr.iter().any(|c| IpFamily::V6.contains(&c.addr())) {
+        families.push(IpFamily::V6);
+    }
+    families
 }
 
 /// What `run` hands to the engine, whichever backend it chose.
@@ -244,8 +272,11 @@ struct Shared<'a> {
     events: mpsc::Receiver<svcproxy::source::SourceEvent>,
 }
 
+/// Runs one engine per proxier (one per IP family), fed from the one source. The first proxier's family is
+/// the primary: its engine serves the debug endpoints and the health-check node ports and triggers the
+/// one-time steps after the first sync.
 async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
-    proxier: P,
+    proxiers: Vec<P>,
     shared: Shared<'_>,
 ) -> anyhow::Result<()> {
     let Shared {
@@ -254,31 +285,61 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         health,
         metrics,
         source_task,
-        events: rx,
+        events,
     } = shared;
-    let engine = Engine::new(
-        proxier,
-        EngineConfig {
-            min_sync_period: args.min_sync_period,
-            sync_period: args.sync_period,
-            unhealthy_after: args.unhealthy_after,
-            verify_period: (!args.verify_period.is_zero()).then_some(args.verify_period),
-            ..Default::default()
-        },
-        health.clone(),
-        metrics.clone(),
-    );
-    debug.attach(engine.status());
-    tokio::spawn(retire_other_mode(args.proxy_mode, engine.status()));
-    tokio::spawn(ServiceHealthServers::new(health, metrics).run(engine.status()));
-    tokio::spawn(apply_conntrack_sysctls(sysctl_config(args), engine.status()));
+    let config = EngineConfig {
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        unhealthy_after: args.unhealthy_after,
+        verify_period: (!args.verify_period.is_zero()).then_some(args.verify_period),
+        ..Default::default()
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut feeds = Vec::new();
+    let mut inputs = Vec::new();
+    for proxier in &proxiers {
+        let (tx, rx) = mpsc::channel(1024);
+        feeds.push((proxier.family(), tx));
+        inputs.push(rx);
+    }
+    let fan_out = match (proxiers.len(), events) {
+        (1, events) => {
+            // One family: the engine reads the source directly.
+            inputs = vec![events];
+            None
+        }
+        (_, events) => Some(tokio::spawn(family_split::fan_out(events, feeds))),
+    };
+    let families: Vec<IpFamily> = proxiers.iter().map(|p| p.family()).collect();
+    let mut engines = Vec::new();
+    for (i, (proxier, input)) in proxiers.into_iter().zip(inputs).enumerate() {
+        let engine = Engine::new(proxier, config.clone(), health.clone(), metrics.clone());
+        if i == 0 {
+            debug.attach(engine.status());
+            tokio::spawn(retire_other_mode(
+                args.proxy_mode,
+                families.clone(),
+                engine.status(),
+            ));
+            tokio::spawn(ServiceHealthServers::new(health.clone(), metrics.clone()).run(engine.status()));
+            tokio::spawn(apply_conntrack_sysctls(sysctl_config(args), engine.status()));
+        }
+        let stop = stop_rx.clone();
+        engines.push(tokio::spawn(async move {
+            engine.run(input, stop).await;
+        }));
+    }
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down; programmed rules stay in place");
         let _ = stop_tx.send(true);
     });
-    engine.run(rx, stop_rx).await;
+    for engine in engines {
+        engine.await.context("a sync engine stopped abnormally")?;
+    }
+    if let Some(f) = fan_out {
+        f.abort();
+    }
     source_task.abort();
     Ok(())
 }

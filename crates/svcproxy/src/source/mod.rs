@@ -2,6 +2,7 @@
 //! same [`SourceEvent`]s, so everything after this edge is shared.
 
 pub mod convert;
+pub mod family_split;
 pub mod kube_api;
 pub mod manifest_dir;
 pub mod manifest_watch;

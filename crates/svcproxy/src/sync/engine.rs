@@ -312,7 +312,7 @@ impl<P: Proxier> Engine<P> {
         mut events: mpsc::Receiver<SourceEvent>,
         mut shutdown: watch::Receiver<bool>,
     ) -> P {
-        self.health.updated();
+        self.health.updated(self.proxier.family());
         // Failure counters exist from the start at zero, so alerts on their rate work before the first failure.
         let labels = self.family_labels();
         let _ = self.metrics.restore_failures.get_or_create(&labels);
@@ -336,7 +336,7 @@ impl<P: Proxier> Engine<P> {
                     let Some(ev) = ev else { break };
                     if self.apply(ev) {
                         self.dirty = true;
-                        self.health.queued_update();
+                        self.health.queued_update(self.proxier.family());
                         self.metrics.last_queued_timestamp.get_or_create(&self.family_labels()).set(unix_now());
                     }
                 }
@@ -459,7 +459,7 @@ impl<P: Proxier> Engine<P> {
             .clone()
             .or_else(|| self.divergence_problem.clone())
             .or_else(|| self.hazard_problem.clone());
-        self.health.set_problem(problem.clone());
+        self.health.set_problem(self.proxier.family(), problem.clone());
         self.status.send_if_modified(|s| {
             let changed = s.problem != problem;
             s.problem = problem;
@@ -529,7 +529,7 @@ impl<P: Proxier> Engine<P> {
                 if full {
                     self.last_full = Some(now);
                 }
-                self.health.updated();
+                self.health.updated(self.proxier.family());
                 self.record_programmed(&report.intent);
                 self.metrics
                     .last_sync_timestamp

@@ -1,0 +1,204 @@
+//! Dual-stack on a real kernel, in both modes: with an IPv6 cluster CIDR svcproxy runs an engine per family,
+//! and a RequireDualStack NodePort Service answers on its IPv4 and its IPv6 ClusterIP (source kept from a
+//! pod), and on the node's IPv6 address from outside (masqueraded); each family follows its own
+//! EndpointSlice.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{Svcproxy, TempDir};
+use svcproxy_testkit::{Backend, Lab, NetNs, Pod, http_get, tcp_request, udp_request, wait_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+const T: Duration = Duration::from_secs(2);
+
+const VIP4: &str = "10.96.0.60";
+const VIP6: &str = "fd00:10:96::60";
+
+fn pod6(n: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, n)
+}
+
+fn manifest(v6_endpoints: &[u16]) -> String {
+    let v6: String = v6_endpoints
+        .iter()
+        .map(|n| {
+            format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: node-a\n",
+                pod6(*n)
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: {VIP4}
+  clusterIPs: [{VIP4}, \"{VIP6}\"]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30060}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30053}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v4
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+- addresses: [10.244.0.11]
+  conditions: {{ready: true}}
+  nodeName: node-a
+- addresses: [10.244.0.12]
+  conditions: {{ready: true}}
+  nodeName: node-a
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v6
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv6
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+{v6}"
+    )
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+fn reachable(ns: &NetNs, to: SocketAddr) -> BTreeSet<String> {
+    (0..20)
+        .filter_map(|_| tcp_request(ns, to, T).ok())
+        .map(|r| r.identity)
+        .collect()
+}
+
+fn ids(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+struct Setup {
+    lab: Lab,
+    client: Pod,
+    dir: TempDir,
+    proxy: Svcproxy,
+    _pods: Vec<(Pod, Backend)>,
+}
+
+fn setup(mode: &str) -> Setup {
+    let lab = Lab::new();
+    let pods = [11u8, 12]
+        .iter()
+        .map(|&n| {
+            let pod = lab.add_dual_pod(&format!("pod{n}"), Ipv4Addr::new(10, 244, 0, n), pod6(n.into()));
+            let backend = Backend::start(pod.ns(), pod.name(), &[8080], &[5353]);
+            (pod, backend)
+        })
+        .collect();
+    let client = lab.add_dual_pod("client", Ipv4Addr::new(10, 244, 0, 50), pod6(0x50));
+    let dir = TempDir::new("dual");
+    dir.write("web.yaml", &manifest(&[11, 12]));
+    let proxy = Svcproxy::start(
+        lab.node(),
+        &[
+            "--manifests",
+            dir.path().to_str().unwrap(),
+            "--proxy-mode",
+            mode,
+            "--cluster-cidr",
+            "fd00:10:244::/64",
+        ],
+    );
+    Setup {
+        lab,
+        client,
+        dir,
+        proxy,
+        _pods: pods,
+    }
+}
+
+fn both_families_are_served(mode: &str) {
+    let mut s = setup(mode);
+    let both = ids(&["pod11", "pod12"]);
+    wait_until(WAIT, POLL, "the IPv6 ClusterIP reaches both pods", || {
+        s.proxy.assert_running();
+        (reachable(s.client.ns(), addr(VIP6, 80)) == both).then_some(())
+    });
+    assert_eq!(reachable(s.client.ns(), addr(VIP4, 80)), both);
+
+    // From a pod the source is kept, in either family.
+    let reply = tcp_request(s.client.ns(), addr(VIP6, 80), T).unwrap();
+    assert_eq!(reply.seen_source.ip(), IpAddr::V6(pod6(0x50)));
+    let reply = udp_request(s.client.ns(), addr(VIP6, 53), T).unwrap();
+    assert_eq!(reply.seen_source.ip(), IpAddr::V6(pod6(0x50)));
+
+    // The NodePort on the node's IPv6 address, from outside: masqueraded to the node's address.
+    let node_port = SocketAddr::new(Lab::NODE_IP6.into(), 30060);
+    wait_until(WAIT, POLL, "the IPv6 NodePort answers from outside", || {
+        tcp_request(s.lab.external(), node_port, T).ok()
+    });
+    let reply = tcp_request(s.lab.external(), node_port, T).unwrap();
+    assert_eq!(reply.seen_source.ip(), IpAddr::V6(Lab::NODE_IP6));
+
+    // Each family follows its own slice: pod12 leaves the IPv6 one only.
+    s.dir.write("web.yaml", &manifest(&[11]));
+    wait_until(WAIT, POLL, "the IPv6 ClusterIP reaches pod11 only", || {
+        s.proxy.assert_running();
+        (reachable(s.client.ns(), addr(VIP6, 80)) == ids(&["pod11"])).then_some(())
+    });
+    assert_eq!(reachable(s.client.ns(), addr(VIP4, 80)), both);
+
+    // Both families' rules are where each mode keeps them, and the node reports healthy.
+    let owned = match mode {
+        "iptables" => s
+            .lab
+            .node()
+            .exec_stdout(&["ip6tables-save", "-t", "nat"])
+            .unwrap(),
+        _ => s
+            .lab
+            .node()
+            .exec_stdout(&["nft", "list", "table", "ip6", "svcproxy"])
+            .unwrap(),
+    };
+    assert!(owned.contains("demo/web:http"), "{owned}");
+    let (status, body) = http_get(s.lab.node(), addr("127.0.0.1", 10256), "/healthz", T).unwrap();
+    assert_eq!(status, 200, "{body}");
+    s.proxy.assert_no_divergence();
+}
+
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[test]
+            fn iptables() {
+                super::$name("iptables")
+            }
+            #[test]
+            fn nftables() {
+                super::$name("nftables")
+            }
+        })*
+    };
+}
+
+in_both_modes!(both_families_are_served);
