@@ -179,9 +179,9 @@ fn main() {
     let work = std::env::temp_dir().join(format!("svcproxy-bench-{}", std::process::id()));
     fs::create_dir_all(&work).unwrap();
     println!(
-        "| services × endpoints | cold sync | lines | one change: event → kernel (median of {changes}) | change lines | restart sync | restart lines | peak RSS |"
+        "| services × endpoints | cold sync | lines | one change: event → kernel (median of {changes}) | change lines | restart sync | restart: start → synced | restart lines | peak RSS |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         let ns = NetNs::new("bench").expect("network namespace (run as root)");
         let api = FakeApiServer::start_in(&ns, "127.0.0.1:0".parse().unwrap());
@@ -212,12 +212,18 @@ fn main() {
         let mut peak = proxy.peak_rss_mib();
         proxy.stop();
 
+        let started = SystemTime::now();
         let mut restarted = Proxy::start(&ns, &kubeconfig, work.join(format!("restart-{n}.log")), &mode);
         let restart = restarted.next_sync(Duration::from_secs(600));
+        let restart_wall = restart
+            .at
+            .duration_since(started)
+            .unwrap_or_default()
+            .as_secs_f64();
         peak = peak.max(restarted.peak_rss_mib());
         restarted.stop();
         println!(
-            "| {n} × {m} | {:.2} s | {} | {:.1} ms | {change_lines} | {:.2} s | {} | {peak:.0} MiB |",
+            "| {n} × {m} | {:.2} s | {} | {:.1} ms | {change_lines} | {:.2} s | {restart_wall:.2} s | {} | {peak:.0} MiB |",
             cold.seconds,
             cold.lines,
             latencies[latencies.len() / 2],
