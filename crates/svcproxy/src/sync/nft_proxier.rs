@@ -14,13 +14,13 @@ use super::conntrack_step::reconcile;
 use svcproxy_iptables::config::{
     LocalDetector as IptLocalDetector, NodePortAddresses as IptNodePorts, RenderConfig as IptConfig,
 };
-use svcproxy_model::intent::build_intent;
-use svcproxy_model::{ClusterState, Intent, IntentConfig, IpFamily};
+use svcproxy_model::{ClusterState, Intent, IntentChanges, IntentConfig, IpFamily};
 use svcproxy_nftables::{
     Family, LocalDetector, NodePortAddresses, RenderConfig, Ruleset, Transaction, delete_table_transaction,
     full_in_chunks, full_transaction, parse_listing, partial_transaction, probe_transaction, render,
 };
 
+use super::intent_cache::IntentCache;
 use super::iptables_proxier::ProxierOptions;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::exec::iptables::ExecError;
@@ -36,6 +36,7 @@ pub struct NftProxier {
     cmds: Box<dyn NftCommands>,
     addresses: Box<dyn LocalAddresses>,
     intent_config: IntentConfig,
+    intents: IntentCache,
     options: ProxierOptions,
     applied: Option<(Ruleset, RenderConfig)>,
     applied_intent: Option<Arc<Intent>>,
@@ -82,6 +83,7 @@ impl NftProxier {
         NftProxier {
             cmds,
             addresses,
+            intents: IntentCache::new(intent_config.clone()),
             intent_config,
             options,
             applied: None,
@@ -204,7 +206,12 @@ impl Proxier for NftProxier {
         "the ip svcproxy nftables table"
     }
 
-    fn sync(&mut self, state: &ClusterState, mode: SyncMode) -> Result<SyncReport, SyncError> {
+    fn sync(
+        &mut self,
+        state: &ClusterState,
+        changes: &IntentChanges,
+        mode: SyncMode,
+    ) -> Result<SyncReport, SyncError> {
         if !self.probed {
             // A kernel without a feature we need is refused with nft's own words, before any real change.
             // Whatever the probe trips on is a feature the kernel or nft lacks (a module that cannot load shows
@@ -226,7 +233,7 @@ impl Proxier for NftProxier {
             })?;
             self.probed = true;
         }
-        let intent = build_intent(state, &self.intent_config);
+        let intent = self.intents.next(state, changes);
         let local = self.addresses.addresses();
         let config = nft_config(&self.options.resolve(state.node.as_ref(), &local));
         let next = render(&intent, &config);
@@ -283,7 +290,6 @@ impl Proxier for NftProxier {
             lines += text.lines().count();
         }
         let conntrack = self.clean_conntrack(&intent, &config, &local);
-        let intent = Arc::new(intent);
         self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));
         self.last_sync_full = mode != SyncMode::Partial;
