@@ -364,7 +364,10 @@ mod tests {
 
     fn intent(ports: Vec<ServicePortIntent>) -> Intent {
         Intent {
-            service_ports: ports.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            service_ports: ports
+                .into_iter()
+                .map(|p| (p.name.clone(), std::sync::Arc::new(p)))
+                .collect(),
         }
     }
 

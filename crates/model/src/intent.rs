@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -96,9 +97,12 @@ impl ServicePortIntent {
 }
 
 /// The intent for one IP family: every proxied service port, in a stable order.
+///
+/// Each port's intent is shared: an intent rebuilt after a few changes keeps the unchanged ports of the one
+/// before it, so building, holding and comparing successive intents costs what changed, not the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Intent {
-    pub service_ports: BTreeMap<ServicePortName, ServicePortIntent>,
+    pub service_ports: BTreeMap<ServicePortName, Arc<ServicePortIntent>>,
 }
 
 /// A Service's health-check node port and how many ready endpoints it has on this node.
@@ -152,7 +156,7 @@ pub fn build_intent(state: &ClusterState, config: &IntentConfig) -> Intent {
             .map(Vec::as_slice)
             .unwrap_or_default();
         for spi in service_port_intents(service, slices, config, zone) {
-            intent.service_ports.insert(spi.name.clone(), spi);
+            intent.service_ports.insert(spi.name.clone(), Arc::new(spi));
         }
     }
     intent

@@ -22,6 +22,7 @@ pub mod commands;
 pub mod config;
 pub mod dispatch;
 pub mod fixed;
+pub mod incremental;
 pub mod listing;
 pub mod names;
 pub mod probe;
@@ -35,6 +36,7 @@ pub mod tracer;
 pub mod transaction;
 
 pub use config::{ConfigError, DispatchLayout, LocalDetector, NodePortAddresses, RenderConfig};
+pub use incremental::{RenderedTable, TableUpdate, render_table};
 pub use listing::{Listing, ListingError, parse_listing};
 pub use probe::{PROBE_TABLE, probe_transaction};
 pub use render::render;

@@ -14,6 +14,7 @@ use svcproxy_nftables::dispatch::DEFAULT_LAYOUT;
 use svcproxy_nftables::simulate::Kernel;
 use svcproxy_nftables::{
     Family, Ruleset, TransactionKind, chunked_full, full_transaction, partial_transaction, render,
+    render_table,
 };
 
 fn rendered(specs: &[common::arbitrary::SvcSpec], layout_index: usize) -> Ruleset {
@@ -41,6 +42,37 @@ proptest! {
         let mut empty = Kernel::default();
         empty.apply(&full_transaction(&next).text).unwrap();
         prop_assert_eq!(empty.table(Family::Ip, "svcproxy").unwrap(), &next);
+    }
+
+    #[test]
+    fn per_service_updates_keep_the_table_a_full_render_would_build(
+        steps in prop::collection::vec(cluster(), 2..5),
+        layout in 0usize..5,
+    ) {
+        let cfg = flow_config(LAYOUTS[layout]);
+        let intents: Vec<_> = steps.iter().map(|s| intent_of(&build(s, false))).collect();
+        let mut table = render_table(&intents[0], &cfg);
+        prop_assert_eq!(&table.ruleset, &render(&intents[0], &cfg));
+        let mut kernel = Kernel::holding(&table.ruleset);
+        for pair in intents.windows(2) {
+            let (from, to) = (&pair[0], &pair[1]);
+            match table.plan(from, to, &cfg) {
+                Some(update) => {
+                    let tx = partial_transaction(&update.before, &update.after).unwrap();
+                    kernel.apply(&tx.text).map_err(|e| TestCaseError::fail(format!("{e}\n{}", tx.text)))?;
+                    table.apply(update);
+                }
+                // A shared element whose value depends on an unchanged Service: the caller renders it all.
+                None => {
+                    let next = render_table(to, &cfg);
+                    let tx = partial_transaction(&table.ruleset, &next.ruleset).unwrap();
+                    kernel.apply(&tx.text).unwrap();
+                    table = next;
+                }
+            }
+            prop_assert_eq!(&table, &render_table(to, &cfg));
+            prop_assert_eq!(kernel.table(Family::Ip, "svcproxy").unwrap(), &table.ruleset);
+        }
     }
 
     #[test]

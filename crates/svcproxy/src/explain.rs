@@ -763,6 +763,7 @@ fn service_at<'a>(
     local_ips: &[IpAddr],
 ) -> Option<(&'a ServicePortIntent, &'static str)> {
     intent.service_ports.values().find_map(|spi| {
+        let spi: &ServicePortIntent = spi;
         if spi.name.protocol != protocol {
             return None;
         }
@@ -823,6 +824,7 @@ fn destination<'a>(
                 .service_ports
                 .values()
                 .filter(|s| &s.name.service == service)
+                .map(|s| &**s)
                 .collect();
             if ports.is_empty() {
                 return Err(ExplainError::UnknownService(service.clone()));

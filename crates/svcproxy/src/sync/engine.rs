@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use svcproxy_model::{ClusterState, ObjectName};
+use svcproxy_model::{ClusterState, EndpointSlice, IntentChanges, ObjectName, Service};
 use tokio::sync::{mpsc, watch};
 
 use super::proxier::{Finding, Proxier, SyncError, SyncMode, VerifyScope};
@@ -69,6 +69,8 @@ pub struct Engine<P: Proxier> {
     health: Arc<ProxyHealth>,
     metrics: Arc<Metrics>,
     state: ClusterState,
+    /// Whose inputs changed since the last sync, so the proxier rebuilds only their part of the intent.
+    changes: IntentChanges,
     initialized: bool,
     dirty: bool,
     need_full: bool,
@@ -93,11 +95,14 @@ pub struct Engine<P: Proxier> {
     status: watch::Sender<EngineStatus>,
 }
 
+/// Replaces every object of one kind; `touched` sees each version that was added, changed or removed (both
+/// versions of a changed object).
 fn replace<T: Clone + PartialEq>(
     map: &mut BTreeMap<ObjectName, T>,
     objects: Vec<T>,
     rejected: &[ObjectName],
     key: impl Fn(&T) -> &ObjectName,
+    mut touched: impl FnMut(&T),
 ) -> usize {
     let mut next: BTreeMap<ObjectName, T> = objects.into_iter().map(|o| (key(&o).clone(), o)).collect();
     for name in rejected {
@@ -105,8 +110,21 @@ fn replace<T: Clone + PartialEq>(
             next.insert(name.clone(), old.clone());
         }
     }
-    let changed = next.iter().filter(|(k, v)| map.get(*k) != Some(*v)).count()
-        + map.keys().filter(|k| !next.contains_key(*k)).count();
+    let mut changed = 0;
+    for (k, v) in &next {
+        let old = map.get(k);
+        if old != Some(v) {
+            changed += 1;
+            old.into_iter().for_each(&mut touched);
+            touched(v);
+        }
+    }
+    for (k, v) in map.iter() {
+        if !next.contains_key(k) {
+            changed += 1;
+            touched(v);
+        }
+    }
     *map = next;
     changed
 }
@@ -115,6 +133,7 @@ fn apply_delta<T: Clone + PartialEq>(
     map: &mut BTreeMap<ObjectName, T>,
     delta: Delta<T>,
     key: impl Fn(&T) -> &ObjectName,
+    mut touched: impl FnMut(&T),
 ) -> usize {
     match delta {
         Delta::Apply(o) => {
@@ -122,13 +141,31 @@ fn apply_delta<T: Clone + PartialEq>(
             if map.get(&k) == Some(&o) {
                 0
             } else {
-                map.insert(k, o);
+                touched(&o);
+                if let Some(old) = map.insert(k, o) {
+                    touched(&old);
+                }
                 1
             }
         }
-        Delta::Delete(name) => usize::from(map.remove(&name).is_some()),
-        Delta::Replace { objects, rejected } => replace(map, objects, &rejected, key),
+        Delta::Delete(name) => match map.remove(&name) {
+            Some(old) => {
+                touched(&old);
+                1
+            }
+            None => 0,
+        },
+        Delta::Replace { objects, rejected } => replace(map, objects, &rejected, key, touched),
     }
+}
+
+fn service_touched(changes: &mut IntentChanges) -> impl FnMut(&Service) + '_ {
+    move |s| changes.service(&s.name)
+}
+
+/// A slice counts for the Service it is labelled for: a relabelled slice touches both Services.
+fn slice_touched(changes: &mut IntentChanges) -> impl FnMut(&EndpointSlice) + '_ {
+    move |s| changes.slice(s)
 }
 
 fn unix_now() -> f64 {
@@ -147,6 +184,7 @@ impl<P: Proxier> Engine<P> {
             health,
             metrics,
             state: ClusterState::default(),
+            changes: IntentChanges::everything(),
             initialized: false,
             dirty: false,
             need_full: true,
@@ -188,25 +226,43 @@ impl<P: Proxier> Engine<P> {
                     next.services.into_values().collect(),
                     &[],
                     |s| &s.name,
+                    service_touched(&mut self.changes),
                 );
                 let slices = replace(
                     &mut self.state.endpoint_slices,
                     next.endpoint_slices.into_values().collect(),
                     &[],
                     |s| &s.name,
+                    slice_touched(&mut self.changes),
                 );
                 let node_changed = self.set_node(next.node);
                 self.count_changes(services, slices);
                 return services + slices > 0 || node_changed;
             }
-            SourceEvent::Services(d) => (apply_delta(&mut self.state.services, d, |s| &s.name), 0),
+            SourceEvent::Services(d) => (
+                apply_delta(
+                    &mut self.state.services,
+                    d,
+                    |s| &s.name,
+                    service_touched(&mut self.changes),
+                ),
+                0,
+            ),
             SourceEvent::EndpointSlices(d) => {
                 match &d {
                     Delta::Apply(slice) => self.note_trigger_time(slice),
                     Delta::Replace { objects, .. } => objects.iter().for_each(|s| self.note_trigger_time(s)),
                     Delta::Delete(_) => {}
                 }
-                (0, apply_delta(&mut self.state.endpoint_slices, d, |s| &s.name))
+                (
+                    0,
+                    apply_delta(
+                        &mut self.state.endpoint_slices,
+                        d,
+                        |s| &s.name,
+                        slice_touched(&mut self.changes),
+                    ),
+                )
             }
             SourceEvent::Node(n) => return self.set_node(n),
             SourceEvent::Synced => {
@@ -289,6 +345,7 @@ impl<P: Proxier> Engine<P> {
             .set_node_eligible(!node.as_ref().is_some_and(|n| n.being_deleted));
         // Node labels (the topology zone) can change every service's endpoint selection: rewrite everything.
         self.need_full = true;
+        self.changes = IntentChanges::everything();
         self.state.node = node;
         true
     }
@@ -482,8 +539,13 @@ impl<P: Proxier> Engine<P> {
         let labels = self.family_labels();
         let started = Instant::now();
         let state = &self.state;
+        let changes = std::mem::take(&mut self.changes);
         let proxier = &mut self.proxier;
-        let result = tokio::task::block_in_place(|| proxier.sync(state, mode));
+        let result = tokio::task::block_in_place(|| proxier.sync(state, &changes, mode));
+        if result.is_err() {
+            // The proxier may not have got as far as building the intent: the next attempt rebuilds these too.
+            self.changes.merge(changes);
+        }
         let elapsed = started.elapsed().as_secs_f64();
         let full = mode != SyncMode::Partial;
         self.metrics.sync_duration.get_or_create(&labels).observe(elapsed);

@@ -20,9 +20,9 @@ use svcproxy_iptables::verify::{Divergence, verify};
 use svcproxy_iptables::{gc, jumps, render};
 
 use svcproxy_model::Node;
-use svcproxy_model::intent::build_intent;
-use svcproxy_model::{ClusterState, IntentConfig, IpFamily};
+use svcproxy_model::{ClusterState, IntentChanges, IntentConfig, IpFamily};
 
+use super::intent_cache::IntentCache;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::backends::{Backend, check_mixed, kube_chains};
 use crate::cli::{DetectLocalMode, RunArgs};
@@ -146,6 +146,7 @@ pub struct IptablesProxier {
     cmds: Box<dyn IptablesCommands>,
     addresses: Box<dyn LocalAddresses>,
     intent_config: IntentConfig,
+    intents: IntentCache,
     options: ProxierOptions,
     /// The rules the kernel holds after our last successful transaction, and the configuration they were
     /// rendered with; `None` forces a full sync.
@@ -177,6 +178,7 @@ impl IptablesProxier {
         IptablesProxier {
             cmds,
             addresses,
+            intents: IntentCache::new(intent_config.clone()),
             intent_config,
             options,
             applied: None,
@@ -362,8 +364,13 @@ impl Proxier for IptablesProxier {
         "KUBE-* chains"
     }
 
-    fn sync(&mut self, state: &ClusterState, mode: SyncMode) -> Result<SyncReport, SyncError> {
-        let intent = build_intent(state, &self.intent_config);
+    fn sync(
+        &mut self,
+        state: &ClusterState,
+        changes: &IntentChanges,
+        mode: SyncMode,
+    ) -> Result<SyncReport, SyncError> {
+        let intent = self.intents.next(state, changes);
         let config = self
             .options
             .resolve(state.node.as_ref(), &self.addresses.addresses());
@@ -431,7 +438,6 @@ impl Proxier for IptablesProxier {
         }
         self.touched = touched;
         let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
-        let intent = Arc::new(intent);
         self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));
         Ok(SyncReport {

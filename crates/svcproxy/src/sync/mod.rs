@@ -2,6 +2,7 @@
 
 pub mod conntrack_step;
 pub mod engine;
+pub mod intent_cache;
 pub mod iptables_proxier;
 pub mod nft_proxier;
 pub mod proxier;

@@ -14,13 +14,14 @@ use super::conntrack_step::reconcile;
 use svcproxy_iptables::config::{
     LocalDetector as IptLocalDetector, NodePortAddresses as IptNodePorts, RenderConfig as IptConfig,
 };
-use svcproxy_model::intent::build_intent;
-use svcproxy_model::{ClusterState, Intent, IntentConfig, IpFamily};
+use svcproxy_model::{ClusterState, Intent, IntentChanges, IntentConfig, IpFamily};
 use svcproxy_nftables::{
-    Family, LocalDetector, NodePortAddresses, RenderConfig, Ruleset, Transaction, delete_table_transaction,
-    full_in_chunks, full_transaction, parse_listing, partial_transaction, probe_transaction, render,
+    Family, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable, Ruleset, Transaction,
+    delete_table_transaction, full_in_chunks, full_transaction, parse_listing, partial_transaction,
+    probe_transaction, render_table,
 };
 
+use super::intent_cache::IntentCache;
 use super::iptables_proxier::ProxierOptions;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::exec::iptables::ExecError;
@@ -36,8 +37,11 @@ pub struct NftProxier {
     cmds: Box<dyn NftCommands>,
     addresses: Box<dyn LocalAddresses>,
     intent_config: IntentConfig,
+    intents: IntentCache,
     options: ProxierOptions,
-    applied: Option<(Ruleset, RenderConfig)>,
+    /// The table the kernel holds after our last successful transaction, and the configuration it was
+    /// rendered with; `None` forces a full sync.
+    applied: Option<(RenderedTable, RenderConfig)>,
     applied_intent: Option<Arc<Intent>>,
     conntrack: Option<Box<dyn Conntrack>>,
     probed: bool,
@@ -82,6 +86,7 @@ impl NftProxier {
         NftProxier {
             cmds,
             addresses,
+            intents: IntentCache::new(intent_config.clone()),
             intent_config,
             options,
             applied: None,
@@ -204,7 +209,12 @@ impl Proxier for NftProxier {
         "the ip svcproxy nftables table"
     }
 
-    fn sync(&mut self, state: &ClusterState, mode: SyncMode) -> Result<SyncReport, SyncError> {
+    fn sync(
+        &mut self,
+        state: &ClusterState,
+        changes: &IntentChanges,
+        mode: SyncMode,
+    ) -> Result<SyncReport, SyncError> {
         if !self.probed {
             // A kernel without a feature we need is refused with nft's own words, before any real change.
             // Whatever the probe trips on is a feature the kernel or nft lacks (a module that cannot load shows
@@ -226,36 +236,63 @@ impl Proxier for NftProxier {
             })?;
             self.probed = true;
         }
-        let intent = build_intent(state, &self.intent_config);
+        let intent = self.intents.next(state, changes);
         let local = self.addresses.addresses();
         let config = nft_config(&self.options.resolve(state.node.as_ref(), &local));
-        let next = render(&intent, &config);
         let mode = match &self.applied {
             Some((_, applied_with)) if *applied_with == config => mode,
             _ => mode.max(SyncMode::Full),
         };
+        if mode == SyncMode::Partial
+            && let (Some((table, _)), Some(prev)) = (&self.applied, &self.applied_intent)
+            && let Some(update) = table.plan(prev, &intent, &config)
+        {
+            // Only the changed Services' objects are rendered and compared: the cost follows the change.
+            let t = partial_transaction(&update.before, &update.after)
+                .map_err(|e| SyncError::ReadBack(e.to_string()))?;
+            if !t.text.is_empty()
+                && let Err(e) = self.apply(&t.text)
+            {
+                self.applied = None;
+                return Err(e);
+            }
+            if let Some((table, _)) = &mut self.applied {
+                table.apply(update);
+            }
+            let conntrack = self.clean_conntrack(&intent, &config, &local);
+            self.applied_intent = Some(intent.clone());
+            self.last_sync_full = false;
+            return Ok(SyncReport {
+                full: false,
+                intent,
+                payload_lines: t.text.lines().count(),
+                conntrack,
+            });
+        }
+        let next = render_table(&intent, &config);
         let fam = family(self.intent_config.family);
         let transactions: Box<dyn Iterator<Item = String> + '_> = match (&self.applied, mode) {
             (Some((prev, _)), SyncMode::Partial) => {
-                let t = partial_transaction(prev, &next).map_err(|e| SyncError::ReadBack(e.to_string()))?;
+                let t = partial_transaction(&prev.ruleset, &next.ruleset)
+                    .map_err(|e| SyncError::ReadBack(e.to_string()))?;
                 Box::new(std::iter::once(t.text))
             }
             (_, SyncMode::Rebuild) => {
-                let mut text = full_transaction(&next).text;
+                let mut text = full_transaction(&next.ruleset).text;
                 text.push_str(&delete_table_transaction(fam, UPSTREAM_TABLE));
                 Box::new(std::iter::once(text))
             }
             _ => match self.read_back()? {
                 // The table exists: send what differs (nothing on a restart onto the right table).
                 Some(current) => {
-                    let t = partial_transaction(&current, &next)
+                    let t = partial_transaction(&current, &next.ruleset)
                         .map_err(|e| SyncError::ReadBack(e.to_string()))?;
                     Box::new(std::iter::once(t.text))
                 }
                 None => {
                     // Cold: bounded transactions, each leaving a consistent table and each built only when the
                     // one before it is applied; upstream's table goes in the last one, when ours is complete.
-                    let mut parts = full_in_chunks(&next, SERVICES_PER_TRANSACTION)
+                    let mut parts = full_in_chunks(&next.ruleset, SERVICES_PER_TRANSACTION)
                         .map_err(|e| SyncError::ReadBack(e.to_string()))?
                         .map(|t: Transaction| t.text)
                         .peekable();
@@ -283,7 +320,6 @@ impl Proxier for NftProxier {
             lines += text.lines().count();
         }
         let conntrack = self.clean_conntrack(&intent, &config, &local);
-        let intent = Arc::new(intent);
         self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));
         self.last_sync_full = mode != SyncMode::Partial;
@@ -296,9 +332,10 @@ impl Proxier for NftProxier {
     }
 
     fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError> {
-        let Some((expected, _)) = &self.applied else {
+        let Some((table, _)) = &self.applied else {
             return Ok(Vec::new());
         };
+        let expected = &table.ruleset;
         // Listing the table costs seconds at thousands of services (nft fetches everything), so a partial sync
         // is not followed by a full listing: the canary and the periodic read-back cover it.
         if scope == VerifyScope::LastSync && !self.last_sync_full {
@@ -311,9 +348,10 @@ impl Proxier for NftProxier {
     fn canary(&mut self) -> Result<Vec<Finding>, SyncError> {
         // A deleted or flushed table shows in any of its base chains; listing one small chain is cheap at any
         // scale, unlike listing the table.
-        let Some((expected, _)) = &self.applied else {
+        let Some((table, _)) = &self.applied else {
             return Ok(Vec::new());
         };
+        let expected = &table.ruleset;
         let Some((name, _)) = expected.chains.iter().find(|(_, c)| c.base.is_some()) else {
             return Ok(Vec::new());
         };

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use svcproxy_model::{ClusterState, Intent, IpFamily};
+use svcproxy_model::{ClusterState, Intent, IntentChanges, IpFamily};
 
 /// The outcome of one successful sync.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -92,8 +92,14 @@ pub enum VerifyScope {
 
 pub trait Proxier: Send {
     fn family(&self) -> IpFamily;
-    /// Makes the kernel match `state`, rewriting as much as `mode` says.
-    fn sync(&mut self, state: &ClusterState, mode: SyncMode) -> Result<SyncReport, SyncError>;
+    /// Makes the kernel match `state`, rewriting as much as `mode` says. `changes` names whose inputs changed
+    /// since the previous call (successful or not), so the intent can be rebuilt for those alone.
+    fn sync(
+        &mut self,
+        state: &ClusterState,
+        changes: &IntentChanges,
+        mode: SyncMode,
+    ) -> Result<SyncReport, SyncError>;
     /// Reads the kernel back and lists every difference from what the last successful sync wrote.
     fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError>;
     /// A cheap, frequent check that catches a flushed table (upstream's canary, without a canary chain).

@@ -1,0 +1,112 @@
+//! Rebuilding the intent after a few Services or EndpointSlices changed: only the ports of the Services whose
+//! inputs changed are built again; every other port is shared with the previous intent. The result is the
+//! intent [`build_intent`] would build from the same state, so a caller may use either.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::intent::{build_intent, service_port_intents};
+use crate::{ClusterState, EndpointSlice, Intent, IntentConfig, ObjectName, Protocol, ServicePortName};
+
+/// Whose inputs changed since an intent was built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IntentChanges {
+    /// Something every Service depends on changed (the Node's zone, a whole re-list): rebuild everything.
+    pub all: bool,
+    /// Services whose object or whose EndpointSlices changed (added, updated or removed).
+    pub services: BTreeSet<ObjectName>,
+}
+
+impl IntentChanges {
+    pub fn everything() -> Self {
+        IntentChanges {
+            all: true,
+            services: BTreeSet::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty()
+    }
+
+    pub fn service(&mut self, name: &ObjectName) {
+        if !self.all && !self.services.contains(name) {
+            self.services.insert(name.clone());
+        }
+    }
+
+    /// The Service an EndpointSlice belongs to.
+    pub fn slice(&mut self, slice: &EndpointSlice) {
+        if !self.all {
+            self.services.insert(ObjectName::new(
+                slice.name.namespace.clone(),
+                slice.service_name.clone(),
+            ));
+        }
+    }
+
+    pub fn merge(&mut self, other: IntentChanges) {
+        if other.all {
+            *self = IntentChanges::everything();
+        } else if !self.all {
+            self.services.extend(other.services);
+        }
+    }
+}
+
+/// The intent for `state`, given the intent `prev` built from an earlier state and what changed since.
+pub fn update_intent(
+    prev: &Intent,
+    state: &ClusterState,
+    config: &IntentConfig,
+    changes: &IntentChanges,
+) -> Intent {
+    if changes.all {
+        return build_intent(state, config);
+    }
+    let zone = state.node.as_ref().and_then(|n| n.zone());
+    // One pass over the slices for all changed Services, in the order build_intent sees them (by slice
+    // name), so endpoint order matches.
+    let wanted: BTreeSet<(&str, &str)> = changes
+        .services
+        .iter()
+        .map(|n| (n.namespace.as_str(), n.name.as_str()))
+        .collect();
+    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in state.endpoint_slices.values() {
+        let key = (slice.name.namespace.as_str(), slice.service_name.as_str());
+        if wanted.contains(&key) {
+            slices.entry(key).or_default().push(slice);
+        }
+    }
+    let mut service_ports = prev.service_ports.clone();
+    for name in &changes.services {
+        let stale: Vec<ServicePortName> = ports_of(&service_ports, name).cloned().collect();
+        for key in stale {
+            service_ports.remove(&key);
+        }
+        let Some(service) = state.services.get(name) else {
+            continue;
+        };
+        let slices = slices
+            .get(&(name.namespace.as_str(), name.name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for spi in service_port_intents(service, slices, config, zone) {
+            service_ports.insert(spi.name.clone(), Arc::new(spi));
+        }
+    }
+    Intent { service_ports }
+}
+
+/// The keys of one Service's ports: they sort together, the Service name being the first field.
+fn ports_of<'a, V>(
+    ports: &'a BTreeMap<ServicePortName, V>,
+    service: &'a ObjectName,
+) -> impl Iterator<Item = &'a ServicePortName> + 'a {
+    let first = ServicePortName::new(service.clone(), "", Protocol::Tcp);
+    ports
+        .range(first..)
+        .map(|(k, _)| k)
+        .take_while(move |k| k.service == *service)
+}
