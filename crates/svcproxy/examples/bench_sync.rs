@@ -73,8 +73,19 @@ struct Proxy {
 
 impl Proxy {
     fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf, mode: &str) -> Proxy {
-        let child = ns
-            .command(binary().to_str().unwrap())
+        // BENCH_PROFILER runs the proxy under a profiler, e.g. `heaptrack -o /tmp/proxy`; its peak RSS is then
+        // the profiler's.
+        let profiler = std::env::var("BENCH_PROFILER").unwrap_or_default();
+        let mut words = profiler.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = ns.command(program);
+                c.args(words).arg(binary());
+                c
+            }
+            None => ns.command(binary().to_str().unwrap()),
+        };
+        let child = command
             .args([
                 "run",
                 "--kubeconfig",
