@@ -20,6 +20,7 @@ use svcproxy::source::{self, family_split, manifest_dir::ManifestDir};
 use svcproxy::sync::engine::{Engine, EngineConfig, EngineStatus};
 use svcproxy::sync::iptables_proxier::{IptablesProxier, ProxierOptions};
 use svcproxy::sync::nft_proxier::NftProxier;
+use svcproxy::sync::other_proxies::OtherProxies;
 use svcproxy_conntrack::NetlinkConntrack;
 use svcproxy_conntrack::sysctls::{ConntrackSysctlConfig, apply_sysctls, plan_sysctls};
 use svcproxy_model::{IntentConfig, IpFamily};
@@ -227,6 +228,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Some(ct) = conntrack() {
                     proxier = proxier.with_conntrack(ct);
                 }
+                proxier = proxier.with_other_proxies(OtherProxies::new(
+                    Box::new(SystemRunner),
+                    family,
+                    ProxyMode::Iptables,
+                ));
                 if family == IpFamily::V4
                     && let Ok(ours) = backends::active_backend()
                     && let Some(theirs) = ours.other().commands()
@@ -249,6 +255,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Some(ct) = conntrack() {
                     proxier = proxier.with_conntrack(ct);
                 }
+                proxier = proxier.with_other_proxies(OtherProxies::new(
+                    Box::new(SystemRunner),
+                    family,
+                    ProxyMode::Nftables,
+                ));
                 proxiers.push(proxier);
             }
             drive(proxiers, shared).await

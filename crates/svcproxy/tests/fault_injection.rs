@@ -14,7 +14,7 @@
 //! | B | a v1.23 node (KUBE-XLB jumping to a KUBE-SEP) taken over directly |
 //! | C | kubelet's KUBE-MARK-DROP, used by old chains, is deleted |
 //! | D | a second writer rewrites one of our chains every second |
-//! | E | KUBE-* chains in both the legacy and the nf_tables backend (at start; E2: appearing while running) |
+//! | E | KUBE-* chains in both the legacy and the nf_tables backend (at start; E2: appearing while running); E3: an nftables kube-proxy table appearing while running |
 //! | F | nat flushed; a KUBE-SVC chain deleted; a rule inserted into ours |
 //! | G | `iptables-restore` fails four times in a row |
 //! | H | the xtables lock held by someone else |

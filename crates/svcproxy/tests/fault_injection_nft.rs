@@ -15,6 +15,7 @@
 //! | N-D | `nft -f` fails four times in a row |
 //! | N-E | the kernel lacks `numgen` (every transaction using it refused, the start-up probe included) |
 //! | N-F | takeover from upstream kube-proxy's nftables mode (its `ip kube-proxy` table) under traffic |
+//! | N-G | kube-proxy's iptables chains appear next to our table while running |
 //!
 //! Every case records a row in the suite's results table (see `fault::report`); run with `--nocapture` to
 //! watch.
@@ -935,4 +936,45 @@ fn nf_takeover_from_upstream_nftables() {
     proxy.assert_no_divergence();
     proxy.assert_running();
     drop(pods);
+}
+
+/// N-G: kube-proxy in iptables mode comes back next to our table (an upgrade tool put its DaemonSet back) and
+/// writes its KUBE-SERVICES chain. svcproxy cannot repair rules of the other mode, so `/healthz` turns red
+/// naming them and what to do, and green again once they are gone.
+#[test]
+fn ng_kube_proxy_iptables_chains_appear() {
+    let mut case = Case::new("N-G kube-proxy's iptables chains appear");
+    let mut args = NFTABLES.to_vec();
+    args.extend(["--verify-period", "1s"]);
+    let s = WebNode::start(&case, &args, &[]);
+    let node = s.cluster.node();
+
+    case.stage("kube-proxy writes nat/KUBE-SERVICES");
+    case.injected();
+    fault::harness::restore(
+        node,
+        "iptables-restore",
+        &["--noflush"],
+        "*nat\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n",
+    );
+    let red = s
+        .health
+        .wait_for("healthz names kube-proxy's chains", DETECT, |p| {
+            p.status == 503
+                && p.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("nat/KUBE-SERVICES"))
+        });
+    case.detected(red.at);
+
+    case.stage("the chains removed");
+    fault::harness::iptables(node, &["-t", "nat", "-D", "PREROUTING", "-j", "KUBE-SERVICES"]);
+    fault::harness::iptables(node, &["-t", "nat", "-X", "KUBE-SERVICES"]);
+    let green = s.health.wait_for("healthz is 200 again", DETECT, |p| {
+        p.status == 200 && p.reason.is_none()
+    });
+    case.repaired(green.at);
+    case.health(s.health.summary());
+    let samples = s.traffic.next(10);
+    assert_eq!(failures(&samples), 0, "{}", traffic_summary(&samples));
 }

@@ -588,6 +588,9 @@ impl<P: Proxier> Engine<P> {
                 self.mode = SyncMode::Partial;
                 self.consecutive_failures = 0;
                 self.failure_problem = None;
+                // The first full sync is followed by the removal of the other mode's rules (see main), so a
+                // hazard check right after it would only race that removal.
+                let first_full = full && self.last_full.is_none();
                 if full {
                     self.last_full = Some(now);
                 }
@@ -626,7 +629,7 @@ impl<P: Proxier> Engine<P> {
                     self.check(Check::AfterSync);
                 }
                 self.publish_health();
-                if full {
+                if full && !first_full {
                     self.check_hazards();
                 }
             }

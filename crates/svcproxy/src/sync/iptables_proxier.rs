@@ -23,6 +23,7 @@ use svcproxy_model::Node;
 use svcproxy_model::{ClusterState, IntentChanges, IntentConfig, IpFamily};
 
 use super::intent_cache::IntentCache;
+use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::backends::{Backend, check_mixed, kube_chains};
 use crate::cli::{DetectLocalMode, RunArgs};
@@ -163,6 +164,8 @@ pub struct IptablesProxier {
     applied_intent: Option<Arc<Intent>>,
     /// The iptables backend we write and the other one's commands, to notice KUBE-* chains appearing there.
     other_backend: Option<(Backend, Box<dyn IptablesCommands>)>,
+    /// Watches for a proxy of the other mode writing next to us.
+    other_proxies: Option<OtherProxies>,
 }
 
 /// Above this many touched chains, reading the whole table back is cheaper than listing chains one by one.
@@ -188,7 +191,14 @@ impl IptablesProxier {
             render_cache: RenderCache::default(),
             applied_intent: None,
             other_backend: None,
+            other_proxies: None,
         }
+    }
+
+    /// Reports a proxy of the other mode (an nftables table of kube-proxy's or ours) writing next to us.
+    pub fn with_other_proxies(mut self, other: OtherProxies) -> Self {
+        self.other_proxies = Some(other);
+        self
     }
 
     /// Watches the backend we do not write (`theirs`, while we write `ours`) for KUBE-* chains: packets pass
@@ -472,20 +482,24 @@ impl Proxier for IptablesProxier {
     }
 
     fn hazards(&mut self) -> Vec<String> {
-        let (Some((ours, theirs)), Some(_)) = (&self.other_backend, &self.applied) else {
+        if self.applied.is_none() {
             return Vec::new();
-        };
-        match kube_chains(theirs.as_ref()) {
-            Ok(chains) => check_mixed(*ours, &[format!("nat/{KUBE_SERVICES}")], &chains)
-                .err()
-                .map(|mixed| mixed.to_string())
-                .into_iter()
-                .collect(),
-            Err(e) => {
-                tracing::debug!("cannot read the {} iptables backend: {e}", ours.other().name());
-                Vec::new()
+        }
+        let mut found = Vec::new();
+        if let Some((ours, theirs)) = &self.other_backend {
+            match kube_chains(theirs.as_ref()) {
+                Ok(chains) => found.extend(
+                    check_mixed(*ours, &[format!("nat/{KUBE_SERVICES}")], &chains)
+                        .err()
+                        .map(|mixed| mixed.to_string()),
+                ),
+                Err(e) => tracing::debug!("cannot read the {} iptables backend: {e}", ours.other().name()),
             }
         }
+        if let Some(other) = &self.other_proxies {
+            found.extend(other.find());
+        }
+        found
     }
 
     fn canary(&mut self) -> Result<Vec<Finding>, SyncError> {

@@ -5,5 +5,6 @@ pub mod engine;
 pub mod intent_cache;
 pub mod iptables_proxier;
 pub mod nft_proxier;
+pub mod other_proxies;
 pub mod proxier;
 pub mod throttle;

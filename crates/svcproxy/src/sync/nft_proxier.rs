@@ -23,6 +23,7 @@ use svcproxy_nftables::{
 
 use super::intent_cache::IntentCache;
 use super::iptables_proxier::ProxierOptions;
+use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::exec::iptables::ExecError;
 use crate::exec::nft::NftCommands;
@@ -46,6 +47,8 @@ pub struct NftProxier {
     conntrack: Option<Box<dyn Conntrack>>,
     probed: bool,
     last_sync_full: bool,
+    /// Watches for a proxy of the other mode (kube-proxy's iptables chains or its nftables table).
+    other_proxies: Option<OtherProxies>,
 }
 
 fn family(f: IpFamily) -> Family {
@@ -94,11 +97,18 @@ impl NftProxier {
             conntrack: None,
             probed: false,
             last_sync_full: false,
+            other_proxies: None,
         }
     }
 
     pub fn with_conntrack(mut self, conntrack: Box<dyn Conntrack>) -> Self {
         self.conntrack = Some(conntrack);
+        self
+    }
+
+    /// Reports kube-proxy's rules (its iptables chains, its nftables table) appearing next to ours.
+    pub fn with_other_proxies(mut self, other: OtherProxies) -> Self {
+        self.other_proxies = Some(other);
         self
     }
 
@@ -207,6 +217,13 @@ impl Proxier for NftProxier {
 
     fn owned_rules(&self) -> &'static str {
         "the ip svcproxy nftables table"
+    }
+
+    fn hazards(&mut self) -> Vec<String> {
+        match (&self.other_proxies, &self.applied) {
+            (Some(other), Some(_)) => other.find(),
+            _ => Vec::new(),
+        }
     }
 
     fn sync(

@@ -130,3 +130,37 @@ fn e2_kube_chains_appear_in_the_legacy_backend_at_run_time() {
 }
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// E3: an nftables kube-proxy appears next to our iptables rules while running (its `ip kube-proxy` table):
+/// `/healthz` is red, naming the table and the fix, until it is gone.
+#[test]
+fn e3_a_kube_proxy_nftables_table_appears_at_run_time() {
+    let mut case = Case::new("E3 nftables kube-proxy table appears at run time");
+    let s = WebNode::start(&case, &["--verify-period", "1s"], &[]);
+    let nft = |args: &[&str]| {
+        let mut argv = vec!["nft"];
+        argv.extend(args);
+        s.cluster.node().exec_stdout(&argv).expect("nft");
+    };
+
+    case.stage("a kube-proxy in nftables mode writes its table");
+    case.injected();
+    nft(&["add", "table", "ip", "kube-proxy"]);
+    let red = s.health.wait_for("healthz names the table", WAIT, |p| {
+        p.status == 503
+            && p.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("ip kube-proxy") && r.contains("nft delete table"))
+    });
+    case.detected(red.at);
+
+    case.stage("the table deleted");
+    nft(&["delete", "table", "ip", "kube-proxy"]);
+    let green = s.health.wait_for("healthz is 200 again", WAIT, |p| {
+        p.status == 200 && p.reason.is_none()
+    });
+    case.repaired(green.at);
+    case.health(s.health.summary());
+    let samples = s.traffic.next(10);
+    assert_eq!(failures(&samples), 0, "{}", traffic_summary(&samples));
+}
