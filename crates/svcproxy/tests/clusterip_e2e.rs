@@ -1,6 +1,7 @@
 //! ClusterIP services on a real kernel, driven from a manifest directory: real TCP and UDP traffic from a pod
 //! and from an outside host through the rules svcproxy writes.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeSet;
@@ -275,22 +276,6 @@ fn bad_manifests_are_rejected_and_lose_nothing(mode: &str) {
             .then_some(())
     });
     proxy.assert_running();
-}
-
-/// Both backends through the same harness.
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        $(mod $name {
-            #[test]
-            fn iptables() {
-                super::$name("iptables")
-            }
-            #[test]
-            fn nftables() {
-                super::$name("nftables")
-            }
-        })*
-    };
 }
 
 in_both_modes!(

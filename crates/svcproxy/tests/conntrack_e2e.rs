@@ -2,6 +2,7 @@
 //! backend through a stale conntrack entry unless the proxy deletes it. After the next sync every datagram must
 //! reach the new backend, while flows of unrelated services keep their entries.
 
+#[macro_use]
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -181,22 +182,6 @@ fn replaced_udp_backend_gets_every_datagram_and_other_flows_survive(mode: &str) 
         "{metrics}"
     );
     proxy.assert_no_divergence();
-}
-
-/// Both backends through the same harness.
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        $(mod $name {
-            #[test]
-            fn iptables() {
-                super::$name("iptables")
-            }
-            #[test]
-            fn nftables() {
-                super::$name("nftables")
-            }
-        })*
-    };
 }
 
 in_both_modes!(replaced_udp_backend_gets_every_datagram_and_other_flows_survive,);

@@ -3,6 +3,7 @@
 //! pod), and on the node's IPv6 address from outside (masqueraded); each family follows its own
 //! EndpointSlice.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeSet;
@@ -184,21 +185,6 @@ fn both_families_are_served(mode: &str) {
     let (status, body) = http_get(s.lab.node(), addr("127.0.0.1", 10256), "/healthz", T).unwrap();
     assert_eq!(status, 200, "{body}");
     s.proxy.assert_no_divergence();
-}
-
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        $(mod $name {
-            #[test]
-            fn iptables() {
-                super::$name("iptables")
-            }
-            #[test]
-            fn nftables() {
-                super::$name("nftables")
-            }
-        })*
-    };
 }
 
 in_both_modes!(both_families_are_served);

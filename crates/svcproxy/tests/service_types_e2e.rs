@@ -1,6 +1,7 @@
 //! Every Service behaviour on a real kernel with real traffic: NodePorts, externalIPs, load-balancer IPs with
 //! source ranges, the Local traffic policies, session affinity and the terminating fallback.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeSet;
@@ -388,22 +389,7 @@ fn health_check_node_port_follows_local_endpoints(mode: &str) {
     s.proxy.assert_no_divergence();
 }
 
-/// Every behaviour runs against both backends through the same harness.
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        $(mod $name {
-            #[test]
-            fn iptables() {
-                super::$name("iptables")
-            }
-            #[test]
-            fn nftables() {
-                super::$name("nftables")
-            }
-        })*
-    };
-}
-
+// Every behaviour runs against both backends through the same harness.
 in_both_modes!(
     node_port_from_outside_is_masqueraded_and_spread,
     external_traffic_policy_local_keeps_the_source_and_drops_without_local_endpoints,

@@ -161,3 +161,21 @@ impl Svcproxy {
         }
     }
 }
+
+/// `in_both_modes!(case, …)`: a test per backend for each `fn case(mode: &str)`, in a module named after it
+/// (`case::iptables`, `case::nftables`), so every behaviour runs through the same harness in both modes.
+#[allow(unused_macros)]
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[test]
+            fn iptables() {
+                super::$name("iptables")
+            }
+            #[test]
+            fn nftables() {
+                super::$name("nftables")
+            }
+        })*
+    };
+}
