@@ -30,7 +30,10 @@ use crate::exec::nft::NftCommands;
 use crate::node_addresses::LocalAddresses;
 
 /// Services per transaction on a cold sync: keeps each transaction (and the kernel's nftables lock) short.
-const SERVICES_PER_TRANSACTION: usize = 500;
+/// Measured at 5,000 Services × 10 endpoints (cold sync): 500 per transaction 2.1 s, 1,000 1.8 s, all in one
+/// 1.75 s, against 1.6 s for `nft -f` of the whole listing into an empty namespace. Each transaction re-validates
+/// the table built so far, so fewer are cheaper; 1,000 keeps the lock to about 0.3 s.
+const SERVICES_PER_TRANSACTION: usize = 1000;
 /// The table upstream kube-proxy's nftables mode writes.
 const UPSTREAM_TABLE: &str = "kube-proxy";
 
