@@ -85,6 +85,8 @@ impl Proxy {
             }
             None => ns.command(binary().to_str().unwrap()),
         };
+        // As the DaemonSet and the image run it (see deploy/).
+        command.env("MALLOC_ARENA_MAX", "1");
         let child = command
             .args([
                 "run",
