@@ -313,7 +313,7 @@ async fn diff_handler(State(d): State<DebugState>) -> Response {
     let expected = d.expected(applied);
     let mode = d.0.proxy_mode;
     let result = blocking(move || {
-        let kernel = KernelRead::read(mode, &["filter", "nat"]).map_err(|e| e.to_string())?;
+        let kernel = KernelRead::read(mode, &["filter", "nat"], IpFamily::V4).map_err(|e| e.to_string())?;
         Ok(diff::compare(
             &kernel,
             &expected.rendering,
@@ -361,7 +361,7 @@ async fn explain_handler(State(d): State<DebugState>, Query(q): Query<ExplainQue
     let mode = d.0.proxy_mode;
     let daemon = DaemonView::of("the daemon itself", &d.report());
     let result = blocking(move || {
-        let kernel = KernelRead::read(mode, &[]).map_err(|e| e.to_string())?;
+        let kernel = KernelRead::read(mode, &[], IpFamily::V4).map_err(|e| e.to_string())?;
         let local_ips = SystemAddresses.addresses();
         let mut report = explain::explain(ExplainInput {
             kernel: kernel.rules(),

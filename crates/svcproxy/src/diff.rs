@@ -16,6 +16,7 @@ use svcproxy_iptables::is_owned_service_chain;
 use svcproxy_iptables::jumps::missing_jumps;
 use svcproxy_iptables::ruleset::{Ruleset, TableName};
 use svcproxy_iptables::save_parser::{SavedRule, SavedRuleset, tokenize};
+use svcproxy_model::IpFamily;
 use svcproxy_nftables::names::owner_of_object;
 use svcproxy_nftables::{
     Chain as NftChain, Element, Ruleset as NftRuleset, Set as NftSet, full_transaction, partial_transaction,
@@ -43,8 +44,8 @@ pub async fn command(args: &DiffArgs) -> Result<DiffReport, DiffError> {
         let body = daemon_get(url, "/debug/diff")?;
         return serde_json::from_str(&body).map_err(DiffError::Answer);
     }
-    let kernel = KernelRead::read(args.run.proxy_mode, &["filter", "nat"])?;
-    let expected = load_expected(&args.run, &SystemAddresses.addresses()).await?;
+    let kernel = KernelRead::read(args.run.proxy_mode, &["filter", "nat"], IpFamily::V4)?;
+    let expected = load_expected(&args.run, &SystemAddresses.addresses(), IpFamily::V4).await?;
     Ok(compare(
         &kernel,
         &expected.rendering,

@@ -47,8 +47,15 @@ use crate::status::{DaemonError, daemon_get, query_value};
 use crate::sync::iptables_proxier::{OptionsError, ProxierOptions};
 use crate::sync::nft_proxier::nft_config;
 
-/// The table svcproxy writes in nftables mode (IPv4).
+/// The table svcproxy writes in nftables mode (`ip svcproxy`, and `ip6 svcproxy` for IPv6).
 pub const NFT_TABLE: &str = "svcproxy";
+
+fn nft_family(family: IpFamily) -> NftFamily {
+    match family {
+        IpFamily::V4 => NftFamily::Ip,
+        IpFamily::V6 => NftFamily::Ip6,
+    }
+}
 
 /// Why the kernel's rules or the intent could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +106,8 @@ pub enum ExplainError {
     Daemon(#[from] DaemonError),
     #[error("svcproxy's answer is not an explanation: {0}")]
     Answer(serde_json::Error),
+    #[error("the daemon's debug endpoints explain IPv4 only; run explain for IPv6 without --daemon")]
+    DaemonIpv4Only,
 }
 
 /// The client, as given.
@@ -265,21 +274,22 @@ pub fn node_name(args: &RunArgs) -> Result<String, LoadError> {
     Ok(host.trim().to_lowercase())
 }
 
-/// Every table of the live IPv4 ruleset: the tracer walks raw, mangle, filter, nat and security.
-pub fn read_kernel(tables: &[&str]) -> Result<SavedRuleset, LoadError> {
-    let text = SystemIptables::new(IpFamily::V4).save(tables)?;
+/// Every table of the live ruleset of `family`: the tracer walks raw, mangle, filter, nat and security.
+pub fn read_kernel(tables: &[&str], family: IpFamily) -> Result<SavedRuleset, LoadError> {
+    let text = SystemIptables::new(family).save(tables)?;
     Ok(parse_save(&text)?)
 }
 
 /// Our nftables table as the kernel lists it, `None` when it does not exist. The contents of dynamic sets
 /// (ClientIP affinity) are left out: traffic writes them, and neither the rendering nor the daemon's read-back
 /// holds them.
-pub fn read_nft_table() -> Result<Option<NftRuleset>, LoadError> {
-    let Some(text) = SystemNft.list_table("ip", NFT_TABLE)? else {
+pub fn read_nft_table(family: IpFamily) -> Result<Option<NftRuleset>, LoadError> {
+    let nft_family = nft_family(family);
+    let Some(text) = SystemNft.list_table(&nft_family.to_string(), NFT_TABLE)? else {
         return Ok(None);
     };
     Ok(parse_listing(&text)?
-        .table(NftFamily::Ip, NFT_TABLE)
+        .table(nft_family, NFT_TABLE)
         .map(NftRuleset::without_dynamic_elements))
 }
 
@@ -290,11 +300,11 @@ pub enum KernelRead {
 }
 
 impl KernelRead {
-    /// Reads the kernel; `tables` limits the iptables tables read (all when empty).
-    pub fn read(mode: ProxyMode, tables: &[&str]) -> Result<KernelRead, LoadError> {
+    /// Reads the kernel's rules of `family`; `tables` limits the iptables tables read (all when empty).
+    pub fn read(mode: ProxyMode, tables: &[&str], family: IpFamily) -> Result<KernelRead, LoadError> {
         Ok(match mode {
-            ProxyMode::Iptables => KernelRead::Iptables(read_kernel(tables)?),
-            ProxyMode::Nftables => KernelRead::Nftables(read_nft_table()?),
+            ProxyMode::Iptables => KernelRead::Iptables(read_kernel(tables, family)?),
+            ProxyMode::Nftables => KernelRead::Nftables(read_nft_table(family)?),
         })
     }
 
@@ -362,14 +372,18 @@ pub async fn read_cluster(
 }
 
 /// The intent and its rendering, built exactly as the daemon builds them from the same flags.
-pub async fn load_expected(args: &RunArgs, local_ips: &[IpAddr]) -> Result<Expected, LoadError> {
+pub async fn load_expected(
+    args: &RunArgs,
+    local_ips: &[IpAddr],
+    family: IpFamily,
+) -> Result<Expected, LoadError> {
     let node = node_name(args)?;
-    let options = ProxierOptions::from_args(args, IpFamily::V4)?;
+    let options = ProxierOptions::from_args(args, family)?;
     let (state, source, warnings) = read_cluster(args, &node).await?;
     let intent = build_intent(
         &state,
         &IntentConfig {
-            family: IpFamily::V4,
+            family,
             node_name: node,
         },
     );
@@ -1047,7 +1061,8 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
         uplink_interface: input.in_interface.clone().filter(|_| origin == Origin::External),
     };
     // Without our table, the packet meets none of our rules: trace an empty one.
-    let no_table = NftRuleset::new(NftFamily::Ip, NFT_TABLE);
+    let family = if ip.is_ipv4() { IpFamily::V4 } else { IpFamily::V6 };
+    let no_table = NftRuleset::new(nft_family(family), NFT_TABLE);
     let kernel = match input.kernel {
         KernelRules::Iptables(saved) => PathView::of(trace(saved, &packet, &node).map_err(|e| e.to_string())),
         KernelRules::Nftables(table) => {
@@ -1097,12 +1112,13 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
         diagnosis: Vec::new(),
     };
     if let KernelRules::Nftables(table) = input.kernel {
-        report.nft_table = Some(format!("ip {NFT_TABLE}"));
+        let table_name = format!("{} {NFT_TABLE}", nft_family(family));
         if table.is_none() {
             report.notes.push(format!(
-                "table ip {NFT_TABLE} does not exist: none of svcproxy's rules is in the kernel"
+                "table {table_name} does not exist: none of svcproxy's rules is in the kernel"
             ));
         }
+        report.nft_table = Some(table_name);
         if input.in_interface.is_some() {
             report.notes.push(
                 "--in-interface is not used in nftables mode: the table's interface matches follow the packet's \
@@ -1447,7 +1463,17 @@ pub async fn command(args: &ExplainArgs) -> Result<ExplainReport, ExplainError> 
         FromSpec::Ip(ip) => (*ip, false),
         FromSpec::Pod(pod) => (resolve_pod(&args.run, pod).await?, true),
     };
+    // The destination's family, or the client's when the destination is a Service by name.
+    let family = match &to {
+        ToSpec::Address { ip, .. } if ip.is_ipv6() => IpFamily::V6,
+        ToSpec::Address { .. } => IpFamily::V4,
+        ToSpec::Service { .. } if from_ip.is_ipv6() => IpFamily::V6,
+        ToSpec::Service { .. } => IpFamily::V4,
+    };
     if let Some(url) = &args.daemon {
+        if family == IpFamily::V6 {
+            return Err(ExplainError::DaemonIpv4Only);
+        }
         let mut query = vec![("from", from_ip.to_string())];
         query.extend(to.query());
         if let Some(o) = args.origin.or(from_pod.then_some(TraceOrigin::Pod)) {
@@ -1466,8 +1492,8 @@ pub async fn command(args: &ExplainArgs) -> Result<ExplainReport, ExplainError> 
         return Ok(report);
     }
     let local_ips = SystemAddresses.addresses();
-    let kernel = KernelRead::read(args.run.proxy_mode, &[])?;
-    let expected = load_expected(&args.run, &local_ips)
+    let kernel = KernelRead::read(args.run.proxy_mode, &[], family)?;
+    let expected = load_expected(&args.run, &local_ips, family)
         .await
         .map_err(|e| e.to_string());
     let mut report = explain(ExplainInput {

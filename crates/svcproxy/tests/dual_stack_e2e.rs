@@ -185,6 +185,31 @@ fn both_families_are_served(mode: &str) {
     let (status, body) = http_get(s.lab.node(), addr("127.0.0.1", 10256), "/healthz", T).unwrap();
     assert_eq!(status, 200, "{body}");
     s.proxy.assert_no_divergence();
+
+    // explain reads the IPv6 rules for an IPv6 destination, and they agree with the IPv6 intent.
+    let out = s
+        .lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args([
+            "explain",
+            "--from",
+            &pod6(0x50).to_string(),
+            "--to",
+            &format!("[{VIP6}]:80/tcp"),
+        ])
+        .args(["--output", "json", "--manifests", s.dir.path().to_str().unwrap()])
+        .args(["--hostname-override", "node-a", "--proxy-mode", mode])
+        .args(["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/64"])
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(r["agree"], true, "{r:#}");
+    assert_eq!(r["service"]["name"], "demo/web:http", "{r:#}");
+    let endpoints = r["kernel"]["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 1, "pod11 only, as the IPv6 slice says: {r:#}");
+    assert_eq!(endpoints[0], format!("[{}]:8080", pod6(11)).as_str(), "{r:#}");
 }
 
 in_both_modes!(both_families_are_served);
