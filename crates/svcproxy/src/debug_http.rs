@@ -240,6 +240,7 @@ impl DebugState {
             last_error: s.last_error.clone(),
             consecutive_failures: s.consecutive_failures,
             problem: s.problem.clone(),
+            source_problem: s.source_problem.clone(),
             divergences: s.divergences,
             service_ports,
         }

@@ -34,6 +34,9 @@ pub struct DaemonView {
     pub problem: Option<String>,
     /// Service ports whose rules read-back found changed from what was written, not yet repaired.
     pub unverified: Vec<String>,
+    /// While it cannot read the cluster (the API server unreachable): since when, and the latest error.
+    #[serde(default)]
+    pub source_problem: Option<String>,
 }
 
 impl DaemonView {
@@ -51,6 +54,7 @@ impl DaemonView {
                 .filter(|p| !p.verified)
                 .map(|p| p.name.clone())
                 .collect(),
+            source_problem: s.source_problem.clone(),
         }
     }
 
@@ -76,6 +80,7 @@ impl DaemonView {
                 last_sync: None,
                 problem: None,
                 unverified: Vec::new(),
+                source_problem: None,
             },
         }
     }
@@ -121,6 +126,12 @@ pub fn diagnose(r: &ExplainReport) -> Vec<String> {
             out.push(format!("svcproxy reports this node unhealthy: {p}"));
         } else {
             daemon_healthy = true;
+        }
+        if let Some(p) = &d.source_problem {
+            let (since, error) = p.split_once(": ").unwrap_or(("", p.as_str()));
+            out.push(format!(
+                "svcproxy cannot read the cluster (since {since}: {error}): the kernel keeps the state it last                  knew, and nothing changed in the cluster since then is programmed. Endpoints that went away in                  the meantime still receive connections."
+            ));
         }
         if d.unreachable.is_none() && !d.unverified.is_empty() {
             out.push(format!(
@@ -233,6 +244,7 @@ mod tests {
             last_sync: Some("2026-01-01T00:00:00Z".into()),
             problem: problem.map(Into::into),
             unverified: Vec::new(),
+            source_problem: None,
         }
     }
 
@@ -266,6 +278,24 @@ mod tests {
         let d = diagnose(&r);
         assert!(
             d[0].contains("does not answer at http://127.0.0.1:10249 (Connection refused)"),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_cluster_is_said_with_its_start() {
+        let mut r = report(true);
+        r.missing_jumps.clear();
+        r.daemon = Some(DaemonView {
+            source_problem: Some("2026-01-01T00:00:00Z: connection refused".into()),
+            ..daemon(0, None)
+        });
+        let d = diagnose(&r);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(
+            d[0].starts_with(
+                "svcproxy cannot read the cluster (since 2026-01-01T00:00:00Z: connection refused)"
+            ),
             "{d:?}"
         );
     }

@@ -139,6 +139,9 @@ pub struct StatusReport {
     /// Why `/healthz` fails, when it does.
     #[serde(default)]
     pub problem: Option<String>,
+    /// While the API server (or the manifest source) cannot be read: since when, and the latest error.
+    #[serde(default)]
+    pub source_problem: Option<String>,
     /// Divergences read-back has found since start.
     pub divergences: u64,
     pub service_ports: Vec<ServicePortStatus>,
@@ -227,6 +230,9 @@ pub fn render_text(r: &StatusReport) -> String {
     if let Some(p) = &r.problem {
         let _ = writeln!(out, "UNHEALTHY: {p}");
     }
+    if let Some(p) = &r.source_problem {
+        let _ = writeln!(out, "CANNOT READ THE CLUSTER since {p}");
+    }
     out
 }
 
@@ -258,6 +264,7 @@ mod tests {
             last_error: None,
             consecutive_failures: 0,
             problem: None,
+            source_problem: None,
             divergences: 0,
             service_ports: vec![ServicePortStatus {
                 name: "demo/web:http".into(),

@@ -163,5 +163,37 @@ fn rules_follow_the_api_through_changes_relists_and_outages() {
         !nat.contains("demo/api"),
         "no rule of the deleted service is left:\n{nat}"
     );
+
+    // A long outage is reported by status (and so by explain), with when it began; healthz stays green so
+    // load balancers keep the node; once the API answers again the report clears.
+    let status = || -> Value {
+        let out = lab
+            .node()
+            .command(env!("CARGO_BIN_EXE_svcproxy"))
+            .args(["status", "--output", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    store.set_fail_lists(1_000_000);
+    store.set_fail_watches(1_000_000);
+    store.break_watches();
+    let reported = wait_until(WAIT, POLL, "status reports the API unreachable", || {
+        proxy.assert_running();
+        status()["source_problem"].as_str().map(str::to_string)
+    });
+    assert!(
+        reported.contains("500") || reported.contains("rror"),
+        "{reported}"
+    );
+    let (code, _) =
+        svcproxy_testkit::http_get(lab.node(), "127.0.0.1:10256".parse().unwrap(), "/healthz", T).unwrap();
+    assert_eq!(code, 200, "an API outage does not turn the node red");
+    store.set_fail_lists(0);
+    store.set_fail_watches(0);
+    wait_until(WAIT, POLL, "the report clears once the API answers", || {
+        proxy.assert_running();
+        status()["source_problem"].is_null().then_some(())
+    });
     proxy.assert_running();
 }

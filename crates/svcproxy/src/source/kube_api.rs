@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
+use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -79,6 +80,9 @@ enum Item {
     Node(Box<Result<Event<core::Node>, watcher::Error>>),
 }
 
+/// How often an unreachable API server is asked whether it answers again.
+const UNREACHABLE_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Watches until the receiver goes away. Watch errors are retried with [`WatchBackoff`].
 pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) {
     let cfg = watcher::Config::default().labels(&proxy_label_selector());
@@ -89,6 +93,10 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
         .backoff(WatchBackoff::default())
         .map(|e| Item::Slice(Box::new(e)));
     let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let probe_api = Api::<core::Node>::all(client.clone());
+    let probe_params = ListParams::default()
+        .fields(&format!("metadata.name={node_name}"))
+        .limit(1);
     let nodes = watcher::watcher(Api::<core::Node>::all(client), node_cfg)
         .backoff(WatchBackoff::default())
         .map(|e| Item::Node(Box::new(e)));
@@ -100,7 +108,38 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     let mut slice_buf = Vec::new();
     let mut slice_rejected = Vec::new();
     let mut node_buf = None;
-    while let Some(item) = items.next().await {
+    let mut unreachable = false;
+    let mut probe = tokio::time::interval(UNREACHABLE_PROBE);
+    loop {
+        // A watch that starts again after an outage says nothing until the next change, so while the API server
+        // is unreachable it is asked now and then for what the Node watch lists: an answer ends the report.
+        let item = tokio::select! {
+            item = items.next() => match item {
+                Some(item) => item,
+                None => return,
+            },
+            _ = probe.tick(), if unreachable => {
+                if probe_api.list(&probe_params).await.is_ok() {
+                    unreachable = false;
+                    if tx.send(SourceEvent::Unreachable(None)).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
+        // A watch error means the API server cannot be read right now; any event after it means it can again.
+        let failed = match &item {
+            Item::Service(ev) => outage(ev.as_ref().as_ref().err()),
+            Item::Slice(ev) => outage(ev.as_ref().as_ref().err()),
+            Item::Node(ev) => outage(ev.as_ref().as_ref().err()),
+        };
+        if failed.is_some() || unreachable {
+            unreachable = failed.is_some();
+            if tx.send(SourceEvent::Unreachable(failed)).await.is_err() {
+                return;
+            }
+        }
         let event = match item {
             Item::Service(ev) => on_event(
                 *ev,
@@ -153,6 +192,15 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                 return;
             }
         }
+    }
+}
+
+/// The error as an outage to report, if it is one. 410 Gone (the resourceVersion is too old) is the server
+/// asking for a relist, which the watcher does at once: not an outage.
+fn outage(e: Option<&watcher::Error>) -> Option<String> {
+    match e? {
+        watcher::Error::WatchError(status) if status.code == 410 => None,
+        e => Some(e.to_string()),
     }
 }
 

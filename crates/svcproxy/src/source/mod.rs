@@ -43,4 +43,8 @@ pub enum SourceEvent {
     /// Every initial list has completed; before this nothing is programmed, so a restart never writes a
     /// partial view of the cluster.
     Synced,
+    /// The source cannot be read (the API server unreachable, say), with why; `None` once it can again. Only
+    /// reported: the kernel keeps the last known state, and `/healthz` stays as it is, since turning every
+    /// node red during an API outage would drain them all from their load balancers at once.
+    Unreachable(Option<String>),
 }

@@ -61,6 +61,8 @@ pub struct EngineStatus {
     pub problem: Option<String>,
     /// While syncs fail: the cluster state the failing syncs tried to program, which the kernel lacks.
     pub wanted: Option<Arc<ClusterState>>,
+    /// While the source cannot be read: since when (RFC 3339) and the latest error, as `TIME: error`.
+    pub source_problem: Option<String>,
 }
 
 pub struct Engine<P: Proxier> {
@@ -269,6 +271,26 @@ impl<P: Proxier> Engine<P> {
                 let first = !self.initialized;
                 self.initialized = true;
                 return first;
+            }
+            SourceEvent::Unreachable(problem) => {
+                let since = jiff::Timestamp::now()
+                    .round(jiff::Unit::Second)
+                    .unwrap_or_default();
+                self.status
+                    .send_if_modified(|s| match (&s.source_problem, problem) {
+                        (None, None) => false,
+                        // Keep the time the outage began; the newest error says how it goes on.
+                        (Some(old), Some(new)) => {
+                            let began = old.split_once(": ").map_or(old.as_str(), |(t, _)| t).to_string();
+                            s.source_problem = Some(format!("{began}: {new}"));
+                            false
+                        }
+                        (_, problem) => {
+                            s.source_problem = problem.map(|p| format!("{since}: {p}"));
+                            true
+                        }
+                    });
+                return false;
             }
         };
         self.count_changes(services, slices);
