@@ -8,7 +8,6 @@ use svcproxy_model::IpFamily;
 
 use crate::cleanup::present_nft_tables;
 use crate::cli::ProxyMode;
-use crate::exec::iptables::ExecError;
 use crate::exec::runner::Runner;
 
 /// The chain every kube-proxy version's iptables mode hangs its Service rules from.
@@ -51,30 +50,47 @@ impl OtherProxies {
             .collect();
         if self.mode == ProxyMode::Nftables {
             for backend in ["nft", "legacy"] {
-                let program = format!("{iptables}-{backend}");
-                match self
-                    .runner
-                    .run(&program, &["-w", "5", "-t", "nat", "-S", KUBE_SERVICES], None)
-                {
-                    Ok(_) => found.push(format!(
+                if self.has_kube_services(iptables, backend) {
+                    found.push(format!(
                         "kube-proxy's iptables chains (nat/{KUBE_SERVICES} in the {backend} backend) exist next to \
                          svcproxy's nftables table: packets pass through both, and those rules keep redirecting \
                          Service traffic where svcproxy cannot see or repair them. Stop the kube-proxy writing \
                          them (its DaemonSet put back?), then restart svcproxy, which removes them after its \
                          first sync"
-                    )),
-                    // Not installed, or no such chain: nothing there.
-                    Err(ExecError::Spawn { .. } | ExecError::Failed { .. }) => {}
+                    ));
                 }
             }
         }
         found
+    }
+
+    /// Whether nat/KUBE-SERVICES exists in one iptables backend (not installed or no such chain: no). The
+    /// nf_tables backend is asked for the chain alone; the legacy one through a plain `-save`, which lists only
+    /// the tables already in the kernel: naming the nat table would load the legacy nat module on a node that
+    /// never used it.
+    fn has_kube_services(&self, iptables: &str, backend: &str) -> bool {
+        if backend == "nft" {
+            let args = ["-w", "5", "-t", "nat", "-S", KUBE_SERVICES];
+            return self.runner.run(&format!("{iptables}-nft"), &args, None).is_ok();
+        }
+        let Ok(dump) = self.runner.run(&format!("{iptables}-legacy-save"), &[], None) else {
+            return false;
+        };
+        let declared = format!(":{KUBE_SERVICES} ");
+        let mut in_nat = false;
+        dump.lines().any(|l| {
+            if let Some(table) = l.strip_prefix('*') {
+                in_nat = table == "nat";
+            }
+            in_nat && l.starts_with(&declared)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exec::iptables::ExecError;
     use crate::exec::runner::RecordingRunner;
 
     fn absent() -> ExecError {
@@ -101,12 +117,30 @@ mod tests {
     }
 
     #[test]
+    fn the_legacy_filter_table_alone_is_not_kube_proxys_nat() {
+        let r = RecordingRunner::default();
+        r.answer("nft list table", Err(absent()));
+        r.answer(
+            "iptables-legacy-save",
+            Ok("*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n".into()),
+        );
+        r.answer("iptables-nft", Err(absent()));
+        assert!(
+            OtherProxies::new(Box::new(r.clone()), IpFamily::V4, ProxyMode::Nftables)
+                .find()
+                .is_empty()
+        );
+        let calls = r.calls.lock().unwrap().clone();
+        assert!(calls.contains(&"iptables-legacy-save".to_string()), "{calls:?}");
+    }
+
+    #[test]
     fn nftables_mode_watches_kube_services_in_both_backends() {
         let r = RecordingRunner::default();
         r.answer("nft list table", Err(absent()));
         r.answer(
-            "iptables-legacy -w 5 -t nat -S KUBE-SERVICES",
-            Ok("-N KUBE-SERVICES\n".into()),
+            "iptables-legacy-save",
+            Ok("*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*nat\n:KUBE-SERVICES - [0:0]\nCOMMIT\n".into()),
         );
         r.answer("iptables-nft", Err(absent()));
         let found = OtherProxies::new(Box::new(r), IpFamily::V4, ProxyMode::Nftables).find();
