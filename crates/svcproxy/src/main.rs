@@ -288,9 +288,9 @@ struct Shared<'a> {
     events: mpsc::Receiver<svcproxy::source::SourceEvent>,
 }
 
-/// Runs one engine per proxier (one per IP family), fed from the one source. The first proxier's family is
-/// the primary: its engine serves the debug endpoints and the health-check node ports and triggers the
-/// one-time steps after the first sync.
+/// Runs one engine per proxier (one per IP family), fed from the one source, each with the health-check node
+/// ports of its family. The first proxier's family is the primary: its engine serves the debug endpoints and
+/// triggers the one-time steps after the first sync.
 async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
     proxiers: Vec<P>,
     shared: Shared<'_>,
@@ -337,9 +337,10 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
                 families.clone(),
                 engine.status(),
             ));
-            tokio::spawn(ServiceHealthServers::new(health.clone(), metrics.clone()).run(engine.status()));
             tokio::spawn(apply_conntrack_sysctls(sysctl_config(args), engine.status()));
         }
+        let health_checks = ServiceHealthServers::for_family(families[i], health.clone(), metrics.clone());
+        tokio::spawn(health_checks.run(engine.status()));
         let stop = stop_rx.clone();
         engines.push(tokio::spawn(async move {
             engine.run(input, stop).await;

@@ -3,7 +3,7 @@
 //! Listeners follow the applied intent: they open when a Service gains a port and close when it goes.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -11,8 +11,8 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use svcproxy_model::ObjectName;
 use svcproxy_model::intent::HealthCheck;
+use svcproxy_model::{IpFamily, ObjectName};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -61,9 +61,28 @@ async fn answer(State(s): State<ListenerState>) -> Response {
     r
 }
 
-/// Owns the listeners.
+/// A listener on `addr`; an IPv6 one takes IPv6 only, leaving the IPv4 side of the port to the IPv4 listener.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Owns the listeners of one IP family. With dual-stack each family's engine has its own, as upstream's
+/// proxiers do: the IPv4 listener answers from the IPv4 intent's local endpoints, the IPv6 one (bound IPv6-only,
+/// so both can hold the same port) from the IPv6 intent's.
 pub struct ServiceHealthServers {
-    bind_ip: Ipv4Addr,
+    bind_ip: IpAddr,
     health: Arc<ProxyHealth>,
     metrics: Arc<Metrics>,
     listeners: BTreeMap<ObjectName, Listener>,
@@ -71,8 +90,15 @@ pub struct ServiceHealthServers {
 
 impl ServiceHealthServers {
     pub fn new(health: Arc<ProxyHealth>, metrics: Arc<Metrics>) -> Self {
+        Self::for_family(IpFamily::V4, health, metrics)
+    }
+
+    pub fn for_family(family: IpFamily, health: Arc<ProxyHealth>, metrics: Arc<Metrics>) -> Self {
         ServiceHealthServers {
-            bind_ip: Ipv4Addr::UNSPECIFIED,
+            bind_ip: match family {
+                IpFamily::V4 => Ipv4Addr::UNSPECIFIED.into(),
+                IpFamily::V6 => Ipv6Addr::UNSPECIFIED.into(),
+            },
             health,
             metrics,
             listeners: BTreeMap::new(),
@@ -90,8 +116,8 @@ impl ServiceHealthServers {
                     .store(hc.local_ready_endpoints, Ordering::Relaxed);
                 continue;
             }
-            let addr = SocketAddr::from((self.bind_ip, hc.node_port));
-            match TcpListener::bind(addr).await {
+            let addr = SocketAddr::new(self.bind_ip, hc.node_port);
+            match bind(addr) {
                 Ok(listener) => {
                     let local_endpoints = Arc::new(AtomicUsize::new(hc.local_ready_endpoints));
                     let state = ListenerState {

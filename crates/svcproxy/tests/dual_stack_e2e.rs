@@ -77,7 +77,36 @@ ports:
 - {{name: http, protocol: TCP, port: 8080}}
 - {{name: dns, protocol: UDP, port: 5353}}
 endpoints:
-{v6}"
+{v6}---
+apiVersion: v1
+kind: Service
+metadata: {{name: v6lb, namespace: demo}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  ipFamilyPolicy: SingleStack
+  ipFamilies: [IPv6]
+  clusterIP: \"fd00:10:96::70\"
+  clusterIPs: [\"fd00:10:96::70\"]
+  healthCheckNodePort: 30400
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30070}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: v6lb-v6
+  namespace: demo
+  labels: {{kubernetes.io/service-name: v6lb}}
+addressType: IPv6
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+endpoints:
+- addresses: [\"{}\"]
+  conditions: {{ready: true}}
+  nodeName: node-a
+",
+        pod6(11)
     )
 }
 
@@ -184,6 +213,14 @@ fn both_families_are_served(mode: &str) {
     assert!(owned.contains("demo/web:http"), "{owned}");
     let (status, body) = http_get(s.lab.node(), addr("127.0.0.1", 10256), "/healthz", T).unwrap();
     assert_eq!(status, 200, "{body}");
+
+    // An IPv6-only Service's health-check node port answers on IPv6 from the IPv6 intent (one local
+    // endpoint), and nothing of it listens on IPv4.
+    let hc6 = SocketAddr::new(Lab::NODE_IP6.into(), 30400);
+    let (status, body) = http_get(s.lab.external(), hc6, "/", T).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+    assert!(http_get(s.lab.external(), addr("10.0.0.10", 30400), "/", T).is_err());
     s.proxy.assert_no_divergence();
 
     // explain reads the IPv6 rules for an IPv6 destination, and they agree with the IPv6 intent.
