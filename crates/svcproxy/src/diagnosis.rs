@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{self, HazardView};
 use crate::exec::runner::Runner;
 use crate::explain::ExplainReport;
-use crate::status::{self, DaemonError, StatusReport};
+use crate::status::{self, DaemonError, SourceProblem, StatusReport};
 
 /// How long explain waits for a daemon that may not be running: on this node it answers in milliseconds.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,7 +36,7 @@ pub struct DaemonView {
     pub unverified: Vec<String>,
     /// While it cannot read the cluster (the API server unreachable): since when, and the latest error.
     #[serde(default)]
-    pub source_problem: Option<String>,
+    pub source_problem: Option<SourceProblem>,
 }
 
 impl DaemonView {
@@ -127,10 +127,11 @@ pub fn diagnose(r: &ExplainReport) -> Vec<String> {
         } else {
             daemon_healthy = true;
         }
-        if let Some(p) = &d.source_problem {
-            let (since, error) = p.split_once(": ").unwrap_or(("", p.as_str()));
+        if let Some(SourceProblem { since, error }) = &d.source_problem {
             out.push(format!(
-                "svcproxy cannot read the cluster (since {since}: {error}): the kernel keeps the state it last                  knew, and nothing changed in the cluster since then is programmed. Endpoints that went away in                  the meantime still receive connections."
+                "svcproxy cannot read the cluster (since {since}: {error}): the kernel keeps the state it last \
+                 knew, and nothing changed in the cluster since then is programmed. Endpoints that went away in \
+                 the meantime still receive connections."
             ));
         }
         if d.unreachable.is_none() && !d.unverified.is_empty() {
@@ -176,7 +177,8 @@ pub fn diagnose(r: &ExplainReport) -> Vec<String> {
             .map(|s| format!(" The rule that decides: {}  {}", s.chain, s.rule))
             .unwrap_or_default();
         out.push(format!(
-            "The kernel {} this packet, and so would svcproxy's rendering of the cluster's configuration: the              fix is in the Service (its endpoints, traffic policies or source ranges), not on the node.{at}",
+            "The kernel {} this packet, and so would svcproxy's rendering of the cluster's configuration: the \
+             fix is in the Service (its endpoints, traffic policies or source ranges), not on the node.{at}",
             if r.kernel.verdict == "drop" { "drops" } else { "rejects" }
         ));
     }
@@ -287,7 +289,10 @@ mod tests {
         let mut r = report(true);
         r.missing_jumps.clear();
         r.daemon = Some(DaemonView {
-            source_problem: Some("2026-01-01T00:00:00Z: connection refused".into()),
+            source_problem: Some(SourceProblem {
+                since: "2026-01-01T00:00:00Z".into(),
+                error: "connection refused".into(),
+            }),
             ..daemon(0, None)
         });
         let d = diagnose(&r);
@@ -298,6 +303,7 @@ mod tests {
             ),
             "{d:?}"
         );
+        assert!(!d[0].contains("  "), "one sentence, evenly spaced: {d:?}");
     }
 
     #[test]
@@ -309,6 +315,7 @@ mod tests {
         let d = diagnose(&r);
         assert_eq!(d.len(), 1, "{d:?}");
         assert!(d[0].starts_with("The kernel drops this packet"), "{d:?}");
+        assert!(!d[0].contains("  "), "one sentence, evenly spaced: {d:?}");
     }
 
     #[test]

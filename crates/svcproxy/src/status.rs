@@ -126,6 +126,13 @@ pub struct ServicePortStatus {
     pub verified: bool,
 }
 
+/// The cluster cannot be read (the API server unreachable): since when (RFC 3339) and the latest error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceProblem {
+    pub since: String,
+    pub error: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub node: String,
@@ -141,7 +148,7 @@ pub struct StatusReport {
     pub problem: Option<String>,
     /// While the API server (or the manifest source) cannot be read: since when, and the latest error.
     #[serde(default)]
-    pub source_problem: Option<String>,
+    pub source_problem: Option<SourceProblem>,
     /// Divergences read-back has found since start.
     pub divergences: u64,
     pub service_ports: Vec<ServicePortStatus>,
@@ -231,7 +238,7 @@ pub fn render_text(r: &StatusReport) -> String {
         let _ = writeln!(out, "UNHEALTHY: {p}");
     }
     if let Some(p) = &r.source_problem {
-        let _ = writeln!(out, "CANNOT READ THE CLUSTER since {p}");
+        let _ = writeln!(out, "CANNOT READ THE CLUSTER since {}: {}", p.since, p.error);
     }
     out
 }

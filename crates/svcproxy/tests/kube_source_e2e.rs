@@ -180,7 +180,7 @@ fn rules_follow_the_api_through_changes_relists_and_outages() {
     store.break_watches();
     let reported = wait_until(WAIT, POLL, "status reports the API unreachable", || {
         proxy.assert_running();
-        status()["source_problem"].as_str().map(str::to_string)
+        status()["source_problem"]["error"].as_str().map(str::to_string)
     });
     assert!(
         reported.contains("500") || reported.contains("rror"),

@@ -12,6 +12,7 @@ use super::throttle::SyncThrottle;
 use crate::health::ProxyHealth;
 use crate::metrics::{ClassLabels, FamilyLabels, Metrics, PolicyLabels, SyncLabels};
 use crate::source::{Delta, SourceEvent};
+use crate::status::SourceProblem;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -61,8 +62,8 @@ pub struct EngineStatus {
     pub problem: Option<String>,
     /// While syncs fail: the cluster state the failing syncs tried to program, which the kernel lacks.
     pub wanted: Option<Arc<ClusterState>>,
-    /// While the source cannot be read: since when (RFC 3339) and the latest error, as `TIME: error`.
-    pub source_problem: Option<String>,
+    /// While the source cannot be read: since when, and the latest error.
+    pub source_problem: Option<SourceProblem>,
 }
 
 pub struct Engine<P: Proxier> {
@@ -273,20 +274,22 @@ impl<P: Proxier> Engine<P> {
                 return first;
             }
             SourceEvent::Unreachable(problem) => {
-                let since = jiff::Timestamp::now()
-                    .round(jiff::Unit::Second)
-                    .unwrap_or_default();
                 self.status
-                    .send_if_modified(|s| match (&s.source_problem, problem) {
+                    .send_if_modified(|s| match (&mut s.source_problem, problem) {
                         (None, None) => false,
-                        // Keep the time the outage began; the newest error says how it goes on.
-                        (Some(old), Some(new)) => {
-                            let began = old.split_once(": ").map_or(old.as_str(), |(t, _)| t).to_string();
-                            s.source_problem = Some(format!("{began}: {new}"));
+                        // The outage goes on: keep when it began, with the newest error (no news for followers).
+                        (Some(known), Some(error)) => {
+                            known.error = error;
                             false
                         }
-                        (_, problem) => {
-                            s.source_problem = problem.map(|p| format!("{since}: {p}"));
+                        (current, problem) => {
+                            *current = problem.map(|error| SourceProblem {
+                                since: jiff::Timestamp::now()
+                                    .round(jiff::Unit::Second)
+                                    .unwrap_or_default()
+                                    .to_string(),
+                                error,
+                            });
                             true
                         }
                     });
