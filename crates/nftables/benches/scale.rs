@@ -4,9 +4,10 @@
 //!
 //! `cargo bench -p svcproxy-nftables --bench scale` (under `cargo test` it only checks that it builds)
 //!
-//! `SCALE_SERVICES` and `SCALE_ENDPOINTS` override the default 5,000 × 10; `SCALE_LAYOUT=0|1|2` measures one
-//! layout only (direct, cascade, upstream's vmap), which keeps one layout's namespace teardown (the kernel
-//! frees a large table in the background) from slowing the next one's figures.
+//! `SCALE_SERVICES` and `SCALE_ENDPOINTS` override the default 5,000 × 10; `SCALE_LAYOUT=0|1|2|3` measures one
+//! layout only (mapped, cascade, upstream's vmap, direct), which keeps one layout's namespace teardown (the
+//! kernel frees a large table in the background) from slowing the next one's figures. `SCALE_DUMP=dir` writes
+//! the full table and the last one-endpoint change there, to replay by hand.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -45,13 +46,13 @@ fn measure_layouts() {
     let endpoints = env("SCALE_ENDPOINTS", 10);
     let mut state = scale_state(services, endpoints);
     println!("{services} services x {endpoints} endpoints");
-    // SCALE_LAYOUT picks one (0 = direct, 1 = cascade, 2 = upstream's vmap).
+    // SCALE_LAYOUT picks one (0 = mapped, 1 = cascade, 2 = upstream's vmap, 3 = direct).
     let picked: Vec<DispatchLayout> = match std::env::var("SCALE_LAYOUT")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
     {
-        Some(i) => vec![LAYOUTS[i.min(2)]],
-        None => LAYOUTS[..3].to_vec(),
+        Some(i) => vec![LAYOUTS[i.min(3)]],
+        None => LAYOUTS[..4].to_vec(),
     };
     for layout in &picked {
         let layout = *layout;
@@ -73,6 +74,10 @@ fn measure_layouts() {
             let next = render(&intent_of(&state), &cfg);
             let tx = partial_transaction(&prev, &next).unwrap();
             partial_bytes = tx.text.len();
+            if let Ok(dir) = std::env::var("SCALE_DUMP") {
+                std::fs::write(format!("{dir}/full.nft"), &full.text).unwrap();
+                std::fs::write(format!("{dir}/change.nft"), &tx.text).unwrap();
+            }
             partial_times.push(ns.nft_f(&tx.text).unwrap());
             prev = next;
         }

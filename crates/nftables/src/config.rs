@@ -52,6 +52,11 @@ pub enum DispatchLayout {
     /// there are no endpoint chains at all; hairpin traffic is recognised in postrouting instead (source
     /// equals the DNATed destination). Larger services use endpoint chains and the vmap.
     Direct { max_endpoints: usize },
+    /// One rule per policy chain, `dnat ip to numgen random mod N offset B map @endpoints-K`, its endpoints
+    /// being elements of one of the shared endpoint maps ([`crate::slots`]): an endpoint change is a change of
+    /// map elements only, and the table has one rule per policy chain instead of one per endpoint. Chains with
+    /// ClientIP affinity, which must remember the endpoint each client took, use the `Direct` cascade.
+    Mapped,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -31,9 +31,7 @@ use crate::config::DispatchLayout;
 pub const DEFAULT_CASCADE_LIMIT: usize = 32;
 
 /// The layout measured fastest above.
-pub const DEFAULT_LAYOUT: DispatchLayout = DispatchLayout::Direct {
-    max_endpoints: DEFAULT_CASCADE_LIMIT,
-};
+pub const DEFAULT_LAYOUT: DispatchLayout = DispatchLayout::Mapped;
 
 /// One endpoint as a dispatch target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +48,7 @@ pub fn uses_endpoint_chains(layout: DispatchLayout, n: usize) -> bool {
     match layout {
         DispatchLayout::NumgenVmap | DispatchLayout::Cascade { .. } => true,
         DispatchLayout::Direct { max_endpoints } => n > max_endpoints,
+        DispatchLayout::Mapped => n > crate::slots::SLOT_WIDTH as usize,
     }
 }
 
@@ -57,7 +56,9 @@ pub fn uses_endpoint_chains(layout: DispatchLayout, n: usize) -> bool {
 pub fn dispatch_rules(layout: DispatchLayout, targets: &[Target]) -> Vec<String> {
     let n = targets.len();
     let (cascade, direct) = match layout {
-        DispatchLayout::NumgenVmap => (false, false),
+        // Mapped policy chains are rendered by the caller, which holds their slot; beyond a slot's width they
+        // fall back to endpoint chains and a vmap.
+        DispatchLayout::NumgenVmap | DispatchLayout::Mapped => (false, false),
         DispatchLayout::Cascade { max_endpoints } => (n <= max_endpoints, false),
         DispatchLayout::Direct { max_endpoints } => (n <= max_endpoints, n <= max_endpoints),
     };
@@ -121,8 +122,9 @@ mod tests {
             ]
         );
         assert_eq!(dispatch_rules(cascade, &t[..1]), ["goto a"]);
+        let direct = DispatchLayout::Direct { max_endpoints: 32 };
         assert_eq!(
-            dispatch_rules(DEFAULT_LAYOUT, &t),
+            dispatch_rules(direct, &t),
             [
                 "numgen random mod 3 0 dnat to a",
                 "numgen random mod 2 0 dnat to b",
@@ -133,8 +135,10 @@ mod tests {
             dispatch_rules(DispatchLayout::Direct { max_endpoints: 2 }, &t),
             ["numgen random mod 3 vmap { 0 : goto a, 1 : goto b, 2 : goto c }"]
         );
-        assert!(!uses_endpoint_chains(DEFAULT_LAYOUT, 32));
-        assert!(uses_endpoint_chains(DEFAULT_LAYOUT, 33));
+        assert!(!uses_endpoint_chains(direct, 32));
+        assert!(uses_endpoint_chains(direct, 33));
+        assert!(!uses_endpoint_chains(DEFAULT_LAYOUT, 65536));
+        assert!(uses_endpoint_chains(DEFAULT_LAYOUT, 65537));
         assert!(uses_endpoint_chains(cascade, 1));
     }
 }

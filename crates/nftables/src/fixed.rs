@@ -7,11 +7,12 @@
 //! short-circuit it to cluster-wide endpoints; after DNAT only packets that were not rewritten are checked,
 //! which is what the check is for. Forwarded and incoming traffic already reach their checks after DNAT.
 
-use crate::config::{NodePortAddresses, RenderConfig};
+use crate::config::{DispatchLayout, NodePortAddresses, RenderConfig};
 use crate::names::*;
 use crate::ruleset::{
     BaseChain, Chain, ChainType, Hook, PRIORITY_DSTNAT, PRIORITY_SRCNAT, Policy, Ruleset, Set, SetKind,
 };
+use crate::slots;
 
 pub const TABLE_COMMENT: &str = "rules for svcproxy";
 
@@ -256,6 +257,17 @@ pub fn fixed_ruleset(cfg: &RenderConfig) -> Ruleset {
             name.into(),
             with_comment(Set::new(SetKind::Map, key, Some("verdict")), comment),
         );
+    }
+    if cfg.dispatch == DispatchLayout::Mapped {
+        for (proto, (name, maps)) in slots::PROTOCOLS.iter().enumerate() {
+            let data = format!("{} daddr . {name} dport", cfg.addr());
+            for map in 0..*maps {
+                sets.insert(
+                    slots::map_name(proto, map),
+                    Set::new(SetKind::Map, "typeof numgen random mod 1", Some(&data)),
+                );
+            }
+        }
     }
     rs
 }

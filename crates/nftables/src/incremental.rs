@@ -16,6 +16,7 @@ use crate::config::RenderConfig;
 use crate::fixed::fixed_ruleset;
 use crate::ruleset::{Element, Ruleset, Set};
 use crate::service_port::add_service_port;
+use crate::slots::{SlotAllocator, Slots};
 
 /// A rendered table and what is needed to update it per Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +24,8 @@ pub struct RenderedTable {
     pub ruleset: Ruleset,
     /// Elements contributed by more than one Service: how many Services beyond the first.
     shared: HashMap<(String, String), u32>,
+    /// The endpoint-map slots the table's policy chains hold.
+    slots: Slots,
 }
 
 /// The objects one update rewrites: as the table holds them now, and as they must become.
@@ -35,17 +38,26 @@ pub struct TableUpdate {
     shared: Vec<((String, String), u32)>,
 }
 
-/// Renders the whole table, remembering shared elements.
+/// Renders the whole table, remembering shared elements, with endpoint-map slots numbered afresh.
 pub fn render_table(intent: &Intent, cfg: &RenderConfig) -> RenderedTable {
+    render_table_after(intent, cfg, &Slots::default())
+}
+
+/// Renders the whole table, keeping the endpoint-map slots of `prior` (those of the table it replaces, or of
+/// the kernel's copy), so an unchanged policy chain renders exactly as it is.
+pub fn render_table_after(intent: &Intent, cfg: &RenderConfig, prior: &Slots) -> RenderedTable {
     let mut table = RenderedTable {
         ruleset: fixed_ruleset(cfg),
         shared: HashMap::new(),
+        slots: Slots::default(),
     };
     let skeleton = skeleton(&table.ruleset);
+    let mut slots = SlotAllocator::new(prior);
     for ports in by_service(intent) {
-        let fragment = fragment(&ports, cfg, &skeleton);
+        let fragment = fragment(&ports, cfg, &skeleton, &mut slots);
         table.merge(fragment);
     }
+    table.slots = Slots::of_ruleset(&table.ruleset);
     table
 }
 
@@ -79,11 +91,16 @@ fn by_service(intent: &Intent) -> Vec<Vec<&ServicePortIntent>> {
 }
 
 /// What one Service's ports add to the table, rendered into a copy of `skeleton`.
-fn fragment(ports: &[&ServicePortIntent], cfg: &RenderConfig, skeleton: &Ruleset) -> Ruleset {
+fn fragment(
+    ports: &[&ServicePortIntent],
+    cfg: &RenderConfig,
+    skeleton: &Ruleset,
+    slots: &mut SlotAllocator<'_>,
+) -> Ruleset {
     let mut rs = skeleton.clone();
     for spi in ports {
         if IpFamily::of(&spi.cluster_ip) == cfg.family {
-            add_service_port(&mut rs, spi, cfg);
+            add_service_port(&mut rs, spi, cfg, slots);
         }
     }
     rs
@@ -108,6 +125,11 @@ fn interchangeable(e: &Element) -> bool {
 }
 
 impl RenderedTable {
+    /// The endpoint-map slots in use, to keep when the table is rendered again.
+    pub fn slots(&self) -> &Slots {
+        &self.slots
+    }
+
     /// Adds a fragment after every fragment already merged (first Service in order wins a shared element).
     fn merge(&mut self, fragment: Ruleset) {
         let rs = &mut self.ruleset;
@@ -158,9 +180,18 @@ impl RenderedTable {
         let skeleton = skeleton(&self.ruleset);
         let mut old_fragments = Vec::new();
         let mut new_fragments = Vec::new();
+        // Old fragments find their chains' slots in the table; new chains take free ones, in Service order
+        // as a full render would.
+        let mut old_slots = SlotAllocator::new(&self.slots);
+        let mut new_slots = SlotAllocator::new(&self.slots);
         for service in &changed {
-            old_fragments.push(fragment(&ports_of(applied, service), cfg, &skeleton));
-            new_fragments.push(fragment(&ports_of(next, service), cfg, &skeleton));
+            old_fragments.push(fragment(
+                &ports_of(applied, service),
+                cfg,
+                &skeleton,
+                &mut old_slots,
+            ));
+            new_fragments.push(fragment(&ports_of(next, service), cfg, &skeleton, &mut new_slots));
         }
 
         let mut before = declarations(&self.ruleset, &fixed);
@@ -263,6 +294,10 @@ impl RenderedTable {
         let rs = &mut self.ruleset;
         for name in before.chains.keys() {
             rs.chains.remove(name);
+            self.slots.forget(name);
+        }
+        for (name, chain) in &after.chains {
+            self.slots.record(name, chain);
         }
         rs.chains.extend(after.chains);
         for (name, set) in before.sets {

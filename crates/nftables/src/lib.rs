@@ -32,16 +32,18 @@ pub mod rule_syntax;
 pub mod ruleset;
 pub mod service_port;
 pub mod simulate;
+pub mod slots;
 pub mod tracer;
 pub mod transaction;
 
 pub use config::{ConfigError, DispatchLayout, LocalDetector, NodePortAddresses, RenderConfig};
-pub use incremental::{RenderedTable, TableUpdate, render_table};
+pub use incremental::{RenderedTable, TableUpdate, render_table, render_table_after};
 pub use listing::{Listing, ListingError, parse_listing};
 pub use probe::{PROBE_TABLE, probe_transaction};
-pub use render::render;
+pub use render::{render, render_after};
 pub use ruleset::{BaseChain, Chain, ChainType, Element, Family, Hook, Policy, Ruleset, Set, SetKind};
 pub use simulate::{Kernel, SimError};
+pub use slots::Slots;
 pub use tracer::{TraceError, trace};
 pub use transaction::{
     PlanError, Transaction, TransactionKind, chunked_full, delete_table_transaction, full_in_chunks,

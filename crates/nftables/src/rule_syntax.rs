@@ -99,6 +99,11 @@ pub enum Item {
         addr: String,
         port: Option<u16>,
     },
+    /// `dnat ip to <selectors> map @name`: the destination (`address . port`) is the value the key finds.
+    DnatMap {
+        selectors: Vec<Selector>,
+        map: String,
+    },
     Masquerade,
     SetMark(MarkOp),
     /// `update @set { … }` / `add @set { … }`: affects later packets only.
@@ -413,8 +418,27 @@ pub fn parse_rule(text: &str) -> Result<Rule, RuleSyntaxError> {
                     cur.next();
                 }
                 cur.expect_word("to", "dnat")?;
-                let (addr, port) = dnat_target(&cur.expect("address", "dnat to")?)?;
-                Item::Dnat { addr, port }
+                let target = cur.expect("address", "dnat to")?;
+                if let Some(first) = selector(&target, &mut cur)? {
+                    let mut selectors = vec![first];
+                    while cur.peek() == Some(".") {
+                        cur.next();
+                        let w = cur.expect("selector", ".")?;
+                        selectors.push(selector(&w, &mut cur)?.ok_or(RuleSyntaxError::Unsupported(w))?);
+                    }
+                    cur.expect_word("map", "dnat to")?;
+                    let map = cur.expect("map", "dnat to … map")?;
+                    let map = map
+                        .strip_prefix('@')
+                        .ok_or(RuleSyntaxError::Unsupported(map.clone()))?;
+                    Item::DnatMap {
+                        selectors,
+                        map: map.to_string(),
+                    }
+                } else {
+                    let (addr, port) = dnat_target(&target)?;
+                    Item::Dnat { addr, port }
+                }
             }
             "masquerade" => {
                 while matches!(cur.peek(), Some("fully-random" | "random" | "persistent")) {
@@ -491,6 +515,18 @@ mod tests {
         assert_eq!(r.items, [Item::SetMark(MarkOp::Xor(0x4000))]);
         let r = parse_rule("fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @m").unwrap();
         assert_eq!(r.items.len(), 3);
+        let r = parse_rule("meta l4proto tcp dnat ip to numgen random mod 3 offset 65536 map @endpoints-4")
+            .unwrap();
+        assert_eq!(
+            r.items[1],
+            Item::DnatMap {
+                selectors: vec![Selector::Numgen {
+                    modulus: 3,
+                    offset: 65536
+                }],
+                map: "endpoints-4".into()
+            }
+        );
         let r = parse_rule("meta l4proto tcp dnat to [fd00::1]:80").unwrap();
         assert_eq!(
             r.items[1],

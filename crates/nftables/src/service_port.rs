@@ -15,10 +15,11 @@ use ipnet::IpNet;
 use svcproxy_model::{EndpointInfo, ServicePortIntent, SessionAffinity};
 
 use crate::addr_text::{prefix_set_text, socket_text};
-use crate::config::RenderConfig;
-use crate::dispatch::{Target, dispatch_rules, uses_endpoint_chains};
+use crate::config::{DispatchLayout, RenderConfig};
+use crate::dispatch::{DEFAULT_CASCADE_LIMIT, Target, dispatch_rules, uses_endpoint_chains};
 use crate::names::*;
 use crate::ruleset::{Chain, Element, Ruleset, Set, SetKind};
+use crate::slots::{self, SlotAllocator};
 
 /// Affinity sets hold at most this many client addresses per endpoint.
 pub const AFFINITY_SET_SIZE: u32 = 65535;
@@ -50,6 +51,22 @@ impl Ctx<'_> {
         }
     }
 
+    /// The layout this service port's policy chains use: a mapped chain cannot remember which endpoint a
+    /// client took, so affinity keeps the per-endpoint cascade.
+    fn layout(&self) -> DispatchLayout {
+        match self.cfg.dispatch {
+            DispatchLayout::Mapped if self.affinity().is_some() => DispatchLayout::Direct {
+                max_endpoints: DEFAULT_CASCADE_LIMIT,
+            },
+            layout => layout,
+        }
+    }
+
+    /// Whether a policy chain over `n` endpoints picks through an endpoint map.
+    fn mapped(&self, n: usize) -> bool {
+        self.layout() == DispatchLayout::Mapped && n > 0 && !uses_endpoint_chains(self.layout(), n)
+    }
+
     /// Masquerade off-cluster clients of the cluster IP so replies come back through this node. Tied to the
     /// cluster IP and port because external traffic reaches the same chain and has its own masquerade rule.
     fn cluster_ip_masquerade(&self) -> Option<String> {
@@ -68,14 +85,59 @@ impl Ctx<'_> {
         }
     }
 
-    /// A policy chain: optional masquerade, affinity lookups, then the random pick.
-    fn policy_chain(&self, endpoints: &[EndpointInfo], masquerade: bool) -> Chain {
+    /// A policy chain: optional masquerade, affinity lookups, then the random pick. A mapped chain's endpoints
+    /// go into its slot of the endpoint maps, in `rs`.
+    fn policy_chain(
+        &self,
+        rs: &mut Ruleset,
+        name: &str,
+        endpoints: &[EndpointInfo],
+        masquerade: bool,
+        slots: &mut SlotAllocator<'_>,
+    ) -> (Chain, bool) {
         let spn = &self.spi.name;
         let mut rules = Vec::new();
         if masquerade {
             rules.extend(self.cluster_ip_masquerade());
         }
-        let direct = !uses_endpoint_chains(self.cfg.dispatch, endpoints.len());
+        if self.mapped(endpoints.len())
+            && let Some(proto) = slots::protocol_index(self.proto)
+            && let Some(slot) = slots.slot(name, proto)
+        {
+            let (map, base) = slots::placement(slot);
+            let offset = if base == 0 {
+                String::new()
+            } else {
+                format!(" offset {base}")
+            };
+            rules.push(format!(
+                "meta l4proto {} dnat {} to numgen random mod {}{offset} map @{map}",
+                self.proto,
+                self.cfg.addr(),
+                endpoints.len()
+            ));
+            for (i, ep) in endpoints.iter().enumerate() {
+                add_element(
+                    rs,
+                    &map,
+                    (base + i as u32).to_string(),
+                    self.element(format!("{} . {}", ep.ip, ep.port)),
+                );
+            }
+            let chain = Chain {
+                rules,
+                ..Default::default()
+            };
+            return (chain, false);
+        }
+        let layout = match self.layout() {
+            // No endpoints (no rules), or every slot taken (four million policy chains): the cascade.
+            DispatchLayout::Mapped => DispatchLayout::Direct {
+                max_endpoints: DEFAULT_CASCADE_LIMIT,
+            },
+            layout => layout,
+        };
+        let direct = !uses_endpoint_chains(layout, endpoints.len());
         if self.affinity().is_some() {
             for ep in endpoints {
                 let then = if direct {
@@ -97,11 +159,12 @@ impl Ctx<'_> {
                 action: self.endpoint_action(ep),
             })
             .collect();
-        rules.extend(dispatch_rules(self.cfg.dispatch, &targets));
-        Chain {
+        rules.extend(dispatch_rules(layout, &targets));
+        let chain = Chain {
             rules,
             ..Default::default()
-        }
+        };
+        (chain, !direct)
     }
 
     fn dnat(&self, ep: &EndpointInfo) -> String {
@@ -199,7 +262,12 @@ fn add_element(rs: &mut Ruleset, set: &str, key: String, element: Element) {
 }
 
 /// Adds one service port's objects to a ruleset that already holds the fixed objects.
-pub fn add_service_port(rs: &mut Ruleset, spi: &ServicePortIntent, cfg: &RenderConfig) {
+pub fn add_service_port(
+    rs: &mut Ruleset,
+    spi: &ServicePortIntent,
+    cfg: &RenderConfig,
+    slots: &mut SlotAllocator<'_>,
+) {
     let cx = Ctx {
         spi,
         cfg,
@@ -278,13 +346,24 @@ pub fn add_service_port(rs: &mut Ruleset, spi: &ServicePortIntent, cfg: &RenderC
         }
     }
 
+    // Whether each policy chain reaches its endpoints through endpoint chains.
+    let mut via_chains = [false, false];
     if let Some(name) = &cluster {
-        let chain = cx.policy_chain(&spi.endpoints.cluster, !spi.internal_policy_local);
+        let (chain, chained) = cx.policy_chain(
+            rs,
+            name,
+            &spi.endpoints.cluster,
+            !spi.internal_policy_local,
+            slots,
+        );
         rs.chains.insert(name.clone(), chain);
+        via_chains[0] = chained;
     }
     if let Some(name) = &local {
-        let chain = cx.policy_chain(&spi.endpoints.local, spi.internal_policy_local);
+        let (chain, chained) =
+            cx.policy_chain(rs, name, &spi.endpoints.local, spi.internal_policy_local, slots);
         rs.chains.insert(name.clone(), chain);
+        via_chains[1] = chained;
     }
     if let Some(name) = &external {
         let chain = cx.external_chain(cluster.as_deref(), local.as_deref());
@@ -296,17 +375,16 @@ pub fn add_service_port(rs: &mut Ruleset, spi: &ServicePortIntent, cfg: &RenderC
     // Each policy chain reaches its endpoints either through endpoint chains or by DNATing directly; an
     // endpoint in both policy chains may be reached both ways. Directly reached endpoints get their hairpin
     // masquerade in postrouting, from their address pair.
-    let layout = cfg.dispatch;
     let lists = [
-        (cluster.is_some(), &spi.endpoints.cluster),
-        (local.is_some(), &spi.endpoints.local),
+        (cluster.is_some(), via_chains[0], &spi.endpoints.cluster),
+        (local.is_some(), via_chains[1], &spi.endpoints.local),
     ];
     for ep in &spi.endpoints.all_reachable {
         let mut via_chain = false;
         let mut direct = false;
-        for (in_use, list) in lists {
+        for (in_use, chained, list) in lists {
             if in_use && list.iter().any(|e| e.ip == ep.ip && e.port == ep.port) {
-                if uses_endpoint_chains(layout, list.len()) {
+                if chained {
                     via_chain = true;
                 } else {
                     direct = true;

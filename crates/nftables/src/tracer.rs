@@ -475,18 +475,46 @@ impl Tracer<'_> {
             }
             Item::Verdict(v) => Ok(vec![(step(st), Some(v.clone()))]),
             Item::Dnat { addr, port } => {
-                let mut s = step(st);
-                let ip: IpAddr = addr.parse().map_err(|_| TraceError::Value {
-                    chain: chain.to_string(),
-                    value: addr.clone(),
-                    what: "address",
-                })?;
-                s.daddr = ip;
-                if let Some(p) = port {
-                    s.dport = *p;
-                }
-                s.endpoint = Some(crate::addr_text::socket_text(ip, s.dport));
+                let s = self.dnat(chain, step(st), addr, *port)?;
                 Ok(vec![(s, Some(RuleVerdict::Accept))])
+            }
+            Item::DnatMap { selectors, map } => {
+                // Every element the key can find is a destination. A key without an element ends the rule,
+                // as a failed match does, and the chain goes on: with a random key, whenever the range has
+                // a hole.
+                let range = match selectors.as_slice() {
+                    [Selector::Numgen { modulus, .. }] => Some(*modulus as usize),
+                    _ => None,
+                };
+                let mut out = Vec::new();
+                if !selectors
+                    .iter()
+                    .any(|s| matches!(self.see(*s, &st), Seen::Absent))
+                {
+                    let set = self.named_set(chain, map)?;
+                    for (key, element) in &set.elements {
+                        if let Some(value) = &element.value
+                            && self.key_matches(chain, selectors, &st, key)?
+                        {
+                            let (addr, port) = value.split_once(" . ").ok_or_else(|| TraceError::Value {
+                                chain: chain.to_string(),
+                                value: value.clone(),
+                                what: "address . port",
+                            })?;
+                            let port = port.trim().parse().map_err(|_| TraceError::Value {
+                                chain: chain.to_string(),
+                                value: value.clone(),
+                                what: "port",
+                            })?;
+                            let s = self.dnat(chain, step(st.clone()), addr.trim(), Some(port))?;
+                            out.push((s, Some(RuleVerdict::Accept)));
+                        }
+                    }
+                }
+                if out.is_empty() || range.is_some_and(|n| out.len() < n) {
+                    out.push((st, None));
+                }
+                Ok(out)
             }
             Item::Masquerade => {
                 let mut s = step(st);
@@ -509,6 +537,20 @@ impl Tracer<'_> {
                 Ok(out.into_iter().map(|(s, v)| (step(s), v)).collect())
             }
         }
+    }
+
+    fn dnat(&self, chain: &str, mut s: State, addr: &str, port: Option<u16>) -> Result<State, TraceError> {
+        let ip: IpAddr = addr.parse().map_err(|_| TraceError::Value {
+            chain: chain.to_string(),
+            value: addr.to_string(),
+            what: "address",
+        })?;
+        s.daddr = ip;
+        if let Some(p) = port {
+            s.dport = p;
+        }
+        s.endpoint = Some(crate::addr_text::socket_text(ip, s.dport));
+        Ok(s)
     }
 
     /// Runs every base chain of `hook` on every live path.

@@ -12,9 +12,10 @@ use common::*;
 use proptest::prelude::*;
 use svcproxy_nftables::dispatch::DEFAULT_LAYOUT;
 use svcproxy_nftables::simulate::Kernel;
+use svcproxy_nftables::slots;
 use svcproxy_nftables::{
     Family, Ruleset, TransactionKind, chunked_full, full_transaction, partial_transaction, render,
-    render_table,
+    render_table, render_table_after,
 };
 
 fn rendered(specs: &[common::arbitrary::SvcSpec], layout_index: usize) -> Ruleset {
@@ -47,7 +48,7 @@ proptest! {
     #[test]
     fn per_service_updates_keep_the_table_a_full_render_would_build(
         steps in prop::collection::vec(cluster(), 2..5),
-        layout in 0usize..5,
+        layout in 0usize..6,
     ) {
         let cfg = flow_config(LAYOUTS[layout]);
         let intents: Vec<_> = steps.iter().map(|s| intent_of(&build(s, false))).collect();
@@ -56,6 +57,9 @@ proptest! {
         let mut kernel = Kernel::holding(&table.ruleset);
         for pair in intents.windows(2) {
             let (from, to) = (&pair[0], &pair[1]);
+            // Endpoint-map slots are kept across renders, so the full render to compare with is given the
+            // slots the table held.
+            let prior = table.slots().clone();
             match table.plan(from, to, &cfg) {
                 Some(update) => {
                     let tx = partial_transaction(&update.before, &update.after).unwrap();
@@ -64,13 +68,13 @@ proptest! {
                 }
                 // A shared element whose value depends on an unchanged Service: the caller renders it all.
                 None => {
-                    let next = render_table(to, &cfg);
+                    let next = render_table_after(to, &cfg, &prior);
                     let tx = partial_transaction(&table.ruleset, &next.ruleset).unwrap();
                     kernel.apply(&tx.text).unwrap();
                     table = next;
                 }
             }
-            prop_assert_eq!(&table, &render_table(to, &cfg));
+            prop_assert_eq!(&table, &render_table_after(to, &cfg, &prior));
             prop_assert_eq!(kernel.table(Family::Ip, "svcproxy").unwrap(), &table.ruleset);
         }
     }
@@ -110,13 +114,26 @@ proptest! {
             if !(name.starts_with("service-") || name.starts_with("local-")) || name.ends_with("-check") {
                 continue;
             }
-            // Dispatch rules are the numgen cascade plus its unconditional last rule.
-            let targets: Vec<&str> = chain
+            // Dispatch rules are the numgen cascade plus its unconditional last rule, or one pick from the
+            // chain's slot of an endpoint map.
+            let mut targets: Vec<&str> = chain
                 .rules
                 .iter()
                 .filter(|r| !r.contains(" saddr @") && !r.contains("jump mark-for-masquerade"))
+                .filter(|r| !r.contains(" map @endpoints-"))
                 .filter_map(|r| r.split(" dnat to ").nth(1).or_else(|| r.split("goto ").nth(1)))
                 .collect();
+            for rule in chain.rules.iter().filter(|r| r.contains(" map @endpoints-")) {
+                let slot = slots::slot_of_rule(rule);
+                prop_assert!(slot.is_some(), "{}: {}", name, rule);
+                let (map, base) = slots::placement(slot.unwrap());
+                let n: u32 = rule.split(" mod ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+                for key in base..base + n {
+                    let element = rs.sets[&map].elements.get(&key.to_string());
+                    prop_assert!(element.is_some(), "{}: key {} missing from {}", name, key, map);
+                    targets.push(element.unwrap().value.as_deref().unwrap());
+                }
+            }
             let unique: BTreeSet<&&str> = targets.iter().collect();
             prop_assert_eq!(unique.len(), targets.len(), "{}: {:?}", name, chain.rules);
             prop_assert!(!targets.is_empty(), "{} dispatches nowhere", name);

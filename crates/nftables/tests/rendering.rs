@@ -144,7 +144,14 @@ fn ipv6_table() {
     let text = full_transaction(&render(&intent, &cfg)).text;
     assert!(text.starts_with("table ip6 svcproxy {}\n"));
     assert!(text.contains("add rule ip6 svcproxy service-v6/web/tcp/http ip6 daddr fd00:96::10 tcp dport 80 ip6 saddr != fd00:10::/64 jump mark-for-masquerade"));
-    assert!(text.contains("meta l4proto tcp dnat to [fd00:10::5]:8080"));
+    assert!(text.contains("meta l4proto tcp dnat ip6 to numgen random mod 1 map @endpoints-tcp-0"));
+    assert!(text.contains(
+        "add map ip6 svcproxy endpoints-tcp-0 { typeof numgen random mod 1 : ip6 daddr . tcp dport ; }"
+    ));
+    assert!(
+        text.contains("comment \"v6/web:http\" : fd00:10::5 . 8080 }"),
+        "{text}"
+    );
     assert!(
         text.contains(
             "fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports"

@@ -311,10 +311,11 @@ async fn diff_handler(State(d): State<DebugState>) -> Response {
         Ok(i) => i,
         Err(f) => return f.into_response(),
     };
-    let expected = d.expected(applied);
+    let mut expected = d.expected(applied);
     let mode = d.0.proxy_mode;
     let result = blocking(move || {
         let kernel = KernelRead::read(mode, &["filter", "nat"], IpFamily::V4).map_err(|e| e.to_string())?;
+        expected.align_with(&kernel);
         Ok(diff::compare(
             &kernel,
             &expected.rendering,

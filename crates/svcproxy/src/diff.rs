@@ -45,7 +45,8 @@ pub async fn command(args: &DiffArgs) -> Result<DiffReport, DiffError> {
         return serde_json::from_str(&body).map_err(DiffError::Answer);
     }
     let kernel = KernelRead::read(args.run.proxy_mode, &["filter", "nat"], IpFamily::V4)?;
-    let expected = load_expected(&args.run, &SystemAddresses.addresses(), IpFamily::V4).await?;
+    let mut expected = load_expected(&args.run, &SystemAddresses.addresses(), IpFamily::V4).await?;
+    expected.align_with(&kernel);
     Ok(compare(
         &kernel,
         &expected.rendering,

@@ -265,6 +265,31 @@ impl Expected {
     }
 }
 
+impl Expected {
+    /// Our nftables table as the kernel's copy `table` would hold it: each policy chain keeps the
+    /// endpoint-map slot it has there (slots follow the table's history, not the intent alone, so a fresh
+    /// render would number them differently). `None` in iptables mode.
+    pub fn nft_rendering_like(&self, table: &NftRuleset) -> Option<NftRuleset> {
+        match &self.rendering {
+            Rendering::Nftables(_) => Some(svcproxy_nftables::render_after(
+                &self.intent,
+                &nft_config(&self.config),
+                &svcproxy_nftables::Slots::of_ruleset(table),
+            )),
+            Rendering::Iptables(_) => None,
+        }
+    }
+
+    /// Makes the rendering comparable with what `kernel` read (see [`Expected::nft_rendering_like`]).
+    pub fn align_with(&mut self, kernel: &KernelRead) {
+        if let KernelRead::Nftables(Some(table)) = kernel
+            && let Some(ours) = self.nft_rendering_like(table)
+        {
+            self.rendering = Rendering::Nftables(ours);
+        }
+    }
+}
+
 /// The node's name as `svcproxy run` takes it: `--hostname-override` (or `$NODE_NAME`), else the hostname.
 pub fn node_name(args: &RunArgs) -> Result<String, LoadError> {
     if let Some(n) = args.hostname_override.as_ref().filter(|n| !n.trim().is_empty()) {
@@ -573,7 +598,11 @@ impl PathView {
                         .get(split_chain(&s.chain).1)
                         .is_some_and(|c| c.base.is_some())
                 },
-                |s| s.rule.contains(" dnat to ") || s.rule.contains(" goto "),
+                |s| {
+                    [" dnat to ", " dnat ip to ", " dnat ip6 to ", " goto "]
+                        .iter()
+                        .any(|w| s.rule.contains(w))
+                },
             )
         })
     }
@@ -1171,6 +1200,8 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
             intended
         }
         (KernelRules::Nftables(table), Rendering::Nftables(ours)) => {
+            let aligned = table.and_then(|t| expected.nft_rendering_like(t));
+            let ours = aligned.as_ref().unwrap_or(ours);
             let intended = PathView::of_nft(
                 svcproxy_nftables::trace(ours, &packet, input.local_ips).map_err(|e| e.to_string()),
                 ours,

@@ -552,8 +552,8 @@ fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
     );
     assert_eq!(
         r["kernel"]["alternatives"].as_array().unwrap().len(),
-        2,
-        "one per further endpoint: {r:#}"
+        0,
+        "one rule picks among all endpoints, from the chain's slot of an endpoint map: {r:#}"
     );
     let (code, r) = node.nft_json(&["explain", "--from", "10.0.0.20", "--to", "10.96.0.110:80/tcp"]);
     assert_eq!((code, &r["agree"]), (0, &Value::Bool(true)), "{r:#}");
@@ -585,8 +585,8 @@ fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
     proxy.assert_no_divergence();
     drop(proxy);
 
-    // Broken while the daemon is stopped: demo/api's element of the ClusterIP map, and demo/web's rule that
-    // sends connections to its third endpoint.
+    // Broken while the daemon is stopped: demo/api's element of the ClusterIP map, and demo/web's element of
+    // its endpoint map that sends connections to its third endpoint.
     let api_key = format!("{API_VIP} . tcp . 80");
     node.nft(&[
         "delete",
@@ -597,14 +597,29 @@ fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
         &format!("{{ {api_key} }}"),
     ]);
     let web_chain = "service-demo/web/tcp/http";
-    let listing = node.nft(&["-a", "list", "chain", "ip", "svcproxy", web_chain]);
-    let handle = listing
-        .lines()
-        .find(|l| l.contains("dnat to 10.244.0.13:8080"))
-        .and_then(|l| l.rsplit_once("# handle "))
-        .map(|(_, h)| h.trim().to_string())
-        .unwrap_or_else(|| panic!("no DNAT rule to 10.244.0.13 in\n{listing}"));
-    node.nft(&["delete", "rule", "ip", "svcproxy", web_chain, "handle", &handle]);
+    let listing = node.nft(&["list", "chain", "ip", "svcproxy", web_chain]);
+    let map = listing
+        .split(" map @")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no endpoint map in\n{listing}"))
+        .to_string();
+    let elements = node.nft(&["list", "map", "ip", "svcproxy", &map]);
+    let key = elements
+        .split(['{', ','])
+        .find(|e| e.contains(": 10.244.0.13 . 8080"))
+        .and_then(|e| e.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no element for 10.244.0.13 in\n{elements}"))
+        .to_string();
+    node.nft(&[
+        "delete",
+        "element",
+        "ip",
+        "svcproxy",
+        &map,
+        &format!("{{ {key} }}"),
+    ]);
+    let web_map = format!("@{map}");
     assert!(
         tcp_request(node.client.ns(), vip(API_VIP), T).is_err(),
         "without its map element the Service is unreachable"
@@ -647,8 +662,8 @@ fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
         "{r:#}"
     );
     assert_eq!(
-        r["differing_chains"][0]["chain"], web_chain,
-        "the chain missing the rule: {r:#}"
+        r["differing_chains"][0]["chain"], web_map,
+        "the map missing the element: {r:#}"
     );
 
     let (code, r) = node.nft_json(&["diff"]);
@@ -662,7 +677,7 @@ fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
         .collect();
     assert_eq!(ports, ["demo/api:http", "demo/web:http"], "{r:#}");
     assert_eq!(r["service_ports"][0]["chains"][0]["chain"], "@service-ips");
-    assert_eq!(r["service_ports"][1]["chains"][0]["chain"], web_chain);
+    assert_eq!(r["service_ports"][1]["chains"][0]["chain"], web_map);
     assert_eq!(strings(&r["services"]), ["demo/api", "demo/web"], "{r:#}");
     let repair = strings(&r["repair"]);
     assert!(
@@ -672,7 +687,10 @@ fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
         "{repair:?}"
     );
     assert!(
-        repair.iter().any(|l| l.contains("dnat to 10.244.0.13:8080")),
+        repair
+            .iter()
+            .any(|l| l.starts_with(&format!("add element ip svcproxy {map} {{"))
+                && l.contains(": 10.244.0.13 . 8080")),
         "{repair:?}"
     );
     let (code, text, _) = node.nft_cli(&["diff"]);

@@ -194,10 +194,11 @@ pub fn flow_state() -> ClusterState {
 
 /// Every dispatch layout, the default first; the last two switch to endpoint chains and vmaps above one
 /// endpoint, so services mix both shapes.
-pub const LAYOUTS: [DispatchLayout; 5] = [
+pub const LAYOUTS: [DispatchLayout; 6] = [
     svcproxy_nftables::dispatch::DEFAULT_LAYOUT,
     DispatchLayout::Cascade { max_endpoints: 32 },
     DispatchLayout::NumgenVmap,
+    DispatchLayout::Direct { max_endpoints: 32 },
     DispatchLayout::Direct { max_endpoints: 1 },
     DispatchLayout::Cascade { max_endpoints: 1 },
 ];

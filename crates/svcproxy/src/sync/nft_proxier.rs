@@ -16,9 +16,9 @@ use svcproxy_iptables::config::{
 };
 use svcproxy_model::{ClusterState, Intent, IntentChanges, IntentConfig, IpFamily};
 use svcproxy_nftables::{
-    Family, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable, Ruleset, Transaction,
+    Family, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable, Ruleset, Slots, Transaction,
     delete_table_transaction, full_in_chunks, full_transaction, parse_listing, partial_transaction,
-    probe_transaction, render_table,
+    probe_transaction, render_table_after,
 };
 
 use super::intent_cache::IntentCache;
@@ -289,7 +289,20 @@ impl Proxier for NftProxier {
                 conntrack,
             });
         }
-        let next = render_table(&intent, &config);
+        // A full sync compares with the kernel's table unless it rebuilds, or follows a table it applied.
+        let current = match (&self.applied, mode) {
+            (Some(_), SyncMode::Partial) | (_, SyncMode::Rebuild) => None,
+            _ => Some(self.read_back()?),
+        };
+        // Policy chains keep their endpoint-map slots: those of the table we applied, else those the kernel's
+        // copy holds, so a restart onto the right table renders it exactly and writes nothing.
+        let prior = match (&self.applied, &current) {
+            (Some((prev, _)), _) => prev.slots().clone(),
+            (None, Some(Some(table))) => Slots::of_ruleset(table),
+            _ => Slots::default(),
+        };
+        let next = render_table_after(&intent, &config, &prior);
+        drop(prior);
         let fam = family(self.intent_config.family);
         let transactions: Box<dyn Iterator<Item = String> + '_> = match (&self.applied, mode) {
             (Some((prev, _)), SyncMode::Partial) => {
@@ -302,7 +315,7 @@ impl Proxier for NftProxier {
                 text.push_str(&delete_table_transaction(fam, UPSTREAM_TABLE));
                 Box::new(std::iter::once(text))
             }
-            _ => match self.read_back()? {
+            _ => match current.flatten() {
                 // The table exists: send what differs (nothing on a restart onto the right table).
                 Some(current) => {
                     let t = partial_transaction(&current, &next.ruleset)
