@@ -21,6 +21,7 @@ pub mod addr_text;
 pub mod commands;
 pub mod config;
 pub mod dispatch;
+pub mod element_batch;
 pub mod fixed;
 pub mod incremental;
 pub mod listing;
@@ -37,6 +38,7 @@ pub mod tracer;
 pub mod transaction;
 
 pub use config::{ConfigError, DispatchLayout, LocalDetector, NodePortAddresses, RenderConfig};
+pub use element_batch::{ElementChange, EncodeError, EncodedBatch, element_changes, encode_batch};
 pub use incremental::{RenderedTable, TableUpdate, render_table, render_table_after};
 pub use listing::{Listing, ListingError, parse_listing};
 pub use probe::{PROBE_TABLE, probe_transaction};

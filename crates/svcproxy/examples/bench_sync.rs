@@ -192,9 +192,9 @@ fn main() {
     let work = std::env::temp_dir().join(format!("svcproxy-bench-{}", std::process::id()));
     fs::create_dir_all(&work).unwrap();
     println!(
-        "| services × endpoints | cold sync | lines | one change: event → kernel (median of {changes}) | change lines | restart sync | restart: start → synced | restart lines | peak RSS |"
+        "| services × endpoints | cold sync | lines | one change: event → kernel (median of {changes}) | of which the sync | change lines | restart sync | restart: start → synced | restart lines | peak RSS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         let ns = NetNs::new("bench").expect("network namespace (run as root)");
         let api = FakeApiServer::start_in(&ns, "127.0.0.1:0".parse().unwrap());
@@ -211,6 +211,7 @@ fn main() {
         let mut proxy = Proxy::start(&ns, &kubeconfig, work.join(format!("cold-{n}.log")), &mode);
         let cold = proxy.next_sync(Duration::from_secs(600));
         let mut latencies = Vec::new();
+        let mut sync_times = Vec::new();
         let mut change_lines = 0;
         for c in 0..changes {
             let i = (c * 7919) % n;
@@ -218,10 +219,12 @@ fn main() {
             api.store().apply(slice(i, m, c + 1)).unwrap();
             let s = proxy.next_sync(Duration::from_secs(60));
             latencies.push(s.at.duration_since(sent).unwrap_or_default().as_secs_f64() * 1000.0);
+            sync_times.push(s.seconds * 1000.0);
             change_lines = s.lines;
             debug_assert_eq!(s.kind, "partial");
         }
         latencies.sort_by(f64::total_cmp);
+        sync_times.sort_by(f64::total_cmp);
         let mut peak = proxy.peak_rss_mib();
         proxy.stop();
 
@@ -236,10 +239,11 @@ fn main() {
         peak = peak.max(restarted.peak_rss_mib());
         restarted.stop();
         println!(
-            "| {n} × {m} | {:.2} s | {} | {:.1} ms | {change_lines} | {:.2} s | {restart_wall:.2} s | {} | {peak:.0} MiB |",
+            "| {n} × {m} | {:.2} s | {} | {:.1} ms | {:.1} ms | {change_lines} | {:.2} s | {restart_wall:.2} s | {} | {peak:.0} MiB |",
             cold.seconds,
             cold.lines,
             latencies[latencies.len() / 2],
+            sync_times[sync_times.len() / 2],
             restart.seconds,
             restart.lines
         );

@@ -2,4 +2,5 @@
 
 pub mod iptables;
 pub mod nft;
+pub mod nft_netlink;
 pub mod runner;

@@ -16,9 +16,9 @@ use svcproxy_iptables::config::{
 };
 use svcproxy_model::{ClusterState, Intent, IntentChanges, IntentConfig, IpFamily};
 use svcproxy_nftables::{
-    Family, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable, Ruleset, Slots, Transaction,
-    delete_table_transaction, full_in_chunks, full_transaction, parse_listing, partial_transaction,
-    probe_transaction, render_table_after,
+    Family, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable, Ruleset, Slots, TableUpdate,
+    Transaction, delete_table_transaction, element_changes, full_in_chunks, full_transaction, parse_listing,
+    partial_transaction, probe_transaction, render_table_after,
 };
 
 use super::intent_cache::IntentCache;
@@ -27,6 +27,7 @@ use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::exec::iptables::ExecError;
 use crate::exec::nft::NftCommands;
+use crate::exec::nft_netlink::{ElementWriteError, ElementWriter};
 use crate::node_addresses::LocalAddresses;
 
 /// Services per transaction on a cold sync: keeps each transaction (and the kernel's nftables lock) short.
@@ -48,6 +49,8 @@ pub struct NftProxier {
     applied: Option<(RenderedTable, RenderConfig)>,
     applied_intent: Option<Arc<Intent>>,
     conntrack: Option<Box<dyn Conntrack>>,
+    /// Where element-only updates go, when set; everything else goes to `nft`.
+    elements: Option<Box<dyn ElementWriter>>,
     probed: bool,
     last_sync_full: bool,
     /// Watches for a proxy of the other mode (kube-proxy's iptables chains or its nftables table).
@@ -98,9 +101,42 @@ impl NftProxier {
             applied: None,
             applied_intent: None,
             conntrack: None,
+            elements: None,
             probed: false,
             last_sync_full: false,
             other_proxies: None,
+        }
+    }
+
+    pub fn with_element_writer(mut self, writer: Box<dyn ElementWriter>) -> Self {
+        self.elements = Some(writer);
+        self
+    }
+
+    /// Sends an update that only changes elements over netlink. `Ok(None)` when it is not such an update, or
+    /// has a type the writer does not encode: then `nft` applies it.
+    fn write_elements(&self, update: &TableUpdate) -> Result<Option<usize>, SyncError> {
+        let Some(writer) = &self.elements else {
+            return Ok(None);
+        };
+        let Some(changes) = element_changes(&update.before, &update.after) else {
+            return Ok(None);
+        };
+        if changes.is_empty() {
+            return Ok(Some(0));
+        }
+        match writer.write(&update.after, &changes) {
+            Ok(()) => Ok(Some(changes.len())),
+            Err(ElementWriteError::Encode(e)) => {
+                tracing::debug!(error = %e, "element update left to nft");
+                Ok(None)
+            }
+            Err(e) => Err(SyncError::Refused {
+                class: "other",
+                repairable: true,
+                reason: e.to_string(),
+                context: String::new(),
+            }),
         }
     }
 
@@ -268,14 +304,24 @@ impl Proxier for NftProxier {
             && let Some(update) = table.plan(prev, &intent, &config)
         {
             // Only the changed Services' objects are rendered and compared: the cost follows the change.
-            let t = partial_transaction(&update.before, &update.after)
-                .map_err(|e| SyncError::ReadBack(e.to_string()))?;
-            if !t.text.is_empty()
-                && let Err(e) = self.apply(&t.text)
-            {
-                self.applied = None;
-                return Err(e);
-            }
+            let lines = match self.write_elements(&update) {
+                Ok(Some(lines)) => lines,
+                Ok(None) => {
+                    let t = partial_transaction(&update.before, &update.after)
+                        .map_err(|e| SyncError::ReadBack(e.to_string()))?;
+                    if !t.text.is_empty()
+                        && let Err(e) = self.apply(&t.text)
+                    {
+                        self.applied = None;
+                        return Err(e);
+                    }
+                    t.text.lines().count()
+                }
+                Err(e) => {
+                    self.applied = None;
+                    return Err(e);
+                }
+            };
             if let Some((table, _)) = &mut self.applied {
                 table.apply(update);
             }
@@ -285,7 +331,7 @@ impl Proxier for NftProxier {
             return Ok(SyncReport {
                 full: false,
                 intent,
-                payload_lines: t.text.lines().count(),
+                payload_lines: lines,
                 conntrack,
             });
         }
