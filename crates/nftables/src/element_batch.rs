@@ -332,10 +332,16 @@ impl Writer {
     }
 }
 
+/// What a map element maps to, encoded.
+enum ElementData {
+    Value(Vec<u8>),
+    Verdict { code: i32, chain: Option<String> },
+}
+
 /// One element, encoded for its set.
 struct Encoded {
     key: Vec<u8>,
-    data: Option<Result<Vec<u8>, (i32, Option<String>)>>,
+    data: Option<ElementData>,
     comment: Option<Vec<u8>>,
 }
 
@@ -364,9 +370,14 @@ fn encode_element(set_name: &str, set: &Set, change: &ElementChange) -> Result<E
             Some(match kind {
                 DataKind::Verdict => {
                     let (code, chain) = verdict(set_name, text)?;
-                    Err((code, chain.map(str::to_string)))
+                    ElementData::Verdict {
+                        code,
+                        chain: chain.map(str::to_string),
+                    }
                 }
-                DataKind::Fields(fields) => Ok(value_bytes(set_name, "value", &fields, text)?),
+                DataKind::Fields(fields) => {
+                    ElementData::Value(value_bytes(set_name, "value", &fields, text)?)
+                }
             })
         }
     };
@@ -433,10 +444,10 @@ pub fn encode_batch(
                     w.nested(NFTA_LIST_ELEM, |w| {
                         w.nested(NFTA_SET_ELEM_KEY, |w| w.attr(NFTA_DATA_VALUE, &e.key));
                         match &e.data {
-                            Some(Ok(bytes)) => {
+                            Some(ElementData::Value(bytes)) => {
                                 w.nested(NFTA_SET_ELEM_DATA, |w| w.attr(NFTA_DATA_VALUE, bytes))
                             }
-                            Some(Err((code, chain))) => w.nested(NFTA_SET_ELEM_DATA, |w| {
+                            Some(ElementData::Verdict { code, chain }) => w.nested(NFTA_SET_ELEM_DATA, |w| {
                                 w.nested(NFTA_DATA_VERDICT, |w| {
                                     w.attr(NFTA_VERDICT_CODE, &code.to_be_bytes());
                                     if let Some(c) = chain {
@@ -625,7 +636,10 @@ mod tests {
             add("nowhere", "1", None, None),
         ];
         for change in bad {
-            assert!(encode_batch(&rs, &[change.clone()], 1).is_err(), "{change:?}");
+            assert!(
+                encode_batch(&rs, std::slice::from_ref(&change), 1).is_err(),
+                "{change:?}"
+            );
         }
     }
 }
