@@ -225,7 +225,7 @@ fn dns_intent(endpoint: &str) -> Intent {
         content_hash: 0,
     };
     Intent {
-        service_ports: [(name, std::sync::Arc::new(spi))].into(),
+        service_ports: [(name, std::sync::Arc::new(spi))].into_iter().collect(),
     }
 }
 

@@ -96,13 +96,18 @@ impl ServicePortIntent {
     }
 }
 
+/// Every proxied service port, in a stable order. A persistent map: a copy shares its tree with the
+/// original, so an intent rebuilt after a few changes costs what changed (cloning a `BTreeMap` of 50,000 ports
+/// took 16 ms, most of an endpoint change at that scale).
+pub type ServicePorts = imbl::OrdMap<ServicePortName, Arc<ServicePortIntent>>;
+
 /// The intent for one IP family: every proxied service port, in a stable order.
 ///
 /// Each port's intent is shared: an intent rebuilt after a few changes keeps the unchanged ports of the one
 /// before it, so building, holding and comparing successive intents costs what changed, not the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Intent {
-    pub service_ports: BTreeMap<ServicePortName, Arc<ServicePortIntent>>,
+    pub service_ports: ServicePorts,
 }
 
 /// A Service's health-check node port and how many ready endpoints it has on this node.

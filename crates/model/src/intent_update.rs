@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::intent::{build_intent, service_port_intents};
+use crate::intent::{ServicePorts, build_intent, service_port_intents};
 use crate::{ClusterState, EndpointSlice, Intent, IntentConfig, ObjectName, Protocol, ServicePortName};
 
 /// Whose inputs changed since an intent was built.
@@ -100,8 +100,8 @@ pub fn update_intent(
 }
 
 /// The keys of one Service's ports: they sort together, the Service name being the first field.
-fn ports_of<'a, V>(
-    ports: &'a BTreeMap<ServicePortName, V>,
+fn ports_of<'a>(
+    ports: &'a ServicePorts,
     service: &'a ObjectName,
 ) -> impl Iterator<Item = &'a ServicePortName> + 'a {
     let first = ServicePortName::new(service.clone(), "", Protocol::Tcp);

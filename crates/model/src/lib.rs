@@ -24,7 +24,7 @@ pub use cluster_state::ClusterState;
 pub use endpoint::EndpointInfo;
 pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice};
 pub use family::IpFamily;
-pub use intent::{Intent, IntentConfig, ServicePortIntent};
+pub use intent::{Intent, IntentConfig, ServicePortIntent, ServicePorts};
 pub use intent_update::{IntentChanges, update_intent};
 pub use node::Node;
 pub use object_name::ObjectName;

@@ -108,7 +108,7 @@ fn only_port(st: &ClusterState) -> ServicePortIntent {
         },
     );
     assert_eq!(intent.service_ports.len(), 1);
-    (*intent.service_ports.into_values().next().unwrap()).clone()
+    (**intent.service_ports.values().next().unwrap()).clone()
 }
 
 fn ips(v: &[svcproxy_model::EndpointInfo]) -> Vec<String> {

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use imbl::ordmap::DiffItem;
 use svcproxy_model::{Intent, IpFamily, ObjectName, Protocol, ServicePortIntent, ServicePortName};
 
 use crate::config::RenderConfig;
@@ -364,42 +365,16 @@ fn declarations(rs: &Ruleset, fixed: &BTreeSet<&str>) -> Ruleset {
     }
 }
 
-/// Services with a port added, removed or changed between two intents.
+/// Services with a port added, removed or changed between two intents. The intents share the tree of
+/// their unchanged ports, which the diff skips, so this costs what changed.
 fn changed_services(a: &Intent, b: &Intent) -> BTreeSet<ObjectName> {
-    let mut out = BTreeSet::new();
-    let mut x = a.service_ports.iter().peekable();
-    let mut y = b.service_ports.iter().peekable();
-    loop {
-        match (x.peek(), y.peek()) {
-            (None, None) => break,
-            (Some((k, _)), None) => {
-                out.insert(k.service.clone());
-                x.next();
-            }
-            (None, Some((k, _))) => {
-                out.insert(k.service.clone());
-                y.next();
-            }
-            (Some((k1, v1)), Some((k2, v2))) => match k1.cmp(k2) {
-                std::cmp::Ordering::Less => {
-                    out.insert(k1.service.clone());
-                    x.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.insert(k2.service.clone());
-                    y.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if !std::sync::Arc::ptr_eq(v1, v2) && v1 != v2 {
-                        out.insert(k1.service.clone());
-                    }
-                    x.next();
-                    y.next();
-                }
-            },
-        }
-    }
-    out
+    a.service_ports
+        .diff(&b.service_ports)
+        .map(|item| match item {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k.service.clone(),
+            DiffItem::Update { new: (k, _), .. } => k.service.clone(),
+        })
+        .collect()
 }
 
 fn ports_of<'a>(intent: &'a Intent, service: &ObjectName) -> Vec<&'a ServicePortIntent> {

@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 
+use imbl::ordmap::DiffItem;
 use svcproxy_conntrack::{Conntrack, clean_stale_flows};
 use svcproxy_model::{Intent, IpFamily, Protocol, ServicePortName};
 
@@ -47,12 +48,12 @@ pub fn reconcile(
 
 /// Whether any UDP or SCTP service port differs between two intents (added, removed or changed).
 fn datagram_ports_changed(previous: &Intent, current: &Intent) -> bool {
-    let datagram = |i: &Intent| -> Vec<(ServicePortName, u64)> {
-        i.service_ports
-            .values()
-            .filter(|s| s.name.protocol != Protocol::Tcp)
-            .map(|s| (s.name.clone(), s.content_hash))
-            .collect()
-    };
-    datagram(previous) != datagram(current)
+    // The intents share the tree of their unchanged ports, which the diff skips.
+    previous.service_ports.diff(&current.service_ports).any(|item| {
+        let name: &ServicePortName = match item {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
+            DiffItem::Update { new: (k, _), .. } => k,
+        };
+        name.protocol != Protocol::Tcp
+    })
 }
