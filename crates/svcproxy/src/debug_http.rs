@@ -24,6 +24,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clap::ValueEnum;
+use imbl::ordmap::DiffItem;
 use serde::Deserialize;
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{Intent, IntentConfig, IpFamily};
@@ -46,6 +47,9 @@ struct Tracking {
     syncs: u64,
     /// Service port → (content hash, when a sync last wrote that content).
     programmed: HashMap<String, (u64, String)>,
+    /// The intent those times were taken from: the next one is compared with it by shared structure, so
+    /// following a sync costs what it changed.
+    seen: Option<Arc<Intent>>,
     last_sync: Option<String>,
     last_check: Option<String>,
 }
@@ -64,14 +68,22 @@ impl Tracking {
         }
         self.last_sync = Some(now.to_string());
         if let Some(applied) = &s.applied {
-            self.programmed
-                .retain(|name, _| applied.service_ports.keys().any(|k| k.to_string() == *name));
-            for spi in applied.service_ports.values() {
-                let name = spi.name.to_string();
-                if self.programmed.get(&name).map(|p| p.0) != Some(spi.content_hash) {
-                    self.programmed.insert(name, (spi.content_hash, now.to_string()));
+            let none = Intent::default();
+            let seen = self.seen.as_deref().unwrap_or(&none);
+            for item in seen.service_ports.diff(&applied.service_ports) {
+                match item {
+                    DiffItem::Remove(name, _) => {
+                        self.programmed.remove(&name.to_string());
+                    }
+                    DiffItem::Add(name, spi) | DiffItem::Update { new: (name, spi), .. } => {
+                        let name = name.to_string();
+                        if self.programmed.get(&name).map(|p| p.0) != Some(spi.content_hash) {
+                            self.programmed.insert(name, (spi.content_hash, now.to_string()));
+                        }
+                    }
                 }
             }
+            self.seen = Some(applied.clone());
         }
     }
 }
@@ -440,5 +452,42 @@ mod tests {
         s.last_error = Some("refused".into());
         t.observe(&s, "t5");
         assert_eq!(t.last_sync.as_deref(), Some("t4"));
+    }
+
+    #[test]
+    fn removed_ports_are_forgotten_and_untouched_ones_keep_their_time() {
+        let two = |web_port: u16, with_api: bool| {
+            let mut ports = intent(web_port).service_ports.clone();
+            if with_api {
+                let mut api = (*intent(90).service_ports.values().next().unwrap())
+                    .as_ref()
+                    .clone();
+                api.name = svcproxy_model::ServicePortName::new(
+                    ObjectName::new("demo", "api"),
+                    "http",
+                    Protocol::Tcp,
+                );
+                ports.insert(api.name.clone(), Arc::new(api));
+            }
+            Arc::new(Intent { service_ports: ports })
+        };
+        let mut t = Tracking::default();
+        let mut s = EngineStatus {
+            syncs: 1,
+            applied: Some(two(80, true)),
+            ..Default::default()
+        };
+        t.observe(&s, "t1");
+        assert_eq!(t.programmed.len(), 2);
+        s.syncs = 2;
+        s.applied = Some(two(81, false));
+        t.observe(&s, "t2");
+        assert_eq!(t.programmed.len(), 1, "{:?}", t.programmed);
+        assert_eq!(t.programmed["demo/web:http"].1, "t2");
+        s.syncs = 3;
+        s.applied = Some(two(81, true));
+        t.observe(&s, "t3");
+        assert_eq!(t.programmed["demo/web:http"].1, "t2");
+        assert_eq!(t.programmed["demo/api:http"].1, "t3");
     }
 }
