@@ -348,7 +348,6 @@ impl Proxier for NftProxier {
             _ => Slots::default(),
         };
         let next = render_table_after(&intent, &config, &prior);
-        drop(prior);
         let fam = family(self.intent_config.family);
         let transactions: Box<dyn Iterator<Item = String> + '_> = match (&self.applied, mode) {
             (Some((prev, _)), SyncMode::Partial) => {
