@@ -2,10 +2,11 @@
 //! inputs changed are built again; every other port is shared with the previous intent. The result is the
 //! intent [`build_intent`] would build from the same state, so a caller may use either.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::intent::{ServicePorts, build_intent, service_port_intents};
+use crate::slice_index::SliceIndex;
 use crate::{ClusterState, EndpointSlice, Intent, IntentConfig, ObjectName, Protocol, ServicePortName};
 
 /// Whose inputs changed since an intent was built.
@@ -15,6 +16,8 @@ pub struct IntentChanges {
     pub all: bool,
     /// Services whose object or whose EndpointSlices changed (added, updated or removed).
     pub services: BTreeSet<ObjectName>,
+    /// EndpointSlices that were added, updated or removed, so the [`SliceIndex`] can follow them.
+    pub slices: BTreeSet<ObjectName>,
 }
 
 impl IntentChanges {
@@ -22,6 +25,7 @@ impl IntentChanges {
         IntentChanges {
             all: true,
             services: BTreeSet::new(),
+            slices: BTreeSet::new(),
         }
     }
 
@@ -35,13 +39,15 @@ impl IntentChanges {
         }
     }
 
-    /// The Service an EndpointSlice belongs to.
+    /// An EndpointSlice, and so the Service it belongs to. Call it for the slice as it was and as it is when
+    /// its Service label may have changed.
     pub fn slice(&mut self, slice: &EndpointSlice) {
         if !self.all {
             self.services.insert(ObjectName::new(
                 slice.name.namespace.clone(),
                 slice.service_name.clone(),
             ));
+            self.slices.insert(slice.name.clone());
         }
     }
 
@@ -50,35 +56,27 @@ impl IntentChanges {
             *self = IntentChanges::everything();
         } else if !self.all {
             self.services.extend(other.services);
+            self.slices.extend(other.slices);
         }
     }
 }
 
 /// The intent for `state`, given the intent `prev` built from an earlier state and what changed since.
+/// `index` must describe the state `prev` was built from (or be rebuilt: a change of everything rebuilds it);
+/// it is brought up to date with `changes.slices` here.
 pub fn update_intent(
     prev: &Intent,
     state: &ClusterState,
+    index: &mut SliceIndex,
     config: &IntentConfig,
     changes: &IntentChanges,
 ) -> Intent {
     if changes.all {
+        *index = SliceIndex::of_state(state);
         return build_intent(state, config);
     }
+    index.update(state, &changes.slices);
     let zone = state.node.as_ref().and_then(|n| n.zone());
-    // One pass over the slices for all changed Services, in the order build_intent sees them (by slice
-    // name), so endpoint order matches.
-    let wanted: BTreeSet<(&str, &str)> = changes
-        .services
-        .iter()
-        .map(|n| (n.namespace.as_str(), n.name.as_str()))
-        .collect();
-    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in state.endpoint_slices.values() {
-        let key = (slice.name.namespace.as_str(), slice.service_name.as_str());
-        if wanted.contains(&key) {
-            slices.entry(key).or_default().push(slice);
-        }
-    }
     let mut service_ports = prev.service_ports.clone();
     for name in &changes.services {
         let stale: Vec<ServicePortName> = ports_of(&service_ports, name).cloned().collect();
@@ -88,11 +86,9 @@ pub fn update_intent(
         let Some(service) = state.services.get(name) else {
             continue;
         };
-        let slices = slices
-            .get(&(name.namespace.as_str(), name.name.as_str()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        for spi in service_port_intents(service, slices, config, zone) {
+        // In slice-name order, as build_intent sees them, so endpoint order matches.
+        let slices = index.slices_for(state, name);
+        for spi in service_port_intents(service, &slices, config, zone) {
             service_ports.insert(spi.name.clone(), Arc::new(spi));
         }
     }

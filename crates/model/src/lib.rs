@@ -17,6 +17,7 @@ pub mod object_name;
 pub mod protocol;
 pub mod service;
 pub mod service_port_name;
+pub mod slice_index;
 pub mod topology;
 pub mod trace;
 
@@ -34,3 +35,4 @@ pub use service::{
     TrafficPolicy,
 };
 pub use service_port_name::ServicePortName;
+pub use slice_index::SliceIndex;

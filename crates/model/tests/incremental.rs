@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{
     ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentChanges, IntentConfig, IpFamily, ObjectName,
-    Protocol, Service, ServicePort, TrafficPolicy, update_intent,
+    Protocol, Service, ServicePort, SliceIndex, TrafficPolicy, update_intent,
 };
 
 fn config() -> IntentConfig {
@@ -131,13 +131,14 @@ proptest! {
             apply(&mut state, &mut ignored, o);
         }
         let mut intent = build_intent(&state, &config());
+        let mut index = SliceIndex::of_state(&state);
         // Each round builds on the previous round's incremental intent, as successive syncs do.
         for round in &rounds {
             let mut changes = IntentChanges::default();
             for o in round {
                 apply(&mut state, &mut changes, o);
             }
-            intent = update_intent(&intent, &state, &config(), &changes);
+            intent = update_intent(&intent, &state, &mut index, &config(), &changes);
             prop_assert_eq!(&intent, &build_intent(&state, &config()));
         }
     }
@@ -153,6 +154,7 @@ fn unchanged_ports_are_shared_with_the_previous_intent() {
         state.endpoint_slices.insert(s.name.clone(), s);
     }
     let before = build_intent(&state, &config());
+    let mut index = SliceIndex::of_state(&state);
     let mut changes = IntentChanges::default();
     apply(
         &mut state,
@@ -163,7 +165,7 @@ fn unchanged_ports_are_shared_with_the_previous_intent() {
             hosts: vec![1, 7],
         },
     );
-    let after = update_intent(&before, &state, &config(), &changes);
+    let after = update_intent(&before, &state, &mut index, &config(), &changes);
     assert_eq!(after, build_intent(&state, &config()));
     for (name, spi) in &after.service_ports {
         let shared = std::sync::Arc::ptr_eq(spi, &before.service_ports[name]);
