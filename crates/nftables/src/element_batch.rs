@@ -89,32 +89,32 @@ pub struct EncodedBatch {
 }
 
 // Netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nfnetlink.h, nf_tables.h).
-const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 0x8000;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_NEWSETELEM: u16 = 12;
+pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(crate) const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-const NFT_MSG_GETGEN: u16 = 16;
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_LIST_ELEM: u16 = 1;
-const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_SET_ELEM_USERDATA: u16 = 6;
-const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_DATA_VERDICT: u16 = 2;
-const NFTA_VERDICT_CODE: u16 = 1;
-const NFTA_VERDICT_CHAIN: u16 = 2;
+pub(crate) const NFT_MSG_GETGEN: u16 = 16;
+pub(crate) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+pub(crate) const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+pub(crate) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+pub(crate) const NFTA_LIST_ELEM: u16 = 1;
+pub(crate) const NFTA_SET_ELEM_KEY: u16 = 1;
+pub(crate) const NFTA_SET_ELEM_DATA: u16 = 2;
+pub(crate) const NFTA_SET_ELEM_USERDATA: u16 = 6;
+pub(crate) const NFTA_DATA_VALUE: u16 = 1;
+pub(crate) const NFTA_DATA_VERDICT: u16 = 2;
+pub(crate) const NFTA_VERDICT_CODE: u16 = 1;
+pub(crate) const NFTA_VERDICT_CHAIN: u16 = 2;
 /// libnftnl's user-data tag for an element comment.
-const UDATA_SET_ELEM_COMMENT: u8 = 0;
+pub(crate) const UDATA_SET_ELEM_COMMENT: u8 = 0;
 /// nftables keeps at most this many bytes of comment, its terminating NUL included.
 const COMMENT_MAX: usize = 128;
 
-fn nfproto(family: Family) -> u8 {
+pub(crate) fn nfproto(family: Family) -> u8 {
     match family {
         Family::Ip => 2,
         Family::Ip6 => 10,
@@ -127,7 +127,7 @@ fn nfproto(family: Family) -> u8 {
 
 /// One field of a key or of map data, as the set's type names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Field {
+pub(crate) enum Field {
     Addr4,
     Addr6,
     Proto,
@@ -137,7 +137,7 @@ enum Field {
 }
 
 impl Field {
-    fn len(self) -> usize {
+    pub(crate) fn len(self) -> usize {
         match self {
             Field::Addr4 | Field::HostU32 => 4,
             Field::Addr6 => 16,
@@ -158,12 +158,12 @@ impl Field {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum DataKind {
+pub(crate) enum DataKind {
     Fields(Vec<Field>),
     Verdict,
 }
 
-fn type_fields(ty: &str) -> Option<Vec<Field>> {
+pub(crate) fn type_fields(ty: &str) -> Option<Vec<Field>> {
     if let Some(rest) = ty.strip_prefix("type ") {
         return rest
             .split(" . ")
@@ -199,7 +199,7 @@ fn typeof_fields(list: &str) -> Option<Vec<Field>> {
         .collect()
 }
 
-fn data_kind(set: &Set) -> Option<Option<DataKind>> {
+pub(crate) fn data_kind(set: &Set) -> Option<Option<DataKind>> {
     Some(match set.data_type.as_deref() {
         None => None,
         Some("verdict") => Some(DataKind::Verdict),
@@ -277,12 +277,12 @@ fn verdict<'a>(set: &str, text: &'a str) -> Result<(i32, Option<&'a str>), Encod
 }
 
 /// Netlink messages with their attributes, written into one buffer.
-struct Writer {
-    buf: Vec<u8>,
+pub(crate) struct Writer {
+    pub(crate) buf: Vec<u8>,
 }
 
 impl Writer {
-    fn message(
+    pub(crate) fn message(
         &mut self,
         ty: u16,
         flags: u16,
@@ -312,7 +312,7 @@ impl Writer {
         self.pad();
     }
 
-    fn attr_str(&mut self, ty: u16, value: &str) {
+    pub(crate) fn attr_str(&mut self, ty: u16, value: &str) {
         let mut v = value.as_bytes().to_vec();
         v.push(0);
         self.attr(ty, &v);

@@ -22,6 +22,7 @@ pub mod commands;
 pub mod config;
 pub mod dispatch;
 pub mod element_batch;
+pub mod element_dump;
 pub mod fixed;
 pub mod incremental;
 pub mod listing;
@@ -39,8 +40,9 @@ pub mod transaction;
 
 pub use config::{ConfigError, DispatchLayout, LocalDetector, NodePortAddresses, RenderConfig};
 pub use element_batch::{ElementChange, EncodeError, EncodedBatch, element_changes, encode_batch};
+pub use element_dump::{DecodeError, ElementDecoder, dump_request};
 pub use incremental::{RenderedTable, TableUpdate, render_table, render_table_after};
-pub use listing::{Listing, ListingError, parse_listing};
+pub use listing::{Listing, ListingError, parse_listing, table_text};
 pub use probe::{PROBE_TABLE, probe_transaction};
 pub use render::{render, render_after};
 pub use ruleset::{BaseChain, Chain, ChainType, Element, Family, Hook, Policy, Ruleset, Set, SetKind};

@@ -255,6 +255,24 @@ enum Block {
 }
 
 /// Parses a listing. Every `table` block becomes one [`Ruleset`].
+/// The part of a whole-ruleset listing that is table `family name`, from its header line to the `}` that
+/// closes it (nft prints both unindented), so that other tables — whatever they hold — are never parsed.
+pub fn table_text<'a>(listing: &'a str, family: Family, name: &str) -> Option<&'a str> {
+    let header = format!("table {family} {name} {{");
+    let mut start = None;
+    let mut offset = 0;
+    for line in listing.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        match start {
+            None if bare == header || bare.starts_with(&format!("{header} #")) => start = Some(offset),
+            Some(from) if bare == "}" => return Some(&listing[from..offset + line.len()]),
+            _ => {}
+        }
+        offset += line.len();
+    }
+    None
+}
+
 pub fn parse_listing(text: &str) -> Result<Listing, ListingError> {
     let mut listing = Listing::default();
     let mut block = Block::Top;
@@ -461,5 +479,29 @@ mod tests {
         assert_eq!(c.base.unwrap().priority, -110);
         assert_eq!(c.rules, ["ip saddr @s drop"]);
         assert!(parse_listing("table ip t {\n").is_err());
+    }
+}
+
+#[cfg(test)]
+mod table_text_tests {
+    use super::*;
+
+    #[test]
+    fn one_table_is_cut_out_of_a_ruleset_listing() {
+        let ruleset = "table ip filter {\n\tchain INPUT {\n\t\tmeta l4proto tcp counter packets 0 bytes 0 # xt_weird\n\t}\n}\ntable ip svcproxy {\n\tset s {\n\t\ttype ipv4_addr\n\t}\n\n\tchain c {\n\t\tip daddr @s accept\n\t}\n}\ntable ip6 svcproxy {\n}\n";
+        let ours = table_text(ruleset, Family::Ip, "svcproxy").unwrap();
+        assert!(
+            ours.starts_with("table ip svcproxy {\n") && ours.ends_with("\t}\n}\n"),
+            "{ours}"
+        );
+        let parsed = parse_listing(ours).unwrap();
+        assert_eq!(parsed.tables.len(), 1);
+        assert_eq!(parsed.tables[0].chains["c"].rules, ["ip daddr @s accept"]);
+        assert_eq!(
+            table_text(ruleset, Family::Ip6, "svcproxy"),
+            Some("table ip6 svcproxy {\n}\n")
+        );
+        assert_eq!(table_text(ruleset, Family::Inet, "svcproxy"), None);
+        assert_eq!(table_text(ruleset, Family::Ip, "svc"), None);
     }
 }

@@ -69,13 +69,18 @@ struct Proxy {
     child: Child,
     log: PathBuf,
     read: usize,
+    profiled: bool,
 }
 
 impl Proxy {
     fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf, mode: &str) -> Proxy {
-        // BENCH_PROFILER runs the proxy under a profiler, e.g. `heaptrack -o /tmp/proxy`; its peak RSS is then
-        // the profiler's.
-        let profiler = std::env::var("BENCH_PROFILER").unwrap_or_default();
+        // BENCH_PROFILER runs the proxy under a profiler, e.g. `heaptrack -o /tmp/proxy-{run}` (`{run}` becomes
+        // this run's log name); its peak RSS is then the profiler's.
+        let run = log.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+        let profiler = std::env::var("BENCH_PROFILER")
+            .unwrap_or_default()
+            .replace("{run}", run);
+        let profiled = !profiler.is_empty();
         let mut words = profiler.split_whitespace();
         let mut command = match words.next() {
             Some(program) => {
@@ -86,7 +91,7 @@ impl Proxy {
             None => ns.command(binary().to_str().unwrap()),
         };
         // As the DaemonSet and the image run it (see deploy/).
-        command.env("MALLOC_ARENA_MAX", "1");
+        command.env("MALLOC_ARENA_MAX", "1").env_remove("RUST_BACKTRACE");
         let child = command
             .args([
                 "run",
@@ -115,7 +120,12 @@ impl Proxy {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("start svcproxy (build it with --release first)");
-        Proxy { child, log, read: 0 }
+        Proxy {
+            child,
+            log,
+            read: 0,
+            profiled,
+        }
     }
 
     /// Waits for the next `synced` line after those already seen.
@@ -172,7 +182,13 @@ impl Proxy {
     }
 
     fn stop(mut self) {
-        // SIGTERM: the rules stay, as on a real node during a restart.
+        // SIGTERM: the rules stay, as on a real node during a restart. Under a profiler the proxy is the
+        // child's child.
+        if self.profiled {
+            let _ = std::process::Command::new("pkill")
+                .args(["-TERM", "-P", &self.child.id().to_string()])
+                .status();
+        }
         let _ = std::process::Command::new("kill")
             .arg(self.child.id().to_string())
             .status();

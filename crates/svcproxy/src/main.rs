@@ -10,7 +10,7 @@ use svcproxy::config_file;
 use svcproxy::debug_http::DebugState;
 use svcproxy::exec::iptables::SystemIptables;
 use svcproxy::exec::nft::SystemNft;
-use svcproxy::exec::nft_netlink::NetlinkElementWriter;
+use svcproxy::exec::nft_netlink::NetlinkElementSocket;
 use svcproxy::exec::runner::SystemRunner;
 use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
@@ -256,8 +256,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Some(ct) = conntrack() {
                     proxier = proxier.with_conntrack(ct);
                 }
-                match NetlinkElementWriter::new() {
-                    Ok(w) => proxier = proxier.with_element_writer(Box::new(w)),
+                match NetlinkElementSocket::new() {
+                    Ok(w) => proxier = proxier.with_element_socket(Box::new(w)),
                     Err(e) => {
                         tracing::warn!(error = %e, "no nf_tables netlink socket; every update goes to nft")
                     }

@@ -1,13 +1,18 @@
-//! The nf_tables netlink writer against a real kernel: element updates of every kind our table makes land as
+//! The nf_tables netlink socket against a real kernel: element updates of every kind our table makes land as
 //! `nft` would have written them (read back with `nft list`), in IPv4 and IPv6 tables, and a batch the kernel
-//! refuses changes nothing.
+//! refuses changes nothing; tables read back through the socket (terse listing plus element dumps) equal what
+//! `nft list table` shows, for every reference scenario.
 
-use svcproxy::exec::nft_netlink::{ElementWriteError, ElementWriter, NetlinkElementWriter};
+use svcproxy::exec::nft::SystemNft;
+use svcproxy::exec::nft_netlink::{ElementSocket, ElementSocketError, NetlinkElementSocket};
+use svcproxy::exec::nft_table_read::{TableReadError, read_table};
 use svcproxy_nftables::{
-    Chain, Element, ElementChange, Family, Ruleset, Set, SetKind, element_changes, full_transaction,
-    parse_listing,
+    Chain, Element, ElementChange, Family, LocalDetector, NodePortAddresses, RenderConfig, Ruleset, Set,
+    SetKind, element_changes, full_transaction, parse_listing, render,
 };
 use svcproxy_testkit::NetNs;
+use svcproxy_testkit::fixtures::scenario::scenario_state;
+use svcproxy_testkit::fixtures::{intent_of, ip, net};
 
 fn element(value: Option<&str>, comment: Option<&str>) -> Element {
     Element {
@@ -70,12 +75,17 @@ fn table(family: Family, a: &str, b: &str) -> Ruleset {
 }
 
 fn read_back(ns: &NetNs, family: Family) -> Ruleset {
+    listed(ns, family, "writer-test")
+}
+
+/// `nft list table`, parsed.
+fn listed(ns: &NetNs, family: Family, name: &str) -> Ruleset {
     let text = ns
-        .exec_stdout(&["nft", "list", "table", family.keyword(), "writer-test"])
+        .exec_stdout(&["nft", "list", "table", family.keyword(), name])
         .expect("nft list");
     parse_listing(&text)
         .expect("listing parses")
-        .table(family, "writer-test")
+        .table(family, name)
         .expect("table listed")
         .clone()
 }
@@ -123,7 +133,7 @@ fn element_updates_land_as_nft_would_write_them() {
         let changes = element_changes(&before, &after).expect("elements only");
         assert_eq!(changes.len(), 6, "{changes:#?}");
 
-        let writer = ns.run(NetlinkElementWriter::new).expect("socket");
+        let writer = ns.run(NetlinkElementSocket::new).expect("socket");
         writer.write(&after, &changes).expect("kernel takes the batch");
         assert_eq!(read_back(&ns, family), after);
         // The socket stays usable: the reverse update, then a second one in a row.
@@ -149,7 +159,7 @@ fn element_updates_land_as_nft_would_write_them() {
             add: false,
         });
         let err = writer.write(&next, &refused).expect_err("refused");
-        assert!(matches!(err, ElementWriteError::Refused(_)), "{err}");
+        assert!(matches!(err, ElementSocketError::Refused(_)), "{err}");
         assert_eq!(
             read_back(&ns, family),
             after,
@@ -162,15 +172,103 @@ fn element_updates_land_as_nft_would_write_them() {
     }
 }
 
+/// The socket's read of a table, in the namespace.
+fn read_over_netlink(ns: &NetNs, family: Family, name: &str) -> Result<Option<Ruleset>, TableReadError> {
+    let name = name.to_string();
+    ns.run(move || {
+        let socket = NetlinkElementSocket::new().expect("socket");
+        read_table(&SystemNft, &socket, family, &name)
+    })
+}
+
+#[test]
+fn tables_read_over_netlink_equal_nft_list_table() {
+    // Fixture tables in both families.
+    for (family, a, b) in [
+        (Family::Ip, "10.244.0.5", "10.244.0.6"),
+        (Family::Ip6, "fd00:10::5", "fd00:10::6"),
+    ] {
+        let ns = NetNs::new("elemr").expect("netns");
+        assert!(
+            read_over_netlink(&ns, family, "writer-test").unwrap().is_none(),
+            "no table yet"
+        );
+        let t = table(family, a, b);
+        load(&ns, &t);
+        let got = read_over_netlink(&ns, family, "writer-test")
+            .unwrap()
+            .expect("table");
+        assert_eq!(got, read_back(&ns, family));
+        assert_eq!(got, t);
+    }
+    // Every reference scenario as we render it (NodePorts, firewall, affinity, hairpin, no-endpoint maps).
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../nftables/tests/data/scenarios");
+    let cfg = RenderConfig {
+        local_detector: LocalDetector::Cidrs(vec![net("10.244.0.0/16")]),
+        node_port_addresses: NodePortAddresses::Ips(vec![ip("192.168.49.2")]),
+        node_ip: Some(ip("192.168.49.2")),
+        ..RenderConfig::default()
+    };
+    let mut scenarios = 0;
+    for entry in std::fs::read_dir(dir).expect("scenarios") {
+        let path = entry.unwrap().path();
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let rs = render(&intent_of(&scenario_state(&yaml)), &cfg);
+        let ns = NetNs::new("elemr").expect("netns");
+        load(&ns, &rs);
+        let listed = listed(&ns, Family::Ip, &rs.name).without_dynamic_elements();
+        let got = read_over_netlink(&ns, Family::Ip, &rs.name)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .expect("table");
+        assert_eq!(got, listed, "{}", path.display());
+        assert_eq!(got, rs.without_dynamic_elements(), "{}", path.display());
+        scenarios += 1;
+    }
+    assert!(scenarios >= 10, "{scenarios} scenarios");
+}
+
+#[test]
+fn a_read_during_another_commit_is_refused() {
+    let ns = NetNs::new("elemg").expect("netns");
+    let t = table(Family::Ip, "10.244.0.5", "10.244.0.6");
+    load(&ns, &t);
+    let socket = ns.run(NetlinkElementSocket::new).expect("socket");
+    let g1 = socket.generation().unwrap();
+    assert_eq!(
+        socket.generation().unwrap(),
+        g1,
+        "reads do not move the generation"
+    );
+    let mut next = t.clone();
+    next.sets
+        .get_mut("hairpin")
+        .unwrap()
+        .elements
+        .insert("10.244.0.9 . 10.244.0.9".into(), Element::default());
+    socket.write(&next, &element_changes(&t, &next).unwrap()).unwrap();
+    assert_ne!(socket.generation().unwrap(), g1, "a commit moves it");
+    // The socket reads the new element; a set that is not there is an error, not an empty set.
+    let hairpin = &next.sets["hairpin"];
+    let got = socket
+        .elements(Family::Ip, "writer-test", "hairpin", hairpin)
+        .unwrap();
+    assert_eq!(got, hairpin.elements);
+    assert!(matches!(
+        socket.elements(Family::Ip, "writer-test", "nowhere", hairpin),
+        Err(ElementSocketError::Dump { .. })
+    ));
+}
+
 mod proxier {
     use std::collections::BTreeMap;
 
-    use svcproxy::exec::nft::RecordingNft;
-    use svcproxy::exec::nft_netlink::RecordingElementWriter;
+    use svcproxy::exec::iptables::ExecError;
+    use svcproxy::exec::nft::{NftCommands, RecordingNft, SystemNft};
+    use svcproxy::exec::nft_netlink::{NetlinkElementSocket, RecordingElementSocket};
     use svcproxy::node_addresses::{FixedAddresses, NodePortSpec};
     use svcproxy::sync::iptables_proxier::{DetectLocal, ProxierOptions};
     use svcproxy::sync::nft_proxier::NftProxier;
-    use svcproxy::sync::proxier::{Proxier, SyncMode};
+    use svcproxy::sync::proxier::{Proxier, SyncMode, VerifyScope};
     use svcproxy_iptables::config::RenderConfig;
     use svcproxy_model::{
         ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentChanges, IntentConfig, IpFamily,
@@ -222,7 +320,7 @@ mod proxier {
     #[test]
     fn element_updates_bypass_nft_and_a_refused_one_fails_the_sync() {
         let nft = RecordingNft::default();
-        let writer = RecordingElementWriter::default();
+        let writer = RecordingElementSocket::default();
         let mut proxier = NftProxier::new(
             Box::new(nft.clone()),
             Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
@@ -236,7 +334,7 @@ mod proxier {
                 nodeport_addresses: NodePortSpec::All,
             },
         )
-        .with_element_writer(Box::new(writer.clone()));
+        .with_element_socket(Box::new(writer.clone()));
         let applied = || nft.applied.lock().unwrap().len();
 
         proxier
@@ -315,6 +413,137 @@ mod proxier {
                 .last()
                 .unwrap()
                 .contains("10.244.0.9 . 8080")
+        );
+    }
+
+    /// `nft` as the system runs it, recording which listings were asked for.
+    #[derive(Clone, Default)]
+    struct CountingNft {
+        listings: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+    }
+
+    impl NftCommands for CountingNft {
+        fn apply(&self, script: &str) -> Result<(), ExecError> {
+            SystemNft.apply(script)
+        }
+        fn list_table(&self, family: &str, name: &str) -> Result<Option<String>, ExecError> {
+            self.listings.lock().unwrap().push("table");
+            SystemNft.list_table(family, name)
+        }
+        fn list_chain(&self, family: &str, table: &str, chain: &str) -> Result<Option<String>, ExecError> {
+            self.listings.lock().unwrap().push("chain");
+            SystemNft.list_chain(family, table, chain)
+        }
+        fn list_ruleset_terse(&self) -> Result<String, ExecError> {
+            self.listings.lock().unwrap().push("terse");
+            SystemNft.list_ruleset_terse()
+        }
+    }
+
+    /// On a real kernel, the proxier reads its table back through the socket — never `nft list table` —
+    /// and that read sees a map element someone removed; a restarted proxier finds the table right and
+    /// writes nothing.
+    #[test]
+    fn verification_and_restart_read_the_kernel_over_netlink() {
+        let ns = svcproxy_testkit::NetNs::new("elemv").expect("netns");
+        let nft = CountingNft::default();
+        let make = |nft: CountingNft| {
+            NftProxier::new(
+                Box::new(nft),
+                Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
+                IntentConfig {
+                    family: IpFamily::V4,
+                    node_name: "node-a".into(),
+                },
+                ProxierOptions {
+                    base: RenderConfig::default(),
+                    detect_local: DetectLocal::None,
+                    nodeport_addresses: NodePortSpec::All,
+                },
+            )
+            .with_element_socket(Box::new(NetlinkElementSocket::new().expect("socket")))
+        };
+        let listings = nft.listings.clone();
+        let s = state(&["10.244.0.5", "10.244.0.6"]);
+        let (clean, drifted) = ns.run(|| {
+            let mut proxier = make(nft.clone());
+            proxier
+                .sync(&s, &IntentChanges::everything(), SyncMode::Full)
+                .unwrap();
+            let clean = proxier.verify(VerifyScope::All).unwrap();
+            let map = std::process::Command::new("nft")
+                .args(["list", "table", "ip", "svcproxy"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8(map.stdout).unwrap();
+            let (set, key) = text
+                .lines()
+                .scan(None::<String>, |current, l| {
+                    let l = l.trim();
+                    if let Some(name) = l.strip_prefix("map ").and_then(|r| r.strip_suffix(" {")) {
+                        *current = Some(name.to_string());
+                    }
+                    Some(
+                        current
+                            .clone()
+                            .zip(l.strip_prefix("elements = { ").map(str::to_string)),
+                    )
+                })
+                .flatten()
+                .find(|(set, _)| set.starts_with("endpoints-"))
+                .map(|(set, rest)| (set, rest.split(" : ").next().unwrap().to_string()))
+                .expect("an endpoint map element");
+            let status = std::process::Command::new("nft")
+                .args([
+                    "delete",
+                    "element",
+                    "ip",
+                    "svcproxy",
+                    &set,
+                    &format!("{{ {key} }}"),
+                ])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            (clean, proxier.verify(VerifyScope::All).unwrap())
+        });
+        assert_eq!(clean, []);
+        assert!(!drifted.is_empty(), "a removed endpoint element is seen");
+        assert!(
+            drifted
+                .iter()
+                .any(|f| f.services.iter().any(|s| s.starts_with("ns/web"))),
+            "{drifted:?}"
+        );
+        assert!(
+            !listings.lock().unwrap().contains(&"table"),
+            "{:?}",
+            listings.lock().unwrap()
+        );
+        assert!(listings.lock().unwrap().contains(&"terse"));
+
+        // A new proxier (a restart) repairs the element and then finds nothing to write.
+        listings.lock().unwrap().clear();
+        let report = ns.run(|| {
+            let mut proxier = make(nft.clone());
+            proxier
+                .sync(&s, &IntentChanges::everything(), SyncMode::Full)
+                .unwrap();
+            let mut again = make(nft.clone());
+            let report = again
+                .sync(&s, &IntentChanges::everything(), SyncMode::Full)
+                .unwrap();
+            assert_eq!(again.verify(VerifyScope::All).unwrap(), []);
+            report
+        });
+        assert_eq!(
+            report.payload_lines, 0,
+            "a restart onto the right table writes nothing"
+        );
+        assert!(
+            !listings.lock().unwrap().contains(&"table"),
+            "{:?}",
+            listings.lock().unwrap()
         );
     }
 }

@@ -3,4 +3,5 @@
 pub mod iptables;
 pub mod nft;
 pub mod nft_netlink;
+pub mod nft_table_read;
 pub mod runner;

@@ -12,6 +12,11 @@ pub trait NftCommands: Send + Sync {
     fn list_table(&self, family: &str, name: &str) -> Result<Option<String>, ExecError>;
     /// `nft list chain FAMILY TABLE CHAIN`; `None` when it does not exist.
     fn list_chain(&self, family: &str, table: &str, chain: &str) -> Result<Option<String>, ExecError>;
+    /// `nft -t list ruleset`: every table's rules and set declarations, without set elements. Much cheaper
+    /// than listing one table with its elements (0.06 s against 0.8 s at 5,000 services × 10 endpoints:
+    /// `nft` spends that time formatting elements, and its single-table listing looks up a protocol name
+    /// in /etc/protocols for every rule).
+    fn list_ruleset_terse(&self) -> Result<String, ExecError>;
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -41,6 +46,10 @@ impl NftCommands for SystemNft {
             Err(e) => Err(e),
         }
     }
+
+    fn list_ruleset_terse(&self) -> Result<String, ExecError> {
+        SystemRunner.run("nft", &["-t", "list", "ruleset"], None)
+    }
 }
 
 /// Records transactions; listings answer from `listing`.
@@ -66,5 +75,10 @@ impl NftCommands for RecordingNft {
 
     fn list_chain(&self, _family: &str, _table: &str, _chain: &str) -> Result<Option<String>, ExecError> {
         Ok(self.listing.lock().unwrap().clone())
+    }
+
+    /// The listing, or an empty ruleset.
+    fn list_ruleset_terse(&self) -> Result<String, ExecError> {
+        Ok(self.listing.lock().unwrap().clone().unwrap_or_default())
     }
 }

@@ -1,21 +1,27 @@
-//! Element-only updates sent straight to nf_tables over netlink, on a socket kept open for the daemon's life.
+//! Element-only updates sent straight to nf_tables over netlink, and element read-backs taken the same way, on
+//! a socket kept open for the daemon's life.
 //!
 //! A sync whose update only adds and removes map and set elements (an endpoint change in the mapped layout)
 //! goes here instead of to `nft -f`: `nft` spends 10–20 ms on itself for such an update (start-up, fetching
 //! the table's chains and sets, and closing its socket, which makes the kernel wait for an RCU grace period
 //! when the batch deleted something), the kernel's commit well under one. Everything else still goes to `nft`.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
 use netlink_sys::protocols::NETLINK_NETFILTER;
 use netlink_sys::{Socket, SocketAddr};
 use svcproxy_nftables::element_batch::generation_request;
-use svcproxy_nftables::{ElementChange, EncodeError, Ruleset, encode_batch};
+use svcproxy_nftables::element_dump::{NEWGEN_MESSAGE, NEWSETELEM_MESSAGE, generation_of, messages};
+use svcproxy_nftables::{
+    DecodeError, Element, ElementChange, ElementDecoder, EncodeError, Family, Ruleset, Set, dump_request,
+    encode_batch,
+};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
-pub enum ElementWriteError {
+pub enum ElementSocketError {
     /// Not a failure of the kernel: the update has a type the encoder does not know. Use `nft`.
     #[error(transparent)]
     Encode(#[from] EncodeError),
@@ -25,18 +31,34 @@ pub enum ElementWriteError {
     Refused(io::Error),
     #[error("malformed answer from nf_tables: {0}")]
     Answer(String),
+    /// A set the reader cannot decode (flags, an unknown type): read the table with `nft`.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("reading set {set}: {error}")]
+    Dump { set: String, error: io::Error },
 }
 
-pub trait ElementWriter: Send + Sync {
+pub trait ElementSocket: Send + Sync {
     /// Applies `changes` to table `table` (whose set declarations give the element types) in one atomic
     /// batch: all of them or, on error, none.
-    fn write(&self, table: &Ruleset, changes: &[ElementChange]) -> Result<(), ElementWriteError>;
+    fn write(&self, table: &Ruleset, changes: &[ElementChange]) -> Result<(), ElementSocketError>;
+    /// The ruleset's generation, which every committed transaction changes: equal before and after a
+    /// read-back in several requests means they all saw the same ruleset.
+    fn generation(&self) -> Result<u32, ElementSocketError>;
+    /// Every element of set `name` (declared as `set`) of table `family table`, as `nft list` prints them.
+    fn elements(
+        &self,
+        family: Family,
+        table: &str,
+        name: &str,
+        set: &Set,
+    ) -> Result<BTreeMap<String, Element>, ElementSocketError>;
 }
 
 /// The real writer. The socket is opened in the network namespace of the thread that creates the writer and
 /// stays bound to it.
 #[derive(Debug)]
-pub struct NetlinkElementWriter {
+pub struct NetlinkElementSocket {
     conversation: Mutex<Conversation>,
 }
 
@@ -48,32 +70,32 @@ struct Conversation {
 
 // linux/netlink.h
 const NLMSG_ERROR: u16 = 2;
-const NFT_NEWGEN: u16 = 10 << 8 | 15;
+const NLMSG_DONE: u16 = 3;
 const HEADER: usize = 16;
 const ANSWER_TIMEOUT_SECS: i64 = 5;
 
-impl NetlinkElementWriter {
-    pub fn new() -> Result<Self, ElementWriteError> {
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(ElementWriteError::Io)?;
-        socket.bind_auto().map_err(ElementWriteError::Io)?;
+impl NetlinkElementSocket {
+    pub fn new() -> Result<Self, ElementSocketError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(ElementSocketError::Io)?;
+        socket.bind_auto().map_err(ElementSocketError::Io)?;
         socket
             .connect(&SocketAddr::new(0, 0))
-            .map_err(ElementWriteError::Io)?;
+            .map_err(ElementSocketError::Io)?;
         // Error answers would otherwise echo each whole request back.
-        socket.set_cap_ack(true).map_err(ElementWriteError::Io)?;
+        socket.set_cap_ack(true).map_err(ElementSocketError::Io)?;
         // The kernel always answers, but a sync must not hang on a socket if it ever does not: the engine
         // would then stop. A timeout fails the sync, and the ladder goes on with `nft`.
         let timeout = nix::sys::time::TimeVal::new(ANSWER_TIMEOUT_SECS, 0);
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
-            .map_err(|e| ElementWriteError::Io(e.into()))?;
-        Ok(NetlinkElementWriter {
+            .map_err(|e| ElementSocketError::Io(e.into()))?;
+        Ok(NetlinkElementSocket {
             conversation: Mutex::new(Conversation { socket, sequence: 0 }),
         })
     }
 }
 
-impl ElementWriter for NetlinkElementWriter {
-    fn write(&self, table: &Ruleset, changes: &[ElementChange]) -> Result<(), ElementWriteError> {
+impl ElementSocket for NetlinkElementSocket {
+    fn write(&self, table: &Ruleset, changes: &[ElementChange]) -> Result<(), ElementSocketError> {
         // A panic mid-write leaves at worst unread answers, which the sequence numbers tell apart.
         let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
         let first = c.sequence.wrapping_add(1);
@@ -82,10 +104,10 @@ impl ElementWriter for NetlinkElementWriter {
         c.sequence = probe;
         // Two datagrams: the kernel reads a batch to its end marker and drops whatever follows in the same
         // datagram.
-        c.socket.send(&batch.bytes, 0).map_err(ElementWriteError::Io)?;
+        c.socket.send(&batch.bytes, 0).map_err(ElementSocketError::Io)?;
         c.socket
             .send(&generation_request(probe), 0)
-            .map_err(ElementWriteError::Io)?;
+            .map_err(ElementSocketError::Io)?;
         // The kernel handles the batch, then the generation request: once that is answered, every error of
         // the batch has been read.
         let mut refused = None;
@@ -94,7 +116,7 @@ impl ElementWriter for NetlinkElementWriter {
             let len = c
                 .socket
                 .recv(&mut &mut buf[..], 0)
-                .map_err(ElementWriteError::Io)?;
+                .map_err(ElementSocketError::Io)?;
             let mut at = 0;
             while at + HEADER <= len {
                 let word = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap_or_default());
@@ -102,7 +124,7 @@ impl ElementWriter for NetlinkElementWriter {
                 let ty = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
                 let seq = word(at + 8);
                 if msg_len < HEADER || at + msg_len > len {
-                    return Err(ElementWriteError::Answer(format!(
+                    return Err(ElementSocketError::Answer(format!(
                         "message of {msg_len} bytes in a datagram of {len}"
                     )));
                 }
@@ -113,15 +135,15 @@ impl ElementWriter for NetlinkElementWriter {
                         refused = Some(io::Error::from_raw_os_error(-code));
                     }
                     if seq == probe && code != 0 {
-                        return Err(ElementWriteError::Answer(format!(
+                        return Err(ElementSocketError::Answer(format!(
                             "the generation request failed: {}",
                             io::Error::from_raw_os_error(-code)
                         )));
                     }
                 }
-                if ty == NFT_NEWGEN && seq == probe {
+                if ty == NEWGEN_MESSAGE && seq == probe {
                     return match refused {
-                        Some(e) => Err(ElementWriteError::Refused(e)),
+                        Some(e) => Err(ElementSocketError::Refused(e)),
                         None => Ok(()),
                     };
                 }
@@ -129,22 +151,142 @@ impl ElementWriter for NetlinkElementWriter {
             }
         }
     }
+    fn generation(&self) -> Result<u32, ElementSocketError> {
+        let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
+        c.sequence = c.sequence.wrapping_add(1);
+        let seq = c.sequence;
+        c.socket
+            .send(&generation_request(seq), 0)
+            .map_err(ElementSocketError::Io)?;
+        let mut buf = vec![0u8; 8 * 1024];
+        loop {
+            let len = c
+                .socket
+                .recv(&mut &mut buf[..], 0)
+                .map_err(ElementSocketError::Io)?;
+            for m in messages(&buf[..len]).map_err(ElementSocketError::Answer)? {
+                if m.sequence != seq {
+                    continue;
+                }
+                if m.ty == NLMSG_ERROR {
+                    return Err(ElementSocketError::Answer(error_text(m.payload)));
+                }
+                if m.ty == NEWGEN_MESSAGE {
+                    return generation_of(m.payload)
+                        .ok_or_else(|| ElementSocketError::Answer("generation answer without an id".into()));
+                }
+            }
+        }
+    }
+
+    fn elements(
+        &self,
+        family: Family,
+        table: &str,
+        name: &str,
+        set: &Set,
+    ) -> Result<BTreeMap<String, Element>, ElementSocketError> {
+        let decoder = ElementDecoder::for_set(name, set)?;
+        let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
+        c.sequence = c.sequence.wrapping_add(1);
+        let seq = c.sequence;
+        c.socket
+            .send(&dump_request(family, table, name, seq), 0)
+            .map_err(ElementSocketError::Io)?;
+        let mut out = BTreeMap::new();
+        // A dump datagram is at most 32 KiB (the kernel's cap); a larger buffer is never truncated.
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let len = c
+                .socket
+                .recv(&mut &mut buf[..], 0)
+                .map_err(ElementSocketError::Io)?;
+            for m in messages(&buf[..len]).map_err(ElementSocketError::Answer)? {
+                if m.sequence != seq {
+                    continue;
+                }
+                match m.ty {
+                    NEWSETELEM_MESSAGE => decoder.decode(m.payload, &mut out)?,
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let code = error_code(m.payload);
+                        if code == 0 {
+                            continue;
+                        }
+                        return Err(ElementSocketError::Dump {
+                            set: name.to_string(),
+                            error: io::Error::from_raw_os_error(-code),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
-/// Records what it is asked to write; fails the writes `fail` holds, last first.
+/// Records what it is asked to write; fails the writes `fail` holds, last first. Reads answer from `kernel`
+/// (no table there: every read fails, as on a kernel whose answers the reader cannot decode), and each read
+/// of the generation counts one up when `moving` is set, as when another writer is busy.
 #[derive(Debug, Clone, Default)]
-pub struct RecordingElementWriter {
+pub struct RecordingElementSocket {
     pub written: Arc<Mutex<Vec<Vec<ElementChange>>>>,
     pub fail: Arc<Mutex<Vec<io::Error>>>,
+    pub kernel: Arc<Mutex<Option<Ruleset>>>,
+    pub moving: Arc<Mutex<bool>>,
+    pub generation: Arc<Mutex<u32>>,
+    /// Sets read, in order.
+    pub read: Arc<Mutex<Vec<String>>>,
 }
 
-impl ElementWriter for RecordingElementWriter {
-    fn write(&self, table: &Ruleset, changes: &[ElementChange]) -> Result<(), ElementWriteError> {
+impl ElementSocket for RecordingElementSocket {
+    fn write(&self, table: &Ruleset, changes: &[ElementChange]) -> Result<(), ElementSocketError> {
         encode_batch(table, changes, 1)?;
         if let Some(e) = self.fail.lock().unwrap().pop() {
-            return Err(ElementWriteError::Refused(e));
+            return Err(ElementSocketError::Refused(e));
         }
         self.written.lock().unwrap().push(changes.to_vec());
         Ok(())
     }
+
+    fn generation(&self) -> Result<u32, ElementSocketError> {
+        let mut g = self.generation.lock().unwrap();
+        if *self.moving.lock().unwrap() {
+            *g += 1;
+        }
+        Ok(*g)
+    }
+
+    fn elements(
+        &self,
+        _family: Family,
+        _table: &str,
+        name: &str,
+        set: &Set,
+    ) -> Result<BTreeMap<String, Element>, ElementSocketError> {
+        ElementDecoder::for_set(name, set)?;
+        self.read.lock().unwrap().push(name.to_string());
+        let kernel = self.kernel.lock().unwrap();
+        let table = kernel
+            .as_ref()
+            .ok_or_else(|| ElementSocketError::Answer("no table in the fake kernel".into()))?;
+        let found = table.sets.get(name).ok_or_else(|| ElementSocketError::Dump {
+            set: name.to_string(),
+            error: io::Error::from_raw_os_error(nix::errno::Errno::ENOENT as i32),
+        })?;
+        Ok(found.elements.clone())
+    }
+}
+
+/// The (negative) error code of an `NLMSG_ERROR` payload; 0 is an acknowledgement.
+fn error_code(payload: &[u8]) -> i32 {
+    payload
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_ne_bytes)
+        .unwrap_or(-(nix::errno::Errno::EPROTO as i32))
+}
+
+fn error_text(payload: &[u8]) -> String {
+    io::Error::from_raw_os_error(-error_code(payload)).to_string()
 }

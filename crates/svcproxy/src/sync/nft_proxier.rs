@@ -27,7 +27,8 @@ use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::exec::iptables::ExecError;
 use crate::exec::nft::NftCommands;
-use crate::exec::nft_netlink::{ElementWriteError, ElementWriter};
+use crate::exec::nft_netlink::{ElementSocket, ElementSocketError};
+use crate::exec::nft_table_read::read_table;
 use crate::node_addresses::LocalAddresses;
 
 /// Services per transaction on a cold sync: keeps each transaction (and the kernel's nftables lock) short.
@@ -50,7 +51,7 @@ pub struct NftProxier {
     applied_intent: Option<Arc<Intent>>,
     conntrack: Option<Box<dyn Conntrack>>,
     /// Where element-only updates go, when set; everything else goes to `nft`.
-    elements: Option<Box<dyn ElementWriter>>,
+    elements: Option<Box<dyn ElementSocket>>,
     probed: bool,
     last_sync_full: bool,
     /// Watches for a proxy of the other mode (kube-proxy's iptables chains or its nftables table).
@@ -108,7 +109,7 @@ impl NftProxier {
         }
     }
 
-    pub fn with_element_writer(mut self, writer: Box<dyn ElementWriter>) -> Self {
+    pub fn with_element_socket(mut self, writer: Box<dyn ElementSocket>) -> Self {
         self.elements = Some(writer);
         self
     }
@@ -127,7 +128,7 @@ impl NftProxier {
         }
         match writer.write(&update.after, &changes) {
             Ok(()) => Ok(Some(changes.len())),
-            Err(ElementWriteError::Encode(e)) => {
+            Err(ElementSocketError::Encode(e)) => {
                 tracing::debug!(error = %e, "element update left to nft");
                 Ok(None)
             }
@@ -155,7 +156,26 @@ impl NftProxier {
         (family(self.intent_config.family).to_string(), "svcproxy")
     }
 
+    /// Our table as the kernel holds it. Through the netlink socket when there is one (the terse listing
+    /// for rules and set declarations, our own reader for the elements); with `nft list table` otherwise, or
+    /// when that read fails or another transaction committed while it ran.
     fn read_back(&self) -> Result<Option<Ruleset>, SyncError> {
+        if let Some(socket) = &self.elements {
+            let (_, name) = self.table();
+            match read_table(
+                self.cmds.as_ref(),
+                socket.as_ref(),
+                family(self.intent_config.family),
+                name,
+            ) {
+                Ok(table) => return Ok(table),
+                Err(e) => tracing::debug!(error = %e, "table read with nft list table"),
+            }
+        }
+        self.read_back_listing()
+    }
+
+    fn read_back_listing(&self) -> Result<Option<Ruleset>, SyncError> {
         let (fam, name) = self.table();
         let Some(text) = self
             .cmds
