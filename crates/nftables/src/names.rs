@@ -111,7 +111,12 @@ pub fn owner_of_object(name: &str) -> Option<String> {
 
 /// The owner of an element, from its comment (`namespace/service` or `namespace/service:port`).
 pub fn owner_of_comment(comment: &str) -> String {
-    comment.split(':').next().unwrap_or(comment).to_string()
+    owner_in_comment(comment).to_string()
+}
+
+/// [`owner_of_comment`] without a copy.
+pub fn owner_in_comment(comment: &str) -> &str {
+    comment.split(':').next().unwrap_or(comment)
 }
 
 #[cfg(test)]
