@@ -126,10 +126,24 @@ impl IptablesCommands for SystemIptables {
     }
 
     fn save_lines(&self, tables: &[&str], line: &mut dyn FnMut(&str)) -> Result<(), ExecError> {
-        let selections: Vec<Vec<&str>> = if tables.is_empty() {
+        // Several tables: one `iptables-save` of everything, passing on only their blocks. iptables-nft
+        // fetches the whole ruleset whichever table it is asked for, so each `-t` costs as much as all of
+        // them (5,000 services × 10 endpoints: 0.7 s for the small filter table, 1.3 s for nat, 1.3 s for
+        // both at once).
+        let several = tables.len() > 1;
+        let selections: Vec<Vec<&str>> = if tables.is_empty() || several {
             vec![Vec::new()]
         } else {
             tables.iter().map(|t| vec!["-t", *t]).collect()
+        };
+        let mut wanted = true;
+        let mut line = |l: &str| {
+            if several && let Some(table) = l.strip_prefix('*') {
+                wanted = tables.contains(&table.trim());
+            }
+            if wanted {
+                line(l);
+            }
         };
         for args in selections {
             let mut child = Command::new(&self.save)
@@ -150,7 +164,7 @@ impl IptablesCommands for SystemIptables {
                     let _ = stderr.read_to_end(&mut text);
                     text
                 });
-                let read = each_line(stdout, line);
+                let read = each_line(stdout, &mut line);
                 (read, errors.join().unwrap_or_default())
             });
             let status = child.wait().map_err(|e| spawn_err(&self.save, e))?;
