@@ -11,7 +11,9 @@
 //!   [`render`]`(intent)` — or, on a cold start with many services, the parts of [`chunked_full`] in order;
 //! - on every change, [`partial_transaction`]`(last applied, render(new intent))`, keeping the applied
 //!   [`Ruleset`] in memory rather than listing the kernel (fall back to a full transaction on failure);
-//! - to verify, [`parse_listing`] of `nft list table ip svcproxy`, then
+//! - to verify, [`parse_listing`] of `nft list table ip svcproxy` (or, much faster, of [`table_text`] of
+//!   `nft -t list ruleset` with each set's elements dumped over netlink, [`dump_request`], and decoded by an
+//!   [`ElementDecoder`]), then
 //!   `partial_transaction(&read_back.without_dynamic_elements(), &desired)`: empty means the kernel matches,
 //!   otherwise its `services` name the affected Services and its text is the repair;
 //! - to explain, [`trace`] a packet through the desired or the read-back table.
