@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use netlink_sys::protocols::NETLINK_NETFILTER;
 use netlink_sys::{Socket, SocketAddr};
 use svcproxy_nftables::element_batch::generation_request;
-use svcproxy_nftables::element_dump::{NEWGEN_MESSAGE, NEWSETELEM_MESSAGE, generation_of, messages};
+use svcproxy_nftables::element_dump::{Message, NEWGEN_MESSAGE, NEWSETELEM_MESSAGE, generation_of, messages};
 use svcproxy_nftables::{
     DecodeError, Element, ElementChange, ElementDecoder, EncodeError, Family, Ruleset, Set, dump_request,
     encode_batch,
@@ -73,6 +73,37 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const HEADER: usize = 16;
 const ANSWER_TIMEOUT_SECS: i64 = 5;
+
+impl Conversation {
+    /// Sends the request `request(sequence)` and hands each answer message carrying its sequence number to
+    /// `answer` until that returns a result.
+    fn ask<T>(
+        &mut self,
+        request: impl FnOnce(u32) -> Vec<u8>,
+        buffer: usize,
+        mut answer: impl FnMut(Message<'_>) -> Result<Option<T>, ElementSocketError>,
+    ) -> Result<T, ElementSocketError> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let seq = self.sequence;
+        self.socket
+            .send(&request(seq), 0)
+            .map_err(ElementSocketError::Io)?;
+        let mut buf = vec![0u8; buffer];
+        loop {
+            let len = self
+                .socket
+                .recv(&mut &mut buf[..], 0)
+                .map_err(ElementSocketError::Io)?;
+            for m in messages(&buf[..len]).map_err(ElementSocketError::Answer)? {
+                if m.sequence == seq
+                    && let Some(done) = answer(m)?
+                {
+                    return Ok(done);
+                }
+            }
+        }
+    }
+}
 
 impl NetlinkElementSocket {
     pub fn new() -> Result<Self, ElementSocketError> {
@@ -151,32 +182,16 @@ impl ElementSocket for NetlinkElementSocket {
             }
         }
     }
+
     fn generation(&self) -> Result<u32, ElementSocketError> {
         let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
-        c.sequence = c.sequence.wrapping_add(1);
-        let seq = c.sequence;
-        c.socket
-            .send(&generation_request(seq), 0)
-            .map_err(ElementSocketError::Io)?;
-        let mut buf = vec![0u8; 8 * 1024];
-        loop {
-            let len = c
-                .socket
-                .recv(&mut &mut buf[..], 0)
-                .map_err(ElementSocketError::Io)?;
-            for m in messages(&buf[..len]).map_err(ElementSocketError::Answer)? {
-                if m.sequence != seq {
-                    continue;
-                }
-                if m.ty == NLMSG_ERROR {
-                    return Err(ElementSocketError::Answer(error_text(m.payload)));
-                }
-                if m.ty == NEWGEN_MESSAGE {
-                    return generation_of(m.payload)
-                        .ok_or_else(|| ElementSocketError::Answer("generation answer without an id".into()));
-                }
-            }
-        }
+        c.ask(generation_request, 8 * 1024, |m| match m.ty {
+            NLMSG_ERROR => Err(ElementSocketError::Answer(error_text(m.payload))),
+            NEWGEN_MESSAGE => generation_of(m.payload)
+                .map(Some)
+                .ok_or_else(|| ElementSocketError::Answer("generation answer without an id".into())),
+            _ => Ok(None),
+        })
     }
 
     fn elements(
@@ -187,41 +202,23 @@ impl ElementSocket for NetlinkElementSocket {
         set: &Set,
     ) -> Result<BTreeMap<String, Element>, ElementSocketError> {
         let decoder = ElementDecoder::for_set(name, set)?;
-        let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
-        c.sequence = c.sequence.wrapping_add(1);
-        let seq = c.sequence;
-        c.socket
-            .send(&dump_request(family, table, name, seq), 0)
-            .map_err(ElementSocketError::Io)?;
         let mut out = BTreeMap::new();
+        let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
         // A dump datagram is at most 32 KiB (the kernel's cap); a larger buffer is never truncated.
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let len = c
-                .socket
-                .recv(&mut &mut buf[..], 0)
-                .map_err(ElementSocketError::Io)?;
-            for m in messages(&buf[..len]).map_err(ElementSocketError::Answer)? {
-                if m.sequence != seq {
-                    continue;
-                }
-                match m.ty {
-                    NEWSETELEM_MESSAGE => decoder.decode(m.payload, &mut out)?,
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let code = error_code(m.payload);
-                        if code == 0 {
-                            continue;
-                        }
-                        return Err(ElementSocketError::Dump {
-                            set: name.to_string(),
-                            error: io::Error::from_raw_os_error(-code),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
+        c.ask(
+            |seq| dump_request(family, table, name, seq),
+            64 * 1024,
+            |m| match m.ty {
+                NEWSETELEM_MESSAGE => Ok(decoder.decode(m.payload, &mut out).map(|()| None)?),
+                NLMSG_DONE => Ok(Some(())),
+                NLMSG_ERROR if error_code(m.payload) != 0 => Err(ElementSocketError::Dump {
+                    set: name.to_string(),
+                    error: io::Error::from_raw_os_error(-error_code(m.payload)),
+                }),
+                _ => Ok(None),
+            },
+        )?;
+        Ok(out)
     }
 }
 
