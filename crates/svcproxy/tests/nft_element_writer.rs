@@ -264,7 +264,7 @@ mod proxier {
 
     use svcproxy::exec::iptables::ExecError;
     use svcproxy::exec::nft::{NftCommands, RecordingNft, SystemNft};
-    use svcproxy::exec::nft_netlink::{NetlinkElementSocket, RecordingElementSocket};
+    use svcproxy::exec::nft_netlink::{ElementSocket, NetlinkElementSocket, RecordingElementSocket};
     use svcproxy::node_addresses::{FixedAddresses, NodePortSpec};
     use svcproxy::sync::iptables_proxier::{DetectLocal, ProxierOptions};
     use svcproxy::sync::nft_proxier::NftProxier;
@@ -309,6 +309,24 @@ mod proxier {
         }
     }
 
+    /// An IPv4 proxier on node-a with default options.
+    fn proxier(nft: Box<dyn NftCommands>, socket: Box<dyn ElementSocket>) -> NftProxier {
+        NftProxier::new(
+            nft,
+            Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
+            IntentConfig {
+                family: IpFamily::V4,
+                node_name: "node-a".into(),
+            },
+            ProxierOptions {
+                base: RenderConfig::default(),
+                detect_local: DetectLocal::None,
+                nodeport_addresses: NodePortSpec::All,
+            },
+        )
+        .with_element_socket(socket)
+    }
+
     fn web_changed() -> IntentChanges {
         let mut c = IntentChanges::default();
         c.service(&ObjectName::new("ns", "web"));
@@ -321,20 +339,7 @@ mod proxier {
     fn element_updates_bypass_nft_and_a_refused_one_fails_the_sync() {
         let nft = RecordingNft::default();
         let writer = RecordingElementSocket::default();
-        let mut proxier = NftProxier::new(
-            Box::new(nft.clone()),
-            Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
-            IntentConfig {
-                family: IpFamily::V4,
-                node_name: "node-a".into(),
-            },
-            ProxierOptions {
-                base: RenderConfig::default(),
-                detect_local: DetectLocal::None,
-                nodeport_addresses: NodePortSpec::All,
-            },
-        )
-        .with_element_socket(Box::new(writer.clone()));
+        let mut proxier = proxier(Box::new(nft.clone()), Box::new(writer.clone()));
         let applied = || nft.applied.lock().unwrap().len();
 
         proxier
@@ -448,20 +453,10 @@ mod proxier {
         let ns = svcproxy_testkit::NetNs::new("elemv").expect("netns");
         let nft = CountingNft::default();
         let make = |nft: CountingNft| {
-            NftProxier::new(
+            proxier(
                 Box::new(nft),
-                Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
-                IntentConfig {
-                    family: IpFamily::V4,
-                    node_name: "node-a".into(),
-                },
-                ProxierOptions {
-                    base: RenderConfig::default(),
-                    detect_local: DetectLocal::None,
-                    nodeport_addresses: NodePortSpec::All,
-                },
+                Box::new(NetlinkElementSocket::new().expect("socket")),
             )
-            .with_element_socket(Box::new(NetlinkElementSocket::new().expect("socket")))
         };
         let listings = nft.listings.clone();
         let s = state(&["10.244.0.5", "10.244.0.6"]);
