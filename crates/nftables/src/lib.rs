@@ -53,5 +53,5 @@ pub use slots::Slots;
 pub use tracer::{TraceError, trace};
 pub use transaction::{
     PlanError, Transaction, TransactionKind, chunked_full, delete_table_transaction, full_in_chunks,
-    full_transaction, partial_transaction,
+    full_transaction, partial_transaction, partial_transaction_given,
 };

@@ -130,7 +130,7 @@ pub fn full_transaction(next: &Ruleset) -> Transaction {
         sets: BTreeMap::new(),
         chains: BTreeMap::new(),
     };
-    let body = diff(&empty, next);
+    let body = diff(&empty, next, &BTreeSet::new());
     text.push_str(&body.text);
     Transaction {
         kind: TransactionKind::Full,
@@ -144,6 +144,17 @@ pub fn full_transaction(next: &Ruleset) -> Transaction {
 /// The commands that turn `prev` (what the kernel holds) into `next`. Empty when they are equal. The size of
 /// the output depends only on what changed, never on how many services there are.
 pub fn partial_transaction(prev: &Ruleset, next: &Ruleset) -> Result<Transaction, PlanError> {
+    partial_transaction_given(prev, next, &BTreeSet::new())
+}
+
+/// [`partial_transaction`] for a `prev` read from the kernel whose sets named in `same_elements` were found
+/// to hold exactly `next`'s elements and were kept without them: a read-back compares each set as it reads
+/// it, so it never holds a second copy of every element.
+pub fn partial_transaction_given(
+    prev: &Ruleset,
+    next: &Ruleset,
+    same_elements: &BTreeSet<String>,
+) -> Result<Transaction, PlanError> {
     if prev.family != next.family || prev.name != next.name {
         return Err(PlanError::DifferentTable {
             from: prev.qualified_name(),
@@ -161,7 +172,7 @@ pub fn partial_transaction(prev: &Ruleset, next: &Ruleset) -> Result<Transaction
             }
         }
     }
-    let mut tx = diff(prev, next);
+    let mut tx = diff(prev, next, same_elements);
     tx.kind = TransactionKind::Partial;
     Ok(tx)
 }
@@ -380,7 +391,7 @@ fn element_changes<'a>(
     (stale, added)
 }
 
-fn diff(prev: &Ruleset, next: &Ruleset) -> Transaction {
+fn diff(prev: &Ruleset, next: &Ruleset, same_elements: &BTreeSet<String>) -> Transaction {
     let table = next.qualified_name();
     let mut services: BTreeSet<String> = BTreeSet::new();
     let touch_object = |name: &str, services: &mut BTreeSet<String>| {
@@ -459,8 +470,8 @@ fn diff(prev: &Ruleset, next: &Ruleset) -> Transaction {
             additions.push((name, set.elements.iter().collect()));
             continue;
         }
-        if set.is_dynamic() {
-            // Written by traffic, not by us.
+        if set.is_dynamic() || (same_elements.contains(name) && old.same_definition(set)) {
+            // Written by traffic, not by us; or known to be equal.
             continue;
         }
         let (stale, added) = element_changes(&old.elements, &set.elements);
@@ -513,5 +524,54 @@ fn diff(prev: &Ruleset, next: &Ruleset) -> Transaction {
         services,
         deleted_chains: removed_chains.iter().map(|s| s.to_string()).collect(),
         deleted_sets: removed_sets.iter().map(|(s, _)| s.to_string()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ruleset::SetKind;
+
+    fn table(elements: &[(&str, &str)]) -> Ruleset {
+        let mut rs = Ruleset::new(Family::Ip, "svcproxy");
+        let mut map = Set::new(
+            SetKind::Map,
+            "typeof numgen random mod 1",
+            Some("ip daddr . tcp dport"),
+        );
+        for (k, v) in elements {
+            map.elements.insert(
+                k.to_string(),
+                Element {
+                    value: Some(v.to_string()),
+                    comment: Some("ns/web:http".into()),
+                },
+            );
+        }
+        rs.sets.insert("endpoints-tcp-0".into(), map);
+        rs
+    }
+
+    #[test]
+    fn sets_read_as_equal_are_not_compared_again() {
+        let next = table(&[("0", "10.0.0.1 . 80"), ("1", "10.0.0.2 . 80")]);
+        // Read back without the elements of a set found equal: nothing to do.
+        let mut read = next.clone();
+        read.sets.get_mut("endpoints-tcp-0").unwrap().elements.clear();
+        let same = BTreeSet::from(["endpoints-tcp-0".to_string()]);
+        assert!(partial_transaction_given(&read, &next, &same).unwrap().is_empty());
+        // Without the note, the empty set is a difference: both elements are added back.
+        let t = partial_transaction_given(&read, &next, &BTreeSet::new()).unwrap();
+        assert_eq!(t.services, BTreeSet::from(["ns/web".to_string()]));
+        assert!(
+            t.text.contains("10.0.0.1 . 80") && t.text.contains("10.0.0.2 . 80"),
+            "{}",
+            t.text
+        );
+        // A set whose declaration differs is redefined whatever the note says.
+        let mut redeclared = read.clone();
+        redeclared.sets.get_mut("endpoints-tcp-0").unwrap().size = Some(16);
+        let t = partial_transaction_given(&redeclared, &next, &same).unwrap();
+        assert!(t.text.contains("delete map"), "{}", t.text);
     }
 }

@@ -5,6 +5,8 @@
 //! 50,000 map elements; this read takes a small fraction of that. It runs on every restart (to find what the
 //! kernel already holds) and every verification.
 
+use std::collections::BTreeSet;
+
 use svcproxy_nftables::{Family, Ruleset, parse_listing, table_text};
 use thiserror::Error;
 
@@ -25,6 +27,14 @@ pub enum TableReadError {
     Moved,
 }
 
+/// The rules and set declarations of a table, read; its elements come next, set by set.
+#[derive(Debug)]
+pub struct TableStructure {
+    pub table: Ruleset,
+    /// The ruleset generation before the first request.
+    generation: u32,
+}
+
 /// Table `family name` as the kernel holds it, `None` if there is none. The elements of dynamic sets (what
 /// the datapath adds, e.g. affinity entries) are left out: they are never compared. Fails, rather than
 /// mixing two states, when the ruleset generation moved while it was read.
@@ -34,28 +44,66 @@ pub fn read_table(
     family: Family,
     name: &str,
 ) -> Result<Option<Ruleset>, TableReadError> {
-    let before = socket.generation().map_err(TableReadError::Socket)?;
+    match read_structure(nft, socket, family, name)? {
+        Some(structure) => Ok(Some(structure.read_elements(socket, None)?.0)),
+        None => Ok(None),
+    }
+}
+
+/// The first half of [`read_table`]: everything but the elements.
+pub fn read_structure(
+    nft: &dyn NftCommands,
+    socket: &dyn ElementSocket,
+    family: Family,
+    name: &str,
+) -> Result<Option<TableStructure>, TableReadError> {
+    let generation = socket.generation().map_err(TableReadError::Socket)?;
     let text = nft.list_ruleset_terse().map_err(TableReadError::Nft)?;
     let Some(ours) = table_text(&text, family, name) else {
         return Ok(None);
     };
-    let mut table = parse_listing(ours)
+    let table = parse_listing(ours)
         .map_err(|e| TableReadError::Listing(e.to_string()))?
         .tables
         .into_iter()
         .next()
         .ok_or_else(|| TableReadError::Listing("no table in the table's own listing".into()))?;
-    drop(text);
-    for (set_name, set) in table.sets.iter_mut() {
-        if set.is_dynamic() {
-            continue;
+    Ok(Some(TableStructure { table, generation }))
+}
+
+impl TableStructure {
+    /// The second half of [`read_table`]. Each set is compared with `expected`'s as it is read: one whose
+    /// elements and declaration are the same keeps no elements and is named in the second part of the
+    /// result, so a read-back never holds a second copy of all 50,000 elements of a 5,000-service table
+    /// (compare with [`svcproxy_nftables::partial_transaction_given`]).
+    pub fn read_elements(
+        self,
+        socket: &dyn ElementSocket,
+        expected: Option<&Ruleset>,
+    ) -> Result<(Ruleset, BTreeSet<String>), TableReadError> {
+        let TableStructure {
+            mut table,
+            generation,
+        } = self;
+        let (family, name) = (table.family, table.name.clone());
+        let mut same = BTreeSet::new();
+        for (set_name, set) in table.sets.iter_mut() {
+            if set.is_dynamic() {
+                continue;
+            }
+            let elements = socket
+                .elements(family, &name, set_name, set)
+                .map_err(TableReadError::Socket)?;
+            let wanted = expected.and_then(|e| e.sets.get(set_name));
+            if wanted.is_some_and(|w| w.same_definition(set) && w.elements == elements) {
+                same.insert(set_name.clone());
+            } else {
+                set.elements = elements;
+            }
         }
-        set.elements = socket
-            .elements(family, name, set_name, set)
-            .map_err(TableReadError::Socket)?;
+        if socket.generation().map_err(TableReadError::Socket)? != generation {
+            return Err(TableReadError::Moved);
+        }
+        Ok((table, same))
     }
-    if socket.generation().map_err(TableReadError::Socket)? != before {
-        return Err(TableReadError::Moved);
-    }
-    Ok(Some(table))
 }

@@ -6,6 +6,7 @@
 //! The first sync also removes upstream's `kube-proxy` table in the same transaction that loads ours, so a
 //! takeover has no moment without rules.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use svcproxy_conntrack::Conntrack;
@@ -18,7 +19,7 @@ use svcproxy_model::{ClusterState, Intent, IntentChanges, IntentConfig, IpFamily
 use svcproxy_nftables::{
     Family, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable, Ruleset, Slots, TableUpdate,
     Transaction, delete_table_transaction, element_changes, full_in_chunks, full_transaction, parse_listing,
-    partial_transaction, probe_transaction, render_table_after,
+    partial_transaction, partial_transaction_given, probe_transaction, render_table_after,
 };
 
 use super::intent_cache::IntentCache;
@@ -28,7 +29,7 @@ use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncRe
 use crate::exec::iptables::ExecError;
 use crate::exec::nft::NftCommands;
 use crate::exec::nft_netlink::{ElementSocket, ElementSocketError};
-use crate::exec::nft_table_read::read_table;
+use crate::exec::nft_table_read::{TableStructure, read_structure};
 use crate::node_addresses::LocalAddresses;
 
 /// Services per transaction on a cold sync: keeps each transaction (and the kernel's nftables lock) short.
@@ -36,6 +37,28 @@ use crate::node_addresses::LocalAddresses;
 /// 1.75 s, against 1.6 s for `nft -f` of the whole listing into an empty namespace. Each transaction re-validates
 /// the table built so far, so fewer are cheaper; 1,000 keeps the lock to about 0.3 s.
 const SERVICES_PER_TRANSACTION: usize = 1000;
+/// Our table read back, and the sets in it that were found equal to what they should be and kept without
+/// their elements.
+type ReadBack = (Ruleset, BTreeSet<String>);
+
+/// What a read of the kernel found before its elements are read.
+enum KernelTable {
+    Missing,
+    /// Read whole, elements included (`nft list table`).
+    Whole(Ruleset),
+    Structure(TableStructure),
+}
+
+impl KernelTable {
+    fn table(&self) -> Option<&Ruleset> {
+        match self {
+            KernelTable::Missing => None,
+            KernelTable::Whole(t) => Some(t),
+            KernelTable::Structure(s) => Some(&s.table),
+        }
+    }
+}
+
 /// The table upstream kube-proxy's nftables mode writes.
 const UPSTREAM_TABLE: &str = "kube-proxy";
 
@@ -156,23 +179,46 @@ impl NftProxier {
         (family(self.intent_config.family).to_string(), "svcproxy")
     }
 
-    /// Our table as the kernel holds it. Through the netlink socket when there is one (the terse listing
-    /// for rules and set declarations, our own reader for the elements); with `nft list table` otherwise, or
-    /// when that read fails or another transaction committed while it ran.
-    fn read_back(&self) -> Result<Option<Ruleset>, SyncError> {
+    /// Our table as the kernel holds it, in two steps: its rules and set declarations now, its elements when
+    /// [`Self::complete`] compares them with what they should be. Through the netlink socket when there is
+    /// one (the terse listing, then our own element reads); with `nft list table` otherwise, or when that
+    /// read fails.
+    fn read_kernel(&self) -> Result<KernelTable, SyncError> {
         if let Some(socket) = &self.elements {
             let (_, name) = self.table();
-            match read_table(
+            match read_structure(
                 self.cmds.as_ref(),
                 socket.as_ref(),
                 family(self.intent_config.family),
                 name,
             ) {
-                Ok(table) => return Ok(table),
+                Ok(Some(structure)) => return Ok(KernelTable::Structure(structure)),
+                Ok(None) => return Ok(KernelTable::Missing),
                 Err(e) => tracing::debug!(error = %e, "table read with nft list table"),
             }
         }
-        self.read_back_listing()
+        Ok(match self.read_back_listing()? {
+            Some(table) => KernelTable::Whole(table),
+            None => KernelTable::Missing,
+        })
+    }
+
+    /// The kernel's table and the sets in it found to hold exactly `expected`'s elements (kept without
+    /// them), for [`partial_transaction_given`]; `None` when there is no table.
+    fn complete(&self, kernel: KernelTable, expected: &Ruleset) -> Result<Option<ReadBack>, SyncError> {
+        match kernel {
+            KernelTable::Missing => Ok(None),
+            KernelTable::Whole(table) => Ok(Some((table, BTreeSet::new()))),
+            KernelTable::Structure(structure) => {
+                if let Some(socket) = &self.elements {
+                    match structure.read_elements(socket.as_ref(), Some(expected)) {
+                        Ok(read) => return Ok(Some(read)),
+                        Err(e) => tracing::debug!(error = %e, "table read with nft list table"),
+                    }
+                }
+                Ok(self.read_back_listing()?.map(|t| (t, BTreeSet::new())))
+            }
+        }
     }
 
     fn read_back_listing(&self) -> Result<Option<Ruleset>, SyncError> {
@@ -216,15 +262,15 @@ impl NftProxier {
         self.cmds.apply(script).map_err(|e| Self::refused(e, script))
     }
 
-    fn findings(&self, read_back: Option<&Ruleset>, expected: &Ruleset) -> Vec<Finding> {
-        let Some(read_back) = read_back else {
+    fn findings(&self, read_back: Option<&ReadBack>, expected: &Ruleset) -> Vec<Finding> {
+        let Some((read_back, same_elements)) = read_back else {
             return vec![Finding {
                 what: format!("table {} is missing", expected.qualified_name()),
                 kind: "missing_table",
                 services: Vec::new(),
             }];
         };
-        match partial_transaction(read_back, expected) {
+        match partial_transaction_given(read_back, expected, same_elements) {
             Ok(t) if t.is_empty() => Vec::new(),
             Ok(t) => vec![Finding {
                 what: format!(
@@ -358,13 +404,13 @@ impl Proxier for NftProxier {
         // A full sync compares with the kernel's table unless it rebuilds, or follows a table it applied.
         let current = match (&self.applied, mode) {
             (Some(_), SyncMode::Partial) | (_, SyncMode::Rebuild) => None,
-            _ => Some(self.read_back()?),
+            _ => Some(self.read_kernel()?),
         };
         // Policy chains keep their endpoint-map slots: those of the table we applied, else those the kernel's
         // copy holds, so a restart onto the right table renders it exactly and writes nothing.
         let prior = match (&self.applied, &current) {
             (Some((prev, _)), _) => prev.slots().clone(),
-            (None, Some(Some(table))) => Slots::of_ruleset(table),
+            (None, Some(kernel)) => kernel.table().map(Slots::of_ruleset).unwrap_or_default(),
             _ => Slots::default(),
         };
         let next = render_table_after(&intent, &config, &prior);
@@ -380,10 +426,14 @@ impl Proxier for NftProxier {
                 text.push_str(&delete_table_transaction(fam, UPSTREAM_TABLE));
                 Box::new(std::iter::once(text))
             }
-            _ => match current.flatten() {
+            _ => match current
+                .map(|k| self.complete(k, &next.ruleset))
+                .transpose()?
+                .flatten()
+            {
                 // The table exists: send what differs (nothing on a restart onto the right table).
-                Some(current) => {
-                    let t = partial_transaction(&current, &next.ruleset)
+                Some((current, same_elements)) => {
+                    let t = partial_transaction_given(&current, &next.ruleset, &same_elements)
                         .map_err(|e| SyncError::ReadBack(e.to_string()))?;
                     Box::new(std::iter::once(t.text))
                 }
@@ -439,7 +489,8 @@ impl Proxier for NftProxier {
         if scope == VerifyScope::LastSync && !self.last_sync_full {
             return Ok(Vec::new());
         }
-        let read_back = self.read_back()?;
+        let kernel = self.read_kernel()?;
+        let read_back = self.complete(kernel, expected)?;
         Ok(self.findings(read_back.as_ref(), expected))
     }
 
