@@ -195,7 +195,6 @@ pub fn full_in_chunks(
     if max_services_per_tx == 0 {
         return Err(PlanError::ChunkSize);
     }
-    let fixed = restrict(next, &|owner| owner.is_none());
     let mut owners: BTreeSet<String> = BTreeSet::new();
     owners.extend(next.chains.keys().filter_map(|n| owner_of_object(n)));
     owners.extend(next.sets.keys().filter_map(|n| owner_of_object(n)));
@@ -205,13 +204,42 @@ pub fn full_in_chunks(
     let owners: Vec<String> = owners.into_iter().collect();
     let groups = owners.len().div_ceil(max_services_per_tx);
     let count = groups + 1;
+    // Elements of fixed sets that no Service owns (the hairpin pairs, one per endpoint: 50,000 at 5,000
+    // services) are spread over the Services' parts, so part 0 stays as small as the fixed objects.
+    let ownerless: Vec<(&str, &String, &Element)> = if groups == 0 {
+        Vec::new()
+    } else {
+        next.sets
+            .iter()
+            .filter(|(n, s)| owner_of_object(n).is_none() && !s.is_dynamic())
+            .flat_map(|(n, s)| {
+                s.elements
+                    .iter()
+                    .filter(|(_, e)| e.comment.is_none())
+                    .map(move |(k, e)| (n.as_str(), k, e))
+            })
+            .collect()
+    };
+    let fixed = restrict(next, &|owner| owner.is_none(), &|owner| {
+        owner.is_none() && groups == 0
+    });
 
     let mut first = full_transaction(&fixed);
     first.kind = TransactionKind::Chunk { index: 0, count };
+    let table = next.qualified_name();
     let rest = (0..groups).map(move |i| {
         let group = &owners[i * max_services_per_tx..owners.len().min((i + 1) * max_services_per_tx)];
         let members: BTreeSet<&str> = group.iter().map(String::as_str).collect();
         let mut tx = group_transaction(next, &members);
+        let share = &ownerless[i * ownerless.len() / groups..(i + 1) * ownerless.len() / groups];
+        for run in share.chunk_by(|a, b| a.0 == b.0) {
+            commands::add_elements(
+                &mut tx.text,
+                &table,
+                run[0].0,
+                run.iter().map(|(_, k, e)| (*k, *e)),
+            );
+        }
         tx.kind = TransactionKind::Chunk { index: i + 1, count };
         tx
     });
@@ -272,8 +300,12 @@ fn group_transaction(next: &Ruleset, members: &BTreeSet<&str>) -> Transaction {
 }
 
 /// The part of a ruleset whose objects' owners pass `keep` (`None` = fixed objects). Fixed sets are kept
-/// whole as declarations, with only the elements whose owners pass.
-pub fn restrict(rs: &Ruleset, keep: &dyn Fn(Option<&str>) -> bool) -> Ruleset {
+/// whole as declarations, with only the elements whose owners pass `keep_element`.
+pub fn restrict(
+    rs: &Ruleset,
+    keep: &dyn Fn(Option<&str>) -> bool,
+    keep_element: &dyn Fn(Option<&str>) -> bool,
+) -> Ruleset {
     let chains = rs
         .chains
         .iter()
@@ -290,7 +322,7 @@ pub fn restrict(rs: &Ruleset, keep: &dyn Fn(Option<&str>) -> bool) -> Ruleset {
             let elements = s
                 .elements
                 .iter()
-                .filter(|(_, e)| keep(owner_of_element(e).as_deref()))
+                .filter(|(_, e)| keep_element(owner_of_element(e).as_deref()))
                 .map(|(k, e)| (k.clone(), e.clone()))
                 .collect();
             let s = Set {
