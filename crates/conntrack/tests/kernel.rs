@@ -215,12 +215,7 @@ fn dns_intent(endpoint: &str) -> Intent {
         external_policy_local: false,
         internal_policy_local: false,
         health_check_node_port: None,
-        endpoints: Categorized {
-            cluster: vec![info.clone()],
-            local: Vec::new(),
-            all_reachable: vec![info],
-            has_any_endpoints: true,
-        },
+        endpoints: Categorized::new(vec![info], Vec::new(), true),
         total_endpoints: 1,
         content_hash: 0,
     };

@@ -59,7 +59,7 @@ pub fn render_service_port(
         }
         .push(line);
     }
-    let mut chains = Vec::with_capacity(4 + spi.endpoints.all_reachable.len());
+    let mut chains = Vec::with_capacity(4 + spi.endpoints.all_reachable().len());
     if spi.uses_external_chain() {
         chains.push((
             ChainName::from(r.chains.ext.as_str()),
@@ -82,7 +82,7 @@ pub fn render_service_port(
         r.dispatch(&r.chains.svl, &spi.endpoints.local, &mut svl);
         chains.push((ChainName::from(r.chains.svl.as_str()), Chain::new(svl)));
     }
-    for ep in &spi.endpoints.all_reachable {
+    for ep in spi.endpoints.all_reachable() {
         let name = sep_chain(&spi.name, ep);
         let lines = r.endpoint_chain(&name, ep);
         chains.push((name.into(), Chain::new(lines)));

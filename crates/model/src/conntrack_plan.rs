@@ -268,7 +268,7 @@ fn serving(spi: &ServicePortIntent) -> HashSet<SocketAddr> {
     e.cluster
         .iter()
         .chain(&e.local)
-        .chain(&e.all_reachable)
+        .chain(e.all_reachable())
         .map(|ep| ep.socket_addr())
         .collect()
 }
@@ -347,12 +347,7 @@ mod tests {
             external_policy_local: false,
             internal_policy_local: false,
             health_check_node_port: None,
-            endpoints: Categorized {
-                has_any_endpoints: !eps.is_empty(),
-                cluster: eps.clone(),
-                local: Vec::new(),
-                all_reachable: eps,
-            },
+            endpoints: Categorized::new(eps.clone(), Vec::new(), !eps.is_empty()),
             total_endpoints: endpoints.len(),
             content_hash: 0,
         }

@@ -122,12 +122,12 @@ proptest! {
         let config = IntentConfig { family: IpFamily::V4, node_name: "me".into() };
         let intent = build_intent(&build(&services, false), &config);
         for spi in intent.service_ports.values() {
-            for set in [&spi.endpoints.cluster, &spi.endpoints.local, &spi.endpoints.all_reachable] {
+            for set in [&spi.endpoints.cluster, &spi.endpoints.local, spi.endpoints.all_reachable()] {
                 let unique: BTreeSet<String> = set.iter().map(ToString::to_string).collect();
                 prop_assert_eq!(unique.len(), set.len());
             }
             for e in spi.endpoints.cluster.iter().chain(&spi.endpoints.local) {
-                prop_assert!(spi.endpoints.all_reachable.contains(e));
+                prop_assert!(spi.endpoints.all_reachable().contains(e));
                 prop_assert!(e.ready || (e.serving && e.terminating));
             }
             for e in &spi.endpoints.local {

@@ -379,7 +379,7 @@ pub fn add_service_port(
         (cluster.is_some(), via_chains[0], &spi.endpoints.cluster),
         (local.is_some(), via_chains[1], &spi.endpoints.local),
     ];
-    for ep in &spi.endpoints.all_reachable {
+    for ep in spi.endpoints.all_reachable() {
         let mut via_chain = false;
         let mut direct = false;
         for (in_use, chained, list) in lists {

@@ -150,7 +150,7 @@ fn probes(intent: &Intent) -> Vec<(String, Packet)> {
                 ));
             }
         }
-        for ep in &spi.endpoints.all_reachable {
+        for ep in spi.endpoints.all_reachable() {
             let origin = if ep.is_local {
                 Origin::Pod
             } else {

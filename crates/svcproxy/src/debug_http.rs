@@ -218,7 +218,7 @@ impl DebugState {
             .iter()
             .flat_map(|i| i.service_ports.values())
             .map(|spi| {
-                let used = &spi.endpoints.all_reachable;
+                let used = spi.endpoints.all_reachable();
                 let count =
                     |f: fn(&svcproxy_model::EndpointInfo) -> bool| used.iter().filter(|e| f(e)).count();
                 let name = spi.name.to_string();

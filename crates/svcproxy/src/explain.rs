@@ -1158,7 +1158,7 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
     }
 
     let known: Vec<&EndpointInfo> = service
-        .map(|(spi, _)| spi.endpoints.all_reachable.iter().collect())
+        .map(|(spi, _)| spi.endpoints.all_reachable().iter().collect())
         .unwrap_or_default();
     let expected = match input.expected {
         Ok(e) => e,
