@@ -183,15 +183,16 @@ impl Proxy {
 
     fn stop(mut self) {
         // SIGTERM: the rules stay, as on a real node during a restart. Under a profiler the proxy is the
-        // child's child.
-        if self.profiled {
-            let _ = std::process::Command::new("pkill")
-                .args(["-TERM", "-P", &self.child.id().to_string()])
-                .status();
-        }
-        let _ = std::process::Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
+        // child's child: the profiler ends once the proxy has, so the next run never finds its ports taken.
+        let (program, args) = if self.profiled {
+            (
+                "pkill",
+                vec!["-TERM".to_string(), "-P".into(), self.child.id().to_string()],
+            )
+        } else {
+            ("kill", vec![self.child.id().to_string()])
+        };
+        let _ = std::process::Command::new(program).args(args).status();
         let _ = self.child.wait();
     }
 }
