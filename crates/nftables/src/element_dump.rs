@@ -149,6 +149,17 @@ impl ElementDecoder {
 
     /// Adds the elements of one element message (its payload, after the netlink header) to `out`.
     pub fn decode(&self, payload: &[u8], out: &mut BTreeMap<String, Element>) -> Result<(), DecodeError> {
+        self.decode_each(payload, |key, element| {
+            out.insert(key, element);
+        })
+    }
+
+    /// Hands each element of one element message to `each`, without collecting them.
+    pub fn decode_each(
+        &self,
+        payload: &[u8],
+        mut each: impl FnMut(String, Element),
+    ) -> Result<(), DecodeError> {
         let body = payload
             .get(NFGENMSG..)
             .ok_or_else(|| self.malformed("message shorter than its header"))?;
@@ -161,7 +172,7 @@ impl ElementDecoder {
                 continue;
             }
             let (key, element) = self.element(element)?;
-            out.insert(key, element);
+            each(key, element);
         }
         Ok(())
     }

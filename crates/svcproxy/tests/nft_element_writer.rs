@@ -253,6 +253,27 @@ fn a_read_during_another_commit_is_refused() {
         .elements(Family::Ip, "writer-test", "hairpin", hairpin)
         .unwrap();
     assert_eq!(got, hairpin.elements);
+    // Compared as it is read: the same elements, and a set one element short or long, or one value off.
+    let holds = |elements: &std::collections::BTreeMap<String, Element>| {
+        socket
+            .holds_exactly(Family::Ip, "writer-test", "hairpin", hairpin, elements)
+            .unwrap()
+    };
+    assert!(holds(&hairpin.elements));
+    assert!(!holds(&t.sets["hairpin"].elements));
+    let mut more = hairpin.elements.clone();
+    more.insert("10.244.0.10 . 10.244.0.10".into(), Element::default());
+    assert!(!holds(&more));
+    let eps = &t.sets["endpoints-tcp-0"];
+    let mut moved = eps.elements.clone();
+    moved.get_mut("0").unwrap().value = Some("10.244.0.99 . 8080".into());
+    let holds_eps = |elements| {
+        socket
+            .holds_exactly(Family::Ip, "writer-test", "endpoints-tcp-0", eps, elements)
+            .unwrap()
+    };
+    assert!(holds_eps(&eps.elements));
+    assert!(!holds_eps(&moved));
     assert!(matches!(
         socket.elements(Family::Ip, "writer-test", "nowhere", hairpin),
         Err(ElementSocketError::Dump { .. })

@@ -53,6 +53,16 @@ pub trait ElementSocket: Send + Sync {
         name: &str,
         set: &Set,
     ) -> Result<BTreeMap<String, Element>, ElementSocketError>;
+    /// Whether set `name` holds exactly `expected`, compared element by element as they arrive, so a large
+    /// set that matches (the hairpin set: one element per endpoint) is never held in memory.
+    fn holds_exactly(
+        &self,
+        family: Family,
+        table: &str,
+        name: &str,
+        set: &Set,
+        expected: &BTreeMap<String, Element>,
+    ) -> Result<bool, ElementSocketError>;
 }
 
 /// The real writer. The socket is opened in the network namespace of the thread that creates the writer and
@@ -220,6 +230,39 @@ impl ElementSocket for NetlinkElementSocket {
         )?;
         Ok(out)
     }
+
+    fn holds_exactly(
+        &self,
+        family: Family,
+        table: &str,
+        name: &str,
+        set: &Set,
+        expected: &BTreeMap<String, Element>,
+    ) -> Result<bool, ElementSocketError> {
+        let decoder = ElementDecoder::for_set(name, set)?;
+        let (mut seen, mut same) = (0, true);
+        let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
+        c.ask(
+            |seq| dump_request(family, table, name, seq),
+            64 * 1024,
+            |m| match m.ty {
+                NEWSETELEM_MESSAGE => Ok(decoder
+                    .decode_each(m.payload, |key, element| {
+                        seen += 1;
+                        same &= expected.get(&key) == Some(&element);
+                    })
+                    .map(|()| None)?),
+                NLMSG_DONE => Ok(Some(())),
+                NLMSG_ERROR if error_code(m.payload) != 0 => Err(ElementSocketError::Dump {
+                    set: name.to_string(),
+                    error: io::Error::from_raw_os_error(-error_code(m.payload)),
+                }),
+                _ => Ok(None),
+            },
+        )?;
+        // Keys are unique in a dump, so as many matches as expected elements means the same set.
+        Ok(same && seen == expected.len())
+    }
 }
 
 /// Records what it is asked to write; fails the writes `fail` holds, last first. Reads answer from `kernel`
@@ -272,6 +315,17 @@ impl ElementSocket for RecordingElementSocket {
             error: io::Error::from_raw_os_error(nix::errno::Errno::ENOENT as i32),
         })?;
         Ok(found.elements.clone())
+    }
+
+    fn holds_exactly(
+        &self,
+        family: Family,
+        table: &str,
+        name: &str,
+        set: &Set,
+        expected: &BTreeMap<String, Element>,
+    ) -> Result<bool, ElementSocketError> {
+        Ok(self.elements(family, table, name, set)? == *expected)
     }
 }
 

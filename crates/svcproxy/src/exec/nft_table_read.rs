@@ -91,15 +91,21 @@ impl TableStructure {
             if set.is_dynamic() {
                 continue;
             }
-            let elements = socket
+            let wanted = expected
+                .and_then(|e| e.sets.get(set_name))
+                .filter(|w| w.same_definition(set));
+            if let Some(wanted) = wanted
+                && socket
+                    .holds_exactly(family, &name, set_name, set, &wanted.elements)
+                    .map_err(TableReadError::Socket)?
+            {
+                same.insert(set_name.clone());
+                continue;
+            }
+            // Different (drift, or a sync still to come): read it whole, a second time in the first case.
+            set.elements = socket
                 .elements(family, &name, set_name, set)
                 .map_err(TableReadError::Socket)?;
-            let wanted = expected.and_then(|e| e.sets.get(set_name));
-            if wanted.is_some_and(|w| w.same_definition(set) && w.elements == elements) {
-                same.insert(set_name.clone());
-            } else {
-                set.elements = elements;
-            }
         }
         if socket.generation().map_err(TableReadError::Socket)? != generation {
             return Err(TableReadError::Moved);
