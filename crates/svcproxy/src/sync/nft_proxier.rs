@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use svcproxy_conntrack::Conntrack;
 
@@ -29,7 +30,7 @@ use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncRe
 use crate::exec::iptables::ExecError;
 use crate::exec::nft::NftCommands;
 use crate::exec::nft_netlink::{ElementSocket, ElementSocketError};
-use crate::exec::nft_table_read::{TableStructure, read_structure};
+use crate::exec::nft_table_read::{TableReadError, TableStructure, read_structure};
 use crate::node_addresses::LocalAddresses;
 
 /// Services per transaction on a cold sync: keeps each transaction (and the kernel's nftables lock) short.
@@ -75,6 +76,8 @@ pub struct NftProxier {
     conntrack: Option<Box<dyn Conntrack>>,
     /// Where element-only updates go, when set; everything else goes to `nft`.
     elements: Option<Box<dyn ElementSocket>>,
+    /// A read through the socket has failed before.
+    socket_read_failed: AtomicBool,
     probed: bool,
     last_sync_full: bool,
     /// Watches for a proxy of the other mode (kube-proxy's iptables chains or its nftables table).
@@ -126,6 +129,7 @@ impl NftProxier {
             applied_intent: None,
             conntrack: None,
             elements: None,
+            socket_read_failed: AtomicBool::new(false),
             probed: false,
             last_sync_full: false,
             other_proxies: None,
@@ -194,13 +198,24 @@ impl NftProxier {
             ) {
                 Ok(Some(structure)) => return Ok(KernelTable::Structure(structure)),
                 Ok(None) => return Ok(KernelTable::Missing),
-                Err(e) => tracing::debug!(error = %e, "table read with nft list table"),
+                Err(e) => self.fell_back(&e),
             }
         }
         Ok(match self.read_back_listing()? {
             Some(table) => KernelTable::Whole(table),
             None => KernelTable::Missing,
         })
+    }
+
+    /// A read through the socket failed, so `nft list table` reads instead (ten times slower at thousands
+    /// of Services). Said once at warning level, so a read path that keeps failing does not go unnoticed;
+    /// a lone failure (another writer committed meanwhile) is ordinary.
+    fn fell_back(&self, error: &TableReadError) {
+        if self.socket_read_failed.swap(true, Ordering::Relaxed) {
+            tracing::debug!(%error, "table read with nft list table");
+        } else {
+            tracing::warn!(%error, "table read with nft list table (said once; later ones at debug level)");
+        }
     }
 
     /// The kernel's table and the sets in it found to hold exactly `expected`'s elements (kept without
@@ -213,7 +228,7 @@ impl NftProxier {
                 if let Some(socket) = &self.elements {
                     match structure.read_elements(socket.as_ref(), Some(expected)) {
                         Ok(read) => return Ok(Some(read)),
-                        Err(e) => tracing::debug!(error = %e, "table read with nft list table"),
+                        Err(e) => self.fell_back(&e),
                     }
                 }
                 Ok(self.read_back_listing()?.map(|t| (t, BTreeSet::new())))
