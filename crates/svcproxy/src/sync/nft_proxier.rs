@@ -38,6 +38,9 @@ use crate::node_addresses::LocalAddresses;
 /// 1.75 s, against 1.6 s for `nft -f` of the whole listing into an empty namespace. Each transaction re-validates
 /// the table built so far, so fewer are cheaper; 1,000 keeps the lock to about 0.3 s.
 const SERVICES_PER_TRANSACTION: usize = 1000;
+/// The table upstream kube-proxy's nftables mode writes.
+const UPSTREAM_TABLE: &str = "kube-proxy";
+
 /// Our table read back, and the sets in it that were found equal to what they should be and kept without
 /// their elements.
 type ReadBack = (Ruleset, BTreeSet<String>);
@@ -60,9 +63,6 @@ impl KernelTable {
     }
 }
 
-/// The table upstream kube-proxy's nftables mode writes.
-const UPSTREAM_TABLE: &str = "kube-proxy";
-
 pub struct NftProxier {
     cmds: Box<dyn NftCommands>,
     addresses: Box<dyn LocalAddresses>,
@@ -74,7 +74,8 @@ pub struct NftProxier {
     applied: Option<(RenderedTable, RenderConfig)>,
     applied_intent: Option<Arc<Intent>>,
     conntrack: Option<Box<dyn Conntrack>>,
-    /// Where element-only updates go, when set; everything else goes to `nft`.
+    /// The nf_tables socket, when set: element-only updates and read-backs go through it; everything else
+    /// goes to `nft`.
     elements: Option<Box<dyn ElementSocket>>,
     /// A read through the socket has failed before.
     socket_read_failed: AtomicBool,
@@ -136,8 +137,8 @@ impl NftProxier {
         }
     }
 
-    pub fn with_element_socket(mut self, writer: Box<dyn ElementSocket>) -> Self {
-        self.elements = Some(writer);
+    pub fn with_element_socket(mut self, socket: Box<dyn ElementSocket>) -> Self {
+        self.elements = Some(socket);
         self
     }
 
