@@ -135,6 +135,35 @@ impl NetlinkElementSocket {
     }
 }
 
+impl NetlinkElementSocket {
+    /// Dumps set `name` of table `family table`, handing each element to `each` as it is decoded.
+    fn dump_set(
+        &self,
+        family: Family,
+        table: &str,
+        name: &str,
+        set: &Set,
+        mut each: impl FnMut(String, Element),
+    ) -> Result<(), ElementSocketError> {
+        let decoder = ElementDecoder::for_set(name, set)?;
+        let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
+        // A dump datagram is at most 32 KiB (the kernel's cap); a larger buffer is never truncated.
+        c.ask(
+            |seq| dump_request(family, table, name, seq),
+            64 * 1024,
+            |m| match m.ty {
+                NEWSETELEM_MESSAGE => Ok(decoder.decode_each(m.payload, &mut each).map(|()| None)?),
+                NLMSG_DONE => Ok(Some(())),
+                NLMSG_ERROR if error_code(m.payload) != 0 => Err(ElementSocketError::Dump {
+                    set: name.to_string(),
+                    error: io::Error::from_raw_os_error(-error_code(m.payload)),
+                }),
+                _ => Ok(None),
+            },
+        )
+    }
+}
+
 impl ElementSocket for NetlinkElementSocket {
     fn write(&self, table: &Ruleset, changes: &[ElementChange]) -> Result<(), ElementSocketError> {
         // A panic mid-write leaves at worst unread answers, which the sequence numbers tell apart.
@@ -211,23 +240,10 @@ impl ElementSocket for NetlinkElementSocket {
         name: &str,
         set: &Set,
     ) -> Result<BTreeMap<String, Element>, ElementSocketError> {
-        let decoder = ElementDecoder::for_set(name, set)?;
         let mut out = BTreeMap::new();
-        let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
-        // A dump datagram is at most 32 KiB (the kernel's cap); a larger buffer is never truncated.
-        c.ask(
-            |seq| dump_request(family, table, name, seq),
-            64 * 1024,
-            |m| match m.ty {
-                NEWSETELEM_MESSAGE => Ok(decoder.decode(m.payload, &mut out).map(|()| None)?),
-                NLMSG_DONE => Ok(Some(())),
-                NLMSG_ERROR if error_code(m.payload) != 0 => Err(ElementSocketError::Dump {
-                    set: name.to_string(),
-                    error: io::Error::from_raw_os_error(-error_code(m.payload)),
-                }),
-                _ => Ok(None),
-            },
-        )?;
+        self.dump_set(family, table, name, set, |key, element| {
+            out.insert(key, element);
+        })?;
         Ok(out)
     }
 
@@ -239,27 +255,11 @@ impl ElementSocket for NetlinkElementSocket {
         set: &Set,
         expected: &BTreeMap<String, Element>,
     ) -> Result<bool, ElementSocketError> {
-        let decoder = ElementDecoder::for_set(name, set)?;
         let (mut seen, mut same) = (0, true);
-        let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
-        c.ask(
-            |seq| dump_request(family, table, name, seq),
-            64 * 1024,
-            |m| match m.ty {
-                NEWSETELEM_MESSAGE => Ok(decoder
-                    .decode_each(m.payload, |key, element| {
-                        seen += 1;
-                        same &= expected.get(&key) == Some(&element);
-                    })
-                    .map(|()| None)?),
-                NLMSG_DONE => Ok(Some(())),
-                NLMSG_ERROR if error_code(m.payload) != 0 => Err(ElementSocketError::Dump {
-                    set: name.to_string(),
-                    error: io::Error::from_raw_os_error(-error_code(m.payload)),
-                }),
-                _ => Ok(None),
-            },
-        )?;
+        self.dump_set(family, table, name, set, |key, element| {
+            seen += 1;
+            same &= expected.get(&key) == Some(&element);
+        })?;
         // Keys are unique in a dump, so as many matches as expected elements means the same set.
         Ok(same && seen == expected.len())
     }
