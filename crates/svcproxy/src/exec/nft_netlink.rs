@@ -266,17 +266,12 @@ impl ElementSocket for NetlinkElementSocket {
 }
 
 /// Records what it is asked to write; fails the writes `fail` holds, last first. Reads answer from `kernel`
-/// (no table there: every read fails, as on a kernel whose answers the reader cannot decode), and each read
-/// of the generation counts one up when `moving` is set, as when another writer is busy.
+/// (no table there: every read fails, as on a kernel whose answers the reader cannot decode).
 #[derive(Debug, Clone, Default)]
 pub struct RecordingElementSocket {
     pub written: Arc<Mutex<Vec<Vec<ElementChange>>>>,
     pub fail: Arc<Mutex<Vec<io::Error>>>,
     pub kernel: Arc<Mutex<Option<Ruleset>>>,
-    pub moving: Arc<Mutex<bool>>,
-    pub generation: Arc<Mutex<u32>>,
-    /// Sets read, in order.
-    pub read: Arc<Mutex<Vec<String>>>,
 }
 
 impl ElementSocket for RecordingElementSocket {
@@ -290,11 +285,7 @@ impl ElementSocket for RecordingElementSocket {
     }
 
     fn generation(&self) -> Result<u32, ElementSocketError> {
-        let mut g = self.generation.lock().unwrap();
-        if *self.moving.lock().unwrap() {
-            *g += 1;
-        }
-        Ok(*g)
+        Ok(0)
     }
 
     fn elements(
@@ -305,7 +296,6 @@ impl ElementSocket for RecordingElementSocket {
         set: &Set,
     ) -> Result<BTreeMap<String, Element>, ElementSocketError> {
         ElementDecoder::for_set(name, set)?;
-        self.read.lock().unwrap().push(name.to_string());
         let kernel = self.kernel.lock().unwrap();
         let table = kernel
             .as_ref()
