@@ -85,8 +85,21 @@ fn main() {
                 .enable_all()
                 .build()
                 .unwrap();
+            // Ctrl-C, or a plain `kill`/`timeout`: either way the namespaces are removed on the way out.
             rt.block_on(async {
-                let _ = tokio::signal::ctrl_c().await;
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                let terminated = async {
+                    match term.as_mut() {
+                        Some(t) => {
+                            t.recv().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    () = terminated => {}
+                }
             });
             stop.store(true, Ordering::SeqCst);
         });
