@@ -7,7 +7,6 @@
 //! tenth of the cost. Only the types [`crate::element_batch`] encodes are decoded; sets with flags (intervals,
 //! timeouts) are left to `nft`.
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use thiserror::Error;
@@ -147,14 +146,7 @@ impl ElementDecoder {
         }
     }
 
-    /// Adds the elements of one element message (its payload, after the netlink header) to `out`.
-    pub fn decode(&self, payload: &[u8], out: &mut BTreeMap<String, Element>) -> Result<(), DecodeError> {
-        self.decode_each(payload, |key, element| {
-            out.insert(key, element);
-        })
-    }
-
-    /// Hands each element of one element message to `each`, without collecting them.
+    /// Hands each element of one element message (its payload, after the netlink header) to `each`.
     pub fn decode_each(
         &self,
         payload: &[u8],
@@ -289,6 +281,8 @@ fn comment_of(mut udata: &[u8]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::element_batch::{ElementChange, encode_batch};
     use crate::ruleset::{Ruleset, SetKind};
@@ -390,7 +384,12 @@ mod tests {
                 .trim_end_matches('\0')
                 .to_string();
             let decoder = ElementDecoder::for_set(&set, &rs.sets[&set]).unwrap();
-            decoder.decode(m.payload, got.entry(set).or_default()).unwrap();
+            let out = got.entry(set).or_default();
+            decoder
+                .decode_each(m.payload, |k, e| {
+                    out.insert(k, e);
+                })
+                .unwrap();
         }
         let mut expected: BTreeMap<String, BTreeMap<String, Element>> = BTreeMap::new();
         for (set, key, e) in wanted {
@@ -427,13 +426,18 @@ mod tests {
         // Cut anywhere inside the element list: never a panic, never a wrong element.
         for cut in NFGENMSG..m.payload.len() {
             let mut out = BTreeMap::new();
-            if decoder.decode(&m.payload[..cut], &mut out).is_ok() {
+            if decoder
+                .decode_each(&m.payload[..cut], |k, e| {
+                    out.insert(k, e);
+                })
+                .is_ok()
+            {
                 assert!(out.is_empty(), "cut at {cut}: {out:?}");
             }
         }
         // A set of another type reads the same bytes as malformed, not as something else.
         let other = ElementDecoder::for_set("hairpin", &rs.sets["hairpin"]).unwrap();
-        assert!(other.decode(m.payload, &mut BTreeMap::new()).is_err());
+        assert!(other.decode_each(m.payload, |_, _| {}).is_err());
     }
 
     #[test]
