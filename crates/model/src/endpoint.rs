@@ -1,6 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -16,8 +17,8 @@ pub struct EndpointInfo {
     pub terminating: bool,
     /// The endpoint runs on this node.
     pub is_local: bool,
-    pub zone_hints: Option<BTreeSet<String>>,
-    pub node_hints: Option<BTreeSet<String>>,
+    pub zone_hints: Option<Arc<BTreeSet<String>>>,
+    pub node_hints: Option<Arc<BTreeSet<String>>>,
 }
 
 impl EndpointInfo {

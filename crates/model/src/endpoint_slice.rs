@@ -1,5 +1,6 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -37,12 +38,15 @@ pub struct Endpoint {
     pub serving: bool,
     /// `conditions.terminating`; absent means false.
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
-    /// `hints.forZones`; `None` when the endpoint carries no zone hints.
-    pub zone_hints: Option<BTreeSet<String>>,
+    /// Shared: a cluster has few node and zone names and every endpoint names one (at 5,000 slices × 10
+    /// endpoints, a string each is 2.4 MB; the endpoint itself shrinks from 120 to 72 bytes).
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    /// `hints.forZones`; `None` when the endpoint carries no zone hints. Shared with the endpoints selected
+    /// from it.
+    pub zone_hints: Option<Arc<BTreeSet<String>>>,
     /// `hints.forNodes`; `None` when the endpoint carries no node hints.
-    pub node_hints: Option<BTreeSet<String>>,
+    pub node_hints: Option<Arc<BTreeSet<String>>>,
 }
 
 impl Endpoint {
@@ -53,7 +57,7 @@ impl Endpoint {
             ready: true,
             serving: true,
             terminating: false,
-            node_name: node.map(str::to_string),
+            node_name: node.map(Arc::from),
             zone: None,
             zone_hints: None,
             node_hints: None,

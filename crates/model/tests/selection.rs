@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{
@@ -59,18 +60,14 @@ fn to_endpoint(e: Ep) -> Endpoint {
         ready,
         serving: e.serving.unwrap_or(ready),
         terminating: e.terminating.unwrap_or(false),
-        node_name: Some(if e.local {
-            NODE.to_string()
-        } else {
-            "node-b".to_string()
-        }),
+        node_name: Some(if e.local { NODE.into() } else { "node-b".into() }),
         zone: None,
         zone_hints: e
             .zones
-            .map(|z| z.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>()),
+            .map(|z| Arc::new(z.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>())),
         node_hints: e
             .nodes
-            .map(|z| z.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>()),
+            .map(|z| Arc::new(z.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>())),
     }
 }
 

@@ -58,6 +58,7 @@ pub fn render_table_after(intent: &Intent, cfg: &RenderConfig, prior: &Slots) ->
         let fragment = fragment(&ports, cfg, &skeleton, &mut slots);
         table.merge(fragment);
     }
+    table.ruleset.compact();
     table.slots = Slots::of_ruleset(&table.ruleset);
     table
 }

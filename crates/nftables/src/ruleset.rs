@@ -321,6 +321,17 @@ impl Ruleset {
         out
     }
 
+    /// Repacks the maps after they were filled one insertion at a time. Keys inserted in ascending order (as
+    /// Services merged in order mostly are) leave every B-tree node half full, and at 5,000 Services the
+    /// table holds about 110,000 elements; a map built from its sorted contents has full nodes.
+    pub fn compact(&mut self) {
+        for set in self.sets.values_mut() {
+            set.elements = std::mem::take(&mut set.elements).into_iter().collect();
+        }
+        self.sets = std::mem::take(&mut self.sets).into_iter().collect();
+        self.chains = std::mem::take(&mut self.chains).into_iter().collect();
+    }
+
     /// Number of rule lines plus elements: a size measure for logs and metrics.
     pub fn object_count(&self) -> usize {
         self.chains.values().map(|c| c.rules.len() + 1).sum::<usize>()

@@ -19,8 +19,9 @@ use svcproxy_iptables::config::{
 use svcproxy_model::{ClusterState, Intent, IntentChanges, IntentConfig, IpFamily};
 use svcproxy_nftables::{
     Family, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable, Ruleset, Slots, TableUpdate,
-    Transaction, delete_table_transaction, element_changes, full_in_chunks, full_transaction, parse_listing,
-    partial_transaction, partial_transaction_given, probe_transaction, render_table_after,
+    Transaction, TransactionKind, delete_table_transaction, element_changes, full_in_chunks,
+    full_transaction, parse_listing, partial_transaction, partial_transaction_given, probe_transaction,
+    render_table_after,
 };
 
 use super::intent_cache::IntentCache;
@@ -455,23 +456,22 @@ impl Proxier for NftProxier {
                 }
                 None => {
                     // Cold: bounded transactions, each leaving a consistent table and each built only when the
-                    // one before it is applied; upstream's table goes in the last one, when ours is complete.
-                    let mut parts = full_in_chunks(&next.ruleset, SERVICES_PER_TRANSACTION)
-                        .map_err(|e| SyncError::ReadBack(e.to_string()))?
-                        .map(|t: Transaction| t.text)
-                        .peekable();
-                    let mut upstream = Some(delete_table_transaction(fam, UPSTREAM_TABLE));
-                    Box::new(std::iter::from_fn(move || match parts.next() {
-                        Some(mut text) => {
-                            if parts.peek().is_none()
-                                && let Some(upstream) = upstream.take()
-                            {
-                                text.push_str(&upstream);
-                            }
-                            Some(text)
-                        }
-                        None => upstream.take(),
-                    }))
+                    // one before it is applied (never two at once: each is megabytes at 5,000 Services);
+                    // upstream's table goes in the last one, when ours is complete.
+                    let upstream = delete_table_transaction(fam, UPSTREAM_TABLE);
+                    Box::new(
+                        full_in_chunks(&next.ruleset, SERVICES_PER_TRANSACTION)
+                            .map_err(|e| SyncError::ReadBack(e.to_string()))?
+                            .map(move |t: Transaction| {
+                                let mut text = t.text;
+                                if let TransactionKind::Chunk { index, count } = t.kind
+                                    && index + 1 == count
+                                {
+                                    text.push_str(&upstream);
+                                }
+                                text
+                            }),
+                    )
                 }
             },
         };
