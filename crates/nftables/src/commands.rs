@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::ruleset::{BaseChain, Chain, Element, Policy, Set};
+use crate::ruleset::{BaseChain, Chain, CompactString, Element, Policy, Set};
 
 /// Elements per `add element` / `delete element` command: keeps lines (and `nft`'s error messages, which
 /// quote the line) readable without costing measurable parse time.
@@ -107,7 +107,7 @@ pub fn add_elements<'a>(
     out: &mut String,
     table: &str,
     set: &str,
-    elements: impl IntoIterator<Item = (&'a String, &'a Element)>,
+    elements: impl IntoIterator<Item = (&'a CompactString, &'a Element)>,
 ) {
     let mut in_command = 0;
     for (key, element) in elements {
@@ -132,9 +132,9 @@ pub fn delete_elements<'a>(
     out: &mut String,
     table: &str,
     set: &str,
-    keys: impl IntoIterator<Item = &'a String>,
+    keys: impl IntoIterator<Item = &'a CompactString>,
 ) {
-    let keys: Vec<&str> = keys.into_iter().map(String::as_str).collect();
+    let keys: Vec<&str> = keys.into_iter().map(CompactString::as_str).collect();
     for batch in keys.chunks(ELEMENTS_PER_COMMAND) {
         let _ = writeln!(out, "delete element {table} {set} {{ {} }}", batch.join(", "));
     }

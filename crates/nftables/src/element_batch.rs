@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use thiserror::Error;
 
-use crate::ruleset::{Element, Family, Ruleset, Set};
+use crate::ruleset::{CompactString, Element, Family, Ruleset, Set};
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum EncodeError {
@@ -36,7 +36,7 @@ pub enum EncodeError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElementChange {
     pub set: String,
-    pub key: String,
+    pub key: CompactString,
     pub element: Element,
     pub add: bool,
 }
@@ -384,7 +384,7 @@ fn encode_element(set_name: &str, set: &Set, change: &ElementChange) -> Result<E
     let comment = match (&change.element.comment, change.add) {
         (Some(c), true) => {
             if c.len() + 1 > COMMENT_MAX {
-                return Err(EncodeError::Comment(c.clone()));
+                return Err(EncodeError::Comment(c.to_string()));
             }
             let mut tlv = vec![UDATA_SET_ELEM_COMMENT, (c.len() + 1) as u8];
             tlv.extend(c.as_bytes());
@@ -531,8 +531,8 @@ mod tests {
             set: set.into(),
             key: key.into(),
             element: Element {
-                value: value.map(str::to_string),
-                comment: comment.map(str::to_string),
+                value: value.map(CompactString::from),
+                comment: comment.map(CompactString::from),
             },
             add: true,
         }

@@ -17,7 +17,7 @@ use crate::element_batch::{
     NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_USERDATA, NFTA_VERDICT_CHAIN,
     NFTA_VERDICT_CODE, NLM_F_REQUEST, UDATA_SET_ELEM_COMMENT, Writer, data_kind, nfproto, type_fields,
 };
-use crate::ruleset::{Element, Family, Set};
+use crate::ruleset::{CompactString, Element, Family, Set};
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DecodeError {
@@ -150,7 +150,7 @@ impl ElementDecoder {
     pub fn decode_each(
         &self,
         payload: &[u8],
-        mut each: impl FnMut(String, Element),
+        mut each: impl FnMut(CompactString, Element),
     ) -> Result<(), DecodeError> {
         let body = payload
             .get(NFGENMSG..)
@@ -169,7 +169,7 @@ impl ElementDecoder {
         Ok(())
     }
 
-    fn element(&self, bytes: &[u8]) -> Result<(String, Element), DecodeError> {
+    fn element(&self, bytes: &[u8]) -> Result<(CompactString, Element), DecodeError> {
         let attrs = attributes(bytes).map_err(|e| self.malformed(e))?;
         if let Some(flags) = find(&attrs, NFTA_SET_ELEM_FLAGS)
             && u32::from_be_bytes(flags.try_into().unwrap_or_default()) & NFT_SET_ELEM_INTERVAL_END != 0
@@ -187,7 +187,13 @@ impl ElementDecoder {
             (Some(DataKind::Verdict), Some(data)) => Some(self.verdict_text(data)?),
         };
         let comment = find(&attrs, NFTA_SET_ELEM_USERDATA).and_then(comment_of);
-        Ok((key, Element { value, comment }))
+        Ok((
+            key.into(),
+            Element {
+                value: value.map(CompactString::from),
+                comment: comment.map(CompactString::from),
+            },
+        ))
     }
 
     fn data_value<'a>(&self, nested: &'a [u8], what: &str) -> Result<&'a [u8], DecodeError> {
@@ -325,8 +331,8 @@ mod tests {
 
     fn element(value: Option<&str>, comment: Option<&str>) -> Element {
         Element {
-            value: value.map(str::to_string),
-            comment: comment.map(str::to_string),
+            value: value.map(CompactString::from),
+            comment: comment.map(CompactString::from),
         }
     }
 
@@ -367,13 +373,13 @@ mod tests {
             .iter()
             .map(|(set, key, e)| ElementChange {
                 set: set.to_string(),
-                key: key.to_string(),
+                key: (*key).into(),
                 element: e.clone(),
                 add: true,
             })
             .collect();
         let batch = encode_batch(&rs, &changes, 1).unwrap();
-        let mut got: BTreeMap<String, BTreeMap<String, Element>> = BTreeMap::new();
+        let mut got: BTreeMap<String, BTreeMap<CompactString, Element>> = BTreeMap::new();
         for m in messages(&batch.bytes).unwrap() {
             if m.ty != NEWSETELEM_MESSAGE {
                 continue;
@@ -391,12 +397,9 @@ mod tests {
                 })
                 .unwrap();
         }
-        let mut expected: BTreeMap<String, BTreeMap<String, Element>> = BTreeMap::new();
+        let mut expected: BTreeMap<String, BTreeMap<CompactString, Element>> = BTreeMap::new();
         for (set, key, e) in wanted {
-            expected
-                .entry(set.to_string())
-                .or_default()
-                .insert(key.to_string(), e);
+            expected.entry(set.to_string()).or_default().insert(key.into(), e);
         }
         assert_eq!(got, expected);
     }

@@ -13,6 +13,7 @@ use crate::ruleset::{
     BaseChain, Chain, ChainType, Hook, PRIORITY_DSTNAT, PRIORITY_SRCNAT, Policy, Ruleset, Set, SetKind,
 };
 use crate::slots;
+use compact_str::ToCompactString;
 
 pub const TABLE_COMMENT: &str = "rules for svcproxy";
 
@@ -225,7 +226,7 @@ pub fn fixed_ruleset(cfg: &RenderConfig) -> Ruleset {
             "addresses that accept NodePort traffic",
         );
         for ip in ips.iter().filter(|ip| cfg.family.contains(ip)) {
-            set.elements.insert(ip.to_string(), Default::default());
+            set.elements.insert(ip.to_compact_string(), Default::default());
         }
         sets.insert(NODEPORT_IPS.into(), set);
     }

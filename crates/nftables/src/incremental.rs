@@ -144,7 +144,10 @@ impl RenderedTable {
                                 v.insert(element);
                             }
                             std::collections::btree_map::Entry::Occupied(o) => {
-                                *self.shared.entry((name.clone(), o.key().clone())).or_default() += 1;
+                                *self
+                                    .shared
+                                    .entry((name.clone(), o.key().to_string()))
+                                    .or_default() += 1;
                             }
                         }
                     }
@@ -264,18 +267,10 @@ impl RenderedTable {
                 added.first().copied()
             };
             if let Some(e) = current {
-                before
-                    .sets
-                    .get_mut(set)?
-                    .elements
-                    .insert(key.to_string(), e.clone());
+                before.sets.get_mut(set)?.elements.insert(key.into(), e.clone());
             }
             if let Some(e) = value.filter(|_| count > 0) {
-                after
-                    .sets
-                    .get_mut(set)?
-                    .elements
-                    .insert(key.to_string(), e.clone());
+                after.sets.get_mut(set)?.elements.insert(key.into(), e.clone());
             }
             shared.push(((set.to_string(), key.to_string()), count.saturating_sub(1)));
         }

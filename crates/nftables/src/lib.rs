@@ -47,7 +47,9 @@ pub use incremental::{RenderedTable, TableUpdate, render_table, render_table_aft
 pub use listing::{Listing, ListingError, parse_listing, table_text};
 pub use probe::{PROBE_TABLE, probe_transaction};
 pub use render::{render, render_after};
-pub use ruleset::{BaseChain, Chain, ChainType, Element, Family, Hook, Policy, Ruleset, Set, SetKind};
+pub use ruleset::{
+    BaseChain, Chain, ChainType, CompactString, Element, Family, Hook, Policy, Ruleset, Set, SetKind,
+};
 pub use simulate::{Kernel, SimError};
 pub use slots::Slots;
 pub use tracer::{TraceError, trace};

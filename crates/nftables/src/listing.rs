@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use thiserror::Error;
 
 use crate::ruleset::{
-    BaseChain, Chain, ChainType, Element, Family, Hook, PRIORITY_DSTNAT, PRIORITY_SRCNAT, Policy, Ruleset,
-    Set, SetKind,
+    BaseChain, Chain, ChainType, CompactString, Element, Family, Hook, PRIORITY_DSTNAT, PRIORITY_SRCNAT,
+    Policy, Ruleset, Set, SetKind,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -191,7 +191,7 @@ pub(crate) fn parse_base_chain(text: &str) -> Option<BaseChain> {
 }
 
 /// One printed element: `key [timeout T] [expires E] [counter …] [comment "c"] [: value]`.
-pub(crate) fn parse_element(text: &str) -> Option<(String, Element)> {
+pub(crate) fn parse_element(text: &str) -> Option<(CompactString, Element)> {
     // The value follows the first ` : ` outside quotes (IPv6 keys contain bare colons, never ` : `).
     let mut in_quote = false;
     let mut split_at = None;
@@ -242,7 +242,21 @@ pub(crate) fn parse_element(text: &str) -> Option<(String, Element)> {
     if key_words.is_empty() {
         return None;
     }
-    Some((key_words.join(" "), Element { value, comment }))
+    // Built in place: nearly every key fits in a `CompactString` without an allocation.
+    let mut key = CompactString::default();
+    for (i, word) in key_words.iter().enumerate() {
+        if i > 0 {
+            key.push(' ');
+        }
+        key.push_str(word);
+    }
+    Some((
+        key,
+        Element {
+            value: value.map(CompactString::from),
+            comment: comment.map(CompactString::from),
+        },
+    ))
 }
 
 enum Block {

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+pub use compact_str::CompactString;
 use thiserror::Error;
 
 /// An nftables address family. We only write `ip` and `ip6` tables, but a listing may hold any family.
@@ -161,13 +162,18 @@ impl SetKind {
 }
 
 /// One element of a set or map. The key is the map key lookup table of [`Set::elements`].
+///
+/// Keys, values and comments are [`CompactString`]s: a table holds one element per endpoint in the endpoint
+/// maps and another in the hairpin set, and nearly all of their texts (`10.244.3.7 . 8080`, `65539`,
+/// `ns/name:port`) fit in the 24 bytes a `String` takes anyway, so they need no allocation of their own (at
+/// 5,000 Services × 10 endpoints, about 150,000 fewer).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Element {
     /// The mapped value (`goto service-…`, `drop`); `None` in a plain set.
-    pub value: Option<String>,
+    pub value: Option<CompactString>,
     /// Names the Service the element belongs to (`ns/name` or `ns/name:port`), so elements can be grouped by
     /// owner when planning and attributed when verifying.
-    pub comment: Option<String>,
+    pub comment: Option<CompactString>,
 }
 
 /// A named set or map.
@@ -185,7 +191,7 @@ pub struct Set {
     pub size: Option<u32>,
     pub comment: Option<String>,
     /// Elements by key, as `nft` prints the key (`10.96.0.1 . tcp . 443`).
-    pub elements: BTreeMap<String, Element>,
+    pub elements: BTreeMap<CompactString, Element>,
 }
 
 impl Set {
@@ -300,7 +306,7 @@ impl Ruleset {
                 {
                     return Err(ConsistencyError::ElementTarget {
                         set: set_name.clone(),
-                        key: key.clone(),
+                        key: key.to_string(),
                         to: target.to_string(),
                     });
                 }

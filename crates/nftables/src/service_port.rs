@@ -20,6 +20,7 @@ use crate::dispatch::{DEFAULT_CASCADE_LIMIT, Target, dispatch_rules, uses_endpoi
 use crate::names::*;
 use crate::ruleset::{Chain, Element, Ruleset, Set, SetKind};
 use crate::slots::{self, SlotAllocator};
+use compact_str::{CompactString, ToCompactString, format_compact};
 
 /// Affinity sets hold at most this many client addresses per endpoint.
 pub const AFFINITY_SET_SIZE: u32 = 65535;
@@ -29,17 +30,17 @@ struct Ctx<'a> {
     cfg: &'a RenderConfig,
     proto: &'static str,
     /// Element comment: the service port, which also names the owning Service.
-    comment: String,
+    comment: CompactString,
 }
 
 impl Ctx<'_> {
-    fn key(&self, ip: IpAddr, port: u16) -> String {
-        format!("{ip} . {} . {port}", self.proto)
+    fn key(&self, ip: IpAddr, port: u16) -> CompactString {
+        format_compact!("{ip} . {} . {port}", self.proto)
     }
 
-    fn element(&self, value: String) -> Element {
+    fn element(&self, value: impl Into<CompactString>) -> Element {
         Element {
-            value: Some(value),
+            value: Some(value.into()),
             comment: Some(self.comment.clone()),
         }
     }
@@ -120,8 +121,8 @@ impl Ctx<'_> {
                 add_element(
                     rs,
                     &map,
-                    (base + i as u32).to_string(),
-                    self.element(format!("{} . {}", ep.ip, ep.port)),
+                    (base + i as u32).to_compact_string(),
+                    self.element(format_compact!("{} . {}", ep.ip, ep.port)),
                 );
             }
             let chain = Chain {
@@ -253,8 +254,9 @@ impl Ctx<'_> {
     }
 }
 
-fn add_element(rs: &mut Ruleset, set: &str, key: String, element: Element) {
+fn add_element(rs: &mut Ruleset, set: &str, key: impl Into<CompactString>, element: Element) {
     if let Some(s) = rs.sets.get_mut(set) {
+        let key = key.into();
         // Two services claiming the same address and port (possible with externalIPs) cannot both win; the
         // first in service order does, so the outcome does not depend on event order.
         s.elements.entry(key).or_insert(element);
@@ -272,7 +274,7 @@ pub fn add_service_port(
         spi,
         cfg,
         proto: spi.name.protocol.lower(),
-        comment: spi.name.to_string(),
+        comment: spi.name.to_compact_string(),
     };
     let spn = &spi.name;
     add_element(
@@ -281,7 +283,7 @@ pub fn add_service_port(
         spi.cluster_ip.to_string(),
         Element {
             value: None,
-            comment: Some(spn.service.to_string()),
+            comment: Some(spn.service.to_compact_string()),
         },
     );
 
@@ -332,7 +334,7 @@ pub fn add_service_port(
         }
     }
     if let Some(np) = spi.node_port {
-        let key = format!("{} . {np}", cx.proto);
+        let key = format_compact!("{} . {np}", cx.proto);
         if let Some(ext) = &external {
             add_element(
                 rs,
@@ -398,7 +400,12 @@ pub fn add_service_port(
             rs.chains.insert(endpoint_chain(spn, ep), cx.endpoint_chain(ep));
         }
         if direct {
-            add_element(rs, HAIRPIN, format!("{} . {}", ep.ip, ep.ip), Element::default());
+            add_element(
+                rs,
+                HAIRPIN,
+                format_compact!("{} . {}", ep.ip, ep.ip),
+                Element::default(),
+            );
         }
         if let Some(timeout) = cx.affinity() {
             let mut set = Set::new(SetKind::Set, format!("type {}", cfg.addr_type()), None);

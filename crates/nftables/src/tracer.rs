@@ -498,12 +498,12 @@ impl Tracer<'_> {
                         {
                             let (addr, port) = value.split_once(" . ").ok_or_else(|| TraceError::Value {
                                 chain: chain.to_string(),
-                                value: value.clone(),
+                                value: value.to_string(),
                                 what: "address . port",
                             })?;
                             let port = port.trim().parse().map_err(|_| TraceError::Value {
                                 chain: chain.to_string(),
-                                value: value.clone(),
+                                value: value.to_string(),
                                 what: "port",
                             })?;
                             let s = self.dnat(chain, step(st.clone()), addr.trim(), Some(port))?;

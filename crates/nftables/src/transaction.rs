@@ -20,7 +20,7 @@ use thiserror::Error;
 
 use crate::commands;
 use crate::names::{owner_in_comment, owner_of_comment, owner_of_object};
-use crate::ruleset::{Chain, Element, Family, Ruleset, Set};
+use crate::ruleset::{Chain, CompactString, Element, Family, Ruleset, Set};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransactionKind {
@@ -206,7 +206,7 @@ pub fn full_in_chunks(
     let count = groups + 1;
     // Elements of fixed sets that no Service owns (the hairpin pairs, one per endpoint: 50,000 at 5,000
     // services) are spread over the Services' parts, so part 0 stays as small as the fixed objects.
-    let ownerless: Vec<(&str, &String, &Element)> = if groups == 0 {
+    let ownerless: Vec<(&str, &CompactString, &Element)> = if groups == 0 {
         Vec::new()
     } else {
         next.sets
@@ -271,7 +271,7 @@ fn group_transaction(next: &Ruleset, members: &BTreeSet<&str>) -> Transaction {
         }
     }
     for (name, set) in &next.sets {
-        let elements: Vec<(&String, &Element)> = if owned(name) {
+        let elements: Vec<(&CompactString, &Element)> = if owned(name) {
             set.elements.iter().collect()
         } else if owner_of_object(name).is_none() && !set.is_dynamic() {
             set.elements
@@ -366,14 +366,14 @@ fn chains_using<'a>(rs: &'a Ruleset, sets: &BTreeSet<&str>) -> BTreeSet<&'a str>
         .collect()
 }
 
-type Elements<'a> = Vec<(&'a String, &'a Element)>;
+type Elements<'a> = Vec<(&'a CompactString, &'a Element)>;
 
 /// Both maps' entries joined by key, walking the two sorted maps side by side: tables of 100,000 elements
 /// are compared in one pass instead of one tree lookup per entry.
-fn join<'a, V>(
-    prev: &'a BTreeMap<String, V>,
-    next: &'a BTreeMap<String, V>,
-) -> Vec<(&'a String, Option<&'a V>, Option<&'a V>)> {
+fn join<'a, K: Ord, V>(
+    prev: &'a BTreeMap<K, V>,
+    next: &'a BTreeMap<K, V>,
+) -> Vec<(&'a K, Option<&'a V>, Option<&'a V>)> {
     let mut out = Vec::with_capacity(prev.len().max(next.len()));
     let mut a = prev.iter().peekable();
     let mut b = next.iter().peekable();
@@ -405,8 +405,8 @@ fn join<'a, V>(
 
 /// Elements to delete (absent or changed in `next`) and to add (new or changed).
 fn element_changes<'a>(
-    prev: &'a BTreeMap<String, Element>,
-    next: &'a BTreeMap<String, Element>,
+    prev: &'a BTreeMap<CompactString, Element>,
+    next: &'a BTreeMap<CompactString, Element>,
 ) -> (Elements<'a>, Elements<'a>) {
     let (mut stale, mut added) = (Vec::new(), Vec::new());
     for (k, old, new) in join(prev, next) {
@@ -492,7 +492,7 @@ fn diff(prev: &Ruleset, next: &Ruleset, same_elements: &BTreeSet<String>) -> Tra
         touch_object(name, &mut services);
     }
     // 3. Stale elements of surviving maps, and the element additions for step 7.
-    let mut additions: Vec<(&str, Vec<(&String, &Element)>)> = Vec::new();
+    let mut additions: Vec<(&str, Vec<(&CompactString, &Element)>)> = Vec::new();
     for (name, set) in &next.sets {
         let Some(old) = prev.sets.get(name) else {
             additions.push((name, set.elements.iter().collect()));
@@ -573,9 +573,9 @@ mod tests {
         );
         for (k, v) in elements {
             map.elements.insert(
-                k.to_string(),
+                (*k).into(),
                 Element {
-                    value: Some(v.to_string()),
+                    value: Some((*v).into()),
                     comment: Some("ns/web:http".into()),
                 },
             );

@@ -129,7 +129,7 @@ proptest! {
                 let (map, base) = slots::placement(slot.unwrap());
                 let n: u32 = rule.split(" mod ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
                 for key in base..base + n {
-                    let element = rs.sets[&map].elements.get(&key.to_string());
+                    let element = rs.sets[&map].elements.get(key.to_string().as_str());
                     prop_assert!(element.is_some(), "{}: key {} missing from {}", name, key, map);
                     targets.push(element.unwrap().value.as_deref().unwrap());
                 }

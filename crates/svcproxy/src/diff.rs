@@ -937,13 +937,13 @@ mod tests {
         assert_eq!(report.service_ports.len(), 1, "{report:#?}");
         let comment = expected.sets[&set].elements[&key].comment.clone();
         assert_eq!(
-            Some(&report.service_ports[0].name),
-            comment.as_ref(),
+            Some(report.service_ports[0].name.as_str()),
+            comment.as_deref(),
             "named by the element's comment"
         );
         assert!(report.service_ports[0].name.starts_with("demo/web"));
         assert_eq!(report.service_ports[0].chains[0].chain, format!("@{set}"));
-        assert!(report.service_ports[0].chains[0].missing_rules[0].starts_with(&key));
+        assert!(report.service_ports[0].chains[0].missing_rules[0].starts_with(key.as_str()));
         let shared: Vec<(&str, ChainStatus)> = report
             .shared
             .iter()

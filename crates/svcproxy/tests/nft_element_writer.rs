@@ -3,6 +3,7 @@
 //! refuses changes nothing; tables read back through the socket (terse listing plus element dumps) equal what
 //! `nft list table` shows, for every reference scenario.
 
+use compact_str::{CompactString, format_compact};
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::{ElementSocket, ElementSocketError, NetlinkElementSocket};
 use svcproxy::exec::nft_table_read::{TableReadError, read_table};
@@ -16,8 +17,8 @@ use svcproxy_testkit::fixtures::{intent_of, ip, net};
 
 fn element(value: Option<&str>, comment: Option<&str>) -> Element {
     Element {
-        value: value.map(str::to_string),
-        comment: comment.map(str::to_string),
+        value: value.map(CompactString::from),
+        comment: comment.map(CompactString::from),
     }
 }
 
@@ -41,7 +42,9 @@ fn table(family: Family, a: &str, b: &str) -> Ruleset {
         .insert("65536".into(), element(Some(&format!("{b} . 80")), None));
     rs.sets.insert("endpoints-tcp-0".into(), eps);
     let mut hairpin = Set::new(SetKind::Set, format!("type {ty} . {ty}"), None);
-    hairpin.elements.insert(format!("{a} . {a}"), Element::default());
+    hairpin
+        .elements
+        .insert(format_compact!("{a} . {a}"), Element::default());
     rs.sets.insert("hairpin".into(), hairpin);
     let mut services = Set::new(
         SetKind::Map,
@@ -49,7 +52,7 @@ fn table(family: Family, a: &str, b: &str) -> Ruleset {
         Some("verdict"),
     );
     services.elements.insert(
-        format!("{a} . tcp . 80"),
+        format_compact!("{a} . tcp . 80"),
         element(Some("goto pick"), Some("ns/web:http")),
     );
     rs.sets.insert("service-ips".into(), services);
@@ -125,9 +128,11 @@ fn element_updates_land_as_nft_would_write_them() {
         eps.elements.remove("65536");
         let hairpin = after.sets.get_mut("hairpin").unwrap();
         hairpin.elements.clear();
-        hairpin.elements.insert(format!("{c} . {c}"), Element::default());
+        hairpin
+            .elements
+            .insert(format_compact!("{c} . {c}"), Element::default());
         after.sets.get_mut("service-ips").unwrap().elements.insert(
-            format!("{b} . udp . 53"),
+            format_compact!("{b} . udp . 53"),
             element(Some("drop"), Some("kube-system/dns:dns")),
         );
         let changes = element_changes(&before, &after).expect("elements only");
@@ -150,11 +155,11 @@ fn element_updates_land_as_nft_would_write_them() {
             .get_mut("hairpin")
             .unwrap()
             .elements
-            .insert(format!("{a} . {a}"), Element::default());
+            .insert(format_compact!("{a} . {a}"), Element::default());
         let mut refused = element_changes(&after, &next).unwrap();
         refused.push(ElementChange {
             set: "service-ips".into(),
-            key: format!("{a} . tcp . 81"),
+            key: format_compact!("{a} . tcp . 81"),
             element: Element::default(),
             add: false,
         });
@@ -254,7 +259,7 @@ fn a_read_during_another_commit_is_refused() {
         .unwrap();
     assert_eq!(got, hairpin.elements);
     // Compared as it is read: the same elements, and a set one element short or long, or one value off.
-    let holds = |elements: &std::collections::BTreeMap<String, Element>| {
+    let holds = |elements: &std::collections::BTreeMap<CompactString, Element>| {
         socket
             .holds_exactly(Family::Ip, "writer-test", "hairpin", hairpin, elements)
             .unwrap()

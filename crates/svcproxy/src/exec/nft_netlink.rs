@@ -15,8 +15,8 @@ use netlink_sys::{Socket, SocketAddr};
 use svcproxy_nftables::element_batch::generation_request;
 use svcproxy_nftables::element_dump::{Message, NEWGEN_MESSAGE, NEWSETELEM_MESSAGE, generation_of, messages};
 use svcproxy_nftables::{
-    DecodeError, Element, ElementChange, ElementDecoder, EncodeError, Family, Ruleset, Set, dump_request,
-    encode_batch,
+    CompactString, DecodeError, Element, ElementChange, ElementDecoder, EncodeError, Family, Ruleset, Set,
+    dump_request, encode_batch,
 };
 use thiserror::Error;
 
@@ -52,7 +52,7 @@ pub trait ElementSocket: Send + Sync {
         table: &str,
         name: &str,
         set: &Set,
-    ) -> Result<BTreeMap<String, Element>, ElementSocketError>;
+    ) -> Result<BTreeMap<CompactString, Element>, ElementSocketError>;
     /// Whether set `name` holds exactly `expected`, compared element by element as they arrive, so a large
     /// set that matches (the hairpin set: one element per endpoint) is never held in memory.
     fn holds_exactly(
@@ -61,7 +61,7 @@ pub trait ElementSocket: Send + Sync {
         table: &str,
         name: &str,
         set: &Set,
-        expected: &BTreeMap<String, Element>,
+        expected: &BTreeMap<CompactString, Element>,
     ) -> Result<bool, ElementSocketError>;
 }
 
@@ -143,7 +143,7 @@ impl NetlinkElementSocket {
         table: &str,
         name: &str,
         set: &Set,
-        mut each: impl FnMut(String, Element),
+        mut each: impl FnMut(CompactString, Element),
     ) -> Result<(), ElementSocketError> {
         let decoder = ElementDecoder::for_set(name, set)?;
         let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
@@ -239,8 +239,8 @@ impl ElementSocket for NetlinkElementSocket {
         table: &str,
         name: &str,
         set: &Set,
-    ) -> Result<BTreeMap<String, Element>, ElementSocketError> {
-        let mut out = BTreeMap::new();
+    ) -> Result<BTreeMap<CompactString, Element>, ElementSocketError> {
+        let mut out: BTreeMap<CompactString, Element> = BTreeMap::new();
         self.dump_set(family, table, name, set, |key, element| {
             out.insert(key, element);
         })?;
@@ -253,7 +253,7 @@ impl ElementSocket for NetlinkElementSocket {
         table: &str,
         name: &str,
         set: &Set,
-        expected: &BTreeMap<String, Element>,
+        expected: &BTreeMap<CompactString, Element>,
     ) -> Result<bool, ElementSocketError> {
         let (mut seen, mut same) = (0, true);
         self.dump_set(family, table, name, set, |key, element| {
@@ -294,7 +294,7 @@ impl ElementSocket for RecordingElementSocket {
         _table: &str,
         _name: &str,
         _set: &Set,
-    ) -> Result<BTreeMap<String, Element>, ElementSocketError> {
+    ) -> Result<BTreeMap<CompactString, Element>, ElementSocketError> {
         Err(ElementSocketError::Answer(
             "the recording socket does not read".into(),
         ))
@@ -306,7 +306,7 @@ impl ElementSocket for RecordingElementSocket {
         table: &str,
         name: &str,
         set: &Set,
-        expected: &BTreeMap<String, Element>,
+        expected: &BTreeMap<CompactString, Element>,
     ) -> Result<bool, ElementSocketError> {
         Ok(self.elements(family, table, name, set)? == *expected)
     }
