@@ -72,10 +72,67 @@ pub fn fw_chain(spn: &ServicePortName) -> String {
 /// The endpoint chain: the service hash input followed by `ip:port` (`[ip]:port` for IPv6), so the same
 /// backend of two service ports gets two chains, and a target-port change renames the chain.
 pub fn sep_chain(spn: &ServicePortName, endpoint: &EndpointInfo) -> String {
-    let mut input = spn.to_string();
-    input.push_str(spn.protocol.lower());
-    let _ = write!(input, "{endpoint}");
-    format!("{SEP_PREFIX}{}", hash16(&input))
+    SepNames::new(spn).name(endpoint)
+}
+
+/// Names the endpoint chains of one service port. The hash input is the service port's name and protocol
+/// followed by the endpoint; the common part is spelled once, and IPv4 endpoints are spelled without the
+/// formatting machinery (a full render names every endpoint: 100,000 at 10,000 Services).
+pub struct SepNames {
+    prefix: String,
+}
+
+impl SepNames {
+    pub fn new(spn: &ServicePortName) -> Self {
+        let mut prefix = spn.to_string();
+        prefix.push_str(spn.protocol.lower());
+        SepNames { prefix }
+    }
+
+    pub fn name(&self, endpoint: &EndpointInfo) -> String {
+        let mut input = String::with_capacity(self.prefix.len() + 48);
+        input.push_str(&self.prefix);
+        push_endpoint(&mut input, endpoint);
+        let mut name = String::with_capacity(SEP_PREFIX.len() + HASH_LEN);
+        name.push_str(SEP_PREFIX);
+        name.push_str(&hash16(&input));
+        name
+    }
+}
+
+/// `ip:port` (`[ip]:port` for IPv6), as the endpoint's `Display` writes it.
+fn push_endpoint(out: &mut String, endpoint: &EndpointInfo) {
+    match endpoint.ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(out, u32::from(octet));
+            }
+            out.push(':');
+            push_decimal(out, u32::from(endpoint.port));
+        }
+        std::net::IpAddr::V6(_) => {
+            let _ = write!(out, "{endpoint}");
+        }
+    }
+}
+
+fn push_decimal(out: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
+    }
 }
 
 /// The four per-service chain names of one service port; hashing once serves all of them.
@@ -197,6 +254,23 @@ mod tests {
         ];
         for (name, endpoint, want) in cases {
             assert_eq!(sep_chain(&name, &endpoint), want, "{name} {endpoint}");
+        }
+    }
+
+    #[test]
+    fn endpoints_are_spelled_as_display_spells_them() {
+        for (ip, port) in [
+            ("0.0.0.0", 0),
+            ("10.244.1.5", 8080),
+            ("255.255.255.255", 65535),
+            ("1.20.100.9", 9),
+            ("2001:db8::1", 80),
+            ("::ffff:10.0.0.1", 443),
+        ] {
+            let endpoint = ep(ip, port);
+            let mut spelled = String::new();
+            push_endpoint(&mut spelled, &endpoint);
+            assert_eq!(spelled, endpoint.to_string());
         }
     }
 

@@ -241,10 +241,7 @@ mod tests {
             ),
             ("PREROUTING", vec!["-A PREROUTING -j KUBE-SERVICES"]),
         ] {
-            r.nat.chains.insert(
-                name.into(),
-                Chain::new(lines.into_iter().map(String::from).collect()),
-            );
+            r.nat.chains.insert(name.into(), Chain::new(lines));
         }
         r
     }

@@ -176,12 +176,7 @@ pub(crate) fn serialize(sections: &[Section<'_>]) -> Payload {
         .iter()
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let rules: usize = s
-                .write
-                .iter()
-                .flat_map(|(_, c)| c.lines())
-                .map(|l| l.len() + 1)
-                .sum();
+            let rules: usize = s.write.iter().map(|(_, c)| c.text().len()).sum();
             let names: usize = s.write.iter().map(|(n, _)| n.len() + 9).sum::<usize>()
                 + s.delete.iter().map(|n| 2 * n.len() + 13).sum::<usize>();
             rules + names + s.jumps.len() * 128 + 16
@@ -198,9 +193,8 @@ pub(crate) fn serialize(sections: &[Section<'_>]) -> Payload {
             w.line(&[":", name, " - [0:0]"]);
         }
         for (_, chain) in &s.write {
-            for rule in chain.lines() {
-                w.line(&[rule]);
-            }
+            w.text.push_str(chain.text());
+            w.lines += chain.len();
             payload.rules_written += chain.len();
         }
         for rule in &s.delete_rules {

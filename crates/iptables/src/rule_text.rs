@@ -69,7 +69,17 @@ impl Line {
 /// `1/n` with ten decimals, as Go's `%0.10f` prints it; both are correctly rounded conversions of the same
 /// f64, so the strings agree.
 pub(crate) fn probability(n: usize) -> String {
-    format!("{:.10}", 1.0_f64 / n as f64)
+    // Ten decimals of 1/n by integer division. Away from a tie the f64 is close enough to 1/n (for n up to
+    // 10^5) to round the same way; on an exact decimal tie (n = 2048, 10240, …) the result depends on which
+    // side of 1/n the f64 fell, so only the float formatter can say. Both are checked against each other
+    // below.
+    let scale = 10_000_000_000u64;
+    let (q, r) = (scale / n.max(1) as u64, scale % n.max(1) as u64);
+    if n == 0 || n > 100_000 || 2 * r == n as u64 {
+        return format!("{:.10}", 1.0_f64 / n as f64);
+    }
+    let q = if 2 * r > n as u64 { q + 1 } else { q };
+    format!("{}.{:010}", q / scale, q % scale)
 }
 
 #[cfg(test)]
@@ -92,6 +102,13 @@ mod tests {
         ];
         for (n, want) in cases {
             assert_eq!(probability(n), want, "n={n}");
+        }
+    }
+
+    #[test]
+    fn probability_agrees_with_the_float_formatter() {
+        for n in 1..=100_001usize {
+            assert_eq!(probability(n), format!("{:.10}", 1.0_f64 / n as f64), "n={n}");
         }
     }
 

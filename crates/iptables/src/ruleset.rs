@@ -32,34 +32,66 @@ impl fmt::Display for TableName {
     }
 }
 
-/// The rule lines of one chain. Shared, so a ruleset assembled from cached per-service parts reuses them
-/// without copying, and comparing an unchanged chain with its previous self is a pointer check.
-#[derive(Debug, Clone, Default)]
-pub struct Chain(Arc<[String]>);
+/// The rule lines of one chain, held as one text with each line ended by a newline. Shared, so a ruleset
+/// assembled from cached per-service parts reuses them without copying, and comparing an unchanged chain with
+/// its previous self is a pointer check. One allocation per chain instead of one per line: at 5,000 Services
+/// the nat table has 215,000 lines in 65,000 chains, and a payload is then a copy of whole chains.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    text: Arc<str>,
+    lines: usize,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            text: Arc::from(""),
+            lines: 0,
+        }
+    }
+}
 
 impl PartialEq for Chain {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+        Arc::ptr_eq(&self.text, &other.text) || self.text == other.text
     }
 }
 
 impl Eq for Chain {}
 
 impl Chain {
-    pub fn new(lines: Vec<String>) -> Self {
-        Chain(lines.into())
+    /// A chain of these rule lines (none of which holds a newline: rule text never does).
+    pub fn new<S: AsRef<str>>(lines: impl AsRef<[S]>) -> Self {
+        let lines = lines.as_ref();
+        let mut text = String::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum());
+        for line in lines {
+            let line = line.as_ref();
+            debug_assert!(!line.contains('\n'), "rule line with a newline: {line:?}");
+            text.push_str(line);
+            text.push('\n');
+        }
+        Chain {
+            text: text.into(),
+            lines: lines.len(),
+        }
     }
 
-    pub fn lines(&self) -> &[String] {
-        &self.0
+    pub fn lines(&self) -> std::str::Lines<'_> {
+        self.text.lines()
     }
 
+    /// The rule lines, each ended by a newline, as a payload writes them.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Number of rule lines.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.lines
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.lines == 0
     }
 }
 

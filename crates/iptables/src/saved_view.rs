@@ -67,7 +67,7 @@ mod tests {
         ruleset.nat.chains.insert(
             "KUBE-SERVICES".into(),
             Chain::new(vec![
-                r#"-A KUBE-SERVICES -m comment --comment "a b" -j KUBE-NODEPORTS"#.into(),
+                r#"-A KUBE-SERVICES -m comment --comment "a b" -j KUBE-NODEPORTS"#,
             ]),
         );
         ruleset

@@ -4,13 +4,15 @@
 //! Rule shapes, texts and order follow upstream's generator, so chains written by either proxy look the
 //! same; the comments below say which upstream behaviour each part reproduces.
 
+use std::borrow::Cow;
 use std::fmt::Display;
+use std::net::SocketAddr;
 
 use svcproxy_model::{EndpointInfo, ServicePortIntent, SessionAffinity};
 
 use crate::chain_name::{
-    KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL, KUBE_SERVICES,
-    ServiceChains, sep_chain,
+    KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL, KUBE_SERVICES, SepNames,
+    ServiceChains,
 };
 use crate::config::RenderConfig;
 use crate::rule_text::{Line, probability};
@@ -41,12 +43,22 @@ pub fn render_service_port(
     cfg: &RenderConfig,
     large_cluster: bool,
 ) -> ServicePortRules {
+    // Each endpoint chain is named once, though the cluster and the local chain may both jump to it.
+    let sep_names = SepNames::new(&spi.name);
+    let mut seps: Vec<(SocketAddr, String)> = spi
+        .endpoints
+        .all_reachable()
+        .iter()
+        .map(|ep| (ep.socket_addr(), sep_names.name(ep)))
+        .collect();
+    seps.sort_unstable_by_key(|(addr, _)| *addr);
     let r = ServiceRenderer {
         spi,
         cfg,
         large_cluster,
         spn: spi.name.to_string(),
         chains: ServiceChains::new(&spi.name),
+        seps,
     };
 
     let mut svc = Vec::new();
@@ -83,9 +95,9 @@ pub fn render_service_port(
         chains.push((ChainName::from(r.chains.svl.as_str()), Chain::new(svl)));
     }
     for ep in spi.endpoints.all_reachable() {
-        let name = sep_chain(&spi.name, ep);
+        let name = r.sep(ep);
         let lines = r.endpoint_chain(&name, ep);
-        chains.push((name.into(), Chain::new(lines)));
+        chains.push((ChainName::from(&*name), Chain::new(lines)));
     }
     ServicePortRules {
         chains,
@@ -99,9 +111,20 @@ struct ServiceRenderer<'a> {
     large_cluster: bool,
     spn: String,
     chains: ServiceChains,
+    /// Endpoint chain names by endpoint address, sorted by address.
+    seps: Vec<(SocketAddr, String)>,
 }
 
 impl ServiceRenderer<'_> {
+    /// The endpoint chain's name. The reachable endpoints include every endpoint a policy chain picks from
+    /// (the intent guarantees it); should one be missing, it is named on the spot rather than trusted.
+    fn sep(&self, ep: &EndpointInfo) -> Cow<'_, str> {
+        match self.seps.binary_search_by_key(&ep.socket_addr(), |(a, _)| *a) {
+            Ok(i) => Cow::Borrowed(&self.seps[i].1),
+            Err(_) => Cow::Owned(SepNames::new(&self.spi.name).name(ep)),
+        }
+    }
+
     fn internal_chain(&self) -> &str {
         if self.spi.internal_policy_local {
             &self.chains.svl
@@ -351,7 +374,7 @@ impl ServiceRenderer<'_> {
             .iter()
             .map(|ep| (!self.large_cluster).then(|| format!("{} -> {ep}", self.spn)))
             .collect();
-        let seps: Vec<String> = endpoints.iter().map(|ep| sep_chain(&self.spi.name, ep)).collect();
+        let seps: Vec<Cow<'_, str>> = endpoints.iter().map(|ep| self.sep(ep)).collect();
         if let SessionAffinity::ClientIP { timeout_seconds } = self.spi.session_affinity {
             for (sep, comment) in seps.iter().zip(&comments) {
                 let line = Self::with_comment(Line::append(chain), comment.as_deref())

@@ -78,8 +78,7 @@ fn services_of(chain: &Chain) -> Vec<String> {
 pub(crate) fn canonical_lines(chain: &Chain) -> Vec<Vec<String>> {
     chain
         .lines()
-        .iter()
-        .filter_map(|l| tokenize(l))
+        .filter_map(tokenize)
         .map(|args| canonical_rule(args.get(2..).unwrap_or_default()))
         .collect()
 }

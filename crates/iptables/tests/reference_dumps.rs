@@ -207,7 +207,6 @@ fn ours_comparable(r: &Ruleset) -> BTreeMap<(String, String), Vec<Vec<String>>> 
         t.chains.iter().map(|(name, chain)| {
             let rules = chain
                 .lines()
-                .iter()
                 .map(|l| tokenize(l).unwrap()[2..].to_vec())
                 .collect();
             (t.name.as_str().to_string(), name.to_string(), rules)

@@ -28,7 +28,8 @@ fn lines(ruleset: &Ruleset, table: &str, chain: &str) -> Vec<String> {
     t.chain(chain)
         .unwrap_or_else(|| panic!("{table} {chain} missing"))
         .lines()
-        .to_vec()
+        .map(String::from)
+        .collect()
 }
 
 /// One NodePort service with two endpoints, line by line as upstream writes it (minus the nfacct-counted rule,
@@ -82,7 +83,7 @@ fn worked_example() {
         .nat
         .chains
         .iter()
-        .map(|(n, c)| (n.to_string(), c.lines().to_vec()))
+        .map(|(n, c)| (n.to_string(), c.lines().map(String::from).collect::<Vec<_>>()))
         .collect();
     assert_eq!(got, want);
 
@@ -408,7 +409,7 @@ fn large_cluster_mode_drops_endpoint_comments() {
         .unwrap()
         .1;
     assert!(
-        svc.lines()[0].contains("cluster IP"),
+        svc.lines().next().unwrap().contains("cluster IP"),
         "masquerade rule keeps its comment"
     );
     let sep = r
@@ -417,11 +418,11 @@ fn large_cluster_mode_drops_endpoint_comments() {
         .iter()
         .find(|(n, _)| n.starts_with("KUBE-SEP-"))
         .unwrap();
-    let words: Vec<&str> = sep.1.lines()[0].split(' ').collect();
+    let words: Vec<&str> = sep.1.lines().next().unwrap().split(' ').collect();
     assert_eq!(words.len(), 6, "{words:?}");
     assert_eq!((words[1], words[2], words[5]), (&**sep.0, "-s", "KUBE-MARK-MASQ"));
     let dnat = format!("-A {} -m tcp -p tcp -j DNAT --to-destination 10.245.", sep.0);
-    assert!(sep.1.lines()[1].starts_with(&dnat));
+    assert!(sep.1.lines().nth(1).unwrap().starts_with(&dnat));
 }
 
 #[test]
@@ -495,8 +496,18 @@ fn ipv6_family() {
         .find(|(n, _)| n.starts_with("KUBE-SEP-"))
         .unwrap()
         .1;
-    assert!(sep.lines()[0].contains("-s fd00:10::5 -j KUBE-MARK-MASQ"));
-    assert!(sep.lines()[1].ends_with("-j DNAT --to-destination [fd00:10::5]:8080"));
+    assert!(
+        sep.lines()
+            .next()
+            .unwrap()
+            .contains("-s fd00:10::5 -j KUBE-MARK-MASQ")
+    );
+    assert!(
+        sep.lines()
+            .nth(1)
+            .unwrap()
+            .ends_with("-j DNAT --to-destination [fd00:10::5]:8080")
+    );
     // No localhost NodePorts and no anti-martian chain for IPv6.
     assert!(r.filter.chain("KUBE-FIREWALL").is_none());
     assert_eq!(jump_rules(&cfg).len(), 12);

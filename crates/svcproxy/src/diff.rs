@@ -212,11 +212,11 @@ fn line_args(line: &str) -> Vec<String> {
 
 /// Rule differences of one chain: what `expected` (rendered lines) has that `found` lacks and the reverse,
 /// as multisets of spelling-independent rules, plus whether the common rules come in another order.
-fn compare_rules(expected: &[String], found: &[&SavedRule]) -> (Vec<String>, Vec<String>, bool) {
-    let wanted: Vec<(Vec<String>, &String)> = expected
-        .iter()
-        .map(|l| (canonical_rule(&line_args(l)), l))
-        .collect();
+fn compare_rules<'a>(
+    expected: impl Iterator<Item = &'a str>,
+    found: &[&SavedRule],
+) -> (Vec<String>, Vec<String>, bool) {
+    let wanted: Vec<(Vec<String>, &str)> = expected.map(|l| (canonical_rule(&line_args(l)), l)).collect();
     let got: Vec<(Vec<String>, &SavedRule)> = found.iter().map(|r| (canonical_rule(&r.args), *r)).collect();
     let mut available: HashMap<&[String], usize> = HashMap::new();
     for (c, _) in &got {
@@ -230,7 +230,7 @@ fn compare_rules(expected: &[String], found: &[&SavedRule]) -> (Vec<String>, Vec
                 *n -= 1;
                 common_wanted.push(c.clone());
             }
-            _ => missing.push((*line).clone()),
+            _ => missing.push(line.to_string()),
         }
     }
     let mut needed: HashMap<&[String], usize> = HashMap::new();
@@ -274,7 +274,7 @@ pub fn chain_diffs(
                     table: t.to_string(),
                     chain: name.to_string(),
                     status: ChainStatus::Missing,
-                    missing_rules: chain.lines().to_vec(),
+                    missing_rules: chain.lines().map(String::from).collect::<Vec<_>>(),
                     extra_rules: Vec::new(),
                     reordered: false,
                 });
@@ -820,19 +820,19 @@ mod tests {
         r.nat.chains.insert(
             "KUBE-SERVICES".into(),
             svcproxy_iptables::Chain::new(vec![
-                r#"-A KUBE-SERVICES -m comment --comment "demo/web:http cluster IP" -d 10.96.0.100 -j KUBE-SVC-XRY76EGRC3BSCIIJ"#.into(),
+                r#"-A KUBE-SERVICES -m comment --comment "demo/web:http cluster IP" -d 10.96.0.100 -j KUBE-SVC-XRY76EGRC3BSCIIJ"#,
             ]),
         );
         r.nat.chains.insert(
             "KUBE-SVC-XRY76EGRC3BSCIIJ".into(),
             svcproxy_iptables::Chain::new(vec![
-                r#"-A KUBE-SVC-XRY76EGRC3BSCIIJ -m comment --comment "demo/web:http -> 10.244.0.11:8080" -j KUBE-SEP-NW5VICAF3Z2QABHQ"#.into(),
+                r#"-A KUBE-SVC-XRY76EGRC3BSCIIJ -m comment --comment "demo/web:http -> 10.244.0.11:8080" -j KUBE-SEP-NW5VICAF3Z2QABHQ"#,
             ]),
         );
         r.nat.chains.insert(
             "KUBE-SEP-NW5VICAF3Z2QABHQ".into(),
             svcproxy_iptables::Chain::new(vec![
-                r#"-A KUBE-SEP-NW5VICAF3Z2QABHQ -p tcp -m comment --comment "demo/web:http" -j DNAT --to-destination 10.244.0.11:8080"#.into(),
+                r#"-A KUBE-SEP-NW5VICAF3Z2QABHQ -p tcp -m comment --comment "demo/web:http" -j DNAT --to-destination 10.244.0.11:8080"#,
             ]),
         );
         r

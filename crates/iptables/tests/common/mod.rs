@@ -50,7 +50,10 @@ impl Kernel {
         for table in [&ruleset.filter, &ruleset.nat] {
             let t = k.tables.get_mut(table.name.as_str()).unwrap();
             for (name, chain) in &table.chains {
-                t.insert(name.to_string(), chain.lines().to_vec());
+                t.insert(
+                    name.to_string(),
+                    chain.lines().map(String::from).collect::<Vec<_>>(),
+                );
             }
         }
         k
@@ -70,7 +73,7 @@ impl Kernel {
             let want: BTreeMap<String, Vec<String>> = t
                 .chains
                 .iter()
-                .map(|(n, c)| (n.to_string(), c.lines().to_vec()))
+                .map(|(n, c)| (n.to_string(), c.lines().map(String::from).collect::<Vec<_>>()))
                 .collect();
             self.user_chains(t.name.as_str()) == want
         })
