@@ -4,11 +4,11 @@
 //! leftovers: each side recognises and rewrites the other's chains, and ClientIP affinity survives because the
 //! `recent` lists are named after the endpoint chains.
 
-use std::fmt::Write as _;
-
 use data_encoding::BASE32_NOPAD;
 use sha2::{Digest, Sha256};
 use svcproxy_model::{EndpointInfo, ServicePortName};
+
+use crate::rule_text::push_endpoint;
 
 /// nat: entry point for service traffic, one rule per (service port, destination address).
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
@@ -76,66 +76,39 @@ pub fn sep_chain(spn: &ServicePortName, endpoint: &EndpointInfo) -> String {
 }
 
 /// Names the endpoint chains of one service port. The hash input is the service port's name and protocol
-/// followed by the endpoint; the common part is spelled once, and IPv4 endpoints are spelled without the
-/// formatting machinery (a full render names every endpoint: 100,000 at 10,000 Services).
+/// followed by the endpoint: the hash is seeded with the common part once, IPv4 endpoints are spelled
+/// without the formatting machinery, and the name is encoded in place (a full render names every endpoint:
+/// 100,000 at 10,000 Services).
 pub struct SepNames {
-    prefix: String,
+    seeded: Sha256,
+    endpoint: String,
 }
 
 impl SepNames {
     pub fn new(spn: &ServicePortName) -> Self {
         let mut prefix = spn.to_string();
         prefix.push_str(spn.protocol.lower());
-        SepNames { prefix }
+        SepNames {
+            seeded: Sha256::new_with_prefix(prefix.as_bytes()),
+            endpoint: String::with_capacity(48),
+        }
     }
 
-    pub fn name(&self, endpoint: &EndpointInfo) -> String {
-        let mut input = String::with_capacity(self.prefix.len() + 48);
-        input.push_str(&self.prefix);
-        push_endpoint(&mut input, endpoint);
+    pub fn name(&mut self, endpoint: &EndpointInfo) -> String {
+        self.endpoint.clear();
+        push_endpoint(&mut self.endpoint, endpoint);
+        let digest = self
+            .seeded
+            .clone()
+            .chain_update(self.endpoint.as_bytes())
+            .finalize();
         let mut name = String::with_capacity(SEP_PREFIX.len() + HASH_LEN);
         name.push_str(SEP_PREFIX);
-        name.push_str(&hash16(&input));
+        BASE32_NOPAD.encode_append(&digest[..10], &mut name);
         name
     }
 }
 
-/// `ip:port` (`[ip]:port` for IPv6), as the endpoint's `Display` writes it.
-fn push_endpoint(out: &mut String, endpoint: &EndpointInfo) {
-    match endpoint.ip {
-        std::net::IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                push_decimal(out, u32::from(octet));
-            }
-            out.push(':');
-            push_decimal(out, u32::from(endpoint.port));
-        }
-        std::net::IpAddr::V6(_) => {
-            let _ = write!(out, "{endpoint}");
-        }
-    }
-}
-
-fn push_decimal(out: &mut String, mut n: u32) {
-    let mut digits = [0u8; 10];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[i..] {
-        out.push(char::from(d));
-    }
-}
-
-/// The four per-service chain names of one service port; hashing once serves all of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceChains {
     pub svc: String,

@@ -3,7 +3,9 @@
 
 use std::fmt::{Display, Write as _};
 
-use svcproxy_model::Protocol;
+use std::net::IpAddr;
+
+use svcproxy_model::{EndpointInfo, Protocol};
 
 /// Builds one `-A CHAIN …` line in place; rendering is the hot path of a full sync, so no intermediate
 /// argument vectors.
@@ -34,6 +36,42 @@ impl Line {
         self
     }
 
+    // The spellings below skip the formatting machinery: a full render writes a few hundred thousand lines,
+    // most of them an address, a port or a chain name after a flag.
+
+    pub(crate) fn arg(mut self, flag: &str, value: &str) -> Self {
+        self.0.push(' ');
+        self.0.push_str(flag);
+        self.0.push(' ');
+        self.0.push_str(value);
+        self
+    }
+
+    pub(crate) fn arg_ip(mut self, flag: &str, ip: IpAddr) -> Self {
+        self.0.push(' ');
+        self.0.push_str(flag);
+        self.0.push(' ');
+        push_ip(&mut self.0, ip);
+        self
+    }
+
+    pub(crate) fn arg_port(mut self, flag: &str, port: u16) -> Self {
+        self.0.push(' ');
+        self.0.push_str(flag);
+        self.0.push(' ');
+        push_decimal(&mut self.0, u32::from(port));
+        self
+    }
+
+    /// `ip:port`, `[ip]:port` for IPv6.
+    pub(crate) fn arg_endpoint(mut self, flag: &str, endpoint: &EndpointInfo) -> Self {
+        self.0.push(' ');
+        self.0.push_str(flag);
+        self.0.push(' ');
+        push_endpoint(&mut self.0, endpoint);
+        self
+    }
+
     /// `-m comment --comment <text>`, quoted only when the text has a space, as upstream writes it. The texts
     /// come from DNS-label names and fixed phrases, so they never need escaping.
     pub(crate) fn comment(mut self, text: &str) -> Self {
@@ -51,18 +89,64 @@ impl Line {
     /// Upstream names the match module before the protocol: `-m tcp -p tcp`.
     pub(crate) fn protocol(self, protocol: Protocol) -> Self {
         let p = protocol.lower();
-        self.arg_value("-m", p).arg_value("-p", p)
+        self.arg("-m", p).arg("-p", p)
     }
 
     pub(crate) fn jump(self, target: &str) -> String {
-        self.arg_value("-j", target).finish()
+        self.arg("-j", target).finish()
     }
 
-    /// The line, in a buffer of its own length. Lines are held for as long as they are the applied ruleset:
-    /// kept in their 160-byte build buffers, the 160,000 rules of 5,000 services × 10 endpoints (90 bytes on
-    /// average) took 24 MB instead of 13 MB. The build buffer is freed at once and reused by the next line.
+    /// The line in its build buffer. A chain's lines live only until they are copied into the chain's text
+    /// (one buffer per chain), so the buffer is handed over as it is; lines kept longer are shrunk by whoever
+    /// keeps them.
     pub(crate) fn finish(self) -> String {
-        self.0.as_str().to_owned()
+        self.0
+    }
+}
+
+/// An address as its `Display` spells it; IPv4 by hand.
+pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(out, u32::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// `ip:port` (`[ip]:port` for IPv6), as the endpoint's `Display` spells it.
+pub(crate) fn push_endpoint(out: &mut String, endpoint: &EndpointInfo) {
+    if endpoint.ip.is_ipv6() {
+        out.push('[');
+        push_ip(out, endpoint.ip);
+        out.push(']');
+    } else {
+        push_ip(out, endpoint.ip);
+    }
+    out.push(':');
+    push_decimal(out, u32::from(endpoint.port));
+}
+
+pub(crate) fn push_decimal(out: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
     }
 }
 

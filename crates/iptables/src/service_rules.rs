@@ -5,8 +5,7 @@
 //! same; the comments below say which upstream behaviour each part reproduces.
 
 use std::borrow::Cow;
-use std::fmt::Display;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use svcproxy_model::{EndpointInfo, ServicePortIntent, SessionAffinity};
 
@@ -44,7 +43,7 @@ pub fn render_service_port(
     large_cluster: bool,
 ) -> ServicePortRules {
     // Each endpoint chain is named once, though the cluster and the local chain may both jump to it.
-    let sep_names = SepNames::new(&spi.name);
+    let mut sep_names = SepNames::new(&spi.name);
     let mut seps: Vec<(SocketAddr, String)> = spi
         .endpoints
         .all_reachable()
@@ -143,12 +142,12 @@ impl ServiceRenderer<'_> {
 
     /// `-A <chain> -m comment --comment <c> -m <p> -p <p> -d <ip> --dport <port>`: the common head of every
     /// rule matching a service address.
-    fn dest_match(&self, chain: &str, comment: &str, ip: impl Display, port: u16) -> Line {
+    fn dest_match(&self, chain: &str, comment: &str, ip: IpAddr, port: u16) -> Line {
         Line::append(chain)
             .comment(comment)
             .protocol(self.spi.name.protocol)
-            .arg_value("-d", ip)
-            .arg_value("--dport", port)
+            .arg_ip("-d", ip)
+            .arg_port("--dport", port)
     }
 
     fn with_comment(line: Line, comment: Option<&str>) -> Line {
@@ -163,7 +162,11 @@ impl ServiceRenderer<'_> {
         let spi = self.spi;
         let spn = &self.spn;
         let mut out = Vec::new();
-        let mut share = |table, chain, line| out.push(SharedRule { table, chain, line });
+        // Kept with the service port's cached rules, so without the slack of the build buffer.
+        let mut share = |table, chain, mut line: String| {
+            line.shrink_to_fit();
+            out.push(SharedRule { table, chain, line })
+        };
         let has_endpoints = spi.has_endpoints();
         let has_external = spi.has_external_endpoints();
         let ext = &self.chains.ext;
@@ -197,13 +200,13 @@ impl ServiceRenderer<'_> {
         for ip in &spi.external_ips {
             if has_endpoints {
                 let line = self
-                    .dest_match(KUBE_SERVICES, &external_ip_comment, ip, spi.port)
+                    .dest_match(KUBE_SERVICES, &external_ip_comment, *ip, spi.port)
                     .jump(ext);
                 share(TableName::Nat, KUBE_SERVICES, line);
             }
             if !has_external {
                 let line = self
-                    .dest_match(KUBE_EXTERNAL_SERVICES, &verdict_comment, ip, spi.port)
+                    .dest_match(KUBE_EXTERNAL_SERVICES, &verdict_comment, *ip, spi.port)
                     .jump(verdict);
                 share(TableName::Filter, KUBE_EXTERNAL_SERVICES, line);
             }
@@ -216,7 +219,7 @@ impl ServiceRenderer<'_> {
         for ip in &spi.load_balancer_ips {
             if has_endpoints {
                 let line = self
-                    .dest_match(KUBE_SERVICES, &lb_comment, ip, spi.port)
+                    .dest_match(KUBE_SERVICES, &lb_comment, *ip, spi.port)
                     .jump(lb_target);
                 share(TableName::Nat, KUBE_SERVICES, line);
             }
@@ -224,7 +227,7 @@ impl ServiceRenderer<'_> {
             // address as destination here came from outside the source ranges.
             if uses_fw {
                 let line = self
-                    .dest_match(KUBE_PROXY_FIREWALL, &fw_drop_comment, ip, spi.port)
+                    .dest_match(KUBE_PROXY_FIREWALL, &fw_drop_comment, *ip, spi.port)
                     .jump("DROP");
                 share(TableName::Filter, KUBE_PROXY_FIREWALL, line);
             }
@@ -232,7 +235,7 @@ impl ServiceRenderer<'_> {
         if !has_external {
             for ip in &spi.load_balancer_ips {
                 let line = self
-                    .dest_match(KUBE_EXTERNAL_SERVICES, &verdict_comment, ip, spi.port)
+                    .dest_match(KUBE_EXTERNAL_SERVICES, &verdict_comment, *ip, spi.port)
                     .jump(verdict);
                 share(TableName::Filter, KUBE_EXTERNAL_SERVICES, line);
             }
@@ -245,7 +248,7 @@ impl ServiceRenderer<'_> {
                 let line = Line::append(KUBE_NODEPORTS)
                     .comment(spn)
                     .protocol(spi.name.protocol)
-                    .arg_value("--dport", node_port)
+                    .arg_port("--dport", node_port)
                     .jump(ext);
                 share(TableName::Nat, KUBE_NODEPORTS, line);
             }
@@ -254,7 +257,7 @@ impl ServiceRenderer<'_> {
                     .comment(&verdict_comment)
                     .args("-m addrtype --dst-type LOCAL")
                     .protocol(spi.name.protocol)
-                    .arg_value("--dport", node_port)
+                    .arg_port("--dport", node_port)
                     .jump(verdict);
                 share(TableName::Filter, KUBE_EXTERNAL_SERVICES, line);
             }
@@ -265,7 +268,7 @@ impl ServiceRenderer<'_> {
             let line = Line::append(KUBE_NODEPORTS)
                 .comment(&format!("{spn} health check node port"))
                 .args("-m tcp -p tcp")
-                .arg_value("--dport", hc_port)
+                .arg_port("--dport", hc_port)
                 .jump("ACCEPT");
             share(TableName::Filter, KUBE_NODEPORTS, line);
         }
@@ -378,7 +381,7 @@ impl ServiceRenderer<'_> {
         if let SessionAffinity::ClientIP { timeout_seconds } = self.spi.session_affinity {
             for (sep, comment) in seps.iter().zip(&comments) {
                 let line = Self::with_comment(Line::append(chain), comment.as_deref())
-                    .arg_value("-m recent --name", sep)
+                    .arg("-m recent --name", sep)
                     .arg_value("--rcheck --seconds", timeout_seconds)
                     .args("--reap")
                     .jump(sep);
@@ -389,7 +392,7 @@ impl ServiceRenderer<'_> {
         for (i, (sep, comment)) in seps.iter().zip(&comments).enumerate() {
             let mut line = Self::with_comment(Line::append(chain), comment.as_deref());
             if i + 1 < n {
-                line = line.arg_value("-m statistic --mode random --probability", probability(n - i));
+                line = line.arg("-m statistic --mode random --probability", &probability(n - i));
             }
             lines.push(line.jump(sep));
         }
@@ -400,16 +403,16 @@ impl ServiceRenderer<'_> {
     fn endpoint_chain(&self, name: &str, ep: &EndpointInfo) -> Vec<String> {
         let comment = (!self.large_cluster).then_some(self.spn.as_str());
         let masq = Self::with_comment(Line::append(name), comment)
-            .arg_value("-s", ep.ip)
+            .arg_ip("-s", ep.ip)
             .jump(KUBE_MARK_MASQ);
         let mut dnat = Self::with_comment(Line::append(name), comment);
         if matches!(self.spi.session_affinity, SessionAffinity::ClientIP { .. }) {
-            dnat = dnat.arg_value("-m recent --name", name).args("--set");
+            dnat = dnat.arg("-m recent --name", name).args("--set");
         }
         let dnat = dnat
             .protocol(self.spi.name.protocol)
             .args("-j DNAT")
-            .arg_value("--to-destination", ep)
+            .arg_endpoint("--to-destination", ep)
             .finish();
         vec![masq, dnat]
     }
