@@ -109,6 +109,7 @@ impl SepNames {
     }
 }
 
+/// The four per-service chain names of one service port; hashing once serves all of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceChains {
     pub svc: String,

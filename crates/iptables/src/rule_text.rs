@@ -2,7 +2,6 @@
 //! and rules written by either are recognisable to the other.
 
 use std::fmt::{Display, Write as _};
-
 use std::net::IpAddr;
 
 use svcproxy_model::{EndpointInfo, Protocol};
