@@ -344,3 +344,31 @@ impl Ruleset {
             + self.sets.values().map(|s| s.elements.len() + 1).sum::<usize>()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compacting_keeps_every_object_and_element() {
+        let mut rs = Ruleset::new(Family::Ip, "t");
+        let mut set = Set::new(SetKind::Map, "type inet_service", Some("verdict"));
+        for port in (1..=500u32).rev() {
+            set.elements.insert(
+                CompactString::from(port.to_string()),
+                Element {
+                    value: Some(CompactString::from(format!("goto c{port}"))),
+                    comment: Some("ns/web".into()),
+                },
+            );
+        }
+        rs.sets.insert("ports".into(), set);
+        for i in 0..100 {
+            rs.chains.insert(format!("c{i}"), Chain::default());
+        }
+        let before = rs.clone();
+        rs.compact();
+        assert_eq!(rs, before);
+        assert_eq!(rs.sets["ports"].elements.len(), 500);
+    }
+}

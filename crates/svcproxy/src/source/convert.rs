@@ -529,4 +529,31 @@ mod tests {
             "port names are at most 15"
         );
     }
+
+    #[test]
+    fn endpoints_of_one_slice_share_their_node_and_zone_names() {
+        let slice: discovery::EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "ns", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "nodeName": "node-a", "zone": "z1"},
+                {"addresses": ["10.0.0.2"], "nodeName": "node-b", "zone": "z1"},
+                {"addresses": ["10.0.0.3"], "nodeName": "node-a", "zone": "z1"},
+                {"addresses": ["10.0.0.4"]}
+            ]
+        }))
+        .unwrap();
+        let eps = endpoint_slice(&slice, "default").unwrap().endpoints;
+        let node = |i: usize| eps[i].node_name.clone().unwrap();
+        let zone = |i: usize| eps[i].zone.clone().unwrap();
+        assert_eq!((&*node(0), &*node(1), &*node(2)), ("node-a", "node-b", "node-a"));
+        assert!(Arc::ptr_eq(&node(0), &node(2)), "one allocation per name");
+        assert!(!Arc::ptr_eq(&node(0), &node(1)));
+        assert!(Arc::ptr_eq(&zone(0), &zone(1)) && Arc::ptr_eq(&zone(1), &zone(2)));
+        assert_eq!(
+            (eps[3].node_name.as_deref(), eps[3].zone.as_deref()),
+            (None, None)
+        );
+    }
 }
