@@ -26,8 +26,9 @@ use crate::ruleset::{Chain, Ruleset};
 /// endpoints in one map, 0.76 s spread over 64 or 256 maps, 1.8 s with one map per chain, whose
 /// by-name lookups are linear in the number of sets). At 20,000 services 256 maps load faster (6.4 s cold
 /// against 8.5 s: a rule binding a map makes the kernel walk the map's elements) but a restart at 5,000
-/// reads back slower (0.65–0.71 s against 0.55–0.61 s), so 64 it is; slots are numbered modulo this count,
-/// so changing it moves every chain's slot.
+/// reads back slower (0.65–0.71 s against 0.55–0.61 s), so 64 it is. Raising the count later keeps every
+/// existing chain where it is (its map and base still decode to the same place); lowering it moves the
+/// chains of the maps that go.
 pub const TCP_MAPS: u32 = 64;
 
 /// Protocols with endpoint maps, and how many maps each has (UDP and SCTP services are few).
