@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use crate::save_parser::{SavedRule, SavedRuleset, quote_arg};
+use crate::seal::SEAL_CHAIN;
 
 /// Chains with the KUBE- prefix that other components own and keep using: kubelet's canary and backend hint,
 /// and the anti-martian chain kubelet still writes. Removing them would break kubelet, not clean up after us.
@@ -24,7 +25,7 @@ impl TableCleanup {
     }
 }
 
-/// Every KUBE-* chain in every table except the ones listed as kubelet's, whatever version wrote it (current
+/// Every KUBE-* chain in every table except the ones listed as kubelet's, and our seal chain, whatever version wrote it (current
 /// chains, `KUBE-XLB-…`, `KUBE-MARK-DROP`, canaries, IPVS mode's `KUBE-NODE-PORT` and friends), plus the rules
 /// elsewhere that jump to them.
 pub fn plan_cleanup(saved: &SavedRuleset) -> Vec<TableCleanup> {
@@ -36,7 +37,8 @@ pub fn plan_cleanup(saved: &SavedRuleset) -> Vec<TableCleanup> {
                 .chains
                 .iter()
                 .filter(|(c, policy)| {
-                    policy.is_none() && c.starts_with("KUBE-") && !NOT_OURS.contains(&c.as_str())
+                    policy.is_none()
+                        && (c.starts_with("KUBE-") && !NOT_OURS.contains(&c.as_str()) || *c == SEAL_CHAIN)
                 })
                 .map(|(c, _)| c.as_str())
                 .collect();
@@ -126,6 +128,17 @@ COMMIT
             )
         );
         assert!(payload.find("-D OTHER").unwrap() < payload.find("-X KUBE-MARK-DROP").unwrap());
+    }
+
+    #[test]
+    fn removes_our_seal_chain_too() {
+        let dump = format!(
+            "*filter\n:INPUT ACCEPT [0:0]\n:{SEAL_CHAIN} - [0:0]\n:OTHER-SEAL - [0:0]\n-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=1 unsealed\"\nCOMMIT\n"
+        );
+        let plan = plan_cleanup(&parse_save(&dump).unwrap());
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].chains, [SEAL_CHAIN]);
+        assert!(cleanup_payload(&plan).contains(&format!("-X {SEAL_CHAIN}")));
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod rule_text;
 pub mod ruleset;
 pub mod save_parser;
 pub mod saved_view;
+pub mod seal;
 pub mod service_rules;
 pub mod staging;
 pub mod trace_rule;

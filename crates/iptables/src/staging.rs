@@ -44,27 +44,54 @@ pub enum Baseline<'a> {
     Kernel(&'a KernelView),
 }
 
-/// The service port a per-service chain belongs to: SVC, SVL, EXT and FW chains share the port's hash; an
-/// endpoint chain belongs to the port whose dispatch chain jumps to it.
-fn service_groups(next: &Ruleset) -> std::collections::HashMap<&str, &str> {
-    let mut group = std::collections::HashMap::new();
-    for (name, chain) in &next.nat.chains {
-        let Some(hash) = [SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX]
-            .iter()
-            .find_map(|p| name.strip_prefix(p))
-        else {
+/// The chains of the service port whose SVC, SVL, EXT and FW chains carry `hash`: those chains and the
+/// endpoint chains they jump to, in name order.
+fn service_group<'a>(next: &'a Ruleset, hash: &str) -> Vec<(&'a str, &'a Chain)> {
+    let mut group: Vec<(&str, &Chain)> = Vec::new();
+    for prefix in [SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX] {
+        let Some((name, chain)) = next.nat.chains.get_key_value(format!("{prefix}{hash}").as_str()) else {
             continue;
         };
-        group.insert(&**name, hash);
-        for line in chain.lines() {
-            if let Some(target) = jump_target(line)
-                && target.starts_with(SEP_PREFIX)
+        group.push((name, chain));
+        for target in chain.lines().filter_map(jump_target) {
+            if target.starts_with(SEP_PREFIX)
+                && let Some((name, chain)) = next.nat.chains.get_key_value(target)
             {
-                group.entry(target).or_insert(hash);
+                group.push((name, chain));
             }
         }
     }
+    group.sort_unstable_by_key(|(name, _)| *name);
+    group.dedup_by_key(|(name, _)| *name);
     group
+}
+
+/// The hashes of the service ports `next` has chains for, in order.
+fn service_hashes(next: &Ruleset) -> BTreeSet<&str> {
+    next.nat
+        .chains
+        .keys()
+        .filter_map(|name| {
+            [SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX]
+                .iter()
+                .find_map(|p| name.strip_prefix(p))
+        })
+        .collect()
+}
+
+/// Adds a service port's chains to the transaction being filled; when they do not fit, hands back the full
+/// transaction and starts the next with them.
+fn add_group<'a>(
+    group: Vec<(&'a str, &'a Chain)>,
+    batch: &mut Vec<(&'a str, &'a Chain)>,
+    max_chains: usize,
+) -> Option<Vec<(&'a str, &'a Chain)>> {
+    if !batch.is_empty() && batch.len() + group.len() > max_chains {
+        Some(std::mem::replace(batch, group))
+    } else {
+        batch.extend(group);
+        None
+    }
 }
 
 /// Deletion order: referrers first.
@@ -90,69 +117,80 @@ pub fn staged_payloads(
     max_chains: usize,
 ) -> Vec<Payload> {
     let mut payloads = Vec::new();
-    let Ok(()) = stage(baseline, next, plan, jumps, max_chains, |p| {
+    let Ok(()) = stage(baseline, next, plan, jumps, max_chains, |p, _| {
         payloads.push(p);
         Ok::<(), std::convert::Infallible>(())
     });
     payloads
 }
 
-/// [`staged_payloads`], handing each transaction to `apply` as soon as it is serialised, in order, and stopping
-/// at the first error `apply` returns. A cold sync's transactions together are as large as the ruleset (31 MB
-/// at 5,000 services × 10 endpoints); applied one by one, only one is held at a time.
+/// [`staged_payloads`], handing each transaction to `apply` as soon as it is serialised, in order, with whether
+/// it is the last one, and stopping at the first error `apply` returns. A cold sync's transactions together are
+/// as large as the ruleset (31 MB at 5,000 services × 10 endpoints); applied one by one, only one is held at a
+/// time.
 pub fn stage<E>(
     baseline: Baseline<'_>,
     next: &Ruleset,
     plan: &GcPlan,
     jumps: &[JumpRule],
     max_chains: usize,
-    mut apply: impl FnMut(Payload) -> Result<(), E>,
+    mut apply: impl FnMut(Payload, bool) -> Result<(), E>,
 ) -> Result<(), E> {
     let max_chains = max_chains.max(1);
     let jump_targets: BTreeSet<&str> = jumps.iter().map(|j| j.target).collect();
-    let mut writes: Vec<(TableName, &str, &Chain)> = Vec::new();
     let mut deletes: BTreeSet<&str> = plan
         .delete_chains
         .iter()
         .map(String::as_str)
         .filter(|n| is_owned_service_chain(n) && !next.nat.chains.contains_key(*n))
         .collect();
+    // Against our last write the changed chains are few and found in one merge pass; against the kernel (or
+    // nothing) they may be every chain, so they are not listed but asked for chain by chain: the list took
+    // 8 MB at 5,000 services × 10 endpoints, the largest allocation of a cold sync.
+    let mut changed: BTreeSet<(TableName, &str)> = BTreeSet::new();
+    if let Baseline::Applied(prev) = &baseline {
+        for table in TableName::ALL {
+            for (name, before, after) in merge_join(&prev.table(table).chains, &next.table(table).chains) {
+                match (before, after) {
+                    (_, Some(chain)) if before != Some(chain) || jump_targets.contains(name) => {
+                        changed.insert((table, name));
+                    }
+                    (Some(_), None) if is_owned_service_chain(name) => {
+                        deletes.insert(name);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let needs_write = |table: TableName, name: &str| match &baseline {
+        Baseline::Applied(_) => changed.contains(&(table, name)),
+        Baseline::Kernel(kernel) => kernel.found(table, name) != Found::Same,
+        Baseline::None => true,
+    };
+    let writes_of = |table: TableName| {
+        next.table(table)
+            .chains
+            .iter()
+            .filter(move |(name, _)| needs_write(table, name))
+            .map(|(name, chain)| (&**name, chain))
+    };
+    let (mut per_service, mut shared_count) = (0, 0);
     for table in TableName::ALL {
-        let ours = next.table(table);
-        match &baseline {
-            Baseline::Applied(prev) => {
-                for (name, before, after) in merge_join(&prev.table(table).chains, &ours.chains) {
-                    match (before, after) {
-                        (_, Some(chain)) if before != Some(chain) || jump_targets.contains(name) => {
-                            writes.push((table, name, chain))
-                        }
-                        (Some(_), None) if is_owned_service_chain(name) => {
-                            deletes.insert(name);
-                        }
-                        _ => {}
-                    }
-                }
+        for (name, _) in writes_of(table) {
+            if table == TableName::Nat && is_owned_service_chain(name) {
+                per_service += 1;
+            } else {
+                shared_count += 1;
             }
-            Baseline::Kernel(kernel) => {
-                for (name, chain) in &ours.chains {
-                    if kernel.found(table, name) != Found::Same {
-                        writes.push((table, &**name, chain));
-                    }
-                }
-            }
-            Baseline::None => writes.extend(ours.chains.iter().map(|(n, c)| (table, &**n, c))),
         }
     }
 
-    let total = writes.len() + deletes.len();
+    let total = per_service + shared_count + deletes.len();
     if total <= max_chains {
         let sections = TableName::ALL.map(|table| Section {
             table,
-            write: writes
-                .iter()
-                .filter(|(t, _, _)| *t == table)
-                .map(|(_, n, c)| (*n, *c))
-                .collect(),
+            write: writes_of(table).collect(),
             delete: if table == TableName::Nat {
                 deletes.iter().copied().collect()
             } else {
@@ -170,7 +208,7 @@ pub fn stage<E>(
         return if payload.is_empty() {
             Ok(())
         } else {
-            apply(payload)
+            apply(payload, true)
         };
     }
 
@@ -192,31 +230,52 @@ pub fn stage<E>(
         });
         serialize(&sections)
     };
+    let shared: Vec<(TableName, &str, &Chain)> = TableName::ALL
+        .into_iter()
+        .flat_map(|table| {
+            writes_of(table)
+                .filter(move |(name, _)| table != TableName::Nat || !is_owned_service_chain(name))
+                .map(move |(name, chain)| (table, name, chain))
+        })
+        .collect();
+    // What follows the per-service transactions, to tell which transaction is the last.
+    let switch_follows = !shared.is_empty() || !jumps.is_empty() || !plan.delete_rules.is_empty();
+    let deletes_follow = !deletes.is_empty();
     // Endpoint chains jump to KUBE-MARK-MASQ, which a cold node does not have yet.
     if let Some((name, chain)) = next.nat.chains.get_key_value(KUBE_MARK_MASQ) {
-        apply(nat_only(vec![(&**name, chain)], Vec::new()))?;
+        let last = per_service == 0 && !switch_follows && !deletes_follow;
+        apply(nat_only(vec![(&**name, chain)], Vec::new()), last)?;
     }
-    let (per_service, shared): (Vec<_>, Vec<_>) = writes
-        .iter()
-        .partition(|(t, n, _)| *t == TableName::Nat && is_owned_service_chain(n));
-    let groups = service_groups(next);
-    let mut by_group: std::collections::BTreeMap<&str, Vec<(&str, &Chain)>> =
-        std::collections::BTreeMap::new();
-    for (_, name, chain) in &per_service {
-        by_group
-            .entry(groups.get(name).copied().unwrap_or(name))
-            .or_default()
-            .push((*name, *chain));
-    }
+    // Whole service ports per transaction, in hash order.
     let mut batch: Vec<(&str, &Chain)> = Vec::new();
-    for chains in by_group.into_values() {
-        if !batch.is_empty() && batch.len() + chains.len() > max_chains {
-            apply(nat_only(std::mem::take(&mut batch), Vec::new()))?;
+    let mut batched = 0;
+    for hash in service_hashes(next) {
+        let group: Vec<_> = service_group(next, hash)
+            .into_iter()
+            .filter(|(name, _)| needs_write(TableName::Nat, name))
+            .collect();
+        batched += group.len();
+        if let Some(done) = add_group(group, &mut batch, max_chains) {
+            apply(nat_only(done, Vec::new()), false)?;
         }
-        batch.extend(chains);
+    }
+    if batched != per_service {
+        // Per-service chains no service port's chains reach (none are rendered so): each is a group of its own.
+        let grouped: std::collections::HashSet<&str> = service_hashes(next)
+            .into_iter()
+            .flat_map(|hash| service_group(next, hash).into_iter().map(|(name, _)| name))
+            .collect();
+        let strays: Vec<(&str, &Chain)> = writes_of(TableName::Nat)
+            .filter(|(name, _)| is_owned_service_chain(name) && !grouped.contains(name))
+            .collect();
+        for stray in strays {
+            if let Some(done) = add_group(vec![stray], &mut batch, max_chains) {
+                apply(nat_only(done, Vec::new()), false)?;
+            }
+        }
     }
     if !batch.is_empty() {
-        apply(nat_only(batch, Vec::new()))?;
+        apply(nat_only(batch, Vec::new()), !switch_follows && !deletes_follow)?;
     }
     let switch = TableName::ALL.map(|table| Section {
         table,
@@ -236,18 +295,21 @@ pub fn stage<E>(
     });
     let switch = serialize(&switch);
     if !switch.is_empty() {
-        apply(switch)?;
+        apply(switch, !deletes_follow)?;
     }
     // Stale chains: a batch's chains are flushed and deleted together, so references inside a batch are fine;
     // references from later stages' chains are gone because those stages went first.
+    let last_stage = deletes.iter().map(|n| delete_stage(n)).max();
     for stage in 0..4 {
         let chains: Vec<&str> = deletes
             .iter()
             .copied()
             .filter(|n| delete_stage(n) == stage)
             .collect();
-        for chunk in chains.chunks(max_chains) {
-            apply(nat_only(Vec::new(), chunk.to_vec()))?;
+        let chunks = chains.chunks(max_chains).count();
+        for (i, chunk) in chains.chunks(max_chains).enumerate() {
+            let last = Some(stage) == last_stage && i + 1 == chunks;
+            apply(nat_only(Vec::new(), chunk.to_vec()), last)?;
         }
     }
     Ok(())

@@ -8,7 +8,7 @@ use common::{Kernel, ep, intent_of, port, service, slice, state, with_lb};
 use proptest::prelude::*;
 use svcproxy_iptables::gc::{GcPlan, plan_gc};
 use svcproxy_iptables::jumps::{jump_rules, missing_jumps};
-use svcproxy_iptables::staging::{Baseline, staged_payloads};
+use svcproxy_iptables::staging::{Baseline, stage, staged_payloads};
 use svcproxy_iptables::{KernelView, RenderConfig, Ruleset, render};
 use svcproxy_model::{Protocol, ServiceType};
 
@@ -61,6 +61,26 @@ fn apply_all(kernel: &mut Kernel, payloads: &[svcproxy_iptables::Payload]) {
     }
 }
 
+/// The staged transactions, checking that the last one, and only it, is handed over as the last: the seal that
+/// completes a sync rides on it.
+fn staged(
+    baseline: Baseline<'_>,
+    next: &Ruleset,
+    plan: &GcPlan,
+    jumps: &[svcproxy_iptables::JumpRule],
+    max: usize,
+) -> Vec<svcproxy_iptables::Payload> {
+    let (mut out, mut flags) = (Vec::new(), Vec::new());
+    let Ok(()) = stage(baseline, next, plan, jumps, max, |p, last| {
+        out.push(p);
+        flags.push(last);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let expected: Vec<bool> = (0..out.len()).map(|i| i + 1 == out.len()).collect();
+    assert_eq!(flags, expected, "which transactions were flagged last");
+    out
+}
+
 #[test]
 fn a_kernel_that_is_already_right_gets_nothing() {
     let next = ruleset(20, 0);
@@ -97,14 +117,14 @@ proptest! {
         let jumps = missing_jumps(&saved, &cfg);
         // Read as a full sync reads the kernel: the rules of our chains compared and dropped as they stream by.
         let view = KernelView::parse(&kernel.save(), &next).unwrap();
-        let payloads = staged_payloads(Baseline::Kernel(&view), &next, &plan_gc(&view.saved, &next), &jumps, max);
+        let payloads = staged(Baseline::Kernel(&view), &next, &plan_gc(&view.saved, &next), &jumps, max);
         apply_all(&mut kernel, &payloads);
         prop_assert!(kernel.matches(&next));
 
         // The same from the in-memory baseline (partial syncs), when the kernel held `prev`.
         if !from_empty {
             let mut kernel = Kernel::holding(&prev);
-            let payloads = staged_payloads(Baseline::Applied(&prev), &next, &GcPlan::default(), &[], max);
+            let payloads = staged(Baseline::Applied(&prev), &next, &GcPlan::default(), &[], max);
             apply_all(&mut kernel, &payloads);
             prop_assert!(kernel.matches(&next));
         }

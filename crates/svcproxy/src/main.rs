@@ -234,8 +234,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     family,
                     ProxyMode::Iptables,
                 ));
+                let active = backends::active_backend();
+                // Only iptables-nft writes move the nf_tables generation the seal relies on.
+                if active.as_ref().is_ok_and(|b| *b == backends::Backend::Nft) {
+                    match NetlinkElementSocket::new() {
+                        Ok(socket) => proxier = proxier.with_generation(Box::new(socket)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "no nf_tables netlink socket; every restart reads the kernel whole")
+                        }
+                    }
+                }
                 if family == IpFamily::V4
-                    && let Ok(ours) = backends::active_backend()
+                    && let Ok(ours) = active
                     && let Some(theirs) = ours.other().commands()
                 {
                     proxier = proxier.with_other_backend(ours, Box::new(theirs));

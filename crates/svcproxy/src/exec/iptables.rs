@@ -4,7 +4,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use svcproxy_iptables::seal::{SEAL_CHAIN, SEAL_TABLE};
 use svcproxy_model::IpFamily;
+
+use super::generation::CountingGeneration;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExecError {
@@ -233,12 +236,16 @@ pub enum Recorded {
     ListChain(String, String),
 }
 
-/// Records every call; answers saves with a canned dump and fails restores on demand.
+/// Records every call; answers saves with a canned dump and fails restores on demand. Of the kernel it models
+/// only what the seal needs: a successful restore moves `generation` on by one per table section, and the seal
+/// chain lists the seal the last restore wrote.
 #[derive(Debug, Clone, Default)]
 pub struct RecordingIptables {
     pub calls: Arc<Mutex<Vec<Recorded>>>,
     pub save_output: Arc<Mutex<String>>,
     pub fail_restores: Arc<Mutex<Vec<ExecError>>>,
+    pub generation: CountingGeneration,
+    seal: Arc<Mutex<Option<String>>>,
 }
 
 impl RecordingIptables {
@@ -261,10 +268,16 @@ impl IptablesCommands for RecordingIptables {
             .lock()
             .unwrap()
             .push(Recorded::Restore(payload.to_string()));
-        match self.fail_restores.lock().unwrap().pop() {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(e) = self.fail_restores.lock().unwrap().pop() {
+            return Err(e);
         }
+        let sections = payload.lines().filter(|l| l.starts_with('*')).count();
+        self.generation.advance(sections as u32);
+        let seal_rule = format!("-A {SEAL_CHAIN} ");
+        if let Some(line) = payload.lines().find(|l| l.starts_with(&seal_rule)) {
+            *self.seal.lock().unwrap() = Some(format!("-N {SEAL_CHAIN}\n{line}\n"));
+        }
+        Ok(())
     }
 
     fn save(&self, tables: &[&str]) -> Result<String, ExecError> {
@@ -280,8 +293,11 @@ impl IptablesCommands for RecordingIptables {
             .lock()
             .unwrap()
             .push(Recorded::ListChain(table.to_string(), chain.to_string()));
-        // The fake does not model the kernel: report nothing, so verification finds the chain missing only when
-        // a test supplies a dump through `save_output`.
+        if table == SEAL_TABLE.as_str() && chain == SEAL_CHAIN {
+            return Ok(self.seal.lock().unwrap().clone());
+        }
+        // Otherwise the fake does not model the kernel: report nothing, so verification finds the chain missing
+        // only when a test supplies a dump through `save_output`.
         Ok(None)
     }
 }

@@ -1,5 +1,6 @@
 //! External commands behind small traits, each with a real implementation and a recording fake.
 
+pub mod generation;
 pub mod iptables;
 pub mod nft;
 pub mod nft_netlink;

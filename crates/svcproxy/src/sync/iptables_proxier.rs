@@ -6,14 +6,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use svcproxy_iptables::chain_name::KUBE_SERVICES;
+use svcproxy_iptables::chain_name::{KUBE_SERVICES, is_owned_service_chain};
 use svcproxy_iptables::config::{LocalDetector, RenderConfig};
 use svcproxy_iptables::failure::{FailureKind, classify};
 
 use svcproxy_iptables::gc::GcPlan;
+use svcproxy_iptables::jumps::JumpRule;
 use svcproxy_iptables::kernel_view::{KernelReader, KernelView};
 use svcproxy_iptables::payload::Payload;
 use svcproxy_iptables::ruleset::{Ruleset, TableName};
+use svcproxy_iptables::save_parser::SavedRuleset;
+use svcproxy_iptables::seal::{self, Digest, RulesetDigest, SEAL_CHAIN, SEAL_TABLE, Seal, chain_digest};
 use svcproxy_iptables::service_rules::{ServicePortRules, render_service_port};
 use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, stage};
 use svcproxy_iptables::verify::{Divergence, verify};
@@ -27,6 +30,7 @@ use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::backends::{Backend, check_mixed, kube_chains};
 use crate::cli::{DetectLocalMode, RunArgs};
+use crate::exec::generation::RulesetGeneration;
 use crate::exec::iptables::{ExecError, IptablesCommands};
 use crate::node_addresses::{LocalAddresses, NodePortSpec, NodePortSpecError, primary_ip};
 use svcproxy_conntrack::Conntrack;
@@ -166,6 +170,16 @@ pub struct IptablesProxier {
     other_backend: Option<(Backend, Box<dyn IptablesCommands>)>,
     /// Watches for a proxy of the other mode writing next to us.
     other_proxies: Option<OtherProxies>,
+    /// The nf_tables generation, to seal what we write (see `svcproxy_iptables::seal`); `None` with legacy
+    /// iptables, whose writes do not move it.
+    generation: Option<Box<dyn RulesetGeneration>>,
+    /// The generation at which the kernel is known to hold our last state: set by a full read during which the
+    /// generation did not move and carried through each restore that moved it by exactly its own transactions.
+    custody: Option<u32>,
+    /// The seal the kernel holds, as far as we know.
+    kernel_seal: Option<Seal>,
+    /// Whether a sync has run in this process: only the first trusts a seal instead of reading the kernel.
+    started: bool,
 }
 
 /// Above this many touched chains, reading the whole table back is cheaper than listing chains one by one.
@@ -192,7 +206,48 @@ impl IptablesProxier {
             applied_intent: None,
             other_backend: None,
             other_proxies: None,
+            generation: None,
+            custody: None,
+            kernel_seal: None,
+            started: false,
         }
+    }
+
+    /// Seals every write with the nf_tables generation (only for iptables-nft), so a restart onto rules that
+    /// are still in place reads one chain instead of the whole kernel.
+    pub fn with_generation(mut self, generation: Box<dyn RulesetGeneration>) -> Self {
+        self.generation = Some(generation);
+        self
+    }
+
+    fn generation_now(&self) -> Option<u32> {
+        let g = self.generation.as_ref()?;
+        g.generation()
+            .inspect_err(|e| tracing::debug!(error = %e, "cannot read the nf_tables generation"))
+            .ok()
+    }
+
+    /// Whether the kernel's seal proves it holds the rules of `digest` (our chains and jumps, nothing stale)
+    /// right now: then a full sync has nothing to read or write.
+    fn kernel_proven(&mut self, digest: Digest) -> bool {
+        let Some(before) = self.generation_now() else {
+            return false;
+        };
+        let listing = match self.cmds.list_chain(SEAL_TABLE.as_str(), SEAL_CHAIN) {
+            Ok(listing) => listing,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the seal chain");
+                return false;
+            }
+        };
+        let seal = listing.as_deref().and_then(Seal::from_listing);
+        self.kernel_seal = seal;
+        // Unmoved across the listing: the seal we read is the one that generation holds.
+        let proven = self.generation_now() == Some(before) && seal.is_some_and(|s| s.proves(before, digest));
+        if proven {
+            self.custody = Some(before);
+        }
+        proven
     }
 
     /// Reports a proxy of the other mode (an nftables table of kube-proxy's or ours) writing next to us.
@@ -208,7 +263,9 @@ impl IptablesProxier {
         self
     }
 
-    fn render_cached(&mut self, intent: &Intent, config: &RenderConfig) -> Ruleset {
+    /// The ruleset for `intent`, re-rendering only changed service ports, and its digest without the jumps
+    /// (each part's chains are hashed once, when rendered; the shared chains on every call).
+    fn render_cached(&mut self, intent: &Intent, config: &RenderConfig) -> (Ruleset, RulesetDigest) {
         let large = render::is_large_cluster(intent);
         let cache = &mut self.render_cache;
         if cache.config.as_ref() != Some(config) || cache.large != large {
@@ -221,14 +278,35 @@ impl IptablesProxier {
             // Keys move over from the previous map: cloning them would allocate three strings per service
             // port on every sync.
             let (key, part) = match cache.parts.remove_entry(name) {
-                Some((key, (hash, part))) if hash == spi.content_hash => (key, part),
-                Some((key, _)) => (key, Arc::new(render_service_port(spi, config, large))),
-                None => (name.clone(), Arc::new(render_service_port(spi, config, large))),
+                Some((key, (hash, part, digest))) if hash == spi.content_hash => (key, (part, digest)),
+                Some((key, _)) => (key, rendered_part(spi, config, large)),
+                None => (name.clone(), rendered_part(spi, config, large)),
             };
-            parts.insert(key, (spi.content_hash, part));
+            parts.insert(key, (spi.content_hash, part.0, part.1));
         }
         cache.parts = parts;
-        render::assemble(config, intent.service_ports.keys().map(|k| &*cache.parts[k].1))
+        let mut digest = RulesetDigest::default();
+        let mut part_chains = 0;
+        for (_, part, part_digest) in cache.parts.values() {
+            digest.add(*part_digest);
+            part_chains += part.chains.len();
+        }
+        let ruleset = render::assemble(config, intent.service_ports.keys().map(|k| &*cache.parts[k].1));
+        let mut shared_chains = 0;
+        for table in TableName::ALL {
+            for (name, chain) in &ruleset.table(table).chains {
+                if table == TableName::Filter || !is_owned_service_chain(name) {
+                    digest.add_chain(table, name, chain);
+                    shared_chains += 1;
+                }
+            }
+        }
+        // Every chain counted once: the parts' chains are the ruleset's per-service chains.
+        debug_assert_eq!(
+            part_chains + shared_chains,
+            ruleset.filter.chains.len() + ruleset.nat.chains.len()
+        );
+        (ruleset, digest)
     }
 
     /// Cleans stale UDP and SCTP flows after syncs that changed such service ports.
@@ -261,6 +339,16 @@ impl IptablesProxier {
             node_ips.push(std::net::Ipv4Addr::LOCALHOST.into());
         }
         reconcile(conntrack.as_ref(), family, previous, intent, &node_ips)
+    }
+
+    /// [`Self::read_kernel`] for a full sync: also learns the seal the kernel holds and, when the generation
+    /// did not move during the read, that the kernel is at a known state.
+    fn read_kernel_for_sync(&mut self, expected: &Ruleset) -> Result<KernelView, SyncError> {
+        let before = self.generation_now();
+        let kernel = self.read_kernel(expected)?;
+        self.custody = before.filter(|_| self.generation_now() == before);
+        self.kernel_seal = seal_in(&kernel.saved);
+        Ok(kernel)
     }
 
     /// The kernel's filter and nat tables, read against `expected` as `iptables-save` prints them: neither the
@@ -354,6 +442,98 @@ impl IptablesProxier {
         }
     }
 
+    /// Stages the transactions from `baseline` to `next` and applies them one by one, each sealed; a sync that
+    /// has nothing to write still seals a kernel known to hold `next` whose seal does not say so yet. Returns
+    /// the lines written and, for a partial sync, the chains written (for the read-back after it).
+    fn apply_staged(
+        &mut self,
+        baseline: Baseline<'_>,
+        next: &Ruleset,
+        plan: &GcPlan,
+        jumps: &[JumpRule],
+        mode: SyncMode,
+        digest: Digest,
+    ) -> Result<(usize, Vec<(TableName, String)>), SyncError> {
+        let (mut lines, mut touched, mut writes) = (0, Vec::new(), 0);
+        let max_chains = self.max_chains;
+        let staged: Result<(), Box<(ExecError, Payload)>> =
+            stage(baseline, next, plan, jumps, max_chains, |payload, last| {
+                writes += 1;
+                let (count, chains) = (
+                    payload.line_count,
+                    (mode == SyncMode::Partial).then(|| written_chains(&payload)),
+                );
+                self.restore_sealed(payload, last.then_some(digest))?;
+                lines += count;
+                touched.extend(chains.into_iter().flatten());
+                Ok(())
+            });
+        if let Err(refused) = staged {
+            let (e, payload) = *refused;
+            self.applied = None;
+            return Err(self.refused(e, &payload));
+        }
+        if writes == 0
+            && let Some(at) = self.custody
+            && !self.kernel_seal.is_some_and(|s| s.proves(at, digest))
+            && let Err(refused) = self.restore_sealed(Payload::default(), Some(digest))
+        {
+            // The rules are right either way; only the next restart's shortcut is lost.
+            tracing::warn!(error = %refused.0, "cannot write the seal");
+        }
+        Ok((lines, touched))
+    }
+
+    /// Restores `payload` with the seal written into it (see `svcproxy_iptables::seal`): carrying `digest` when
+    /// given (the sync's last transaction) and the kernel was at a known state just before, a void seal
+    /// otherwise. Without a readable generation the payload goes as it is.
+    fn restore_sealed(
+        &mut self,
+        payload: Payload,
+        digest: Option<Digest>,
+    ) -> Result<(), Box<(ExecError, Payload)>> {
+        let Some(before) = self.generation_now() else {
+            self.custody = None;
+            return self
+                .cmds
+                .restore(&payload.text)
+                .map_err(|e| Box::new((e, payload)));
+        };
+        let known = self.custody == Some(before);
+        let (payload, seal) = seal::sealed(&payload, before, digest.filter(|_| known));
+        if let Err(e) = self.cmds.restore(&payload.text) {
+            self.custody = None;
+            self.kernel_seal = None;
+            return Err(Box::new((e, payload)));
+        }
+        self.kernel_seal = Some(seal);
+        // Exactly our own transactions since `before`: the kernel holds what we know it to.
+        self.custody = (known && self.generation_now() == Some(seal.generation)).then_some(seal.generation);
+        Ok(())
+    }
+
+    /// Records a successful sync.
+    fn synced(
+        &mut self,
+        intent: Arc<Intent>,
+        next: Ruleset,
+        config: RenderConfig,
+        mode: SyncMode,
+        lines: usize,
+        touched: Vec<(TableName, String)>,
+    ) -> SyncReport {
+        self.touched = touched;
+        let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
+        self.applied_intent = Some(intent.clone());
+        self.applied = Some((next, config));
+        SyncReport {
+            full: mode != SyncMode::Partial,
+            intent,
+            payload_lines: lines,
+            conntrack,
+        }
+    }
+
     fn verify_with(&self, kernel: &KernelView, chains: Option<&[(TableName, String)]>) -> Vec<Finding> {
         match &self.applied {
             Some((ruleset, config)) => verify(kernel, ruleset, config, chains)
@@ -384,78 +564,55 @@ impl Proxier for IptablesProxier {
         let config = self
             .options
             .resolve(state.node.as_ref(), &self.addresses.addresses());
-        let next = self.render_cached(&intent, &config);
+        let (next, mut digest) = self.render_cached(&intent, &config);
+        digest.add_jumps(&jumps::jump_rules(&config));
+        let digest = digest.value();
         // A configuration change (a new node address, say) can touch every chain: treat it as full.
         let mode = match &self.applied {
             Some((_, applied_with)) if *applied_with == config => mode,
             _ => mode.max(SyncMode::Full),
         };
-        // Each transaction is applied as soon as it is serialised, so only one is held at a time.
-        let mut lines = 0;
-        let mut touched = Vec::new();
-        let cmds = &self.cmds;
-        let mut apply = |payload: Payload| match cmds.restore(&payload.text) {
-            Ok(()) => {
-                lines += payload.line_count;
-                // Only a partial sync's chains are read back one by one.
-                if mode == SyncMode::Partial {
-                    touched.extend(written_chains(&payload));
-                }
-                Ok(())
-            }
-            Err(e) => Err(Box::new((e, payload))),
+        let first = !std::mem::replace(&mut self.started, true);
+        if first && mode == SyncMode::Full && self.kernel_proven(digest) {
+            tracing::info!(
+                "the kernel's seal shows our rules in place since our last write: nothing to read or write"
+            );
+            return Ok(self.synced(intent, next, config, mode, 0, Vec::new()));
+        }
+        let previous = match mode {
+            SyncMode::Partial => self.applied.take().map(|(prev, _)| prev),
+            _ => None,
         };
-        let applied = match (&self.applied, mode) {
-            (Some((prev, _)), SyncMode::Partial) => stage(
+        let written = match &previous {
+            Some(prev) => self.apply_staged(
                 Baseline::Applied(prev),
                 &next,
                 &GcPlan::default(),
                 &[],
-                self.max_chains,
-                &mut apply,
+                mode,
+                digest,
             ),
-            _ => {
-                let kernel = self.read_kernel(&next)?;
+            None => {
+                let kernel = self.read_kernel_for_sync(&next)?;
                 if mode == SyncMode::Rebuild {
                     let plan = gc::plan_rebuild(&kernel.saved, &next);
-                    stage(
-                        Baseline::None,
-                        &next,
-                        &plan,
-                        &jumps::jump_rules(&config),
-                        self.max_chains,
-                        &mut apply,
-                    )
+                    let jumps = jumps::jump_rules(&config);
+                    self.apply_staged(Baseline::None, &next, &plan, &jumps, mode, digest)
                 } else {
                     // Against what the kernel holds: a restart onto rules that are already right writes nothing.
                     let plan = gc::plan_gc(&kernel.saved, &next);
                     let missing = jumps::missing_jumps(&kernel.saved, &config);
-                    stage(
-                        Baseline::Kernel(&kernel),
-                        &next,
-                        &plan,
-                        &missing,
-                        self.max_chains,
-                        &mut apply,
-                    )
+                    self.apply_staged(Baseline::Kernel(&kernel), &next, &plan, &missing, mode, digest)
                 }
             }
         };
-        if let Err(refused) = applied {
-            let (e, payload) = *refused;
-            self.applied = None;
-            return Err(self.refused(e, &payload));
-        }
-        self.touched = touched;
-        let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
-        self.applied_intent = Some(intent.clone());
-        self.applied = Some((next, config));
-        Ok(SyncReport {
-            full: mode != SyncMode::Partial,
-            intent,
-            payload_lines: lines,
-            conntrack,
-        })
+        let mode = if previous.is_some() {
+            mode
+        } else {
+            mode.max(SyncMode::Full)
+        };
+        let (lines, touched) = written?;
+        Ok(self.synced(intent, next, config, mode, lines, touched))
     }
 
     fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError> {
@@ -531,7 +688,32 @@ fn finding(d: &Divergence) -> Finding {
 struct RenderCache {
     config: Option<RenderConfig>,
     large: bool,
-    parts: HashMap<ServicePortName, (u64, Arc<ServicePortRules>)>,
+    /// By service port: the intent hash it was rendered from, its rules and their digest.
+    parts: HashMap<ServicePortName, (u64, Arc<ServicePortRules>, Digest)>,
+}
+
+/// One service port's rules and the sum of their chains' digests.
+fn rendered_part(
+    spi: &svcproxy_model::ServicePortIntent,
+    config: &RenderConfig,
+    large: bool,
+) -> (Arc<ServicePortRules>, Digest) {
+    let part = render_service_port(spi, config, large);
+    let mut digest = RulesetDigest::default();
+    for (name, chain) in &part.chains {
+        digest.add(chain_digest(TableName::Nat, name, chain));
+    }
+    (Arc::new(part), digest.value())
+}
+
+/// The seal in a dump.
+fn seal_in(saved: &SavedRuleset) -> Option<Seal> {
+    let table = saved.table(SEAL_TABLE.as_str())?;
+    let listing: String = table
+        .rules_of(SEAL_CHAIN)
+        .map(|r| format!("{}\n", r.line))
+        .collect();
+    Seal::from_listing(&listing)
 }
 
 /// The chains a payload declares (and so rewrites), by table.

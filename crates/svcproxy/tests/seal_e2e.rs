@@ -1,0 +1,162 @@
+//! The seal on a real kernel: what it relies on (iptables-nft commits each table section of a restore as one
+//! transaction, moving the nf_tables generation by exactly one), and what it buys (a restart onto rules nobody
+//! touched reads one chain and writes nothing) without ever hiding a change made behind svcproxy's back.
+
+#[macro_use]
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{Svcproxy, TempDir};
+use svcproxy::exec::generation::RulesetGeneration;
+use svcproxy::exec::iptables::{IptablesCommands, SystemIptables};
+use svcproxy::exec::nft_netlink::NetlinkElementSocket;
+use svcproxy_iptables::payload::Payload;
+use svcproxy_iptables::seal::{SEAL_CHAIN, SEAL_TABLE, Seal, sealed};
+use svcproxy_model::IpFamily;
+use svcproxy_testkit::{Backend, Lab, NetNs, tcp_request, wait_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+const T: Duration = Duration::from_secs(2);
+const PROVEN: &str = "the kernel's seal shows our rules in place";
+
+fn generation(ns: &NetNs) -> u32 {
+    ns.run(|| NetlinkElementSocket::new().expect("socket").generation())
+        .expect("generation")
+}
+
+fn restore(ns: &NetNs, payload: &str) {
+    let payload = payload.to_string();
+    ns.run(move || SystemIptables::new(IpFamily::V4).restore(&payload))
+        .expect("restore");
+}
+
+fn listed_seal(ns: &NetNs) -> Option<Seal> {
+    ns.run(|| SystemIptables::new(IpFamily::V4).list_chain(SEAL_TABLE.as_str(), SEAL_CHAIN))
+        .expect("list")
+        .as_deref()
+        .and_then(Seal::from_listing)
+}
+
+#[test]
+fn each_table_section_of_a_restore_moves_the_generation_by_one() {
+    let ns = NetNs::new("seal").expect("netns");
+    let two_tables = Payload {
+        text: "*filter\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\nCOMMIT\n*nat\n:KUBE-B - [0:0]\n-A KUBE-B -j RETURN\nCOMMIT\n"
+            .into(),
+        ..Default::default()
+    };
+    for round in 0..2 {
+        // The second time every chain exists already and gets the same rules: still one transaction a section.
+        let before = generation(&ns);
+        let (payload, seal) = sealed(&two_tables, before, Some(round));
+        restore(&ns, &payload.text);
+        assert_eq!(seal.generation, before + 2, "round {round}");
+        assert_eq!(generation(&ns), seal.generation, "round {round}");
+        assert_eq!(listed_seal(&ns), Some(seal), "round {round}");
+    }
+    // A payload without a filter section gets one, and a seal alone is a transaction too.
+    let nat_only = Payload {
+        text: "*nat\n:KUBE-B - [0:0]\nCOMMIT\n".into(),
+        ..Default::default()
+    };
+    for payload in [nat_only, Payload::default()] {
+        let before = generation(&ns);
+        let (sealed_payload, seal) = sealed(&payload, before, Some(7));
+        restore(&ns, &sealed_payload.text);
+        assert_eq!(generation(&ns), seal.generation);
+        assert_eq!(
+            seal.generation,
+            before + payload.text.lines().filter(|l| l.starts_with('*')).count() as u32 + 1
+        );
+        assert_eq!(listed_seal(&ns), Some(seal));
+    }
+    // Listing does not move it.
+    let before = generation(&ns);
+    listed_seal(&ns);
+    assert_eq!(generation(&ns), before);
+}
+
+const WEB: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.100
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, protocol: TCP, port: 8080}
+endpoints:
+- addresses: [10.244.0.11]
+  conditions: {ready: true}
+";
+
+fn synced_once(proxy: &mut Svcproxy) -> String {
+    wait_until(WAIT, POLL, "svcproxy synced", || {
+        proxy.assert_running();
+        let log = proxy.log();
+        log.contains("synced").then_some(log)
+    })
+}
+
+#[test]
+fn a_restart_trusts_the_seal_only_while_nobody_else_wrote() {
+    let lab = Lab::new();
+    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
+    let _backend = Backend::start(pod.ns(), pod.name(), &[8080], &[]);
+    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+    let dir = TempDir::new("manifests");
+    dir.write("web.yaml", WEB);
+    let args = ["--manifests", dir.path().to_str().unwrap()];
+    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
+
+    // First run: nothing to trust, the kernel is read and written, and the write is sealed.
+    let mut proxy = Svcproxy::start(lab.node(), &args);
+    let log = synced_once(&mut proxy);
+    assert!(!log.contains(PROVEN), "{log}");
+    wait_until(WAIT, POLL, "the ClusterIP answers", || {
+        tcp_request(client.ns(), vip, T).ok()
+    });
+    drop(proxy);
+    let seal = listed_seal(lab.node()).expect("a seal");
+    assert!(seal.digest.is_some(), "{seal:?}");
+    assert_eq!(seal.generation, generation(lab.node()));
+
+    // Nobody wrote since: the restart trusts the seal, writes nothing, and traffic flows.
+    let mut proxy = Svcproxy::start(lab.node(), &args);
+    let log = synced_once(&mut proxy);
+    assert!(log.contains(PROVEN), "{log}");
+    assert!(tcp_request(client.ns(), vip, T).is_ok());
+    drop(proxy);
+    assert_eq!(generation(lab.node()), seal.generation, "nothing written");
+
+    // Someone flushes KUBE-SERVICES behind our back: that commit voids the seal, so the restart reads the
+    // kernel, finds the chain empty and repairs it (and seals again).
+    lab.node()
+        .exec(&["iptables", "-t", "nat", "-F", "KUBE-SERVICES"])
+        .expect("flush");
+    assert!(tcp_request(client.ns(), vip, Duration::from_millis(500)).is_err());
+    let mut proxy = Svcproxy::start(lab.node(), &args);
+    let log = synced_once(&mut proxy);
+    assert!(!log.contains(PROVEN), "{log}");
+    wait_until(WAIT, POLL, "the ClusterIP answers again", || {
+        tcp_request(client.ns(), vip, T).ok()
+    });
+    drop(proxy);
+    let resealed = listed_seal(lab.node()).expect("a seal");
+    assert!(
+        resealed.digest.is_some() && resealed.generation > seal.generation,
+        "{resealed:?}"
+    );
+    assert_eq!(resealed.digest, seal.digest, "the same rules as before the flush");
+}
