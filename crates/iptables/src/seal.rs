@@ -172,43 +172,51 @@ impl RulesetDigest {
 /// Declaring the chain anew makes that section a real change even when the seal text repeats, so every
 /// section of the result is one transaction that moves the generation, and the seal names the generation
 /// the restore ends at: `generation` plus the number of sections.
-pub fn sealed(payload: &Payload, generation: u32, digest: Option<Digest>) -> (Payload, Seal) {
+pub fn sealed(mut payload: Payload, generation: u32, digest: Option<Digest>) -> (Payload, Seal) {
     let table_line = format!("*{}", SEAL_TABLE.as_str());
-    let has_seal_table = payload.text.lines().any(|l| l == table_line);
-    let sections = payload.text.lines().filter(|l| l.starts_with('*')).count() + usize::from(!has_seal_table);
+    // Where the seal table's section starts and ends, as byte offsets: the seal goes in in place, since a
+    // cold sync's transactions are megabytes each.
+    let (mut sections, mut offset) = (0u32, 0);
+    let (mut after_table_line, mut commit_at) = (None, None);
+    for line in payload.text.split_inclusive('\n') {
+        let bare = line.trim_end_matches('\n');
+        if bare.starts_with('*') {
+            sections += 1;
+            if bare == table_line && after_table_line.is_none() {
+                after_table_line = Some(offset + line.len());
+            }
+        } else if bare == "COMMIT" && after_table_line.is_some() && commit_at.is_none() {
+            commit_at = Some(offset);
+        }
+        offset += line.len();
+    }
+    let section = after_table_line.zip(commit_at);
+    if section.is_none() {
+        sections += 1;
+    }
     let seal = Seal {
-        generation: generation.wrapping_add(sections as u32),
+        generation: generation.wrapping_add(sections),
         digest,
     };
     let declare = format!(":{SEAL_CHAIN} - [0:0]\n");
     let rule = format!("-A {SEAL_CHAIN} -m comment --comment \"{}\"\n", seal.comment());
-    let mut text = String::with_capacity(payload.text.len() + declare.len() + rule.len() + 32);
-    if !has_seal_table {
-        // Filter goes first, as in every payload we write.
-        text.push_str(&format!("{table_line}\n{declare}{rule}COMMIT\n"));
-    }
-    let mut in_seal_table = false;
-    for line in payload.text.split_inclusive('\n') {
-        let bare = line.trim_end_matches('\n');
-        if bare == "COMMIT" && in_seal_table {
-            text.push_str(&rule);
-            in_seal_table = false;
+    match section {
+        Some((after_table_line, commit_at)) => {
+            payload.text.reserve(declare.len() + rule.len());
+            payload.text.insert_str(commit_at, &rule);
+            payload.text.insert_str(after_table_line, &declare);
+            payload.line_count += 2;
         }
-        text.push_str(line);
-        if bare == table_line {
-            in_seal_table = true;
-            text.push_str(&declare);
+        None => {
+            // Filter goes first, as in every payload we write.
+            let own = format!("{table_line}\n{declare}{rule}COMMIT\n");
+            payload.text.insert_str(0, &own);
+            payload.line_count += 4;
         }
     }
-    let added = if has_seal_table { 2 } else { 4 };
-    let out = Payload {
-        text,
-        line_count: payload.line_count + added,
-        chains_written: payload.chains_written + 1,
-        rules_written: payload.rules_written + 1,
-        ..payload.clone()
-    };
-    (out, seal)
+    payload.chains_written += 1;
+    payload.rules_written += 1;
+    (payload, seal)
 }
 
 #[cfg(test)]
@@ -336,7 +344,7 @@ mod tests {
             rules_written: 1,
             ..Default::default()
         };
-        let (p, written) = sealed(&nat_only, 10, Some(1));
+        let (p, written) = sealed(nat_only, 10, Some(1));
         assert_eq!(written, seal, "two transactions from generation 10");
         assert_eq!(
             p.text,
@@ -351,7 +359,7 @@ mod tests {
             line_count: 6,
             ..Default::default()
         };
-        let (p, written) = sealed(&both, 10, Some(1));
+        let (p, written) = sealed(both, 10, Some(1));
         assert_eq!(written, seal);
         assert_eq!(
             p.text,
@@ -362,7 +370,7 @@ mod tests {
         assert_eq!(p.line_count, p.text.lines().count());
         assert_eq!(Seal::from_listing(&p.text), Some(seal));
 
-        let (p, written) = sealed(&Payload::default(), 11, Some(1));
+        let (p, written) = sealed(Payload::default(), 11, Some(1));
         assert_eq!(written, seal);
         assert_eq!(
             p.text,

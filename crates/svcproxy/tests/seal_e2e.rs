@@ -51,7 +51,7 @@ fn each_table_section_of_a_restore_moves_the_generation_by_one() {
     for round in 0..2 {
         // The second time every chain exists already and gets the same rules: still one transaction a section.
         let before = generation(&ns);
-        let (payload, seal) = sealed(&two_tables, before, Some(round));
+        let (payload, seal) = sealed(two_tables.clone(), before, Some(round));
         restore(&ns, &payload.text);
         assert_eq!(seal.generation, before + 2, "round {round}");
         assert_eq!(generation(&ns), seal.generation, "round {round}");
@@ -64,7 +64,7 @@ fn each_table_section_of_a_restore_moves_the_generation_by_one() {
     };
     for payload in [nat_only, Payload::default()] {
         let before = generation(&ns);
-        let (sealed_payload, seal) = sealed(&payload, before, Some(7));
+        let (sealed_payload, seal) = sealed(payload.clone(), before, Some(7));
         restore(&ns, &sealed_payload.text);
         assert_eq!(generation(&ns), seal.generation);
         assert_eq!(

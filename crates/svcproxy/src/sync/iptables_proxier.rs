@@ -500,7 +500,7 @@ impl IptablesProxier {
                 .map_err(|e| Box::new((e, payload)));
         };
         let known = self.custody == Some(before);
-        let (payload, seal) = seal::sealed(&payload, before, digest.filter(|_| known));
+        let (payload, seal) = seal::sealed(payload, before, digest.filter(|_| known));
         if let Err(e) = self.cmds.restore(&payload.text) {
             self.custody = None;
             self.kernel_seal = None;
