@@ -241,7 +241,7 @@ mod tests {
             ),
             ("PREROUTING", vec!["-A PREROUTING -j KUBE-SERVICES"]),
         ] {
-            r.nat.chains.insert(name.into(), Chain::new(lines));
+            r.nat.chains.insert(name.into(), Chain::new(name, lines));
         }
         r
     }

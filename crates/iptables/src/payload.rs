@@ -176,7 +176,11 @@ pub(crate) fn serialize(sections: &[Section<'_>]) -> Payload {
         .iter()
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let rules: usize = s.write.iter().map(|(_, c)| c.text().len()).sum();
+            let rules: usize = s
+                .write
+                .iter()
+                .map(|(n, c)| c.text().len() + c.len() * (n.len() + 4))
+                .sum();
             let names: usize = s.write.iter().map(|(n, _)| n.len() + 9).sum::<usize>()
                 + s.delete.iter().map(|n| 2 * n.len() + 13).sum::<usize>();
             rules + names + s.jumps.len() * 128 + 16
@@ -192,9 +196,10 @@ pub(crate) fn serialize(sections: &[Section<'_>]) -> Payload {
         for name in s.write.iter().map(|(n, _)| n).chain(&s.delete) {
             w.line(&[":", name, " - [0:0]"]);
         }
-        for (_, chain) in &s.write {
-            w.text.push_str(chain.text());
-            w.lines += chain.len();
+        for (name, chain) in &s.write {
+            for args in chain.rules() {
+                w.line(&["-A ", name, " ", args]);
+            }
             payload.rules_written += chain.len();
         }
         for rule in &s.delete_rules {

@@ -50,31 +50,49 @@ pub fn assemble<'a>(cfg: &RenderConfig, parts: impl IntoIterator<Item = &'a Serv
     let mark = cfg.masquerade_mark();
     let nat = &mut ruleset.nat.chains;
     shared.nat_services.extend(nodeport_gate(cfg));
-    nat.insert(KUBE_SERVICES.into(), Chain::new(shared.nat_services));
-    nat.insert(KUBE_NODEPORTS.into(), Chain::new(shared.nat_nodeports));
-    nat.insert(KUBE_POSTROUTING.into(), Chain::new(postrouting(cfg, &mark)));
+    nat.insert(
+        KUBE_SERVICES.into(),
+        Chain::new(KUBE_SERVICES, shared.nat_services),
+    );
+    nat.insert(
+        KUBE_NODEPORTS.into(),
+        Chain::new(KUBE_NODEPORTS, shared.nat_nodeports),
+    );
+    nat.insert(
+        KUBE_POSTROUTING.into(),
+        Chain::new(KUBE_POSTROUTING, postrouting(cfg, &mark)),
+    );
     nat.insert(
         KUBE_MARK_MASQ.into(),
-        Chain::new(vec![
-            Line::append(KUBE_MARK_MASQ)
-                .args("-j MARK")
-                .arg_value("--or-mark", &mark)
-                .finish(),
-        ]),
+        Chain::new(
+            KUBE_MARK_MASQ,
+            vec![
+                Line::append(KUBE_MARK_MASQ)
+                    .args("-j MARK")
+                    .arg_value("--or-mark", &mark)
+                    .finish(),
+            ],
+        ),
     );
 
     let filter = &mut ruleset.filter.chains;
-    filter.insert(KUBE_SERVICES.into(), Chain::new(shared.filter_services));
+    filter.insert(
+        KUBE_SERVICES.into(),
+        Chain::new(KUBE_SERVICES, shared.filter_services),
+    );
     filter.insert(
         KUBE_EXTERNAL_SERVICES.into(),
-        Chain::new(shared.filter_external_services),
+        Chain::new(KUBE_EXTERNAL_SERVICES, shared.filter_external_services),
     );
-    filter.insert(KUBE_NODEPORTS.into(), Chain::new(shared.filter_nodeports));
+    filter.insert(
+        KUBE_NODEPORTS.into(),
+        Chain::new(KUBE_NODEPORTS, shared.filter_nodeports),
+    );
     filter.insert(
         KUBE_PROXY_FIREWALL.into(),
-        Chain::new(shared.filter_proxy_firewall),
+        Chain::new(KUBE_PROXY_FIREWALL, shared.filter_proxy_firewall),
     );
-    filter.insert(KUBE_FORWARD.into(), Chain::new(forward(cfg, &mark)));
+    filter.insert(KUBE_FORWARD.into(), Chain::new(KUBE_FORWARD, forward(cfg, &mark)));
     if cfg.localhost_node_ports_active() {
         // route_localnet lets packets to 127/8 arrive from outside; drop any that were not DNAT-ed to a
         // NodePort backend (CVE-2020-8558).
@@ -82,7 +100,7 @@ pub fn assemble<'a>(cfg: &RenderConfig, parts: impl IntoIterator<Item = &'a Serv
             .comment("block incoming localnet connections")
             .args("-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT")
             .jump("DROP");
-        filter.insert(KUBE_FIREWALL.into(), Chain::new(vec![line]));
+        filter.insert(KUBE_FIREWALL.into(), Chain::new(KUBE_FIREWALL, vec![line]));
     }
     ruleset
 }

@@ -43,8 +43,8 @@ pub fn saved_view(ruleset: &Ruleset, jumps: &[JumpRule]) -> Result<SavedRuleset,
                 let _ = writeln!(text, "{}", jump.append_line());
             }
         }
-        for rules in table.chains.values() {
-            for line in rules.lines() {
+        for (chain, rules) in &table.chains {
+            for line in rules.lines_in(chain) {
                 let _ = writeln!(text, "{line}");
             }
         }
@@ -66,9 +66,10 @@ mod tests {
         let mut ruleset = Ruleset::default();
         ruleset.nat.chains.insert(
             "KUBE-SERVICES".into(),
-            Chain::new(vec![
-                r#"-A KUBE-SERVICES -m comment --comment "a b" -j KUBE-NODEPORTS"#,
-            ]),
+            Chain::new(
+                "KUBE-SERVICES",
+                vec![r#"-A KUBE-SERVICES -m comment --comment "a b" -j KUBE-NODEPORTS"#],
+            ),
         );
         ruleset
             .nat

@@ -290,7 +290,7 @@ mod tests {
     fn ruleset(lines: &[(&str, &[&str])]) -> Ruleset {
         let mut r = Ruleset::default();
         for (name, rules) in lines {
-            r.nat.chains.insert((*name).into(), Chain::new(*rules));
+            r.nat.chains.insert((*name).into(), Chain::new(name, *rules));
         }
         r
     }
@@ -305,7 +305,7 @@ mod tests {
             ruleset(&[("KUBE-A", &["-A KUBE-A -j KUBE-C"]), ("KUBE-B", &[])]),
             ruleset(&[("KUBE-A", &["-A KUBE-A -j KUBE-B"]), ("KUBE-C", &[])]),
             ruleset(&[("KUBE-A", &["-A KUBE-A -j KUBE-B"])]),
-            ruleset(&[("KUBE-A", &[]), ("KUBE-B", &["-A KUBE-A -j KUBE-B"])]),
+            ruleset(&[("KUBE-A", &[]), ("KUBE-B", &["-A KUBE-B -j KUBE-B"])]),
         ];
         for other in others {
             assert_ne!(RulesetDigest::of(&other, &jumps), d, "{other:?}");

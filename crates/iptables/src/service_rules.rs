@@ -74,29 +74,35 @@ pub fn render_service_port(
     if spi.uses_external_chain() {
         chains.push((
             ChainName::from(r.chains.ext.as_str()),
-            Chain::new(r.external_chain()),
+            Chain::new(&r.chains.ext, r.external_chain()),
         ));
     }
     if spi.uses_firewall_chain() {
         chains.push((
             ChainName::from(r.chains.fw.as_str()),
-            Chain::new(r.firewall_chain()),
+            Chain::new(&r.chains.fw, r.firewall_chain()),
         ));
     }
     // Only chains with endpoints are declared. The masquerade rule cannot be orphaned: the intent's derived
     // booleans make "has internal endpoints" imply that the internal chain is in use.
     if spi.uses_cluster_chain() {
         r.dispatch(&r.chains.svc, &spi.endpoints.cluster, &mut svc);
-        chains.push((ChainName::from(r.chains.svc.as_str()), Chain::new(svc)));
+        chains.push((
+            ChainName::from(r.chains.svc.as_str()),
+            Chain::new(&r.chains.svc, svc),
+        ));
     }
     if spi.uses_local_chain() {
         r.dispatch(&r.chains.svl, &spi.endpoints.local, &mut svl);
-        chains.push((ChainName::from(r.chains.svl.as_str()), Chain::new(svl)));
+        chains.push((
+            ChainName::from(r.chains.svl.as_str()),
+            Chain::new(&r.chains.svl, svl),
+        ));
     }
     for ep in spi.endpoints.all_reachable() {
         let name = r.sep(ep);
         let lines = r.endpoint_chain(&name, ep);
-        chains.push((ChainName::from(&*name), Chain::new(lines)));
+        chains.push((ChainName::from(&*name), Chain::new(&name, lines)));
     }
     ServicePortRules {
         chains,

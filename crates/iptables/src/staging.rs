@@ -53,7 +53,7 @@ fn service_group<'a>(next: &'a Ruleset, hash: &str) -> Vec<(&'a str, &'a Chain)>
             continue;
         };
         group.push((name, chain));
-        for target in chain.lines().filter_map(jump_target) {
+        for target in chain.rules().filter_map(jump_target) {
             if target.starts_with(SEP_PREFIX)
                 && let Some((name, chain)) = next.nat.chains.get_key_value(target)
             {

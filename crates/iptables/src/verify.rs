@@ -62,8 +62,8 @@ impl std::fmt::Display for Divergence {
 
 fn services_of(chain: &Chain) -> Vec<String> {
     let mut out = BTreeSet::new();
-    for line in chain.lines() {
-        if let Some(args) = tokenize(line)
+    for rule in chain.rules() {
+        if let Some(args) = tokenize(rule)
             && let Some(pos) = args.iter().position(|a| a == "--comment")
             && let Some(comment) = args.get(pos + 1)
             && let Some(first) = comment.split_whitespace().next()
@@ -77,9 +77,9 @@ fn services_of(chain: &Chain) -> Vec<String> {
 
 pub(crate) fn canonical_lines(chain: &Chain) -> Vec<Vec<String>> {
     chain
-        .lines()
+        .rules()
         .filter_map(tokenize)
-        .map(|args| canonical_rule(args.get(2..).unwrap_or_default()))
+        .map(|args| canonical_rule(&args))
         .collect()
 }
 

@@ -205,10 +205,7 @@ fn comparable(
 fn ours_comparable(r: &Ruleset) -> BTreeMap<(String, String), Vec<Vec<String>>> {
     comparable([&r.filter, &r.nat].into_iter().flat_map(|t| {
         t.chains.iter().map(|(name, chain)| {
-            let rules = chain
-                .lines()
-                .map(|l| tokenize(l).unwrap()[2..].to_vec())
-                .collect();
+            let rules = chain.rules().map(|l| tokenize(l).unwrap()).collect();
             (t.name.as_str().to_string(), name.to_string(), rules)
         })
     }))

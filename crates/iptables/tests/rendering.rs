@@ -27,8 +27,7 @@ fn lines(ruleset: &Ruleset, table: &str, chain: &str) -> Vec<String> {
     };
     t.chain(chain)
         .unwrap_or_else(|| panic!("{table} {chain} missing"))
-        .lines()
-        .map(String::from)
+        .lines_in(chain)
         .collect()
 }
 
@@ -83,7 +82,7 @@ fn worked_example() {
         .nat
         .chains
         .iter()
-        .map(|(n, c)| (n.to_string(), c.lines().map(String::from).collect::<Vec<_>>()))
+        .map(|(n, c)| (n.to_string(), c.lines_in(n).collect::<Vec<_>>()))
         .collect();
     assert_eq!(got, want);
 
@@ -393,7 +392,7 @@ fn large_cluster_mode_drops_endpoint_comments() {
     assert_eq!(intent.total_endpoints(), 1010);
     let r = render(&intent, &cfg());
     for (name, chain) in &r.nat.chains {
-        for line in chain.lines() {
+        for line in chain.rules() {
             if name.starts_with("KUBE-SEP-")
                 || (name.starts_with("KUBE-SVC-") && !line.contains("KUBE-MARK-MASQ"))
             {
@@ -409,7 +408,7 @@ fn large_cluster_mode_drops_endpoint_comments() {
         .unwrap()
         .1;
     assert!(
-        svc.lines().next().unwrap().contains("cluster IP"),
+        svc.rules().next().unwrap().contains("cluster IP"),
         "masquerade rule keeps its comment"
     );
     let sep = r
@@ -418,11 +417,12 @@ fn large_cluster_mode_drops_endpoint_comments() {
         .iter()
         .find(|(n, _)| n.starts_with("KUBE-SEP-"))
         .unwrap();
-    let words: Vec<&str> = sep.1.lines().next().unwrap().split(' ').collect();
+    let first = sep.1.lines_in(sep.0).next().unwrap();
+    let words: Vec<&str> = first.split(' ').collect();
     assert_eq!(words.len(), 6, "{words:?}");
     assert_eq!((words[1], words[2], words[5]), (&**sep.0, "-s", "KUBE-MARK-MASQ"));
     let dnat = format!("-A {} -m tcp -p tcp -j DNAT --to-destination 10.245.", sep.0);
-    assert!(sep.1.lines().nth(1).unwrap().starts_with(&dnat));
+    assert!(sep.1.lines_in(sep.0).nth(1).unwrap().starts_with(&dnat));
 }
 
 #[test]
@@ -497,13 +497,13 @@ fn ipv6_family() {
         .unwrap()
         .1;
     assert!(
-        sep.lines()
+        sep.rules()
             .next()
             .unwrap()
             .contains("-s fd00:10::5 -j KUBE-MARK-MASQ")
     );
     assert!(
-        sep.lines()
+        sep.rules()
             .nth(1)
             .unwrap()
             .ends_with("-j DNAT --to-destination [fd00:10::5]:8080")

@@ -274,14 +274,16 @@ pub fn chain_diffs(
                     table: t.to_string(),
                     chain: name.to_string(),
                     status: ChainStatus::Missing,
-                    missing_rules: chain.lines().map(String::from).collect::<Vec<_>>(),
+                    missing_rules: chain.lines_in(name).collect::<Vec<_>>(),
                     extra_rules: Vec::new(),
                     reordered: false,
                 });
                 continue;
             }
             let found = by_chain.get(&**name).map(Vec::as_slice).unwrap_or_default();
-            let (missing_rules, extra_rules, reordered) = compare_rules(chain.lines(), found);
+            let expected: Vec<String> = chain.lines_in(name).collect();
+            let (missing_rules, extra_rules, reordered) =
+                compare_rules(expected.iter().map(String::as_str), found);
             if !missing_rules.is_empty() || !extra_rules.is_empty() || reordered {
                 out.push(ChainDiff {
                     table: t.to_string(),
@@ -819,21 +821,30 @@ mod tests {
         let mut r = Ruleset::default();
         r.nat.chains.insert(
             "KUBE-SERVICES".into(),
-            svcproxy_iptables::Chain::new(vec![
+            svcproxy_iptables::Chain::new(
+                "KUBE-SERVICES",
+                vec![
                 r#"-A KUBE-SERVICES -m comment --comment "demo/web:http cluster IP" -d 10.96.0.100 -j KUBE-SVC-XRY76EGRC3BSCIIJ"#,
-            ]),
+                ],
+            ),
         );
         r.nat.chains.insert(
             "KUBE-SVC-XRY76EGRC3BSCIIJ".into(),
-            svcproxy_iptables::Chain::new(vec![
+            svcproxy_iptables::Chain::new(
+                "KUBE-SVC-XRY76EGRC3BSCIIJ",
+                vec![
                 r#"-A KUBE-SVC-XRY76EGRC3BSCIIJ -m comment --comment "demo/web:http -> 10.244.0.11:8080" -j KUBE-SEP-NW5VICAF3Z2QABHQ"#,
-            ]),
+                ],
+            ),
         );
         r.nat.chains.insert(
             "KUBE-SEP-NW5VICAF3Z2QABHQ".into(),
-            svcproxy_iptables::Chain::new(vec![
+            svcproxy_iptables::Chain::new(
+                "KUBE-SEP-NW5VICAF3Z2QABHQ",
+                vec![
                 r#"-A KUBE-SEP-NW5VICAF3Z2QABHQ -p tcp -m comment --comment "demo/web:http" -j DNAT --to-destination 10.244.0.11:8080"#,
-            ]),
+                ],
+            ),
         );
         r
     }

@@ -50,10 +50,7 @@ impl Kernel {
         for table in [&ruleset.filter, &ruleset.nat] {
             let t = k.tables.get_mut(table.name.as_str()).unwrap();
             for (name, chain) in &table.chains {
-                t.insert(
-                    name.to_string(),
-                    chain.lines().map(String::from).collect::<Vec<_>>(),
-                );
+                t.insert(name.to_string(), chain.lines_in(name).collect::<Vec<_>>());
             }
         }
         k
@@ -73,7 +70,7 @@ impl Kernel {
             let want: BTreeMap<String, Vec<String>> = t
                 .chains
                 .iter()
-                .map(|(n, c)| (n.to_string(), c.lines().map(String::from).collect::<Vec<_>>()))
+                .map(|(n, c)| (n.to_string(), c.lines_in(n).collect::<Vec<_>>()))
                 .collect();
             self.user_chains(t.name.as_str()) == want
         })
