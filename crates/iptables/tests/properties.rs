@@ -11,8 +11,8 @@ use proptest::prelude::*;
 use svcproxy_iptables::ruleset::jump_target;
 use svcproxy_iptables::save_parser::{quote_arg, tokenize};
 use svcproxy_iptables::{
-    LocalDetector, RenderConfig, Ruleset, full_payload, is_owned_service_chain, missing_jumps,
-    partial_payload, render, stale_owned_chains,
+    LocalDetector, RenderConfig, Ruleset, ServicePortRules, assemble, full_payload, is_owned_service_chain,
+    missing_jumps, partial_payload, reassemble, render, render_service_port, stale_owned_chains,
 };
 use svcproxy_model::{ClusterState, Endpoint, EndpointSlice, Protocol, Service, ServiceType};
 
@@ -187,6 +187,33 @@ proptest! {
             }
         }
         prop_assert!(partial_payload(&next, &next, &[]).is_empty());
+    }
+
+    #[test]
+    fn reassembling_equals_assembling(prev in cluster(), next in cluster()) {
+        // As a sync's render cache does: a service port whose intent did not change keeps its part.
+        let (prev, next) = (intent_of(&objects(&prev, false)), intent_of(&objects(&next, false)));
+        let render_part = |spi| std::sync::Arc::new(render_service_port(spi, &cfg(), false));
+        let before: Vec<_> = prev.service_ports.iter().map(|(n, spi)| (n.clone(), spi.content_hash, render_part(spi))).collect();
+        let mut after = Vec::new();
+        let (mut removed, mut added) = (Vec::new(), Vec::new());
+        for (name, spi) in &next.service_ports {
+            match before.iter().find(|(n, _, _)| n == name) {
+                Some((_, hash, part)) if *hash == spi.content_hash => after.push(part.clone()),
+                old => {
+                    removed.extend(old.map(|(_, _, part)| part.clone()));
+                    let part = render_part(spi);
+                    added.push(part.clone());
+                    after.push(part);
+                }
+            }
+        }
+        removed.extend(before.iter().filter(|(n, _, _)| !next.service_ports.contains_key(n)).map(|(_, _, p)| p.clone()));
+        let whole_before = assemble(&cfg(), before.iter().map(|(_, _, p)| &**p));
+        let removed: Vec<&ServicePortRules> = removed.iter().map(|p| &**p).collect();
+        let added: Vec<&ServicePortRules> = added.iter().map(|p| &**p).collect();
+        let patched = reassemble(&cfg(), &whole_before, &removed, &added, after.iter().map(|p| &**p));
+        prop_assert_eq!(patched, assemble(&cfg(), after.iter().map(|p| &**p)));
     }
 
     #[test]

@@ -180,6 +180,8 @@ pub struct IptablesProxier {
     kernel_seal: Option<Seal>,
     /// Whether a sync has run in this process: only the first trusts a seal instead of reading the kernel.
     started: bool,
+    /// The render cache's epoch `applied` was assembled at (see [`RenderCache::epoch`]).
+    applied_epoch: Option<u64>,
 }
 
 /// Above this many touched chains, reading the whole table back is cheaper than listing chains one by one.
@@ -210,6 +212,7 @@ impl IptablesProxier {
             custody: None,
             kernel_seal: None,
             started: false,
+            applied_epoch: None,
         }
     }
 
@@ -268,22 +271,35 @@ impl IptablesProxier {
     fn render_cached(&mut self, intent: &Intent, config: &RenderConfig) -> (Ruleset, RulesetDigest) {
         let large = render::is_large_cluster(intent);
         let cache = &mut self.render_cache;
-        if cache.config.as_ref() != Some(config) || cache.large != large {
+        let reset = cache.config.as_ref() != Some(config) || cache.large != large;
+        if reset {
             cache.parts.clear();
             cache.config = Some(config.clone());
             cache.large = large;
         }
+        // The applied ruleset can be patched only if it was assembled from the parts the cache holds now.
+        let patchable = !reset && self.applied_epoch == Some(cache.epoch);
+        cache.epoch += 1;
+        let (mut removed, mut added) = (Vec::new(), Vec::new());
         let mut parts = HashMap::with_capacity(intent.service_ports.len());
         for (name, spi) in &intent.service_ports {
             // Keys move over from the previous map: cloning them would allocate three strings per service
             // port on every sync.
             let (key, part) = match cache.parts.remove_entry(name) {
-                Some((key, (hash, part, digest))) if hash == spi.content_hash => (key, (part, digest)),
-                Some((key, _)) => (key, rendered_part(spi, config, large)),
+                Some((key, (hash, part, digest))) if hash == spi.content_hash => {
+                    parts.insert(key, (hash, part, digest));
+                    continue;
+                }
+                Some((key, (_, old, _))) => {
+                    removed.push(old);
+                    (key, rendered_part(spi, config, large))
+                }
                 None => (name.clone(), rendered_part(spi, config, large)),
             };
+            added.push(part.0.clone());
             parts.insert(key, (spi.content_hash, part.0, part.1));
         }
+        removed.extend(cache.parts.drain().map(|(_, (_, part, _))| part));
         cache.parts = parts;
         let mut digest = RulesetDigest::default();
         let mut part_chains = 0;
@@ -291,7 +307,22 @@ impl IptablesProxier {
             digest.add(*part_digest);
             part_chains += part.chains.len();
         }
-        let ruleset = render::assemble(config, intent.service_ports.keys().map(|k| &*cache.parts[k].1));
+        let in_order: Vec<&ServicePortRules> =
+            intent.service_ports.keys().map(|k| &*cache.parts[k].1).collect();
+        let in_order = in_order.iter().copied();
+        let ruleset = match &self.applied {
+            Some((prev, applied_with)) if patchable && applied_with == config => {
+                let removed: Vec<&ServicePortRules> = removed.iter().map(|p| &**p).collect();
+                let added: Vec<&ServicePortRules> = added.iter().map(|p| &**p).collect();
+                let patched = render::reassemble(config, prev, &removed, &added, in_order.clone());
+                debug_assert!(
+                    patched == render::assemble(config, in_order),
+                    "a patched ruleset differs from the one assembled whole"
+                );
+                patched
+            }
+            _ => render::assemble(config, in_order),
+        };
         let mut shared_chains = 0;
         for table in TableName::ALL {
             for (name, chain) in &ruleset.table(table).chains {
@@ -526,6 +557,7 @@ impl IptablesProxier {
         let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
         self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));
+        self.applied_epoch = Some(self.render_cache.epoch);
         SyncReport {
             full: mode != SyncMode::Partial,
             intent,
@@ -688,6 +720,9 @@ fn finding(d: &Divergence) -> Finding {
 struct RenderCache {
     config: Option<RenderConfig>,
     large: bool,
+    /// Moves on with every render: a ruleset assembled at the current epoch is the assembly of `parts`, so the
+    /// next render may patch it instead of assembling anew.
+    epoch: u64,
     /// By service port: the intent hash it was rendered from, its rules and their digest.
     parts: HashMap<ServicePortName, (u64, Arc<ServicePortRules>, Digest)>,
 }
