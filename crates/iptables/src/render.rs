@@ -9,7 +9,7 @@ use crate::chain_name::{
 };
 use crate::config::{NodePortAddresses, RenderConfig};
 use crate::rule_text::Line;
-use crate::ruleset::{Chain, Ruleset, TableName};
+use crate::ruleset::{Chain, ChainName, Ruleset, TableName};
 use crate::service_rules::{ServicePortRules, render_service_port};
 
 /// Above this many endpoints in total (any state, summed over service ports) upstream drops per-endpoint
@@ -52,41 +52,70 @@ where
     ruleset
 }
 
-/// `prev`, assembled with `cfg` from some parts, made the ruleset of `parts` (all of them, in service-port
-/// order): the chains of `removed` parts (gone, or replaced by a new rendering) go, those of `added` ones come
-/// in, and the shared chains are built again. Equal to [`assemble`] of `parts`; a sync that changed a few
-/// service ports copies the previous map instead of sorting every chain into a new one.
-pub fn reassemble<'a, I>(
+/// What [`reassemble`] changed: every chain it touched, with the version it had before (`None`: it is new),
+/// in table and name order.
+pub type Replaced = std::collections::BTreeMap<(TableName, ChainName), Option<Chain>>;
+
+/// Makes `ruleset`, assembled with `cfg` from some parts, the ruleset of `parts` (all of them, in service-port
+/// order), in place: the chains of `removed` parts (gone, or replaced by a new rendering) go, those of `added`
+/// ones come in, and the shared chains are built again. The result equals [`assemble`] of `parts`; a sync
+/// that changed a few service ports so neither sorts every chain into a new map nor holds two maps, and
+/// learns what changed without comparing them.
+pub fn reassemble<'a>(
     cfg: &RenderConfig,
-    prev: &Ruleset,
+    ruleset: &mut Ruleset,
     removed: &[&ServicePortRules],
     added: &[&ServicePortRules],
-    parts: I,
-) -> Ruleset
-where
-    I: IntoIterator<Item = &'a ServicePortRules>,
-{
-    let mut ruleset = prev.clone();
+    parts: impl IntoIterator<Item = &'a ServicePortRules>,
+) -> Replaced {
+    let mut replaced = Replaced::new();
     for part in removed {
         for (name, _) in &part.chains {
-            ruleset.nat.chains.remove(name);
+            if let Some(old) = ruleset.nat.chains.remove(name) {
+                replaced
+                    .entry((TableName::Nat, name.clone()))
+                    .or_insert(Some(old));
+            }
         }
     }
     for part in added {
         for (name, chain) in &part.chains {
-            ruleset.nat.chains.insert(name.clone(), chain.clone());
+            let old = ruleset.nat.chains.insert(name.clone(), chain.clone());
+            replaced.entry((TableName::Nat, name.clone())).or_insert(old);
         }
     }
-    set_shared_chains(cfg, parts, &mut ruleset);
-    ruleset
+    for (table, name, chain) in shared_chains(cfg, parts) {
+        let chains = &mut ruleset.table_mut(table).chains;
+        let old = match chain {
+            Some(chain) => chains.insert(name.into(), chain),
+            None => chains.remove(name),
+        };
+        replaced.entry((table, name.into())).or_insert(old);
+    }
+    replaced
 }
 
-/// Writes the chains every service port adds lines to, and the fixed ones, into `ruleset`.
+/// Puts the chains every service port adds lines to, and the fixed ones, into `ruleset`.
 fn set_shared_chains<'a>(
     cfg: &RenderConfig,
     parts: impl IntoIterator<Item = &'a ServicePortRules>,
     ruleset: &mut Ruleset,
 ) {
+    for (table, name, chain) in shared_chains(cfg, parts) {
+        let chains = &mut ruleset.table_mut(table).chains;
+        match chain {
+            Some(chain) => chains.insert(name.into(), chain),
+            None => chains.remove(name),
+        };
+    }
+}
+
+/// The chains every service port adds lines to, and the fixed ones; `None` for one this configuration
+/// does not have.
+fn shared_chains<'a>(
+    cfg: &RenderConfig,
+    parts: impl IntoIterator<Item = &'a ServicePortRules>,
+) -> Vec<(TableName, &'static str, Option<Chain>)> {
     let mut shared = SharedChains::default();
     for part in parts {
         for rule in &part.shared {
@@ -94,62 +123,72 @@ fn set_shared_chains<'a>(
         }
     }
     let mark = cfg.masquerade_mark();
-    let nat = &mut ruleset.nat.chains;
     shared.nat_services.extend(nodeport_gate(cfg));
-    nat.insert(
-        KUBE_SERVICES.into(),
-        Chain::new(KUBE_SERVICES, shared.nat_services),
-    );
-    nat.insert(
-        KUBE_NODEPORTS.into(),
-        Chain::new(KUBE_NODEPORTS, shared.nat_nodeports),
-    );
-    nat.insert(
-        KUBE_POSTROUTING.into(),
-        Chain::new(KUBE_POSTROUTING, postrouting(cfg, &mark)),
-    );
-    nat.insert(
-        KUBE_MARK_MASQ.into(),
-        Chain::new(
-            KUBE_MARK_MASQ,
-            vec![
-                Line::append(KUBE_MARK_MASQ)
-                    .args("-j MARK")
-                    .arg_value("--or-mark", &mark)
-                    .finish(),
-            ],
-        ),
-    );
-
-    let filter = &mut ruleset.filter.chains;
-    filter.insert(
-        KUBE_SERVICES.into(),
-        Chain::new(KUBE_SERVICES, shared.filter_services),
-    );
-    filter.insert(
-        KUBE_EXTERNAL_SERVICES.into(),
-        Chain::new(KUBE_EXTERNAL_SERVICES, shared.filter_external_services),
-    );
-    filter.insert(
-        KUBE_NODEPORTS.into(),
-        Chain::new(KUBE_NODEPORTS, shared.filter_nodeports),
-    );
-    filter.insert(
-        KUBE_PROXY_FIREWALL.into(),
-        Chain::new(KUBE_PROXY_FIREWALL, shared.filter_proxy_firewall),
-    );
-    filter.insert(KUBE_FORWARD.into(), Chain::new(KUBE_FORWARD, forward(cfg, &mark)));
-    if cfg.localhost_node_ports_active() {
-        // route_localnet lets packets to 127/8 arrive from outside; drop any that were not DNAT-ed to a
-        // NodePort backend (CVE-2020-8558).
+    let masquerade = Line::append(KUBE_MARK_MASQ)
+        .args("-j MARK")
+        .arg_value("--or-mark", &mark)
+        .finish();
+    // route_localnet lets packets to 127/8 arrive from outside; drop any that were not DNAT-ed to a NodePort
+    // backend (CVE-2020-8558).
+    let localnet = cfg.localhost_node_ports_active().then(|| {
         let line = Line::append(KUBE_FIREWALL)
             .comment("block incoming localnet connections")
             .args("-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT")
             .jump("DROP");
-        filter.insert(KUBE_FIREWALL.into(), Chain::new(KUBE_FIREWALL, vec![line]));
-    } else {
-        filter.remove(KUBE_FIREWALL);
-    }
+        Chain::new(KUBE_FIREWALL, vec![line])
+    });
+    let (nat, filter) = (TableName::Nat, TableName::Filter);
+    vec![
+        (
+            nat,
+            KUBE_SERVICES,
+            Some(Chain::new(KUBE_SERVICES, shared.nat_services)),
+        ),
+        (
+            nat,
+            KUBE_NODEPORTS,
+            Some(Chain::new(KUBE_NODEPORTS, shared.nat_nodeports)),
+        ),
+        (
+            nat,
+            KUBE_POSTROUTING,
+            Some(Chain::new(KUBE_POSTROUTING, postrouting(cfg, &mark))),
+        ),
+        (
+            nat,
+            KUBE_MARK_MASQ,
+            Some(Chain::new(KUBE_MARK_MASQ, vec![masquerade])),
+        ),
+        (
+            filter,
+            KUBE_SERVICES,
+            Some(Chain::new(KUBE_SERVICES, shared.filter_services)),
+        ),
+        (
+            filter,
+            KUBE_EXTERNAL_SERVICES,
+            Some(Chain::new(
+                KUBE_EXTERNAL_SERVICES,
+                shared.filter_external_services,
+            )),
+        ),
+        (
+            filter,
+            KUBE_NODEPORTS,
+            Some(Chain::new(KUBE_NODEPORTS, shared.filter_nodeports)),
+        ),
+        (
+            filter,
+            KUBE_PROXY_FIREWALL,
+            Some(Chain::new(KUBE_PROXY_FIREWALL, shared.filter_proxy_firewall)),
+        ),
+        (
+            filter,
+            KUBE_FORWARD,
+            Some(Chain::new(KUBE_FORWARD, forward(cfg, &mark))),
+        ),
+        (filter, KUBE_FIREWALL, localnet),
+    ]
 }
 
 #[derive(Default)]

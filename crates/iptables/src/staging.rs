@@ -27,6 +27,7 @@ use crate::gc::GcPlan;
 use crate::jumps::JumpRule;
 use crate::kernel_view::{Found, KernelView};
 use crate::payload::{Payload, Section, merge_join, serialize};
+use crate::render::Replaced;
 use crate::ruleset::{Chain, Ruleset, TableName, jump_target};
 
 /// Chains per transaction. Well below where the quadratic cost starts to show (≈0.2 s per transaction).
@@ -38,6 +39,10 @@ pub enum Baseline<'a> {
     None,
     /// Our last successful write, held in memory: write chains that differ from it (partial syncs).
     Applied(&'a Ruleset),
+    /// Our last successful write, which differs from the ruleset being staged only in these chains (their
+    /// previous versions, as [`crate::render::reassemble`] reports them): write those that changed (partial
+    /// syncs that patched the ruleset in place).
+    Replaced(&'a Replaced),
     /// What `iptables-save` just printed, read against the ruleset being staged: write chains whose rules
     /// differ from it in substance (full syncs, and restarts, which then rewrite nothing when the rules are
     /// already right).
@@ -148,6 +153,27 @@ pub fn stage<E>(
     // nothing) they may be every chain, so they are not listed but asked for chain by chain: the list took
     // 8 MB at 5,000 services × 10 endpoints, the largest allocation of a cold sync.
     let mut changed: BTreeSet<(TableName, &str)> = BTreeSet::new();
+    if let Baseline::Replaced(replaced) = &baseline {
+        for ((table, name), before) in replaced.iter() {
+            match (before, next.table(*table).chains.get(&**name)) {
+                (_, Some(chain)) if before.as_ref() != Some(chain) || jump_targets.contains(&**name) => {
+                    changed.insert((*table, &**name));
+                }
+                (Some(_), None) if is_owned_service_chain(name) => {
+                    deletes.insert(&**name);
+                }
+                _ => {}
+            }
+        }
+        // A chain the kernel is to jump to from a built-in chain is written even when unchanged.
+        for name in &jump_targets {
+            for table in TableName::ALL {
+                if next.table(table).chains.contains_key(*name) {
+                    changed.insert((table, name));
+                }
+            }
+        }
+    }
     if let Baseline::Applied(prev) = &baseline {
         for table in TableName::ALL {
             for (name, before, after) in merge_join(&prev.table(table).chains, &next.table(table).chains) {
@@ -164,7 +190,7 @@ pub fn stage<E>(
         }
     }
     let needs_write = |table: TableName, name: &str| match &baseline {
-        Baseline::Applied(_) => changed.contains(&(table, name)),
+        Baseline::Applied(_) | Baseline::Replaced(_) => changed.contains(&(table, name)),
         Baseline::Kernel(kernel) => kernel.found(table, name) != Found::Same,
         Baseline::None => true,
     };

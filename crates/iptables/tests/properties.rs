@@ -8,8 +8,10 @@ use std::collections::BTreeSet;
 
 use common::*;
 use proptest::prelude::*;
+use svcproxy_iptables::gc::GcPlan;
 use svcproxy_iptables::ruleset::jump_target;
 use svcproxy_iptables::save_parser::{quote_arg, tokenize};
+use svcproxy_iptables::staging::{Baseline, staged_payloads};
 use svcproxy_iptables::{
     LocalDetector, RenderConfig, Ruleset, ServicePortRules, assemble, full_payload, is_owned_service_chain,
     missing_jumps, partial_payload, reassemble, render, render_service_port, stale_owned_chains,
@@ -212,8 +214,16 @@ proptest! {
         let whole_before = assemble(&cfg(), before.iter().map(|(_, _, p)| &**p));
         let removed: Vec<&ServicePortRules> = removed.iter().map(|p| &**p).collect();
         let added: Vec<&ServicePortRules> = added.iter().map(|p| &**p).collect();
-        let patched = reassemble(&cfg(), &whole_before, &removed, &added, after.iter().map(|p| &**p));
-        prop_assert_eq!(patched, assemble(&cfg(), after.iter().map(|p| &**p)));
+        let mut patched = whole_before.clone();
+        let replaced = reassemble(&cfg(), &mut patched, &removed, &added, after.iter().map(|p| &**p));
+        prop_assert_eq!(&patched, &assemble(&cfg(), after.iter().map(|p| &**p)));
+        // What the patch reports as replaced is what a partial sync writes: it takes a kernel holding the
+        // previous ruleset to the new one.
+        let mut kernel = Kernel::holding(&whole_before);
+        for payload in staged_payloads(Baseline::Replaced(&replaced), &patched, &GcPlan::default(), &[], 7) {
+            kernel.apply(&payload.text).map_err(TestCaseError::fail)?;
+        }
+        prop_assert!(kernel.matches(&patched));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use svcproxy_iptables::gc::GcPlan;
 use svcproxy_iptables::jumps::JumpRule;
 use svcproxy_iptables::kernel_view::{KernelReader, KernelView};
 use svcproxy_iptables::payload::Payload;
+use svcproxy_iptables::render::Replaced;
 use svcproxy_iptables::ruleset::{Ruleset, TableName};
 use svcproxy_iptables::save_parser::SavedRuleset;
 use svcproxy_iptables::seal::{self, Digest, RulesetDigest, SEAL_CHAIN, SEAL_TABLE, Seal, chain_digest};
@@ -267,8 +268,14 @@ impl IptablesProxier {
     }
 
     /// The ruleset for `intent`, re-rendering only changed service ports, and its digest without the jumps
-    /// (each part's chains are hashed once, when rendered; the shared chains on every call).
-    fn render_cached(&mut self, intent: &Intent, config: &RenderConfig) -> (Ruleset, RulesetDigest) {
+    /// (each part's chains are hashed once, when rendered; the shared chains on every call). When the applied
+    /// ruleset could be patched into it, it was (so it is no longer held as applied), and what the patch
+    /// replaced comes along.
+    fn render_cached(
+        &mut self,
+        intent: &Intent,
+        config: &RenderConfig,
+    ) -> (Ruleset, RulesetDigest, Option<Replaced>) {
         let large = render::is_large_cluster(intent);
         let cache = &mut self.render_cache;
         let reset = cache.config.as_ref() != Some(config) || cache.large != large;
@@ -310,18 +317,21 @@ impl IptablesProxier {
         let in_order: Vec<&ServicePortRules> =
             intent.service_ports.keys().map(|k| &*cache.parts[k].1).collect();
         let in_order = in_order.iter().copied();
-        let ruleset = match &self.applied {
-            Some((prev, applied_with)) if patchable && applied_with == config => {
+        let (ruleset, replaced) = match self.applied.take() {
+            Some((mut ruleset, applied_with)) if patchable && applied_with == *config => {
                 let removed: Vec<&ServicePortRules> = removed.iter().map(|p| &**p).collect();
                 let added: Vec<&ServicePortRules> = added.iter().map(|p| &**p).collect();
-                let patched = render::reassemble(config, prev, &removed, &added, in_order.clone());
+                let replaced = render::reassemble(config, &mut ruleset, &removed, &added, in_order.clone());
                 debug_assert!(
-                    patched == render::assemble(config, in_order),
+                    ruleset == render::assemble(config, in_order),
                     "a patched ruleset differs from the one assembled whole"
                 );
-                patched
+                (ruleset, Some(replaced))
             }
-            _ => render::assemble(config, in_order),
+            applied => {
+                self.applied = applied;
+                (render::assemble(config, in_order), None)
+            }
         };
         let mut shared_chains = 0;
         for table in TableName::ALL {
@@ -337,7 +347,7 @@ impl IptablesProxier {
             part_chains + shared_chains,
             ruleset.filter.chains.len() + ruleset.nat.chains.len()
         );
-        (ruleset, digest)
+        (ruleset, digest, replaced)
     }
 
     /// Cleans stale UDP and SCTP flows after syncs that changed such service ports.
@@ -596,14 +606,14 @@ impl Proxier for IptablesProxier {
         let config = self
             .options
             .resolve(state.node.as_ref(), &self.addresses.addresses());
-        let (next, mut digest) = self.render_cached(&intent, &config);
-        digest.add_jumps(&jumps::jump_rules(&config));
-        let digest = digest.value();
         // A configuration change (a new node address, say) can touch every chain: treat it as full.
         let mode = match &self.applied {
             Some((_, applied_with)) if *applied_with == config => mode,
             _ => mode.max(SyncMode::Full),
         };
+        let (next, mut digest, replaced) = self.render_cached(&intent, &config);
+        digest.add_jumps(&jumps::jump_rules(&config));
+        let digest = digest.value();
         let first = !std::mem::replace(&mut self.started, true);
         if first && mode == SyncMode::Full && self.kernel_proven(digest) {
             tracing::info!(
@@ -611,19 +621,21 @@ impl Proxier for IptablesProxier {
             );
             return Ok(self.synced(intent, next, config, mode, 0, Vec::new()));
         }
-        let previous = match mode {
-            SyncMode::Partial => self.applied.take().map(|(prev, _)| prev),
+        // The kernel holds our last write (as far as a partial sync assumes), which was patched into `next`
+        // recording what changed, or is still held whole.
+        let previous = match (mode, replaced, self.applied.take()) {
+            (SyncMode::Partial, Some(replaced), _) => Some(Previous::Patched(replaced)),
+            (SyncMode::Partial, None, Some((prev, _))) => Some(Previous::Whole(prev)),
             _ => None,
         };
         let written = match &previous {
-            Some(prev) => self.apply_staged(
-                Baseline::Applied(prev),
-                &next,
-                &GcPlan::default(),
-                &[],
-                mode,
-                digest,
-            ),
+            Some(previous) => {
+                let baseline = match previous {
+                    Previous::Patched(replaced) => Baseline::Replaced(replaced),
+                    Previous::Whole(prev) => Baseline::Applied(prev),
+                };
+                self.apply_staged(baseline, &next, &GcPlan::default(), &[], mode, digest)
+            }
             None => {
                 let kernel = self.read_kernel_for_sync(&next)?;
                 if mode == SyncMode::Rebuild {
@@ -714,6 +726,13 @@ fn finding(d: &Divergence) -> Finding {
         kind: d.label(),
         services: d.services.clone(),
     }
+}
+
+/// What a partial sync compares `next` with.
+enum Previous {
+    /// The applied ruleset became `next` in place; these are the chains that changed, as they were.
+    Patched(Replaced),
+    Whole(Ruleset),
 }
 
 #[derive(Default)]
