@@ -37,18 +37,17 @@ impl fmt::Display for TableName {
 /// comparing an unchanged chain with its previous self is a pointer check. One allocation per chain instead of
 /// one per line: at 5,000 Services the nat table has 215,000 rules in 55,000 chains. The `-A NAME ` each line
 /// starts with is not kept (the name is the chain's key): it was 6 MB of 15 at that size.
+///
+/// Just the text, not also a count of its rules: 8 bytes less in each of the 110,000 places a chain is held
+/// (a service port's part and the assembled map) at that size, and counting newlines is cheap where needed.
 #[derive(Debug, Clone)]
 pub struct Chain {
     rules: Arc<str>,
-    count: usize,
 }
 
 impl Default for Chain {
     fn default() -> Self {
-        Chain {
-            rules: Arc::from(""),
-            count: 0,
-        }
+        Chain { rules: Arc::from("") }
     }
 }
 
@@ -85,10 +84,7 @@ impl Chain {
             rules.push_str(rule_args(line));
             rules.push('\n');
         }
-        Chain {
-            rules: rules.into(),
-            count: lines.len(),
-        }
+        Chain { rules: rules.into() }
     }
 
     /// Each rule's arguments after `-A NAME`.
@@ -108,11 +104,11 @@ impl Chain {
 
     /// Number of rules.
     pub fn len(&self) -> usize {
-        self.count
+        self.rules.bytes().filter(|b| *b == b'\n').count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.rules.is_empty()
     }
 }
 

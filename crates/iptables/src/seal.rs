@@ -15,7 +15,9 @@
 //!   state when it started (no foreign commit since our previous write or our last full read); otherwise it
 //!   carries none, and a restart reads the kernel as before;
 //! - if any other transaction lands between the generation read and the end of the restore, the generation
-//!   passes the one the seal names and never comes back to it, so the seal is void.
+//!   passes the one the seal names and never comes back to it, so the seal is void;
+//! - the seal also names the boot and network namespace its generation counts in: both count from the start
+//!   again, so a dump with an old seal restored after a reboot or in another namespace proves nothing.
 //!
 //! Legacy iptables does not move the nf_tables generation, so there is no seal with it.
 
@@ -40,11 +42,31 @@ const COMMENT_PREFIX: &str = "svcproxy seal";
 /// What a ruleset plus its jumps hash to; see [`RulesetDigest`].
 pub type Digest = u128;
 
+/// Where the nf_tables ruleset stands: its generation, and which boot and network namespace that counts in.
+/// A generation number alone repeats: a new namespace, or the host after a reboot, counts from the start
+/// again, so a dump restored there could land on the number an old seal names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation {
+    /// Identifies the kernel boot and the network namespace.
+    pub instance: u64,
+    pub value: u32,
+}
+
+impl Generation {
+    /// This generation moved on by `commits` transactions.
+    pub fn after(self, commits: u32) -> Generation {
+        Generation {
+            value: self.value.wrapping_add(commits),
+            ..self
+        }
+    }
+}
+
 /// One seal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seal {
     /// The nf_tables generation the sealing restore ends at.
-    pub generation: u32,
+    pub generation: Generation,
     /// The digest of the rules the kernel holds at that generation; `None` when the write that left this
     /// seal was not known to complete a sync on top of a known state.
     pub digest: Option<Digest>,
@@ -53,9 +75,12 @@ pub struct Seal {
 impl Seal {
     /// The rule comment spelling this seal.
     pub fn comment(&self) -> String {
+        let Generation { instance, value } = self.generation;
         match self.digest {
-            Some(d) => format!("{COMMENT_PREFIX} generation={} digest={d:032x}", self.generation),
-            None => format!("{COMMENT_PREFIX} generation={} unsealed", self.generation),
+            Some(d) => {
+                format!("{COMMENT_PREFIX} generation={value} instance={instance:016x} digest={d:032x}")
+            }
+            None => format!("{COMMENT_PREFIX} generation={value} instance={instance:016x} unsealed"),
         }
     }
 
@@ -83,7 +108,13 @@ impl Seal {
     fn parse_comment(comment: &str) -> Option<Seal> {
         let rest = comment.strip_prefix(COMMENT_PREFIX)?;
         let mut words = rest.split_whitespace();
-        let generation = words.next()?.strip_prefix("generation=")?.parse().ok()?;
+        let value = words.next()?.strip_prefix("generation=")?.parse().ok()?;
+        let instance = words.next()?.strip_prefix("instance=")?;
+        (instance.len() == 16).then_some(())?;
+        let generation = Generation {
+            instance: u64::from_str_radix(instance, 16).ok()?,
+            value,
+        };
         let digest = match words.next()? {
             "unsealed" => None,
             d => {
@@ -96,7 +127,7 @@ impl Seal {
     }
 
     /// Whether this seal proves that the kernel, now at `generation`, holds the rules of `digest`.
-    pub fn proves(&self, generation: u32, digest: Digest) -> bool {
+    pub fn proves(&self, generation: Generation, digest: Digest) -> bool {
         self.generation == generation && self.digest == Some(digest)
     }
 }
@@ -172,7 +203,7 @@ impl RulesetDigest {
 /// Declaring the chain anew makes that section a real change even when the seal text repeats, so every
 /// section of the result is one transaction that moves the generation, and the seal names the generation
 /// the restore ends at: `generation` plus the number of sections.
-pub fn sealed(mut payload: Payload, generation: u32, digest: Option<Digest>) -> (Payload, Seal) {
+pub fn sealed(mut payload: Payload, generation: Generation, digest: Option<Digest>) -> (Payload, Seal) {
     let table_line = format!("*{}", SEAL_TABLE.as_str());
     // Where the seal table's section starts and ends, as byte offsets: the seal goes in in place, since a
     // cold sync's transactions are megabytes each.
@@ -195,7 +226,7 @@ pub fn sealed(mut payload: Payload, generation: u32, digest: Option<Digest>) -> 
         sections += 1;
     }
     let seal = Seal {
-        generation: generation.wrapping_add(sections),
+        generation: generation.after(sections),
         digest,
     };
     let declare = format!(":{SEAL_CHAIN} - [0:0]\n");
@@ -225,15 +256,22 @@ mod tests {
     use crate::config::RenderConfig;
     use crate::jumps::jump_rules;
 
+    fn at(value: u32) -> Generation {
+        Generation {
+            instance: 0xaa,
+            value,
+        }
+    }
+
     #[test]
     fn a_seal_reads_back_from_a_listing() {
         for seal in [
             Seal {
-                generation: 4_000_000_001,
+                generation: at(4_000_000_001),
                 digest: Some(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
             },
             Seal {
-                generation: 7,
+                generation: at(7),
                 digest: None,
             },
         ] {
@@ -251,7 +289,7 @@ mod tests {
         let good = format!(
             "-A {SEAL_CHAIN} -m comment --comment \"{}\"",
             Seal {
-                generation: 3,
+                generation: at(3),
                 digest: Some(5)
             }
             .comment()
@@ -261,9 +299,19 @@ mod tests {
             String::new(),
             format!("-N {SEAL_CHAIN}"),
             format!("{good}\n{good}"),
-            format!("-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=3 digest=12\""),
-            format!("-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=x unsealed\""),
-            format!("-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=3 unsealed extra\""),
+            format!(
+                "-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=3 instance=00000000000000aa digest=12\""
+            ),
+            format!(
+                "-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=3 instance=aa unsealed\""
+            ),
+            format!("-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=3 unsealed\""),
+            format!(
+                "-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=x instance=00000000000000aa unsealed\""
+            ),
+            format!(
+                "-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=3 instance=00000000000000aa unsealed extra\""
+            ),
             format!("-A {SEAL_CHAIN} -m comment --comment \"something else\""),
             format!("-A {SEAL_CHAIN} -j ACCEPT"),
         ] {
@@ -274,17 +322,22 @@ mod tests {
     #[test]
     fn only_the_named_generation_and_digest_prove_anything() {
         let seal = Seal {
-            generation: 10,
+            generation: at(10),
             digest: Some(99),
         };
-        assert!(seal.proves(10, 99));
-        assert!(!seal.proves(11, 99));
-        assert!(!seal.proves(10, 98));
+        assert!(seal.proves(at(10), 99));
+        assert!(!seal.proves(at(11), 99));
+        assert!(!seal.proves(at(10), 98));
+        let elsewhere = Generation {
+            instance: 0xbb,
+            value: 10,
+        };
+        assert!(!seal.proves(elsewhere, 99), "another boot or namespace");
         let unsealed = Seal {
-            generation: 10,
+            generation: at(10),
             digest: None,
         };
-        assert!(!unsealed.proves(10, 99));
+        assert!(!unsealed.proves(at(10), 99));
     }
 
     fn ruleset(lines: &[(&str, &[&str])]) -> Ruleset {
@@ -333,7 +386,7 @@ mod tests {
     #[test]
     fn every_section_of_a_sealed_payload_carries_or_is_the_seal() {
         let seal = Seal {
-            generation: 12,
+            generation: at(12),
             digest: Some(1),
         };
         let rule = format!("-A {SEAL_CHAIN} -m comment --comment \"{}\"", seal.comment());
@@ -344,7 +397,7 @@ mod tests {
             rules_written: 1,
             ..Default::default()
         };
-        let (p, written) = sealed(nat_only, 10, Some(1));
+        let (p, written) = sealed(nat_only, at(10), Some(1));
         assert_eq!(written, seal, "two transactions from generation 10");
         assert_eq!(
             p.text,
@@ -359,7 +412,7 @@ mod tests {
             line_count: 6,
             ..Default::default()
         };
-        let (p, written) = sealed(both, 10, Some(1));
+        let (p, written) = sealed(both, at(10), Some(1));
         assert_eq!(written, seal);
         assert_eq!(
             p.text,
@@ -370,7 +423,7 @@ mod tests {
         assert_eq!(p.line_count, p.text.lines().count());
         assert_eq!(Seal::from_listing(&p.text), Some(seal));
 
-        let (p, written) = sealed(Payload::default(), 11, Some(1));
+        let (p, written) = sealed(Payload::default(), at(11), Some(1));
         assert_eq!(written, seal);
         assert_eq!(
             p.text,

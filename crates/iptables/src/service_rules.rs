@@ -70,7 +70,15 @@ pub fn render_service_port(
         }
         .push(line);
     }
-    let mut chains = Vec::with_capacity(4 + spi.endpoints.all_reachable().len());
+    // Sized exactly: the parts of every service port are held for as long as the proxy runs.
+    let own = [
+        spi.uses_external_chain(),
+        spi.uses_firewall_chain(),
+        spi.uses_cluster_chain(),
+        spi.uses_local_chain(),
+    ];
+    let mut chains =
+        Vec::with_capacity(own.iter().filter(|u| **u).count() + spi.endpoints.all_reachable().len());
     if spi.uses_external_chain() {
         chains.push((
             ChainName::from(r.chains.ext.as_str()),

@@ -8,6 +8,7 @@ use svcproxy::backends;
 use svcproxy::cli::{Cli, Command, LogFormat, OutputFormat, ProxyMode, RunArgs};
 use svcproxy::config_file;
 use svcproxy::debug_http::DebugState;
+use svcproxy::exec::generation::NfTablesGeneration;
 use svcproxy::exec::iptables::SystemIptables;
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::NetlinkElementSocket;
@@ -237,8 +238,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let active = backends::active_backend();
                 // Only iptables-nft writes move the nf_tables generation the seal relies on.
                 if active.as_ref().is_ok_and(|b| *b == backends::Backend::Nft) {
-                    match NetlinkElementSocket::new() {
-                        Ok(socket) => proxier = proxier.with_generation(Box::new(socket)),
+                    match NfTablesGeneration::open() {
+                        Ok(generation) => proxier = proxier.with_generation(Box::new(generation)),
                         Err(e) => {
                             tracing::warn!(error = %e, "no nf_tables netlink socket; every restart reads the kernel whole")
                         }

@@ -9,7 +9,7 @@ use svcproxy::node_addresses::{FixedAddresses, NodePortSpec};
 use svcproxy::sync::iptables_proxier::{DetectLocal, IptablesProxier, ProxierOptions};
 use svcproxy::sync::proxier::{Proxier, SyncMode};
 use svcproxy_iptables::config::RenderConfig;
-use svcproxy_iptables::seal::Seal;
+use svcproxy_iptables::seal::{Generation, Seal};
 use svcproxy_model::{
     ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentChanges, IntentConfig, IpFamily, ObjectName,
     Protocol, Service, ServicePort,
@@ -86,8 +86,8 @@ fn last_seal(fake: &RecordingIptables) -> Seal {
     Seal::from_listing(fake.restores().last().expect("a restore")).expect("a seal in it")
 }
 
-fn now(fake: &RecordingIptables) -> u32 {
-    fake.generation.0.load(std::sync::atomic::Ordering::SeqCst)
+fn now(fake: &RecordingIptables) -> Generation {
+    fake.generation.now()
 }
 
 #[test]

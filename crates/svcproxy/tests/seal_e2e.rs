@@ -9,11 +9,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use common::{Svcproxy, TempDir};
-use svcproxy::exec::generation::RulesetGeneration;
+use svcproxy::exec::generation::{NfTablesGeneration, RulesetGeneration};
 use svcproxy::exec::iptables::{IptablesCommands, SystemIptables};
-use svcproxy::exec::nft_netlink::NetlinkElementSocket;
 use svcproxy_iptables::payload::Payload;
-use svcproxy_iptables::seal::{SEAL_CHAIN, SEAL_TABLE, Seal, sealed};
+use svcproxy_iptables::seal::{Generation, SEAL_CHAIN, SEAL_TABLE, Seal, sealed};
 use svcproxy_model::IpFamily;
 use svcproxy_testkit::{Backend, Lab, NetNs, tcp_request, wait_until};
 
@@ -22,8 +21,8 @@ const POLL: Duration = Duration::from_millis(100);
 const T: Duration = Duration::from_secs(2);
 const PROVEN: &str = "the kernel's seal shows our rules in place";
 
-fn generation(ns: &NetNs) -> u32 {
-    ns.run(|| NetlinkElementSocket::new().expect("socket").generation())
+fn generation(ns: &NetNs) -> Generation {
+    ns.run(|| NfTablesGeneration::open().expect("socket").generation())
         .expect("generation")
 }
 
@@ -53,7 +52,7 @@ fn each_table_section_of_a_restore_moves_the_generation_by_one() {
         let before = generation(&ns);
         let (payload, seal) = sealed(two_tables.clone(), before, Some(round));
         restore(&ns, &payload.text);
-        assert_eq!(seal.generation, before + 2, "round {round}");
+        assert_eq!(seal.generation, before.after(2), "round {round}");
         assert_eq!(generation(&ns), seal.generation, "round {round}");
         assert_eq!(listed_seal(&ns), Some(seal), "round {round}");
     }
@@ -67,16 +66,17 @@ fn each_table_section_of_a_restore_moves_the_generation_by_one() {
         let (sealed_payload, seal) = sealed(payload.clone(), before, Some(7));
         restore(&ns, &sealed_payload.text);
         assert_eq!(generation(&ns), seal.generation);
-        assert_eq!(
-            seal.generation,
-            before + payload.text.lines().filter(|l| l.starts_with('*')).count() as u32 + 1
-        );
+        let sections = payload.text.lines().filter(|l| l.starts_with('*')).count() as u32;
+        assert_eq!(seal.generation, before.after(sections + 1));
         assert_eq!(listed_seal(&ns), Some(seal));
     }
     // Listing does not move it.
     let before = generation(&ns);
     listed_seal(&ns);
     assert_eq!(generation(&ns), before);
+    // Another namespace counts on its own, under another instance: a seal cannot be carried across.
+    let other = generation(&NetNs::new("seal2").expect("netns"));
+    assert_ne!(other.instance, before.instance);
 }
 
 const WEB: &str = "apiVersion: v1
@@ -155,7 +155,7 @@ fn a_restart_trusts_the_seal_only_while_nobody_else_wrote() {
     drop(proxy);
     let resealed = listed_seal(lab.node()).expect("a seal");
     assert!(
-        resealed.digest.is_some() && resealed.generation > seal.generation,
+        resealed.digest.is_some() && resealed.generation.value > seal.generation.value,
         "{resealed:?}"
     );
     assert_eq!(resealed.digest, seal.digest, "the same rules as before the flush");

@@ -17,7 +17,9 @@ use svcproxy_iptables::payload::Payload;
 use svcproxy_iptables::render::Replaced;
 use svcproxy_iptables::ruleset::{Ruleset, TableName};
 use svcproxy_iptables::save_parser::SavedRuleset;
-use svcproxy_iptables::seal::{self, Digest, RulesetDigest, SEAL_CHAIN, SEAL_TABLE, Seal, chain_digest};
+use svcproxy_iptables::seal::{
+    self, Digest, Generation, RulesetDigest, SEAL_CHAIN, SEAL_TABLE, Seal, chain_digest,
+};
 use svcproxy_iptables::service_rules::{ServicePortRules, render_service_port};
 use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, stage};
 use svcproxy_iptables::verify::{Divergence, verify};
@@ -176,7 +178,7 @@ pub struct IptablesProxier {
     generation: Option<Box<dyn RulesetGeneration>>,
     /// The generation at which the kernel is known to hold our last state: set by a full read during which the
     /// generation did not move and carried through each restore that moved it by exactly its own transactions.
-    custody: Option<u32>,
+    custody: Option<Generation>,
     /// The seal the kernel holds, as far as we know.
     kernel_seal: Option<Seal>,
     /// Whether a sync has run in this process: only the first trusts a seal instead of reading the kernel.
@@ -224,7 +226,7 @@ impl IptablesProxier {
         self
     }
 
-    fn generation_now(&self) -> Option<u32> {
+    fn generation_now(&self) -> Option<Generation> {
         let g = self.generation.as_ref()?;
         g.generation()
             .inspect_err(|e| tracing::debug!(error = %e, "cannot read the nf_tables generation"))
