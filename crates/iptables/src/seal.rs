@@ -8,9 +8,15 @@
 //! holds exactly what that write left: the rules whose digest the seal carries.
 //!
 //! How a seal stays honest:
-//! - each restore we run carries the seal in a filter-table section of its own, so every section of it is a
-//!   non-empty transaction and the restore moves the generation by exactly its number of sections; the seal
-//!   names the generation the restore will end at (read just before it, plus its sections);
+//! - each restore we run carries the seal in its last table section (a filter section of its own when it has
+//!   none). iptables-nft commits each section as one transaction, and every section we write changes
+//!   something, so the restore moves the generation by exactly its number of sections; the seal names the
+//!   generation the restore will end at (read just before it, plus its sections). Should a section ever turn
+//!   out empty, the generation falls short of the seal's, and the writer voids the seal at once (a seal naming
+//!   a generation still to come would be proven by whatever commit reaches it);
+//! - the seal lives in the last section rather than a section of its own so that it costs no transaction:
+//!   a one-service change is one nat transaction either way. So each table has a seal chain, and the one
+//!   naming the generation the kernel is at is the seal;
 //! - a seal carries a digest only when the write completes a sync and the kernel was known to hold our last
 //!   state when it started (no foreign commit since our previous write or our last full read); otherwise it
 //!   carries none, and a restart reads the kernel as before;
@@ -28,14 +34,13 @@ use crate::payload::Payload;
 use crate::ruleset::{Chain, Ruleset, TableName};
 use crate::save_parser::tokenize;
 
-/// The filter-table chain holding the seal: one comment-only rule, never jumped to. Not `KUBE-`: upstream
-/// kube-proxy must not take it for one of its own, and it means nothing to it.
+/// The chain holding a seal, in filter and in nat: one comment-only rule, never jumped to. Not `KUBE-`:
+/// upstream kube-proxy must not take it for one of its own, and it means nothing to it.
 pub const SEAL_CHAIN: &str = "SVCPROXY-SEAL";
 
-/// The table the seal lives in: a transaction there is cheap (the kernel re-validates a table's whole jump
-/// graph on a commit that adds a rule, and nat holds every service chain), and every sealed restore gets a
-/// section of its own there.
-pub const SEAL_TABLE: TableName = TableName::Filter;
+/// Where a payload without sections gets its seal: a filter transaction is cheap (the kernel re-validates a
+/// table's whole jump graph on a commit that adds a rule, and nat holds every service chain).
+const SEAL_ONLY_TABLE: TableName = TableName::Filter;
 
 const COMMENT_PREFIX: &str = "svcproxy seal";
 
@@ -199,23 +204,20 @@ impl RulesetDigest {
 }
 
 /// `payload` sealed for a kernel now at `generation` (read just before the restore): the seal chain is
-/// declared (which flushes it) and given its one rule in the payload's filter section, or in one added first.
-/// Declaring the chain anew makes that section a real change even when the seal text repeats, so every
-/// section of the result is one transaction that moves the generation, and the seal names the generation
-/// the restore ends at: `generation` plus the number of sections.
+/// declared (which flushes it) and given its one rule in the payload's last section, or in a filter section
+/// that is the whole payload when it has none. The seal names the generation the restore ends at: `generation`
+/// plus the number of sections (see the module's notes for why that holds).
 pub fn sealed(mut payload: Payload, generation: Generation, digest: Option<Digest>) -> (Payload, Seal) {
-    let table_line = format!("*{}", SEAL_TABLE.as_str());
-    // Where the seal table's section starts and ends, as byte offsets: the seal goes in in place, since a
-    // cold sync's transactions are megabytes each.
+    // Where the last section starts and ends, as byte offsets: the seal goes in in place, since a cold sync's
+    // transactions are megabytes each.
     let (mut sections, mut offset) = (0u32, 0);
     let (mut after_table_line, mut commit_at) = (None, None);
     for line in payload.text.split_inclusive('\n') {
         let bare = line.trim_end_matches('\n');
         if bare.starts_with('*') {
             sections += 1;
-            if bare == table_line && after_table_line.is_none() {
-                after_table_line = Some(offset + line.len());
-            }
+            after_table_line = Some(offset + line.len());
+            commit_at = None;
         } else if bare == "COMMIT" && after_table_line.is_some() && commit_at.is_none() {
             commit_at = Some(offset);
         }
@@ -239,15 +241,21 @@ pub fn sealed(mut payload: Payload, generation: Generation, digest: Option<Diges
             payload.line_count += 2;
         }
         None => {
-            // Filter goes first, as in every payload we write.
-            let own = format!("{table_line}\n{declare}{rule}COMMIT\n");
-            payload.text.insert_str(0, &own);
-            payload.line_count += 4;
+            payload.text = format!("*{SEAL_ONLY_TABLE}\n{declare}{rule}COMMIT\n");
+            payload.line_count = 4;
         }
     }
     payload.chains_written += 1;
     payload.rules_written += 1;
     (payload, seal)
+}
+
+/// Of the seals found in each table, the one naming the latest generation (each restore rewrites one).
+pub fn newest(seals: impl IntoIterator<Item = Option<Seal>>) -> Option<Seal> {
+    seals
+        .into_iter()
+        .flatten()
+        .max_by_key(|s| (s.generation.instance, s.generation.value))
 }
 
 #[cfg(test)]
@@ -384,7 +392,7 @@ mod tests {
     }
 
     #[test]
-    fn every_section_of_a_sealed_payload_carries_or_is_the_seal() {
+    fn the_last_section_carries_the_seal() {
         let seal = Seal {
             generation: at(12),
             digest: Some(1),
@@ -397,13 +405,11 @@ mod tests {
             rules_written: 1,
             ..Default::default()
         };
-        let (p, written) = sealed(nat_only, at(10), Some(1));
-        assert_eq!(written, seal, "two transactions from generation 10");
+        let (p, written) = sealed(nat_only, at(11), Some(1));
+        assert_eq!(written, seal, "one transaction from generation 11");
         assert_eq!(
             p.text,
-            format!(
-                "*filter\n:{SEAL_CHAIN} - [0:0]\n{rule}\nCOMMIT\n*nat\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\nCOMMIT\n"
-            )
+            format!("*nat\n:{SEAL_CHAIN} - [0:0]\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\n{rule}\nCOMMIT\n")
         );
         assert_eq!(p.line_count, p.text.lines().count());
 
@@ -417,7 +423,7 @@ mod tests {
         assert_eq!(
             p.text,
             format!(
-                "*filter\n:{SEAL_CHAIN} - [0:0]\n:KUBE-F - [0:0]\n{rule}\nCOMMIT\n*nat\n:KUBE-A - [0:0]\nCOMMIT\n"
+                "*filter\n:KUBE-F - [0:0]\nCOMMIT\n*nat\n:{SEAL_CHAIN} - [0:0]\n:KUBE-A - [0:0]\n{rule}\nCOMMIT\n"
             )
         );
         assert_eq!(p.line_count, p.text.lines().count());
@@ -429,5 +435,18 @@ mod tests {
             p.text,
             format!("*filter\n:{SEAL_CHAIN} - [0:0]\n{rule}\nCOMMIT\n")
         );
+    }
+
+    #[test]
+    fn the_newest_seal_is_the_one_with_the_latest_generation() {
+        let seal = |value| {
+            Some(Seal {
+                generation: at(value),
+                digest: None,
+            })
+        };
+        assert_eq!(newest([seal(4), seal(9)]), seal(9));
+        assert_eq!(newest([seal(9), None]), seal(9));
+        assert_eq!(newest([None, None]), None);
     }
 }

@@ -177,6 +177,39 @@ fn another_writer_voids_the_seal_until_a_full_read() {
 }
 
 #[test]
+fn a_seal_naming_a_generation_still_to_come_is_voided_at_once() {
+    let fake = RecordingIptables::default();
+    let mut p = proxier(&fake);
+    p.sync(
+        &state(&["10.244.0.5"]),
+        &IntentChanges::everything(),
+        SyncMode::Full,
+    )
+    .unwrap();
+    // The next restore's one section commits nothing: its seal names a generation the kernel has not
+    // reached, which the next foreign commit would reach and so "prove". The writer replaces it at once.
+    let before = now(&fake);
+    *fake.empty_sections.lock().unwrap() = 1;
+    p.sync(&state(&["10.244.0.6"]), &web_changed(), SyncMode::Partial)
+        .unwrap();
+    let seal = last_seal(&fake);
+    assert_eq!(seal.digest, None, "{seal:?}");
+    assert_eq!(seal.generation, now(&fake));
+    assert_eq!(now(&fake), before.after(1), "only the void seal moved it");
+    // Another writer's commit now proves nothing: a restart reads the kernel.
+    fake.generation.advance(1);
+    let saves_before = saves(&fake);
+    proxier(&fake)
+        .sync(
+            &state(&["10.244.0.6"]),
+            &IntentChanges::everything(),
+            SyncMode::Full,
+        )
+        .unwrap();
+    assert_eq!(saves(&fake), saves_before + 1);
+}
+
+#[test]
 fn a_kernel_already_right_gets_a_seal_alone() {
     let fake = RecordingIptables::default();
     let one = state(&["10.244.0.5"]);

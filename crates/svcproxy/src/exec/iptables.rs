@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use svcproxy_iptables::seal::{SEAL_CHAIN, SEAL_TABLE};
+use svcproxy_iptables::seal::SEAL_CHAIN;
 use svcproxy_model::IpFamily;
 
 use super::generation::CountingGeneration;
@@ -237,15 +237,17 @@ pub enum Recorded {
 }
 
 /// Records every call; answers saves with a canned dump and fails restores on demand. Of the kernel it models
-/// only what the seal needs: a successful restore moves `generation` on by one per table section, and the seal
-/// chain lists the seal the last restore wrote.
+/// only what the seal needs: a successful restore moves `generation` on by one per table section, and each
+/// table's seal chain lists the seal last written there.
 #[derive(Debug, Clone, Default)]
 pub struct RecordingIptables {
     pub calls: Arc<Mutex<Vec<Recorded>>>,
     pub save_output: Arc<Mutex<String>>,
     pub fail_restores: Arc<Mutex<Vec<ExecError>>>,
     pub generation: CountingGeneration,
-    seal: Arc<Mutex<Option<String>>>,
+    /// How many of the coming table sections commit nothing (the generation does not move for them).
+    pub empty_sections: Arc<Mutex<u32>>,
+    seals: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
 impl RecordingIptables {
@@ -271,11 +273,23 @@ impl IptablesCommands for RecordingIptables {
         if let Some(e) = self.fail_restores.lock().unwrap().pop() {
             return Err(e);
         }
-        let sections = payload.lines().filter(|l| l.starts_with('*')).count();
-        self.generation.advance(sections as u32);
+        let mut sections = payload.lines().filter(|l| l.starts_with('*')).count() as u32;
+        let mut empty = self.empty_sections.lock().unwrap();
+        let skipped = (*empty).min(sections);
+        *empty -= skipped;
+        sections -= skipped;
+        self.generation.advance(sections);
         let seal_rule = format!("-A {SEAL_CHAIN} ");
-        if let Some(line) = payload.lines().find(|l| l.starts_with(&seal_rule)) {
-            *self.seal.lock().unwrap() = Some(format!("-N {SEAL_CHAIN}\n{line}\n"));
+        let mut table = "";
+        for line in payload.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = t;
+            } else if line.starts_with(&seal_rule) {
+                self.seals
+                    .lock()
+                    .unwrap()
+                    .insert(table.to_string(), format!("-N {SEAL_CHAIN}\n{line}\n"));
+            }
         }
         Ok(())
     }
@@ -293,8 +307,8 @@ impl IptablesCommands for RecordingIptables {
             .lock()
             .unwrap()
             .push(Recorded::ListChain(table.to_string(), chain.to_string()));
-        if table == SEAL_TABLE.as_str() && chain == SEAL_CHAIN {
-            return Ok(self.seal.lock().unwrap().clone());
+        if chain == SEAL_CHAIN {
+            return Ok(self.seals.lock().unwrap().get(table).cloned());
         }
         // Otherwise the fake does not model the kernel: report nothing, so verification finds the chain missing
         // only when a test supplies a dump through `save_output`.

@@ -18,7 +18,7 @@ use svcproxy_iptables::render::Replaced;
 use svcproxy_iptables::ruleset::{Ruleset, TableName};
 use svcproxy_iptables::save_parser::SavedRuleset;
 use svcproxy_iptables::seal::{
-    self, Digest, Generation, RulesetDigest, SEAL_CHAIN, SEAL_TABLE, Seal, chain_digest,
+    self, Digest, Generation, RulesetDigest, SEAL_CHAIN, Seal, chain_digest, newest,
 };
 use svcproxy_iptables::service_rules::{ServicePortRules, render_service_port};
 use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, stage};
@@ -239,14 +239,17 @@ impl IptablesProxier {
         let Some(before) = self.generation_now() else {
             return false;
         };
-        let listing = match self.cmds.list_chain(SEAL_TABLE.as_str(), SEAL_CHAIN) {
-            Ok(listing) => listing,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot list the seal chain");
-                return false;
+        let mut seals = Vec::new();
+        for table in TableName::ALL {
+            match self.cmds.list_chain(table.as_str(), SEAL_CHAIN) {
+                Ok(listing) => seals.push(listing.as_deref().and_then(Seal::from_listing)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot list the seal chain");
+                    return false;
+                }
             }
-        };
-        let seal = listing.as_deref().and_then(Seal::from_listing);
+        }
+        let seal = newest(seals);
         self.kernel_seal = seal;
         // Unmoved across the listing: the seal we read is the one that generation holds.
         let proven = self.generation_now() == Some(before) && seal.is_some_and(|s| s.proves(before, digest));
@@ -551,7 +554,27 @@ impl IptablesProxier {
         }
         self.kernel_seal = Some(seal);
         // Exactly our own transactions since `before`: the kernel holds what we know it to.
-        self.custody = (known && self.generation_now() == Some(seal.generation)).then_some(seal.generation);
+        let after = self.generation_now();
+        self.custody = (known && after == Some(seal.generation)).then_some(seal.generation);
+        if let Some(after) = after
+            && after.instance == seal.generation.instance
+            && (seal.generation.value.wrapping_sub(after.value) as i32) > 0
+        {
+            // Fewer transactions than sections: the seal names a generation still to come, which whatever
+            // commit reaches it would prove. Replace it by one naming where the kernel really is.
+            tracing::warn!(
+                seal = seal.generation.value,
+                now = after.value,
+                "a restore moved the generation less than its sections; voiding its seal"
+            );
+            let (void, seal) = seal::sealed(Payload::default(), after, None);
+            if let Err(e) = self.cmds.restore(&void.text) {
+                tracing::warn!(error = %e, "cannot void the seal");
+                self.kernel_seal = None;
+            } else {
+                self.kernel_seal = Some(seal);
+            }
+        }
         Ok(())
     }
 
@@ -762,14 +785,16 @@ fn rendered_part(
     (Arc::new(part), digest.value())
 }
 
-/// The seal in a dump.
+/// The seal in a dump: of each table's, the newest.
 fn seal_in(saved: &SavedRuleset) -> Option<Seal> {
-    let table = saved.table(SEAL_TABLE.as_str())?;
-    let listing: String = table
-        .rules_of(SEAL_CHAIN)
-        .map(|r| format!("{}\n", r.line))
-        .collect();
-    Seal::from_listing(&listing)
+    newest(TableName::ALL.map(|table| {
+        let listing: String = saved
+            .table(table.as_str())?
+            .rules_of(SEAL_CHAIN)
+            .map(|r| format!("{}\n", r.line))
+            .collect();
+        Seal::from_listing(&listing)
+    }))
 }
 
 /// The chains a payload declares (and so rewrites), by table.
