@@ -7,11 +7,13 @@
 //! [`SavedRule`]s took 125 MB at 5,000 services × 10 endpoints (160,000 rules, a dozen allocations each), more
 //! than everything else the proxy holds together.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::canonical::canonical_rule;
 use crate::ruleset::{ChainName, Ruleset, TableName};
-use crate::save_parser::{SaveParseError, SaveReader, SavedRule, SavedRuleset, SavedTable};
+use crate::save_parser::{
+    SaveParseError, SaveReader, SavedRule, SavedRuleset, SavedTable, parse_rule, strip_counters,
+};
 use crate::verify::canonical_lines;
 
 /// How one chain of the expected ruleset was found in the kernel.
@@ -34,6 +36,9 @@ pub struct KernelView {
     /// By table (in [`TableName::ALL`] order): the expected chains the kernel has with other rules, and how
     /// many rules each has. An expected chain the dump declares and that is not here is the same.
     different: [HashMap<ChainName, usize>; 2],
+    /// By table: the expected user chains the dump declares, kept here instead of in `saved` (which would
+    /// hold each name as a string in a map: 5 MB at 5,000 services × 10 endpoints).
+    declared: [HashSet<ChainName>; 2],
 }
 
 fn index(table: TableName) -> usize {
@@ -61,10 +66,11 @@ impl KernelView {
     /// How the kernel holds chain `name` of `table`: only meaningful for chains of the ruleset this view was
     /// read against.
     pub fn found(&self, table: TableName, name: &str) -> Found {
-        let declared = self
-            .saved
-            .table(table.as_str())
-            .is_some_and(|t| t.chains.contains_key(name));
+        let declared = self.declared[index(table)].contains(name)
+            || self
+                .saved
+                .table(table.as_str())
+                .is_some_and(|t| t.chains.contains_key(name));
         if !declared {
             return Found::Missing;
         }
@@ -92,7 +98,11 @@ type Current = Option<(TableName, ChainName, Vec<Vec<String>>)>;
 pub struct KernelReader<'a> {
     expected: &'a Ruleset,
     reader: SaveReader,
+    /// By table: how far each expected user chain the dump declared has been matched (an entry for every such
+    /// chain, from its declaration on).
     progress: [HashMap<ChainName, Progress>; 2],
+    /// The table being read.
+    table: Option<TableName>,
     current: Current,
     /// The first parse error; the lines after it are ignored, as `parse_save` stops at it.
     error: Option<SaveParseError>,
@@ -104,6 +114,7 @@ impl<'a> KernelReader<'a> {
             expected,
             reader: SaveReader::default(),
             progress: Default::default(),
+            table: None,
             current: None,
             error: None,
         }
@@ -112,6 +123,13 @@ impl<'a> KernelReader<'a> {
     /// Reads the next line of the dump (without its newline).
     pub fn line(&mut self, raw: &str) {
         if self.error.is_some() {
+            return;
+        }
+        if self.intercepted(raw) {
+            // The parser still counts the line, so errors name the lines `parse_save` would.
+            if let Err(e) = self.reader.line("", |_, _, rule| Some(rule)) {
+                self.error = Some(e);
+            }
             return;
         }
         let expected = self.expected;
@@ -123,6 +141,60 @@ impl<'a> KernelReader<'a> {
         if let Err(e) = result {
             self.error = Some(e);
         }
+    }
+
+    /// Handles the declarations of expected user chains and their rules here, without the generic parser:
+    /// whether `raw` was one.
+    fn intercepted(&mut self, raw: &str) -> bool {
+        let trimmed = raw.trim();
+        if let Some(name) = trimmed.strip_prefix('*') {
+            self.table = TableName::ALL.into_iter().find(|t| t.as_str() == name.trim());
+            return false;
+        }
+        if trimmed == "COMMIT" {
+            self.table = None;
+            return false;
+        }
+        let Some(t) = self.table else {
+            return false;
+        };
+        let chains = &self.expected.table(t).chains;
+        if let Some(decl) = trimmed.strip_prefix(':') {
+            let mut words = decl.split_whitespace();
+            let (Some(name), Some("-")) = (words.next(), words.next()) else {
+                return false;
+            };
+            let Some((key, chain)) = chains.get_key_value(name) else {
+                return false;
+            };
+            self.progress[index(t)].entry(key.clone()).or_insert(Progress {
+                rules: 0,
+                wanted: chain.len(),
+                different: false,
+            });
+            return true;
+        }
+        let rule_text = strip_counters(trimmed);
+        let Some(rest) = rule_text.strip_prefix("-A ") else {
+            return false;
+        };
+        let name = rest.split_whitespace().next().unwrap_or_default();
+        let Some((key, _)) = self.progress[index(t)].get_key_value(name) else {
+            return false;
+        };
+        let key = key.clone();
+        match parse_rule(rule_text, self.reader.lines_read() + 1) {
+            Ok(rule) => fold_rule(
+                self.expected,
+                &mut self.progress,
+                &mut self.current,
+                t,
+                &key,
+                rule,
+            ),
+            Err(e) => self.error = Some(e),
+        }
+        true
     }
 
     /// The view, or the first error `parse_save` would have reported for the same lines.
@@ -138,10 +210,25 @@ impl<'a> KernelReader<'a> {
     /// (or none were, when `saved` was parsed elsewhere).
     fn conclude(mut self, saved: SavedRuleset) -> KernelView {
         let mut different: [HashMap<ChainName, usize>; 2] = Default::default();
+        let mut declared: [HashSet<ChainName>; 2] = Default::default();
         for table in TableName::ALL {
             let ours = self.expected.table(table);
-            let progress = std::mem::take(&mut self.progress[index(table)]);
-            let Some(theirs) = saved.table(table.as_str()) else {
+            let mut progress = std::mem::take(&mut self.progress[index(table)]);
+            // Chains whose declaration was taken here: their rules were all folded.
+            let theirs = saved.table(table.as_str());
+            let intercepted: Vec<ChainName> = progress
+                .keys()
+                .filter(|name| !theirs.is_some_and(|t| t.chains.contains_key(&***name)))
+                .cloned()
+                .collect();
+            for name in intercepted {
+                let Some(p) = progress.remove(&name) else { continue };
+                if p.different || p.rules != p.wanted {
+                    different[index(table)].insert(name.clone(), p.rules);
+                }
+                declared[index(table)].insert(name);
+            }
+            let Some(theirs) = theirs else {
                 continue;
             };
             // Rules of expected chains that were kept (built-in chains, or a dump parsed elsewhere) are compared
@@ -172,7 +259,11 @@ impl<'a> KernelReader<'a> {
                 }
             }
         }
-        KernelView { saved, different }
+        KernelView {
+            saved,
+            different,
+            declared,
+        }
     }
 }
 
@@ -192,8 +283,29 @@ fn fold(
     if saved.chains.get(&rule.chain).is_some_and(Option::is_some) {
         return Some(rule);
     }
-    let Some((name, chain)) = expected.table(t).chains.get_key_value(rule.chain.as_str()) else {
+    let Some(name) = expected
+        .table(t)
+        .chains
+        .get_key_value(rule.chain.as_str())
+        .map(|(k, _)| k.clone())
+    else {
         return Some(rule);
+    };
+    fold_rule(expected, progress, current, t, &name, rule);
+    None
+}
+
+/// Compares a rule of expected chain `name` of table `t` with that chain.
+fn fold_rule(
+    expected: &Ruleset,
+    progress: &mut [HashMap<ChainName, Progress>; 2],
+    current: &mut Current,
+    t: TableName,
+    name: &ChainName,
+    rule: SavedRule,
+) {
+    let Some(chain) = expected.table(t).chains.get(name) else {
+        return;
     };
     if !matches!(current, Some((ct, cn, _)) if *ct == t && cn == name) {
         *current = None;
@@ -208,7 +320,6 @@ fn fold(
         p.different = true;
     }
     p.rules += 1;
-    None
 }
 
 #[cfg(test)]
@@ -273,7 +384,9 @@ mod tests {
         let nat = view.saved.table("nat").unwrap();
         let kept: Vec<&str> = nat.rules.iter().map(|r| r.chain.as_str()).collect();
         assert_eq!(kept, ["PREROUTING", "OTHER"]);
-        assert_eq!(nat.chains.len(), 8);
+        // The expected user chains are known declared without a string each in the dump's map.
+        let declared: Vec<&str> = nat.chains.keys().map(String::as_str).collect();
+        assert_eq!(declared, ["OTHER", "PREROUTING"]);
     }
 
     #[test]

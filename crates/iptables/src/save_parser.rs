@@ -219,6 +219,11 @@ impl SaveReader {
         Err(SaveParseError::Unrecognised { line })
     }
 
+    /// How many lines have been read, counting blank ones: the number of the last line read.
+    pub fn lines_read(&self) -> usize {
+        self.line
+    }
+
     /// The dump read so far; fails if a table is still open.
     pub fn finish(self) -> Result<SavedRuleset, SaveParseError> {
         if let Some((table, _)) = self.current {
@@ -229,7 +234,7 @@ impl SaveReader {
 }
 
 /// `iptables-save -c` prefixes rules with `[packets:bytes]`.
-fn strip_counters(line: &str) -> &str {
+pub(crate) fn strip_counters(line: &str) -> &str {
     if line.starts_with('[')
         && let Some(end) = line.find(']')
     {
@@ -238,7 +243,7 @@ fn strip_counters(line: &str) -> &str {
     line
 }
 
-fn parse_rule(text: &str, line: usize) -> Result<SavedRule, SaveParseError> {
+pub(crate) fn parse_rule(text: &str, line: usize) -> Result<SavedRule, SaveParseError> {
     let mut words = tokenize(text)
         .ok_or(SaveParseError::UnterminatedQuote { line })?
         .into_iter();

@@ -210,7 +210,7 @@ fn main() {
     let work = std::env::temp_dir().join(format!("svcproxy-bench-{}", std::process::id()));
     fs::create_dir_all(&work).unwrap();
     println!(
-        "| services × endpoints | cold sync | lines | one change: event → kernel (median of {changes}) | of which the sync | change lines | restart sync | restart: start → synced | restart lines | restart after another writer: sync; start → synced | peak RSS |"
+        "| services × endpoints | cold sync | lines | one change: event → kernel (median of {changes}) | of which the sync | change lines | restart sync | restart: start → synced | restart lines | restart after another writer: sync; start → synced | peak RSS: running; restart; restart after another writer |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
@@ -243,7 +243,7 @@ fn main() {
         }
         latencies.sort_by(f64::total_cmp);
         sync_times.sort_by(f64::total_cmp);
-        let mut peak = proxy.peak_rss_mib();
+        let running_peak = proxy.peak_rss_mib();
         proxy.stop();
 
         let started = SystemTime::now();
@@ -254,7 +254,7 @@ fn main() {
             .duration_since(started)
             .unwrap_or_default()
             .as_secs_f64();
-        peak = peak.max(restarted.peak_rss_mib());
+        let restart_peak = restarted.peak_rss_mib();
         restarted.stop();
 
         // Another program commits to nf_tables while the proxy is down (a table of its own, touching none of
@@ -275,10 +275,10 @@ fn main() {
             .duration_since(started)
             .unwrap_or_default()
             .as_secs_f64();
-        peak = peak.max(reread.peak_rss_mib());
+        let reread_peak = reread.peak_rss_mib();
         reread.stop();
         println!(
-            "| {n} × {m} | {:.2} s | {} | {:.1} ms | {:.1} ms | {change_lines} | {:.2} s | {restart_wall:.2} s | {} | {:.2} s; {reread_wall:.2} s | {peak:.0} MiB |",
+            "| {n} × {m} | {:.2} s | {} | {:.1} ms | {:.1} ms | {change_lines} | {:.2} s | {restart_wall:.2} s | {} | {:.2} s; {reread_wall:.2} s | {running_peak:.0}; {restart_peak:.0}; {reread_peak:.0} MiB |",
             cold.seconds,
             cold.lines,
             latencies[latencies.len() / 2],
