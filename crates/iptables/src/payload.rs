@@ -197,10 +197,18 @@ pub(crate) fn serialize(sections: &[Section<'_>]) -> Payload {
             w.line(&[":", name, " - [0:0]"]);
         }
         for (name, chain) in &s.write {
-            for args in chain.rules() {
-                w.line(&["-A ", name, " ", args]);
+            // Each rule's text ends with its newline already: three copies a line, and the lines counted as
+            // they go.
+            let mut rules = 0;
+            for args in chain.text().split_inclusive('\n') {
+                w.text.push_str("-A ");
+                w.text.push_str(name);
+                w.text.push(' ');
+                w.text.push_str(args);
+                rules += 1;
             }
-            payload.rules_written += chain.len();
+            w.lines += rules;
+            payload.rules_written += rules;
         }
         for rule in &s.delete_rules {
             let args: Vec<String> = rule.args.iter().map(|a| quote_arg(a)).collect();

@@ -59,8 +59,15 @@ impl PartialEq for Chain {
 
 impl Eq for Chain {}
 
-/// A rule line's arguments after `-A NAME`.
-fn rule_args(line: &str) -> &str {
+/// A rule line's arguments after `-A NAME`, for a line of chain `name` (any chain's, if not).
+fn rule_args<'l>(line: &'l str, name: &str) -> &'l str {
+    let known = line.len() > name.len() + 3
+        && line.as_bytes().get(name.len() + 3) == Some(&b' ')
+        && line.get(3..name.len() + 3) == Some(name)
+        && line.starts_with("-A ");
+    if known {
+        return &line[name.len() + 4..];
+    }
     let rest = line.strip_prefix("-A ").unwrap_or(line);
     rest.split_once(' ').map_or("", |(_, args)| args)
 }
@@ -71,7 +78,8 @@ impl Chain {
     /// debug builds (and so every test) check the names.
     pub fn new<S: AsRef<str>>(name: &str, lines: impl AsRef<[S]>) -> Self {
         let lines = lines.as_ref();
-        let mut rules = String::with_capacity(lines.iter().map(|l| rule_args(l.as_ref()).len() + 1).sum());
+        let mut rules =
+            String::with_capacity(lines.iter().map(|l| rule_args(l.as_ref(), name).len() + 1).sum());
         for line in lines {
             let line = line.as_ref();
             debug_assert!(!line.contains('\n'), "rule line with a newline: {line:?}");
@@ -81,7 +89,7 @@ impl Chain {
                     .is_some_and(|l| l.is_empty() || l.starts_with(' ')),
                 "not an append to {name}: {line:?}"
             );
-            rules.push_str(rule_args(line));
+            rules.push_str(rule_args(line, name));
             rules.push('\n');
         }
         Chain { rules: rules.into() }

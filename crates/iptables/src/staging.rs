@@ -194,12 +194,26 @@ pub fn stage<E>(
         Baseline::Kernel(kernel) => kernel.found(table, name) != Found::Same,
         Baseline::None => true,
     };
-    let writes_of = |table: TableName| {
-        next.table(table)
-            .chains
-            .iter()
-            .filter(move |(name, _)| needs_write(table, name))
-            .map(|(name, chain)| (&**name, chain))
+    // Against our last write the chains to write are listed already: a partial sync need not look at the
+    // other hundred thousand.
+    let listed = matches!(baseline, Baseline::Applied(_) | Baseline::Replaced(_));
+    let writes_of = |table: TableName| -> Box<dyn Iterator<Item = (&str, &Chain)> + '_> {
+        let chains = &next.table(table).chains;
+        if listed {
+            Box::new(
+                changed
+                    .range((table, "")..)
+                    .take_while(move |(t, _)| *t == table)
+                    .filter_map(move |(_, name)| chains.get_key_value(*name).map(|(n, c)| (&**n, c))),
+            )
+        } else {
+            Box::new(
+                chains
+                    .iter()
+                    .filter(move |(name, _)| needs_write(table, name))
+                    .map(|(name, chain)| (&**name, chain)),
+            )
+        }
     };
     let (mut per_service, mut shared_count) = (0, 0);
     for table in TableName::ALL {
