@@ -84,14 +84,9 @@ pub fn reassemble<'a>(
             replaced.entry((TableName::Nat, name.clone())).or_insert(old);
         }
     }
-    for (table, name, chain) in shared_chains(cfg, parts) {
-        let chains = &mut ruleset.table_mut(table).chains;
-        let old = match chain {
-            Some(chain) => chains.insert(name.into(), chain),
-            None => chains.remove(name),
-        };
+    put_shared_chains(cfg, parts, ruleset, |table, name, old| {
         replaced.entry((table, name.into())).or_insert(old);
-    }
+    });
     replaced
 }
 
@@ -101,12 +96,23 @@ fn set_shared_chains<'a>(
     parts: impl IntoIterator<Item = &'a ServicePortRules>,
     ruleset: &mut Ruleset,
 ) {
+    put_shared_chains(cfg, parts, ruleset, |_, _, _| {});
+}
+
+/// [`set_shared_chains`], handing each chain's previous version to `replaced`.
+fn put_shared_chains<'a>(
+    cfg: &RenderConfig,
+    parts: impl IntoIterator<Item = &'a ServicePortRules>,
+    ruleset: &mut Ruleset,
+    mut replaced: impl FnMut(TableName, &'static str, Option<Chain>),
+) {
     for (table, name, chain) in shared_chains(cfg, parts) {
         let chains = &mut ruleset.table_mut(table).chains;
-        match chain {
+        let old = match chain {
             Some(chain) => chains.insert(name.into(), chain),
             None => chains.remove(name),
         };
+        replaced(table, name, old);
     }
 }
 

@@ -2,6 +2,9 @@
 //! generation moves by one per restored table section, as iptables-nft's does; `seal_e2e` checks that on a
 //! real kernel).
 
+#[macro_use]
+mod common;
+
 use std::collections::BTreeMap;
 
 use svcproxy::exec::iptables::{Recorded, RecordingIptables};
@@ -10,43 +13,10 @@ use svcproxy::sync::iptables_proxier::{DetectLocal, IptablesProxier, ProxierOpti
 use svcproxy::sync::proxier::{Proxier, SyncMode};
 use svcproxy_iptables::config::RenderConfig;
 use svcproxy_iptables::seal::{Generation, Seal};
-use svcproxy_model::{
-    ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentChanges, IntentConfig, IpFamily, ObjectName,
-    Protocol, Service, ServicePort,
-};
+use svcproxy_model::{ClusterState, IntentChanges, IntentConfig, IpFamily, ObjectName};
 
 fn state(endpoints: &[&str]) -> ClusterState {
-    let name = ObjectName::new("ns", "web");
-    let service = Service::cluster_ip(
-        name.clone(),
-        "10.96.0.10".parse().unwrap(),
-        vec![ServicePort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            node_port: None,
-        }],
-    );
-    let slice = EndpointSlice {
-        name: ObjectName::new("ns", "web-1"),
-        service_name: "web".into(),
-        address_family: Some(IpFamily::V4),
-        ports: vec![EndpointPort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
-        endpoints: endpoints
-            .iter()
-            .map(|ip| Endpoint::ready(ip.parse().unwrap(), None))
-            .collect(),
-        last_change_trigger_time: None,
-    };
-    ClusterState {
-        services: BTreeMap::from([(name, service)]),
-        endpoint_slices: BTreeMap::from([(slice.name.clone(), slice)]),
-        node: None,
-    }
+    common::web_cluster(endpoints)
 }
 
 /// A proxier on `fake` (a fresh one plays a restarted process), sealing with the fake's generation.

@@ -3,6 +3,9 @@
 //! refuses changes nothing; tables read back through the socket (terse listing plus element dumps) equal what
 //! `nft list table` shows, for every reference scenario.
 
+#[macro_use]
+mod common;
+
 use compact_str::{CompactString, format_compact};
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::{ElementSocket, ElementSocketError, NetlinkElementSocket};
@@ -286,8 +289,6 @@ fn a_read_during_another_commit_is_refused() {
 }
 
 mod proxier {
-    use std::collections::BTreeMap;
-
     use svcproxy::exec::iptables::ExecError;
     use svcproxy::exec::nft::{NftCommands, RecordingNft, SystemNft};
     use svcproxy::exec::nft_netlink::{ElementSocket, NetlinkElementSocket, RecordingElementSocket};
@@ -296,43 +297,10 @@ mod proxier {
     use svcproxy::sync::nft_proxier::NftProxier;
     use svcproxy::sync::proxier::{Proxier, SyncMode, VerifyScope};
     use svcproxy_iptables::config::RenderConfig;
-    use svcproxy_model::{
-        ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentChanges, IntentConfig, IpFamily,
-        ObjectName, Protocol, Service, ServicePort,
-    };
+    use svcproxy_model::{ClusterState, IntentChanges, IntentConfig, IpFamily, ObjectName};
 
     fn state(endpoints: &[&str]) -> ClusterState {
-        let name = ObjectName::new("ns", "web");
-        let service = Service::cluster_ip(
-            name.clone(),
-            "10.96.0.10".parse().unwrap(),
-            vec![ServicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: None,
-            }],
-        );
-        let slice = EndpointSlice {
-            name: ObjectName::new("ns", "web-1"),
-            service_name: "web".into(),
-            address_family: Some(IpFamily::V4),
-            ports: vec![EndpointPort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 8080,
-            }],
-            endpoints: endpoints
-                .iter()
-                .map(|ip| Endpoint::ready(ip.parse().unwrap(), None))
-                .collect(),
-            last_change_trigger_time: None,
-        };
-        ClusterState {
-            services: BTreeMap::from([(name, service)]),
-            endpoint_slices: BTreeMap::from([(slice.name.clone(), slice)]),
-            node: None,
-        }
+        crate::common::web_cluster(endpoints)
     }
 
     /// An IPv4 proxier on node-a with default options.

@@ -9,6 +9,9 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use svcproxy_model::{
+    ClusterState, Endpoint, EndpointPort, EndpointSlice, IpFamily, ObjectName, Protocol, Service, ServicePort,
+};
 use svcproxy_testkit::{NetNs, http_get};
 
 pub const HEALTHZ: &str = "127.0.0.1:10256";
@@ -178,4 +181,40 @@ macro_rules! in_both_modes {
             }
         })*
     };
+}
+
+/// The smallest cluster the proxier-level tests drive: ClusterIP Service `ns/web` (10.96.0.10, port `http`
+/// 80/TCP to 8080) whose one slice holds `endpoints`, all ready.
+pub fn web_cluster(endpoints: &[&str]) -> ClusterState {
+    let name = ObjectName::new("ns", "web");
+    let service = Service::cluster_ip(
+        name.clone(),
+        "10.96.0.10".parse().unwrap(),
+        vec![ServicePort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
+        }],
+    );
+    let slice = EndpointSlice {
+        name: ObjectName::new("ns", "web-1"),
+        service_name: "web".into(),
+        address_family: Some(IpFamily::V4),
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        endpoints: endpoints
+            .iter()
+            .map(|ip| Endpoint::ready(ip.parse().unwrap(), None))
+            .collect(),
+        last_change_trigger_time: None,
+    };
+    ClusterState {
+        services: std::collections::BTreeMap::from([(name, service)]),
+        endpoint_slices: std::collections::BTreeMap::from([(slice.name.clone(), slice)]),
+        node: None,
+    }
 }
