@@ -90,6 +90,22 @@ pub fn reassemble<'a>(
     replaced
 }
 
+/// Every chain of a ruleset that no single service port owns, in the order [`shared_chains`] builds them: the
+/// chains every service port adds lines to, and the fixed ones (`KUBE-FIREWALL` only with localhost NodePorts).
+/// Every other chain of a ruleset belongs to one service port's part.
+pub const SHARED_CHAINS: [(TableName, &str); 10] = [
+    (TableName::Nat, KUBE_SERVICES),
+    (TableName::Nat, KUBE_NODEPORTS),
+    (TableName::Nat, KUBE_POSTROUTING),
+    (TableName::Nat, KUBE_MARK_MASQ),
+    (TableName::Filter, KUBE_SERVICES),
+    (TableName::Filter, KUBE_EXTERNAL_SERVICES),
+    (TableName::Filter, KUBE_NODEPORTS),
+    (TableName::Filter, KUBE_PROXY_FIREWALL),
+    (TableName::Filter, KUBE_FORWARD),
+    (TableName::Filter, KUBE_FIREWALL),
+];
+
 /// Puts the chains every service port adds lines to, and the fixed ones, into `ruleset`.
 fn set_shared_chains<'a>(
     cfg: &RenderConfig,
@@ -143,58 +159,26 @@ fn shared_chains<'a>(
             .jump("DROP");
         Chain::new(KUBE_FIREWALL, vec![line])
     });
-    let (nat, filter) = (TableName::Nat, TableName::Filter);
-    vec![
-        (
-            nat,
-            KUBE_SERVICES,
-            Some(Chain::new(KUBE_SERVICES, shared.nat_services)),
-        ),
-        (
-            nat,
-            KUBE_NODEPORTS,
-            Some(Chain::new(KUBE_NODEPORTS, shared.nat_nodeports)),
-        ),
-        (
-            nat,
-            KUBE_POSTROUTING,
-            Some(Chain::new(KUBE_POSTROUTING, postrouting(cfg, &mark))),
-        ),
-        (
-            nat,
-            KUBE_MARK_MASQ,
-            Some(Chain::new(KUBE_MARK_MASQ, vec![masquerade])),
-        ),
-        (
-            filter,
-            KUBE_SERVICES,
-            Some(Chain::new(KUBE_SERVICES, shared.filter_services)),
-        ),
-        (
-            filter,
+    let contents = [
+        Some(Chain::new(KUBE_SERVICES, shared.nat_services)),
+        Some(Chain::new(KUBE_NODEPORTS, shared.nat_nodeports)),
+        Some(Chain::new(KUBE_POSTROUTING, postrouting(cfg, &mark))),
+        Some(Chain::new(KUBE_MARK_MASQ, vec![masquerade])),
+        Some(Chain::new(KUBE_SERVICES, shared.filter_services)),
+        Some(Chain::new(
             KUBE_EXTERNAL_SERVICES,
-            Some(Chain::new(
-                KUBE_EXTERNAL_SERVICES,
-                shared.filter_external_services,
-            )),
-        ),
-        (
-            filter,
-            KUBE_NODEPORTS,
-            Some(Chain::new(KUBE_NODEPORTS, shared.filter_nodeports)),
-        ),
-        (
-            filter,
-            KUBE_PROXY_FIREWALL,
-            Some(Chain::new(KUBE_PROXY_FIREWALL, shared.filter_proxy_firewall)),
-        ),
-        (
-            filter,
-            KUBE_FORWARD,
-            Some(Chain::new(KUBE_FORWARD, forward(cfg, &mark))),
-        ),
-        (filter, KUBE_FIREWALL, localnet),
-    ]
+            shared.filter_external_services,
+        )),
+        Some(Chain::new(KUBE_NODEPORTS, shared.filter_nodeports)),
+        Some(Chain::new(KUBE_PROXY_FIREWALL, shared.filter_proxy_firewall)),
+        Some(Chain::new(KUBE_FORWARD, forward(cfg, &mark))),
+        localnet,
+    ];
+    SHARED_CHAINS
+        .into_iter()
+        .zip(contents)
+        .map(|((table, name), chain)| (table, name, chain))
+        .collect()
 }
 
 #[derive(Default)]
@@ -304,4 +288,31 @@ fn forward(cfg: &RenderConfig, mark: &str) -> Vec<String> {
             .jump("ACCEPT"),
     );
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_chain_outside_the_parts_is_a_listed_shared_one() {
+        for localhost_node_ports in [false, true] {
+            let cfg = RenderConfig {
+                localhost_node_ports,
+                ..RenderConfig::default()
+            };
+            let ruleset = assemble(&cfg, std::iter::empty());
+            let all: Vec<(TableName, &str)> = TableName::ALL
+                .into_iter()
+                .flat_map(|t| ruleset.table(t).chains.keys().map(move |n| (t, &**n)))
+                .collect();
+            let listed: Vec<(TableName, &str)> = SHARED_CHAINS
+                .into_iter()
+                .filter(|(t, n)| localhost_node_ports || !(*t == TableName::Filter && *n == KUBE_FIREWALL))
+                .collect();
+            let mut sorted = listed.clone();
+            sorted.sort();
+            assert_eq!(all, sorted, "localhost NodePorts {localhost_node_ports}");
+        }
+    }
 }

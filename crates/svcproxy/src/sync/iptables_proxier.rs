@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use svcproxy_iptables::chain_name::{KUBE_SERVICES, is_owned_service_chain};
+use svcproxy_iptables::chain_name::KUBE_SERVICES;
 use svcproxy_iptables::config::{LocalDetector, RenderConfig};
 use svcproxy_iptables::failure::{FailureKind, classify};
 
@@ -338,16 +338,16 @@ impl IptablesProxier {
                 (render::assemble(config, in_order), None)
             }
         };
+        // The shared chains are looked up by name: walking the whole map for them cost every sync a pass over
+        // every chain.
         let mut shared_chains = 0;
-        for table in TableName::ALL {
-            for (name, chain) in &ruleset.table(table).chains {
-                if table == TableName::Filter || !is_owned_service_chain(name) {
-                    digest.add_chain(table, name, chain);
-                    shared_chains += 1;
-                }
+        for (table, name) in render::SHARED_CHAINS {
+            if let Some(chain) = ruleset.table(table).chains.get(name) {
+                digest.add_chain(table, name, chain);
+                shared_chains += 1;
             }
         }
-        // Every chain counted once: the parts' chains are the ruleset's per-service chains.
+        // Every chain counted once: the parts' chains and the shared ones are all the ruleset has.
         debug_assert_eq!(
             part_chains + shared_chains,
             ruleset.filter.chains.len() + ruleset.nat.chains.len()
