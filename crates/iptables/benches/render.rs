@@ -96,6 +96,30 @@ fn bench(c: &mut Criterion) {
             b.iter(|| full_payload(&render(black_box(intent), &cfg), &[], &[]))
         });
 
+        // The stages of `full`, each on its own; what they make is dropped outside the timing.
+        let large = is_large_cluster(&prev_intent);
+        group.bench_with_input(BenchmarkId::new("stage_parts", n), &prev_intent, |b, intent| {
+            b.iter_with_large_drop(|| {
+                intent
+                    .service_ports
+                    .values()
+                    .map(|spi| render_service_port(spi, &cfg, large))
+                    .collect::<Vec<_>>()
+            })
+        });
+        let parts: Vec<ServicePortRules> = prev_intent
+            .service_ports
+            .values()
+            .map(|spi| render_service_port(spi, &cfg, large))
+            .collect();
+        group.bench_with_input(BenchmarkId::new("stage_assemble", n), &parts, |b, parts| {
+            b.iter_with_large_drop(|| assemble(&cfg, parts))
+        });
+        group.bench_with_input(BenchmarkId::new("stage_serialize", n), &prev, |b, ruleset| {
+            b.iter_with_large_drop(|| full_payload(ruleset, &[], &[]))
+        });
+        drop(parts);
+
         group.bench_with_input(
             BenchmarkId::new("partial_rerender_all", n),
             &next_intent,
@@ -103,7 +127,6 @@ fn bench(c: &mut Criterion) {
         );
 
         // What a sync engine caching per-service-port parts does: re-render the changed port only.
-        let large = is_large_cluster(&prev_intent);
         let cache: BTreeMap<_, ServicePortRules> = prev_intent
             .service_ports
             .iter()

@@ -6,32 +6,56 @@ use std::net::IpAddr;
 
 use svcproxy_model::{EndpointInfo, Protocol};
 
-/// Builds one `-A CHAIN …` line in place; rendering is the hot path of a full sync, so no intermediate
-/// argument vectors.
-pub(crate) struct Line(String);
+use crate::ruleset::Chain;
+
+/// Builds one rule in place: either a whole `-A CHAIN …` line, or (continuing a chain's text, see
+/// [`ChainRules`]) only the arguments after it. Rendering is the hot path of a full sync, so no intermediate
+/// argument vectors and no buffer per rule.
+pub(crate) struct Line {
+    text: String,
+    /// Nothing written yet for this rule, so its first argument takes no separating space.
+    fresh: bool,
+}
 
 impl Line {
     pub(crate) fn append(chain: &str) -> Self {
-        let mut s = String::with_capacity(160);
-        s.push_str("-A ");
-        s.push_str(chain);
-        Line(s)
+        let mut text = String::with_capacity(160);
+        text.push_str("-A ");
+        text.push_str(chain);
+        Line { text, fresh: false }
     }
 
     /// `-I CHAIN 1 …`: a rule inserted at the top of a chain we do not own.
     pub(crate) fn insert_first(chain: &str) -> Self {
-        Line(format!("-I {chain} 1"))
+        Line {
+            text: format!("-I {chain} 1"),
+            fresh: false,
+        }
+    }
+
+    /// A rule's arguments alone, written after `text`.
+    fn continuing(text: String) -> Self {
+        Line { text, fresh: true }
+    }
+
+    fn space(&mut self) {
+        if self.fresh {
+            self.fresh = false;
+        } else {
+            self.text.push(' ');
+        }
     }
 
     /// Raw arguments, already space-separated (`-m addrtype --dst-type LOCAL`).
     pub(crate) fn args(mut self, args: &str) -> Self {
-        self.0.push(' ');
-        self.0.push_str(args);
+        self.space();
+        self.text.push_str(args);
         self
     }
 
     pub(crate) fn arg_value(mut self, flag: &str, value: impl Display) -> Self {
-        let _ = write!(self.0, " {flag} {value}");
+        self.space();
+        let _ = write!(self.text, "{flag} {value}");
         self
     }
 
@@ -39,48 +63,49 @@ impl Line {
     // most of them an address, a port or a chain name after a flag.
 
     pub(crate) fn arg(mut self, flag: &str, value: &str) -> Self {
-        self.0.push(' ');
-        self.0.push_str(flag);
-        self.0.push(' ');
-        self.0.push_str(value);
+        self.space();
+        self.text.push_str(flag);
+        self.text.push(' ');
+        self.text.push_str(value);
         self
     }
 
     pub(crate) fn arg_ip(mut self, flag: &str, ip: IpAddr) -> Self {
-        self.0.push(' ');
-        self.0.push_str(flag);
-        self.0.push(' ');
-        push_ip(&mut self.0, ip);
+        self.space();
+        self.text.push_str(flag);
+        self.text.push(' ');
+        push_ip(&mut self.text, ip);
         self
     }
 
     pub(crate) fn arg_port(mut self, flag: &str, port: u16) -> Self {
-        self.0.push(' ');
-        self.0.push_str(flag);
-        self.0.push(' ');
-        push_decimal(&mut self.0, u32::from(port));
+        self.space();
+        self.text.push_str(flag);
+        self.text.push(' ');
+        push_decimal(&mut self.text, u32::from(port));
         self
     }
 
     /// `ip:port`, `[ip]:port` for IPv6.
     pub(crate) fn arg_endpoint(mut self, flag: &str, endpoint: &EndpointInfo) -> Self {
-        self.0.push(' ');
-        self.0.push_str(flag);
-        self.0.push(' ');
-        push_endpoint(&mut self.0, endpoint);
+        self.space();
+        self.text.push_str(flag);
+        self.text.push(' ');
+        push_endpoint(&mut self.text, endpoint);
         self
     }
 
     /// `-m comment --comment <text>`, quoted only when the text has a space, as upstream writes it. The texts
     /// come from DNS-label names and fixed phrases, so they never need escaping.
     pub(crate) fn comment(mut self, text: &str) -> Self {
-        self.0.push_str(" -m comment --comment ");
+        self.space();
+        self.text.push_str("-m comment --comment ");
         if text.contains(' ') {
-            self.0.push('"');
-            self.0.push_str(text);
-            self.0.push('"');
+            self.text.push('"');
+            self.text.push_str(text);
+            self.text.push('"');
         } else {
-            self.0.push_str(text);
+            self.text.push_str(text);
         }
         self
     }
@@ -91,15 +116,53 @@ impl Line {
         self.arg("-m", p).arg("-p", p)
     }
 
+    /// `-m statistic --mode random --probability 1/n`, 1/n spelled as [`push_probability`] spells it.
+    pub(crate) fn probability(mut self, n: usize) -> Self {
+        self.space();
+        self.text.push_str("-m statistic --mode random --probability ");
+        push_probability(&mut self.text, n);
+        self
+    }
+
     pub(crate) fn jump(self, target: &str) -> String {
         self.arg("-j", target).finish()
     }
 
-    /// The line in its build buffer. A chain's lines live only until they are copied into the chain's text
-    /// (one buffer per chain), so the buffer is handed over as it is; lines kept longer are shrunk by whoever
-    /// keeps them.
+    /// The text built: the line in its build buffer (lines kept long are shrunk by whoever keeps them), or,
+    /// continuing a chain, the chain's text so far.
     pub(crate) fn finish(self) -> String {
-        self.0
+        self.text
+    }
+}
+
+/// Writes the rules of one chain straight into one text, each rule's arguments ended by a newline (the form
+/// [`Chain`] keeps), in a buffer reused from chain to chain: the chain then costs one exact allocation, where
+/// building lines and joining them took one per rule and two more per chain.
+pub(crate) struct ChainRules<'b> {
+    text: &'b mut String,
+}
+
+impl<'b> ChainRules<'b> {
+    /// Starts a chain in `buffer`, dropping whatever it held.
+    pub(crate) fn new(buffer: &'b mut String) -> Self {
+        buffer.clear();
+        ChainRules { text: buffer }
+    }
+
+    /// Goes on writing rules after the ones `text` holds.
+    pub(crate) fn extending(text: &'b mut String) -> Self {
+        ChainRules { text }
+    }
+
+    /// Adds the rule `build` spells, given a [`Line`] that takes arguments only.
+    pub(crate) fn add(&mut self, build: impl FnOnce(Line) -> String) {
+        let line = Line::continuing(std::mem::take(self.text));
+        *self.text = build(line);
+        self.text.push('\n');
+    }
+
+    pub(crate) fn finish(self) -> Chain {
+        Chain::from_rules(self.text)
     }
 }
 
@@ -151,7 +214,7 @@ pub(crate) fn push_decimal(out: &mut String, mut n: u32) {
 
 /// `1/n` with ten decimals, as Go's `%0.10f` prints it; both are correctly rounded conversions of the same
 /// f64, so the strings agree.
-pub(crate) fn probability(n: usize) -> String {
+fn push_probability(out: &mut String, n: usize) {
     // Ten decimals of 1/n by integer division. Away from a tie the f64 is close enough to 1/n (for n up to
     // 10^5) to round the same way; on an exact decimal tie (n = 2048, 10240, …) the result depends on which
     // side of 1/n the f64 fell, so only the float formatter can say. Both are checked against each other
@@ -159,15 +222,31 @@ pub(crate) fn probability(n: usize) -> String {
     let scale = 10_000_000_000u64;
     let (q, r) = (scale / n.max(1) as u64, scale % n.max(1) as u64);
     if n == 0 || n > 100_000 || 2 * r == n as u64 {
-        return format!("{:.10}", 1.0_f64 / n as f64);
+        let _ = write!(out, "{:.10}", 1.0_f64 / n as f64);
+        return;
     }
     let q = if 2 * r > n as u64 { q + 1 } else { q };
-    format!("{}.{:010}", q / scale, q % scale)
+    push_decimal(out, (q / scale) as u32);
+    out.push('.');
+    let fraction = q % scale;
+    let mut digits = [b'0'; 10];
+    let mut rest = fraction;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend(digits.iter().map(|&d| char::from(d)));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn probability(n: usize) -> String {
+        let mut out = String::new();
+        push_probability(&mut out, n);
+        out
+    }
 
     #[test]
     fn probability_vectors() {
@@ -193,6 +272,31 @@ mod tests {
         for n in 1..=100_001usize {
             assert_eq!(probability(n), format!("{:.10}", 1.0_f64 / n as f64), "n={n}");
         }
+    }
+
+    #[test]
+    fn chain_rules_hold_arguments_only() {
+        let mut buffer = String::from("left over");
+        let mut rules = ChainRules::new(&mut buffer);
+        rules.add(|l| l.comment("a b").arg_port("--dport", 80).jump("X"));
+        rules.add(|l| l.jump("Y"));
+        rules.add(Line::finish);
+        let chain = rules.finish();
+        assert_eq!(
+            chain.text(),
+            "-m comment --comment \"a b\" --dport 80 -j X\n-j Y\n\n"
+        );
+        assert_eq!(
+            chain,
+            Chain::new(
+                "C",
+                [
+                    "-A C -m comment --comment \"a b\" --dport 80 -j X",
+                    "-A C -j Y",
+                    "-A C"
+                ]
+            )
+        );
     }
 
     #[test]

@@ -95,6 +95,19 @@ impl Chain {
         Chain { rules: rules.into() }
     }
 
+    /// A chain from its rules' arguments, each ended by a newline (the form [`Chain::text`] gives back).
+    pub fn from_rules(text: &str) -> Self {
+        debug_assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "rule text not ended by a newline: {text:?}"
+        );
+        debug_assert!(
+            !text.lines().any(|l| l.starts_with("-A ")),
+            "rule arguments spelled as a line: {text:?}"
+        );
+        Chain { rules: text.into() }
+    }
+
     /// Each rule's arguments after `-A NAME`.
     pub fn rules(&self) -> std::str::Lines<'_> {
         self.rules.lines()

@@ -4,7 +4,6 @@
 //! Rule shapes, texts and order follow upstream's generator, so chains written by either proxy look the
 //! same; the comments below say which upstream behaviour each part reproduces.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 use svcproxy_model::{EndpointInfo, ServicePortIntent, SessionAffinity};
@@ -14,7 +13,7 @@ use crate::chain_name::{
     ServiceChains,
 };
 use crate::config::RenderConfig;
-use crate::rule_text::{Line, probability};
+use crate::rule_text::{ChainRules, Line};
 use crate::ruleset::{Chain, ChainName, TableName};
 
 /// One line a service port adds to a chain shared by all service ports (`KUBE-SERVICES`, …).
@@ -23,6 +22,21 @@ pub struct SharedRule {
     pub table: TableName,
     pub chain: &'static str,
     pub line: String,
+}
+
+impl SharedRule {
+    /// The line's arguments after `-A CHAIN`.
+    pub fn args(&self) -> &str {
+        debug_assert!(
+            self.line.starts_with("-A ")
+                && self.line[3..].starts_with(self.chain)
+                && self.line.as_bytes().get(3 + self.chain.len()) == Some(&b' '),
+            "not an append to {}: {:?}",
+            self.chain,
+            self.line
+        );
+        self.line.get(self.chain.len() + 4..).unwrap_or("")
+    }
 }
 
 /// Everything one service port contributes to the ruleset.
@@ -44,7 +58,7 @@ pub fn render_service_port(
 ) -> ServicePortRules {
     // Each endpoint chain is named once, though the cluster and the local chain may both jump to it.
     let mut sep_names = SepNames::new(&spi.name);
-    let mut seps: Vec<(SocketAddr, String)> = spi
+    let mut seps: Vec<(SocketAddr, ChainName)> = spi
         .endpoints
         .all_reachable()
         .iter()
@@ -60,16 +74,6 @@ pub fn render_service_port(
         seps,
     };
 
-    let mut svc = Vec::new();
-    let mut svl = Vec::new();
-    if let Some(line) = r.masquerade_rule() {
-        if spi.internal_policy_local {
-            &mut svl
-        } else {
-            &mut svc
-        }
-        .push(line);
-    }
     // Sized exactly: the parts of every service port are held for as long as the proxy runs.
     let own = [
         spi.uses_external_chain(),
@@ -79,38 +83,40 @@ pub fn render_service_port(
     ];
     let mut chains =
         Vec::with_capacity(own.iter().filter(|u| **u).count() + spi.endpoints.all_reachable().len());
+    let mut buffer = String::with_capacity(1024);
     if spi.uses_external_chain() {
-        chains.push((
-            ChainName::from(r.chains.ext.as_str()),
-            Chain::new(&r.chains.ext, r.external_chain()),
-        ));
+        let mut rules = ChainRules::new(&mut buffer);
+        r.external_chain(&mut rules);
+        chains.push((ChainName::from(r.chains.ext.as_str()), rules.finish()));
     }
     if spi.uses_firewall_chain() {
-        chains.push((
-            ChainName::from(r.chains.fw.as_str()),
-            Chain::new(&r.chains.fw, r.firewall_chain()),
-        ));
+        let mut rules = ChainRules::new(&mut buffer);
+        r.firewall_chain(&mut rules);
+        chains.push((ChainName::from(r.chains.fw.as_str()), rules.finish()));
     }
     // Only chains with endpoints are declared. The masquerade rule cannot be orphaned: the intent's derived
     // booleans make "has internal endpoints" imply that the internal chain is in use.
     if spi.uses_cluster_chain() {
-        r.dispatch(&r.chains.svc, &spi.endpoints.cluster, &mut svc);
-        chains.push((
-            ChainName::from(r.chains.svc.as_str()),
-            Chain::new(&r.chains.svc, svc),
-        ));
+        let mut rules = ChainRules::new(&mut buffer);
+        if !spi.internal_policy_local {
+            r.masquerade_rule(&mut rules);
+        }
+        r.dispatch(&spi.endpoints.cluster, &mut rules);
+        chains.push((ChainName::from(r.chains.svc.as_str()), rules.finish()));
     }
     if spi.uses_local_chain() {
-        r.dispatch(&r.chains.svl, &spi.endpoints.local, &mut svl);
-        chains.push((
-            ChainName::from(r.chains.svl.as_str()),
-            Chain::new(&r.chains.svl, svl),
-        ));
+        let mut rules = ChainRules::new(&mut buffer);
+        if spi.internal_policy_local {
+            r.masquerade_rule(&mut rules);
+        }
+        r.dispatch(&spi.endpoints.local, &mut rules);
+        chains.push((ChainName::from(r.chains.svl.as_str()), rules.finish()));
     }
     for ep in spi.endpoints.all_reachable() {
         let name = r.sep(ep);
-        let lines = r.endpoint_chain(&name, ep);
-        chains.push((ChainName::from(&*name), Chain::new(&name, lines)));
+        let mut rules = ChainRules::new(&mut buffer);
+        r.endpoint_chain(&name, ep, &mut rules);
+        chains.push((name, rules.finish()));
     }
     ServicePortRules {
         chains,
@@ -125,16 +131,16 @@ struct ServiceRenderer<'a> {
     spn: String,
     chains: ServiceChains,
     /// Endpoint chain names by endpoint address, sorted by address.
-    seps: Vec<(SocketAddr, String)>,
+    seps: Vec<(SocketAddr, ChainName)>,
 }
 
 impl ServiceRenderer<'_> {
     /// The endpoint chain's name. The reachable endpoints include every endpoint a policy chain picks from
     /// (the intent guarantees it); should one be missing, it is named on the spot rather than trusted.
-    fn sep(&self, ep: &EndpointInfo) -> Cow<'_, str> {
+    fn sep(&self, ep: &EndpointInfo) -> ChainName {
         match self.seps.binary_search_by_key(&ep.socket_addr(), |(a, _)| *a) {
-            Ok(i) => Cow::Borrowed(&self.seps[i].1),
-            Err(_) => Cow::Owned(SepNames::new(&self.spi.name).name(ep)),
+            Ok(i) => self.seps[i].1.clone(),
+            Err(_) => SepNames::new(&self.spi.name).name(ep),
         }
     }
 
@@ -154,11 +160,10 @@ impl ServiceRenderer<'_> {
         }
     }
 
-    /// `-A <chain> -m comment --comment <c> -m <p> -p <p> -d <ip> --dport <port>`: the common head of every
-    /// rule matching a service address.
-    fn dest_match(&self, chain: &str, comment: &str, ip: IpAddr, port: u16) -> Line {
-        Line::append(chain)
-            .comment(comment)
+    /// `-m comment --comment <c> -m <p> -p <p> -d <ip> --dport <port>`: the common head of every rule
+    /// matching a service address.
+    fn dest_match(&self, line: Line, comment: &str, ip: IpAddr, port: u16) -> Line {
+        line.comment(comment)
             .protocol(self.spi.name.protocol)
             .arg_ip("-d", ip)
             .arg_port("--dport", port)
@@ -196,7 +201,7 @@ impl ServiceRenderer<'_> {
         if spi.has_internal_endpoints() {
             let line = self
                 .dest_match(
-                    KUBE_SERVICES,
+                    Line::append(KUBE_SERVICES),
                     &format!("{spn} cluster IP"),
                     spi.cluster_ip,
                     spi.port,
@@ -205,7 +210,12 @@ impl ServiceRenderer<'_> {
             share(TableName::Nat, KUBE_SERVICES, line);
         } else {
             let line = self
-                .dest_match(KUBE_SERVICES, &verdict_comment, spi.cluster_ip, spi.port)
+                .dest_match(
+                    Line::append(KUBE_SERVICES),
+                    &verdict_comment,
+                    spi.cluster_ip,
+                    spi.port,
+                )
                 .jump(verdict);
             share(TableName::Filter, KUBE_SERVICES, line);
         }
@@ -214,13 +224,18 @@ impl ServiceRenderer<'_> {
         for ip in &spi.external_ips {
             if has_endpoints {
                 let line = self
-                    .dest_match(KUBE_SERVICES, &external_ip_comment, *ip, spi.port)
+                    .dest_match(Line::append(KUBE_SERVICES), &external_ip_comment, *ip, spi.port)
                     .jump(ext);
                 share(TableName::Nat, KUBE_SERVICES, line);
             }
             if !has_external {
                 let line = self
-                    .dest_match(KUBE_EXTERNAL_SERVICES, &verdict_comment, *ip, spi.port)
+                    .dest_match(
+                        Line::append(KUBE_EXTERNAL_SERVICES),
+                        &verdict_comment,
+                        *ip,
+                        spi.port,
+                    )
                     .jump(verdict);
                 share(TableName::Filter, KUBE_EXTERNAL_SERVICES, line);
             }
@@ -233,7 +248,7 @@ impl ServiceRenderer<'_> {
         for ip in &spi.load_balancer_ips {
             if has_endpoints {
                 let line = self
-                    .dest_match(KUBE_SERVICES, &lb_comment, *ip, spi.port)
+                    .dest_match(Line::append(KUBE_SERVICES), &lb_comment, *ip, spi.port)
                     .jump(lb_target);
                 share(TableName::Nat, KUBE_SERVICES, line);
             }
@@ -241,7 +256,7 @@ impl ServiceRenderer<'_> {
             // address as destination here came from outside the source ranges.
             if uses_fw {
                 let line = self
-                    .dest_match(KUBE_PROXY_FIREWALL, &fw_drop_comment, *ip, spi.port)
+                    .dest_match(Line::append(KUBE_PROXY_FIREWALL), &fw_drop_comment, *ip, spi.port)
                     .jump("DROP");
                 share(TableName::Filter, KUBE_PROXY_FIREWALL, line);
             }
@@ -249,7 +264,12 @@ impl ServiceRenderer<'_> {
         if !has_external {
             for ip in &spi.load_balancer_ips {
                 let line = self
-                    .dest_match(KUBE_EXTERNAL_SERVICES, &verdict_comment, *ip, spi.port)
+                    .dest_match(
+                        Line::append(KUBE_EXTERNAL_SERVICES),
+                        &verdict_comment,
+                        *ip,
+                        spi.port,
+                    )
                     .jump(verdict);
                 share(TableName::Filter, KUBE_EXTERNAL_SERVICES, line);
             }
@@ -291,88 +311,86 @@ impl ServiceRenderer<'_> {
 
     /// First rule of the internal chain. Off-cluster clients that route the service range through this node
     /// must be SNAT-ed so replies come back through it; pods need not be.
-    fn masquerade_rule(&self) -> Option<String> {
+    fn masquerade_rule(&self, rules: &mut ChainRules<'_>) {
         let spi = self.spi;
         if !spi.has_internal_endpoints() {
-            return None;
+            return;
         }
-        let head = self.dest_match(
-            self.internal_chain(),
-            &format!("{} cluster IP", self.spn),
-            spi.cluster_ip,
-            spi.port,
-        );
-        if self.cfg.masquerade_all {
-            return Some(head.jump(KUBE_MARK_MASQ));
-        }
-        let not_local = self.cfg.local_detector.if_not_local(self.cfg.family)?;
-        Some(head.args(&not_local).jump(KUBE_MARK_MASQ))
+        let not_local = if self.cfg.masquerade_all {
+            None
+        } else {
+            match self.cfg.local_detector.if_not_local(self.cfg.family) {
+                Some(not_local) => Some(not_local),
+                None => return,
+            }
+        };
+        rules.add(|l| {
+            let head = self.dest_match(l, &format!("{} cluster IP", self.spn), spi.cluster_ip, spi.port);
+            match &not_local {
+                Some(not_local) => head.args(not_local),
+                None => head,
+            }
+            .jump(KUBE_MARK_MASQ)
+        });
     }
 
     /// `KUBE-EXT-*`: what NodePort, external-IP and load-balancer traffic goes through.
-    fn external_chain(&self) -> Vec<String> {
-        let (spn, ext, svc) = (&self.spn, &self.chains.ext, &self.chains.svc);
-        let mut lines = Vec::new();
+    fn external_chain(&self, rules: &mut ChainRules<'_>) {
+        let (spn, svc) = (&self.spn, &self.chains.svc);
         if !self.spi.external_policy_local {
             // Endpoints may be on other nodes: replies must come back through us.
-            lines.push(
-                Line::append(ext)
-                    .comment(&format!("masquerade traffic for {spn} external destinations"))
-                    .jump(KUBE_MARK_MASQ),
-            );
+            rules.add(|l| {
+                l.comment(&format!("masquerade traffic for {spn} external destinations"))
+                    .jump(KUBE_MARK_MASQ)
+            });
         } else {
             // Pods and the node itself reaching the external address are sent to all endpoints, as if they had
             // hairpinned through the load balancer; only truly external clients are kept local (and keep their
             // source address).
             if let Some(local) = self.cfg.local_detector.if_local(self.cfg.family) {
-                lines.push(
-                    Line::append(ext)
-                        .comment(&format!("pod traffic for {spn} external destinations"))
+                rules.add(|l| {
+                    l.comment(&format!("pod traffic for {spn} external destinations"))
                         .args(&local)
-                        .jump(svc),
-                );
+                        .jump(svc)
+                });
             }
             // The node's own source address would be the external address itself, which an endpoint cannot
             // answer.
-            lines.push(
-                Line::append(ext)
-                    .comment(&format!(
-                        "masquerade LOCAL traffic for {spn} external destinations"
-                    ))
+            rules.add(|l| {
+                l.comment(&format!(
+                    "masquerade LOCAL traffic for {spn} external destinations"
+                ))
+                .args("-m addrtype --src-type LOCAL")
+                .jump(KUBE_MARK_MASQ)
+            });
+            rules.add(|l| {
+                l.comment(&format!("route LOCAL traffic for {spn} external destinations"))
                     .args("-m addrtype --src-type LOCAL")
-                    .jump(KUBE_MARK_MASQ),
-            );
-            lines.push(
-                Line::append(ext)
-                    .comment(&format!("route LOCAL traffic for {spn} external destinations"))
-                    .args("-m addrtype --src-type LOCAL")
-                    .jump(svc),
-            );
+                    .jump(svc)
+            });
         }
         // With no local endpoint the chain ends without a jump: the packet stays un-DNAT-ed and the filter
         // DROP catches it.
         if self.spi.has_external_endpoints() {
-            lines.push(Line::append(ext).jump(self.external_policy_chain()));
+            rules.add(|l| l.jump(self.external_policy_chain()));
         }
-        lines
     }
 
     /// `KUBE-FW-*`: the load-balancer source ranges.
-    fn firewall_chain(&self) -> Vec<String> {
-        let (fw, ext) = (&self.chains.fw, &self.chains.ext);
+    fn firewall_chain(&self, rules: &mut ChainRules<'_>) {
+        let ext = &self.chains.ext;
         let comment = format!("{} loadbalancer IP", self.spn);
-        let mut lines = Vec::new();
         let mut allow_from_node = false;
         for cidr in &self.spi.source_ranges {
             let cidr = cidr.trunc();
-            lines.push(Line::append(fw).comment(&comment).arg_value("-s", cidr).jump(ext));
+            rules.add(|l| l.comment(&comment).arg_value("-s", cidr).jump(ext));
             allow_from_node |= self.cfg.node_ip.is_some_and(|ip| cidr.contains(&ip));
         }
         // On load balancers that put the VIP on the node, node-to-VIP traffic loops back with the VIP as its
         // source; admit it when the node itself is allowed.
         if allow_from_node {
             for ip in &self.spi.load_balancer_ips {
-                lines.push(Line::append(fw).comment(&comment).arg_value("-s", ip).jump(ext));
+                rules.add(|l| l.comment(&comment).arg_value("-s", ip).jump(ext));
             }
         }
         // A counter-only rule naming where the rest goes, for people reading the chain.
@@ -380,54 +398,58 @@ impl ServiceRenderer<'_> {
             "other traffic to {} will be dropped by {KUBE_PROXY_FIREWALL}",
             self.spn
         );
-        lines.push(Line::append(fw).comment(&other).finish());
-        lines
+        rules.add(|l| l.comment(&other).finish());
     }
 
     /// Spreads new connections evenly: rule i of n matches with probability 1/(n−i), the last one always.
     /// ClientIP affinity rules come first so a returning client goes back to its endpoint.
-    fn dispatch(&self, chain: &str, endpoints: &[EndpointInfo], lines: &mut Vec<String>) {
+    fn dispatch(&self, endpoints: &[EndpointInfo], rules: &mut ChainRules<'_>) {
         let comments: Vec<Option<String>> = endpoints
             .iter()
             .map(|ep| (!self.large_cluster).then(|| format!("{} -> {ep}", self.spn)))
             .collect();
-        let seps: Vec<Cow<'_, str>> = endpoints.iter().map(|ep| self.sep(ep)).collect();
+        let seps: Vec<ChainName> = endpoints.iter().map(|ep| self.sep(ep)).collect();
         if let SessionAffinity::ClientIP { timeout_seconds } = self.spi.session_affinity {
             for (sep, comment) in seps.iter().zip(&comments) {
-                let line = Self::with_comment(Line::append(chain), comment.as_deref())
-                    .arg("-m recent --name", sep)
-                    .arg_value("--rcheck --seconds", timeout_seconds)
-                    .args("--reap")
-                    .jump(sep);
-                lines.push(line);
+                rules.add(|l| {
+                    Self::with_comment(l, comment.as_deref())
+                        .arg("-m recent --name", sep)
+                        .arg_value("--rcheck --seconds", timeout_seconds)
+                        .args("--reap")
+                        .jump(sep)
+                });
             }
         }
         let n = endpoints.len();
         for (i, (sep, comment)) in seps.iter().zip(&comments).enumerate() {
-            let mut line = Self::with_comment(Line::append(chain), comment.as_deref());
-            if i + 1 < n {
-                line = line.arg("-m statistic --mode random --probability", &probability(n - i));
-            }
-            lines.push(line.jump(sep));
+            rules.add(|l| {
+                let mut line = Self::with_comment(l, comment.as_deref());
+                if i + 1 < n {
+                    line = line.probability(n - i);
+                }
+                line.jump(sep)
+            });
         }
     }
 
     /// Hairpin masquerade (a pod reaching its own service must not see its own address as the source, or
     /// its reply would bypass the reverse NAT), then the DNAT, recording the client when affinity is on.
-    fn endpoint_chain(&self, name: &str, ep: &EndpointInfo) -> Vec<String> {
+    fn endpoint_chain(&self, name: &str, ep: &EndpointInfo, rules: &mut ChainRules<'_>) {
         let comment = (!self.large_cluster).then_some(self.spn.as_str());
-        let masq = Self::with_comment(Line::append(name), comment)
-            .arg_ip("-s", ep.ip)
-            .jump(KUBE_MARK_MASQ);
-        let mut dnat = Self::with_comment(Line::append(name), comment);
-        if matches!(self.spi.session_affinity, SessionAffinity::ClientIP { .. }) {
-            dnat = dnat.arg("-m recent --name", name).args("--set");
-        }
-        let dnat = dnat
-            .protocol(self.spi.name.protocol)
-            .args("-j DNAT")
-            .arg_endpoint("--to-destination", ep)
-            .finish();
-        vec![masq, dnat]
+        rules.add(|l| {
+            Self::with_comment(l, comment)
+                .arg_ip("-s", ep.ip)
+                .jump(KUBE_MARK_MASQ)
+        });
+        rules.add(|l| {
+            let mut dnat = Self::with_comment(l, comment);
+            if matches!(self.spi.session_affinity, SessionAffinity::ClientIP { .. }) {
+                dnat = dnat.arg("-m recent --name", name).args("--set");
+            }
+            dnat.protocol(self.spi.name.protocol)
+                .args("-j DNAT")
+                .arg_endpoint("--to-destination", ep)
+                .finish()
+        });
     }
 }
