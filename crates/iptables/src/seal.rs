@@ -25,6 +25,13 @@
 //! - the seal also names the boot and network namespace its generation counts in: both count from the start
 //!   again, so a dump with an old seal restored after a reboot or in another namespace proves nothing.
 //!
+//! - the IPv4 and IPv6 tables share the one generation, so on a dual-stack node each family's writes move it
+//!   past the other's seal. A seal therefore also names the generation since which every commit was one of
+//!   this process's restores (`since`, kept by a ledger both families write to): a family whose own seal
+//!   carries the digest it would write is still proven when the newest seal of either family names the
+//!   generation the kernel is at and vouches for every commit after the family's own seal. The other family's
+//!   restores never touch this family's tables, and one of its own would have left a newer seal of its own.
+//!
 //! Legacy iptables does not move the nf_tables generation, so there is no seal with it.
 
 use sha2::{Digest as _, Sha256};
@@ -72,6 +79,9 @@ impl Generation {
 pub struct Seal {
     /// The nf_tables generation the sealing restore ends at.
     pub generation: Generation,
+    /// Every commit after this generation (of the same instance) up to `generation` was one of the sealing
+    /// process's restores; `generation` itself when nothing is known.
+    pub ours_since: u32,
     /// The digest of the rules the kernel holds at that generation; `None` when the write that left this
     /// seal was not known to complete a sync on top of a known state.
     pub digest: Option<Digest>,
@@ -81,11 +91,14 @@ impl Seal {
     /// The rule comment spelling this seal.
     pub fn comment(&self) -> String {
         let Generation { instance, value } = self.generation;
+        let since = self.ours_since;
         match self.digest {
-            Some(d) => {
-                format!("{COMMENT_PREFIX} generation={value} instance={instance:016x} digest={d:032x}")
+            Some(d) => format!(
+                "{COMMENT_PREFIX} generation={value} instance={instance:016x} since={since} digest={d:032x}"
+            ),
+            None => {
+                format!("{COMMENT_PREFIX} generation={value} instance={instance:016x} since={since} unsealed")
             }
-            None => format!("{COMMENT_PREFIX} generation={value} instance={instance:016x} unsealed"),
         }
     }
 
@@ -120,7 +133,16 @@ impl Seal {
             instance: u64::from_str_radix(instance, 16).ok()?,
             value,
         };
-        let digest = match words.next()? {
+        // Seals written before `since` existed vouch for no commit but their own.
+        let mut word = words.next()?;
+        let ours_since = match word.strip_prefix("since=") {
+            Some(since) => {
+                word = words.next()?;
+                since.parse().ok()?
+            }
+            None => value,
+        };
+        let digest = match word {
             "unsealed" => None,
             d => {
                 let hex = d.strip_prefix("digest=")?;
@@ -128,13 +150,47 @@ impl Seal {
                 Some(u128::from_str_radix(hex, 16).ok()?)
             }
         };
-        words.next().is_none().then_some(Seal { generation, digest })
+        words.next().is_none().then_some(Seal {
+            generation,
+            ours_since,
+            digest,
+        })
     }
 
     /// Whether this seal proves that the kernel, now at `generation`, holds the rules of `digest`.
     pub fn proves(&self, generation: Generation, digest: Digest) -> bool {
         self.generation == generation && self.digest == Some(digest)
     }
+
+    /// Whether this seal vouches that every commit after `earlier` up to its own generation was one of its
+    /// process's restores.
+    pub fn ours_after(&self, earlier: Generation) -> bool {
+        let since = Generation {
+            value: self.ours_since,
+            ..self.generation
+        };
+        since.is_at_or_before(earlier) && earlier.is_at_or_before(self.generation)
+    }
+}
+
+impl Generation {
+    /// Whether `self` comes no later than `other` in the same instance (the counter wraps).
+    pub fn is_at_or_before(self, other: Generation) -> bool {
+        self.instance == other.instance && (other.value.wrapping_sub(self.value) as i32) >= 0
+    }
+}
+
+/// Whether the kernel, now at `now`, holds the rules of `digest` in the tables `own` (the newest seal in them)
+/// seals: `own` carries that digest and either names `now` itself, or `latest` (the newest seal of any of our
+/// tables, the other family's included) names `now` and vouches for every commit since `own`'s. The other
+/// family's restores leave these tables alone, and a restore of this family would have left a newer `own`.
+pub fn proven(own: Option<Seal>, latest: Option<Seal>, now: Generation, digest: Digest) -> bool {
+    let Some(own) = own else {
+        return false;
+    };
+    own.proves(now, digest)
+        || (own.digest == Some(digest)
+            && latest.is_some_and(|l| l.generation == now && l.ours_after(own.generation)))
 }
 
 /// The digest of one chain: a sum of such digests is the digest of a ruleset, so a sync that re-renders a few
@@ -207,7 +263,18 @@ impl RulesetDigest {
 /// declared (which flushes it) and given its one rule in the payload's last section, or in a filter section
 /// that is the whole payload when it has none. The seal names the generation the restore ends at: `generation`
 /// plus the number of sections (see the module's notes for why that holds).
-pub fn sealed(mut payload: Payload, generation: Generation, digest: Option<Digest>) -> (Payload, Seal) {
+pub fn sealed(payload: Payload, generation: Generation, digest: Option<Digest>) -> (Payload, Seal) {
+    sealed_since(payload, generation, generation.value, digest)
+}
+
+/// [`sealed`], vouching that every commit after generation `ours_since` up to `generation` was one of this
+/// process's restores (the restore itself is, too).
+pub fn sealed_since(
+    mut payload: Payload,
+    generation: Generation,
+    ours_since: u32,
+    digest: Option<Digest>,
+) -> (Payload, Seal) {
     // Where the last section starts and ends, as byte offsets: the seal goes in in place, since a cold sync's
     // transactions are megabytes each.
     let (mut sections, mut offset) = (0u32, 0);
@@ -229,6 +296,7 @@ pub fn sealed(mut payload: Payload, generation: Generation, digest: Option<Diges
     }
     let seal = Seal {
         generation: generation.after(sections),
+        ours_since,
         digest,
     };
     let declare = format!(":{SEAL_CHAIN} - [0:0]\n");
@@ -276,10 +344,12 @@ mod tests {
         for seal in [
             Seal {
                 generation: at(4_000_000_001),
+                ours_since: 3_999_999_990,
                 digest: Some(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
             },
             Seal {
                 generation: at(7),
+                ours_since: 7,
                 digest: None,
             },
         ] {
@@ -298,6 +368,7 @@ mod tests {
             "-A {SEAL_CHAIN} -m comment --comment \"{}\"",
             Seal {
                 generation: at(3),
+                ours_since: 1,
                 digest: Some(5)
             }
             .comment()
@@ -315,6 +386,12 @@ mod tests {
             ),
             format!("-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=3 unsealed\""),
             format!(
+                "-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=3 instance=00000000000000aa since=x unsealed\""
+            ),
+            format!(
+                "-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=3 instance=00000000000000aa since=1\""
+            ),
+            format!(
                 "-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=x instance=00000000000000aa unsealed\""
             ),
             format!(
@@ -331,6 +408,7 @@ mod tests {
     fn only_the_named_generation_and_digest_prove_anything() {
         let seal = Seal {
             generation: at(10),
+            ours_since: 10,
             digest: Some(99),
         };
         assert!(seal.proves(at(10), 99));
@@ -343,6 +421,7 @@ mod tests {
         assert!(!seal.proves(elsewhere, 99), "another boot or namespace");
         let unsealed = Seal {
             generation: at(10),
+            ours_since: 10,
             digest: None,
         };
         assert!(!unsealed.proves(at(10), 99));
@@ -395,6 +474,7 @@ mod tests {
     fn the_last_section_carries_the_seal() {
         let seal = Seal {
             generation: at(12),
+            ours_since: 11,
             digest: Some(1),
         };
         let rule = format!("-A {SEAL_CHAIN} -m comment --comment \"{}\"", seal.comment());
@@ -418,7 +498,7 @@ mod tests {
             line_count: 6,
             ..Default::default()
         };
-        let (p, written) = sealed(both, at(10), Some(1));
+        let (p, written) = sealed_since(both, at(10), 11, Some(1));
         assert_eq!(written, seal);
         assert_eq!(
             p.text,
@@ -442,11 +522,87 @@ mod tests {
         let seal = |value| {
             Some(Seal {
                 generation: at(value),
+                ours_since: value,
                 digest: None,
             })
         };
         assert_eq!(newest([seal(4), seal(9)]), seal(9));
         assert_eq!(newest([seal(9), None]), seal(9));
         assert_eq!(newest([None, None]), None);
+    }
+
+    #[test]
+    fn a_seal_without_since_vouches_for_its_own_commit_only() {
+        let listing = format!(
+            "-A {SEAL_CHAIN} -m comment --comment \"svcproxy seal generation=9 instance=00000000000000aa digest=00000000000000000000000000000005\""
+        );
+        let seal = Seal::from_listing(&listing).unwrap();
+        assert_eq!(seal.ours_since, 9);
+        assert!(seal.proves(at(9), 5));
+        assert!(!seal.ours_after(at(8)));
+    }
+
+    #[test]
+    fn a_seal_vouches_for_the_commits_after_its_since() {
+        let seal = Seal {
+            generation: at(20),
+            ours_since: 15,
+            digest: None,
+        };
+        for earlier in [15, 16, 20] {
+            assert!(seal.ours_after(at(earlier)), "{earlier}");
+        }
+        for earlier in [14, 21] {
+            assert!(!seal.ours_after(at(earlier)), "{earlier}");
+        }
+        let elsewhere = Generation {
+            instance: 0xbb,
+            value: 16,
+        };
+        assert!(!seal.ours_after(elsewhere));
+        // Across the counter's wrap.
+        let wrapped = Seal {
+            generation: at(3),
+            ours_since: u32::MAX - 2,
+            digest: None,
+        };
+        assert!(wrapped.ours_after(at(u32::MAX)));
+        assert!(wrapped.ours_after(at(1)));
+        assert!(!wrapped.ours_after(at(u32::MAX - 3)));
+    }
+
+    #[test]
+    fn a_family_is_proven_through_the_newest_seal_of_either() {
+        let own = |value, digest| {
+            Some(Seal {
+                generation: at(value),
+                ours_since: value - 1,
+                digest: Some(digest),
+            })
+        };
+        let other = |value, since| {
+            Some(Seal {
+                generation: at(value),
+                ours_since: since,
+                digest: Some(77),
+            })
+        };
+        // Its own seal names the generation now.
+        assert!(proven(own(10, 5), own(10, 5), at(10), 5));
+        // The other family wrote since, and vouches for every commit after our seal.
+        assert!(proven(own(10, 5), other(12, 8), at(12), 5));
+        assert!(proven(own(10, 5), other(12, 10), at(12), 5));
+        // Not: the other family's run of commits starts after ours (a commit in between is nobody's we
+        // know), the newest seal is not where the kernel is, the digest differs, or there is no own seal.
+        assert!(!proven(own(10, 5), other(12, 11), at(12), 5));
+        assert!(!proven(own(10, 5), other(12, 8), at(13), 5));
+        assert!(!proven(own(10, 6), other(12, 8), at(12), 5));
+        assert!(!proven(None, other(12, 8), at(12), 5));
+        let unsealed = Some(Seal {
+            generation: at(10),
+            ours_since: 9,
+            digest: None,
+        });
+        assert!(!proven(unsealed, other(12, 8), at(12), 5));
     }
 }

@@ -19,6 +19,7 @@ use svcproxy::metrics::Metrics;
 use svcproxy::node_addresses::SystemAddresses;
 use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, family_split, manifest_dir::ManifestDir};
+use svcproxy::sync::commit_ledger::CommitLedger;
 use svcproxy::sync::engine::{Engine, EngineConfig, EngineStatus};
 use svcproxy::sync::iptables_proxier::{IptablesProxier, ProxierOptions};
 use svcproxy::sync::nft_proxier::NftProxier;
@@ -220,6 +221,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ProxyMode::Iptables => {
             refuse_mixed_backends()?;
             let mut proxiers = Vec::new();
+            // Both families' restores move the one nf_tables generation: each records its own here, so
+            // neither takes the other's for a foreign program's.
+            let ledger = CommitLedger::default();
             for &family in &families {
                 let mut proxier = IptablesProxier::new(
                     Box::new(SystemIptables::new(family)),
@@ -239,7 +243,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 // Only iptables-nft writes move the nf_tables generation the seal relies on.
                 if active.as_ref().is_ok_and(|b| *b == backends::Backend::Nft) {
                     match NfTablesGeneration::open() {
-                        Ok(generation) => proxier = proxier.with_generation(Box::new(generation)),
+                        Ok(generation) => {
+                            proxier = proxier
+                                .with_generation(Box::new(generation))
+                                .with_commit_ledger(ledger.clone());
+                            if let Some(&other) = families.iter().find(|f| **f != family) {
+                                proxier = proxier.with_sibling_seals(Box::new(SystemIptables::new(other)));
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "no nf_tables netlink socket; every restart reads the kernel whole")
                         }

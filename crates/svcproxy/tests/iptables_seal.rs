@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use svcproxy::exec::iptables::{Recorded, RecordingIptables};
 use svcproxy::node_addresses::{FixedAddresses, NodePortSpec};
+use svcproxy::sync::commit_ledger::CommitLedger;
 use svcproxy::sync::iptables_proxier::{DetectLocal, IptablesProxier, ProxierOptions};
 use svcproxy::sync::proxier::{Proxier, SyncMode};
 use svcproxy_iptables::config::RenderConfig;
@@ -35,6 +36,46 @@ fn proxier(fake: &RecordingIptables) -> IptablesProxier {
         },
     )
     .with_generation(Box::new(fake.generation.clone()))
+}
+
+/// One family's proxier of a dual-stack node: both families' fakes move one generation, the proxiers share
+/// `ledger` and read each other's seals.
+fn family_proxier(
+    fake: &RecordingIptables,
+    family: IpFamily,
+    sibling: &RecordingIptables,
+    ledger: &CommitLedger,
+) -> IptablesProxier {
+    let address = match family {
+        IpFamily::V4 => "10.0.0.10",
+        IpFamily::V6 => "fd00::10",
+    };
+    IptablesProxier::new(
+        Box::new(fake.clone()),
+        Box::new(FixedAddresses(vec![address.parse().unwrap()])),
+        IntentConfig {
+            family,
+            node_name: "node-a".into(),
+        },
+        ProxierOptions {
+            base: RenderConfig {
+                family,
+                ..RenderConfig::default()
+            },
+            detect_local: DetectLocal::None,
+            nodeport_addresses: NodePortSpec::All,
+        },
+    )
+    .with_generation(Box::new(fake.generation.clone()))
+    .with_commit_ledger(ledger.clone())
+    .with_sibling_seals(Box::new(sibling.clone()))
+}
+
+/// The two fakes of a dual-stack node.
+fn dual_stack() -> (RecordingIptables, RecordingIptables) {
+    let v4 = RecordingIptables::default();
+    let v6 = RecordingIptables::sharing_generation(&v4.generation);
+    (v4, v6)
 }
 
 fn web_changed() -> IntentChanges {
@@ -251,4 +292,104 @@ fn saved_form(payload: &str) -> String {
         out.push_str("COMMIT\n");
     }
     out
+}
+
+#[test]
+fn dual_stack_families_keep_custody_across_each_others_writes() {
+    let (v4, v6) = dual_stack();
+    let ledger = CommitLedger::default();
+    let mut p4 = family_proxier(&v4, IpFamily::V4, &v6, &ledger);
+    let mut p6 = family_proxier(&v6, IpFamily::V6, &v4, &ledger);
+    let everything = IntentChanges::everything();
+    p4.sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    p6.sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    assert!(last_seal(&v6).digest.is_some());
+    // The IPv6 write moved the generation past the IPv4 seal, but it was ours: the next IPv4 write still
+    // knows what its tables hold, and its seal vouches for the IPv6 commits in between.
+    let v4_before = last_seal(&v4);
+    p4.sync(&state(&["10.244.0.6"]), &web_changed(), SyncMode::Partial)
+        .unwrap();
+    let v4_after = last_seal(&v4);
+    assert!(
+        v4_after.digest.is_some(),
+        "custody kept across the other family's write"
+    );
+    assert!(v4_after.ours_after(v4_before.generation));
+    assert_eq!(v4_after.generation, now(&v4));
+
+    // Restarted: each family proves its rules from the seals, reading and writing nothing, though only one
+    // of them wrote last.
+    let (saves_before, restores_before) =
+        (saves(&v4) + saves(&v6), v4.restores().len() + v6.restores().len());
+    let ledger = CommitLedger::default();
+    let mut q4 = family_proxier(&v4, IpFamily::V4, &v6, &ledger);
+    let mut q6 = family_proxier(&v6, IpFamily::V6, &v4, &ledger);
+    for q in [&mut q4, &mut q6] {
+        let report = q
+            .sync(&state(&["10.244.0.6"]), &everything, SyncMode::Full)
+            .unwrap();
+        assert_eq!(report.payload_lines, 0);
+    }
+    assert_eq!(saves(&v4) + saves(&v6), saves_before, "no dump");
+    assert_eq!(
+        v4.restores().len() + v6.restores().len(),
+        restores_before,
+        "no write"
+    );
+
+    // After the restart the IPv6 family writes, and the IPv4 family's next write still carries a digest.
+    q6.sync(
+        &state(&["10.244.0.6"]),
+        &IntentChanges::everything(),
+        SyncMode::Partial,
+    )
+    .unwrap();
+    q4.sync(&state(&["10.244.0.7"]), &web_changed(), SyncMode::Partial)
+        .unwrap();
+    assert!(last_seal(&v4).digest.is_some());
+}
+
+#[test]
+fn dual_stack_a_foreign_commit_between_the_families_writes_makes_the_older_family_read() {
+    let (v4, v6) = dual_stack();
+    let ledger = CommitLedger::default();
+    let everything = IntentChanges::everything();
+    family_proxier(&v4, IpFamily::V4, &v6, &ledger)
+        .sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    // Another program commits after the IPv4 write, then the IPv6 family writes.
+    v4.generation.advance(1);
+    family_proxier(&v6, IpFamily::V6, &v4, &ledger)
+        .sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    assert!(
+        !last_seal(&v6).ours_after(last_seal(&v4).generation),
+        "the IPv6 seal does not vouch for the foreign commit"
+    );
+
+    let ledger = CommitLedger::default();
+    let (saves4, saves6) = (saves(&v4), saves(&v6));
+    family_proxier(&v4, IpFamily::V4, &v6, &ledger)
+        .sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    assert_eq!(
+        saves(&v4),
+        saves4 + 1,
+        "IPv4 cannot know what the foreign commit did: it reads"
+    );
+    // The IPv4 restart then wrote (the fake's dump is empty), and nothing else did since the IPv6 seal: its
+    // seal vouches for every commit after that one, so the IPv6 restart is proven without reading.
+    family_proxier(&v6, IpFamily::V6, &v4, &ledger)
+        .sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    assert_eq!(saves(&v6), saves6);
+    // Whereas a foreign commit after the IPv4 write leaves it nothing to vouch for.
+    v4.generation.advance(1);
+    let ledger = CommitLedger::default();
+    family_proxier(&v6, IpFamily::V6, &v4, &ledger)
+        .sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    assert_eq!(saves(&v6), saves6 + 1);
 }

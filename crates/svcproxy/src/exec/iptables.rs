@@ -251,6 +251,14 @@ pub struct RecordingIptables {
 }
 
 impl RecordingIptables {
+    /// A fake whose restores move `generation`: the other family's fake on the same (pretend) kernel.
+    pub fn sharing_generation(generation: &CountingGeneration) -> Self {
+        RecordingIptables {
+            generation: generation.clone(),
+            ..Self::default()
+        }
+    }
+
     pub fn restores(&self) -> Vec<String> {
         self.calls
             .lock()

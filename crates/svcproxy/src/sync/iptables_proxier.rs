@@ -28,6 +28,7 @@ use svcproxy_iptables::{gc, jumps, render};
 use svcproxy_model::Node;
 use svcproxy_model::{ClusterState, IntentChanges, IntentConfig, IpFamily};
 
+use super::commit_ledger::CommitLedger;
 use super::intent_cache::IntentCache;
 use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
@@ -181,6 +182,11 @@ pub struct IptablesProxier {
     custody: Option<Generation>,
     /// The seal the kernel holds, as far as we know.
     kernel_seal: Option<Seal>,
+    /// Our own commits, shared with the other family's proxier on a dual-stack node.
+    ledger: CommitLedger,
+    /// The other family's commands, to read its seals: on a dual-stack node its writes are the latest as
+    /// often as ours.
+    sibling: Option<Box<dyn IptablesCommands>>,
     /// Whether a sync has run in this process: only the first trusts a seal instead of reading the kernel.
     started: bool,
     /// The render cache's epoch `applied` was assembled at (see [`RenderCache::epoch`]).
@@ -214,6 +220,8 @@ impl IptablesProxier {
             generation: None,
             custody: None,
             kernel_seal: None,
+            ledger: CommitLedger::default(),
+            sibling: None,
             started: false,
             applied_epoch: None,
         }
@@ -223,6 +231,19 @@ impl IptablesProxier {
     /// are still in place reads one chain instead of the whole kernel.
     pub fn with_generation(mut self, generation: Box<dyn RulesetGeneration>) -> Self {
         self.generation = Some(generation);
+        self
+    }
+
+    /// Shares the record of our own commits with the other family's proxier (dual stack), so neither takes
+    /// the other's writes for a foreign program's.
+    pub fn with_commit_ledger(mut self, ledger: CommitLedger) -> Self {
+        self.ledger = ledger;
+        self
+    }
+
+    /// The other family's commands (dual stack), whose seals a restart also reads.
+    pub fn with_sibling_seals(mut self, sibling: Box<dyn IptablesCommands>) -> Self {
+        self.sibling = Some(sibling);
         self
     }
 
@@ -236,25 +257,34 @@ impl IptablesProxier {
     /// Whether the kernel's seal proves it holds the rules of `digest` (our chains and jumps, nothing stale)
     /// right now: then a full sync has nothing to read or write.
     fn kernel_proven(&mut self, digest: Digest) -> bool {
+        let ledger = self.ledger.clone();
+        let _turn = ledger.turn();
         let Some(before) = self.generation_now() else {
             return false;
         };
-        let mut seals = Vec::new();
-        for table in TableName::ALL {
-            match self.cmds.list_chain(table.as_str(), SEAL_CHAIN) {
-                Ok(listing) => seals.push(listing.as_deref().and_then(Seal::from_listing)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot list the seal chain");
-                    return false;
-                }
-            }
-        }
-        let seal = newest(seals);
-        self.kernel_seal = seal;
-        // Unmoved across the listing: the seal we read is the one that generation holds.
-        let proven = self.generation_now() == Some(before) && seal.is_some_and(|s| s.proves(before, digest));
+        let Some(own) = seals_of(self.cmds.as_ref()) else {
+            return false;
+        };
+        let sibling = match &self.sibling {
+            Some(cmds) => match seals_of(cmds.as_ref()) {
+                Some(seals) => seals,
+                None => return false,
+            },
+            None => None,
+        };
+        self.kernel_seal = own;
+        let latest = newest([own, sibling]);
+        // Unmoved across the listing: the seals we read are the ones that generation holds.
+        let proven = self.generation_now() == Some(before) && seal::proven(own, latest, before, digest);
         if proven {
             self.custody = Some(before);
+            if let Some(latest) = latest {
+                let since = Generation {
+                    value: latest.ours_since,
+                    ..latest.generation
+                };
+                self.ledger.adopt(since, before);
+            }
         }
         proven
     }
@@ -387,12 +417,21 @@ impl IptablesProxier {
         reconcile(conntrack.as_ref(), family, previous, intent, &node_ips)
     }
 
-    /// [`Self::read_kernel`] for a full sync: also learns the seal the kernel holds and, when the generation
-    /// did not move during the read, that the kernel is at a known state.
+    /// [`Self::read_kernel`] for a full sync: also learns the seal the kernel holds and, when nothing but our
+    /// own restores moved the generation during the read, that the kernel is at a known state.
     fn read_kernel_for_sync(&mut self, expected: &Ruleset) -> Result<KernelView, SyncError> {
         let before = self.generation_now();
         let kernel = self.read_kernel(expected)?;
-        self.custody = before.filter(|_| self.generation_now() == before);
+        // Unmoved during the read, or moved only by our own restores (the other family's, which leave these
+        // tables alone): the read is what the kernel holds now.
+        // Taken when no restore of ours is under way, so one that ended during the read is on the record.
+        let ledger = self.ledger.clone();
+        let _turn = ledger.turn();
+        let after = self.generation_now();
+        self.custody = before
+            .zip(after)
+            .filter(|(b, a)| self.ledger.ours_between(*b, *a))
+            .map(|(_, a)| a);
         self.kernel_seal = seal_in(&kernel.saved);
         Ok(kernel)
     }
@@ -538,24 +577,38 @@ impl IptablesProxier {
         payload: Payload,
         digest: Option<Digest>,
     ) -> Result<(), Box<(ExecError, Payload)>> {
+        let ledger = self.ledger.clone();
+        let _turn = ledger.turn();
         let Some(before) = self.generation_now() else {
             self.custody = None;
+            self.ledger.forget();
             return self
                 .cmds
                 .restore(&payload.text)
                 .map_err(|e| Box::new((e, payload)));
         };
-        let known = self.custody == Some(before);
-        let (payload, seal) = seal::sealed(payload, before, digest.filter(|_| known));
+        // Still known if every commit since the one we know it at was ours (the other family's, say).
+        let known = self
+            .custody
+            .is_some_and(|at| self.ledger.ours_between(at, before));
+        let since = self.ledger.ours_since(before);
+        let (payload, seal) = seal::sealed_since(payload, before, since.value, digest.filter(|_| known));
         if let Err(e) = self.cmds.restore(&payload.text) {
             self.custody = None;
             self.kernel_seal = None;
+            self.ledger.forget();
             return Err(Box::new((e, payload)));
         }
         self.kernel_seal = Some(seal);
         // Exactly our own transactions since `before`: the kernel holds what we know it to.
         let after = self.generation_now();
-        self.custody = (known && after == Some(seal.generation)).then_some(seal.generation);
+        let exact = after == Some(seal.generation);
+        if exact {
+            self.ledger.record(before, seal.generation);
+        } else {
+            self.ledger.forget();
+        }
+        self.custody = (known && exact).then_some(seal.generation);
         if let Some(after) = after
             && after.instance == seal.generation.instance
             && (seal.generation.value.wrapping_sub(after.value) as i32) > 0
@@ -783,6 +836,22 @@ fn rendered_part(
         digest.add(chain_digest(TableName::Nat, name, chain));
     }
     (Arc::new(part), digest.value())
+}
+
+/// The newest of the seals in filter and nat as `cmds` lists them; `None` (read the kernel) when a listing
+/// fails.
+fn seals_of(cmds: &dyn IptablesCommands) -> Option<Option<Seal>> {
+    let mut seals = Vec::new();
+    for table in TableName::ALL {
+        match cmds.list_chain(table.as_str(), SEAL_CHAIN) {
+            Ok(listing) => seals.push(listing.as_deref().and_then(Seal::from_listing)),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the seal chain");
+                return None;
+            }
+        }
+    }
+    Some(newest(seals))
 }
 
 /// The seal in a dump: of each table's, the newest.

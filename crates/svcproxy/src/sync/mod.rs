@@ -1,5 +1,6 @@
 //! The sync engine: one task owns the cluster state and is the only writer of the kernel.
 
+pub mod commit_ledger;
 pub mod conntrack_step;
 pub mod engine;
 pub mod intent_cache;
