@@ -118,7 +118,7 @@ impl ManifestDir {
                         file: file.clone(),
                         reason: e.to_string(),
                     });
-                    rejected.extend(self.origin.get(&file).into_iter().flatten().cloned());
+                    self.carry_over(&file, &mut origin, &mut rejected);
                     continue;
                 }
             };
@@ -129,7 +129,7 @@ impl ManifestDir {
                         file: file.clone(),
                         reason,
                     });
-                    rejected.extend(self.origin.get(&file).into_iter().flatten().cloned());
+                    self.carry_over(&file, &mut origin, &mut rejected);
                     continue;
                 }
             };
@@ -167,6 +167,20 @@ impl ManifestDir {
         self.last_good = out.state.clone();
         self.origin = origin;
         Ok(out)
+    }
+
+    /// A file that cannot be read or parsed: the objects it held last time keep their last good versions,
+    /// and stay on record as its own, so they are kept again on the next read if it still fails (forgetting
+    /// them there deleted them one read later).
+    fn carry_over(
+        &self,
+        file: &str,
+        origin: &mut BTreeMap<String, BTreeSet<ObjectKey>>,
+        rejected: &mut BTreeSet<ObjectKey>,
+    ) {
+        let previous = self.origin.get(file).cloned().unwrap_or_default();
+        rejected.extend(previous.iter().cloned());
+        origin.insert(file.to_string(), previous);
     }
 
     fn add_document(
@@ -309,4 +323,98 @@ fn typed<T: DeserializeOwned>(kind: &'static str, name: &ObjectName, doc: Value)
         field: e.path().to_string(),
         reason: e.inner().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.100
+  ports:
+  - {name: http, protocol: TCP, port: 80}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, protocol: TCP, port: 8080}
+endpoints:
+- addresses: [10.244.0.11]
+";
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("svcproxy-manifest-dir-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Dir(dir)
+        }
+        fn write(&self, file: &str, text: &str) {
+            fs::write(self.0.join(file), text).unwrap();
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn web() -> ObjectName {
+        ObjectName::new("demo", "web")
+    }
+
+    #[test]
+    fn a_file_that_stays_broken_keeps_its_objects_read_after_read() {
+        let dir = Dir::new("broken");
+        dir.write("web.yaml", WEB);
+        let mut manifests = ManifestDir::new(&dir.0, "node-a");
+        let good = manifests.read().unwrap();
+        assert!(good.errors.is_empty(), "{:?}", good.errors);
+        assert!(good.state.services.contains_key(&web()));
+
+        dir.write(
+            "web.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web\n",
+        );
+        for read in 1..=3 {
+            let broken = manifests.read().unwrap();
+            assert_eq!(broken.errors.len(), 1, "read {read}");
+            assert_eq!(broken.state.services, good.state.services, "read {read}");
+            assert_eq!(
+                broken.state.endpoint_slices, good.state.endpoint_slices,
+                "read {read}"
+            );
+        }
+
+        // Removed, the file's objects go.
+        fs::remove_file(dir.0.join("web.yaml")).unwrap();
+        let gone = manifests.read().unwrap();
+        assert!(gone.state.services.is_empty() && gone.state.endpoint_slices.is_empty());
+    }
+
+    #[test]
+    fn an_invalid_object_keeps_its_last_good_version_read_after_read() {
+        let dir = Dir::new("invalid");
+        dir.write("web.yaml", WEB);
+        let mut manifests = ManifestDir::new(&dir.0, "node-a");
+        let good = manifests.read().unwrap();
+        dir.write("web.yaml", &WEB.replace("port: 80}", "port: 70000}"));
+        for read in 1..=3 {
+            let invalid = manifests.read().unwrap();
+            assert_eq!(invalid.errors.len(), 1, "read {read}");
+            assert_eq!(invalid.state.services, good.state.services, "read {read}");
+        }
+    }
 }
