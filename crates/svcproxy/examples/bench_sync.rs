@@ -3,8 +3,10 @@
 //! kernel, a restart onto rules that are already right (then again after another program committed to
 //! nf_tables, so the proxy cannot take the kernel's state on trust), and the peak memory of the proxy.
 //!
-//! `bench_sync [--services 1000,5000] [--endpoints 10] [--changes 5] [--proxy-mode iptables|nftables]` (root; build the binary first:
-//! `cargo build --release --bin svcproxy --example bench_sync`).
+//! `bench_sync [--services 1000,5000] [--endpoints 10] [--changes 5] [--proxy-mode iptables|nftables]
+//! [--dual-stack]` (root; build the binary first: `cargo build --release --bin svcproxy --example bench_sync`).
+//! With `--dual-stack` every Service is RequireDualStack with an IPv6 EndpointSlice as well, the proxy serves
+//! both families, and a cold sync or restart is done when both have synced (the changes touch IPv4 slices).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -36,10 +38,37 @@ fn ip(base: [u8; 4], n: u32) -> String {
     std::net::Ipv4Addr::from(v).to_string()
 }
 
-fn service(i: u32) -> Value {
-    json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": format!("svc-{i}"), "namespace": "scale"},
-        "spec": {"clusterIP": ip([10, 96, 128, 0], i + 1), "ports": [{"name": "http", "protocol": "TCP", "port": 80}]}})
+fn ip6(prefix: &str, n: u32) -> String {
+    format!("{prefix}{:x}:{:x}", n >> 16, n & 0xffff)
+}
+
+fn service(i: u32, dual: bool) -> Value {
+    let v4 = ip([10, 96, 128, 0], i + 1);
+    let ports = json!([{"name": "http", "protocol": "TCP", "port": 80}]);
+    if dual {
+        let v6 = ip6("fd00:10:96::", i + 1);
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("svc-{i}"), "namespace": "scale"},
+            "spec": {"clusterIP": v4, "clusterIPs": [v4, v6], "ipFamilyPolicy": "RequireDualStack",
+                     "ipFamilies": ["IPv4", "IPv6"], "ports": ports}})
+    } else {
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("svc-{i}"), "namespace": "scale"},
+            "spec": {"clusterIP": v4, "ports": ports}})
+    }
+}
+
+/// The IPv6 slice of a dual-stack service.
+fn slice6(i: u32, m: u32) -> Value {
+    let endpoints: Vec<Value> = (0..m)
+        .map(|e| {
+            json!({"addresses": [ip6("fd00:10:244::", i * m + e + 1)], "conditions": {"ready": true},
+                   "nodeName": if e % 2 == 0 { "node-b" } else { "node-c" }})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i}-v6"), "namespace": "scale", "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv6", "ports": [{"name": "http", "protocol": "TCP", "port": 8080}], "endpoints": endpoints})
 }
 
 fn slice(i: u32, m: u32, generation: u32) -> Value {
@@ -74,7 +103,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf, mode: &str) -> Proxy {
+    fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf, mode: &str, dual: bool) -> Proxy {
         // BENCH_PROFILER runs the proxy under a profiler, e.g. `heaptrack -o /tmp/proxy-{run}` (`{run}` becomes
         // this run's log name); its peak RSS is then the profiler's.
         let run = log.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
@@ -103,7 +132,11 @@ impl Proxy {
             ])
             .args([
                 "--cluster-cidr",
-                "10.244.0.0/16",
+                if dual {
+                    "10.244.0.0/16,fd00:10:244::/64"
+                } else {
+                    "10.244.0.0/16"
+                },
                 "--log-format",
                 "json",
                 "--verify-period",
@@ -171,6 +204,22 @@ impl Proxy {
         }
     }
 
+    /// Waits for `count` more `synced` lines (one per family for a cold sync or a restart) and returns the
+    /// last, with the longest sync's seconds and the lines of all.
+    fn next_syncs(&mut self, count: usize, timeout: Duration) -> Synced {
+        let mut last = self.next_sync(timeout);
+        for _ in 1..count {
+            let s = self.next_sync(timeout);
+            last = Synced {
+                at: s.at.max(last.at),
+                seconds: s.seconds.max(last.seconds),
+                lines: s.lines + last.lines,
+                kind: s.kind,
+            };
+        }
+        last
+    }
+
     /// Peak resident memory so far, from the kernel's high-water mark.
     fn peak_rss_mib(&self) -> f64 {
         let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
@@ -206,7 +255,9 @@ fn main() {
     let m: u32 = arg("--endpoints", "10").parse().unwrap();
     let changes: u32 = arg("--changes", "5").parse().unwrap();
     let mode = arg("--proxy-mode", "iptables");
-    println!("proxy mode: {mode}");
+    let dual = std::env::args().any(|a| a == "--dual-stack");
+    let families = if dual { 2 } else { 1 };
+    println!("proxy mode: {mode}{}", if dual { ", dual stack" } else { "" });
     let work = std::env::temp_dir().join(format!("svcproxy-bench-{}", std::process::id()));
     fs::create_dir_all(&work).unwrap();
     println!(
@@ -220,14 +271,17 @@ fn main() {
             .apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}))
             .unwrap();
         for i in 0..n {
-            api.store().apply(service(i)).unwrap();
+            api.store().apply(service(i, dual)).unwrap();
             api.store().apply(slice(i, m, 0)).unwrap();
+            if dual {
+                api.store().apply(slice6(i, m)).unwrap();
+            }
         }
         let kubeconfig = work.join(format!("kubeconfig-{n}"));
         api.write_kubeconfig(&kubeconfig).unwrap();
 
-        let mut proxy = Proxy::start(&ns, &kubeconfig, work.join(format!("cold-{n}.log")), &mode);
-        let cold = proxy.next_sync(Duration::from_secs(600));
+        let mut proxy = Proxy::start(&ns, &kubeconfig, work.join(format!("cold-{n}.log")), &mode, dual);
+        let cold = proxy.next_syncs(families, Duration::from_secs(600));
         let mut latencies = Vec::new();
         let mut sync_times = Vec::new();
         let mut change_lines = 0;
@@ -247,8 +301,14 @@ fn main() {
         proxy.stop();
 
         let started = SystemTime::now();
-        let mut restarted = Proxy::start(&ns, &kubeconfig, work.join(format!("restart-{n}.log")), &mode);
-        let restart = restarted.next_sync(Duration::from_secs(600));
+        let mut restarted = Proxy::start(
+            &ns,
+            &kubeconfig,
+            work.join(format!("restart-{n}.log")),
+            &mode,
+            dual,
+        );
+        let restart = restarted.next_syncs(families, Duration::from_secs(600));
         let restart_wall = restart
             .at
             .duration_since(started)
@@ -268,8 +328,14 @@ fn main() {
             "the other writer's commit"
         );
         let started = SystemTime::now();
-        let mut reread = Proxy::start(&ns, &kubeconfig, work.join(format!("reread-{n}.log")), &mode);
-        let reread_sync = reread.next_sync(Duration::from_secs(600));
+        let mut reread = Proxy::start(
+            &ns,
+            &kubeconfig,
+            work.join(format!("reread-{n}.log")),
+            &mode,
+            dual,
+        );
+        let reread_sync = reread.next_syncs(families, Duration::from_secs(600));
         let reread_wall = reread_sync
             .at
             .duration_since(started)
