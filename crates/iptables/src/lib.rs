@@ -16,6 +16,7 @@ pub mod failure;
 pub mod gc;
 pub mod jumps;
 pub mod kernel_view;
+pub mod parallel;
 pub mod payload;
 pub mod render;
 mod rule_text;

@@ -1,13 +1,14 @@
 //! From intent to ruleset: the fixed chains, plus every service port's part, concatenated in service-port
 //! order so the same intent always gives the same bytes.
 
-use svcproxy_model::Intent;
+use svcproxy_model::{Intent, ServicePortIntent};
 
 use crate::chain_name::{
     KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_POSTROUTING,
     KUBE_PROXY_FIREWALL, KUBE_SERVICES,
 };
 use crate::config::{NodePortAddresses, RenderConfig};
+use crate::parallel::{MIN_ITEMS_PER_THREAD, map_in_order};
 use crate::rule_text::{ChainRules, Line};
 use crate::ruleset::{Chain, ChainName, Ruleset, TableName};
 use crate::service_rules::{ServicePortRules, render_service_port};
@@ -23,11 +24,10 @@ pub fn is_large_cluster(intent: &Intent) -> bool {
 /// The whole desired ruleset for one family.
 pub fn render(intent: &Intent, cfg: &RenderConfig) -> Ruleset {
     let large = is_large_cluster(intent);
-    let parts: Vec<ServicePortRules> = intent
-        .service_ports
-        .values()
-        .map(|spi| render_service_port(spi, cfg, large))
-        .collect();
+    let ports: Vec<&ServicePortIntent> = intent.service_ports.values().map(|spi| &**spi).collect();
+    let parts = map_in_order(&ports, MIN_ITEMS_PER_THREAD, |spi| {
+        render_service_port(spi, cfg, large)
+    });
     assemble(cfg, &parts)
 }
 

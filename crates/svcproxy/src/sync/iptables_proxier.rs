@@ -13,6 +13,7 @@ use svcproxy_iptables::failure::{FailureKind, classify};
 use svcproxy_iptables::gc::GcPlan;
 use svcproxy_iptables::jumps::JumpRule;
 use svcproxy_iptables::kernel_view::{KernelReader, KernelView};
+use svcproxy_iptables::parallel::{MIN_ITEMS_PER_THREAD, map_in_order};
 use svcproxy_iptables::payload::Payload;
 use svcproxy_iptables::render::Replaced;
 use svcproxy_iptables::ruleset::{Ruleset, TableName};
@@ -322,24 +323,33 @@ impl IptablesProxier {
         // The applied ruleset can be patched only if it was assembled from the parts the cache holds now.
         let patchable = !reset && self.applied_epoch == Some(cache.epoch);
         cache.epoch += 1;
-        let (mut removed, mut added) = (Vec::new(), Vec::new());
+        let mut removed = Vec::new();
         let mut parts = HashMap::with_capacity(intent.service_ports.len());
+        let mut stale = Vec::new();
         for (name, spi) in &intent.service_ports {
             // Keys move over from the previous map: cloning them would allocate three strings per service
             // port on every sync.
-            let (key, part) = match cache.parts.remove_entry(name) {
+            let key = match cache.parts.remove_entry(name) {
                 Some((key, (hash, part, digest))) if hash == spi.content_hash => {
                     parts.insert(key, (hash, part, digest));
                     continue;
                 }
                 Some((key, (_, old, _))) => {
                     removed.push(old);
-                    (key, rendered_part(spi, config, large))
+                    key
                 }
-                None => (name.clone(), rendered_part(spi, config, large)),
+                None => name.clone(),
             };
-            added.push(part.0.clone());
-            parts.insert(key, (spi.content_hash, part.0, part.1));
+            stale.push((key, &**spi));
+        }
+        // A cold sync renders every service port: on every core.
+        let fresh = map_in_order(&stale, MIN_ITEMS_PER_THREAD, |(_, spi)| {
+            rendered_part(spi, config, large)
+        });
+        let mut added = Vec::with_capacity(fresh.len());
+        for ((key, spi), (part, digest)) in stale.into_iter().zip(fresh) {
+            added.push(part.clone());
+            parts.insert(key, (spi.content_hash, part, digest));
         }
         removed.extend(cache.parts.drain().map(|(_, (_, part, _))| part));
         cache.parts = parts;

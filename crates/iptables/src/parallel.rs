@@ -1,0 +1,64 @@
+//! Independent renders spread over the cores: a cold sync renders every service port, each on its own, and
+//! at 10,000 services that is tens of milliseconds of one core. The result is the same, in the same order,
+//! whatever the number of threads.
+
+/// Below this many items per thread, starting threads costs more than it saves.
+pub const MIN_ITEMS_PER_THREAD: usize = 256;
+
+/// `f` of every item, in order: on as many threads as there are cores and chunks of at least `min_per_thread`
+/// items, on the calling thread alone when that is one.
+pub fn map_in_order<T, R, F>(items: &[T], min_per_thread: usize, f: F) -> Vec<R>
+where
+    T: Sync,
+    R: Send,
+    F: Fn(&T) -> R + Sync,
+{
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.min(items.len() / min_per_thread.max(1)).max(1);
+    if threads == 1 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .skip(1)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        // The first chunk on this thread, while the others run.
+        let mut out: Vec<R> = Vec::with_capacity(items.len());
+        out.extend(items[..chunk.min(items.len())].iter().map(f));
+        for handle in handles {
+            // A panic in a render is a bug: carry it to the caller as if it had happened here.
+            match handle.join() {
+                Ok(part) => out.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_order_and_the_results_do_not_depend_on_the_threads() {
+        let items: Vec<u32> = (0..10_000).collect();
+        let want: Vec<u64> = items.iter().map(|i| u64::from(*i) * 3).collect();
+        for min in [1, 7, 256, 5_000, 10_000, 20_000] {
+            assert_eq!(map_in_order(&items, min, |i| u64::from(*i) * 3), want, "{min}");
+        }
+        assert!(map_in_order(&[] as &[u32], 1, |i| *i).is_empty());
+        assert_eq!(map_in_order(&[5u32], 1, |i| *i), vec![5]);
+    }
+
+    #[test]
+    #[should_panic(expected = "item 9000")]
+    fn a_panic_on_another_thread_reaches_the_caller() {
+        let items: Vec<u32> = (0..10_000).collect();
+        map_in_order(&items, 1, |i| assert_ne!(*i, 9000, "item 9000"));
+    }
+}
