@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use svcproxy::exec::iptables::{Recorded, RecordingIptables};
+use svcproxy::exec::iptables::{ExecError, Recorded, RecordingIptables};
 use svcproxy::node_addresses::{FixedAddresses, NodePortSpec};
 use svcproxy::sync::commit_ledger::CommitLedger;
 use svcproxy::sync::iptables_proxier::{DetectLocal, IptablesProxier, ProxierOptions};
@@ -392,4 +392,44 @@ fn dual_stack_a_foreign_commit_between_the_families_writes_makes_the_older_famil
         .sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
         .unwrap();
     assert_eq!(saves(&v6), saves6 + 1);
+}
+
+#[test]
+fn dual_stack_a_restore_that_fails_part_way_is_vouched_for_by_no_seal() {
+    let (v4, v6) = dual_stack();
+    let ledger = CommitLedger::default();
+    let everything = IntentChanges::everything();
+    let mut p4 = family_proxier(&v4, IpFamily::V4, &v6, &ledger);
+    let mut p6 = family_proxier(&v6, IpFamily::V6, &v4, &ledger);
+    p4.sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    p6.sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+
+    // An IPv4 restore fails after its first table committed (the fake refuses the restore; the test moves
+    // the generation for the section that got through).
+    v4.fail_restores.lock().unwrap().push(ExecError::Failed {
+        program: "iptables-restore".into(),
+        status: "exit status: 1".into(),
+        stderr: "iptables-restore: line 9 failed".into(),
+    });
+    assert!(
+        p4.sync(&state(&["10.244.0.6"]), &web_changed(), SyncMode::Partial)
+            .is_err()
+    );
+    v4.generation.advance(1);
+    let half_done = now(&v4);
+
+    // The IPv6 family writes next: its seal must not vouch for the half-done IPv4 commit.
+    p6.sync(&state(&["10.244.0.6"]), &everything, SyncMode::Full)
+        .unwrap();
+    assert!(!last_seal(&v6).ours_after(half_done.after(u32::MAX)));
+
+    // Restarted, the IPv4 family cannot trust its seal: it reads.
+    let saves4 = saves(&v4);
+    let ledger = CommitLedger::default();
+    family_proxier(&v4, IpFamily::V4, &v6, &ledger)
+        .sync(&state(&["10.244.0.6"]), &everything, SyncMode::Full)
+        .unwrap();
+    assert_eq!(saves(&v4), saves4 + 1);
 }
