@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use ipnet::IpNet;
 use svcproxy_iptables::gc::GcPlan;
+use svcproxy_iptables::parallel::{MIN_ITEMS_PER_THREAD, map_in_order};
 use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, staged_payloads};
 use svcproxy_iptables::{
     LocalDetector, RenderConfig, ServicePortRules, assemble, full_payload, is_large_cluster, partial_payload,
@@ -17,7 +18,7 @@ use svcproxy_iptables::{
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{
     ClusterState, Endpoint, EndpointPort, EndpointSlice, Intent, IntentConfig, IpFamily, ObjectName,
-    Protocol, Service, ServicePort,
+    Protocol, Service, ServicePort, ServicePortIntent,
 };
 
 fn v4(n: u32) -> IpAddr {
@@ -96,13 +97,21 @@ fn bench(c: &mut Criterion) {
             b.iter(|| full_payload(&render(black_box(intent), &cfg), &[], &[]))
         });
 
-        // The stages of `full`, each on its own; what they make is dropped outside the timing.
+        // The stages of `full`, each on its own; what they make is dropped outside the timing. The service
+        // ports' rules as `render` makes them (on every core), and on one core.
         let large = is_large_cluster(&prev_intent);
-        group.bench_with_input(BenchmarkId::new("stage_parts", n), &prev_intent, |b, intent| {
+        let ports: Vec<&ServicePortIntent> = prev_intent.service_ports.values().map(|p| &**p).collect();
+        group.bench_with_input(BenchmarkId::new("stage_parts", n), &ports, |b, ports| {
             b.iter_with_large_drop(|| {
-                intent
-                    .service_ports
-                    .values()
+                map_in_order(ports, MIN_ITEMS_PER_THREAD, |spi| {
+                    render_service_port(spi, &cfg, large)
+                })
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("stage_parts_one_core", n), &ports, |b, ports| {
+            b.iter_with_large_drop(|| {
+                ports
+                    .iter()
                     .map(|spi| render_service_port(spi, &cfg, large))
                     .collect::<Vec<_>>()
             })
