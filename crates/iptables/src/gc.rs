@@ -34,6 +34,13 @@ pub struct GcPlan {
     pub delete_rules: Vec<(TableName, SavedRule)>,
 }
 
+impl GcPlan {
+    /// Nothing to collect.
+    pub fn is_empty(&self) -> bool {
+        self.delete_chains.is_empty() && self.delete_rules.is_empty()
+    }
+}
+
 fn table_name(name: &str) -> Option<TableName> {
     TableName::ALL.into_iter().find(|t| t.as_str() == name)
 }

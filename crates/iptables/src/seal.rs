@@ -318,12 +318,15 @@ pub fn sealed_since(
     (payload, seal)
 }
 
-/// Of the seals found in each table, the one naming the latest generation (each restore rewrites one).
+/// Of the seals found in each table, the one naming the latest generation (each restore rewrites one). Two
+/// name the same one only when a restore fell short of its sections: its seal named a generation still to
+/// come, and the void seal written at once to replace it named that same generation. The void one is the
+/// truth then.
 pub fn newest(seals: impl IntoIterator<Item = Option<Seal>>) -> Option<Seal> {
     seals
         .into_iter()
         .flatten()
-        .max_by_key(|s| (s.generation.instance, s.generation.value))
+        .max_by_key(|s| (s.generation.instance, s.generation.value, s.digest.is_none()))
 }
 
 #[cfg(test)]
@@ -527,6 +530,13 @@ mod tests {
             })
         };
         assert_eq!(newest([seal(4), seal(9)]), seal(9));
+        let claimed = Some(Seal {
+            generation: at(9),
+            ours_since: 7,
+            digest: Some(3),
+        });
+        assert_eq!(newest([seal(9), claimed]), seal(9), "the void seal wins a tie");
+        assert_eq!(newest([claimed, seal(9)]), seal(9));
         assert_eq!(newest([seal(9), None]), seal(9));
         assert_eq!(newest([None, None]), None);
     }

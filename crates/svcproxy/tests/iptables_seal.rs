@@ -7,11 +7,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use svcproxy::exec::iptables::{ExecError, Recorded, RecordingIptables};
+use svcproxy::exec::iptables::{ExecError, IptablesCommands, Recorded, RecordingIptables};
 use svcproxy::node_addresses::{FixedAddresses, NodePortSpec};
 use svcproxy::sync::commit_ledger::CommitLedger;
 use svcproxy::sync::iptables_proxier::{DetectLocal, IptablesProxier, ProxierOptions};
-use svcproxy::sync::proxier::{Proxier, SyncMode};
+use svcproxy::sync::proxier::{Proxier, SyncMode, VerifyScope};
 use svcproxy_iptables::config::RenderConfig;
 use svcproxy_iptables::seal::{Generation, Seal};
 use svcproxy_model::{ClusterState, IntentChanges, IntentConfig, IpFamily, ObjectName};
@@ -432,4 +432,95 @@ fn dual_stack_a_restore_that_fails_part_way_is_vouched_for_by_no_seal() {
         .sync(&state(&["10.244.0.6"]), &everything, SyncMode::Full)
         .unwrap();
     assert_eq!(saves(&v4), saves4 + 1);
+}
+
+/// What the fake "kernel" holds after the restores so far (of which only the first may have written
+/// anything but seals): every line written, with the seal each table holds now.
+fn dump_of_writes(fake: &RecordingIptables) -> String {
+    let mut written: String = fake
+        .restores()
+        .concat()
+        .lines()
+        .filter(|l| !l.contains("SVCPROXY-SEAL"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for table in ["filter", "nat"] {
+        if let Some(listing) = fake.list_chain(table, "SVCPROXY-SEAL").unwrap() {
+            let rule = listing.lines().find(|l| l.starts_with("-A ")).unwrap();
+            written.push_str(&format!("*{table}\n:SVCPROXY-SEAL - [0:0]\n{rule}\nCOMMIT\n"));
+        }
+    }
+    saved_form(&written)
+}
+
+#[test]
+fn a_read_back_that_finds_the_kernel_right_regains_custody_and_seals_it() {
+    let fake = RecordingIptables::default();
+    let one = state(&["10.244.0.5"]);
+    let mut p = proxier(&fake);
+    p.sync(&one, &IntentChanges::everything(), SyncMode::Full)
+        .unwrap();
+    // Another program commits (to a table of its own, say): a restart could not trust the seal now.
+    fake.generation.advance(1);
+
+    // The periodic read-back finds the kernel holding exactly our rules: custody is back, and sealed.
+    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
+    let restores = fake.restores().len();
+    assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(fake.restores().len(), restores + 1, "a seal alone");
+    let seal = last_seal(&fake);
+    assert!(seal.digest.is_some());
+    assert_eq!(seal.generation, now(&fake));
+    // Sealed already: the next read-back writes nothing.
+    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
+    assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(fake.restores().len(), restores + 1);
+
+    // A restart trusts it.
+    let saves_before = saves(&fake);
+    proxier(&fake)
+        .sync(&one, &IntentChanges::everything(), SyncMode::Full)
+        .unwrap();
+    assert_eq!(saves(&fake), saves_before, "no dump");
+
+    // And the next change is sealed on top of the known state.
+    p.sync(&state(&["10.244.0.6"]), &web_changed(), SyncMode::Partial)
+        .unwrap();
+    assert!(last_seal(&fake).digest.is_some());
+
+    // A read-back that finds something wrong regains nothing.
+    fake.generation.advance(1);
+    *fake.save_output.lock().unwrap() = String::new();
+    let restores = fake.restores().len();
+    assert!(!p.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(fake.restores().len(), restores, "no seal over a wrong kernel");
+}
+
+#[test]
+fn a_full_sync_that_ends_without_custody_is_read_back_whole() {
+    let fake = RecordingIptables::default();
+    let mut p = proxier(&fake);
+    // One section commits nothing: the restore's count is off, so the sync ends without custody.
+    *fake.empty_sections.lock().unwrap() = 1;
+    p.sync(
+        &state(&["10.244.0.5"]),
+        &IntentChanges::everything(),
+        SyncMode::Full,
+    )
+    .unwrap();
+    assert_eq!(last_seal(&fake).digest, None);
+    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
+    let saves_before = saves(&fake);
+    assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
+    assert_eq!(
+        saves(&fake),
+        saves_before + 1,
+        "the read-back after the sync reads it all"
+    );
+    assert!(last_seal(&fake).digest.is_some(), "and seals it");
+    // Only that once: the next read-back after a sync is the usual one.
+    p.sync(&state(&["10.244.0.6"]), &web_changed(), SyncMode::Partial)
+        .unwrap();
+    assert!(p.verify(VerifyScope::LastSync).is_ok());
+    assert_eq!(saves(&fake), saves_before + 1);
 }

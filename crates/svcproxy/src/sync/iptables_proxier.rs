@@ -192,7 +192,15 @@ pub struct IptablesProxier {
     started: bool,
     /// The render cache's epoch `applied` was assembled at (see [`RenderCache::epoch`]).
     applied_epoch: Option<u64>,
+    /// The digest of `applied` with its jumps, for sealing a kernel a read-back found holding it.
+    applied_digest: Option<Digest>,
+    /// The last sync was full and ended without custody (its restores overlapped the other family's, say):
+    /// the read-back after it reads everything, to regain it.
+    reread_after_sync: bool,
 }
+
+/// Restores up to this many lines take turns with the other family's (see [`IptablesProxier::restore_sealed`]).
+const TURN_TAKING_LINES: usize = 2_000;
 
 /// Above this many touched chains, reading the whole table back is cheaper than listing chains one by one.
 const PER_CHAIN_READBACK_LIMIT: usize = 16;
@@ -225,6 +233,8 @@ impl IptablesProxier {
             sibling: None,
             started: false,
             applied_epoch: None,
+            applied_digest: None,
+            reread_after_sync: false,
         }
     }
 
@@ -570,7 +580,7 @@ impl IptablesProxier {
         }
         if writes == 0
             && let Some(at) = self.custody
-            && !self.kernel_seal.is_some_and(|s| s.proves(at, digest))
+            && !self.seal_holds(at, digest)
             && let Err(refused) = self.restore_sealed(Payload::default(), Some(digest))
         {
             // The rules are right either way; only the next restart's shortcut is lost.
@@ -588,7 +598,11 @@ impl IptablesProxier {
         digest: Option<Digest>,
     ) -> Result<(), Box<(ExecError, Payload)>> {
         let ledger = self.ledger.clone();
-        let _turn = ledger.turn();
+        // Small restores (changes, seals) take turns with the other family's, so each counts its own
+        // transactions exactly. A cold sync's big ones do not: serialised, a dual-stack cold sync at 5,000
+        // services took half as long again. Overlapping, they miscount and lose custody, which the next
+        // read-back that finds the kernel right regains.
+        let _turn = (payload.line_count <= TURN_TAKING_LINES).then(|| ledger.turn());
         let Some(before) = self.generation_now() else {
             self.custody = None;
             self.ledger.forget();
@@ -641,16 +655,54 @@ impl IptablesProxier {
         Ok(())
     }
 
+    /// Whether a restart would find the kernel, at `at`, proven to hold the rules of `digest`: our seal carries
+    /// that digest and names `at`, or every commit since it was ours (then the newest of them left a seal
+    /// vouching for them all).
+    fn seal_holds(&self, at: Generation, digest: Digest) -> bool {
+        self.kernel_seal
+            .is_some_and(|s| s.digest == Some(digest) && self.ledger.ours_between(s.generation, at))
+    }
+
+    /// A full read-back that started at `before` found the kernel holding exactly `applied` (its chains, its
+    /// jumps, nothing stale) and `seal`: if nothing but our own restores moved the generation meanwhile, the
+    /// kernel is at a known state again, and it is sealed so that a restart can trust it. Custody lost to
+    /// another program's commit (a CNI plugin's, say) or to overlapping cold-sync restores comes back here.
+    fn regain_custody(&mut self, before: Option<Generation>, seal: Option<Seal>) {
+        let Some(digest) = self.applied_digest else {
+            return;
+        };
+        let at = {
+            let ledger = self.ledger.clone();
+            let _turn = ledger.turn();
+            match before.zip(self.generation_now()) {
+                Some((b, a)) if self.ledger.ours_between(b, a) => a,
+                _ => return,
+            }
+        };
+        self.custody = Some(at);
+        self.kernel_seal = seal;
+        if !self.seal_holds(at, digest)
+            && let Err(refused) = self.restore_sealed(Payload::default(), Some(digest))
+        {
+            tracing::warn!(error = %refused.0, "cannot write the seal");
+        }
+    }
+
     /// Records a successful sync.
+    #[allow(clippy::too_many_arguments)]
     fn synced(
         &mut self,
         intent: Arc<Intent>,
         next: Ruleset,
         config: RenderConfig,
         mode: SyncMode,
+        digest: Digest,
         lines: usize,
         touched: Vec<(TableName, String)>,
     ) -> SyncReport {
+        self.applied_digest = Some(digest);
+        self.reread_after_sync =
+            mode != SyncMode::Partial && self.generation.is_some() && self.custody.is_none();
         self.touched = touched;
         let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
         self.applied_intent = Some(intent.clone());
@@ -707,7 +759,7 @@ impl Proxier for IptablesProxier {
             tracing::info!(
                 "the kernel's seal shows our rules in place since our last write: nothing to read or write"
             );
-            return Ok(self.synced(intent, next, config, mode, 0, Vec::new()));
+            return Ok(self.synced(intent, next, config, mode, digest, 0, Vec::new()));
         }
         // The kernel holds our last write (as far as a partial sync assumes), which was patched into `next`
         // recording what changed, or is still held whole.
@@ -744,7 +796,7 @@ impl Proxier for IptablesProxier {
             mode.max(SyncMode::Full)
         };
         let (lines, touched) = written?;
-        Ok(self.synced(intent, next, config, mode, lines, touched))
+        Ok(self.synced(intent, next, config, mode, digest, lines, touched))
     }
 
     fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError> {
@@ -752,7 +804,8 @@ impl Proxier for IptablesProxier {
             return Ok(Vec::new());
         }
         let touched = std::mem::take(&mut self.touched);
-        if scope == VerifyScope::LastSync && touched.len() <= PER_CHAIN_READBACK_LIMIT {
+        let reread = std::mem::take(&mut self.reread_after_sync);
+        if scope == VerifyScope::LastSync && touched.len() <= PER_CHAIN_READBACK_LIMIT && !reread {
             // A partial sync wrote a few chains: list just those, never the whole table.
             let Some((ruleset, _)) = &self.applied else {
                 return Ok(Vec::new());
@@ -766,8 +819,14 @@ impl Proxier for IptablesProxier {
         let Some((ruleset, _)) = &self.applied else {
             return Ok(Vec::new());
         };
+        let before = self.generation_now();
         let kernel = self.read_kernel(ruleset)?;
-        Ok(self.verify_with(&kernel, None))
+        let findings = self.verify_with(&kernel, None);
+        let exact = findings.is_empty() && gc::plan_gc(&kernel.saved, ruleset).is_empty();
+        if exact && self.generation.is_some() {
+            self.regain_custody(before, seal_in(&kernel.saved));
+        }
+        Ok(findings)
     }
 
     fn hazards(&mut self) -> Vec<String> {
