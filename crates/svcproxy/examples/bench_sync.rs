@@ -354,5 +354,10 @@ fn main() {
             reread_sync.seconds
         );
     }
-    let _ = fs::remove_dir_all(&work);
+    // BENCH_KEEP keeps the proxies' logs.
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        println!("logs: {}", work.display());
+    } else {
+        let _ = fs::remove_dir_all(&work);
+    }
 }

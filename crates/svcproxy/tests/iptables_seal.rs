@@ -524,3 +524,34 @@ fn a_full_sync_that_ends_without_custody_is_read_back_whole() {
     assert!(p.verify(VerifyScope::LastSync).is_ok());
     assert_eq!(saves(&fake), saves_before + 1);
 }
+
+#[test]
+fn a_read_back_after_a_sync_that_cannot_regain_custody_is_tried_again_after_the_next_sync() {
+    let fake = RecordingIptables::default();
+    let mut p = proxier(&fake);
+    *fake.empty_sections.lock().unwrap() = 1;
+    p.sync(
+        &state(&["10.244.0.5"]),
+        &IntentChanges::everything(),
+        SyncMode::Full,
+    )
+    .unwrap();
+    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
+    // Someone commits while the read-back reads: it cannot vouch for the kernel.
+    *fake.commits_during_saves.lock().unwrap() = 1;
+    let saves_before = saves(&fake);
+    assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
+    assert_eq!(saves(&fake), saves_before + 1);
+    assert_eq!(last_seal(&fake).digest, None);
+    // After the next sync (which writes nothing new here) the read-back reads whole again, and regains it.
+    p.sync(
+        &state(&["10.244.0.5"]),
+        &IntentChanges::default(),
+        SyncMode::Partial,
+    )
+    .unwrap();
+    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
+    assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
+    assert_eq!(saves(&fake), saves_before + 2);
+    assert!(last_seal(&fake).digest.is_some());
+}

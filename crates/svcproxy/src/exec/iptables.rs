@@ -247,6 +247,8 @@ pub struct RecordingIptables {
     pub generation: CountingGeneration,
     /// How many of the coming table sections commit nothing (the generation does not move for them).
     pub empty_sections: Arc<Mutex<u32>>,
+    /// How many of the coming saves see another program commit while they read (the generation moves by one).
+    pub commits_during_saves: Arc<Mutex<u32>>,
     seals: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
@@ -307,6 +309,11 @@ impl IptablesCommands for RecordingIptables {
             .lock()
             .unwrap()
             .push(Recorded::Save(tables.iter().map(|t| t.to_string()).collect()));
+        let mut commits = self.commits_during_saves.lock().unwrap();
+        if *commits > 0 {
+            *commits -= 1;
+            self.generation.advance(1);
+        }
         Ok(self.save_output.lock().unwrap().clone())
     }
 

@@ -50,6 +50,15 @@ impl CommitLedger {
         *self.lock() = None;
     }
 
+    /// The generation is `now` and no restore of ours is under way (the caller holds the turn): nothing
+    /// after it is unaccounted yet, so a run may start here. Keeps the run that ends here.
+    pub fn observe(&self, now: Generation) {
+        let mut run = self.lock();
+        if run.is_none_or(|r| r.to != now) {
+            *run = Some(OwnRun { from: now, to: now });
+        }
+    }
+
     /// A restart found a seal naming the generation the kernel is at and vouching for every commit after
     /// `since`: the run the previous process left.
     pub fn adopt(&self, since: Generation, now: Generation) {
@@ -142,6 +151,22 @@ mod tests {
             at(6),
         );
         assert_eq!(elsewhere.ours_since(at(6)), at(6));
+    }
+
+    #[test]
+    fn an_observed_quiet_point_starts_a_run_the_next_restore_continues() {
+        let ledger = CommitLedger::default();
+        ledger.observe(at(4));
+        ledger.record(at(4), at(6));
+        assert!(ledger.ours_between(at(4), at(6)));
+        // Observing where the run ends keeps it.
+        ledger.observe(at(6));
+        assert_eq!(ledger.ours_since(at(6)), at(4));
+        // Someone else committed 7: observing there starts afresh.
+        ledger.observe(at(7));
+        assert!(!ledger.ours_between(at(6), at(7)));
+        ledger.record(at(7), at(8));
+        assert!(ledger.ours_between(at(7), at(8)));
     }
 
     #[test]

@@ -194,8 +194,8 @@ pub struct IptablesProxier {
     applied_epoch: Option<u64>,
     /// The digest of `applied` with its jumps, for sealing a kernel a read-back found holding it.
     applied_digest: Option<Digest>,
-    /// The last sync was full and ended without custody (its restores overlapped the other family's, say):
-    /// the read-back after it reads everything, to regain it.
+    /// A full sync ended without custody (its restores overlapped the other family's, say), and no read-back
+    /// has regained it since: the read-back after the next sync reads everything.
     reread_after_sync: bool,
 }
 
@@ -440,7 +440,7 @@ impl IptablesProxier {
     /// [`Self::read_kernel`] for a full sync: also learns the seal the kernel holds and, when nothing but our
     /// own restores moved the generation during the read, that the kernel is at a known state.
     fn read_kernel_for_sync(&mut self, expected: &Ruleset) -> Result<KernelView, SyncError> {
-        let before = self.generation_now();
+        let before = self.generation_before_read();
         let kernel = self.read_kernel(expected)?;
         // Unmoved during the read, or moved only by our own restores (the other family's, which leave these
         // tables alone): the read is what the kernel holds now.
@@ -667,16 +667,18 @@ impl IptablesProxier {
     /// jumps, nothing stale) and `seal`: if nothing but our own restores moved the generation meanwhile, the
     /// kernel is at a known state again, and it is sealed so that a restart can trust it. Custody lost to
     /// another program's commit (a CNI plugin's, say) or to overlapping cold-sync restores comes back here.
-    fn regain_custody(&mut self, before: Option<Generation>, seal: Option<Seal>) {
+    /// Returns whether it did: not when the generation moved by a commit nobody recorded (another
+    /// program's, or one of the other family's cold-sync restores still under way).
+    fn regain_custody(&mut self, before: Option<Generation>, seal: Option<Seal>) -> bool {
         let Some(digest) = self.applied_digest else {
-            return;
+            return false;
         };
         let at = {
             let ledger = self.ledger.clone();
             let _turn = ledger.turn();
             match before.zip(self.generation_now()) {
                 Some((b, a)) if self.ledger.ours_between(b, a) => a,
-                _ => return,
+                _ => return false,
             }
         };
         self.custody = Some(at);
@@ -686,6 +688,19 @@ impl IptablesProxier {
         {
             tracing::warn!(error = %refused.0, "cannot write the seal");
         }
+        true
+    }
+
+    /// The generation before a full read: a quiet point (no restore of ours under way), which the ledger
+    /// may start a run from, so that our own restores during the read are accounted for.
+    fn generation_before_read(&self) -> Option<Generation> {
+        let ledger = self.ledger.clone();
+        let _turn = ledger.turn();
+        let before = self.generation_now();
+        if let Some(before) = before {
+            self.ledger.observe(before);
+        }
+        before
     }
 
     /// Records a successful sync.
@@ -701,7 +716,7 @@ impl IptablesProxier {
         touched: Vec<(TableName, String)>,
     ) -> SyncReport {
         self.applied_digest = Some(digest);
-        self.reread_after_sync =
+        self.reread_after_sync |=
             mode != SyncMode::Partial && self.generation.is_some() && self.custody.is_none();
         self.touched = touched;
         let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
@@ -819,12 +834,13 @@ impl Proxier for IptablesProxier {
         let Some((ruleset, _)) = &self.applied else {
             return Ok(Vec::new());
         };
-        let before = self.generation_now();
+        let before = self.generation_before_read();
         let kernel = self.read_kernel(ruleset)?;
         let findings = self.verify_with(&kernel, None);
         let exact = findings.is_empty() && gc::plan_gc(&kernel.saved, ruleset).is_empty();
-        if exact && self.generation.is_some() {
-            self.regain_custody(before, seal_in(&kernel.saved));
+        if exact && self.generation.is_some() && !self.regain_custody(before, seal_in(&kernel.saved)) {
+            // Most likely the other family's cold sync was still writing: read again after the next sync.
+            self.reread_after_sync |= reread;
         }
         Ok(findings)
     }
