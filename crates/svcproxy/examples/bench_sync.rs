@@ -4,7 +4,10 @@
 //! nf_tables, so the proxy cannot take the kernel's state on trust), and the peak memory of the proxy.
 //!
 //! `bench_sync [--services 1000,5000] [--endpoints 10] [--changes 5] [--proxy-mode iptables|nftables]
-//! [--dual-stack]` (root; build the binary first: `cargo build --release --bin svcproxy --example bench_sync`).
+//! [--dual-stack] [--verify-period 0] [--settle 0]` (root; build the binary first:
+//! `cargo build --release --bin svcproxy --example bench_sync`). `--settle N` keeps the first proxy running N
+//! seconds after the changes before it is stopped (with a `--verify-period` shorter than that, a periodic
+//! read-back runs first).
 //! With `--dual-stack` every Service is RequireDualStack with an IPv6 EndpointSlice as well, the proxy serves
 //! both families, and a cold sync or restart is done when both have synced (the changes touch IPv4 slices).
 
@@ -103,7 +106,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf, mode: &str, dual: bool) -> Proxy {
+    fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf, mode: &str, dual: bool, verify: &str) -> Proxy {
         // BENCH_PROFILER runs the proxy under a profiler, e.g. `heaptrack -o /tmp/proxy-{run}` (`{run}` becomes
         // this run's log name); its peak RSS is then the profiler's.
         let run = log.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
@@ -140,7 +143,7 @@ impl Proxy {
                 "--log-format",
                 "json",
                 "--verify-period",
-                "0",
+                verify,
             ])
             .args([
                 "--proxy-mode",
@@ -256,6 +259,8 @@ fn main() {
     let changes: u32 = arg("--changes", "5").parse().unwrap();
     let mode = arg("--proxy-mode", "iptables");
     let dual = std::env::args().any(|a| a == "--dual-stack");
+    let verify = arg("--verify-period", "0");
+    let settle: u64 = arg("--settle", "0").parse().unwrap();
     let families = if dual { 2 } else { 1 };
     println!("proxy mode: {mode}{}", if dual { ", dual stack" } else { "" });
     let work = std::env::temp_dir().join(format!("svcproxy-bench-{}", std::process::id()));
@@ -280,7 +285,14 @@ fn main() {
         let kubeconfig = work.join(format!("kubeconfig-{n}"));
         api.write_kubeconfig(&kubeconfig).unwrap();
 
-        let mut proxy = Proxy::start(&ns, &kubeconfig, work.join(format!("cold-{n}.log")), &mode, dual);
+        let mut proxy = Proxy::start(
+            &ns,
+            &kubeconfig,
+            work.join(format!("cold-{n}.log")),
+            &mode,
+            dual,
+            &verify,
+        );
         let cold = proxy.next_syncs(families, Duration::from_secs(600));
         let mut latencies = Vec::new();
         let mut sync_times = Vec::new();
@@ -297,6 +309,7 @@ fn main() {
         }
         latencies.sort_by(f64::total_cmp);
         sync_times.sort_by(f64::total_cmp);
+        std::thread::sleep(Duration::from_secs(settle));
         let running_peak = proxy.peak_rss_mib();
         proxy.stop();
 
@@ -307,6 +320,7 @@ fn main() {
             work.join(format!("restart-{n}.log")),
             &mode,
             dual,
+            "0",
         );
         let restart = restarted.next_syncs(families, Duration::from_secs(600));
         let restart_wall = restart
@@ -334,6 +348,7 @@ fn main() {
             work.join(format!("reread-{n}.log")),
             &mode,
             dual,
+            "0",
         );
         let reread_sync = reread.next_syncs(families, Duration::from_secs(600));
         let reread_wall = reread_sync
