@@ -50,8 +50,8 @@ impl CommitLedger {
         *self.lock() = None;
     }
 
-    /// The generation is `now` and no restore of ours is under way (the caller holds the turn): nothing
-    /// after it is unaccounted yet, so a run may start here. Keeps the run that ends here.
+    /// The generation is `now`: a run starts here (an empty one, which vouches for nothing), so the restores
+    /// that follow are accounted from here, unless the run on record already ends here.
     pub fn observe(&self, now: Generation) {
         let mut run = self.lock();
         if run.is_none_or(|r| r.to != now) {

@@ -439,8 +439,8 @@ impl IptablesProxier {
         let before = self.generation_before_read();
         let kernel = self.read_kernel(expected)?;
         // Unmoved during the read, or moved only by our own restores (the other family's, which leave these
-        // tables alone): the read is what the kernel holds now.
-        // Taken when no restore of ours is under way, so one that ended during the read is on the record.
+        // tables alone): the read is what the kernel holds now. Looked at in turn, so a restore of the other
+        // family's that ended during the read is on the record.
         let ledger = self.ledger.clone();
         let _turn = ledger.turn();
         let after = self.generation_now();
@@ -688,8 +688,8 @@ impl IptablesProxier {
         }
     }
 
-    /// The generation before a full read: a quiet point (no restore of ours under way), which the ledger
-    /// may start a run from, so that our own restores during the read are accounted for.
+    /// The generation before a full read, where the ledger starts a run unless one ends there, so that the
+    /// other family's restores during the read are accounted from it.
     fn generation_before_read(&self) -> Option<Generation> {
         let ledger = self.ledger.clone();
         let _turn = ledger.turn();
