@@ -497,11 +497,11 @@ fn a_read_back_that_finds_the_kernel_right_regains_custody_and_seals_it() {
 }
 
 #[test]
-fn a_full_sync_that_ended_without_custody_regains_it_at_the_next_full_read_back_that_is_not_disturbed() {
+fn a_full_sync_that_ended_without_custody_regains_it_at_the_next_whole_read_back_that_is_not_disturbed() {
     let fake = RecordingIptables::default();
     let mut p = proxier(&fake);
     // One section commits nothing: the restore's count is off (as when the other family's restores
-    // overlap), so the sync ends without custody, and the read-back after it reads only what it wrote.
+    // overlap), so the sync ends without custody.
     *fake.empty_sections.lock().unwrap() = 1;
     p.sync(
         &state(&["10.244.0.5"]),
@@ -510,16 +510,23 @@ fn a_full_sync_that_ended_without_custody_regains_it_at_the_next_full_read_back_
     )
     .unwrap();
     assert_eq!(last_seal(&fake).digest, None);
-    let saves_before = saves(&fake);
-    assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
-    assert_eq!(saves(&fake), saves_before, "no whole read added after the sync");
-
-    // Someone commits while the periodic read-back reads: it cannot vouch for the kernel.
+    // The read-back after a full sync reads everything; someone commits while it reads, so it cannot
+    // vouch for the kernel.
     *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
     *fake.commits_during_saves.lock().unwrap() = 1;
-    assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+    let saves_before = saves(&fake);
+    assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
+    assert_eq!(saves(&fake), saves_before + 1, "a whole read after a full sync");
     assert_eq!(last_seal(&fake).digest, None);
-    // The next one can.
+    // A read-back after a partial sync lists what it wrote, as before.
+    p.sync(&state(&["10.244.0.6"]), &web_changed(), SyncMode::Partial)
+        .unwrap();
+    assert!(p.verify(VerifyScope::LastSync).is_ok());
+    assert_eq!(saves(&fake), saves_before + 1);
+    p.sync(&state(&["10.244.0.5"]), &web_changed(), SyncMode::Partial)
+        .unwrap();
+    assert!(p.verify(VerifyScope::LastSync).is_ok());
+    // The next periodic read-back finds the kernel right and nobody writing: custody is back.
     assert!(p.verify(VerifyScope::All).unwrap().is_empty());
     assert!(last_seal(&fake).digest.is_some());
     assert_eq!(last_seal(&fake).generation, now(&fake));

@@ -163,6 +163,9 @@ pub struct IptablesProxier {
     applied: Option<(Ruleset, RenderConfig)>,
     /// Chains the last partial transaction wrote, for the read-back right after it.
     touched: Vec<(TableName, String)>,
+    /// The last sync wrote in full (and not just chains it could list): the read-back right after it reads
+    /// everything.
+    wrote_in_full: bool,
     conntrack: Option<Box<dyn Conntrack>>,
     /// Chains per transaction (see the staging module for why transactions are bounded).
     max_chains: usize,
@@ -217,6 +220,7 @@ impl IptablesProxier {
             options,
             applied: None,
             touched: Vec::new(),
+            wrote_in_full: false,
             conntrack: None,
             max_chains: DEFAULT_MAX_CHAINS,
             render_cache: RenderCache::default(),
@@ -665,8 +669,9 @@ impl IptablesProxier {
     /// another program's commit (a CNI plugin's, say) or to overlapping cold-sync restores comes back here.
     ///
     /// On a dual-stack node this is also how custody comes back after a cold sync: the two families' big
-    /// restores overlap (see [`Self::restore_sealed`]) and miscount. No read is added for it: the periodic
-    /// read-back (`--verify-period`) regains it, and until then a restart reads the kernel as it would have.
+    /// restores overlap (see [`Self::restore_sealed`]) and miscount. The read-back right after a full sync
+    /// regains it when the other family has stopped writing by then, the periodic one (`--verify-period`)
+    /// otherwise; until then a restart reads the kernel as it would have.
     fn regain_custody(&mut self, before: Option<Generation>, seal: Option<Seal>) {
         let Some(digest) = self.applied_digest else {
             return;
@@ -713,6 +718,7 @@ impl IptablesProxier {
         touched: Vec<(TableName, String)>,
     ) -> SyncReport {
         self.applied_digest = Some(digest);
+        self.wrote_in_full = mode != SyncMode::Partial && lines > 0;
         self.touched = touched;
         let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
         self.applied_intent = Some(intent.clone());
@@ -814,7 +820,8 @@ impl Proxier for IptablesProxier {
             return Ok(Vec::new());
         }
         let touched = std::mem::take(&mut self.touched);
-        if scope == VerifyScope::LastSync && touched.len() <= PER_CHAIN_READBACK_LIMIT {
+        let in_full = std::mem::take(&mut self.wrote_in_full);
+        if scope == VerifyScope::LastSync && touched.len() <= PER_CHAIN_READBACK_LIMIT && !in_full {
             // A partial sync wrote a few chains: list just those, never the whole table.
             let Some((ruleset, _)) = &self.applied else {
                 return Ok(Vec::new());
