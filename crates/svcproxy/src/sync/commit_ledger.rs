@@ -6,7 +6,7 @@
 //! record here each restore that moved the generation by exactly its own transactions, so either can tell that
 //! every commit since its own last one was ours, and the seals can say so (see `svcproxy_iptables::seal`).
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use svcproxy_iptables::seal::Generation;
 
@@ -18,6 +18,9 @@ pub struct CommitLedger {
     /// reading of seals: the families sync side by side, and a restore of one landing inside another's would
     /// make both miscount their own transactions.
     turn: Arc<Mutex<()>>,
+    /// Shared by the big restores that do not take turns (a cold sync's), taken alone by whoever needs a
+    /// moment with none under way.
+    big_restores: Arc<RwLock<()>>,
 }
 
 /// Every commit after `from` up to `to` was one of our restores.
@@ -86,6 +89,18 @@ impl CommitLedger {
     /// the guard goes.
     pub fn turn(&self) -> MutexGuard<'_, ()> {
         self.turn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Held across a big restore; others may run at the same time.
+    pub fn big_restore(&self) -> RwLockReadGuard<'_, ()> {
+        self.big_restores.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until no big restore is under way and keeps new ones from starting until the guard goes: a
+    /// read-back that ended during one of the other family's cold-sync restores can then tell whether that
+    /// restore was all that moved the generation.
+    pub fn no_big_restore(&self) -> RwLockWriteGuard<'_, ()> {
+        self.big_restores.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<OwnRun>> {

@@ -443,9 +443,10 @@ impl IptablesProxier {
         let before = self.generation_before_read();
         let kernel = self.read_kernel(expected)?;
         // Unmoved during the read, or moved only by our own restores (the other family's, which leave these
-        // tables alone): the read is what the kernel holds now. Looked at in turn, so a restore of the other
-        // family's that ended during the read is on the record.
+        // tables alone): the read is what the kernel holds now. Looked at with none of the other family's
+        // restores under way, so one that ran during the read is on the record.
         let ledger = self.ledger.clone();
+        let _quiet = ledger.no_big_restore();
         let _turn = ledger.turn();
         let after = self.generation_now();
         self.custody = before
@@ -602,7 +603,9 @@ impl IptablesProxier {
         // transactions exactly. A cold sync's big ones do not: serialised, a dual-stack cold sync at 5,000
         // services took half as long again (12.4 s against 8.3 s). Overlapping, they miscount and lose
         // custody, which the next periodic read-back that finds the kernel right regains.
-        let _turn = (payload.line_count <= TURN_TAKING_LINES).then(|| ledger.turn());
+        let small = payload.line_count <= TURN_TAKING_LINES;
+        let _turn = small.then(|| ledger.turn());
+        let _big = (!small).then(|| ledger.big_restore());
         let Some(before) = self.generation_now() else {
             self.custody = None;
             self.ledger.forget();
@@ -669,15 +672,16 @@ impl IptablesProxier {
     /// another program's commit (a CNI plugin's, say) or to overlapping cold-sync restores comes back here.
     ///
     /// On a dual-stack node this is also how custody comes back after a cold sync: the two families' big
-    /// restores overlap (see [`Self::restore_sealed`]) and miscount. The read-back right after a full sync
-    /// regains it when the other family has stopped writing by then, the periodic one (`--verify-period`)
-    /// otherwise; until then a restart reads the kernel as it would have.
+    /// restores overlap (see [`Self::restore_sealed`]) and miscount. The read-back right after the full sync
+    /// regains it: should it end while the other family's cold sync is still writing, it waits for the
+    /// restore under way to end, which is then on the record.
     fn regain_custody(&mut self, before: Option<Generation>, seal: Option<Seal>) {
         let Some(digest) = self.applied_digest else {
             return;
         };
         let at = {
             let ledger = self.ledger.clone();
+            let _quiet = ledger.no_big_restore();
             let _turn = ledger.turn();
             match before.zip(self.generation_now()) {
                 Some((b, a)) if self.ledger.ours_between(b, a) => a,
@@ -697,6 +701,9 @@ impl IptablesProxier {
     /// other family's restores during the read are accounted from it.
     fn generation_before_read(&self) -> Option<Generation> {
         let ledger = self.ledger.clone();
+        // With no restore of the other family's under way: one that began before and ended during the read
+        // might have overlapped one of ours, and could not be on the record.
+        let _quiet = ledger.no_big_restore();
         let _turn = ledger.turn();
         let before = self.generation_now();
         if let Some(before) = before {
