@@ -7,7 +7,7 @@
 //! [`SavedRule`]s took 125 MB at 5,000 services × 10 endpoints (160,000 rules, a dozen allocations each), more
 //! than everything else the proxy holds together.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::canonical::canonical_rule;
 use crate::ruleset::{ChainName, Ruleset, TableName};
@@ -31,14 +31,14 @@ pub enum Found {
 #[derive(Debug, Clone, Default)]
 pub struct KernelView {
     /// Every table and chain of the dump, with every rule except those of the user chains the expected ruleset
-    /// has (their outcome is in `different`). Garbage collection and the jump check read this.
+    /// has (their outcome is in `compared`). Garbage collection and the jump check read this.
     pub saved: SavedRuleset,
-    /// By table (in [`TableName::ALL`] order): the expected chains the kernel has with other rules, and how
-    /// many rules each has. An expected chain the dump declares and that is not here is the same.
-    different: [HashMap<ChainName, usize>; 2],
-    /// By table: the expected user chains the dump declares, kept here instead of in `saved` (which would
-    /// hold each name as a string in a map: 5 MB at 5,000 services × 10 endpoints).
-    declared: [HashSet<ChainName>; 2],
+    /// By table (in [`TableName::ALL`] order): how the expected chains the dump declares compared, for those
+    /// declared here instead of in `saved` (which would hold each name as a string in a map: 5 MB at 5,000
+    /// services × 10 endpoints) and for those in `saved` that differ. An expected chain in `saved` and not
+    /// here is the same. One map, filled as the dump is read and kept as it is: a second one for the view
+    /// was the read-back's peak.
+    compared: [HashMap<ChainName, Progress>; 2],
 }
 
 fn index(table: TableName) -> usize {
@@ -66,28 +66,47 @@ impl KernelView {
     /// How the kernel holds chain `name` of `table`: only meaningful for chains of the ruleset this view was
     /// read against.
     pub fn found(&self, table: TableName, name: &str) -> Found {
-        let declared = self.declared[index(table)].contains(name)
-            || self
+        match self.compared[index(table)].get(name) {
+            Some(p) if p.is_same() => Found::Same,
+            Some(p) => Found::Different {
+                rules: p.rules as usize,
+            },
+            None if self
                 .saved
                 .table(table.as_str())
-                .is_some_and(|t| t.chains.contains_key(name));
-        if !declared {
-            return Found::Missing;
-        }
-        match self.different[index(table)].get(name) {
-            Some(&rules) => Found::Different { rules },
-            None => Found::Same,
+                .is_some_and(|t| t.chains.contains_key(name)) =>
+            {
+                Found::Same
+            }
+            None => Found::Missing,
         }
     }
 }
 
-/// How far the kernel's rules of one expected chain have been matched against it.
+/// How far the kernel's rules of one expected chain have been matched against it. Counts fit 32 bits (a chain
+/// holds far fewer rules): 55,000 of these at 5,000 services.
 #[derive(Debug, Clone, Copy)]
 struct Progress {
-    rules: usize,
+    rules: u32,
     /// How many canonical lines the expected chain has.
-    wanted: usize,
+    wanted: u32,
     different: bool,
+}
+
+impl Progress {
+    fn is_same(&self) -> bool {
+        !self.different && self.rules == self.wanted
+    }
+
+    /// A chain compared whole at once.
+    fn settled(rules: usize, different: bool) -> Self {
+        let rules = u32::try_from(rules).unwrap_or(u32::MAX);
+        Progress {
+            rules,
+            wanted: rules,
+            different,
+        }
+    }
 }
 
 /// The canonical lines of the expected chain compared last: `iptables-save` prints a chain's rules together, so
@@ -169,7 +188,7 @@ impl<'a> KernelReader<'a> {
             };
             self.progress[index(t)].entry(key.clone()).or_insert(Progress {
                 rules: 0,
-                wanted: chain.len(),
+                wanted: u32::try_from(chain.len()).unwrap_or(u32::MAX),
                 different: false,
             });
             return true;
@@ -209,28 +228,13 @@ impl<'a> KernelReader<'a> {
     /// The view of `saved`, whose rules of expected user chains were folded into `progress` as they were read
     /// (or none were, when `saved` was parsed elsewhere).
     fn conclude(mut self, saved: SavedRuleset) -> KernelView {
-        let mut different: [HashMap<ChainName, usize>; 2] = Default::default();
-        let mut declared: [HashSet<ChainName>; 2] = Default::default();
+        let mut compared: [HashMap<ChainName, Progress>; 2] = Default::default();
         for table in TableName::ALL {
             let ours = self.expected.table(table);
-            let mut folded = std::mem::take(&mut self.progress[index(table)]);
-            // Chains whose declaration was taken here: their rules were all folded. Moved over one by one into
-            // a set sized once (at 5,000 services these are 55,000 names, and this is the read-back's peak).
-            let theirs = saved.table(table.as_str());
-            let mut progress = HashMap::new();
-            declared[index(table)].reserve(folded.len());
-            for (name, p) in folded.drain() {
-                if theirs.is_some_and(|t| t.chains.contains_key(&*name)) {
-                    progress.insert(name, p);
-                    continue;
-                }
-                if p.different || p.rules != p.wanted {
-                    different[index(table)].insert(name.clone(), p.rules);
-                }
-                declared[index(table)].insert(name);
-            }
-            drop(folded);
-            let Some(theirs) = theirs else {
+            // The chains whose declarations were taken here are all in it already, their rules all folded.
+            let mut progress = std::mem::take(&mut self.progress[index(table)]);
+            let Some(theirs) = saved.table(table.as_str()) else {
+                compared[index(table)] = progress;
                 continue;
             };
             // Rules of expected chains that were kept (built-in chains, or a dump parsed elsewhere) are compared
@@ -247,25 +251,24 @@ impl<'a> KernelReader<'a> {
                 };
                 let kept = kept.get(name.as_str()).map(Vec::as_slice).unwrap_or_default();
                 let (differs, rules) = match progress.get(name.as_str()) {
-                    Some(p) if kept.is_empty() => (p.different || p.rules != p.wanted, p.rules),
+                    Some(p) if kept.is_empty() => (!p.is_same(), p.rules as usize),
                     // Some rules folded and some kept means the chain was declared both as a user chain and as
                     // a built-in one, which no `iptables-save` prints: never the same as ours.
-                    Some(p) => (true, p.rules + kept.len()),
+                    Some(p) => (true, p.rules as usize + kept.len()),
                     None => {
                         let found: Vec<Vec<String>> = kept.iter().map(|r| canonical_rule(&r.args)).collect();
                         (found != canonical_lines(chain), found.len())
                     }
                 };
                 if differs {
-                    different[index(table)].insert(key.clone(), rules);
+                    progress.insert(key.clone(), Progress::settled(rules, true));
+                } else {
+                    progress.remove(name.as_str());
                 }
             }
+            compared[index(table)] = progress;
         }
-        KernelView {
-            saved,
-            different,
-            declared,
-        }
+        KernelView { saved, compared }
     }
 }
 
@@ -315,13 +318,13 @@ fn fold_rule(
     let (_, _, lines) = current.get_or_insert_with(|| (t, name.clone(), canonical_lines(chain)));
     let p = progress[index(t)].entry(name.clone()).or_insert(Progress {
         rules: 0,
-        wanted: lines.len(),
+        wanted: u32::try_from(lines.len()).unwrap_or(u32::MAX),
         different: false,
     });
-    if !p.different && lines.get(p.rules) != Some(&canonical_rule(&rule.args)) {
+    if !p.different && lines.get(p.rules as usize) != Some(&canonical_rule(&rule.args)) {
         p.different = true;
     }
-    p.rules += 1;
+    p.rules = p.rules.saturating_add(1);
 }
 
 #[cfg(test)]
