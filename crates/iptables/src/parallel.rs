@@ -13,8 +13,14 @@ where
     R: Send,
     F: Fn(&T) -> R + Sync,
 {
+    let min_per_thread = min_per_thread.max(1);
+    // Asked before the cores are counted: counting reads the cgroup's CPU quota, and a change's sync renders
+    // one service port.
+    if items.len() < 2 * min_per_thread {
+        return items.iter().map(f).collect();
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = cores.min(items.len() / min_per_thread.max(1)).max(1);
+    let threads = cores.min(items.len() / min_per_thread).max(1);
     if threads == 1 {
         return items.iter().map(f).collect();
     }
