@@ -289,3 +289,50 @@ fn a_dual_stack_restart_trusts_the_seals_of_both_families() {
         tcp_request(client.ns(), vips[1], T).ok()
     });
 }
+
+#[test]
+fn a_read_back_that_finds_the_rules_right_seals_them_again_after_another_writer() {
+    let lab = Lab::new();
+    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
+    let _backend = Backend::start(pod.ns(), pod.name(), &[8080], &[]);
+    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+    let dir = TempDir::new("manifests");
+    dir.write("web.yaml", WEB);
+    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
+    let mut proxy = Svcproxy::start(
+        lab.node(),
+        &[
+            "--manifests",
+            dir.path().to_str().unwrap(),
+            "--verify-period",
+            "1s",
+        ],
+    );
+    synced_once(&mut proxy);
+    wait_until(WAIT, POLL, "the ClusterIP answers", || {
+        tcp_request(client.ns(), vip, T).ok()
+    });
+
+    // Another program commits (a chain of its own): the seal no longer names the generation the kernel is
+    // at. The next read-back finds our rules as we left them, nobody writing while it read, and seals them.
+    lab.node()
+        .exec(&["iptables", "-t", "filter", "-N", "OTHER-WRITER"])
+        .expect("another writer");
+    let foreign = generation(lab.node());
+    let resealed = wait_until(WAIT, POLL, "a new seal with a digest", || {
+        proxy.assert_running();
+        listed_seal(lab.node()).filter(|s| s.digest.is_some() && s.generation.value > foreign.value)
+    });
+    drop(proxy);
+    assert_eq!(
+        generation(lab.node()),
+        resealed.generation,
+        "the seal is the last write"
+    );
+
+    // So a restart trusts it, where it would have read the kernel whole.
+    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    let log = synced_once(&mut proxy);
+    assert!(log.contains(PROVEN), "{log}");
+    assert!(tcp_request(client.ns(), vip, T).is_ok());
+}
