@@ -98,13 +98,13 @@ impl Progress {
         !self.different && self.rules == self.wanted
     }
 
-    /// A chain compared whole at once.
-    fn settled(rules: usize, different: bool) -> Self {
+    /// A chain compared whole at once and found different, with `rules` rules.
+    fn differing(rules: usize) -> Self {
         let rules = u32::try_from(rules).unwrap_or(u32::MAX);
         Progress {
             rules,
             wanted: rules,
-            different,
+            different: true,
         }
     }
 }
@@ -261,7 +261,7 @@ impl<'a> KernelReader<'a> {
                     }
                 };
                 if differs {
-                    progress.insert(key.clone(), Progress::settled(rules, true));
+                    progress.insert(key.clone(), Progress::differing(rules));
                 } else {
                     progress.remove(name.as_str());
                 }
