@@ -115,20 +115,27 @@ impl SepNames {
 /// The four per-service chain names of one service port; hashing once serves all of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceChains {
-    pub svc: String,
-    pub svl: String,
-    pub ext: String,
-    pub fw: String,
+    pub svc: ChainName,
+    pub svl: ChainName,
+    pub ext: ChainName,
+    pub fw: ChainName,
 }
 
 impl ServiceChains {
     pub fn new(spn: &ServicePortName) -> Self {
         let hash = service_chain_hash(spn);
+        let mut name = String::with_capacity(SVC_PREFIX.len() + HASH_LEN);
+        let mut prefixed = |prefix: &str| {
+            name.clear();
+            name.push_str(prefix);
+            name.push_str(&hash);
+            ChainName::from(name.as_str())
+        };
         ServiceChains {
-            svc: format!("{SVC_PREFIX}{hash}"),
-            svl: format!("{SVL_PREFIX}{hash}"),
-            ext: format!("{EXT_PREFIX}{hash}"),
-            fw: format!("{FW_PREFIX}{hash}"),
+            svc: prefixed(SVC_PREFIX),
+            svl: prefixed(SVL_PREFIX),
+            ext: prefixed(EXT_PREFIX),
+            fw: prefixed(FW_PREFIX),
         }
     }
 }
@@ -259,10 +266,10 @@ mod tests {
         assert_eq!(chains.svl, "KUBE-SVL-NPX46M4PTMTKRN6Y");
         assert_eq!(chains.ext, "KUBE-EXT-NPX46M4PTMTKRN6Y");
         assert_eq!(chains.fw, "KUBE-FW-NPX46M4PTMTKRN6Y");
-        assert_eq!(svc_chain(&name), chains.svc);
-        assert_eq!(svl_chain(&name), chains.svl);
-        assert_eq!(ext_chain(&name), chains.ext);
-        assert_eq!(fw_chain(&name), chains.fw);
+        assert_eq!(svc_chain(&name), &*chains.svc);
+        assert_eq!(svl_chain(&name), &*chains.svl);
+        assert_eq!(ext_chain(&name), &*chains.ext);
+        assert_eq!(fw_chain(&name), &*chains.fw);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod canonical;
 pub mod chain_name;
+mod chain_name_text;
 pub mod cleanup;
 pub mod config;
 pub mod failure;

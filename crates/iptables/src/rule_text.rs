@@ -6,8 +6,6 @@ use std::net::IpAddr;
 
 use svcproxy_model::{EndpointInfo, Protocol};
 
-use crate::ruleset::Chain;
-
 /// Builds one rule in place: either a whole `-A CHAIN …` line, or (continuing a chain's text, see
 /// [`ChainRules`]) only the arguments after it. Rendering is the hot path of a full sync, so no intermediate
 /// argument vectors and no buffer per rule.
@@ -110,6 +108,18 @@ impl Line {
         self
     }
 
+    /// `-m comment --comment "<spn> -> <endpoint>"`: the comment upstream gives each endpoint's rules in a
+    /// policy chain (quoted, as the arrow's spaces make every such comment).
+    pub(crate) fn endpoint_comment(mut self, spn: &str, endpoint: &EndpointInfo) -> Self {
+        self.space();
+        self.text.push_str("-m comment --comment \"");
+        self.text.push_str(spn);
+        self.text.push_str(" -> ");
+        push_endpoint(&mut self.text, endpoint);
+        self.text.push('"');
+        self
+    }
+
     /// Upstream names the match module before the protocol: `-m tcp -p tcp`.
     pub(crate) fn protocol(self, protocol: Protocol) -> Self {
         let p = protocol.lower();
@@ -135,20 +145,15 @@ impl Line {
     }
 }
 
-/// Writes the rules of one chain straight into one text, each rule's arguments ended by a newline (the form
-/// [`Chain`] keeps), in a buffer reused from chain to chain: the chain then costs one exact allocation, where
-/// building lines and joining them took one per rule and two more per chain.
+/// Writes the rules of one chain straight into a text, each rule's arguments ended by a newline (the form
+/// [`Chain`](crate::ruleset::Chain) keeps), after whatever the text holds: a service port's chains are written one after another
+/// into one text they then share (see [`Chain::split`](crate::ruleset::Chain::split)), where building lines and joining them took an
+/// allocation per rule and two more per chain.
 pub(crate) struct ChainRules<'b> {
     text: &'b mut String,
 }
 
 impl<'b> ChainRules<'b> {
-    /// Starts a chain in `buffer`, dropping whatever it held.
-    pub(crate) fn new(buffer: &'b mut String) -> Self {
-        buffer.clear();
-        ChainRules { text: buffer }
-    }
-
     /// Goes on writing rules after the ones `text` holds.
     pub(crate) fn extending(text: &'b mut String) -> Self {
         ChainRules { text }
@@ -159,10 +164,6 @@ impl<'b> ChainRules<'b> {
         let line = Line::continuing(std::mem::take(self.text));
         *self.text = build(line);
         self.text.push('\n');
-    }
-
-    pub(crate) fn finish(self) -> Chain {
-        Chain::from_rules(self.text)
     }
 }
 
@@ -241,6 +242,7 @@ fn push_probability(out: &mut String, n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ruleset::Chain;
 
     fn probability(n: usize) -> String {
         let mut out = String::new();
@@ -276,12 +278,12 @@ mod tests {
 
     #[test]
     fn chain_rules_hold_arguments_only() {
-        let mut buffer = String::from("left over");
-        let mut rules = ChainRules::new(&mut buffer);
+        let mut text = String::from("-j Z\n");
+        let mut rules = ChainRules::extending(&mut text);
         rules.add(|l| l.comment("a b").arg_port("--dport", 80).jump("X"));
         rules.add(|l| l.jump("Y"));
         rules.add(Line::finish);
-        let chain = rules.finish();
+        let chain = Chain::from_rules(&text[5..]);
         assert_eq!(
             chain.text(),
             "-m comment --comment \"a b\" --dport 80 -j X\n-j Y\n\n"

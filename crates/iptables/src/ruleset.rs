@@ -32,28 +32,31 @@ impl fmt::Display for TableName {
     }
 }
 
-/// The rules of one chain: each rule's arguments after `-A NAME`, held as one text with each rule ended by a
-/// newline. Shared, so a ruleset assembled from cached per-service parts reuses them without copying, and
-/// comparing an unchanged chain with its previous self is a pointer check. One allocation per chain instead of
-/// one per line: at 5,000 Services the nat table has 215,000 rules in 55,000 chains. The `-A NAME ` each line
-/// starts with is not kept (the name is the chain's key): it was 6 MB of 15 at that size.
+/// The rules of one chain: each rule's arguments after `-A NAME`, held as text with each rule ended by a
+/// newline. The text is a range of one shared text, which all chains of a service port's part share: a
+/// ruleset assembled from cached per-service parts reuses them without copying, comparing an unchanged chain
+/// with its previous self is a pointer check, and rendering a service port costs one allocation for all its
+/// chains instead of one each (110,000 at 10,000 Services). The `-A NAME ` each line starts with is not kept
+/// (the name is the chain's key): it was 6 MB of 15 at 5,000 Services.
 ///
-/// Just the text, not also a count of its rules: 8 bytes less in each of the 110,000 places a chain is held
-/// (a service port's part and the assembled map) at that size, and counting newlines is cheap where needed.
+/// Just the text, not also a count of its rules: counting newlines is cheap where needed.
 #[derive(Debug, Clone)]
 pub struct Chain {
-    rules: Arc<str>,
+    shared: Arc<str>,
+    start: u32,
+    end: u32,
 }
 
 impl Default for Chain {
     fn default() -> Self {
-        Chain { rules: Arc::from("") }
+        Chain::whole(Arc::from(""))
     }
 }
 
 impl PartialEq for Chain {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.rules, &other.rules) || self.rules == other.rules
+        (Arc::ptr_eq(&self.shared, &other.shared) && self.start == other.start && self.end == other.end)
+            || self.text() == other.text()
     }
 }
 
@@ -92,7 +95,38 @@ impl Chain {
             rules.push_str(rule_args(line, name));
             rules.push('\n');
         }
-        Chain { rules: rules.into() }
+        Chain::whole(rules.into())
+    }
+
+    fn whole(shared: Arc<str>) -> Self {
+        let end = u32::try_from(shared.len()).expect("a chain's rules are far below 4 GiB");
+        Chain {
+            shared,
+            start: 0,
+            end,
+        }
+    }
+
+    /// The chains whose rules `text` holds at `ranges` (each a run of whole rules, as [`Chain::from_rules`]
+    /// takes them), all sharing one copy of it.
+    pub fn split<I>(text: &str, ranges: I) -> impl Iterator<Item = Chain> + use<I>
+    where
+        I: IntoIterator<Item = std::ops::Range<usize>>,
+    {
+        let shared: Arc<str> = Arc::from(text);
+        ranges.into_iter().map(move |range| {
+            debug_assert!(
+                shared[range.clone()].is_empty() || shared[range.clone()].ends_with('\n'),
+                "rule text not ended by a newline: {:?}",
+                &shared[range.clone()]
+            );
+            let bound = |at: usize| u32::try_from(at).expect("a part's rules are far below 4 GiB");
+            Chain {
+                shared: shared.clone(),
+                start: bound(range.start),
+                end: bound(range.end),
+            }
+        })
     }
 
     /// A chain from its rules' arguments, each ended by a newline (the form [`Chain::text`] gives back).
@@ -105,12 +139,12 @@ impl Chain {
             !text.lines().any(|l| l.starts_with("-A ")),
             "rule arguments spelled as a line: {text:?}"
         );
-        Chain { rules: text.into() }
+        Chain::whole(text.into())
     }
 
     /// Each rule's arguments after `-A NAME`.
     pub fn rules(&self) -> std::str::Lines<'_> {
-        self.rules.lines()
+        self.text().lines()
     }
 
     /// The rule lines, `-A NAME args…`, of this chain held under `name`.
@@ -120,16 +154,16 @@ impl Chain {
 
     /// The rules' arguments, each ended by a newline.
     pub fn text(&self) -> &str {
-        &self.rules
+        &self.shared[self.start as usize..self.end as usize]
     }
 
     /// Number of rules.
     pub fn len(&self) -> usize {
-        self.rules.bytes().filter(|b| *b == b'\n').count()
+        self.text().bytes().filter(|b| *b == b'\n').count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
+        self.start == self.end
     }
 }
 
@@ -142,8 +176,7 @@ pub fn append_line(chain: &str, args: &str) -> String {
     }
 }
 
-/// A chain name. Shared, so assembling a ruleset from cached per-service parts does not copy names.
-pub type ChainName = Arc<str>;
+pub use crate::chain_name_text::ChainName;
 
 /// The chains of one table, by name. Name order keeps output deterministic and happens to be the order
 /// `iptables-save` lists user chains in, which makes payloads easy to hold against a dump.
@@ -239,4 +272,29 @@ pub fn is_builtin_target(target: &str) -> bool {
         target,
         "ACCEPT" | "DROP" | "REJECT" | "RETURN" | "MARK" | "MASQUERADE" | "DNAT" | "SNAT"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_split_from_one_text_are_its_ranges_and_compare_as_text() {
+        let text = "-j A\n-j B\n-s 10.0.0.1 -j C\n";
+        let chains: Vec<Chain> = Chain::split(text, [0..5, 5..5, 5..text.len()]).collect();
+        assert_eq!(chains[0].text(), "-j A\n");
+        assert!(chains[1].is_empty());
+        assert_eq!(chains[1].len(), 0);
+        assert_eq!(
+            chains[2].rules().collect::<Vec<_>>(),
+            ["-j B", "-s 10.0.0.1 -j C"]
+        );
+        assert_eq!(chains[2].len(), 2);
+        // Same text elsewhere is the same chain; another range of the same text is not.
+        assert_eq!(chains[0], Chain::from_rules("-j A\n"));
+        assert_ne!(chains[0], chains[2]);
+        assert_eq!(chains[1], Chain::default());
+        let again: Vec<Chain> = Chain::split("-j B\n-j A\n", std::iter::once(5..10)).collect();
+        assert_eq!(again[0], chains[0]);
+    }
 }

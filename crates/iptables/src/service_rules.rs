@@ -74,50 +74,53 @@ pub fn render_service_port(
         seps,
     };
 
-    // Sized exactly: the parts of every service port are held for as long as the proxy runs.
+    // Every chain's rules go into one text, which the chains then share: one allocation for the part
+    // instead of one per chain. Sized exactly: the parts of every service port are held for as long as the
+    // proxy runs.
     let own = [
         spi.uses_external_chain(),
         spi.uses_firewall_chain(),
         spi.uses_cluster_chain(),
         spi.uses_local_chain(),
     ];
-    let mut chains =
+    let mut names =
         Vec::with_capacity(own.iter().filter(|u| **u).count() + spi.endpoints.all_reachable().len());
-    let mut buffer = String::with_capacity(1024);
+    let mut text = String::with_capacity(256 * names.capacity());
+    let mut chain = |name: ChainName, build: &dyn Fn(&mut ChainRules<'_>)| {
+        let start = text.len();
+        build(&mut ChainRules::extending(&mut text));
+        names.push((name, start..text.len()));
+    };
     if spi.uses_external_chain() {
-        let mut rules = ChainRules::new(&mut buffer);
-        r.external_chain(&mut rules);
-        chains.push((ChainName::from(r.chains.ext.as_str()), rules.finish()));
+        chain(r.chains.ext.clone(), &|rules| r.external_chain(rules));
     }
     if spi.uses_firewall_chain() {
-        let mut rules = ChainRules::new(&mut buffer);
-        r.firewall_chain(&mut rules);
-        chains.push((ChainName::from(r.chains.fw.as_str()), rules.finish()));
+        chain(r.chains.fw.clone(), &|rules| r.firewall_chain(rules));
     }
     // Only chains with endpoints are declared. The masquerade rule cannot be orphaned: the intent's derived
     // booleans make "has internal endpoints" imply that the internal chain is in use.
     if spi.uses_cluster_chain() {
-        let mut rules = ChainRules::new(&mut buffer);
-        if !spi.internal_policy_local {
-            r.masquerade_rule(&mut rules);
-        }
-        r.dispatch(&spi.endpoints.cluster, &mut rules);
-        chains.push((ChainName::from(r.chains.svc.as_str()), rules.finish()));
+        chain(r.chains.svc.clone(), &|rules| {
+            if !spi.internal_policy_local {
+                r.masquerade_rule(rules);
+            }
+            r.dispatch(&spi.endpoints.cluster, rules);
+        });
     }
     if spi.uses_local_chain() {
-        let mut rules = ChainRules::new(&mut buffer);
-        if spi.internal_policy_local {
-            r.masquerade_rule(&mut rules);
-        }
-        r.dispatch(&spi.endpoints.local, &mut rules);
-        chains.push((ChainName::from(r.chains.svl.as_str()), rules.finish()));
+        chain(r.chains.svl.clone(), &|rules| {
+            if spi.internal_policy_local {
+                r.masquerade_rule(rules);
+            }
+            r.dispatch(&spi.endpoints.local, rules);
+        });
     }
     for ep in spi.endpoints.all_reachable() {
         let name = r.sep(ep);
-        let mut rules = ChainRules::new(&mut buffer);
-        r.endpoint_chain(&name, ep, &mut rules);
-        chains.push((name, rules.finish()));
+        chain(name.clone(), &|rules| r.endpoint_chain(&name, ep, rules));
     }
+    let chains = Chain::split(&text, names.iter().map(|(_, range)| range.clone()));
+    let chains = names.iter().map(|(name, _)| name.clone()).zip(chains).collect();
     ServicePortRules {
         chains,
         shared: r.shared_rules(),
@@ -404,15 +407,19 @@ impl ServiceRenderer<'_> {
     /// Spreads new connections evenly: rule i of n matches with probability 1/(n−i), the last one always.
     /// ClientIP affinity rules come first so a returning client goes back to its endpoint.
     fn dispatch(&self, endpoints: &[EndpointInfo], rules: &mut ChainRules<'_>) {
-        let comments: Vec<Option<String>> = endpoints
-            .iter()
-            .map(|ep| (!self.large_cluster).then(|| format!("{} -> {ep}", self.spn)))
-            .collect();
         let seps: Vec<ChainName> = endpoints.iter().map(|ep| self.sep(ep)).collect();
+        // The per-endpoint comment, `"ns/svc:port -> ip:port"`, written in place.
+        let commented = |line: Line, ep: &EndpointInfo| {
+            if self.large_cluster {
+                line
+            } else {
+                line.endpoint_comment(&self.spn, ep)
+            }
+        };
         if let SessionAffinity::ClientIP { timeout_seconds } = self.spi.session_affinity {
-            for (sep, comment) in seps.iter().zip(&comments) {
+            for (sep, ep) in seps.iter().zip(endpoints) {
                 rules.add(|l| {
-                    Self::with_comment(l, comment.as_deref())
+                    commented(l, ep)
                         .arg("-m recent --name", sep)
                         .arg_value("--rcheck --seconds", timeout_seconds)
                         .args("--reap")
@@ -421,9 +428,9 @@ impl ServiceRenderer<'_> {
             }
         }
         let n = endpoints.len();
-        for (i, (sep, comment)) in seps.iter().zip(&comments).enumerate() {
+        for (i, (sep, ep)) in seps.iter().zip(endpoints).enumerate() {
             rules.add(|l| {
-                let mut line = Self::with_comment(l, comment.as_deref());
+                let mut line = commented(l, ep);
                 if i + 1 < n {
                     line = line.probability(n - i);
                 }
