@@ -6,7 +6,7 @@
 
 use data_encoding::BASE32_NOPAD;
 use sha2::{Digest, Sha256};
-use svcproxy_model::{EndpointInfo, ServicePortName};
+use svcproxy_model::{EndpointInfo, Protocol, ServicePortName};
 
 use crate::rule_text::push_endpoint;
 use crate::ruleset::ChainName;
@@ -49,9 +49,12 @@ fn hash16(input: &str) -> String {
 /// The hash the SVC, SVL, EXT and FW chains of one service port share: the service-port name (`ns/svc:port`,
 /// or `ns/svc` for an unnamed port) immediately followed by the lower-case protocol.
 pub fn service_chain_hash(spn: &ServicePortName) -> String {
-    let mut input = spn.to_string();
-    input.push_str(spn.protocol.lower());
-    hash16(&input)
+    service_hash_of(&spn.to_string(), spn.protocol)
+}
+
+/// [`service_chain_hash`] of a service port name already spelled (`ns/svc:port`).
+fn service_hash_of(spn: &str, protocol: Protocol) -> String {
+    hash16(&format!("{spn}{}", protocol.lower()))
 }
 
 pub fn svc_chain(spn: &ServicePortName) -> String {
@@ -88,8 +91,14 @@ pub struct SepNames {
 
 impl SepNames {
     pub fn new(spn: &ServicePortName) -> Self {
-        let mut prefix = spn.to_string();
-        prefix.push_str(spn.protocol.lower());
+        SepNames::spelled(&spn.to_string(), spn.protocol)
+    }
+
+    /// For a service port whose name is already spelled (`ns/svc:port`).
+    pub fn spelled(spn: &str, protocol: Protocol) -> Self {
+        let mut prefix = String::with_capacity(spn.len() + 4);
+        prefix.push_str(spn);
+        prefix.push_str(protocol.lower());
         SepNames {
             seeded: Sha256::new_with_prefix(prefix.as_bytes()),
             endpoint: String::with_capacity(48),
@@ -98,6 +107,11 @@ impl SepNames {
     }
 
     pub fn name(&mut self, endpoint: &EndpointInfo) -> ChainName {
+        ChainName::from(self.spell(endpoint))
+    }
+
+    /// The endpoint chain's name, in a buffer the next call reuses.
+    pub fn spell(&mut self, endpoint: &EndpointInfo) -> &str {
         self.endpoint.clear();
         push_endpoint(&mut self.endpoint, endpoint);
         let digest = self
@@ -108,7 +122,7 @@ impl SepNames {
         self.name.clear();
         self.name.push_str(SEP_PREFIX);
         BASE32_NOPAD.encode_append(&digest[..10], &mut self.name);
-        ChainName::from(self.name.as_str())
+        &self.name
     }
 }
 
@@ -123,7 +137,12 @@ pub struct ServiceChains {
 
 impl ServiceChains {
     pub fn new(spn: &ServicePortName) -> Self {
-        let hash = service_chain_hash(spn);
+        ServiceChains::spelled(&spn.to_string(), spn.protocol)
+    }
+
+    /// For a service port whose name is already spelled (`ns/svc:port`).
+    pub fn spelled(spn: &str, protocol: Protocol) -> Self {
+        let hash = service_hash_of(spn, protocol);
         let mut name = String::with_capacity(SVC_PREFIX.len() + HASH_LEN);
         let mut prefixed = |prefix: &str| {
             name.clear();

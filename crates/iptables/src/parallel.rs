@@ -46,6 +46,29 @@ where
     })
 }
 
+/// `f` of every item, each on a thread of its own but the first, which runs on the calling thread: for work
+/// already cut into one piece per core, such as the regions of one buffer that different threads fill.
+pub fn for_each_in_parallel<T, F>(items: Vec<T>, f: F)
+where
+    T: Send,
+    F: Fn(T) + Sync,
+{
+    let mut items = items.into_iter();
+    let Some(first) = items.next() else {
+        return;
+    };
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items.map(|item| scope.spawn(move || f(item))).collect();
+        f(first);
+        for handle in handles {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +82,15 @@ mod tests {
         }
         assert!(map_in_order(&[] as &[u32], 1, |i| *i).is_empty());
         assert_eq!(map_in_order(&[5u32], 1, |i| *i), vec![5]);
+    }
+
+    #[test]
+    fn each_item_is_handed_over_once() {
+        let mut buffer = vec![0u8; 64];
+        let regions: Vec<(u8, &mut [u8])> = buffer.chunks_mut(16).zip(1u8..).map(|(r, i)| (i, r)).collect();
+        for_each_in_parallel(regions, |(i, region)| region.fill(i));
+        assert_eq!(buffer, [[1u8; 16], [2; 16], [3; 16], [4; 16]].concat());
+        for_each_in_parallel(Vec::<u8>::new(), |_| unreachable!());
     }
 
     #[test]

@@ -95,15 +95,23 @@ impl Line {
 
     /// `-m comment --comment <text>`, quoted only when the text has a space, as upstream writes it. The texts
     /// come from DNS-label names and fixed phrases, so they never need escaping.
-    pub(crate) fn comment(mut self, text: &str) -> Self {
+    pub(crate) fn comment(self, text: &str) -> Self {
+        self.comment_of(&[text])
+    }
+
+    /// [`Line::comment`] of the concatenation of `parts`, without making it first.
+    pub(crate) fn comment_of(mut self, parts: &[&str]) -> Self {
         self.space();
         self.text.push_str("-m comment --comment ");
-        if text.contains(' ') {
+        let quoted = parts.iter().any(|p| p.contains(' '));
+        if quoted {
             self.text.push('"');
-            self.text.push_str(text);
+        }
+        for part in parts {
+            self.text.push_str(part);
+        }
+        if quoted {
             self.text.push('"');
-        } else {
-            self.text.push_str(text);
         }
         self
     }
@@ -208,9 +216,8 @@ pub(crate) fn push_decimal(out: &mut String, mut n: u32) {
             break;
         }
     }
-    for &d in &digits[i..] {
-        out.push(char::from(d));
-    }
+    // One copy of the digits, not a push (and a capacity check) per digit.
+    out.push_str(std::str::from_utf8(&digits[i..]).expect("ASCII digits"));
 }
 
 /// `1/n` with ten decimals, as Go's `%0.10f` prints it; both are correctly rounded conversions of the same

@@ -4,13 +4,15 @@
 //! Rule shapes, texts and order follow upstream's generator, so chains written by either proxy look the
 //! same; the comments below say which upstream behaviour each part reproduces.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 
 use svcproxy_model::{EndpointInfo, ServicePortIntent, SessionAffinity};
 
 use crate::chain_name::{
-    KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL, KUBE_SERVICES, SepNames,
-    ServiceChains,
+    HASH_LEN, KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL, KUBE_SERVICES,
+    SEP_PREFIX, SepNames, ServiceChains,
 };
 use crate::config::RenderConfig;
 use crate::rule_text::{ChainRules, Line};
@@ -56,21 +58,28 @@ pub fn render_service_port(
     cfg: &RenderConfig,
     large_cluster: bool,
 ) -> ServicePortRules {
-    // Each endpoint chain is named once, though the cluster and the local chain may both jump to it.
-    let mut sep_names = SepNames::new(&spi.name);
-    let mut seps: Vec<(SocketAddr, ChainName)> = spi
-        .endpoints
-        .all_reachable()
+    // Each endpoint chain is named once, though the cluster and the local chain may both jump to it; the
+    // names are kept as one text, which the rules are written from without checking each name again.
+    let spn = spi.name.to_string();
+    let mut sep_names = SepNames::spelled(&spn, spi.name.protocol);
+    let reachable = spi.endpoints.all_reachable();
+    let mut sep_text = String::with_capacity(reachable.len() * (SEP_PREFIX.len() + HASH_LEN));
+    let mut seps: Vec<(SocketAddr, Range<usize>)> = reachable
         .iter()
-        .map(|ep| (ep.socket_addr(), sep_names.name(ep)))
+        .map(|ep| {
+            let start = sep_text.len();
+            sep_text.push_str(sep_names.spell(ep));
+            (ep.socket_addr(), start..sep_text.len())
+        })
         .collect();
     seps.sort_unstable_by_key(|(addr, _)| *addr);
     let r = ServiceRenderer {
         spi,
         cfg,
         large_cluster,
-        spn: spi.name.to_string(),
-        chains: ServiceChains::new(&spi.name),
+        chains: ServiceChains::spelled(&spn, spi.name.protocol),
+        spn,
+        sep_text,
         seps,
     };
 
@@ -115,9 +124,11 @@ pub fn render_service_port(
             r.dispatch(&spi.endpoints.local, rules);
         });
     }
-    for ep in spi.endpoints.all_reachable() {
+    for ep in reachable {
         let name = r.sep(ep);
-        chain(name.clone(), &|rules| r.endpoint_chain(&name, ep, rules));
+        chain(ChainName::from(&*name), &|rules| {
+            r.endpoint_chain(&name, ep, rules)
+        });
     }
     let chains = Chain::split(&text, names.iter().map(|(_, range)| range.clone()));
     let chains = names.iter().map(|(name, _)| name.clone()).zip(chains).collect();
@@ -134,16 +145,18 @@ struct ServiceRenderer<'a> {
     spn: String,
     chains: ServiceChains,
     /// Endpoint chain names by endpoint address, sorted by address.
-    seps: Vec<(SocketAddr, ChainName)>,
+    seps: Vec<(SocketAddr, Range<usize>)>,
+    /// The endpoint chains' names, where `seps` finds them.
+    sep_text: String,
 }
 
 impl ServiceRenderer<'_> {
     /// The endpoint chain's name. The reachable endpoints include every endpoint a policy chain picks from
     /// (the intent guarantees it); should one be missing, it is named on the spot rather than trusted.
-    fn sep(&self, ep: &EndpointInfo) -> ChainName {
+    fn sep(&self, ep: &EndpointInfo) -> Cow<'_, str> {
         match self.seps.binary_search_by_key(&ep.socket_addr(), |(a, _)| *a) {
-            Ok(i) => self.seps[i].1.clone(),
-            Err(_) => SepNames::new(&self.spi.name).name(ep),
+            Ok(i) => Cow::Borrowed(&self.sep_text[self.seps[i].1.clone()]),
+            Err(_) => Cow::Owned(SepNames::new(&self.spi.name).spell(ep).to_owned()),
         }
     }
 
@@ -165,8 +178,8 @@ impl ServiceRenderer<'_> {
 
     /// `-m comment --comment <c> -m <p> -p <p> -d <ip> --dport <port>`: the common head of every rule
     /// matching a service address.
-    fn dest_match(&self, line: Line, comment: &str, ip: IpAddr, port: u16) -> Line {
-        line.comment(comment)
+    fn dest_match(&self, line: Line, comment: &[&str], ip: IpAddr, port: u16) -> Line {
+        line.comment_of(comment)
             .protocol(self.spi.name.protocol)
             .arg_ip("-d", ip)
             .arg_port("--dport", port)
@@ -196,16 +209,16 @@ impl ServiceRenderer<'_> {
         // Without any endpoint upstream rejects, so clients learn at once; with endpoints elsewhere but none
         // a Local policy allows here, it drops, as nobody on this node would answer.
         let (verdict_comment, verdict) = if has_endpoints {
-            (format!("{spn} has no local endpoints"), "DROP")
+            ([spn.as_str(), " has no local endpoints"], "DROP")
         } else {
-            (format!("{spn} has no endpoints"), "REJECT")
+            ([spn.as_str(), " has no endpoints"], "REJECT")
         };
 
         if spi.has_internal_endpoints() {
             let line = self
                 .dest_match(
                     Line::append(KUBE_SERVICES),
-                    &format!("{spn} cluster IP"),
+                    &[spn, " cluster IP"],
                     spi.cluster_ip,
                     spi.port,
                 )
@@ -223,7 +236,7 @@ impl ServiceRenderer<'_> {
             share(TableName::Filter, KUBE_SERVICES, line);
         }
 
-        let external_ip_comment = format!("{spn} external IP");
+        let external_ip_comment = [spn.as_str(), " external IP"];
         for ip in &spi.external_ips {
             if has_endpoints {
                 let line = self
@@ -246,8 +259,8 @@ impl ServiceRenderer<'_> {
 
         let uses_fw = spi.uses_firewall_chain();
         let lb_target = if uses_fw { &self.chains.fw } else { ext };
-        let lb_comment = format!("{spn} loadbalancer IP");
-        let fw_drop_comment = format!("{spn} traffic not accepted by {}", self.chains.fw);
+        let lb_comment = [spn.as_str(), " loadbalancer IP"];
+        let fw_drop_comment = [spn.as_str(), " traffic not accepted by ", &self.chains.fw];
         for ip in &spi.load_balancer_ips {
             if has_endpoints {
                 let line = self
@@ -291,7 +304,7 @@ impl ServiceRenderer<'_> {
             }
             if !has_external {
                 let line = Line::append(KUBE_EXTERNAL_SERVICES)
-                    .comment(&verdict_comment)
+                    .comment_of(&verdict_comment)
                     .args("-m addrtype --dst-type LOCAL")
                     .protocol(spi.name.protocol)
                     .arg_port("--dport", node_port)
@@ -303,7 +316,7 @@ impl ServiceRenderer<'_> {
         // Opened whatever the endpoints: the load balancer must be able to ask, and learn there are none.
         if let Some(hc_port) = spi.health_check_node_port {
             let line = Line::append(KUBE_NODEPORTS)
-                .comment(&format!("{spn} health check node port"))
+                .comment_of(&[spn, " health check node port"])
                 .args("-m tcp -p tcp")
                 .arg_port("--dport", hc_port)
                 .jump("ACCEPT");
@@ -328,7 +341,7 @@ impl ServiceRenderer<'_> {
             }
         };
         rules.add(|l| {
-            let head = self.dest_match(l, &format!("{} cluster IP", self.spn), spi.cluster_ip, spi.port);
+            let head = self.dest_match(l, &[&self.spn, " cluster IP"], spi.cluster_ip, spi.port);
             match &not_local {
                 Some(not_local) => head.args(not_local),
                 None => head,
@@ -407,7 +420,7 @@ impl ServiceRenderer<'_> {
     /// Spreads new connections evenly: rule i of n matches with probability 1/(n−i), the last one always.
     /// ClientIP affinity rules come first so a returning client goes back to its endpoint.
     fn dispatch(&self, endpoints: &[EndpointInfo], rules: &mut ChainRules<'_>) {
-        let seps: Vec<ChainName> = endpoints.iter().map(|ep| self.sep(ep)).collect();
+        let seps: Vec<Cow<'_, str>> = endpoints.iter().map(|ep| self.sep(ep)).collect();
         // The per-endpoint comment, `"ns/svc:port -> ip:port"`, written in place.
         let commented = |line: Line, ep: &EndpointInfo| {
             if self.large_cluster {
