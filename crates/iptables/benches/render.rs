@@ -10,7 +10,7 @@ use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_ma
 use ipnet::IpNet;
 use svcproxy_iptables::gc::GcPlan;
 use svcproxy_iptables::parallel::{MIN_ITEMS_PER_THREAD, map_in_order};
-use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, staged_payloads};
+use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, stage, staged_payloads};
 use svcproxy_iptables::{
     LocalDetector, RenderConfig, ServicePortRules, assemble, full_payload, is_large_cluster, partial_payload,
     reassemble, render, render_service_port,
@@ -95,6 +95,27 @@ fn bench(c: &mut Criterion) {
 
         group.bench_with_input(BenchmarkId::new("full", n), &prev_intent, |b, intent| {
             b.iter(|| full_payload(&render(black_box(intent), &cfg), &[], &[]))
+        });
+
+        // What a cold sync renders and writes: the same ruleset, handed to the kernel in bounded
+        // transactions (each serialised when its turn comes and dropped once applied).
+        group.bench_with_input(BenchmarkId::new("cold_sync", n), &prev_intent, |b, intent| {
+            b.iter(|| {
+                let ruleset = render(black_box(intent), &cfg);
+                let mut bytes = 0;
+                let Ok(()) = stage(
+                    Baseline::None,
+                    &ruleset,
+                    &GcPlan::default(),
+                    &[],
+                    DEFAULT_MAX_CHAINS,
+                    |payload, _| {
+                        bytes += payload.text.len();
+                        Ok::<(), std::convert::Infallible>(())
+                    },
+                );
+                bytes
+            })
         });
 
         // The stages of `full`, each on its own; what they make is dropped outside the timing. The service
