@@ -1,9 +1,21 @@
-//! Independent renders spread over the cores: a cold sync renders every service port, each on its own, and
-//! at 10,000 services that is tens of milliseconds of one core. The result is the same, in the same order,
-//! whatever the number of threads.
+//! Independent work spread over the cores: a cold sync renders every service port, each on its own, and
+//! serialises tens of megabytes of rules; at 10,000 services each is tens of milliseconds of one core. The
+//! result is the same, in the same order, whatever the number of threads.
 
 /// Below this many items per thread, starting threads costs more than it saves.
 pub const MIN_ITEMS_PER_THREAD: usize = 256;
+
+/// How many threads `items` items of work are worth: one per core, each with at least `min_per_thread` items.
+pub fn threads_for(items: usize, min_per_thread: usize) -> usize {
+    let min_per_thread = min_per_thread.max(1);
+    // Asked before the cores are counted: counting reads the cgroup's CPU quota, and a change's sync renders
+    // one service port.
+    if items < 2 * min_per_thread {
+        return 1;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.min(items / min_per_thread).max(1)
+}
 
 /// `f` of every item, in order: on as many threads as there are cores and chunks of at least `min_per_thread`
 /// items, on the calling thread alone when that is one.
@@ -13,14 +25,7 @@ where
     R: Send,
     F: Fn(&T) -> R + Sync,
 {
-    let min_per_thread = min_per_thread.max(1);
-    // Asked before the cores are counted: counting reads the cgroup's CPU quota, and a change's sync renders
-    // one service port.
-    if items.len() < 2 * min_per_thread {
-        return items.iter().map(f).collect();
-    }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = cores.min(items.len() / min_per_thread).max(1);
+    let threads = threads_for(items.len(), min_per_thread);
     if threads == 1 {
         return items.iter().map(f).collect();
     }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::chain_name::is_owned_service_chain;
 use crate::gc::GcPlan;
 use crate::jumps::JumpRule;
-use crate::parallel::{for_each_in_parallel, map_in_order};
+use crate::parallel::{for_each_in_parallel, map_in_order, threads_for};
 use crate::ruleset::{Chain, ChainName, Ruleset, TableName};
 use crate::save_parser::{SavedRule, quote_arg};
 
@@ -246,12 +246,7 @@ struct RuleRun<'s, 'a> {
 
 /// The written chains in one run per core (one, for a section with few), measured.
 fn rule_runs<'s, 'a>(write: &'s [(&'a str, &'a Chain)]) -> Vec<RuleRun<'s, 'a>> {
-    let threads = if write.len() < 2 * CHAINS_PER_THREAD {
-        1
-    } else {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        cores.min(write.len() / CHAINS_PER_THREAD).max(1)
-    };
+    let threads = threads_for(write.len(), CHAINS_PER_THREAD);
     let runs: Vec<&[(&str, &Chain)]> = write.chunks(write.len().div_ceil(threads).max(1)).collect();
     map_in_order(&runs, 1, |chains| {
         let (mut bytes, mut rules) = (0, 0);
