@@ -179,12 +179,26 @@ impl<'b> ChainRules<'b> {
 pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
+            // Spelled on the stack and copied once: a full render writes some 400,000 addresses.
+            let mut text = [0u8; 15];
+            let mut len = 0;
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    text[len] = b'.';
+                    len += 1;
                 }
-                push_decimal(out, u32::from(octet));
+                if octet >= 100 {
+                    text[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    text[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                text[len] = b'0' + octet % 10;
+                len += 1;
             }
+            out.push_str(std::str::from_utf8(&text[..len]).expect("ASCII digits"));
         }
         IpAddr::V6(v6) => {
             let _ = write!(out, "{v6}");
@@ -306,6 +320,33 @@ mod tests {
                 ]
             )
         );
+    }
+
+    #[test]
+    fn addresses_are_spelled_as_display_spells_them() {
+        let mut samples: Vec<IpAddr> = [
+            0u32,
+            1,
+            9,
+            10,
+            99,
+            100,
+            255,
+            256,
+            0x0a00_0001,
+            0xc0a8_6464,
+            u32::MAX,
+        ]
+        .into_iter()
+        .map(|n| IpAddr::from(std::net::Ipv4Addr::from(n)))
+        .collect();
+        samples.extend((0..=255u8).map(|o| IpAddr::from([o, 255 - o, o / 3, o.wrapping_mul(7)])));
+        samples.push("fd00::1:2".parse().unwrap());
+        for ip in samples {
+            let mut out = String::from("x");
+            push_ip(&mut out, ip);
+            assert_eq!(out, format!("x{ip}"));
+        }
     }
 
     #[test]

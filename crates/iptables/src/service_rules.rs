@@ -5,6 +5,7 @@
 //! same; the comments below say which upstream behaviour each part reproduces.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 
@@ -64,23 +65,24 @@ pub fn render_service_port(
     let mut sep_names = SepNames::spelled(&spn, spi.name.protocol);
     let reachable = spi.endpoints.all_reachable();
     let mut sep_text = String::with_capacity(reachable.len() * (SEP_PREFIX.len() + HASH_LEN));
-    let mut seps: Vec<(SocketAddr, Range<usize>)> = reachable
+    let sep_ranges: Vec<Range<usize>> = reachable
         .iter()
         .map(|ep| {
             let start = sep_text.len();
             sep_text.push_str(sep_names.spell(ep));
-            (ep.socket_addr(), start..sep_text.len())
+            start..sep_text.len()
         })
         .collect();
-    seps.sort_unstable_by_key(|(addr, _)| *addr);
     let r = ServiceRenderer {
         spi,
         cfg,
         large_cluster,
         chains: ServiceChains::spelled(&spn, spi.name.protocol),
         spn,
+        reachable,
         sep_text,
-        seps,
+        sep_ranges,
+        by_address: OnceCell::new(),
     };
 
     // Every chain's rules go into one text, which the chains then share: one allocation for the part
@@ -124,11 +126,9 @@ pub fn render_service_port(
             r.dispatch(&spi.endpoints.local, rules);
         });
     }
-    for ep in reachable {
-        let name = r.sep(ep);
-        chain(ChainName::from(&*name), &|rules| {
-            r.endpoint_chain(&name, ep, rules)
-        });
+    for (at, ep) in reachable.iter().enumerate() {
+        let name = r.sep_at(at);
+        chain(ChainName::from(name), &|rules| r.endpoint_chain(name, ep, rules));
     }
     let chains = Chain::split(&text, names.iter().map(|(_, range)| range.clone()));
     let chains = names.iter().map(|(name, _)| name.clone()).zip(chains).collect();
@@ -145,19 +145,39 @@ struct ServiceRenderer<'a> {
     spn: String,
     chains: ServiceChains,
     /// Endpoint chain names by endpoint address, sorted by address.
-    seps: Vec<(SocketAddr, Range<usize>)>,
-    /// The endpoint chains' names, where `seps` finds them.
+    /// Every endpoint some rule sends to, and the names of their chains: in `sep_text`, at `sep_ranges` (in
+    /// the same order).
+    reachable: &'a [EndpointInfo],
     sep_text: String,
+    sep_ranges: Vec<Range<usize>>,
+    /// Positions in `reachable` by endpoint address, sorted; made only for a policy chain that picks from
+    /// some of the endpoints (a Local policy's, next to a cluster chain).
+    by_address: OnceCell<Vec<(SocketAddr, usize)>>,
 }
 
 impl ServiceRenderer<'_> {
     /// The endpoint chain's name. The reachable endpoints include every endpoint a policy chain picks from
     /// (the intent guarantees it); should one be missing, it is named on the spot rather than trusted.
     fn sep(&self, ep: &EndpointInfo) -> Cow<'_, str> {
-        match self.seps.binary_search_by_key(&ep.socket_addr(), |(a, _)| *a) {
-            Ok(i) => Cow::Borrowed(&self.sep_text[self.seps[i].1.clone()]),
+        let by_address = self.by_address.get_or_init(|| {
+            let mut sorted: Vec<(SocketAddr, usize)> = self
+                .reachable
+                .iter()
+                .enumerate()
+                .map(|(at, ep)| (ep.socket_addr(), at))
+                .collect();
+            sorted.sort_unstable_by_key(|(addr, _)| *addr);
+            sorted
+        });
+        match by_address.binary_search_by_key(&ep.socket_addr(), |(a, _)| *a) {
+            Ok(i) => Cow::Borrowed(self.sep_at(by_address[i].1)),
             Err(_) => Cow::Owned(SepNames::new(&self.spi.name).spell(ep).to_owned()),
         }
+    }
+
+    /// The chain name of the endpoint at `at` in `reachable`.
+    fn sep_at(&self, at: usize) -> &str {
+        &self.sep_text[self.sep_ranges[at].clone()]
     }
 
     fn internal_chain(&self) -> &str {
@@ -420,7 +440,20 @@ impl ServiceRenderer<'_> {
     /// Spreads new connections evenly: rule i of n matches with probability 1/(n−i), the last one always.
     /// ClientIP affinity rules come first so a returning client goes back to its endpoint.
     fn dispatch(&self, endpoints: &[EndpointInfo], rules: &mut ChainRules<'_>) {
-        let seps: Vec<Cow<'_, str>> = endpoints.iter().map(|ep| self.sep(ep)).collect();
+        // Mostly the policy chain picks from every reachable endpoint (the very same list): their names are
+        // then where they are, and nothing is looked up.
+        let every = std::ptr::eq(endpoints, self.reachable);
+        let seps: Vec<Cow<'_, str>> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(at, ep)| {
+                if every {
+                    Cow::Borrowed(self.sep_at(at))
+                } else {
+                    self.sep(ep)
+                }
+            })
+            .collect();
         // The per-endpoint comment, `"ns/svc:port -> ip:port"`, written in place.
         let commented = |line: Line, ep: &EndpointInfo| {
             if self.large_cluster {
