@@ -46,6 +46,16 @@ fn hash16(input: &str) -> String {
     BASE32_NOPAD.encode(&digest[..10])
 }
 
+/// [`hash16`] of the concatenation of `parts`, spelled into `out` (a render hashes every service port).
+fn hash16_into<'o>(parts: &[&str], out: &'o mut [u8; HASH_LEN]) -> &'o str {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+    }
+    BASE32_NOPAD.encode_mut(&hasher.finalize()[..10], out);
+    std::str::from_utf8(out).expect("base32 is ASCII")
+}
+
 /// The hash the SVC, SVL, EXT and FW chains of one service port share: the service-port name (`ns/svc:port`,
 /// or `ns/svc` for an unnamed port) immediately followed by the lower-case protocol.
 pub fn service_chain_hash(spn: &ServicePortName) -> String {
@@ -142,13 +152,14 @@ impl ServiceChains {
 
     /// For a service port whose name is already spelled (`ns/svc:port`).
     pub fn spelled(spn: &str, protocol: Protocol) -> Self {
-        let hash = service_hash_of(spn, protocol);
-        let mut name = String::with_capacity(SVC_PREFIX.len() + HASH_LEN);
+        let mut hash = [0u8; HASH_LEN];
+        let hash = hash16_into(&[spn, protocol.lower()], &mut hash);
+        let mut name = [0u8; SVC_PREFIX.len() + HASH_LEN];
         let mut prefixed = |prefix: &str| {
-            name.clear();
-            name.push_str(prefix);
-            name.push_str(&hash);
-            ChainName::from(name.as_str())
+            let len = prefix.len() + HASH_LEN;
+            name[..prefix.len()].copy_from_slice(prefix.as_bytes());
+            name[prefix.len()..len].copy_from_slice(hash.as_bytes());
+            ChainName::from(std::str::from_utf8(&name[..len]).expect("prefix and hash are ASCII"))
         };
         ServiceChains {
             svc: prefixed(SVC_PREFIX),

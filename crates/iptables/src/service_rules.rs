@@ -6,14 +6,15 @@
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 
 use svcproxy_model::{EndpointInfo, ServicePortIntent, SessionAffinity};
 
 use crate::chain_name::{
-    HASH_LEN, KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL, KUBE_SERVICES,
-    SEP_PREFIX, SepNames, ServiceChains,
+    KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL, KUBE_SERVICES, SepNames,
+    ServiceChains,
 };
 use crate::config::RenderConfig;
 use crate::rule_text::{ChainRules, Line};
@@ -59,25 +60,72 @@ pub fn render_service_port(
     cfg: &RenderConfig,
     large_cluster: bool,
 ) -> ServicePortRules {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let rules = render_with(spi, cfg, large_cluster, scratch);
+        scratch.trim();
+        rules
+    })
+}
+
+/// The buffers a service port is rendered in, kept from one service port to the next on each thread: a cold
+/// render renders 10,000 of them, and fresh buffers were a third of the allocations it made.
+#[derive(Default)]
+struct Scratch {
+    spn: String,
+    sep_text: String,
+    sep_ranges: Vec<Range<usize>>,
+    names: Vec<(ChainName, Range<usize>)>,
+    text: String,
+}
+
+impl Scratch {
+    /// Beyond this, a buffer one large service port grew is let go rather than kept for the small ones.
+    const KEPT_BYTES: usize = 1 << 20;
+
+    fn trim(&mut self) {
+        if self.text.capacity() > Self::KEPT_BYTES || self.sep_text.capacity() > Self::KEPT_BYTES {
+            *self = Scratch::default();
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+fn render_with(
+    spi: &ServicePortIntent,
+    cfg: &RenderConfig,
+    large_cluster: bool,
+    scratch: &mut Scratch,
+) -> ServicePortRules {
+    let Scratch {
+        spn,
+        sep_text,
+        sep_ranges,
+        names,
+        text,
+    } = scratch;
+    spn.clear();
+    sep_text.clear();
+    sep_ranges.clear();
+    names.clear();
+    text.clear();
     // Each endpoint chain is named once, though the cluster and the local chain may both jump to it; the
     // names are kept as one text, which the rules are written from without checking each name again.
-    let spn = spi.name.to_string();
-    let mut sep_names = SepNames::spelled(&spn, spi.name.protocol);
+    let _ = write!(spn, "{}", spi.name);
+    let mut sep_names = SepNames::spelled(spn, spi.name.protocol);
     let reachable = spi.endpoints.all_reachable();
-    let mut sep_text = String::with_capacity(reachable.len() * (SEP_PREFIX.len() + HASH_LEN));
-    let sep_ranges: Vec<Range<usize>> = reachable
-        .iter()
-        .map(|ep| {
-            let start = sep_text.len();
-            sep_text.push_str(sep_names.spell(ep));
-            start..sep_text.len()
-        })
-        .collect();
+    sep_ranges.extend(reachable.iter().map(|ep| {
+        let start = sep_text.len();
+        sep_text.push_str(sep_names.spell(ep));
+        start..sep_text.len()
+    }));
     let r = ServiceRenderer {
         spi,
         cfg,
         large_cluster,
-        chains: ServiceChains::spelled(&spn, spi.name.protocol),
+        chains: ServiceChains::spelled(spn, spi.name.protocol),
         spn,
         reachable,
         sep_text,
@@ -85,21 +133,12 @@ pub fn render_service_port(
         by_address: OnceCell::new(),
     };
 
-    // Every chain's rules go into one text, which the chains then share: one allocation for the part
-    // instead of one per chain. Sized exactly: the parts of every service port are held for as long as the
-    // proxy runs.
-    let own = [
-        spi.uses_external_chain(),
-        spi.uses_firewall_chain(),
-        spi.uses_cluster_chain(),
-        spi.uses_local_chain(),
-    ];
-    let mut names =
-        Vec::with_capacity(own.iter().filter(|u| **u).count() + spi.endpoints.all_reachable().len());
-    let mut text = String::with_capacity(256 * names.capacity());
+    // Every chain's rules go into one text, which the chains then share (copied out exactly: the parts of
+    // every service port are held for as long as the proxy runs): one allocation for the part instead of
+    // one per chain.
     let mut chain = |name: ChainName, build: &dyn Fn(&mut ChainRules<'_>)| {
         let start = text.len();
-        build(&mut ChainRules::extending(&mut text));
+        build(&mut ChainRules::extending(text));
         names.push((name, start..text.len()));
     };
     if spi.uses_external_chain() {
@@ -130,7 +169,7 @@ pub fn render_service_port(
         let name = r.sep_at(at);
         chain(ChainName::from(name), &|rules| r.endpoint_chain(name, ep, rules));
     }
-    let chains = Chain::split(&text, names.iter().map(|(_, range)| range.clone()));
+    let chains = Chain::split(text, names.iter().map(|(_, range)| range.clone()));
     let chains = names.iter().map(|(name, _)| name.clone()).zip(chains).collect();
     ServicePortRules {
         chains,
@@ -142,14 +181,13 @@ struct ServiceRenderer<'a> {
     spi: &'a ServicePortIntent,
     cfg: &'a RenderConfig,
     large_cluster: bool,
-    spn: String,
+    spn: &'a str,
     chains: ServiceChains,
-    /// Endpoint chain names by endpoint address, sorted by address.
     /// Every endpoint some rule sends to, and the names of their chains: in `sep_text`, at `sep_ranges` (in
     /// the same order).
     reachable: &'a [EndpointInfo],
-    sep_text: String,
-    sep_ranges: Vec<Range<usize>>,
+    sep_text: &'a str,
+    sep_ranges: &'a [Range<usize>],
     /// Positions in `reachable` by endpoint address, sorted; made only for a policy chain that picks from
     /// some of the endpoints (a Local policy's, next to a cluster chain).
     by_address: OnceCell<Vec<(SocketAddr, usize)>>,
@@ -215,7 +253,7 @@ impl ServiceRenderer<'_> {
     /// The lines in `KUBE-SERVICES`, `KUBE-NODEPORTS`, `KUBE-EXTERNAL-SERVICES` and `KUBE-PROXY-FIREWALL`.
     fn shared_rules(&self) -> Vec<SharedRule> {
         let spi = self.spi;
-        let spn = &self.spn;
+        let spn: &str = self.spn;
         let mut out = Vec::new();
         // Kept with the service port's cached rules, so without the slack of the build buffer.
         let mut share = |table, chain, mut line: String| {
@@ -229,9 +267,9 @@ impl ServiceRenderer<'_> {
         // Without any endpoint upstream rejects, so clients learn at once; with endpoints elsewhere but none
         // a Local policy allows here, it drops, as nobody on this node would answer.
         let (verdict_comment, verdict) = if has_endpoints {
-            ([spn.as_str(), " has no local endpoints"], "DROP")
+            ([spn, " has no local endpoints"], "DROP")
         } else {
-            ([spn.as_str(), " has no endpoints"], "REJECT")
+            ([spn, " has no endpoints"], "REJECT")
         };
 
         if spi.has_internal_endpoints() {
@@ -256,7 +294,7 @@ impl ServiceRenderer<'_> {
             share(TableName::Filter, KUBE_SERVICES, line);
         }
 
-        let external_ip_comment = [spn.as_str(), " external IP"];
+        let external_ip_comment = [spn, " external IP"];
         for ip in &spi.external_ips {
             if has_endpoints {
                 let line = self
@@ -279,8 +317,8 @@ impl ServiceRenderer<'_> {
 
         let uses_fw = spi.uses_firewall_chain();
         let lb_target = if uses_fw { &self.chains.fw } else { ext };
-        let lb_comment = [spn.as_str(), " loadbalancer IP"];
-        let fw_drop_comment = [spn.as_str(), " traffic not accepted by ", &self.chains.fw];
+        let lb_comment = [spn, " loadbalancer IP"];
+        let fw_drop_comment = [spn, " traffic not accepted by ", &self.chains.fw];
         for ip in &spi.load_balancer_ips {
             if has_endpoints {
                 let line = self
@@ -443,17 +481,13 @@ impl ServiceRenderer<'_> {
         // Mostly the policy chain picks from every reachable endpoint (the very same list): their names are
         // then where they are, and nothing is looked up.
         let every = std::ptr::eq(endpoints, self.reachable);
-        let seps: Vec<Cow<'_, str>> = endpoints
-            .iter()
-            .enumerate()
-            .map(|(at, ep)| {
-                if every {
-                    Cow::Borrowed(self.sep_at(at))
-                } else {
-                    self.sep(ep)
-                }
-            })
-            .collect();
+        let sep = |at: usize, ep: &EndpointInfo| {
+            if every {
+                Cow::Borrowed(self.sep_at(at))
+            } else {
+                self.sep(ep)
+            }
+        };
         // The per-endpoint comment, `"ns/svc:port -> ip:port"`, written in place.
         let commented = |line: Line, ep: &EndpointInfo| {
             if self.large_cluster {
@@ -463,24 +497,26 @@ impl ServiceRenderer<'_> {
             }
         };
         if let SessionAffinity::ClientIP { timeout_seconds } = self.spi.session_affinity {
-            for (sep, ep) in seps.iter().zip(endpoints) {
+            for (at, ep) in endpoints.iter().enumerate() {
+                let sep = sep(at, ep);
                 rules.add(|l| {
                     commented(l, ep)
-                        .arg("-m recent --name", sep)
+                        .arg("-m recent --name", &sep)
                         .arg_value("--rcheck --seconds", timeout_seconds)
                         .args("--reap")
-                        .jump(sep)
+                        .jump(&sep)
                 });
             }
         }
         let n = endpoints.len();
-        for (i, (sep, ep)) in seps.iter().zip(endpoints).enumerate() {
+        for (i, ep) in endpoints.iter().enumerate() {
+            let sep = sep(i, ep);
             rules.add(|l| {
                 let mut line = commented(l, ep);
                 if i + 1 < n {
                     line = line.probability(n - i);
                 }
-                line.jump(sep)
+                line.jump(&sep)
             });
         }
     }
@@ -488,7 +524,7 @@ impl ServiceRenderer<'_> {
     /// Hairpin masquerade (a pod reaching its own service must not see its own address as the source, or
     /// its reply would bypass the reverse NAT), then the DNAT, recording the client when affinity is on.
     fn endpoint_chain(&self, name: &str, ep: &EndpointInfo, rules: &mut ChainRules<'_>) {
-        let comment = (!self.large_cluster).then_some(self.spn.as_str());
+        let comment = (!self.large_cluster).then_some(self.spn);
         rules.add(|l| {
             Self::with_comment(l, comment)
                 .arg_ip("-s", ep.ip)
