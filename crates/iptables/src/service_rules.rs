@@ -399,7 +399,7 @@ impl ServiceRenderer<'_> {
             }
         };
         rules.add(|l| {
-            let head = self.dest_match(l, &[&self.spn, " cluster IP"], spi.cluster_ip, spi.port);
+            let head = self.dest_match(l, &[self.spn, " cluster IP"], spi.cluster_ip, spi.port);
             match &not_local {
                 Some(not_local) => head.args(not_local),
                 None => head,
@@ -493,7 +493,7 @@ impl ServiceRenderer<'_> {
             if self.large_cluster {
                 line
             } else {
-                line.endpoint_comment(&self.spn, ep)
+                line.endpoint_comment(self.spn, ep)
             }
         };
         if let SessionAffinity::ClientIP { timeout_seconds } = self.spi.session_affinity {
