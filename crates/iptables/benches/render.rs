@@ -13,7 +13,7 @@ use svcproxy_iptables::parallel::{MIN_ITEMS_PER_THREAD, map_in_order};
 use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, stage, staged_payloads};
 use svcproxy_iptables::{
     LocalDetector, RenderConfig, ServicePortRules, assemble, full_payload, is_large_cluster, partial_payload,
-    reassemble, render, render_service_port,
+    reassemble, render, render_payload, render_service_port,
 };
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{
@@ -95,6 +95,11 @@ fn bench(c: &mut Criterion) {
 
         group.bench_with_input(BenchmarkId::new("full", n), &prev_intent, |b, intent| {
             b.iter(|| full_payload(&render(black_box(intent), &cfg), &[], &[]))
+        });
+
+        // The same payload written straight from the service ports' parts, in their order.
+        group.bench_with_input(BenchmarkId::new("payload", n), &prev_intent, |b, intent| {
+            b.iter(|| render_payload(black_box(intent), &cfg))
         });
 
         // What a cold sync renders and writes: the same ruleset, handed to the kernel in bounded

@@ -37,7 +37,9 @@ pub use gc::stale_owned_chains;
 pub use jumps::{JumpRule, jump_rules, missing_jumps};
 pub use kernel_view::{Found, KernelReader, KernelView};
 pub use payload::{Payload, full_payload, partial_payload};
-pub use render::{LARGE_CLUSTER_ENDPOINTS, assemble, is_large_cluster, reassemble, render};
+pub use render::{
+    LARGE_CLUSTER_ENDPOINTS, assemble, is_large_cluster, payload_of_parts, reassemble, render, render_payload,
+};
 pub use ruleset::{Chain, ChainName, Ruleset, Table, TableName};
 pub use save_parser::{SaveParseError, SaveReader, SavedRule, SavedRuleset, SavedTable, parse_save};
 pub use saved_view::saved_view;

@@ -9,6 +9,7 @@ use crate::chain_name::{
 };
 use crate::config::{NodePortAddresses, RenderConfig};
 use crate::parallel::{MIN_ITEMS_PER_THREAD, map_in_order};
+use crate::payload::{Payload, Section, serialize};
 use crate::rule_text::{ChainRules, Line};
 use crate::ruleset::{Chain, ChainName, Ruleset, TableName};
 use crate::service_rules::{ServicePortRules, render_service_port};
@@ -29,6 +30,53 @@ pub fn render(intent: &Intent, cfg: &RenderConfig) -> Ruleset {
         render_service_port(spi, cfg, large)
     });
     assemble(cfg, &parts)
+}
+
+/// The `iptables-restore` payload that writes the whole ruleset for `intent`, as [`full_payload`] of
+/// [`render`] writes it but with the chains in service-port order, not name order: written straight from the
+/// service ports' parts, without the map of chains by name (sorting 110,000 chains and counting each shared
+/// text took a fifth of the time at 10,000 services) and reading the parts' texts in the order they were made
+/// in.
+///
+/// [`full_payload`]: crate::payload::full_payload
+pub fn render_payload(intent: &Intent, cfg: &RenderConfig) -> Payload {
+    let large = is_large_cluster(intent);
+    let ports: Vec<&ServicePortIntent> = intent.service_ports.values().map(|spi| &**spi).collect();
+    let parts = map_in_order(&ports, MIN_ITEMS_PER_THREAD, |spi| {
+        render_service_port(spi, cfg, large)
+    });
+    payload_of_parts(cfg, &parts)
+}
+
+/// The payload that writes the ruleset of `parts` (all of them, in service-port order): the shared chains by
+/// name, then each part's chains in its own order. A chain two parts both name (only a collision of 80-bit
+/// hashes could make one) would be written twice, its rules appended from both, where the ruleset keeps the
+/// later part's.
+pub fn payload_of_parts(cfg: &RenderConfig, parts: &[ServicePortRules]) -> Payload {
+    let shared = shared_chains(cfg, parts);
+    let section = |table: TableName| {
+        let mut write: Vec<(&str, &Chain)> = shared
+            .iter()
+            .filter(|(t, _, _)| *t == table)
+            .filter_map(|(_, name, chain)| chain.as_ref().map(|chain| (*name, chain)))
+            .collect();
+        write.sort_unstable_by_key(|(name, _)| *name);
+        if table == TableName::Nat {
+            write.extend(
+                parts
+                    .iter()
+                    .flat_map(|part| part.chains.iter().map(|(name, chain)| (name.as_str(), chain))),
+            );
+        }
+        Section {
+            table,
+            write,
+            delete: Vec::new(),
+            jumps: Vec::new(),
+            delete_rules: Vec::new(),
+        }
+    };
+    serialize(&TableName::ALL.map(section))
 }
 
 /// Builds the ruleset from per-service-port parts, given in service-port order. A sync that caches the parts

@@ -13,7 +13,7 @@ use common::*;
 use svcproxy_iptables::save_parser::{quote_arg, tokenize};
 use svcproxy_iptables::{
     JumpRule, LocalDetector, RenderConfig, Ruleset, SavedRuleset, full_payload, jump_rules, missing_jumps,
-    parse_save, render, stale_owned_chains,
+    parse_save, render, render_payload, stale_owned_chains,
 };
 use svcproxy_model::{Endpoint, Protocol, ServiceType};
 
@@ -242,6 +242,26 @@ fn every_scenario_renders_like_upstream() {
         let keys: BTreeSet<_> = ours.keys().chain(theirs.keys()).collect();
         for key in keys {
             assert_eq!(ours.get(key), theirs.get(key), "{name}: {key:?}");
+        }
+    }
+}
+
+/// The payload written from the service ports' parts in their order writes, chain for chain, what the
+/// payload of the assembled ruleset does.
+#[test]
+fn the_payload_in_service_port_order_writes_the_same_chains() {
+    for name in SCENARIOS {
+        for cfg in [reference_cfg(), RenderConfig::default()] {
+            let intent = intent_of(&scenario_state(&scenario(name)));
+            let by_name = full_payload(&render(&intent, &cfg), &[], &[]);
+            let by_part = render_payload(&intent, &cfg);
+            assert_eq!(
+                theirs_comparable(&parse_save(&by_part.text).unwrap()),
+                theirs_comparable(&parse_save(&by_name.text).unwrap()),
+                "{name}"
+            );
+            assert_eq!(by_part.line_count, by_name.line_count, "{name}");
+            assert_eq!(by_part.text.len(), by_name.text.len(), "{name}");
         }
     }
 }
