@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use ipnet::IpNet;
 use svcproxy_iptables::gc::GcPlan;
 use svcproxy_iptables::parallel::{MIN_ITEMS_PER_THREAD, map_in_order};
-use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, stage, staged_payloads};
+use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, Groups, stage, staged_payloads};
 use svcproxy_iptables::{
     LocalDetector, RenderConfig, ServicePortRules, assemble, full_payload, is_large_cluster, partial_payload,
     reassemble, render, render_payload, render_service_port,
@@ -102,15 +103,22 @@ fn bench(c: &mut Criterion) {
             b.iter(|| render_payload(black_box(intent), &cfg))
         });
 
-        // What a cold sync renders and writes: the same ruleset, handed to the kernel in bounded
-        // transactions (each serialised when its turn comes and dropped once applied).
+        // What a cold sync renders and writes, as the proxier does it: the service ports' parts (kept, shared),
+        // the ruleset assembled from them, and the same chains handed to the kernel in bounded transactions of
+        // whole service ports (each serialised when its turn comes and dropped once applied).
         group.bench_with_input(BenchmarkId::new("cold_sync", n), &prev_intent, |b, intent| {
             b.iter(|| {
-                let ruleset = render(black_box(intent), &cfg);
+                let large = is_large_cluster(intent);
+                let ports: Vec<&ServicePortIntent> = intent.service_ports.values().map(|p| &**p).collect();
+                let parts = map_in_order(&ports, MIN_ITEMS_PER_THREAD, |spi| {
+                    Arc::new(render_service_port(spi, &cfg, large))
+                });
+                let ruleset = assemble(&cfg, parts.iter().map(|p| &**p));
                 let mut bytes = 0;
                 let Ok(()) = stage(
                     Baseline::None,
                     &ruleset,
+                    Groups::Parts(&parts),
                     &GcPlan::default(),
                     &[],
                     DEFAULT_MAX_CHAINS,

@@ -4,16 +4,27 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::{Kernel, ep, intent_of, port, service, slice, state, with_lb};
 use proptest::prelude::*;
 use svcproxy_iptables::gc::{GcPlan, plan_gc};
 use svcproxy_iptables::jumps::{jump_rules, missing_jumps};
-use svcproxy_iptables::staging::{Baseline, stage, staged_payloads};
-use svcproxy_iptables::{KernelView, RenderConfig, Ruleset, render};
+use svcproxy_iptables::staging::{Baseline, Groups, stage, staged_payloads};
+use svcproxy_iptables::{
+    KernelView, RenderConfig, Ruleset, ServicePortRules, assemble, is_large_cluster, render,
+    render_service_port,
+};
 use svcproxy_model::{Protocol, ServiceType};
 
 /// `n` services, the i-th with `1 + (i + shift) % 4` endpoints; every third one a LoadBalancer.
 fn ruleset(n: usize, shift: usize) -> Ruleset {
+    rendered(n, shift).1
+}
+
+/// [`ruleset`], with the service ports' parts it is assembled from, in service-port order (as a sync holds
+/// them).
+fn rendered(n: usize, shift: usize) -> (Vec<Arc<ServicePortRules>>, Ruleset) {
     let mut services = Vec::new();
     let mut slices = Vec::new();
     for i in 0..n {
@@ -50,7 +61,17 @@ fn ruleset(n: usize, shift: usize) -> Ruleset {
             eps,
         ));
     }
-    render(&intent_of(&state(services, slices)), &RenderConfig::default())
+    let intent = intent_of(&state(services, slices));
+    let cfg = RenderConfig::default();
+    let large = is_large_cluster(&intent);
+    let parts: Vec<Arc<ServicePortRules>> = intent
+        .service_ports
+        .values()
+        .map(|spi| Arc::new(render_service_port(spi, &cfg, large)))
+        .collect();
+    let ruleset = assemble(&cfg, parts.iter().map(|p| &**p));
+    assert_eq!(ruleset, render(&intent, &cfg));
+    (parts, ruleset)
 }
 
 fn apply_all(kernel: &mut Kernel, payloads: &[svcproxy_iptables::Payload]) {
@@ -63,15 +84,16 @@ fn apply_all(kernel: &mut Kernel, payloads: &[svcproxy_iptables::Payload]) {
 
 /// The staged transactions, checking that the last one, and only it, is handed over as the last: the seal that
 /// completes a sync rides on it.
-fn staged(
+fn staged<'a>(
     baseline: Baseline<'_>,
-    next: &Ruleset,
+    next: &'a Ruleset,
+    groups: Groups<'a>,
     plan: &GcPlan,
     jumps: &[svcproxy_iptables::JumpRule],
     max: usize,
 ) -> Vec<svcproxy_iptables::Payload> {
     let (mut out, mut flags) = (Vec::new(), Vec::new());
-    let Ok(()) = stage(baseline, next, plan, jumps, max, |p, last| {
+    let Ok(()) = stage(baseline, next, groups, plan, jumps, max, |p, last| {
         out.push(p);
         flags.push(last);
         Ok::<(), std::convert::Infallible>(())
@@ -110,21 +132,26 @@ proptest! {
         before in 0usize..25, after in 0usize..25, shift in 0usize..3, max in 1usize..40, from_empty in any::<bool>()
     ) {
         let prev = ruleset(before, 0);
-        let next = ruleset(after, shift);
-        let mut kernel = if from_empty { Kernel::default() } else { Kernel::holding(&prev) };
-        let saved = kernel.saved();
-        let cfg = RenderConfig::default();
-        let jumps = missing_jumps(&saved, &cfg);
-        // Read as a full sync reads the kernel: the rules of our chains compared and dropped as they stream by.
-        let view = KernelView::parse(&kernel.save(), &next).unwrap();
-        let payloads = staged(Baseline::Kernel(&view), &next, &plan_gc(&view.saved, &next), &jumps, max);
-        apply_all(&mut kernel, &payloads);
-        prop_assert!(kernel.matches(&next));
+        let (parts, next) = rendered(after, shift);
+        // Service ports found in the ruleset by name, and handed over as the parts it was assembled from.
+        for groups in [Groups::ByName, Groups::Parts(&parts)] {
+            let mut kernel = if from_empty { Kernel::default() } else { Kernel::holding(&prev) };
+            let saved = kernel.saved();
+            let cfg = RenderConfig::default();
+            let jumps = missing_jumps(&saved, &cfg);
+            // Read as a full sync reads the kernel: the rules of our chains compared and dropped as they
+            // stream by.
+            let view = KernelView::parse(&kernel.save(), &next).unwrap();
+            let plan = plan_gc(&view.saved, &next);
+            let payloads = staged(Baseline::Kernel(&view), &next, groups, &plan, &jumps, max);
+            apply_all(&mut kernel, &payloads);
+            prop_assert!(kernel.matches(&next));
+        }
 
         // The same from the in-memory baseline (partial syncs), when the kernel held `prev`.
         if !from_empty {
             let mut kernel = Kernel::holding(&prev);
-            let payloads = staged(Baseline::Applied(&prev), &next, &GcPlan::default(), &[], max);
+            let payloads = staged(Baseline::Applied(&prev), &next, Groups::ByName, &GcPlan::default(), &[], max);
             apply_all(&mut kernel, &payloads);
             prop_assert!(kernel.matches(&next));
         }

@@ -22,7 +22,7 @@ use svcproxy_iptables::seal::{
     self, Digest, Generation, RulesetDigest, SEAL_CHAIN, Seal, chain_digest, newest,
 };
 use svcproxy_iptables::service_rules::{ServicePortRules, render_service_port};
-use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, stage};
+use svcproxy_iptables::staging::{Baseline, DEFAULT_MAX_CHAINS, Groups, stage};
 use svcproxy_iptables::verify::{Divergence, verify};
 use svcproxy_iptables::{gc, jumps, render};
 
@@ -551,10 +551,12 @@ impl IptablesProxier {
     /// Stages the transactions from `baseline` to `next` and applies them one by one, each sealed; a sync that
     /// has nothing to write still seals a kernel known to hold `next` whose seal does not say so yet. Returns
     /// the lines written and, for a partial sync, the chains written (for the read-back after it).
+    #[allow(clippy::too_many_arguments)]
     fn apply_staged(
         &mut self,
         baseline: Baseline<'_>,
         next: &Ruleset,
+        groups: Groups<'_>,
         plan: &GcPlan,
         jumps: &[JumpRule],
         mode: SyncMode,
@@ -562,8 +564,14 @@ impl IptablesProxier {
     ) -> Result<(usize, Vec<(TableName, String)>), SyncError> {
         let (mut lines, mut touched, mut writes) = (0, Vec::new(), 0);
         let max_chains = self.max_chains;
-        let staged: Result<(), Box<(ExecError, Payload)>> =
-            stage(baseline, next, plan, jumps, max_chains, |payload, last| {
+        let staged: Result<(), Box<(ExecError, Payload)>> = stage(
+            baseline,
+            next,
+            groups,
+            plan,
+            jumps,
+            max_chains,
+            |payload, last| {
                 writes += 1;
                 let (count, chains) = (
                     payload.line_count,
@@ -573,7 +581,8 @@ impl IptablesProxier {
                 lines += count;
                 touched.extend(chains.into_iter().flatten());
                 Ok(())
-            });
+            },
+        );
         if let Err(refused) = staged {
             let (e, payload) = *refused;
             self.applied = None;
@@ -797,19 +806,43 @@ impl Proxier for IptablesProxier {
                     Previous::Patched(replaced) => Baseline::Replaced(replaced),
                     Previous::Whole(prev) => Baseline::Applied(prev),
                 };
-                self.apply_staged(baseline, &next, &GcPlan::default(), &[], mode, digest)
+                self.apply_staged(
+                    baseline,
+                    &next,
+                    Groups::ByName,
+                    &GcPlan::default(),
+                    &[],
+                    mode,
+                    digest,
+                )
             }
             None => {
+                // The ruleset's service ports, as it was assembled from them: each transaction of a full sync
+                // carries whole service ports.
+                let parts: Vec<Arc<ServicePortRules>> = intent
+                    .service_ports
+                    .keys()
+                    .map(|name| self.render_cache.parts[name].1.clone())
+                    .collect();
+                let groups = Groups::Parts(&parts);
                 let kernel = self.read_kernel_for_sync(&next)?;
                 if mode == SyncMode::Rebuild {
                     let plan = gc::plan_rebuild(&kernel.saved, &next);
                     let jumps = jumps::jump_rules(&config);
-                    self.apply_staged(Baseline::None, &next, &plan, &jumps, mode, digest)
+                    self.apply_staged(Baseline::None, &next, groups, &plan, &jumps, mode, digest)
                 } else {
                     // Against what the kernel holds: a restart onto rules that are already right writes nothing.
                     let plan = gc::plan_gc(&kernel.saved, &next);
                     let missing = jumps::missing_jumps(&kernel.saved, &config);
-                    self.apply_staged(Baseline::Kernel(&kernel), &next, &plan, &missing, mode, digest)
+                    self.apply_staged(
+                        Baseline::Kernel(&kernel),
+                        &next,
+                        groups,
+                        &plan,
+                        &missing,
+                        mode,
+                        digest,
+                    )
                 }
             }
         };
