@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::chain_name::is_owned_service_chain;
 use crate::gc::GcPlan;
 use crate::jumps::JumpRule;
-use crate::parallel::{for_each_in_parallel, map_in_order, threads_for};
+use crate::parallel::{for_each_in_parallel, threads_for};
 use crate::ruleset::{Chain, ChainName, Ruleset, TableName};
 use crate::save_parser::{SavedRule, quote_arg};
 
@@ -252,7 +252,8 @@ pub(crate) fn serialize(sections: &[Section<'_>]) -> Payload {
     payload
 }
 
-/// Below this many chains a section's rules are written on the calling thread.
+/// The fewest chains a thread writes the rules of: a section with fewer than twice as many is written on the
+/// calling thread.
 const CHAINS_PER_THREAD: usize = 8_192;
 
 /// A run of a section's written chains, and the size of their rule lines.
@@ -265,17 +266,19 @@ struct RuleRun<'s, 'a> {
 /// The written chains in one run per core (one, for a section with few), measured.
 fn rule_runs<'s, 'a>(write: &'s [(&'a str, &'a Chain)]) -> Vec<RuleRun<'s, 'a>> {
     let threads = threads_for(write.len(), CHAINS_PER_THREAD);
-    let runs: Vec<&[(&str, &Chain)]> = write.chunks(write.len().div_ceil(threads).max(1)).collect();
-    map_in_order(&runs, 1, |chains| {
-        let (mut bytes, mut rules) = (0, 0);
-        // From the chains' lengths, without reading their texts.
-        for (name, chain) in *chains {
-            // `-A NAME ` before each rule's arguments, which end with their newline.
-            bytes += chain.text_len() + chain.len() * (name.len() + 4);
-            rules += chain.len();
-        }
-        RuleRun { chains, bytes, rules }
-    })
+    write
+        .chunks(write.len().div_ceil(threads).max(1))
+        .map(|chains| {
+            // From the chains' lengths, without reading their texts.
+            let (mut bytes, mut rules) = (0, 0);
+            for (name, chain) in chains {
+                // `-A NAME ` before each rule's arguments, which end with their newline.
+                bytes += chain.text_len() + chain.len() * (name.len() + 4);
+                rules += chain.len();
+            }
+            RuleRun { chains, bytes, rules }
+        })
+        .collect()
 }
 
 /// Writes the rule lines of `chains` into `out`, exactly as long as they are.

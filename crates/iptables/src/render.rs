@@ -24,12 +24,16 @@ pub fn is_large_cluster(intent: &Intent) -> bool {
 
 /// The whole desired ruleset for one family.
 pub fn render(intent: &Intent, cfg: &RenderConfig) -> Ruleset {
+    assemble(cfg, &render_parts(intent, cfg))
+}
+
+/// Every service port's part, in service-port order, rendered on every core.
+fn render_parts(intent: &Intent, cfg: &RenderConfig) -> Vec<ServicePortRules> {
     let large = is_large_cluster(intent);
     let ports: Vec<&ServicePortIntent> = intent.service_ports.values().map(|spi| &**spi).collect();
-    let parts = map_in_order(&ports, MIN_ITEMS_PER_THREAD, |spi| {
+    map_in_order(&ports, MIN_ITEMS_PER_THREAD, |spi| {
         render_service_port(spi, cfg, large)
-    });
-    assemble(cfg, &parts)
+    })
 }
 
 /// The `iptables-restore` payload that writes the whole ruleset for `intent`, as [`full_payload`] of
@@ -40,12 +44,7 @@ pub fn render(intent: &Intent, cfg: &RenderConfig) -> Ruleset {
 ///
 /// [`full_payload`]: crate::payload::full_payload
 pub fn render_payload(intent: &Intent, cfg: &RenderConfig) -> Payload {
-    let large = is_large_cluster(intent);
-    let ports: Vec<&ServicePortIntent> = intent.service_ports.values().map(|spi| &**spi).collect();
-    let parts = map_in_order(&ports, MIN_ITEMS_PER_THREAD, |spi| {
-        render_service_port(spi, cfg, large)
-    });
-    payload_of_parts(cfg, &parts)
+    payload_of_parts(cfg, &render_parts(intent, cfg))
 }
 
 /// The payload that writes the ruleset of `parts` (all of them, in service-port order): the shared chains by
