@@ -39,15 +39,11 @@ pub const XLB_PREFIX: &str = "KUBE-XLB-";
 /// Length of the hash part of a per-service chain name.
 pub const HASH_LEN: usize = 16;
 
-/// Upstream takes the first 16 characters of the padded standard base32 encoding of the SHA-256. Ten bytes
-/// encode to exactly sixteen characters, so encoding only those gives the same prefix without the rest.
-fn hash16(input: &str) -> String {
-    let digest = Sha256::digest(input.as_bytes());
-    BASE32_NOPAD.encode(&digest[..10])
-}
-
-/// [`hash16`] of the concatenation of `parts`, spelled into `out` (a render hashes every service port).
-fn hash16_into<'o>(parts: &[&str], out: &'o mut [u8; HASH_LEN]) -> &'o str {
+/// Upstream takes the first 16 characters of the padded standard base32 encoding of the SHA-256 of its input.
+/// Ten bytes encode to exactly sixteen characters, so encoding only those gives the same prefix without the
+/// rest. The input is the concatenation of `parts`, hashed without being joined first, and the hash is
+/// spelled into `out` (a render hashes every service port).
+fn hash16<'o>(parts: &[&str], out: &'o mut [u8; HASH_LEN]) -> &'o str {
     let mut hasher = Sha256::new();
     for part in parts {
         hasher.update(part.as_bytes());
@@ -59,12 +55,8 @@ fn hash16_into<'o>(parts: &[&str], out: &'o mut [u8; HASH_LEN]) -> &'o str {
 /// The hash the SVC, SVL, EXT and FW chains of one service port share: the service-port name (`ns/svc:port`,
 /// or `ns/svc` for an unnamed port) immediately followed by the lower-case protocol.
 pub fn service_chain_hash(spn: &ServicePortName) -> String {
-    service_hash_of(&spn.to_string(), spn.protocol)
-}
-
-/// [`service_chain_hash`] of a service port name already spelled (`ns/svc:port`).
-fn service_hash_of(spn: &str, protocol: Protocol) -> String {
-    hash16(&format!("{spn}{}", protocol.lower()))
+    let mut hash = [0u8; HASH_LEN];
+    hash16(&[&spn.to_string(), spn.protocol.lower()], &mut hash).to_owned()
 }
 
 pub fn svc_chain(spn: &ServicePortName) -> String {
@@ -153,7 +145,7 @@ impl ServiceChains {
     /// For a service port whose name is already spelled (`ns/svc:port`).
     pub fn spelled(spn: &str, protocol: Protocol) -> Self {
         let mut hash = [0u8; HASH_LEN];
-        let hash = hash16_into(&[spn, protocol.lower()], &mut hash);
+        let hash = hash16(&[spn, protocol.lower()], &mut hash);
         let mut name = [0u8; SVC_PREFIX.len() + HASH_LEN];
         let mut prefixed = |prefix: &str| {
             let len = prefix.len() + HASH_LEN;
