@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
         eprintln!(
             "{n} services: full payload {} lines, {} bytes",
             full.line_count,
-            full.text.len()
+            full.len()
         );
 
         group.bench_with_input(BenchmarkId::new("full", n), &prev_intent, |b, intent| {
@@ -123,7 +123,7 @@ fn bench(c: &mut Criterion) {
                     &[],
                     DEFAULT_MAX_CHAINS,
                     |payload, _| {
-                        bytes += payload.text.len();
+                        bytes += payload.len();
                         Ok::<(), std::convert::Infallible>(())
                     },
                 );

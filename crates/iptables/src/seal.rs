@@ -279,13 +279,13 @@ pub fn sealed_since(
     // transactions are megabytes each.
     let (mut sections, mut offset) = (0u32, 0);
     let (mut after_table_line, mut commit_at) = (None, None);
-    for line in payload.text.split_inclusive('\n') {
-        let bare = line.trim_end_matches('\n');
-        if bare.starts_with('*') {
+    for line in payload.as_bytes().split_inclusive(|b| *b == b'\n') {
+        let bare = line.strip_suffix(b"\n").unwrap_or(line);
+        if bare.starts_with(b"*") {
             sections += 1;
             after_table_line = Some(offset + line.len());
             commit_at = None;
-        } else if bare == "COMMIT" && after_table_line.is_some() && commit_at.is_none() {
+        } else if bare == b"COMMIT" && after_table_line.is_some() && commit_at.is_none() {
             commit_at = Some(offset);
         }
         offset += line.len();
@@ -303,14 +303,15 @@ pub fn sealed_since(
     let rule = format!("-A {SEAL_CHAIN} -m comment --comment \"{}\"\n", seal.comment());
     match section {
         Some((after_table_line, commit_at)) => {
-            payload.text.reserve(declare.len() + rule.len());
-            payload.text.insert_str(commit_at, &rule);
-            payload.text.insert_str(after_table_line, &declare);
+            payload.insert_lines(commit_at, &rule);
+            payload.insert_lines(after_table_line, &declare);
             payload.line_count += 2;
         }
         None => {
-            payload.text = format!("*{SEAL_ONLY_TABLE}\n{declare}{rule}COMMIT\n");
-            payload.line_count = 4;
+            let mut alone = Payload::from_text(format!("*{SEAL_ONLY_TABLE}\n{declare}{rule}COMMIT\n"));
+            alone.chains_written = payload.chains_written;
+            alone.rules_written = payload.rules_written;
+            payload = alone;
         }
     }
     payload.chains_written += 1;
@@ -481,41 +482,33 @@ mod tests {
             digest: Some(1),
         };
         let rule = format!("-A {SEAL_CHAIN} -m comment --comment \"{}\"", seal.comment());
-        let nat_only = Payload {
-            text: "*nat\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\nCOMMIT\n".into(),
-            line_count: 4,
-            chains_written: 1,
-            rules_written: 1,
-            ..Default::default()
-        };
+        let mut nat_only = Payload::from_text("*nat\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\nCOMMIT\n");
+        nat_only.chains_written = 1;
+        nat_only.rules_written = 1;
         let (p, written) = sealed(nat_only, at(11), Some(1));
         assert_eq!(written, seal, "one transaction from generation 11");
         assert_eq!(
-            p.text,
+            p.text(),
             format!("*nat\n:{SEAL_CHAIN} - [0:0]\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\n{rule}\nCOMMIT\n")
         );
-        assert_eq!(p.line_count, p.text.lines().count());
+        assert_eq!(p.line_count, p.text().lines().count());
 
-        let both = Payload {
-            text: "*filter\n:KUBE-F - [0:0]\nCOMMIT\n*nat\n:KUBE-A - [0:0]\nCOMMIT\n".into(),
-            line_count: 6,
-            ..Default::default()
-        };
+        let both = Payload::from_text("*filter\n:KUBE-F - [0:0]\nCOMMIT\n*nat\n:KUBE-A - [0:0]\nCOMMIT\n");
         let (p, written) = sealed_since(both, at(10), 11, Some(1));
         assert_eq!(written, seal);
         assert_eq!(
-            p.text,
+            p.text(),
             format!(
                 "*filter\n:KUBE-F - [0:0]\nCOMMIT\n*nat\n:{SEAL_CHAIN} - [0:0]\n:KUBE-A - [0:0]\n{rule}\nCOMMIT\n"
             )
         );
-        assert_eq!(p.line_count, p.text.lines().count());
-        assert_eq!(Seal::from_listing(&p.text), Some(seal));
+        assert_eq!(p.line_count, p.text().lines().count());
+        assert_eq!(Seal::from_listing(p.text()), Some(seal));
 
         let (p, written) = sealed(Payload::default(), at(11), Some(1));
         assert_eq!(written, seal);
         assert_eq!(
-            p.text,
+            p.text(),
             format!("*filter\n:{SEAL_CHAIN} - [0:0]\n{rule}\nCOMMIT\n")
         );
     }

@@ -57,7 +57,7 @@ fn one_change_payload(n: u32) -> (usize, usize) {
         DEFAULT_MAX_CHAINS,
     );
     assert_eq!(payloads.len(), 1, "a one-endpoint change is one transaction");
-    (payloads[0].line_count, payloads[0].text.len())
+    (payloads[0].line_count, payloads[0].len())
 }
 
 #[test]

@@ -397,7 +397,7 @@ fn check_scenario(scenario: &str) {
     let ours = render(&intent, &cfg);
     let jumps = missing_jumps(&SavedRuleset::default(), &cfg);
     let payload = full_payload(&ours, &[], &jumps);
-    let kernel = kernel_readback(scenario, &payload.text);
+    let kernel = kernel_readback(scenario, payload.text());
     // Everything we sent is there, in the kernel's own spelling (which is what makes this input worth having).
     let held: usize = ["filter", "nat"]
         .iter()

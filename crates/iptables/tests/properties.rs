@@ -175,12 +175,12 @@ proptest! {
         let (prev, next) = (rendered(&prev), rendered(&next));
         let payload = partial_payload(&prev, &next, &[]);
         let mut kernel = Kernel::holding(&prev);
-        kernel.apply(&payload.text).map_err(TestCaseError::fail)?;
+        kernel.apply(payload.text()).map_err(TestCaseError::fail)?;
         prop_assert!(kernel.matches(&next));
         // Nothing unchanged is rewritten.
         for (prev_t, next_t) in [(&prev.filter, &next.filter), (&prev.nat, &next.nat)] {
             let header = format!("*{}\n", next_t.name);
-            let section = payload.text.split_once(&header).map(|(_, rest)| rest.split("COMMIT").next().unwrap());
+            let section = payload.text().split_once(&header).map(|(_, rest)| rest.split("COMMIT").next().unwrap());
             for (name, chain) in &next_t.chains {
                 if prev_t.chains.get(name) == Some(chain) {
                     let declared = section.is_some_and(|s| s.lines().any(|l| l == format!(":{name} - [0:0]")));
@@ -221,7 +221,7 @@ proptest! {
         // previous ruleset to the new one.
         let mut kernel = Kernel::holding(&whole_before);
         for payload in staged_payloads(Baseline::Replaced(&replaced), &patched, &GcPlan::default(), &[], 7) {
-            kernel.apply(&payload.text).map_err(TestCaseError::fail)?;
+            kernel.apply(payload.text()).map_err(TestCaseError::fail)?;
         }
         prop_assert!(kernel.matches(&patched));
     }
@@ -232,7 +232,7 @@ proptest! {
         let mut kernel = Kernel::holding(&prev);
         let jumps = missing_jumps(&kernel.saved(), &cfg());
         prop_assert_eq!(jumps.len(), 12);
-        kernel.apply(&partial_payload(&prev, &next, &jumps).text).map_err(TestCaseError::fail)?;
+        kernel.apply(partial_payload(&prev, &next, &jumps).text()).map_err(TestCaseError::fail)?;
         prop_assert!(kernel.matches(&next));
         prop_assert!(missing_jumps(&kernel.saved(), &cfg()).is_empty());
     }
@@ -244,7 +244,7 @@ proptest! {
         let saved = kernel.saved();
         let stale = stale_owned_chains(&saved, &next);
         let jumps = missing_jumps(&saved, &cfg());
-        kernel.apply(&full_payload(&next, &stale, &jumps).text).map_err(TestCaseError::fail)?;
+        kernel.apply(full_payload(&next, &stale, &jumps).text()).map_err(TestCaseError::fail)?;
         prop_assert!(kernel.matches(&next));
         prop_assert!(missing_jumps(&kernel.saved(), &cfg()).is_empty());
         // A second full sync from the result is a no-op apart from rewriting.
@@ -256,7 +256,7 @@ proptest! {
     fn rendering_ignores_arrival_order(specs in cluster()) {
         let a = render(&intent_of(&objects(&specs, false)), &cfg());
         let b = render(&intent_of(&objects(&specs, true)), &cfg());
-        prop_assert_eq!(full_payload(&a, &[], &[]).text, full_payload(&b, &[], &[]).text);
+        prop_assert_eq!(full_payload(&a, &[], &[]), full_payload(&b, &[], &[]));
     }
 
     #[test]

@@ -256,12 +256,12 @@ fn the_payload_in_service_port_order_writes_the_same_chains() {
             let by_name = full_payload(&render(&intent, &cfg), &[], &[]);
             let by_part = render_payload(&intent, &cfg);
             assert_eq!(
-                theirs_comparable(&parse_save(&by_part.text).unwrap()),
-                theirs_comparable(&parse_save(&by_name.text).unwrap()),
+                theirs_comparable(&parse_save(by_part.text()).unwrap()),
+                theirs_comparable(&parse_save(by_name.text()).unwrap()),
                 "{name}"
             );
             assert_eq!(by_part.line_count, by_name.line_count, "{name}");
-            assert_eq!(by_part.text.len(), by_name.text.len(), "{name}");
+            assert_eq!(by_part.len(), by_name.len(), "{name}");
         }
     }
 }
@@ -287,7 +287,7 @@ fn jumps_on_a_clean_host_land_in_upstream_order() {
     let mut kernel = Kernel::default();
     let all: Vec<JumpRule> = missing_jumps(&kernel.saved(), &cfg);
     assert_eq!(all, jump_rules(&cfg));
-    kernel.apply(&full_payload(&ours, &[], &all).text).unwrap();
+    kernel.apply(full_payload(&ours, &[], &all).text()).unwrap();
     let after = kernel.saved();
     for table in ["filter", "nat"] {
         assert_eq!(

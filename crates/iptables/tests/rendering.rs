@@ -307,9 +307,9 @@ fn snapshot_full_payload() {
     let r = showcase_ruleset(&cfg);
     assert!(r.dangling_jumps().is_empty(), "{:?}", r.dangling_jumps());
     let payload = full_payload(&r, &[], &jump_rules(&cfg));
-    insta::assert_snapshot!("full_payload", payload.text);
+    insta::assert_snapshot!("full_payload", payload.text());
     let mut kernel = Kernel::default();
-    kernel.apply(&payload.text).unwrap();
+    kernel.apply(payload.text()).unwrap();
 }
 
 #[test]
@@ -327,7 +327,7 @@ fn snapshot_masquerade_all_and_node_port_addresses() {
     services.retain(|s| ["np", "local-lb"].contains(&s.name.name.as_str()));
     slices.retain(|s| ["np-1", "local-lb-1"].contains(&s.name.name.as_str()));
     let r = render(&intent_of(&state(services, slices)), &cfg);
-    insta::assert_snapshot!("masquerade_all", full_payload(&r, &[], &[]).text);
+    insta::assert_snapshot!("masquerade_all", full_payload(&r, &[], &[]).text());
 }
 
 #[test]
@@ -343,19 +343,19 @@ fn snapshot_partial_payloads() {
     let next = render(&intent_of(&state(services.clone(), moved)), &cfg);
     let payload = partial_payload(&prev, &next, &[]);
     assert!(
-        !payload.text.contains(&format!(":{KUBE_SERVICES} ")),
+        !payload.text().contains(&format!(":{KUBE_SERVICES} ")),
         "KUBE-SERVICES rewritten needlessly"
     );
-    insta::assert_snapshot!("partial_endpoint_moved", payload.text);
+    insta::assert_snapshot!("partial_endpoint_moved", payload.text());
 
     // A service goes away: its chains are flushed and deleted, KUBE-SERVICES is rewritten without it.
     let mut fewer = services.clone();
     fewer.retain(|s| s.name.name != "sticky");
     let next = render(&intent_of(&state(fewer, slices.clone())), &cfg);
     let payload = partial_payload(&prev, &next, &[]);
-    insta::assert_snapshot!("partial_service_deleted", payload.text);
+    insta::assert_snapshot!("partial_service_deleted", payload.text());
     let mut kernel = Kernel::holding(&prev);
-    kernel.apply(&payload.text).unwrap();
+    kernel.apply(payload.text()).unwrap();
     assert!(kernel.matches(&next));
 
     assert!(partial_payload(&prev, &prev, &[]).is_empty());
@@ -438,7 +438,7 @@ fn payload_line_lookup() {
     assert_eq!(around[0].1, "*filter");
     let end = payload.lines_around(payload.line_count, 3);
     assert_eq!(end.len(), 4);
-    assert_eq!(payload.text.lines().count(), payload.line_count);
+    assert_eq!(payload.text().lines().count(), payload.line_count);
 }
 
 #[test]

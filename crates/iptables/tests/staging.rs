@@ -77,8 +77,8 @@ fn rendered(n: usize, shift: usize) -> (Vec<Arc<ServicePortRules>>, Ruleset) {
 fn apply_all(kernel: &mut Kernel, payloads: &[svcproxy_iptables::Payload]) {
     for (i, p) in payloads.iter().enumerate() {
         kernel
-            .apply(&p.text)
-            .unwrap_or_else(|e| panic!("transaction {i} refused: {e}\n{}", p.text));
+            .apply(p.text())
+            .unwrap_or_else(|e| panic!("transaction {i} refused: {e}\n{}", p.text()));
     }
 }
 

@@ -28,7 +28,7 @@ fn generation(ns: &NetNs) -> Generation {
 
 fn restore(ns: &NetNs, payload: &str) {
     let payload = payload.to_string();
-    ns.run(move || SystemIptables::new(IpFamily::V4).restore(&payload))
+    ns.run(move || SystemIptables::new(IpFamily::V4).restore(payload.as_bytes()))
         .expect("restore");
 }
 
@@ -50,31 +50,26 @@ fn listed_seal_of(ns: &NetNs, family: IpFamily) -> Option<Seal> {
 #[test]
 fn each_table_section_of_a_restore_moves_the_generation_by_one() {
     let ns = NetNs::new("seal").expect("netns");
-    let two_tables = Payload {
-        text: "*filter\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\nCOMMIT\n*nat\n:KUBE-B - [0:0]\n-A KUBE-B -j RETURN\nCOMMIT\n"
-            .into(),
-        ..Default::default()
-    };
+    let two_tables = Payload::from_text(
+        "*filter\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\nCOMMIT\n*nat\n:KUBE-B - [0:0]\n-A KUBE-B -j RETURN\nCOMMIT\n",
+    );
     for round in 0..2 {
         // The second time every chain exists already and gets the same rules: still one transaction a section.
         let before = generation(&ns);
         let (payload, seal) = sealed(two_tables.clone(), before, Some(round));
-        restore(&ns, &payload.text);
+        restore(&ns, payload.text());
         assert_eq!(seal.generation, before.after(2), "round {round}");
         assert_eq!(generation(&ns), seal.generation, "round {round}");
         assert_eq!(listed_seal(&ns), Some(seal), "round {round}");
     }
     // A one-table payload is one transaction with its seal, and a seal alone is one too.
-    let nat_only = Payload {
-        text: "*nat\n:KUBE-B - [0:0]\nCOMMIT\n".into(),
-        ..Default::default()
-    };
+    let nat_only = Payload::from_text("*nat\n:KUBE-B - [0:0]\nCOMMIT\n");
     for payload in [nat_only, Payload::default()] {
         let before = generation(&ns);
         let (sealed_payload, seal) = sealed(payload.clone(), before, Some(7));
-        restore(&ns, &sealed_payload.text);
+        restore(&ns, sealed_payload.text());
         assert_eq!(generation(&ns), seal.generation);
-        let sections = payload.text.lines().filter(|l| l.starts_with('*')).count() as u32;
+        let sections = payload.text().lines().filter(|l| l.starts_with('*')).count() as u32;
         assert_eq!(seal.generation, before.after(sections.max(1)));
         assert_eq!(listed_seal(&ns), Some(seal));
     }

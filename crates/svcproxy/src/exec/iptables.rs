@@ -24,7 +24,7 @@ pub enum ExecError {
 /// The two calls a sync makes. Implementations must be usable from a blocking context.
 pub trait IptablesCommands: Send + Sync {
     /// `iptables-restore --noflush`: one atomic transaction per table in `payload`.
-    fn restore(&self, payload: &str) -> Result<(), ExecError>;
+    fn restore(&self, payload: &[u8]) -> Result<(), ExecError>;
     /// `iptables-save` of the given tables, concatenated; every table when `tables` is empty.
     fn save(&self, tables: &[&str]) -> Result<String, ExecError>;
     /// [`IptablesCommands::save`], handing each line (without its newline) to `line` in order. A real
@@ -77,7 +77,7 @@ fn spawn_err(program: &str, e: std::io::Error) -> ExecError {
 }
 
 impl IptablesCommands for SystemIptables {
-    fn restore(&self, payload: &str) -> Result<(), ExecError> {
+    fn restore(&self, payload: &[u8]) -> Result<(), ExecError> {
         let mut child = Command::new(&self.restore)
             .args(["-w", "5", "-W", "100000", "--noflush", "--counters"])
             .stdin(Stdio::piped())
@@ -87,7 +87,7 @@ impl IptablesCommands for SystemIptables {
             .map_err(|e| spawn_err(&self.restore, e))?;
         if let Some(mut stdin) = child.stdin.take() {
             // A write error means the child died early; its exit status and stderr below say why.
-            let _ = stdin.write_all(payload.as_bytes());
+            let _ = stdin.write_all(payload);
         }
         let out = child
             .wait_with_output()
@@ -275,7 +275,8 @@ impl RecordingIptables {
 }
 
 impl IptablesCommands for RecordingIptables {
-    fn restore(&self, payload: &str) -> Result<(), ExecError> {
+    fn restore(&self, payload: &[u8]) -> Result<(), ExecError> {
+        let payload = String::from_utf8_lossy(payload);
         self.calls
             .lock()
             .unwrap()

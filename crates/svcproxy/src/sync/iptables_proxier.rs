@@ -620,7 +620,7 @@ impl IptablesProxier {
             self.ledger.forget();
             return self
                 .cmds
-                .restore(&payload.text)
+                .restore(payload.as_bytes())
                 .map_err(|e| Box::new((e, payload)));
         };
         // Still known if every commit since the one we know it at was ours (the other family's, say).
@@ -629,7 +629,7 @@ impl IptablesProxier {
             .is_some_and(|at| self.ledger.ours_between(at, before));
         let since = self.ledger.ours_since(before);
         let (payload, seal) = seal::sealed_since(payload, before, since.value, digest.filter(|_| known));
-        if let Err(e) = self.cmds.restore(&payload.text) {
+        if let Err(e) = self.cmds.restore(payload.as_bytes()) {
             self.custody = None;
             self.kernel_seal = None;
             self.ledger.forget();
@@ -657,7 +657,7 @@ impl IptablesProxier {
                 "a restore moved the generation less than its sections; voiding its seal"
             );
             let (void, seal) = seal::sealed(Payload::default(), after, None);
-            if let Err(e) = self.cmds.restore(&void.text) {
+            if let Err(e) = self.cmds.restore(void.as_bytes()) {
                 tracing::warn!(error = %e, "cannot void the seal");
                 self.kernel_seal = None;
             } else {
@@ -995,7 +995,7 @@ fn seal_in(saved: &SavedRuleset) -> Option<Seal> {
 fn written_chains(payload: &Payload) -> Vec<(TableName, String)> {
     let mut table = None;
     let mut out = Vec::new();
-    for line in payload.text.lines() {
+    for line in payload.lines() {
         if let Some(name) = line.strip_prefix('*') {
             table = TableName::ALL.into_iter().find(|t| t.as_str() == name);
         } else if let (Some(t), Some(decl)) = (table, line.strip_prefix(':')) {
@@ -1015,10 +1015,9 @@ mod tests {
 
     #[test]
     fn written_chains_excludes_deleted_ones() {
-        let payload = Payload {
-            text: "*nat\n:KUBE-SVC-A - [0:0]\n:KUBE-SEP-B - [0:0]\n-A KUBE-SVC-A -j KUBE-SEP-C\n-X KUBE-SEP-B\nCOMMIT\n".into(),
-            ..Default::default()
-        };
+        let payload = Payload::from_text(
+            "*nat\n:KUBE-SVC-A - [0:0]\n:KUBE-SEP-B - [0:0]\n-A KUBE-SVC-A -j KUBE-SEP-C\n-X KUBE-SEP-B\nCOMMIT\n",
+        );
         assert_eq!(
             written_chains(&payload),
             vec![(TableName::Nat, "KUBE-SVC-A".to_string())]
