@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use crate::canonical::canonical_rule;
+use crate::chain_name::packed_service_chain;
 use crate::ruleset::{ChainName, Ruleset, TableName};
 use crate::save_parser::{
     SaveParseError, SaveReader, SavedRule, SavedRuleset, SavedTable, parse_rule, strip_counters,
@@ -38,7 +39,7 @@ pub struct KernelView {
     /// services × 10 endpoints) and for those in `saved` that differ. An expected chain in `saved` and not
     /// here is the same. One map, filled as the dump is read and kept as it is: a second one for the view
     /// was the read-back's peak.
-    compared: [HashMap<ChainName, Progress>; 2],
+    compared: [Compared; 2],
 }
 
 fn index(table: TableName) -> usize {
@@ -83,6 +84,47 @@ impl KernelView {
     }
 }
 
+/// How each expected chain compared (or how far it has been), by name. Our per-service chains, nearly all of
+/// them, are keyed by their packed names ([`packed_service_chain`]): held by name, the map was 3.2 MB at
+/// 5,000 services, among the largest things a read-back holds.
+#[derive(Debug, Clone, Default)]
+struct Compared {
+    service: HashMap<[u8; 11], Progress>,
+    other: HashMap<ChainName, Progress>,
+}
+
+impl Compared {
+    fn get(&self, name: &str) -> Option<&Progress> {
+        match packed_service_chain(name.as_bytes()) {
+            Some(key) => self.service.get(&key),
+            None => self.other.get(name),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Chain `name`'s entry, `fresh` put in first when it has none.
+    fn entry(&mut self, name: &ChainName, fresh: Progress) -> &mut Progress {
+        match packed_service_chain(name.as_bytes()) {
+            Some(key) => self.service.entry(key).or_insert(fresh),
+            None => self.other.entry(name.clone()).or_insert(fresh),
+        }
+    }
+
+    fn insert(&mut self, name: &ChainName, progress: Progress) {
+        *self.entry(name, progress) = progress;
+    }
+
+    fn remove(&mut self, name: &str) {
+        match packed_service_chain(name.as_bytes()) {
+            Some(key) => self.service.remove(&key),
+            None => self.other.remove(name),
+        };
+    }
+}
+
 /// How far the kernel's rules of one expected chain have been matched against it. Counts fit 32 bits (a chain
 /// holds far fewer rules): 55,000 of these at 5,000 services.
 #[derive(Debug, Clone, Copy)]
@@ -119,7 +161,7 @@ pub struct KernelReader<'a> {
     reader: SaveReader,
     /// By table: how far each expected user chain the dump declared has been matched (an entry for every such
     /// chain, from its declaration on).
-    progress: [HashMap<ChainName, Progress>; 2],
+    progress: [Compared; 2],
     /// The table being read.
     table: Option<TableName>,
     current: Current,
@@ -186,11 +228,14 @@ impl<'a> KernelReader<'a> {
             let Some((key, chain)) = chains.get_key_value(name) else {
                 return false;
             };
-            self.progress[index(t)].entry(key.clone()).or_insert(Progress {
-                rules: 0,
-                wanted: u32::try_from(chain.len()).unwrap_or(u32::MAX),
-                different: false,
-            });
+            self.progress[index(t)].entry(
+                key,
+                Progress {
+                    rules: 0,
+                    wanted: u32::try_from(chain.len()).unwrap_or(u32::MAX),
+                    different: false,
+                },
+            );
             return true;
         }
         let rule_text = strip_counters(trimmed);
@@ -198,10 +243,10 @@ impl<'a> KernelReader<'a> {
             return false;
         };
         let name = rest.split_whitespace().next().unwrap_or_default();
-        let Some((key, _)) = self.progress[index(t)].get_key_value(name) else {
+        if !self.progress[index(t)].contains(name) {
             return false;
-        };
-        let key = key.clone();
+        }
+        let key = ChainName::from(name);
         match parse_rule(rule_text, self.reader.lines_read() + 1) {
             Ok(rule) => fold_rule(
                 self.expected,
@@ -228,7 +273,7 @@ impl<'a> KernelReader<'a> {
     /// The view of `saved`, whose rules of expected user chains were folded into `progress` as they were read
     /// (or none were, when `saved` was parsed elsewhere).
     fn conclude(mut self, saved: SavedRuleset) -> KernelView {
-        let mut compared: [HashMap<ChainName, Progress>; 2] = Default::default();
+        let mut compared: [Compared; 2] = Default::default();
         for table in TableName::ALL {
             let ours = self.expected.table(table);
             // The chains whose declarations were taken here are all in it already, their rules all folded.
@@ -261,7 +306,7 @@ impl<'a> KernelReader<'a> {
                     }
                 };
                 if differs {
-                    progress.insert(key.clone(), Progress::differing(rules));
+                    progress.insert(key, Progress::differing(rules));
                 } else {
                     progress.remove(name.as_str());
                 }
@@ -275,7 +320,7 @@ impl<'a> KernelReader<'a> {
 /// Compares a rule of an expected user chain with that chain and drops it; hands every other rule back.
 fn fold(
     expected: &Ruleset,
-    progress: &mut [HashMap<ChainName, Progress>; 2],
+    progress: &mut [Compared; 2],
     current: &mut Current,
     table: &str,
     saved: &SavedTable,
@@ -303,7 +348,7 @@ fn fold(
 /// Compares a rule of expected chain `name` of table `t` with that chain.
 fn fold_rule(
     expected: &Ruleset,
-    progress: &mut [HashMap<ChainName, Progress>; 2],
+    progress: &mut [Compared; 2],
     current: &mut Current,
     t: TableName,
     name: &ChainName,
@@ -316,11 +361,14 @@ fn fold_rule(
         *current = None;
     }
     let (_, _, lines) = current.get_or_insert_with(|| (t, name.clone(), canonical_lines(chain)));
-    let p = progress[index(t)].entry(name.clone()).or_insert(Progress {
-        rules: 0,
-        wanted: u32::try_from(lines.len()).unwrap_or(u32::MAX),
-        different: false,
-    });
+    let p = progress[index(t)].entry(
+        name,
+        Progress {
+            rules: 0,
+            wanted: u32::try_from(lines.len()).unwrap_or(u32::MAX),
+            different: false,
+        },
+    );
     if !p.different && lines.get(p.rules as usize) != Some(&canonical_rule(&rule.args)) {
         p.different = true;
     }
