@@ -237,7 +237,7 @@ impl Metrics {
             );
             own.register(
                 "verifications",
-                "Read-backs of the kernel compared with what was written",
+                "Checks of the kernel against what was written: read-backs, and periodic ones the unmoved nf_tables generation showed nothing could have changed for",
                 m.verifications.clone(),
             );
             own.register(

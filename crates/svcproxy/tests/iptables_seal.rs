@@ -437,7 +437,22 @@ fn dual_stack_a_restore_that_fails_part_way_is_vouched_for_by_no_seal() {
 /// What the fake "kernel" holds after the restores so far (of which only the first may have written
 /// anything but seals): every line written, with the seal each table holds now.
 fn dump_of_writes(fake: &RecordingIptables) -> String {
-    let mut written: String = fake
+    dump_of(fake, fake)
+}
+
+/// The dump of a kernel holding what a cold sync of `cluster` writes, with `fake`'s seals.
+fn dump_of_cluster(fake: &RecordingIptables, cluster: &ClusterState) -> String {
+    let cold = RecordingIptables::default();
+    proxier(&cold)
+        .sync(cluster, &IntentChanges::everything(), SyncMode::Full)
+        .unwrap();
+    dump_of(&cold, fake)
+}
+
+/// The dump of a kernel holding what `writes` restored (with no chain ever rewritten), and `seals`' seals.
+fn dump_of(writes: &RecordingIptables, seals: &RecordingIptables) -> String {
+    let fake = seals;
+    let mut written: String = writes
         .restores()
         .concat()
         .lines()
@@ -530,4 +545,94 @@ fn a_full_sync_that_ended_without_custody_regains_it_at_the_next_whole_read_back
     assert!(p.verify(VerifyScope::All).unwrap().is_empty());
     assert!(last_seal(&fake).digest.is_some());
     assert_eq!(last_seal(&fake).generation, now(&fake));
+}
+
+#[test]
+fn a_periodic_read_back_reads_nothing_while_nothing_has_committed_since_the_kernel_was_verified() {
+    let fake = RecordingIptables::default();
+    let mut p = proxier(&fake);
+    p.sync(
+        &state(&["10.244.0.5"]),
+        &IntentChanges::everything(),
+        SyncMode::Full,
+    )
+    .unwrap();
+    // The read-back after the full sync reads everything and finds it right.
+    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
+    assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
+    let reads = saves(&fake);
+    // Nothing has committed since: the periodic read-backs have nothing to read.
+    for _ in 0..3 {
+        assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+    }
+    assert_eq!(saves(&fake), reads, "no dump while the generation stays");
+
+    // Another program commits: the next periodic read-back reads the kernel whole and finds what changed.
+    fake.generation.advance(1);
+    *fake.save_output.lock().unwrap() = String::new();
+    assert!(!p.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(saves(&fake), reads + 1);
+    // Nothing was proven right: the next one reads again.
+    assert!(!p.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(saves(&fake), reads + 2);
+    // Once a read finds the kernel right, reading stops again.
+    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
+    assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+    assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(saves(&fake), reads + 3);
+}
+
+#[test]
+fn our_own_write_is_read_again_unless_the_read_back_after_its_sync_found_it_right() {
+    let fake = RecordingIptables::default();
+    let mut p = proxier(&fake);
+    p.sync(
+        &state(&["10.244.0.5"]),
+        &IntentChanges::everything(),
+        SyncMode::Full,
+    )
+    .unwrap();
+    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
+    assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
+    let reads = saves(&fake);
+    // A partial sync whose own read-back does not find what it wrote (this fake lists no chain but the seal):
+    // the kernel is no longer known right, so the periodic read-back reads it whole.
+    let six = state(&["10.244.0.6"]);
+    p.sync(&six, &web_changed(), SyncMode::Partial).unwrap();
+    assert!(!p.verify(VerifyScope::LastSync).unwrap().is_empty());
+    assert_eq!(saves(&fake), reads, "the chains it wrote were listed one by one");
+    *fake.save_output.lock().unwrap() = dump_of_cluster(&fake, &six);
+    assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(saves(&fake), reads + 1);
+    // A partial sync whose read-back never ran: still unchecked, still read whole.
+    let seven = state(&["10.244.0.7"]);
+    p.sync(&seven, &web_changed(), SyncMode::Partial).unwrap();
+    *fake.save_output.lock().unwrap() = dump_of_cluster(&fake, &seven);
+    assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(saves(&fake), reads + 2);
+    assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(saves(&fake), reads + 2);
+}
+
+#[test]
+fn dual_stack_the_other_familys_writes_do_not_make_a_family_read_its_tables_again() {
+    let (v4, v6) = dual_stack();
+    let ledger = CommitLedger::default();
+    let mut p4 = family_proxier(&v4, IpFamily::V4, &v6, &ledger);
+    let mut p6 = family_proxier(&v6, IpFamily::V6, &v4, &ledger);
+    let everything = IntentChanges::everything();
+    p4.sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    *v4.save_output.lock().unwrap() = dump_of_writes(&v4);
+    assert!(p4.verify(VerifyScope::LastSync).unwrap().is_empty());
+    let reads = saves(&v4);
+    // The IPv6 family writes its own tables: the IPv4 tables are as they were read.
+    p6.sync(&state(&["10.244.0.5"]), &everything, SyncMode::Full)
+        .unwrap();
+    assert!(p4.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(saves(&v4), reads);
+    // A foreign commit is another matter.
+    v4.generation.advance(1);
+    assert!(p4.verify(VerifyScope::All).unwrap().is_empty());
+    assert_eq!(saves(&v4), reads + 1);
 }
