@@ -284,6 +284,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         tracing::warn!(error = %e, "no nf_tables netlink socket; every update goes to nft")
                     }
                 }
+                match NfTablesGeneration::open() {
+                    Ok(generation) => proxier = proxier.with_generation(Box::new(generation)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no nf_tables generation; every periodic read-back lists the table")
+                    }
+                }
                 proxier = proxier.with_other_proxies(OtherProxies::new(
                     Box::new(SystemRunner),
                     family,

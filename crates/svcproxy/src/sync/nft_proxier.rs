@@ -16,6 +16,7 @@ use super::conntrack_step::reconcile;
 use svcproxy_iptables::config::{
     LocalDetector as IptLocalDetector, NodePortAddresses as IptNodePorts, RenderConfig as IptConfig,
 };
+use svcproxy_iptables::seal::Generation;
 use svcproxy_model::{ClusterState, Intent, IntentChanges, IntentConfig, IpFamily};
 use svcproxy_nftables::{
     Family, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable, Ruleset, Slots, TableUpdate,
@@ -28,6 +29,7 @@ use super::intent_cache::IntentCache;
 use super::iptables_proxier::ProxierOptions;
 use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
+use crate::exec::generation::RulesetGeneration;
 use crate::exec::iptables::ExecError;
 use crate::exec::nft::NftCommands;
 use crate::exec::nft_netlink::{ElementSocket, ElementSocketError};
@@ -84,6 +86,12 @@ pub struct NftProxier {
     last_sync_full: bool,
     /// Watches for a proxy of the other mode (kube-proxy's iptables chains or its nftables table).
     other_proxies: Option<OtherProxies>,
+    /// The nf_tables generation, when readable: it moves with every commit anyone makes.
+    generation: Option<Box<dyn RulesetGeneration>>,
+    /// The generation at which a read found our table exactly as applied, the generation unmoved while it
+    /// read. While it stays there nothing can have changed, and a periodic read-back (a listing of seconds
+    /// at thousands of services) has nothing to find.
+    verified: Option<Generation>,
 }
 
 fn family(f: IpFamily) -> Family {
@@ -135,7 +143,22 @@ impl NftProxier {
             probed: false,
             last_sync_full: false,
             other_proxies: None,
+            generation: None,
+            verified: None,
         }
+    }
+
+    /// Lets periodic read-backs skip the listing while nothing has committed since one found the table right.
+    pub fn with_generation(mut self, generation: Box<dyn RulesetGeneration>) -> Self {
+        self.generation = Some(generation);
+        self
+    }
+
+    fn generation_now(&self) -> Option<Generation> {
+        let g = self.generation.as_ref()?;
+        g.generation()
+            .inspect_err(|e| tracing::debug!(error = %e, "cannot read the nf_tables generation"))
+            .ok()
     }
 
     pub fn with_element_socket(mut self, socket: Box<dyn ElementSocket>) -> Self {
@@ -375,6 +398,8 @@ impl Proxier for NftProxier {
             })?;
             self.probed = true;
         }
+        // Whatever this sync writes is not verified until a read-back finds it.
+        self.verified = None;
         let intent = self.intents.next(state, changes);
         let local = self.addresses.addresses();
         let config = nft_config(&self.options.resolve(state.node.as_ref(), &local));
@@ -505,9 +530,20 @@ impl Proxier for NftProxier {
         if scope == VerifyScope::LastSync && !self.last_sync_full {
             return Ok(Vec::new());
         }
+        if scope == VerifyScope::All && self.verified.is_some() && self.generation_now() == self.verified {
+            tracing::debug!("periodic read-back skipped: nothing has committed since the table was verified");
+            return Ok(Vec::new());
+        }
+        self.verified = None;
+        let before = self.generation_now();
         let kernel = self.read_kernel()?;
         let read_back = self.complete(kernel, expected)?;
-        Ok(self.findings(read_back.as_ref(), expected))
+        let findings = self.findings(read_back.as_ref(), expected);
+        // Right, and nobody committed while it was read: the table at this generation is the one read.
+        if findings.is_empty() && before.is_some() && self.generation_now() == before {
+            self.verified = before;
+        }
+        Ok(findings)
     }
 
     fn canary(&mut self) -> Result<Vec<Finding>, SyncError> {
