@@ -6,8 +6,8 @@
 //! `bench_sync [--services 1000,5000] [--endpoints 10] [--changes 5] [--proxy-mode iptables|nftables]
 //! [--dual-stack] [--verify-period 0] [--settle 0]` (root; build the binary first:
 //! `cargo build --release --bin svcproxy --example bench_sync`). `--settle N` keeps the first proxy running N
-//! seconds after the changes before it is stopped (with a `--verify-period` shorter than that, a periodic
-//! read-back runs first).
+//! seconds after the changes before it is stopped (with a `--verify-period` shorter than that, periodic
+//! read-backs run meanwhile) and prints the CPU time it and its children (`iptables-save`, `nft`) used then.
 //! With `--dual-stack` every Service is RequireDualStack with an IPv6 EndpointSlice as well, the proxy serves
 //! both families, and a cold sync or restart is done when both have synced (the changes touch IPv4 slices).
 
@@ -223,6 +223,25 @@ impl Proxy {
         last
     }
 
+    /// CPU seconds used so far by the proxy and its children that have ended (`/proc/PID/stat`: utime, stime,
+    /// cutime, cstime, in clock ticks).
+    fn cpu_seconds(&self, ticks_per_second: f64) -> f64 {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // utime is field 14 of the line, the 12th after the name.
+        let ticks: f64 = fields
+            .iter()
+            .skip(11)
+            .take(4)
+            .filter_map(|f| f.parse::<f64>().ok())
+            .sum();
+        ticks / ticks_per_second
+    }
+
     /// Peak resident memory so far, from the kernel's high-water mark.
     fn peak_rss_mib(&self) -> f64 {
         let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
@@ -309,7 +328,15 @@ fn main() {
         }
         latencies.sort_by(f64::total_cmp);
         sync_times.sort_by(f64::total_cmp);
+        let ticks_per_second: f64 = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0);
+        let cpu_before = proxy.cpu_seconds(ticks_per_second);
         std::thread::sleep(Duration::from_secs(settle));
+        let idle_cpu = proxy.cpu_seconds(ticks_per_second) - cpu_before;
         let running_peak = proxy.peak_rss_mib();
         proxy.stop();
 
@@ -368,6 +395,11 @@ fn main() {
             restart.lines,
             reread_sync.seconds
         );
+        if settle > 0 {
+            println!(
+                "{n} × {m}: idle for {settle} s with --verify-period {verify}: {idle_cpu:.2} s of CPU (the proxy and its children)"
+            );
+        }
     }
     // BENCH_KEEP keeps the proxies' logs.
     if std::env::var_os("BENCH_KEEP").is_some() {
