@@ -93,6 +93,16 @@ fn saves(fake: &RecordingIptables) -> usize {
         .count()
 }
 
+/// Listings of nat `KUBE-SERVICES`, which only the canary asks for.
+fn canary_listings(fake: &RecordingIptables) -> usize {
+    fake.calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| matches!(c, Recorded::ListChain(t, n) if t == "nat" && n == "KUBE-SERVICES"))
+        .count()
+}
+
 fn last_seal(fake: &RecordingIptables) -> Seal {
     Seal::from_listing(fake.restores().last().expect("a restore")).expect("a seal in it")
 }
@@ -561,14 +571,23 @@ fn a_periodic_read_back_reads_nothing_while_nothing_has_committed_since_the_kern
     *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
     assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
     let reads = saves(&fake);
-    // Nothing has committed since: the periodic read-backs have nothing to read.
+    // Nothing has committed since: the periodic read-backs and the canary have nothing to read.
+    let listed = canary_listings(&fake);
     for _ in 0..3 {
         assert!(p.verify(VerifyScope::All).unwrap().is_empty());
+        assert!(p.canary().unwrap().is_empty());
     }
     assert_eq!(saves(&fake), reads, "no dump while the generation stays");
+    assert_eq!(canary_listings(&fake), listed, "no listing either");
 
-    // Another program commits: the next periodic read-back reads the kernel whole and finds what changed.
+    // Another program commits: the canary looks again, and the next periodic read-back reads the kernel
+    // whole and finds what changed.
     fake.generation.advance(1);
+    assert!(
+        !p.canary().unwrap().is_empty(),
+        "this fake lists no chain of ours"
+    );
+    assert_eq!(canary_listings(&fake), listed + 1);
     *fake.save_output.lock().unwrap() = String::new();
     assert!(!p.verify(VerifyScope::All).unwrap().is_empty());
     assert_eq!(saves(&fake), reads + 1);

@@ -955,7 +955,11 @@ impl Proxier for IptablesProxier {
 
     fn canary(&mut self) -> Result<Vec<Finding>, SyncError> {
         // KUBE-SERVICES is the entry to everything in nat; a flush of the table or of the chain shows there
-        // first, and listing one chain costs a fraction of a full dump.
+        // first, and listing one chain costs a fraction of a full dump (still 0.1 s at 5,000 services, every
+        // 2 s: nothing to pay while nothing has committed).
+        if self.unchanged_since_verified() {
+            return Ok(Vec::new());
+        }
         let Some((ruleset, config)) = &self.applied else {
             return Ok(Vec::new());
         };

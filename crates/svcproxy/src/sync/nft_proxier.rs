@@ -161,6 +161,11 @@ impl NftProxier {
             .ok()
     }
 
+    /// Whether nothing has committed since a read found the table right.
+    fn unchanged_since_verified(&self) -> bool {
+        self.verified.is_some() && self.generation_now() == self.verified
+    }
+
     pub fn with_element_socket(mut self, socket: Box<dyn ElementSocket>) -> Self {
         self.elements = Some(socket);
         self
@@ -530,7 +535,7 @@ impl Proxier for NftProxier {
         if scope == VerifyScope::LastSync && !self.last_sync_full {
             return Ok(Vec::new());
         }
-        if scope == VerifyScope::All && self.verified.is_some() && self.generation_now() == self.verified {
+        if scope == VerifyScope::All && self.unchanged_since_verified() {
             tracing::debug!("periodic read-back skipped: nothing has committed since the table was verified");
             return Ok(Vec::new());
         }
@@ -548,7 +553,10 @@ impl Proxier for NftProxier {
 
     fn canary(&mut self) -> Result<Vec<Finding>, SyncError> {
         // A deleted or flushed table shows in any of its base chains; listing one small chain is cheap at any
-        // scale, unlike listing the table.
+        // scale, unlike listing the table. Nothing can show while nothing has committed.
+        if self.unchanged_since_verified() {
+            return Ok(Vec::new());
+        }
         let Some((table, _)) = &self.applied else {
             return Ok(Vec::new());
         };
