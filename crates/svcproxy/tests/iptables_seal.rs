@@ -557,20 +557,25 @@ fn a_full_sync_that_ended_without_custody_regains_it_at_the_next_whole_read_back
     assert_eq!(last_seal(&fake).generation, now(&fake));
 }
 
-#[test]
-fn a_periodic_read_back_reads_nothing_while_nothing_has_committed_since_the_kernel_was_verified() {
-    let fake = RecordingIptables::default();
-    let mut p = proxier(&fake);
+/// A proxier on `fake` after a cold sync and the read-back after it, which read the kernel whole and found it
+/// right; and how many dumps the fake has given.
+fn verified_after_a_cold_sync(fake: &RecordingIptables) -> (IptablesProxier, usize) {
+    let mut p = proxier(fake);
     p.sync(
         &state(&["10.244.0.5"]),
         &IntentChanges::everything(),
         SyncMode::Full,
     )
     .unwrap();
-    // The read-back after the full sync reads everything and finds it right.
-    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
+    *fake.save_output.lock().unwrap() = dump_of_writes(fake);
     assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
-    let reads = saves(&fake);
+    (p, saves(fake))
+}
+
+#[test]
+fn a_periodic_read_back_reads_nothing_while_nothing_has_committed_since_the_kernel_was_verified() {
+    let fake = RecordingIptables::default();
+    let (mut p, reads) = verified_after_a_cold_sync(&fake);
     // Nothing has committed since: the periodic read-backs and the canary have nothing to read.
     let listed = canary_listings(&fake);
     for _ in 0..3 {
@@ -604,16 +609,7 @@ fn a_periodic_read_back_reads_nothing_while_nothing_has_committed_since_the_kern
 #[test]
 fn our_own_write_is_read_again_unless_the_read_back_after_its_sync_found_it_right() {
     let fake = RecordingIptables::default();
-    let mut p = proxier(&fake);
-    p.sync(
-        &state(&["10.244.0.5"]),
-        &IntentChanges::everything(),
-        SyncMode::Full,
-    )
-    .unwrap();
-    *fake.save_output.lock().unwrap() = dump_of_writes(&fake);
-    assert!(p.verify(VerifyScope::LastSync).unwrap().is_empty());
-    let reads = saves(&fake);
+    let (mut p, reads) = verified_after_a_cold_sync(&fake);
     // A partial sync whose own read-back does not find what it wrote (this fake lists no chain but the seal):
     // the kernel is no longer known right, so the periodic read-back reads it whole.
     let six = state(&["10.244.0.6"]);

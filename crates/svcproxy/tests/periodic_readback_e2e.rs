@@ -16,28 +16,6 @@ const POLL: Duration = Duration::from_millis(100);
 const T: Duration = Duration::from_secs(2);
 const SKIPPED: &str = "periodic read-back skipped";
 
-const WEB: &str = "apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  clusterIP: 10.96.0.100
-  ports:
-  - {name: http, protocol: TCP, port: 80, targetPort: 8080}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: demo
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports:
-- {name: http, protocol: TCP, port: 8080}
-endpoints:
-- addresses: [10.244.0.11]
-  conditions: {ready: true}
-";
-
 /// Empties a chain of our only service, as another program could: one commit. The canary, which watches an
 /// entry chain, does not see it; only a read-back does. (An endpoint chain in iptables mode; in nftables mode
 /// the service's chain, whose DNAT picks from a map, there being no endpoint chains.)
@@ -77,7 +55,7 @@ fn read_backs_skip_until_a_commit(mode: &str) {
     let _backend = Backend::start(pod.ns(), pod.name(), &[8080], &[]);
     let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
     let dir = TempDir::new("manifests");
-    dir.write("web.yaml", WEB);
+    dir.write("web.yaml", common::WEB_ONE_ENDPOINT);
     let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
     let mut proxy = Svcproxy::start_with_env(
         lab.node(),

@@ -82,28 +82,6 @@ fn each_table_section_of_a_restore_moves_the_generation_by_one() {
     assert_ne!(other.instance, before.instance);
 }
 
-const WEB: &str = "apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  clusterIP: 10.96.0.100
-  ports:
-  - {name: http, protocol: TCP, port: 80, targetPort: 8080}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: demo
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports:
-- {name: http, protocol: TCP, port: 8080}
-endpoints:
-- addresses: [10.244.0.11]
-  conditions: {ready: true}
-";
-
 fn synced_once(proxy: &mut Svcproxy) -> String {
     wait_until(WAIT, POLL, "svcproxy synced", || {
         proxy.assert_running();
@@ -119,7 +97,7 @@ fn a_restart_trusts_the_seal_only_while_nobody_else_wrote() {
     let _backend = Backend::start(pod.ns(), pod.name(), &[8080], &[]);
     let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
     let dir = TempDir::new("manifests");
-    dir.write("web.yaml", WEB);
+    dir.write("web.yaml", common::WEB_ONE_ENDPOINT);
     let args = ["--manifests", dir.path().to_str().unwrap()];
     let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
 
@@ -292,7 +270,7 @@ fn a_read_back_that_finds_the_rules_right_seals_them_again_after_another_writer(
     let _backend = Backend::start(pod.ns(), pod.name(), &[8080], &[]);
     let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
     let dir = TempDir::new("manifests");
-    dir.write("web.yaml", WEB);
+    dir.write("web.yaml", common::WEB_ONE_ENDPOINT);
     let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
     let mut proxy = Svcproxy::start(
         lab.node(),

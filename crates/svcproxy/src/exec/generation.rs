@@ -11,6 +11,13 @@ use super::nft_netlink::{ElementSocket, ElementSocketError, NetlinkElementSocket
 
 pub trait RulesetGeneration: Send + Sync {
     fn generation(&self) -> Result<Generation, ElementSocketError>;
+
+    /// The generation, or `None` when it cannot be read (which callers treat as "anything may have changed").
+    fn current(&self) -> Option<Generation> {
+        self.generation()
+            .inspect_err(|e| tracing::debug!(error = %e, "cannot read the nf_tables generation"))
+            .ok()
+    }
 }
 
 /// The real one: asked over an nf_tables netlink socket, in the boot and network namespace it was opened in.

@@ -269,10 +269,7 @@ impl IptablesProxier {
     }
 
     fn generation_now(&self) -> Option<Generation> {
-        let g = self.generation.as_ref()?;
-        g.generation()
-            .inspect_err(|e| tracing::debug!(error = %e, "cannot read the nf_tables generation"))
-            .ok()
+        self.generation.as_ref()?.current()
     }
 
     /// Whether the kernel's seal proves it holds the rules of `digest` (our chains and jumps, nothing stale)

@@ -155,10 +155,7 @@ impl NftProxier {
     }
 
     fn generation_now(&self) -> Option<Generation> {
-        let g = self.generation.as_ref()?;
-        g.generation()
-            .inspect_err(|e| tracing::debug!(error = %e, "cannot read the nf_tables generation"))
-            .ok()
+        self.generation.as_ref()?.current()
     }
 
     /// Whether nothing has committed since a read found the table right.

@@ -17,6 +17,29 @@ use svcproxy_testkit::{NetNs, http_get};
 pub const HEALTHZ: &str = "127.0.0.1:10256";
 pub const METRICS: &str = "127.0.0.1:10249";
 
+/// Service `demo/web` (ClusterIP 10.96.0.100, port 80 `http`) with one ready endpoint, 10.244.0.11:8080.
+pub const WEB_ONE_ENDPOINT: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.100
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, protocol: TCP, port: 8080}
+endpoints:
+- addresses: [10.244.0.11]
+  conditions: {ready: true}
+";
+
 /// A directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
 
