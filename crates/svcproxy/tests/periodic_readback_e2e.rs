@@ -5,11 +5,10 @@
 #[macro_use]
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::{Svcproxy, TempDir};
-use svcproxy_testkit::{Backend, Lab, NetNs, tcp_request, wait_until};
+use common::{Svcproxy, WebLab};
+use svcproxy_testkit::{NetNs, tcp_request, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(100);
@@ -50,18 +49,13 @@ fn flush_service_chain(node: &NetNs, mode: &str) {
 }
 
 fn read_backs_skip_until_a_commit(mode: &str) {
-    let lab = Lab::new();
-    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
-    let _backend = Backend::start(pod.ns(), pod.name(), &[8080], &[]);
-    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
-    let dir = TempDir::new("manifests");
-    dir.write("web.yaml", common::WEB_ONE_ENDPOINT);
-    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
+    let web = WebLab::new();
+    let (lab, client, vip) = (&web.lab, &web.client, web.vip());
     let mut proxy = Svcproxy::start_with_env(
         lab.node(),
         &[
             "--manifests",
-            dir.path().to_str().unwrap(),
+            web.manifests(),
             "--proxy-mode",
             mode,
             "--verify-period",

@@ -8,7 +8,7 @@ mod common;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use common::{Svcproxy, TempDir};
+use common::{Svcproxy, TempDir, WebLab};
 use svcproxy::exec::generation::{NfTablesGeneration, RulesetGeneration};
 use svcproxy::exec::iptables::{IptablesCommands, SystemIptables};
 use svcproxy_iptables::payload::Payload;
@@ -92,14 +92,9 @@ fn synced_once(proxy: &mut Svcproxy) -> String {
 
 #[test]
 fn a_restart_trusts_the_seal_only_while_nobody_else_wrote() {
-    let lab = Lab::new();
-    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
-    let _backend = Backend::start(pod.ns(), pod.name(), &[8080], &[]);
-    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
-    let dir = TempDir::new("manifests");
-    dir.write("web.yaml", common::WEB_ONE_ENDPOINT);
-    let args = ["--manifests", dir.path().to_str().unwrap()];
-    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
+    let web = WebLab::new();
+    let (lab, client, vip) = (&web.lab, &web.client, web.vip());
+    let args = ["--manifests", web.manifests()];
 
     // First run: nothing to trust, the kernel is read and written, and the write is sealed.
     let mut proxy = Svcproxy::start(lab.node(), &args);
@@ -265,21 +260,11 @@ fn a_dual_stack_restart_trusts_the_seals_of_both_families() {
 
 #[test]
 fn a_read_back_that_finds_the_rules_right_seals_them_again_after_another_writer() {
-    let lab = Lab::new();
-    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
-    let _backend = Backend::start(pod.ns(), pod.name(), &[8080], &[]);
-    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
-    let dir = TempDir::new("manifests");
-    dir.write("web.yaml", common::WEB_ONE_ENDPOINT);
-    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
+    let web = WebLab::new();
+    let (lab, client, vip) = (&web.lab, &web.client, web.vip());
     let mut proxy = Svcproxy::start(
         lab.node(),
-        &[
-            "--manifests",
-            dir.path().to_str().unwrap(),
-            "--verify-period",
-            "1s",
-        ],
+        &["--manifests", web.manifests(), "--verify-period", "1s"],
     );
     synced_once(&mut proxy);
     wait_until(WAIT, POLL, "the ClusterIP answers", || {
@@ -304,7 +289,7 @@ fn a_read_back_that_finds_the_rules_right_seals_them_again_after_another_writer(
     );
 
     // So a restart trusts it, where it would have read the kernel whole.
-    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", web.manifests()]);
     let log = synced_once(&mut proxy);
     assert!(log.contains(PROVEN), "{log}");
     assert!(tcp_request(client.ns(), vip, T).is_ok());

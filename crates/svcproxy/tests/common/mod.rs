@@ -12,7 +12,7 @@ use std::time::Duration;
 use svcproxy_model::{
     ClusterState, Endpoint, EndpointPort, EndpointSlice, IpFamily, ObjectName, Protocol, Service, ServicePort,
 };
-use svcproxy_testkit::{NetNs, http_get};
+use svcproxy_testkit::{Backend, Lab, NetNs, Pod, http_get};
 
 pub const HEALTHZ: &str = "127.0.0.1:10256";
 pub const METRICS: &str = "127.0.0.1:10249";
@@ -39,6 +39,47 @@ endpoints:
 - addresses: [10.244.0.11]
   conditions: {ready: true}
 ";
+
+/// Where [`WEB_ONE_ENDPOINT`]'s Service listens.
+pub const WEB_VIP: &str = "10.96.0.100:80";
+
+/// A lab serving [`WEB_ONE_ENDPOINT`]: its endpoint pod answering on 8080, a client pod (10.244.0.50), and a
+/// manifest directory holding the Service and its slice.
+pub struct WebLab {
+    // Fields drop in this order: the backend's processes before the pods' namespaces, those before the node's.
+    _backend: Backend,
+    _endpoint: Pod,
+    pub client: Pod,
+    pub dir: TempDir,
+    pub lab: Lab,
+}
+
+impl WebLab {
+    pub fn new() -> WebLab {
+        let lab = Lab::new();
+        let endpoint = lab.add_pod("pod11", std::net::Ipv4Addr::new(10, 244, 0, 11));
+        let backend = Backend::start(endpoint.ns(), endpoint.name(), &[8080], &[]);
+        let client = lab.add_pod("client", std::net::Ipv4Addr::new(10, 244, 0, 50));
+        let dir = TempDir::new("manifests");
+        dir.write("web.yaml", WEB_ONE_ENDPOINT);
+        WebLab {
+            _backend: backend,
+            _endpoint: endpoint,
+            client,
+            dir,
+            lab,
+        }
+    }
+
+    /// The manifest directory, as `--manifests` takes it.
+    pub fn manifests(&self) -> &str {
+        self.dir.path().to_str().unwrap()
+    }
+
+    pub fn vip(&self) -> SocketAddr {
+        WEB_VIP.parse().unwrap()
+    }
+}
 
 /// A directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
