@@ -301,11 +301,9 @@ pub(crate) fn serialize(sections: &[Section<'_>]) -> Payload {
         for ([head, deleted, tail], runs) in &pieces {
             text.extend_from_slice(head.as_bytes());
             for run in runs {
-                for (name, _) in run.chains {
-                    text.extend_from_slice(b":");
-                    text.extend_from_slice(name.as_bytes());
-                    text.extend_from_slice(DECLARED);
-                }
+                let start = text.len();
+                text.resize(start + run.declared, 0);
+                write_declarations(run.chains, &mut text[start..]);
             }
             text.extend_from_slice(deleted.as_bytes());
             for run in runs {
