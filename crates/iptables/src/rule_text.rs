@@ -6,6 +6,8 @@ use std::net::IpAddr;
 
 use svcproxy_model::{EndpointInfo, Protocol};
 
+use crate::config::LocalMatch;
+
 /// Builds one rule in place: either a whole `-A CHAIN …` line, or (continuing a chain's text, see
 /// [`ChainRules`]) only the arguments after it. Rendering is the hot path of a full sync, so no intermediate
 /// argument vectors and no buffer per rule.
@@ -65,6 +67,13 @@ impl Line {
         self.text.push_str(flag);
         self.text.push(' ');
         self.text.push_str(value);
+        self
+    }
+
+    /// The local-traffic match, or with `negated` its opposite.
+    pub(crate) fn local(mut self, m: LocalMatch<'_>, negated: bool) -> Self {
+        self.space();
+        m.push(negated, &mut self.text);
         self
     }
 

@@ -394,15 +394,15 @@ impl ServiceRenderer<'_> {
         let not_local = if self.cfg.masquerade_all {
             None
         } else {
-            match self.cfg.local_detector.if_not_local(self.cfg.family) {
-                Some(not_local) => Some(not_local),
+            match self.cfg.local_detector.local_match(self.cfg.family) {
+                Some(local) => Some(local),
                 None => return,
             }
         };
         rules.add(|l| {
             let head = self.dest_match(l, &[self.spn, " cluster IP"], spi.cluster_ip, spi.port);
-            match &not_local {
-                Some(not_local) => head.args(not_local),
+            match not_local {
+                Some(local) => head.local(local, true),
                 None => head,
             }
             .jump(KUBE_MARK_MASQ)
@@ -415,26 +415,24 @@ impl ServiceRenderer<'_> {
         if !self.spi.external_policy_local {
             // Endpoints may be on other nodes: replies must come back through us.
             rules.add(|l| {
-                l.comment(&format!("masquerade traffic for {spn} external destinations"))
+                l.comment_of(&["masquerade traffic for ", spn, " external destinations"])
                     .jump(KUBE_MARK_MASQ)
             });
         } else {
             // Pods and the node itself reaching the external address are sent to all endpoints, as if they had
             // hairpinned through the load balancer; only truly external clients are kept local (and keep their
             // source address).
-            if let Some(local) = self.cfg.local_detector.if_local(self.cfg.family) {
+            if let Some(local) = self.cfg.local_detector.local_match(self.cfg.family) {
                 rules.add(|l| {
-                    l.comment(&format!("pod traffic for {spn} external destinations"))
-                        .args(&local)
+                    l.comment_of(&["pod traffic for ", spn, " external destinations"])
+                        .local(local, false)
                         .jump(svc)
                 });
             }
             // The node's own source address would be the external address itself, which an endpoint cannot
             // answer.
             rules.add(|l| {
-                l.comment(&format!(
-                    "masquerade LOCAL traffic for {spn} external destinations"
-                ))
+                l.comment_of(&["masquerade LOCAL traffic for ", spn, " external destinations"])
                 .args("-m addrtype --src-type LOCAL")
                 .jump(KUBE_MARK_MASQ)
             });
