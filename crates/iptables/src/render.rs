@@ -54,17 +54,17 @@ pub fn render_payload(intent: &Intent, cfg: &RenderConfig) -> Payload {
 pub fn payload_of_parts(cfg: &RenderConfig, parts: &[ServicePortRules]) -> Payload {
     let shared = shared_chains(cfg, parts);
     let section = |table: TableName| {
-        let mut write: Vec<(&str, &Chain)> = shared
+        let mut write: Vec<(&[u8], &Chain)> = shared
             .iter()
             .filter(|(t, _, _)| *t == table)
-            .filter_map(|(_, name, chain)| chain.as_ref().map(|chain| (*name, chain)))
+            .filter_map(|(_, name, chain)| chain.as_ref().map(|chain| (name.as_bytes(), chain)))
             .collect();
         write.sort_unstable_by_key(|(name, _)| *name);
         if table == TableName::Nat {
             write.extend(
                 parts
                     .iter()
-                    .flat_map(|part| part.chains.iter().map(|(name, chain)| (name.as_str(), chain))),
+                    .flat_map(|part| part.chains.iter().map(|(name, chain)| (name.as_bytes(), chain))),
             );
         }
         Section {

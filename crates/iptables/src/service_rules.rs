@@ -433,8 +433,8 @@ impl ServiceRenderer<'_> {
             // answer.
             rules.add(|l| {
                 l.comment_of(&["masquerade LOCAL traffic for ", spn, " external destinations"])
-                .args("-m addrtype --src-type LOCAL")
-                .jump(KUBE_MARK_MASQ)
+                    .args("-m addrtype --src-type LOCAL")
+                    .jump(KUBE_MARK_MASQ)
             });
             rules.add(|l| {
                 l.comment(&format!("route LOCAL traffic for {spn} external destinations"))

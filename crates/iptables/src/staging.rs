@@ -279,7 +279,7 @@ pub fn stage<'a, E>(
     if total <= max_chains {
         let sections = TableName::ALL.map(|table| Section {
             table,
-            write: writes_of(table).collect(),
+            write: writes_of(table).map(|(n, c)| (n.as_bytes(), c)).collect(),
             delete: if table == TableName::Nat {
                 deletes.iter().copied().collect()
             } else {
@@ -305,7 +305,7 @@ pub fn stage<'a, E>(
         let sections = TableName::ALL.map(|table| Section {
             table,
             write: if table == TableName::Nat {
-                write.clone()
+                write.iter().map(|(n, c)| (n.as_bytes(), *c)).collect()
             } else {
                 Vec::new()
             },
@@ -370,7 +370,7 @@ pub fn stage<'a, E>(
         write: shared
             .iter()
             .filter(|(t, _, _)| *t == table)
-            .map(|(_, n, c)| (*n, *c))
+            .map(|(_, n, c)| (n.as_bytes(), *c))
             .collect(),
         delete: Vec::new(),
         jumps: jumps.iter().filter(|j| j.table == table).collect(),
