@@ -98,14 +98,21 @@ impl SepNames {
 
     /// For a service port whose name is already spelled (`ns/svc:port`).
     pub fn spelled(spn: &str, protocol: Protocol) -> Self {
-        let mut prefix = String::with_capacity(spn.len() + 4);
-        prefix.push_str(spn);
-        prefix.push_str(protocol.lower());
-        SepNames {
-            seeded: Sha256::new_with_prefix(prefix.as_bytes()),
+        let mut names = SepNames {
+            seeded: Sha256::new(),
             endpoint: String::with_capacity(48),
             name: String::with_capacity(SEP_PREFIX.len() + HASH_LEN),
-        }
+        };
+        names.reseed(spn, protocol);
+        names
+    }
+
+    /// Names the endpoint chains of another service port from now on, keeping the buffers: a thread that
+    /// renders thousands of service ports allocated three of them for each.
+    pub fn reseed(&mut self, spn: &str, protocol: Protocol) {
+        self.seeded = Sha256::new()
+            .chain_update(spn.as_bytes())
+            .chain_update(protocol.lower().as_bytes());
     }
 
     pub fn name(&mut self, endpoint: &EndpointInfo) -> ChainName {

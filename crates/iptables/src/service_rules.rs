@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 
-use svcproxy_model::{EndpointInfo, ServicePortIntent, SessionAffinity};
+use svcproxy_model::{EndpointInfo, Protocol, ServicePortIntent, SessionAffinity};
 
 use crate::chain_name::{
     KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL, KUBE_SERVICES, SepNames,
@@ -70,13 +70,26 @@ pub fn render_service_port(
 /// The buffers a service port is rendered in, kept from one service port to the next on each thread: a cold
 /// render at 10,000 services renders 10,000 of them, and each allocated all of these afresh (and grew its
 /// text a few times).
-#[derive(Default)]
 struct Scratch {
     spn: String,
+    sep_names: SepNames,
     sep_text: String,
     sep_ranges: Vec<Range<usize>>,
     names: Vec<(ChainName, Range<usize>)>,
     text: String,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            spn: String::new(),
+            sep_names: SepNames::spelled("", Protocol::Tcp),
+            sep_text: String::new(),
+            sep_ranges: Vec::new(),
+            names: Vec::new(),
+            text: String::new(),
+        }
+    }
 }
 
 impl Scratch {
@@ -102,6 +115,7 @@ fn render_with(
 ) -> ServicePortRules {
     let Scratch {
         spn,
+        sep_names,
         sep_text,
         sep_ranges,
         names,
@@ -115,7 +129,7 @@ fn render_with(
     // Each endpoint chain is named once, though the cluster and the local chain may both jump to it; the
     // names are kept as one text, which the rules are written from without checking each name again.
     let _ = write!(spn, "{}", spi.name);
-    let mut sep_names = SepNames::spelled(spn, spi.name.protocol);
+    sep_names.reseed(spn, spi.name.protocol);
     let reachable = spi.endpoints.all_reachable();
     sep_ranges.extend(reachable.iter().map(|ep| {
         let start = sep_text.len();
