@@ -278,6 +278,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "1h0m0s", value_parser = parse_duration)]
     pub conntrack_tcp_timeout_close_wait: Duration,
 
+    /// Let connection tracking accept TCP packets outside the window it expects instead of marking them
+    /// INVALID (nf_conntrack_tcp_be_liberal=1), for networks that reorder or offload so much that established
+    /// connections get reset. Off leaves the kernel's setting as it is.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_parser = parse_go_bool)]
+    pub conntrack_tcp_be_liberal: bool,
+
     /// Idle timeout of unreplied UDP flows in the connection-tracking table (0 leaves the kernel's).
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub conntrack_udp_timeout: Duration,

@@ -7,8 +7,7 @@
 //! that is silently dropped is a node that behaves differently from what its operator reads in the ConfigMap:
 //! - an unknown field is an error naming it;
 //! - a value out of range is an error naming the field;
-//! - an option svcproxy does not implement (IPVS, Windows, profiling, `portRange`, `conntrack.tcpBeLiberal`)
-//!   is an error saying so;
+//! - an option svcproxy does not implement (IPVS, Windows, profiling, `portRange`) is an error saying so;
 //! - a field that only tunes something svcproxy does not have (`oomScoreAdj`, `configSyncPeriod`,
 //!   `featureGates`, client throttling, klog settings) is accepted, with a warning for the caller to log.
 //!
@@ -124,6 +123,7 @@ pub struct FileConfig {
     pub conntrack_min: u32,
     pub conntrack_tcp_timeout_established: Duration,
     pub conntrack_tcp_timeout_close_wait: Duration,
+    pub conntrack_tcp_be_liberal: bool,
     pub conntrack_udp_timeout: Duration,
     pub conntrack_udp_timeout_stream: Duration,
     pub log_format: LogFormat,
@@ -195,6 +195,7 @@ pub fn merge(args: RunArgs, run_matches: &ArgMatches, file: &FileConfig) -> RunA
         conntrack_min,
         conntrack_tcp_timeout_established,
         conntrack_tcp_timeout_close_wait,
+        conntrack_tcp_be_liberal,
         conntrack_udp_timeout,
         conntrack_udp_timeout_stream,
         log_format,
@@ -328,6 +329,7 @@ pub fn effective_config_yaml(args: &RunArgs) -> String {
         "  tcpCloseWaitTimeout: {}\n",
         d(args.conntrack_tcp_timeout_close_wait)
     ));
+    y.push_str(&format!("  tcpBeLiberal: {}\n", args.conntrack_tcp_be_liberal));
     y.push_str(&format!("  udpTimeout: {}\n", d(args.conntrack_udp_timeout)));
     y.push_str(&format!(
         "  udpStreamTimeout: {}\n",
@@ -663,12 +665,6 @@ impl RawConfig {
             ));
         }
         let conntrack = self.conntrack.unwrap_or_default();
-        if conntrack.tcp_be_liberal == Some(true) {
-            return Err(ConfigFileError::unsupported(
-                "conntrack.tcpBeLiberal",
-                "svcproxy does not set nf_conntrack_tcp_be_liberal",
-            ));
-        }
 
         // Accepted without effect.
         if let Some(cc) = &self.client_connection {
@@ -862,6 +858,7 @@ impl RawConfig {
             conntrack_tcp_timeout_close_wait: conntrack
                 .tcp_close_wait_timeout
                 .map_or(DEFAULT_TCP_CLOSE_WAIT_TIMEOUT, |d| d.0),
+            conntrack_tcp_be_liberal: conntrack.tcp_be_liberal.unwrap_or(false),
             conntrack_udp_timeout: conntrack.udp_timeout.map_or(Duration::ZERO, |d| d.0),
             conntrack_udp_timeout_stream: conntrack.udp_stream_timeout.map_or(Duration::ZERO, |d| d.0),
             log_format,

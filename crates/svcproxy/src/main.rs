@@ -115,7 +115,7 @@ fn sysctl_config(args: &RunArgs) -> ConntrackSysctlConfig {
         min: u64::from(args.conntrack_min),
         tcp_established_timeout_secs: args.conntrack_tcp_timeout_established.as_secs(),
         tcp_close_wait_timeout_secs: args.conntrack_tcp_timeout_close_wait.as_secs(),
-        tcp_be_liberal: false,
+        tcp_be_liberal: args.conntrack_tcp_be_liberal,
         udp_timeout_secs: args.conntrack_udp_timeout.as_secs(),
         udp_stream_timeout_secs: args.conntrack_udp_timeout_stream.as_secs(),
     }

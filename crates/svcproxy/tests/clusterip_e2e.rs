@@ -102,7 +102,13 @@ fn clusterip_traffic_follows_the_manifests(mode: &str) {
     dir.write("empty.yaml", EMPTY);
     let mut proxy = Svcproxy::start(
         lab.node(),
-        &["--manifests", dir.path().to_str().unwrap(), "--proxy-mode", mode],
+        &[
+            "--manifests",
+            dir.path().to_str().unwrap(),
+            "--proxy-mode",
+            mode,
+            "--conntrack-tcp-be-liberal",
+        ],
     );
 
     let vip = addr("10.96.0.100", 80);
@@ -201,6 +207,12 @@ fn clusterip_traffic_follows_the_manifests(mode: &str) {
             .ok()?;
         (v.trim() == "86400").then_some(())
     });
+    // --conntrack-tcp-be-liberal (off in a new namespace).
+    let liberal = lab
+        .node()
+        .exec_stdout(&["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"])
+        .unwrap();
+    assert_eq!(liberal.trim(), "1", "nf_conntrack_tcp_be_liberal");
     proxy.assert_running();
 }
 

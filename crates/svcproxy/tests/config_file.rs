@@ -142,6 +142,7 @@ conntrack:
   min: 65536
   tcpEstablishedTimeout: 2h0m0s
   tcpCloseWaitTimeout: 30s
+  tcpBeLiberal: true
   udpTimeout: 30s
   udpStreamTimeout: 2m0s
 logging:
@@ -182,6 +183,7 @@ fn every_supported_field_reaches_the_arguments() {
     assert_eq!(args.conntrack_min, 65536);
     assert_eq!(args.conntrack_tcp_timeout_established, secs(7200));
     assert_eq!(args.conntrack_tcp_timeout_close_wait, secs(30));
+    assert!(args.conntrack_tcp_be_liberal);
     assert_eq!(args.conntrack_udp_timeout, secs(30));
     assert_eq!(args.conntrack_udp_timeout_stream, secs(120));
     assert_eq!(args.log_format, LogFormat::Json);
@@ -425,7 +427,6 @@ fn unsupported_options_are_refused_and_say_so() {
         ("windowsRunAsService: true\n", "windowsRunAsService"),
         ("portRange: 30000-32767\n", "portRange"),
         ("enableProfiling: true\n", "enableProfiling"),
-        ("conntrack:\n  tcpBeLiberal: true\n", "conntrack.tcpBeLiberal"),
     ] {
         let err = parse_err(body);
         assert!(
@@ -494,6 +495,7 @@ fn flags_given_on_the_command_line_override_the_file() {
         "--conntrack-min=2",
         "--conntrack-tcp-timeout-established=3s",
         "--conntrack-tcp-timeout-close-wait=4s",
+        "--conntrack-tcp-be-liberal=false",
         "--conntrack-udp-timeout=5s",
         "--conntrack-udp-timeout-stream=6s",
         "--log-format=text",
@@ -567,6 +569,7 @@ fn written_configuration_reads_back_to_the_same_arguments() {
             "--conntrack-min=1",
             "--conntrack-tcp-timeout-established=0",
             "--conntrack-tcp-timeout-close-wait=17s",
+            "--conntrack-tcp-be-liberal",
             "--conntrack-udp-timeout=30s",
             "--conntrack-udp-timeout-stream=2m",
             "--log-format=json",
