@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use crate::upstream_flags::UpstreamFlags;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "svcproxy",
@@ -185,6 +187,10 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "manifests")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// The API server's URL, overriding the one in the kubeconfig (or the in-cluster one).
+    #[arg(long, value_name = "URL", conflicts_with = "manifests")]
+    pub master: Option<String>,
+
     /// Read Services, EndpointSlices and the Node from YAML files in this directory instead of the API, and
     /// follow changes to them. For demos, tests and clusterless setups.
     #[arg(long, value_name = "DIR")]
@@ -305,6 +311,9 @@ pub struct RunArgs {
     /// After this many consecutive failed syncs /healthz answers 503 with the reason.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub unhealthy_after: u32,
+
+    #[command(flatten)]
+    pub upstream: UpstreamFlags,
 }
 
 // kube-proxy's conntrack counts are int32s; keeping to that range means a value accepted here is accepted by

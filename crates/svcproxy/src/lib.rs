@@ -20,3 +20,4 @@ pub mod service_health;
 pub mod source;
 pub mod status;
 pub mod sync;
+pub mod upstream_flags;

@@ -30,8 +30,9 @@ use svcproxy_model::{IntentConfig, IpFamily};
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs to stderr at RUST_LOG's levels, or else at `level`.
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -192,7 +193,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             })
         }
         None => {
-            let client = source::kube_api::client(args.kubeconfig.as_ref()).await?;
+            let client = source::kube_api::client(args.kubeconfig.as_ref(), args.master.as_deref()).await?;
             let node = node.clone();
             tokio::spawn(source::kube_api::run(client, node, tx))
         }
@@ -404,9 +405,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             let run_matches = matches.subcommand_matches("run").expect("clap matched `run`");
             let resolved = config_file::resolve(*args, run_matches)?;
-            init_logging(resolved.args.log_format);
+            let flag_warnings = resolved.args.upstream.check()?;
+            init_logging(resolved.args.log_format, resolved.args.upstream.log_level());
             for warning in &resolved.warnings {
                 tracing::warn!("configuration: {warning}");
+            }
+            for warning in &flag_warnings {
+                tracing::warn!("flags: {warning}");
             }
             if let Some(path) = &resolved.args.write_config_to {
                 config_file::write_effective_config(&resolved.args, path)?;
@@ -415,7 +420,7 @@ async fn main() -> anyhow::Result<()> {
             run(resolved.args).await
         }
         Command::Cleanup(args) => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, "info");
             let removed = svcproxy::cleanup::cleanup(&SystemRunner, args.dry_run)?;
             let verb = if args.dry_run { "would remove" } else { "removed" };
             if removed.is_empty() {
@@ -427,7 +432,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Explain(args) => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, "info");
             let mut args = *args;
             args.run = daemon_settings(args.run, &matches, "explain")?;
             let report = svcproxy::explain::command(&args).await;
@@ -435,7 +440,7 @@ async fn main() -> anyhow::Result<()> {
             finish(report, args.output, svcproxy::explain::render_text, disagree)
         }
         Command::Diff(args) => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, "info");
             let mut args = *args;
             args.run = daemon_settings(args.run, &matches, "diff")?;
             let report = svcproxy::diff::command(&args).await;
@@ -468,6 +473,13 @@ fn daemon_settings(args: RunArgs, matches: &clap::ArgMatches, subcommand: &str) 
     });
     for warning in &resolved.warnings {
         tracing::warn!("configuration: {warning}");
+    }
+    let flag_warnings = resolved.args.upstream.check().unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(2)
+    });
+    for warning in &flag_warnings {
+        tracing::warn!("flags: {warning}");
     }
     Ok(resolved.args)
 }

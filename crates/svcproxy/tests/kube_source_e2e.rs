@@ -197,3 +197,63 @@ fn rules_follow_the_api_through_changes_relists_and_outages() {
     });
     proxy.assert_running();
 }
+
+/// A node's kube-proxy arguments start svcproxy: `--master` overrides the kubeconfig's server (which points
+/// nowhere here), klog's `--v` is taken, and flags for things svcproxy does not have are accepted and logged.
+#[test]
+fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
+    let lab = Lab::new();
+    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
+    let _backend = Backend::start(pod.ns(), "pod11", &[8080], &[]);
+    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+
+    let api = FakeApiServer::start_in(lab.node(), "127.0.0.1:0".parse().unwrap());
+    let store = api.store();
+    store.apply(node()).unwrap();
+    store.apply(service("web", "10.96.0.100", json!({}))).unwrap();
+    store.apply(slice("web", &["10.244.0.11"])).unwrap();
+
+    let dir = TempDir::new("kubeconfig");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let elsewhere = api.kubeconfig_yaml().replace(&api.addr().to_string(), "127.0.0.1:9");
+    assert_ne!(elsewhere, api.kubeconfig_yaml(), "the server line was rewritten");
+    std::fs::write(&kubeconfig, elsewhere).unwrap();
+    let mut proxy = Svcproxy::start(
+        lab.node(),
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--master",
+            &api.url(),
+            "--v=2",
+            "--oom-score-adj=-999",
+            "--feature-gates=NFTablesProxyMode=true",
+            "--kube-api-qps=5",
+        ],
+    );
+
+    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
+    wait_until(WAIT, POLL, "web answers through the server --master names", || {
+        proxy.assert_running();
+        tcp_request(client.ns(), vip, T).ok()
+    });
+    let log = proxy.log();
+    for flag in ["--oom-score-adj", "--feature-gates", "--kube-api-qps"] {
+        assert!(
+            log.contains(&format!("{flag}: accepted but has no effect")),
+            "{flag} not logged:\n{log}"
+        );
+    }
+    proxy.assert_running();
+
+    // A flag asking for what svcproxy does not do stops it at once, saying why.
+    let out = lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args(["run", "--manifests", "/nonexistent", "--profiling"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--profiling: not supported by svcproxy"), "{stderr}");
+}

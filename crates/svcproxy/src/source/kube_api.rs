@@ -44,9 +44,10 @@ pub enum KubeSourceError {
     Client(#[from] kube::Error),
 }
 
-/// Builds a client from `--kubeconfig`, or from the in-cluster service account (or `KUBECONFIG`) when absent.
-pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, KubeSourceError> {
-    let config = match kubeconfig {
+/// Builds a client from `--kubeconfig`, or from the in-cluster service account (or `KUBECONFIG`) when absent;
+/// `master` (`--master`) replaces the server URL either gives, as kube-proxy's flag does.
+pub async fn client(kubeconfig: Option<&PathBuf>, master: Option<&str>) -> Result<Client, KubeSourceError> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|source| KubeSourceError::Kubeconfig {
                 path: path.clone(),
@@ -60,6 +61,11 @@ pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, KubeSourceEr
             .await
             .map_err(|e| KubeSourceError::Config(e.to_string()))?,
     };
+    if let Some(url) = master.map(str::trim).filter(|u| !u.is_empty()) {
+        config.cluster_url = url
+            .parse()
+            .map_err(|e| KubeSourceError::Config(format!("--master {url:?} is not a URL: {e}")))?;
+    }
     Ok(Client::try_from(config)?)
 }
 

@@ -1,0 +1,262 @@
+//! kube-proxy command-line flags with no svcproxy counterpart, accepted so that the arguments a node already
+//! passes to kube-proxy start svcproxy too. The policy is the configuration file's (see
+//! [`crate::config_file`]): a flag that only tunes something svcproxy does not have is accepted and logged as
+//! having no effect; one that asks for behaviour svcproxy does not have is refused, saying why, because the
+//! node would not do what its operator asked. klog's `-v` is the one with an effect: it sets the log level
+//! when `RUST_LOG` does not.
+
+use std::time::Duration;
+
+use crate::cli::{parse_duration, parse_go_bool};
+
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+#[command(next_help_heading = "kube-proxy flags svcproxy has no counterpart for")]
+pub struct UpstreamFlags {
+    /// klog's verbosity. Without RUST_LOG it sets the log level: up to 3 info, 4 and 5 debug, 6 and above
+    /// trace.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL")]
+    pub verbosity: Option<u32>,
+
+    /// klog's per-file verbosity. No effect: use RUST_LOG (e.g. RUST_LOG=svcproxy::sync=debug).
+    #[arg(long, value_name = "PATTERN=N,...")]
+    pub vmodule: Option<String>,
+
+    /// No effect: svcproxy writes each log line as it happens.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub log_flush_frequency: Option<Duration>,
+
+    /// No effect: the OOM score is set by the pod or the service manager (kube-proxy's default is -999).
+    #[arg(long, value_name = "SCORE", allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    pub oom_score_adj: Option<i32>,
+
+    /// No effect: svcproxy's watches do not resync periodically.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub config_sync_period: Option<Duration>,
+
+    /// No effect: svcproxy has no feature gates; the features kube-proxy gates are on.
+    #[arg(long, value_name = "KEY=BOOL,...")]
+    pub feature_gates: Option<String>,
+
+    /// No effect: svcproxy does not throttle its watches.
+    #[arg(long, value_name = "QPS")]
+    pub kube_api_qps: Option<f32>,
+
+    /// No effect: svcproxy does not throttle its watches.
+    #[arg(long, value_name = "COUNT")]
+    pub kube_api_burst: Option<i32>,
+
+    /// No effect: svcproxy talks JSON to the API server.
+    #[arg(long, value_name = "TYPE")]
+    pub kube_api_content_type: Option<String>,
+
+    /// No effect: svcproxy hides no metrics.
+    #[arg(long, value_name = "VERSION")]
+    pub show_hidden_metrics_for_version: Option<String>,
+
+    /// svcproxy exits when it cannot bind its health or metrics address, as kube-proxy does with this set;
+    /// `false` is accepted with a warning.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = parse_go_bool)]
+    pub bind_address_hard_fail: Option<bool>,
+
+    /// Refused when true: svcproxy serves no profiling endpoints.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = parse_go_bool)]
+    pub profiling: Option<bool>,
+
+    /// Refused when set: the range belonged to the userspace proxy, which no longer exists.
+    #[arg(long, value_name = "RANGE")]
+    pub proxy_port_range: Option<String>,
+}
+
+/// A kube-proxy flag asking for something svcproxy does not do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{flag}: not supported by svcproxy: {why}")]
+pub struct UnsupportedFlag {
+    pub flag: &'static str,
+    pub why: &'static str,
+}
+
+impl UpstreamFlags {
+    /// The flags given that have no effect, one sentence each for the log; or the first one that asks for
+    /// something svcproxy does not do.
+    pub fn check(&self) -> Result<Vec<String>, UnsupportedFlag> {
+        if self.profiling == Some(true) {
+            return Err(UnsupportedFlag {
+                flag: "profiling",
+                why: "svcproxy serves no profiling endpoints",
+            });
+        }
+        if self
+            .proxy_port_range
+            .as_deref()
+            .is_some_and(|r| !r.trim().is_empty())
+        {
+            return Err(UnsupportedFlag {
+                flag: "proxy-port-range",
+                why: "it belonged to the userspace proxy, which no longer exists; leave it out",
+            });
+        }
+        let mut warnings = Vec::new();
+        let mut no_effect = |flag: &str, given: bool, why: &str| {
+            if given {
+                warnings.push(format!(
+                    "--{flag}: accepted but has no effect in svcproxy ({why})"
+                ));
+            }
+        };
+        no_effect(
+            "vmodule",
+            self.vmodule.is_some(),
+            "the log level is set with RUST_LOG",
+        );
+        no_effect(
+            "log-flush-frequency",
+            self.log_flush_frequency.is_some(),
+            "each log line is written as it happens",
+        );
+        no_effect(
+            "oom-score-adj",
+            self.oom_score_adj.is_some(),
+            "set the process's OOM score from its pod or service manager",
+        );
+        no_effect(
+            "config-sync-period",
+            self.config_sync_period.is_some(),
+            "svcproxy's watches do not resync periodically",
+        );
+        no_effect(
+            "feature-gates",
+            self.feature_gates.is_some(),
+            "svcproxy has no feature gates",
+        );
+        no_effect(
+            "kube-api-qps",
+            self.kube_api_qps.is_some() || self.kube_api_burst.is_some(),
+            "svcproxy does not throttle its watches",
+        );
+        no_effect(
+            "kube-api-content-type",
+            self.kube_api_content_type.is_some(),
+            "svcproxy always talks JSON to the API server",
+        );
+        no_effect(
+            "show-hidden-metrics-for-version",
+            self.show_hidden_metrics_for_version.is_some(),
+            "svcproxy hides no metrics",
+        );
+        no_effect(
+            "bind-address-hard-fail",
+            self.bind_address_hard_fail == Some(false),
+            "svcproxy always exits when it cannot bind its health or metrics address",
+        );
+        Ok(warnings)
+    }
+
+    /// The log level klog's verbosity stands for, used when `RUST_LOG` is not set. kube-proxy logs its
+    /// routine work at 2 and below, per-sync detail at 4, and per-rule detail from 6 up.
+    pub fn log_level(&self) -> &'static str {
+        match self.verbosity.unwrap_or(0) {
+            0..=3 => "info",
+            4..=5 => "debug",
+            _ => "trace",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        upstream: UpstreamFlags,
+    }
+
+    fn parse(args: &[&str]) -> UpstreamFlags {
+        let argv = std::iter::once("svcproxy").chain(args.iter().copied());
+        Flags::try_parse_from(argv).expect("flags parse").upstream
+    }
+
+    #[test]
+    fn nothing_given_is_nothing_to_say() {
+        assert_eq!(parse(&[]).check(), Ok(Vec::new()));
+        assert_eq!(parse(&[]).log_level(), "info");
+    }
+
+    #[test]
+    fn klog_verbosity_sets_the_level() {
+        for (args, level) in [
+            (&["--v=2"][..], "info"),
+            (&["-v", "3"], "info"),
+            (&["--v", "4"], "debug"),
+            (&["-v=5"], "debug"),
+            (&["--v=6"], "trace"),
+            (&["--v=10"], "trace"),
+        ] {
+            let flags = parse(args);
+            assert_eq!(flags.log_level(), level, "{args:?}");
+            assert_eq!(flags.check(), Ok(Vec::new()), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn flags_without_effect_are_accepted_and_each_is_named() {
+        let flags = parse(&[
+            "--vmodule=proxier=5",
+            "--log-flush-frequency=5s",
+            "--oom-score-adj=-999",
+            "--config-sync-period=15m",
+            "--feature-gates=NFTablesProxyMode=true",
+            "--kube-api-qps=5",
+            "--kube-api-burst=10",
+            "--kube-api-content-type=application/vnd.kubernetes.protobuf",
+            "--show-hidden-metrics-for-version=1.30",
+            "--bind-address-hard-fail=false",
+        ]);
+        let warnings = flags.check().unwrap();
+        for flag in [
+            "--vmodule",
+            "--log-flush-frequency",
+            "--oom-score-adj",
+            "--config-sync-period",
+            "--feature-gates",
+            "--kube-api-qps",
+            "--kube-api-content-type",
+            "--show-hidden-metrics-for-version",
+            "--bind-address-hard-fail",
+        ] {
+            assert!(
+                warnings.iter().any(|w| w.starts_with(&format!("{flag}:"))),
+                "{flag} not named: {warnings:?}"
+            );
+        }
+        assert_eq!(warnings.len(), 9, "{warnings:?}");
+        // What svcproxy does anyway is not worth a warning.
+        assert_eq!(parse(&["--bind-address-hard-fail"]).check(), Ok(Vec::new()));
+        assert_eq!(parse(&["--profiling=false"]).check(), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn flags_asking_for_what_svcproxy_does_not_do_are_refused() {
+        let err = parse(&["--profiling"]).check().unwrap_err();
+        assert_eq!(err.flag, "profiling");
+        assert!(err.to_string().contains("no profiling endpoints"), "{err}");
+        let err = parse(&["--proxy-port-range=30000-32767"]).check().unwrap_err();
+        assert_eq!(err.flag, "proxy-port-range");
+        assert_eq!(parse(&["--proxy-port-range="]).check(), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn values_are_checked_as_kube_proxy_checks_them() {
+        let argv = |a: &str| Flags::try_parse_from(["svcproxy", a]).map(|f| f.upstream);
+        assert!(argv("--oom-score-adj=-1001").is_err());
+        assert!(argv("--oom-score-adj=1000").is_ok());
+        assert!(argv("--config-sync-period=soon").is_err());
+        assert!(argv("--v=loud").is_err());
+    }
+}
