@@ -153,7 +153,7 @@ pub struct Resolved {
 pub fn resolve(args: RunArgs, run_matches: &ArgMatches) -> Result<Resolved, ConfigFileError> {
     let Some(path) = args.config.clone() else {
         return Ok(Resolved {
-            args,
+            args: with_bind_address(args, run_matches),
             warnings: Vec::new(),
         });
     };
@@ -165,11 +165,29 @@ pub fn resolve(args: RunArgs, run_matches: &ArgMatches) -> Result<Resolved, Conf
         path: path.clone(),
         error: Box::new(e),
     })?;
-    let warnings = file.warnings.clone();
+    let mut warnings = file.warnings.clone();
+    if !args.upstream.bind_address.is_empty() {
+        warnings.push("--bind-address: ignored with --config, as kube-proxy ignores it (the file's bindAddress applies)".into());
+    }
     Ok(Resolved {
         args: merge(args, run_matches, &file),
         warnings,
     })
+}
+
+/// `--bind-address` without a file, as kube-proxy takes it there: one IPv6 address moves the health and metrics
+/// servers' defaults to IPv6, as the file's `bindAddress` does.
+fn with_bind_address(mut args: RunArgs, run_matches: &ArgMatches) -> RunArgs {
+    let explicit = |id: &str| run_matches.value_source(id) == Some(ValueSource::CommandLine);
+    if let [IpAddr::V6(_)] = args.upstream.bind_address.as_slice() {
+        if !explicit("healthz_bind_address") {
+            args.healthz_bind_address = SocketAddr::new(IpAddr::from([0u16; 8]), HEALTHZ_PORT);
+        }
+        if !explicit("metrics_bind_address") {
+            args.metrics_bind_address = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), METRICS_PORT);
+        }
+    }
+    args
 }
 
 /// The file's settings, except those given explicitly on the command line (an environment variable does not

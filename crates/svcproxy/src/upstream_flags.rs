@@ -21,6 +21,12 @@ pub struct UpstreamFlags {
     #[arg(long, value_name = "PATTERN=N,...")]
     pub vmodule: Option<String>,
 
+    /// The node's address(es), comma-separated. As in kube-proxy, only without --config, and here it only
+    /// chooses the family of the default health and metrics addresses: a single IPv6 address serves them on
+    /// `[::]` and `[::1]`. The node's addresses come from its Node object.
+    #[arg(long, value_name = "IP[,IP]", value_delimiter = ',')]
+    pub bind_address: Vec<std::net::IpAddr>,
+
     /// No effect: svcproxy writes each log line as it happens.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub log_flush_frequency: Option<Duration>,

@@ -681,3 +681,64 @@ fn write_effective_config_writes_a_file_that_resolves_back() {
     );
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn bind_address_without_a_file_chooses_the_family_of_the_default_servers() {
+    let resolved = |flags: &[&str]| {
+        let (args, matches) = command_line(flags);
+        resolve(args, &matches).unwrap()
+    };
+    let v6 = resolved(&["--bind-address=::"]);
+    assert_eq!(v6.args.healthz_bind_address, "[::]:10256".parse().unwrap());
+    assert_eq!(v6.args.metrics_bind_address, "[::1]:10249".parse().unwrap());
+    assert!(v6.warnings.is_empty(), "{:?}", v6.warnings);
+    // An address given explicitly stays; IPv4 or both families keep the IPv4 defaults, as upstream.
+    let kept = resolved(&["--bind-address=fd00::1", "--healthz-bind-address=0.0.0.0:1"]);
+    assert_eq!(kept.args.healthz_bind_address, "0.0.0.0:1".parse().unwrap());
+    assert_eq!(kept.args.metrics_bind_address, "[::1]:10249".parse().unwrap());
+    for flags in [
+        &["--bind-address=0.0.0.0"][..],
+        &["--bind-address=10.0.0.1,fd00::1"],
+        &[],
+    ] {
+        assert_eq!(
+            resolved(flags).args.healthz_bind_address,
+            defaults().healthz_bind_address,
+            "{flags:?}"
+        );
+        assert_eq!(
+            resolved(flags).args.metrics_bind_address,
+            defaults().metrics_bind_address,
+            "{flags:?}"
+        );
+    }
+    assert!(
+        Cli::command()
+            .try_get_matches_from(["svcproxy", "run", "--bind-address=localhost"])
+            .is_err(),
+        "not an IP address"
+    );
+}
+
+#[test]
+fn bind_address_with_a_file_is_ignored_and_said_so() {
+    let dir = std::env::temp_dir().join(format!("svcproxy-bind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.conf");
+    std::fs::write(&path, HEADER).unwrap();
+    let (args, matches) = command_line(&["--config", path.to_str().unwrap(), "--bind-address=::"]);
+    let resolved = resolve(args, &matches).unwrap();
+    assert_eq!(
+        resolved.args.healthz_bind_address,
+        defaults().healthz_bind_address
+    );
+    assert!(
+        resolved
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("--bind-address: ignored with --config")),
+        "{:?}",
+        resolved.warnings
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -215,7 +215,9 @@ fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
 
     let dir = TempDir::new("kubeconfig");
     let kubeconfig = dir.path().join("kubeconfig");
-    let elsewhere = api.kubeconfig_yaml().replace(&api.addr().to_string(), "127.0.0.1:9");
+    let elsewhere = api
+        .kubeconfig_yaml()
+        .replace(&api.addr().to_string(), "127.0.0.1:9");
     assert_ne!(elsewhere, api.kubeconfig_yaml(), "the server line was rewritten");
     std::fs::write(&kubeconfig, elsewhere).unwrap();
     let mut proxy = Svcproxy::start(
@@ -233,10 +235,15 @@ fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
     );
 
     let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
-    wait_until(WAIT, POLL, "web answers through the server --master names", || {
-        proxy.assert_running();
-        tcp_request(client.ns(), vip, T).ok()
-    });
+    wait_until(
+        WAIT,
+        POLL,
+        "web answers through the server --master names",
+        || {
+            proxy.assert_running();
+            tcp_request(client.ns(), vip, T).ok()
+        },
+    );
     let log = proxy.log();
     for flag in ["--oom-score-adj", "--feature-gates", "--kube-api-qps"] {
         assert!(
@@ -255,5 +262,8 @@ fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--profiling: not supported by svcproxy"), "{stderr}");
+    assert!(
+        stderr.contains("--profiling: not supported by svcproxy"),
+        "{stderr}"
+    );
 }
