@@ -149,10 +149,32 @@ pub fn reassemble<'a>(
             replaced.entry((TableName::Nat, name.clone())).or_insert(old);
         }
     }
-    put_shared_chains(cfg, parts, ruleset, |table, name, old| {
-        replaced.entry((table, name.into())).or_insert(old);
-    });
+    if !same_shared_lines(removed, added) {
+        put_shared_chains(cfg, parts, ruleset, |table, name, old| {
+            replaced.entry((table, name.into())).or_insert(old);
+        });
+    }
     replaced
+}
+
+/// Whether the parts `added` bring exactly the lines in shared chains that the `removed` ones take away, so
+/// those chains stay as they are: what an endpoint change does (the Service's `KUBE-SERVICES` line names its
+/// chain, not its endpoints), and rebuilding them reads every part (2.6 ms at 10,000 services, the most of
+/// such a sync). Each part's shared lines name its service port, so equal lines are the same service port,
+/// in the same place in the service-port order. Matched pairwise, for the few parts a change touches.
+fn same_shared_lines(removed: &[&ServicePortRules], added: &[&ServicePortRules]) -> bool {
+    const MOST: usize = 64;
+    if removed.len() != added.len() || added.len() > MOST {
+        return false;
+    }
+    let mut unmatched: Vec<&ServicePortRules> = removed.to_vec();
+    added.iter().all(|part| {
+        let Some(at) = unmatched.iter().position(|old| old.shared == part.shared) else {
+            return false;
+        };
+        unmatched.swap_remove(at);
+        true
+    })
 }
 
 /// Every chain of a ruleset that no single service port owns, in the order [`shared_chains`] builds them: the
