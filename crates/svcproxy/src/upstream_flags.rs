@@ -104,59 +104,58 @@ impl UpstreamFlags {
                 why: "it belonged to the userspace proxy, which no longer exists; leave it out",
             });
         }
-        let mut warnings = Vec::new();
-        let mut no_effect = |flag: &str, given: bool, why: &str| {
-            if given {
-                warnings.push(format!(
-                    "--{flag}: accepted but has no effect in svcproxy ({why})"
-                ));
-            }
-        };
-        no_effect(
-            "vmodule",
-            self.vmodule.is_some(),
-            "the log level is set with RUST_LOG",
-        );
-        no_effect(
-            "log-flush-frequency",
-            self.log_flush_frequency.is_some(),
-            "each log line is written as it happens",
-        );
-        no_effect(
-            "oom-score-adj",
-            self.oom_score_adj.is_some(),
-            "set the process's OOM score from its pod or service manager",
-        );
-        no_effect(
-            "config-sync-period",
-            self.config_sync_period.is_some(),
-            "svcproxy's watches do not resync periodically",
-        );
-        no_effect(
-            "feature-gates",
-            self.feature_gates.is_some(),
-            "svcproxy has no feature gates",
-        );
-        no_effect(
-            "kube-api-qps",
-            self.kube_api_qps.is_some() || self.kube_api_burst.is_some(),
-            "svcproxy does not throttle its watches",
-        );
-        no_effect(
-            "kube-api-content-type",
-            self.kube_api_content_type.is_some(),
-            "svcproxy always talks JSON to the API server",
-        );
-        no_effect(
-            "show-hidden-metrics-for-version",
-            self.show_hidden_metrics_for_version.is_some(),
-            "svcproxy hides no metrics",
-        );
-        no_effect(
-            "bind-address-hard-fail",
-            self.bind_address_hard_fail == Some(false),
-            "svcproxy always exits when it cannot bind its health or metrics address",
-        );
+        let given: [(&str, bool, &str); 9] = [
+            (
+                "vmodule",
+                self.vmodule.is_some(),
+                "the log level is set with RUST_LOG",
+            ),
+            (
+                "log-flush-frequency",
+                self.log_flush_frequency.is_some(),
+                "each log line is written as it happens",
+            ),
+            (
+                "oom-score-adj",
+                self.oom_score_adj.is_some(),
+                "set the process's OOM score from its pod or service manager",
+            ),
+            (
+                "config-sync-period",
+                self.config_sync_period.is_some(),
+                "svcproxy's watches do not resync periodically",
+            ),
+            (
+                "feature-gates",
+                self.feature_gates.is_some(),
+                "svcproxy has no feature gates",
+            ),
+            (
+                "kube-api-qps",
+                self.kube_api_qps.is_some() || self.kube_api_burst.is_some(),
+                "svcproxy does not throttle its watches",
+            ),
+            (
+                "kube-api-content-type",
+                self.kube_api_content_type.is_some(),
+                "svcproxy always talks JSON to the API server",
+            ),
+            (
+                "show-hidden-metrics-for-version",
+                self.show_hidden_metrics_for_version.is_some(),
+                "svcproxy hides no metrics",
+            ),
+            (
+                "bind-address-hard-fail",
+                self.bind_address_hard_fail == Some(false),
+                "svcproxy always exits when it cannot bind its health or metrics address",
+            ),
+        ];
+        let warnings = given
+            .into_iter()
+            .filter(|(_, given, _)| *given)
+            .map(|(flag, _, why)| format!("--{flag}: accepted but has no effect in svcproxy ({why})"))
+            .collect();
         Ok(warnings)
     }
 
