@@ -413,6 +413,9 @@ async fn main() -> anyhow::Result<()> {
             for warning in &flag_warnings {
                 tracing::warn!("flags: {warning}");
             }
+            if resolved.args.upstream.cleanup {
+                return cleanup(false);
+            }
             if let Some(path) = &resolved.args.write_config_to {
                 config_file::write_effective_config(&resolved.args, path)?;
                 return Ok(());
@@ -421,15 +424,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Cleanup(args) => {
             init_logging(LogFormat::Text, "info");
-            let removed = svcproxy::cleanup::cleanup(&SystemRunner, args.dry_run)?;
-            let verb = if args.dry_run { "would remove" } else { "removed" };
-            if removed.is_empty() {
-                println!("nothing to remove");
-            }
-            for item in removed {
-                println!("{verb} {item}");
-            }
-            Ok(())
+            cleanup(args.dry_run)
         }
         Command::Explain(args) => {
             init_logging(LogFormat::Text, "info");
@@ -458,6 +453,19 @@ async fn main() -> anyhow::Result<()> {
             finish(report, args.output, svcproxy::audit::render_text, hazards)
         }
     }
+}
+
+/// `svcproxy cleanup` (and `run --cleanup`): removes, or with `dry_run` lists, every proxy's leftovers.
+fn cleanup(dry_run: bool) -> anyhow::Result<()> {
+    let removed = svcproxy::cleanup::cleanup(&SystemRunner, dry_run)?;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    if removed.is_empty() {
+        println!("nothing to remove");
+    }
+    for item in removed {
+        println!("{verb} {item}");
+    }
+    Ok(())
 }
 
 /// The daemon's settings for the commands that render its intent: the flags given, with its `--config` file

@@ -27,6 +27,12 @@ pub struct UpstreamFlags {
     #[arg(long, value_name = "IP[,IP]", value_delimiter = ',')]
     pub bind_address: Vec<std::net::IpAddr>,
 
+    /// Remove what any kube-proxy version or svcproxy left on this node, then exit (what `svcproxy cleanup`
+    /// does; kube-proxy's spelling of it).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_parser = parse_go_bool)]
+    pub cleanup: bool,
+
     /// No effect: svcproxy writes each log line as it happens.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub log_flush_frequency: Option<Duration>,

@@ -304,3 +304,23 @@ fn a_live_node_in_two_backends_and_two_modes() {
     let (code, report) = audit_in(&ns);
     assert_eq!(code, 0, "{report:#}");
 }
+
+/// kube-proxy's `--cleanup`, as an init container runs it: `svcproxy run --cleanup` removes the leftovers and
+/// exits without starting the proxy.
+#[test]
+fn run_with_cleanup_removes_leftovers_and_exits() {
+    let ns = NetNs::new("runclean").expect("a network namespace (needs root)");
+    sh(
+        &ns,
+        "iptables -t nat -N KUBE-SERVICES && iptables -t nat -A PREROUTING -j KUBE-SERVICES \
+         && iptables -t nat -N KUBE-SVC-ABCDEFGHIJKLMNOP",
+    );
+    let mut cleanup = ns.command(env!("CARGO_BIN_EXE_svcproxy"));
+    cleanup.args(["run", "--cleanup", "--manifests", "/nonexistent"]);
+    let (code, out, err) = run(cleanup);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("removed"), "{out}");
+    let saved = ns.command("iptables-save").output().unwrap();
+    let saved = String::from_utf8_lossy(&saved.stdout);
+    assert!(!saved.contains("KUBE-"), "{saved}");
+}
