@@ -1,16 +1,16 @@
-//! kube-proxy command-line flags with no svcproxy counterpart, accepted so that the arguments a node already
-//! passes to kube-proxy start svcproxy too. The policy is the configuration file's (see
+//! kube-proxy's command-line flags beyond svcproxy's own, accepted so that the arguments a node already passes
+//! to kube-proxy start svcproxy too. The policy is the configuration file's (see
 //! [`crate::config_file`]): a flag that only tunes something svcproxy does not have is accepted and logged as
 //! having no effect; one that asks for behaviour svcproxy does not have is refused, saying why, because the
-//! node would not do what its operator asked. klog's `-v` is the one with an effect: it sets the log level
-//! when `RUST_LOG` does not.
+//! node would not do what its operator asked. A few do act: klog's `-v` sets the log level when `RUST_LOG`
+//! does not, `--bind-address` is taken as the file's `bindAddress` is, and `--cleanup` cleans up and exits.
 
 use std::time::Duration;
 
 use crate::cli::{parse_duration, parse_go_bool};
 
 #[derive(Debug, Clone, Default, PartialEq, clap::Args)]
-#[command(next_help_heading = "kube-proxy flags svcproxy has no counterpart for")]
+#[command(next_help_heading = "Other kube-proxy flags (accepted so its command line starts svcproxy)")]
 pub struct UpstreamFlags {
     /// klog's verbosity. Without RUST_LOG it sets the log level: up to 3 info, 4 and 5 debug, 6 and above
     /// trace.
@@ -46,7 +46,7 @@ pub struct UpstreamFlags {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub config_sync_period: Option<Duration>,
 
-    /// No effect: svcproxy has no feature gates; the features kube-proxy gates are on.
+    /// No effect: svcproxy has no feature gates (a gate's setting is logged as ignored).
     #[arg(long, value_name = "KEY=BOOL,...")]
     pub feature_gates: Option<String>,
 
