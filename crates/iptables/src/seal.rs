@@ -232,6 +232,11 @@ impl RulesetDigest {
         self.0 = self.0.wrapping_add(part);
     }
 
+    /// Takes back a part [`RulesetDigest::add`] added: a running sum follows parts that come and go.
+    pub fn remove(&mut self, part: Digest) {
+        self.0 = self.0.wrapping_sub(part);
+    }
+
     pub fn add_chain(&mut self, table: TableName, name: &str, chain: &Chain) {
         self.add(chain_digest(table, name, chain));
     }

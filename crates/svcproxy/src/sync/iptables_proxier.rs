@@ -41,8 +41,9 @@ use crate::node_addresses::{LocalAddresses, NodePortSpec, NodePortSpecError, pri
 use svcproxy_conntrack::Conntrack;
 
 use super::conntrack_step::reconcile;
+use imbl::ordmap::DiffItem;
 use svcproxy_iptables::config::NodePortAddresses;
-use svcproxy_model::{Intent, ServicePortName};
+use svcproxy_model::{Intent, ServicePortIntent, ServicePortName};
 
 /// Payload lines quoted around a failing line when the kernel refuses a transaction.
 const CONTEXT_LINES: usize = 2;
@@ -321,12 +322,19 @@ impl IptablesProxier {
     }
 
     /// The ruleset for `intent`, re-rendering only changed service ports, and its digest without the jumps
-    /// (each part's chains are hashed once, when rendered; the shared chains on every call). When the applied
-    /// ruleset could be patched into it, it was (so it is no longer held as applied), and what the patch
-    /// replaced comes along.
+    /// (each part's chains are hashed once, when rendered; the shared chains whenever they are rebuilt). When
+    /// the applied ruleset could be patched into it, it was (so it is no longer held as applied), and what the
+    /// patch replaced comes along.
+    ///
+    /// After the first render the work follows the change: the service ports that differ are found by
+    /// diffing the intent with the one the cache was rendered from (they share the tree of every unchanged
+    /// port, which the diff skips), the parts' digest is kept as a running sum, and the shared chains are
+    /// neither rebuilt nor hashed again unless a changed part's lines in them changed. Looking at every
+    /// service port instead (moving its cache entry, summing its digest, listing it in order, hashing
+    /// `KUBE-SERVICES`) cost 3.7 ms a change at 10,000 services.
     fn render_cached(
         &mut self,
-        intent: &Intent,
+        intent: &Arc<Intent>,
         config: &RenderConfig,
     ) -> (Ruleset, RulesetDigest, Option<Replaced>) {
         let large = render::is_large_cluster(intent);
@@ -334,6 +342,8 @@ impl IptablesProxier {
         let reset = cache.config.as_ref() != Some(config) || cache.large != large;
         if reset {
             cache.parts.clear();
+            cache.parts_digest = RulesetDigest::default();
+            cache.intent = None;
             cache.config = Some(config.clone());
             cache.large = large;
         }
@@ -341,73 +351,115 @@ impl IptablesProxier {
         let patchable = !reset && self.applied_epoch == Some(cache.epoch);
         cache.epoch += 1;
         let mut removed = Vec::new();
-        let mut parts = HashMap::with_capacity(intent.service_ports.len());
-        let mut stale = Vec::new();
-        for (name, spi) in &intent.service_ports {
-            // Keys move over from the previous map: cloning them would allocate three strings per service
-            // port on every sync.
-            let key = match cache.parts.remove_entry(name) {
-                Some((key, (hash, part, digest))) if hash == spi.content_hash => {
-                    parts.insert(key, (hash, part, digest));
-                    continue;
+        let mut stale: Vec<(ServicePortName, &ServicePortIntent)> = Vec::new();
+        let mut drop_part = |cache: &mut RenderCache, name: &ServicePortName| {
+            if let Some((_, part, digest)) = cache.parts.remove(name) {
+                cache.parts_digest.remove(digest);
+                removed.push(part);
+            }
+        };
+        match cache.intent.take() {
+            Some(previous) => {
+                for item in previous.service_ports.diff(&intent.service_ports) {
+                    match item {
+                        DiffItem::Remove(name, _) => drop_part(cache, name),
+                        DiffItem::Add(name, spi) => {
+                            drop_part(cache, name);
+                            stale.push((name.clone(), spi));
+                        }
+                        DiffItem::Update { new: (name, spi), .. } => {
+                            if cache
+                                .parts
+                                .get(name)
+                                .is_some_and(|(hash, _, _)| *hash == spi.content_hash)
+                            {
+                                continue;
+                            }
+                            drop_part(cache, name);
+                            stale.push((name.clone(), spi));
+                        }
+                    }
                 }
-                Some((key, (_, old, _))) => {
-                    removed.push(old);
-                    key
+            }
+            None => {
+                for (_, (_, part, _)) in cache.parts.drain() {
+                    removed.push(part);
                 }
-                None => name.clone(),
-            };
-            stale.push((key, &**spi));
+                cache.parts_digest = RulesetDigest::default();
+                stale.extend(
+                    intent
+                        .service_ports
+                        .iter()
+                        .map(|(name, spi)| (name.clone(), &**spi)),
+                );
+            }
         }
         // A cold sync renders every service port: on every core.
         let fresh = map_in_order(&stale, MIN_ITEMS_PER_THREAD, |(_, spi)| {
             rendered_part(spi, config, large)
         });
         let mut added = Vec::with_capacity(fresh.len());
-        for ((key, spi), (part, digest)) in stale.into_iter().zip(fresh) {
+        for ((name, spi), (part, digest)) in stale.into_iter().zip(fresh) {
             added.push(part.clone());
-            parts.insert(key, (spi.content_hash, part, digest));
+            cache.parts_digest.add(digest);
+            cache.parts.insert(name, (spi.content_hash, part, digest));
         }
-        removed.extend(cache.parts.drain().map(|(_, (_, part, _))| part));
-        cache.parts = parts;
-        let mut digest = RulesetDigest::default();
-        let mut part_chains = 0;
-        for (_, part, part_digest) in cache.parts.values() {
-            digest.add(*part_digest);
-            part_chains += part.chains.len();
-        }
-        let in_order: Vec<&ServicePortRules> =
-            intent.service_ports.keys().map(|k| &*cache.parts[k].1).collect();
-        let in_order = in_order.iter().copied();
+        cache.intent = Some(intent.clone());
+        let parts = &cache.parts;
+        let in_order = || intent.service_ports.keys().map(|name| &*parts[name].1);
+        // Assembling reads the parts twice (sizing, then filling).
+        let assemble_all = || render::assemble(config, in_order().collect::<Vec<_>>());
         let (ruleset, replaced) = match self.applied.take() {
             Some((mut ruleset, applied_with)) if patchable && applied_with == *config => {
                 let removed: Vec<&ServicePortRules> = removed.iter().map(|p| &**p).collect();
                 let added: Vec<&ServicePortRules> = added.iter().map(|p| &**p).collect();
-                let replaced = render::reassemble(config, &mut ruleset, &removed, &added, in_order.clone());
+                let replaced = render::reassemble(config, &mut ruleset, &removed, &added, in_order());
                 debug_assert!(
-                    ruleset == render::assemble(config, in_order),
+                    ruleset == assemble_all(),
                     "a patched ruleset differs from the one assembled whole"
                 );
                 (ruleset, Some(replaced))
             }
             applied => {
                 self.applied = applied;
-                (render::assemble(config, in_order), None)
+                (assemble_all(), None)
             }
         };
-        // The shared chains are looked up by name: walking the whole map for them cost every sync a pass over
-        // every chain.
-        let mut shared_chains = 0;
-        for (table, name) in render::SHARED_CHAINS {
-            if let Some(chain) = ruleset.table(table).chains.get(name) {
-                digest.add_chain(table, name, chain);
-                shared_chains += 1;
+        // The shared chains, looked up by name (walking the whole map for them cost every sync a pass over
+        // every chain), and hashed again only when this render built them.
+        let rebuilt = replaced.as_ref().is_none_or(|replaced| {
+            replaced
+                .keys()
+                .any(|(table, name)| render::SHARED_CHAINS.contains(&(*table, name.as_str())))
+        });
+        if rebuilt {
+            let mut shared = RulesetDigest::default();
+            for (table, name) in render::SHARED_CHAINS {
+                if let Some(chain) = ruleset.table(table).chains.get(name) {
+                    shared.add_chain(table, name, chain);
+                }
             }
+            cache.shared_digest = shared;
         }
         // Every chain counted once: the parts' chains and the shared ones are all the ruleset has.
         debug_assert_eq!(
-            part_chains + shared_chains,
+            cache
+                .parts
+                .values()
+                .map(|(_, part, _)| part.chains.len())
+                .sum::<usize>()
+                + render::SHARED_CHAINS
+                    .iter()
+                    .filter(|(table, name)| ruleset.table(*table).chains.contains_key(*name))
+                    .count(),
             ruleset.filter.chains.len() + ruleset.nat.chains.len()
+        );
+        let mut digest = cache.parts_digest;
+        digest.add(cache.shared_digest.value());
+        debug_assert_eq!(
+            digest.value(),
+            RulesetDigest::of(&ruleset, &[]),
+            "the running digest differs from the ruleset's hashed afresh"
         );
         (ruleset, digest, replaced)
     }
@@ -990,6 +1042,12 @@ enum Previous {
 struct RenderCache {
     config: Option<RenderConfig>,
     large: bool,
+    /// The intent `parts` were rendered from, to find the next one's changed service ports by diffing.
+    intent: Option<Arc<Intent>>,
+    /// The sum of the parts' digests, kept as parts come and go.
+    parts_digest: RulesetDigest,
+    /// The sum of the shared chains' digests, as the last render built them.
+    shared_digest: RulesetDigest,
     /// Moves on with every render: a ruleset assembled at the current epoch is the assembly of `parts`, so the
     /// next render may patch it instead of assembling anew.
     epoch: u64,
