@@ -175,22 +175,28 @@ impl ServiceChains {
 /// These are ours to collect whoever wrote them. Matching the full shape rather than the prefix leaves alone
 /// anything an administrator named `KUBE-SVC-mine`.
 pub fn is_owned_service_chain(name: &str) -> bool {
-    packed_service_chain(name.as_bytes()).is_some()
+    // Checked without packing: a cold sync asks this of every chain, several times over.
+    service_chain_parts(name.as_bytes())
+        .is_some_and(|(_, hash)| hash.iter().all(|b| matches!(b, b'A'..=b'Z' | b'2'..=b'7')))
 }
 
-/// An owned per-service chain name packed into 11 bytes: which prefix, then the 16 base32 characters of its
-/// hash at 5 bits each. `None` for any other name. A map of how 55,000 chains compared (a read-back at 5,000
-/// services) holds these instead of the names: 24-byte entries instead of 48.
-pub(crate) fn packed_service_chain(name: &[u8]) -> Option<[u8; 11]> {
+/// Which per-service prefix `name` has (by its place in the list) and what follows it, when that is as long
+/// as a hash.
+fn service_chain_parts(name: &[u8]) -> Option<(usize, &[u8])> {
     let (kind, hash) = [
         SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX, SEP_PREFIX, XLB_PREFIX,
     ]
     .iter()
     .enumerate()
     .find_map(|(kind, prefix)| name.strip_prefix(prefix.as_bytes()).map(|hash| (kind, hash)))?;
-    if hash.len() != HASH_LEN {
-        return None;
-    }
+    (hash.len() == HASH_LEN).then_some((kind, hash))
+}
+
+/// An owned per-service chain name packed into 11 bytes: which prefix, then the 16 base32 characters of its
+/// hash at 5 bits each. `None` for any other name. A map of how 55,000 chains compared (a read-back at 5,000
+/// services) holds these instead of the names: 24-byte entries instead of 48.
+pub(crate) fn packed_service_chain(name: &[u8]) -> Option<[u8; 11]> {
+    let (kind, hash) = service_chain_parts(name)?;
     let mut bits: u128 = 0;
     for b in hash {
         let value = match b {
