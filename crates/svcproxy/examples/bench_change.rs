@@ -1,0 +1,112 @@
+//! The iptables proxier's own CPU for one endpoint change, with nothing behind it: N ClusterIP services × 10
+//! endpoints synced cold into the recording fake, then one EndpointSlice changed and synced partially, 21
+//! times; prints the cold sync and the median change. What it measures is everything the proxier does on a
+//! change except running `iptables-restore` (intent update, render, patch, staging, digest, seal).
+//!
+//! `cargo run --release -p svcproxy --example bench_change -- [services, default 10000]` (no root needed).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use svcproxy::exec::iptables::RecordingIptables;
+use svcproxy::node_addresses::{FixedAddresses, NodePortSpec};
+use svcproxy::sync::iptables_proxier::{DetectLocal, IptablesProxier, ProxierOptions};
+use svcproxy::sync::proxier::{Proxier, SyncMode};
+use svcproxy_iptables::config::RenderConfig;
+use svcproxy_model::{
+    ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentChanges, IntentConfig, IpFamily, ObjectName,
+    Protocol, Service, ServicePort,
+};
+
+fn v4(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(n))
+}
+
+fn cluster(services: u32) -> ClusterState {
+    let mut state = ClusterState::default();
+    for i in 0..services {
+        let name = ObjectName::new("bench", format!("svc-{i}"));
+        let port = ServicePort {
+            name: "p80".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
+        };
+        state.services.insert(
+            name.clone(),
+            Service::cluster_ip(name.clone(), v4(0x0a60_0000 + i), vec![port]),
+        );
+        let slice = EndpointSlice {
+            name: ObjectName::new("bench", format!("svc-{i}-1")),
+            service_name: name.name.clone(),
+            address_family: Some(IpFamily::V4),
+            ports: vec![EndpointPort {
+                name: "p80".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints: (0..10u32)
+                .map(|j| Endpoint::ready(v4(0x0af4_0000 + i * 16 + j), Some("node-b")))
+                .collect(),
+            last_change_trigger_time: None,
+        };
+        state.endpoint_slices.insert(slice.name.clone(), slice);
+    }
+    state
+}
+
+fn main() {
+    let services: u32 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    let mut state = cluster(services);
+    let fake = RecordingIptables::default();
+    let mut proxier = IptablesProxier::new(
+        Box::new(fake.clone()),
+        Box::new(FixedAddresses(vec!["10.0.0.10".parse().expect("literal")])),
+        IntentConfig {
+            family: IpFamily::V4,
+            node_name: "node-a".into(),
+        },
+        ProxierOptions {
+            base: RenderConfig::default(),
+            detect_local: DetectLocal::None,
+            nodeport_addresses: NodePortSpec::All,
+        },
+    );
+    let start = Instant::now();
+    proxier
+        .sync(&state, &IntentChanges::everything(), SyncMode::Full)
+        .expect("cold sync");
+    println!(
+        "{services} services × 10 endpoints: cold sync {:.1} ms",
+        ms(start)
+    );
+
+    // The same service's first endpoint moves each time.
+    let key = ObjectName::new("bench", format!("svc-{}-1", services / 2));
+    let mut times = Vec::new();
+    for moved in 0..21u32 {
+        let slice = state.endpoint_slices.get_mut(&key).expect("the bench's slice");
+        slice.endpoints[0] = Endpoint::ready(v4(0x0af0_0000 + moved), Some("node-b"));
+        let mut changes = IntentChanges::default();
+        changes.slice(slice);
+        let start = Instant::now();
+        proxier
+            .sync(&state, &changes, SyncMode::Partial)
+            .expect("partial sync");
+        times.push(ms(start));
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "one endpoint change: median {:.3} ms (fastest {:.3}, slowest {:.3})",
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1]
+    );
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
