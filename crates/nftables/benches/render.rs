@@ -6,8 +6,7 @@ use svcproxy_model::intent::build_intent;
 use svcproxy_model::{IntentConfig, IpFamily};
 use svcproxy_nftables::{RenderConfig, full_transaction, partial_transaction, render};
 
-#[path = "../tests/common/scale.rs"]
-mod scale;
+use svcproxy_testkit::scale;
 
 fn intent_config() -> IntentConfig {
     IntentConfig {

@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use common::flow::LAYOUTS;
 use common::netns::Netns;
-use common::scale::{scale_state, toggle_first_endpoint};
 use common::*;
 use svcproxy_nftables::{
     DispatchLayout, RenderConfig, chunked_full, full_transaction, partial_transaction, render,
 };
+use svcproxy_testkit::scale::{scale_state, toggle_first_endpoint};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)

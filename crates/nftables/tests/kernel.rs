@@ -6,12 +6,12 @@ mod common;
 
 use common::flow::*;
 use common::netns::Netns;
-use common::scale::{scale_state, toggle_first_endpoint};
 use common::*;
 use svcproxy_nftables::{
     Family, Kernel, RenderConfig, Ruleset, chunked_full, full_transaction, parse_listing,
     partial_transaction, render,
 };
+use svcproxy_testkit::scale::{scale_state, toggle_first_endpoint};
 
 fn read_back(ns: &Netns, table: &str) -> Ruleset {
     let text = ns.nft(&["list", "table", "ip", table]);

@@ -5,12 +5,12 @@
 mod common;
 
 use common::flow::flow_config;
-use common::scale::{scale_state, toggle_first_endpoint};
 use common::*;
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{ClusterState, Endpoint, IntentConfig, IpFamily, Protocol, ServiceType};
 use svcproxy_nftables::dispatch::DEFAULT_LAYOUT;
 use svcproxy_nftables::{DispatchLayout, RenderConfig, full_transaction, partial_transaction, render};
+use svcproxy_testkit::scale::{scale_state, toggle_first_endpoint};
 
 /// Two services with every kind of object: a load balancer with source ranges and Local external policy
 /// (one local and one remote endpoint), and a sticky ClusterIP service with no endpoints at all.

@@ -8,7 +8,6 @@
 //! `cargo run --release -p svcproxy --example bench_change -- [services, default 10000] [iptables|nftables]`
 //! (no root needed).
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use svcproxy::exec::iptables::RecordingIptables;
@@ -19,55 +18,16 @@ use svcproxy::sync::iptables_proxier::{DetectLocal, IptablesProxier, ProxierOpti
 use svcproxy::sync::nft_proxier::NftProxier;
 use svcproxy::sync::proxier::{Proxier, SyncMode};
 use svcproxy_iptables::config::RenderConfig;
-use svcproxy_model::{
-    ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentChanges, IntentConfig, IpFamily, ObjectName,
-    Protocol, Service, ServicePort,
-};
-
-fn v4(n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(n))
-}
-
-fn cluster(services: u32) -> ClusterState {
-    let mut state = ClusterState::default();
-    for i in 0..services {
-        let name = ObjectName::new("bench", format!("svc-{i}"));
-        let port = ServicePort {
-            name: "p80".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            node_port: None,
-        };
-        state.services.insert(
-            name.clone(),
-            Service::cluster_ip(name.clone(), v4(0x0a60_0000 + i), vec![port]),
-        );
-        let slice = EndpointSlice {
-            name: ObjectName::new("bench", format!("svc-{i}-1")),
-            service_name: name.name.clone(),
-            address_family: Some(IpFamily::V4),
-            ports: vec![EndpointPort {
-                name: "p80".into(),
-                protocol: Protocol::Tcp,
-                port: 8080,
-            }],
-            endpoints: (0..10u32)
-                .map(|j| Endpoint::ready(v4(0x0af4_0000 + i * 16 + j), Some("node-b")))
-                .collect(),
-            last_change_trigger_time: None,
-        };
-        state.endpoint_slices.insert(slice.name.clone(), slice);
-    }
-    state
-}
+use svcproxy_model::{IntentChanges, IntentConfig, IpFamily};
+use svcproxy_testkit::scale::{self, scale_state, toggle_first_endpoint};
 
 fn main() {
-    let services: u32 = std::env::args()
+    let services: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000);
     let mode = std::env::args().nth(2).unwrap_or_else(|| "iptables".into());
-    let mut state = cluster(services);
+    let mut state = scale_state(services, 10);
     let addresses = || Box::new(FixedAddresses(vec!["10.0.0.10".parse().expect("literal")]));
     let intent_config = IntentConfig {
         family: IpFamily::V4,
@@ -106,14 +66,13 @@ fn main() {
         ms(start)
     );
 
-    // The same service's first endpoint moves each time.
-    let key = ObjectName::new("bench", format!("svc-{}-1", services / 2));
+    // The same service's first endpoint moves away and back.
+    let moved = services / 2;
     let mut times = Vec::new();
-    for moved in 0..21u32 {
-        let slice = state.endpoint_slices.get_mut(&key).expect("the bench's slice");
-        slice.endpoints[0] = Endpoint::ready(v4(0x0af0_0000 + moved), Some("node-b"));
+    for _ in 0..21 {
+        toggle_first_endpoint(&mut state, moved);
         let mut changes = IntentChanges::default();
-        changes.slice(slice);
+        changes.service(&scale::service_name(moved));
         let start = Instant::now();
         proxier
             .sync(&state, &changes, SyncMode::Partial)

@@ -15,6 +15,7 @@ mod http_get;
 mod lab;
 mod netns;
 mod require_root;
+pub mod scale;
 mod wait;
 
 pub use backend::{Backend, BackendError};

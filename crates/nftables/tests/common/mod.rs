@@ -5,7 +5,6 @@
 pub mod arbitrary;
 pub mod flow;
 pub mod netns;
-pub mod scale;
 #[allow(unused_imports)]
 pub use svcproxy_testkit::fixtures::scenario;
 
