@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use super::legacy_ip::{parse_cidr, parse_ip};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -50,7 +51,11 @@ impl Ctx {
     }
 
     fn ip(&self, field: impl Into<String>, s: &str) -> Result<IpAddr, ConvertError> {
-        IpAddr::from_str(s.trim()).map_err(|_| self.err(field, format!("{s:?} is not an IP address")))
+        parse_ip(s.trim()).ok_or_else(|| self.err(field, format!("{s:?} is not an IP address")))
+    }
+
+    fn cidr(&self, field: impl Into<String>, s: &str) -> Result<IpNet, ConvertError> {
+        parse_cidr(s.trim()).ok_or_else(|| self.err(field, format!("{s:?} is not a CIDR")))
     }
 
     fn port(&self, field: impl Into<String>, p: i32) -> Result<u16, ConvertError> {
@@ -81,12 +86,6 @@ fn is_dns_label(s: &str) -> bool {
 /// RFC 1123 subdomain: what the API allows for most object names.
 fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
-/// A Service port name (IANA service name): lower-case letters, digits and single inner dashes, at most 15
-/// characters, at least one letter.
-fn is_port_name(s: &str) -> bool {
-    is_dns_label(s) && s.len() <= 15 && !s.contains("--") && s.bytes().any(|b| b.is_ascii_lowercase())
 }
 
 /// Names end up in rule comments and chain-name hashes: anything the API would not accept is rejected here,
@@ -184,7 +183,9 @@ pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, 
     let spec_ports = spec.ports.as_deref().unwrap_or_default();
     for (i, p) in spec_ports.iter().enumerate() {
         let name = p.name.clone().unwrap_or_default();
-        if !name.is_empty() && !is_port_name(&name) {
+        // The API checks Service port names as RFC 1123 labels (up to 63 characters, digits only allowed); the
+        // stricter IANA service-name rule is for container ports.
+        if !name.is_empty() && !is_dns_label(&name) {
             return Err(cx.err(
                 format!("spec.ports[{i}].name"),
                 format!("{name:?} is not a valid port name"),
@@ -228,15 +229,8 @@ pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, 
         .iter()
         .flatten()
         .enumerate()
-        .map(|(i, r)| {
-            // The API historically accepted padded entries; upstream trims them, and so do we.
-            IpNet::from_str(r.trim()).map_err(|_| {
-                cx.err(
-                    format!("spec.loadBalancerSourceRanges[{i}]"),
-                    format!("{r:?} is not a CIDR"),
-                )
-            })
-        })
+        // The API historically accepted padded entries; upstream trims them, and so does `Ctx::cidr`.
+        .map(|(i, r)| cx.cidr(format!("spec.loadBalancerSourceRanges[{i}]"), r))
         .collect::<Result<Vec<_>, _>>()?;
 
     let policy = |field: &str, v: Option<&str>| match v {
@@ -310,14 +304,18 @@ pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, 
             continue;
         };
         let ip = cx.ip(format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+        // Only VIP mode (the default) asks the proxy to capture the address. A mode newer than this build is
+        // treated as upstream treats it, as not VIP: that entry is left to the load balancer, and the rest of
+        // the Service is still programmed.
         let ip_mode_proxy = match ing.ip_mode.as_deref() {
             None | Some("VIP") => false,
             Some("Proxy") => true,
             Some(other) => {
-                return Err(cx.err(
-                    format!("status.loadBalancer.ingress[{i}].ipMode"),
-                    format!("unknown mode {other:?}"),
-                ));
+                tracing::warn!(
+                    service = %name,
+                    "status.loadBalancer.ingress[{i}].ipMode {other:?} is not known; not capturing {ip}"
+                );
+                true
             }
         };
         load_balancer_ingress.push(LoadBalancerIngress { ip, ip_mode_proxy });
@@ -378,7 +376,14 @@ pub fn endpoint_slice(
             ));
         }
         let Some(port) = p.port else { continue };
-        let port = cx.port(format!("ports[{i}].port"), port)?;
+        // The API does not range-check slice ports; upstream ignores an unusable one and keeps the others.
+        let port = match cx.port(format!("ports[{i}].port"), port) {
+            Ok(port) => port,
+            Err(e) => {
+                tracing::warn!("{e}; ignoring this port");
+                continue;
+            }
+        };
         ports.push(EndpointPort {
             name: p.name.clone().unwrap_or_default(),
             protocol,
@@ -407,20 +412,25 @@ pub fn endpoint_slice(
             continue;
         };
         let conditions = ep.conditions.as_ref();
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
         let hints = ep.hints.as_ref();
+        // Unset conditions read as upstream reads them: ready and serving unless said otherwise (not "serving
+        // as ready": a terminating endpoint whose producer left `serving` out still takes fallback traffic).
         endpoints.push(Endpoint {
             address,
-            ready,
-            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
             node_name: names.share(ep.node_name.as_deref()),
             zone: names.share(ep.zone.as_deref()),
+            // An empty hint list is no hint (upstream builds hint sets only from non-empty lists), which turns
+            // topology off for the port instead of leaving this endpoint out.
             zone_hints: hints
                 .and_then(|h| h.for_zones.as_ref())
+                .filter(|z| !z.is_empty())
                 .map(|z| Arc::new(z.iter().map(|z| z.name.clone()).collect())),
             node_hints: hints
                 .and_then(|h| h.for_nodes.as_ref())
+                .filter(|n| !n.is_empty())
                 .map(|n| Arc::new(n.iter().map(|n| n.name.clone()).collect())),
         });
     }
@@ -463,13 +473,17 @@ pub fn node(node: &core::Node) -> Result<Node, ConvertError> {
     };
     let pod_cidrs = cidr_strings
         .into_iter()
-        .map(|(field, c)| IpNet::from_str(c).map_err(|_| cx.err(field, format!("{c:?} is not a CIDR"))))
+        .map(|(field, c)| cx.cidr(field, c))
         .collect::<Result<Vec<_>, _>>()?;
+    // Every InternalIP before every ExternalIP, each kind in API order: the node's primary address of a
+    // family is the first of these, as upstream picks it.
     let mut addresses = Vec::new();
     let status_addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
-    for (i, a) in status_addresses.into_iter().flatten().enumerate() {
-        if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
-            addresses.push(cx.ip(format!("status.addresses[{i}].address"), &a.address)?);
+    for kind in ["InternalIP", "ExternalIP"] {
+        for (i, a) in status_addresses.into_iter().flatten().enumerate() {
+            if a.type_ == kind {
+                addresses.push(cx.ip(format!("status.addresses[{i}].address"), &a.address)?);
+            }
         }
     }
     let tainted = spec
@@ -524,10 +538,143 @@ mod tests {
             service(&svc("Web", "http"), "default").is_err(),
             "upper case is not a DNS label"
         );
-        assert!(
-            service(&svc("web", "a-very-long-port-name"), "default").is_err(),
-            "port names are at most 15"
+        // Port names are RFC 1123 labels, as the API checks them: long ones and digits-only ones are valid.
+        for valid in ["http-metrics-port", "8080", "grpc--web", &"p".repeat(63)] {
+            assert!(service(&svc("web", valid), "default").is_ok(), "{valid:?}");
+        }
+        for invalid in [&"p".repeat(64), "-http", "http-", "HTTP", "h_p"] {
+            let e = service(&svc("web", invalid), "default").unwrap_err();
+            assert_eq!(e.field, "spec.ports[0].name", "{invalid:?}");
+        }
+    }
+
+    fn slice(value: serde_json::Value) -> discovery::EndpointSlice {
+        let mut base = serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "ns", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": []
+        });
+        for (k, v) in value.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn unset_conditions_read_as_upstream_reads_them() {
+        let s = slice(serde_json::json!({"endpoints": [
+            {"addresses": ["10.0.0.1"]},
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "terminating": true}},
+            {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": false, "terminating": true}}
+        ]}));
+        let eps = endpoint_slice(&s, "default").unwrap().endpoints;
+        let conditions: Vec<(bool, bool, bool)> =
+            eps.iter().map(|e| (e.ready, e.serving, e.terminating)).collect();
+        // A terminating endpoint whose producer left `serving` out is serving: it takes fallback traffic.
+        assert_eq!(
+            conditions,
+            [(true, true, false), (false, true, true), (false, false, true)]
         );
+    }
+
+    #[test]
+    fn an_unusable_slice_port_is_skipped_and_the_rest_kept() {
+        let s = slice(serde_json::json!({
+            "ports": [{"name": "zero", "port": 0}, {"name": "big", "port": 70000}, {"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}]
+        }));
+        let converted = endpoint_slice(&s, "default").unwrap();
+        let ports: Vec<(&str, u16)> = converted
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port))
+            .collect();
+        assert_eq!(ports, [("http", 8080)]);
+        assert_eq!(converted.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn legacy_address_spellings_are_read_not_rejected() {
+        let s = slice(serde_json::json!({"endpoints": [
+            {"addresses": ["10.000.001.005"]}, {"addresses": ["::ffff:10.0.0.6"]}
+        ]}));
+        let eps = endpoint_slice(&s, "default").unwrap().endpoints;
+        let ips: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(ips, ["10.0.1.5", "10.0.0.6"]);
+
+        let svc: core::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}], "type": "LoadBalancer",
+                     "externalIPs": ["192.168.001.010"], "loadBalancerSourceRanges": ["10.000.0.0/16"]}
+        }))
+        .unwrap();
+        let svc = service(&svc, "default").unwrap();
+        assert_eq!(svc.external_ips, ["192.168.1.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            svc.load_balancer_source_ranges,
+            ["10.0.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        let bad: core::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}], "externalIPs": ["10.0.0.256"]}
+        }))
+        .unwrap();
+        assert_eq!(service(&bad, "default").unwrap_err().field, "spec.externalIPs[0]");
+    }
+
+    #[test]
+    fn an_unknown_ip_mode_leaves_that_ingress_to_the_load_balancer() {
+        let svc: core::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}], "type": "LoadBalancer"},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "192.0.2.1", "ipMode": "Tunnel"}, {"ip": "192.0.2.2"}
+            ]}}
+        }))
+        .unwrap();
+        let svc = service(&svc, "default").unwrap();
+        let captured: Vec<String> = svc
+            .load_balancer_ingress
+            .iter()
+            .filter(|i| !i.ip_mode_proxy)
+            .map(|i| i.ip.to_string())
+            .collect();
+        assert_eq!(captured, ["192.0.2.2"]);
+    }
+
+    #[test]
+    fn an_empty_hint_list_is_no_hint() {
+        let s = slice(serde_json::json!({"endpoints": [
+            {"addresses": ["10.0.0.1"], "hints": {"forZones": []}},
+            {"addresses": ["10.0.0.2"], "hints": {"forZones": [{"name": "z1"}], "forNodes": []}}
+        ]}));
+        let eps = endpoint_slice(&s, "default").unwrap().endpoints;
+        assert!(eps[0].zone_hints.is_none());
+        assert_eq!(eps[1].zone_hints.as_deref().map(|z| z.len()), Some(1));
+        assert!(eps[1].node_hints.is_none());
+    }
+
+    #[test]
+    fn internal_addresses_come_before_external_ones() {
+        let n: core::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [
+                {"type": "ExternalIP", "address": "203.0.113.7"},
+                {"type": "Hostname", "address": "node-a"},
+                {"type": "InternalIP", "address": "10.0.0.10"},
+                {"type": "ExternalIP", "address": "2001:db8::7"},
+                {"type": "InternalIP", "address": "fd00::10"}
+            ]}
+        }))
+        .unwrap();
+        let addresses: Vec<String> = node(&n)
+            .unwrap()
+            .addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(addresses, ["10.0.0.10", "fd00::10", "203.0.113.7", "2001:db8::7"]);
     }
 
     #[test]

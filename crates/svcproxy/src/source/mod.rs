@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod family_split;
 pub mod kube_api;
+pub mod legacy_ip;
 pub mod manifest_dir;
 pub mod manifest_watch;
 pub mod watch_backoff;
