@@ -347,6 +347,7 @@ mod tests {
             external_policy_local: false,
             internal_policy_local: false,
             health_check_node_port: None,
+            local_ready_ips: Vec::new(),
             endpoints: Categorized::new(eps.clone(), Vec::new(), !eps.is_empty()),
             total_endpoints: endpoints.len(),
             content_hash: 0,

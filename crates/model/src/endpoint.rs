@@ -38,7 +38,8 @@ impl fmt::Display for EndpointInfo {
 ///
 /// Matches upstream's endpoint cache: a slice port matches by name and protocol; ports without a number are
 /// skipped; addresses of another family are ignored; the same `ip:port` listed twice (slices overlap while the
-/// controller moves endpoints between them) collapses into one, preferring the local copy; the result is
+/// controller moves endpoints between them, or a pod's address is reused while the old pod is still terminating)
+/// collapses into one, preferring a copy that is not terminating, then a local one; the result is
 /// sorted by the `ip:port` *string*, byte-wise, because that order decides probabilities and chain order
 /// upstream and we want identical rules.
 pub fn endpoints_for_port<'a>(
@@ -73,9 +74,13 @@ pub fn endpoints_for_port<'a>(
                 zone_hints: ep.zone_hints.clone(),
                 node_hints: ep.node_hints.clone(),
             };
+            // The live pod wins over a terminating one that held the address before it: upstream kept the
+            // local copy first, which let a terminating pod on this node hide the address's new, ready owner
+            // elsewhere until it was gone (and later switched to this order).
             let key = info.to_string();
+            let rank = |e: &EndpointInfo| (!e.terminating, e.is_local);
             match by_addr.get(&key) {
-                Some(existing) if existing.is_local || !info.is_local => {}
+                Some(existing) if rank(existing) >= rank(&info) => {}
                 _ => {
                     by_addr.insert(key, info);
                 }
@@ -144,6 +149,24 @@ mod tests {
             let eps = endpoints_for_port(&spn("p"), order, IpFamily::V4, "me");
             assert_eq!(eps.len(), 1);
             assert!(eps[0].is_local);
+        }
+    }
+
+    #[test]
+    fn a_reused_address_goes_to_the_live_pod_not_the_terminating_one() {
+        let mut ghost = Endpoint::ready("10.0.0.1".parse().unwrap(), Some("me"));
+        (ghost.ready, ghost.serving, ghost.terminating) = (false, false, true);
+        let a = slice("a", "p", 80, vec![ghost]);
+        let b = slice(
+            "b",
+            "p",
+            80,
+            vec![Endpoint::ready("10.0.0.1".parse().unwrap(), Some("other"))],
+        );
+        for order in [[&a, &b], [&b, &a]] {
+            let eps = endpoints_for_port(&spn("p"), order, IpFamily::V4, "me");
+            assert_eq!(eps.len(), 1);
+            assert!(eps[0].ready && !eps[0].terminating && !eps[0].is_local);
         }
     }
 

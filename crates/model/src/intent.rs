@@ -1,7 +1,7 @@
 //! The intent: what every service port must do on this node, after endpoint selection. Backends render it;
 //! the verifier compares the kernel against it; explain shows it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -41,7 +41,12 @@ pub struct ServicePortIntent {
     /// externalTrafficPolicy is Local and the port is reachable from outside at all.
     pub external_policy_local: bool,
     pub internal_policy_local: bool,
+    /// Set for every port of a LoadBalancer Service with externalTrafficPolicy Local, whatever this port's
+    /// own addresses: upstream serves it per Service, and a load balancer may probe before it has an address.
     pub health_check_node_port: Option<u16>,
+    /// With a health check: the addresses of this port's ready endpoints on this node (any traffic policy),
+    /// which the health check counts once per address across the Service's ports, as upstream counts them.
+    pub local_ready_ips: Vec<IpAddr>,
     pub endpoints: Categorized,
     /// Every endpoint of this port in any state; upstream sums these to decide large-cluster mode.
     pub total_endpoints: usize,
@@ -82,10 +87,6 @@ impl ServicePortIntent {
     pub fn uses_firewall_chain(&self) -> bool {
         self.has_endpoints() && !self.load_balancer_ips.is_empty() && !self.source_ranges.is_empty()
     }
-    /// Local endpoints that are ready: what a healthCheckNodePort reports.
-    pub fn local_ready_endpoints(&self) -> usize {
-        self.endpoints.local.iter().filter(|e| e.ready).count()
-    }
 
     fn seal(mut self) -> Self {
         self.content_hash = 0;
@@ -118,23 +119,29 @@ pub struct HealthCheck {
 }
 
 impl Intent {
-    /// Every Service with a health-check node port (LoadBalancer with externalTrafficPolicy Local). A Service
-    /// with several ports reports its best-served port: load balancers probe the node, not a port.
+    /// Every Service with a health-check node port (LoadBalancer with externalTrafficPolicy Local), with the
+    /// number of distinct addresses of ready endpoints on this node over all its ports: load balancers probe
+    /// the node, not a port.
     pub fn health_checks(&self) -> BTreeMap<ObjectName, HealthCheck> {
-        let mut out: BTreeMap<ObjectName, HealthCheck> = BTreeMap::new();
+        let mut ips: BTreeMap<&ObjectName, (u16, BTreeSet<IpAddr>)> = BTreeMap::new();
         for spi in self.service_ports.values() {
             let Some(node_port) = spi.health_check_node_port else {
                 continue;
             };
-            let count = spi.local_ready_endpoints();
-            out.entry(spi.name.service.clone())
-                .and_modify(|h| h.local_ready_endpoints = h.local_ready_endpoints.max(count))
-                .or_insert(HealthCheck {
-                    node_port,
-                    local_ready_endpoints: count,
-                });
+            ips.entry(&spi.name.service)
+                .or_insert_with(|| (node_port, BTreeSet::new()))
+                .1
+                .extend(spi.local_ready_ips.iter().copied());
         }
-        out
+        ips.into_iter()
+            .map(|(name, (node_port, ips))| {
+                let hc = HealthCheck {
+                    node_port,
+                    local_ready_endpoints: ips.len(),
+                };
+                (name.clone(), hc)
+            })
+            .collect()
     }
 
     /// Sum of all endpoints of all service ports (upstream's large-cluster threshold input).
@@ -234,6 +241,19 @@ pub fn service_port_intents(
                 local: internal_policy_local || external_policy_local,
             };
             let endpoints = categorize(&all, needs, &config.node_name, zone);
+            let health_check_node_port = if is_lb && service.external_traffic_policy == TrafficPolicy::Local {
+                service.health_check_node_port
+            } else {
+                None
+            };
+            let local_ready_ips = if health_check_node_port.is_some() {
+                all.iter()
+                    .filter(|e| e.is_local && e.ready)
+                    .map(|e| e.ip)
+                    .collect()
+            } else {
+                Vec::new()
+            };
             ServicePortIntent {
                 name,
                 service_type: service.service_type,
@@ -246,11 +266,8 @@ pub fn service_port_intents(
                 session_affinity: service.session_affinity,
                 external_policy_local,
                 internal_policy_local,
-                health_check_node_port: if external_policy_local && is_lb {
-                    service.health_check_node_port
-                } else {
-                    None
-                },
+                health_check_node_port,
+                local_ready_ips,
                 total_endpoints: all.len(),
                 endpoints,
                 content_hash: 0,

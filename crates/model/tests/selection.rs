@@ -53,7 +53,8 @@ const fn ep(ip: &'static str) -> Ep {
 }
 
 fn to_endpoint(e: Ep) -> Endpoint {
-    // Absent conditions follow the API's defaults: ready unless said otherwise, serving = ready.
+    // Absent conditions: ready unless said otherwise, and serving as ready (the converter reads an absent
+    // `serving` as true; the cases here that care spell it out).
     let ready = e.ready.unwrap_or(true);
     Endpoint {
         address: ip(e.ip),
@@ -405,4 +406,86 @@ fn proxy_mode_lb_ingress_and_zero_source_ranges_are_dropped() {
     let spi = only_port(&state(s, &[ep("10.0.0.1")]));
     assert_eq!(spi.load_balancer_ips, vec![ip("192.0.2.1")]);
     assert!(spi.source_ranges.is_empty());
+}
+
+#[test]
+fn a_local_load_balancer_has_a_health_check_before_it_has_an_address() {
+    // No node ports allocated and no ingress address yet: the port is not reachable from outside, but the
+    // load balancer being set up probes the health-check port all the same.
+    let mut s = svc();
+    s.service_type = ServiceType::LoadBalancer;
+    s.external_traffic_policy = TrafficPolicy::Local;
+    s.health_check_node_port = Some(32000);
+    s.ports.push(ServicePort {
+        name: "grpc".into(),
+        protocol: Protocol::Tcp,
+        port: 81,
+        node_port: None,
+    });
+    let mut st = state(
+        s.clone(),
+        &[
+            Ep {
+                local: true,
+                ..ep("10.0.0.1")
+            },
+            Ep {
+                local: true,
+                ..ep("10.0.0.2")
+            },
+            Ep {
+                local: true,
+                ready: Some(false),
+                ..ep("10.0.0.3")
+            },
+            ep("10.0.0.4"),
+        ],
+    );
+    // A second slice serves the other port from one of the same pods and one more: the check counts
+    // addresses once across ports (3: .1, .2, .5), not the best port (2).
+    let mut grpc = st.endpoint_slices.values().next().unwrap().clone();
+    grpc.name = ObjectName::new("ns", "web-2");
+    grpc.ports[0].name = "grpc".into();
+    grpc.endpoints = [
+        Ep {
+            local: true,
+            ..ep("10.0.0.1")
+        },
+        Ep {
+            local: true,
+            ..ep("10.0.0.5")
+        },
+    ]
+    .into_iter()
+    .map(to_endpoint)
+    .collect();
+    st.endpoint_slices.insert(grpc.name.clone(), grpc);
+    let intent = build_intent(
+        &st,
+        &IntentConfig {
+            family: IpFamily::V4,
+            node_name: NODE.into(),
+        },
+    );
+    let checks = intent.health_checks();
+    let hc = checks.get(&s.name).expect("a health check");
+    assert_eq!((hc.node_port, hc.local_ready_endpoints), (32000, 3));
+
+    // Cluster policy, or not a load balancer: none.
+    for (ty, policy) in [
+        (ServiceType::LoadBalancer, TrafficPolicy::Cluster),
+        (ServiceType::NodePort, TrafficPolicy::Local),
+    ] {
+        let mut other = s.clone();
+        (other.service_type, other.external_traffic_policy) = (ty, policy);
+        st.services.insert(other.name.clone(), other);
+        let intent = build_intent(
+            &st,
+            &IntentConfig {
+                family: IpFamily::V4,
+                node_name: NODE.into(),
+            },
+        );
+        assert!(intent.health_checks().is_empty());
+    }
 }
