@@ -69,6 +69,9 @@ pub const TCP_TIMEOUT_CLOSE_WAIT: &str = "/proc/sys/net/netfilter/nf_conntrack_t
 pub const TCP_BE_LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
 pub const UDP_TIMEOUT: &str = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout";
 pub const UDP_TIMEOUT_STREAM: &str = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream";
+/// Not a conntrack setting, but written the same way: lets IPv4 packets from 127.0.0.0/8 be routed off the
+/// loopback device once DNAT sends them to a pod, which localhost NodePorts need.
+pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 
 /// The table size: per-core entries times CPUs, at least `min`; none when per-core is 0.
 pub fn conntrack_max(config: &ConntrackSysctlConfig, cpus: usize) -> Option<u64> {
@@ -180,15 +183,20 @@ pub fn apply_sysctls_under(root: &Path, settings: &[SysctlSetting]) -> Vec<Sysct
         .collect()
 }
 
-fn apply_one(path: &Path, setting: &SysctlSetting) -> Result<Applied, SysctlError> {
+/// The number a sysctl file holds.
+pub fn read_sysctl(path: &Path) -> Result<u64, SysctlError> {
     let content = fs::read_to_string(path).map_err(|source| SysctlError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let current: u64 = content.trim().parse().map_err(|_| SysctlError::NotANumber {
+    content.trim().parse().map_err(|_| SysctlError::NotANumber {
         path: path.to_path_buf(),
         content: content.trim().to_string(),
-    })?;
+    })
+}
+
+fn apply_one(path: &Path, setting: &SysctlSetting) -> Result<Applied, SysctlError> {
+    let current = read_sysctl(path)?;
     let satisfied = match setting.mode {
         WriteMode::Set => current == setting.value,
         WriteMode::Raise => current >= setting.value,

@@ -16,7 +16,7 @@ use svcproxy::exec::runner::SystemRunner;
 use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
-use svcproxy::node_addresses::SystemAddresses;
+use svcproxy::node_addresses::{NodePortSpec, SystemAddresses};
 use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, family_split, manifest_dir::ManifestDir};
 use svcproxy::sync::commit_ledger::CommitLedger;
@@ -25,7 +25,9 @@ use svcproxy::sync::iptables_proxier::{IptablesProxier, ProxierOptions};
 use svcproxy::sync::nft_proxier::NftProxier;
 use svcproxy::sync::other_proxies::OtherProxies;
 use svcproxy_conntrack::NetlinkConntrack;
-use svcproxy_conntrack::sysctls::{ConntrackSysctlConfig, apply_sysctls, plan_sysctls};
+use svcproxy_conntrack::sysctls::{
+    ConntrackSysctlConfig, ROUTE_LOCALNET, SysctlSetting, WriteMode, apply_sysctls, plan_sysctls,
+};
 use svcproxy_model::{IntentConfig, IpFamily};
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
@@ -149,6 +151,24 @@ async fn apply_conntrack_sysctls(config: ConntrackSysctlConfig, mut status: watc
     }
 }
 
+/// Localhost NodePorts need `route_localnet`: without it the kernel will not route a packet from 127.0.0.1
+/// off the loopback device after DNAT, and the rules alone do nothing on a node that never ran kube-proxy.
+/// Set once, as upstream sets it; the KUBE-FIREWALL guard rule drops the martians it would let in.
+fn enable_route_localnet() {
+    let setting = SysctlSetting {
+        path: ROUTE_LOCALNET,
+        value: 1,
+        mode: WriteMode::Set,
+        failure_is_warning: false,
+    };
+    for outcome in apply_sysctls(&[setting]) {
+        match outcome.result {
+            Ok(_) => tracing::info!("route_localnet=1 for localhost NodePorts"),
+            Err(e) => tracing::error!("{e}: NodePorts will not answer on 127.0.0.1"),
+        }
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mode_name = match args.proxy_mode {
         ProxyMode::Iptables => "iptables",
@@ -221,6 +241,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     match args.proxy_mode {
         ProxyMode::Iptables => {
             refuse_mixed_backends()?;
+            if args.iptables_localhost_nodeports
+                && families.contains(&IpFamily::V4)
+                && NodePortSpec::parse(&args.nodeport_addresses).is_ok_and(|s| s.may_accept_ipv4_loopback())
+            {
+                enable_route_localnet();
+            }
             let mut proxiers = Vec::new();
             // Both families' restores move the one nf_tables generation: each records its own here, so
             // neither takes the other's for a foreign program's.

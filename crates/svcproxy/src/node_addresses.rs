@@ -44,31 +44,56 @@ impl NodePortSpec {
             .map(NodePortSpec::Cidrs)
     }
 
-    /// Resolves against this node's addresses. A CIDR list that matches a zero-length prefix of the family
-    /// means "everything", as upstream treats `0.0.0.0/0`.
-    pub fn resolve(&self, family: IpFamily, local: &[IpAddr], node: Option<&Node>) -> NodePortAddresses {
+    /// Whether IPv4 NodePorts may be accepted on 127.0.0.1 (with localhost NodePorts on): every address, or a
+    /// list whose IPv4 part includes the loopback network or is empty. `primary` is taken to exclude it.
+    pub fn may_accept_ipv4_loopback(&self) -> bool {
+        let loopback = IpAddr::from(std::net::Ipv4Addr::LOCALHOST);
         match self {
-            NodePortSpec::All => NodePortAddresses::All,
+            NodePortSpec::All => true,
             NodePortSpec::Cidrs(cidrs) => {
-                let cidrs: Vec<&IpNet> = cidrs.iter().filter(|c| family.contains(&c.addr())).collect();
-                if cidrs.iter().any(|c| c.prefix_len() == 0) {
-                    return NodePortAddresses::All;
-                }
-                let mut ips: Vec<IpAddr> = local
-                    .iter()
-                    .copied()
-                    .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
-                    .collect();
-                ips.sort();
-                ips.dedup();
-                NodePortAddresses::Ips(ips)
+                let v4: Vec<&IpNet> = cidrs.iter().filter(|c| c.addr().is_ipv4()).collect();
+                v4.is_empty() || v4.iter().any(|c| c.contains(&loopback))
             }
-            NodePortSpec::Primary => NodePortAddresses::Ips(primary_ip(family, node).into_iter().collect()),
+            NodePortSpec::Primary => false,
         }
+    }
+
+    /// Resolves against this node's local addresses, as upstream does: the local addresses of `family` inside
+    /// the CIDRs (`primary` being the Node's primary address of the family), except that a list with a
+    /// zero-length prefix of the family, or with nothing of the family at all, means every local address. So
+    /// `--nodeport-addresses 10.0.0.0/8` on a dual-stack node restricts IPv4 NodePorts and leaves IPv6 ones
+    /// open (closing them would break a family the operator did not mention), and `primary` on a node with
+    /// no address of a family (or no Node object) opens them on every address of that family.
+    pub fn resolve(&self, family: IpFamily, local: &[IpAddr], node: Option<&Node>) -> NodePortAddresses {
+        let cidrs: Vec<IpNet> = match self {
+            NodePortSpec::All => return NodePortAddresses::All,
+            NodePortSpec::Cidrs(cidrs) => cidrs
+                .iter()
+                .copied()
+                .filter(|c| family.contains(&c.addr()))
+                .collect(),
+            NodePortSpec::Primary => primary_ip(family, node)
+                .filter(|ip| !ip.is_loopback())
+                .map(IpNet::from)
+                .into_iter()
+                .collect(),
+        };
+        if cidrs.is_empty() || cidrs.iter().any(|c| c.prefix_len() == 0) {
+            return NodePortAddresses::All;
+        }
+        let mut ips: Vec<IpAddr> = local
+            .iter()
+            .copied()
+            .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
+            .collect();
+        ips.sort();
+        ips.dedup();
+        NodePortAddresses::Ips(ips)
     }
 }
 
-/// The Node's first address of the family (InternalIP before ExternalIP, as the API orders them).
+/// The Node's first address of the family (every InternalIP comes before every ExternalIP, see
+/// `source::convert::node`).
 pub fn primary_ip(family: IpFamily, node: Option<&Node>) -> Option<IpAddr> {
     node.and_then(|n| n.addresses.iter().copied().find(|ip| family.contains(ip)))
 }
@@ -136,5 +161,59 @@ mod tests {
             NodePortAddresses::Ips(vec![ip("10.0.0.10")])
         );
         assert!(NodePortSpec::parse(&["eth0".into()]).is_err());
+    }
+
+    #[test]
+    fn a_family_the_list_does_not_name_keeps_every_address() {
+        let local = [ip("10.0.0.10"), ip("fd00::1"), ip("fd00::2")];
+        let v4_only = NodePortSpec::parse(&["10.0.0.0/24".into()]).unwrap();
+        assert_eq!(
+            v4_only.resolve(IpFamily::V4, &local, None),
+            NodePortAddresses::Ips(vec![ip("10.0.0.10")])
+        );
+        assert_eq!(
+            v4_only.resolve(IpFamily::V6, &local, None),
+            NodePortAddresses::All
+        );
+        // A CIDR of the family that matches no local address is a restriction all the same.
+        let elsewhere = NodePortSpec::parse(&["192.168.0.0/16".into(), "fd00::/64".into()]).unwrap();
+        assert_eq!(
+            elsewhere.resolve(IpFamily::V4, &local, None),
+            NodePortAddresses::Ips(vec![])
+        );
+
+        let primary = NodePortSpec::Primary;
+        let v4_node = Node {
+            addresses: vec![ip("10.0.0.10")],
+            ..Default::default()
+        };
+        assert_eq!(
+            primary.resolve(IpFamily::V4, &local, Some(&v4_node)),
+            NodePortAddresses::Ips(vec![ip("10.0.0.10")])
+        );
+        assert_eq!(
+            primary.resolve(IpFamily::V6, &local, Some(&v4_node)),
+            NodePortAddresses::All
+        );
+        assert!(!primary.may_accept_ipv4_loopback());
+        assert!(NodePortSpec::All.may_accept_ipv4_loopback());
+        assert!(!v4_only.may_accept_ipv4_loopback());
+        let v6_only = NodePortSpec::parse(&["fd00::/64".into()]).unwrap();
+        assert!(v6_only.may_accept_ipv4_loopback());
+        let with_lo = NodePortSpec::parse(&["10.0.0.0/8".into(), "127.0.0.0/8".into()]).unwrap();
+        assert!(with_lo.may_accept_ipv4_loopback());
+        assert_eq!(
+            primary.resolve(IpFamily::V4, &local, None),
+            NodePortAddresses::All
+        );
+        // The primary address counts only while it is on this host.
+        let moved = Node {
+            addresses: vec![ip("10.0.0.99")],
+            ..Default::default()
+        };
+        assert_eq!(
+            primary.resolve(IpFamily::V4, &local, Some(&moved)),
+            NodePortAddresses::Ips(vec![])
+        );
     }
 }

@@ -79,6 +79,10 @@ struct Setup {
 }
 
 fn setup(mode: &str, manifest_text: &str) -> Setup {
+    setup_with(mode, manifest_text, &[])
+}
+
+fn setup_with(mode: &str, manifest_text: &str, extra_args: &[&str]) -> Setup {
     let lab = Lab::new();
     let pods: Vec<Pod> = (11..=12)
         .map(|i| lab.add_pod(&format!("pod{i}"), Ipv4Addr::new(10, 244, 0, i)))
@@ -96,10 +100,9 @@ fn setup(mode: &str, manifest_text: &str) -> Setup {
     }
     let dir = TempDir::new("svc");
     dir.write("svc.yaml", manifest_text);
-    let proxy = Svcproxy::start(
-        lab.node(),
-        &["--manifests", dir.path().to_str().unwrap(), "--proxy-mode", mode],
-    );
+    let mut args = vec!["--manifests", dir.path().to_str().unwrap(), "--proxy-mode", mode];
+    args.extend_from_slice(extra_args);
+    let proxy = Svcproxy::start(lab.node(), &args);
     Setup {
         lab,
         pods,
@@ -386,6 +389,29 @@ fn health_check_node_port_follows_local_endpoints(mode: &str) {
         &manifest("  type: LoadBalancer", status, &[ready("10.244.0.11", "node-a")]),
     );
     s.wait_for("the listener is closed", |s| probe(s).is_none());
+    s.proxy.assert_no_divergence();
+}
+
+/// `--iptables-localhost-nodeports` on a node that never had `route_localnet` set (a new namespace): the host
+/// reaches NodePorts on 127.0.0.1, because svcproxy sets it.
+#[test]
+fn localhost_node_ports_answer_on_a_fresh_node() {
+    let node_sysctl = |s: &Setup| {
+        s.lab
+            .node()
+            .exec_stdout(&["cat", "/proc/sys/net/ipv4/conf/all/route_localnet"])
+            .unwrap()
+    };
+    let manifest_text = manifest(
+        "  type: NodePort",
+        "",
+        &[ready("10.244.0.11", "node-b"), ready("10.244.0.12", "node-b")],
+    );
+    let mut s = setup_with("iptables", &manifest_text, &["--iptables-localhost-nodeports"]);
+    s.wait_for("the NodePort answers on 127.0.0.1", |s| {
+        tcp_request(s.lab.node(), addr("127.0.0.1", 30080), T).is_ok()
+    });
+    assert_eq!(node_sysctl(&s).trim(), "1");
     s.proxy.assert_no_divergence();
 }
 

@@ -34,11 +34,12 @@ use super::intent_cache::IntentCache;
 use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::backends::{Backend, check_mixed, kube_chains};
-use crate::cli::{DetectLocalMode, RunArgs};
+use crate::cli::{DetectLocalMode, ProxyMode, RunArgs};
 use crate::exec::generation::RulesetGeneration;
 use crate::exec::iptables::{ExecError, IptablesCommands};
 use crate::node_addresses::{LocalAddresses, NodePortSpec, NodePortSpecError, primary_ip};
 use svcproxy_conntrack::Conntrack;
+use svcproxy_conntrack::sysctls::{TCP_BE_LIBERAL, read_sysctl};
 
 use super::conntrack_step::reconcile;
 use imbl::ordmap::DiffItem;
@@ -109,13 +110,21 @@ impl ProxierOptions {
             masquerade_bit: args.iptables_masquerade_bit,
             masquerade_all: args.masquerade_all,
             localhost_node_ports: args.iptables_localhost_nodeports,
+            // Liberal TCP tracking exists to let out-of-window packets through, which the INVALID drop would
+            // undo: upstream leaves the drop out when the flag asks for it or the node already has it.
+            drop_invalid: !(args.conntrack_tcp_be_liberal || conntrack_is_liberal()),
             ..RenderConfig::default()
         };
         base.validate()?;
         Ok(ProxierOptions {
             base,
             detect_local,
-            nodeport_addresses: NodePortSpec::parse(&args.nodeport_addresses)?,
+            nodeport_addresses: match NodePortSpec::parse(&args.nodeport_addresses)? {
+                // Upstream's nftables mode opens NodePorts only on the node's primary addresses unless told
+                // otherwise (its iptables mode on every local address); each mode keeps its default.
+                NodePortSpec::All if args.proxy_mode == ProxyMode::Nftables => NodePortSpec::Primary,
+                spec => spec,
+            },
         })
     }
 
@@ -151,6 +160,12 @@ impl ProxierOptions {
             ..self.base.clone()
         }
     }
+}
+
+/// `nf_conntrack_tcp_be_liberal` is on in this network namespace (unreadable, as before conntrack is loaded,
+/// counts as off).
+fn conntrack_is_liberal() -> bool {
+    read_sysctl(std::path::Path::new(TCP_BE_LIBERAL)).is_ok_and(|v| v != 0)
 }
 
 pub struct IptablesProxier {

@@ -115,7 +115,11 @@ pub(crate) fn nft_config(c: &IptConfig) -> RenderConfig {
         },
         node_port_addresses: match &c.node_port_addresses {
             IptNodePorts::All => NodePortAddresses::All,
-            IptNodePorts::Ips(ips) => NodePortAddresses::Ips(ips.clone()),
+            // nftables mode has no localhost NodePorts (they need route_localnet and its guard rule): a
+            // loopback address inside the configured CIDRs is left out, as upstream leaves it out.
+            IptNodePorts::Ips(ips) => {
+                NodePortAddresses::Ips(ips.iter().copied().filter(|ip| !ip.is_loopback()).collect())
+            }
         },
         node_ip: c.node_ip,
         ..RenderConfig::default()
