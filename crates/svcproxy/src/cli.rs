@@ -227,12 +227,14 @@ pub struct RunArgs {
     pub pod_interface_name_prefix: Option<String>,
 
     /// Node addresses that accept NodePort connections: comma-separated CIDRs, or `primary` for the Node's
-    /// primary address. Default: every local address.
+    /// primary address of each family. A family the list says nothing of keeps every local address. Default:
+    /// every local address in iptables mode, `primary` in nftables mode (as kube-proxy).
     #[arg(long, value_delimiter = ',', value_name = "CIDRS|primary")]
     pub nodeport_addresses: Vec<String>,
 
-    /// Also accept NodePort connections on 127.0.0.0/8. Off by default: it needs route_localnet, which lets
-    /// martian packets reach localhost services (CVE-2020-8558); a guard rule is written when it is on.
+    /// Also accept NodePort connections on 127.0.0.0/8 (sets route_localnet=1). Off by default:
+    /// route_localnet lets martian packets reach localhost services (CVE-2020-8558); a guard rule is written
+    /// when it is on.
     /// (kube-proxy defaults to on; svcproxy does not, also when a configuration file leaves
     /// `iptables.localhostNodePorts` unset.)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
