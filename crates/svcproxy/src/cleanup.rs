@@ -84,6 +84,26 @@ impl Removal {
         }
     }
 
+    /// What upstream's IPVS mode leaves: its dummy interface, which holds every ClusterIP, external and
+    /// load-balancer address as a local address (so packets to them are delivered to the host instead of
+    /// being forwarded), and its ipsets, destroyed after the iptables rules that matched on them are gone.
+    fn ipvs_leftovers(&mut self, runner: &dyn Runner, dry_run: bool) {
+        if runner.run("ip", &["link", "show", IPVS_INTERFACE], None).is_ok() {
+            self.done.push(format!("IPVS: interface {IPVS_INTERFACE}"));
+            if !dry_run && let Err(e) = runner.run("ip", &["link", "delete", IPVS_INTERFACE], None) {
+                self.failed.push(e.to_string());
+            }
+        }
+        if let Ok(sets) = runner.run("ipset", &["list", "-n"], None) {
+            for set in sets.lines().map(str::trim).filter(|s| s.starts_with("KUBE-")) {
+                self.done.push(format!("IPVS: ipset {set}"));
+                if !dry_run && let Err(e) = runner.run("ipset", &["destroy", set], None) {
+                    self.failed.push(e.to_string());
+                }
+            }
+        }
+    }
+
     /// The nftables tables named `names` in the families `families` (`ip`, `ip6`).
     fn nft_tables(&mut self, runner: &dyn Runner, families: &[&str], names: &[&str], dry_run: bool) {
         let Ok(present) = present_nft_tables(runner, families, names) else {
@@ -128,29 +148,15 @@ pub fn cleanup(runner: &dyn Runner, dry_run: bool) -> Result<Vec<String>, Cleanu
         removal.iptables_chains(runner, prefix, &[], dry_run);
     }
     removal.nft_tables(runner, &["ip", "ip6"], &NFT_TABLES, dry_run);
-    let Removal { done, failed } = &mut removal;
-    if runner.run("ip", &["link", "show", IPVS_INTERFACE], None).is_ok() {
-        done.push(format!("IPVS: interface {IPVS_INTERFACE}"));
-        if !dry_run && let Err(e) = runner.run("ip", &["link", "delete", IPVS_INTERFACE], None) {
-            failed.push(e.to_string());
-        }
-    }
-    // IPVS mode's ipsets; destroyed after the iptables rules that matched on them are gone.
-    if let Ok(sets) = runner.run("ipset", &["list", "-n"], None) {
-        for set in sets.lines().map(str::trim).filter(|s| s.starts_with("KUBE-")) {
-            done.push(format!("IPVS: ipset {set}"));
-            if !dry_run && let Err(e) = runner.run("ipset", &["destroy", set], None) {
-                failed.push(e.to_string());
-            }
-        }
-    }
+    removal.ipvs_leftovers(runner, dry_run);
     removal.finish()
 }
 
-/// Removes the other proxy mode's state in the families svcproxy serves, as upstream kube-proxy does when it
+/// Removes the other proxy modes' state in the families svcproxy serves, as upstream kube-proxy does when it
 /// starts in a mode: in iptables mode the nftables tables (upstream's `kube-proxy`, and ours from an earlier
-/// nftables run), in nftables mode every kube-proxy KUBE-* chain in both iptables backends. Packets meet both
-/// modes' rules, so stale ones would keep sending new connections to endpoints that are gone.
+/// nftables run), in nftables mode every kube-proxy KUBE-* chain in both iptables backends, and in both the
+/// IPVS mode's interface and ipsets. Packets meet both modes' rules, so stale ones would keep sending new
+/// connections to endpoints that are gone.
 ///
 /// Unlike upstream, the daemon runs this after its first sync has put its own rules in place, so no packet
 /// meets neither. kubelet's chains stay, KUBE-MARK-DROP included: old kubelets still jump to it.
@@ -170,6 +176,7 @@ pub fn retire_other_mode(
             ProxyMode::Nftables => removal.iptables_chains(runner, iptables, &[KUBE_MARK_DROP], false),
         }
     }
+    removal.ipvs_leftovers(runner, false);
     removal.finish()
 }
 
