@@ -134,6 +134,10 @@ struct Setup {
 }
 
 fn setup(mode: &str) -> Setup {
+    setup_with(mode, &[])
+}
+
+fn setup_with(mode: &str, extra_args: &[&str]) -> Setup {
     let lab = Lab::new();
     let pods = [11u8, 12]
         .iter()
@@ -146,17 +150,16 @@ fn setup(mode: &str) -> Setup {
     let client = lab.add_dual_pod("client", Ipv4Addr::new(10, 244, 0, 50), pod6(0x50));
     let dir = TempDir::new("dual");
     dir.write("web.yaml", &manifest(&[11, 12]));
-    let proxy = Svcproxy::start(
-        lab.node(),
-        &[
-            "--manifests",
-            dir.path().to_str().unwrap(),
-            "--proxy-mode",
-            mode,
-            "--cluster-cidr",
-            "fd00:10:244::/64",
-        ],
-    );
+    let mut args = vec![
+        "--manifests",
+        dir.path().to_str().unwrap(),
+        "--proxy-mode",
+        mode,
+        "--cluster-cidr",
+        "fd00:10:244::/64",
+    ];
+    args.extend_from_slice(extra_args);
+    let proxy = Svcproxy::start(lab.node(), &args);
     Setup {
         lab,
         client,
@@ -249,4 +252,20 @@ fn both_families_are_served(mode: &str) {
     assert_eq!(endpoints[0], format!("[{}]:8080", pod6(11)).as_str(), "{r:#}");
 }
 
-in_both_modes!(both_families_are_served);
+/// `--nodeport-addresses` naming only IPv4 CIDRs restricts IPv4 NodePorts and leaves IPv6 ones on every
+/// address, as upstream reads the list per family.
+fn a_nodeport_list_of_one_family_leaves_the_other_open(mode: &str) {
+    let mut s = setup_with(mode, &["--nodeport-addresses", "10.0.0.0/24"]);
+    let v6 = SocketAddr::new(Lab::NODE_IP6.into(), 30060);
+    wait_until(WAIT, POLL, "the IPv6 NodePort answers from outside", || {
+        s.proxy.assert_running();
+        tcp_request(s.lab.external(), v6, T).ok()
+    });
+    assert!(tcp_request(s.lab.external(), addr("10.0.0.10", 30060), T).is_ok());
+    s.proxy.assert_no_divergence();
+}
+
+in_both_modes!(
+    both_families_are_served,
+    a_nodeport_list_of_one_family_leaves_the_other_open
+);
