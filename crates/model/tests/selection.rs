@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{
-    ClusterState, Endpoint, EndpointPort, EndpointSlice, IntentConfig, IpFamily, LoadBalancerIngress, Node,
-    ObjectName, Protocol, Service, ServicePort, ServicePortIntent, ServiceType, TrafficPolicy,
+    ClusterState, Endpoint, EndpointPort, EndpointSlice, Intent, IntentConfig, IpFamily, LoadBalancerIngress,
+    Node, ObjectName, Protocol, Service, ServicePort, ServicePortIntent, ServiceType, TrafficPolicy,
 };
 
 const NODE: &str = "node-a";
@@ -97,14 +97,18 @@ fn state(service: Service, eps: &[Ep]) -> ClusterState {
     st
 }
 
-fn only_port(st: &ClusterState) -> ServicePortIntent {
-    let intent = build_intent(
+fn intent(st: &ClusterState) -> Intent {
+    build_intent(
         st,
         &IntentConfig {
             family: IpFamily::V4,
             node_name: NODE.into(),
         },
-    );
+    )
+}
+
+fn only_port(st: &ClusterState) -> ServicePortIntent {
+    let intent = intent(st);
     assert_eq!(intent.service_ports.len(), 1);
     (**intent.service_ports.values().next().unwrap()).clone()
 }
@@ -460,14 +464,7 @@ fn a_local_load_balancer_has_a_health_check_before_it_has_an_address() {
     .map(to_endpoint)
     .collect();
     st.endpoint_slices.insert(grpc.name.clone(), grpc);
-    let intent = build_intent(
-        &st,
-        &IntentConfig {
-            family: IpFamily::V4,
-            node_name: NODE.into(),
-        },
-    );
-    let checks = intent.health_checks();
+    let checks = intent(&st).health_checks();
     let hc = checks.get(&s.name).expect("a health check");
     assert_eq!((hc.node_port, hc.local_ready_endpoints), (32000, 3));
 
@@ -479,13 +476,6 @@ fn a_local_load_balancer_has_a_health_check_before_it_has_an_address() {
         let mut other = s.clone();
         (other.service_type, other.external_traffic_policy) = (ty, policy);
         st.services.insert(other.name.clone(), other);
-        let intent = build_intent(
-            &st,
-            &IntentConfig {
-                family: IpFamily::V4,
-                node_name: NODE.into(),
-            },
-        );
-        assert!(intent.health_checks().is_empty());
+        assert!(intent(&st).health_checks().is_empty());
     }
 }
