@@ -37,6 +37,7 @@ fn main() {
         base: RenderConfig::default(),
         detect_local: DetectLocal::None,
         nodeport_addresses: NodePortSpec::All,
+        bind_ip: None,
     };
     let mut proxier: Box<dyn Proxier> = match mode.as_str() {
         "iptables" => Box::new(IptablesProxier::new(

@@ -110,6 +110,8 @@ pub struct FileConfig {
     pub nodeport_addresses: Vec<String>,
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
+    /// `bindAddress`: the node's address(es), overriding the Node object's (see `--bind-address`).
+    pub bind_address: Vec<IpAddr>,
     /// The `iptables` section; used when the mode is iptables.
     pub iptables: ModeSection,
     /// The `nftables` section; used when the mode is nftables.
@@ -221,6 +223,14 @@ pub fn merge(args: RunArgs, run_matches: &ArgMatches, file: &FileConfig) -> RunA
     if !explicit("proxy_mode") {
         out.proxy_mode = file.mode;
     }
+    // With a file, the file's bindAddress is the one that counts, flag or not (as upstream); an unspecified
+    // address (the usual 0.0.0.0) says nothing of the node.
+    out.upstream.bind_address = file
+        .bind_address
+        .iter()
+        .copied()
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
     // As upstream: the section of the mode in effect applies, the other one is ignored.
     let section = match out.proxy_mode {
         ProxyMode::Iptables => &file.iptables,
@@ -308,6 +318,15 @@ pub fn effective_config_yaml(args: &RunArgs) -> String {
         opt(&args.pod_interface_name_prefix)
     ));
     y.push_str(&format!("nodePortAddresses: [{}]\n", nodeports.join(", ")));
+    if !args.upstream.bind_address.is_empty() {
+        let ips: Vec<String> = args
+            .upstream
+            .bind_address
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        y.push_str(&format!("bindAddress: {}\n", q(&ips.join(","))));
+    }
     y.push_str(&format!(
         "healthzBindAddress: {}\n",
         q(&args.healthz_bind_address.to_string())
@@ -751,17 +770,19 @@ impl RawConfig {
             }
         };
 
-        // bindAddress only chooses the family of the default server addresses here, as it does upstream.
+        // bindAddress chooses the family of the default server addresses, as it does upstream (and, when it
+        // is a specific address, the node's address of its family: see `merge`).
         let mut bind_v6 = false;
+        let mut bind_address = Vec::new();
         if let Some(list) = non_empty(&self.bind_address) {
-            let ips = list
+            bind_address = list
                 .split(',')
                 .map(|ip| ip.trim().parse::<IpAddr>().map_err(|_| ip.trim().to_string()))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|bad| {
                     ConfigFileError::invalid("bindAddress", format!("{bad:?} is not an IP address"))
                 })?;
-            bind_v6 = matches!(ips.as_slice(), [IpAddr::V6(_)]);
+            bind_v6 = matches!(bind_address.as_slice(), [IpAddr::V6(_)]);
         }
         let (any, loopback): (IpAddr, IpAddr) = if bind_v6 {
             ("::".parse().expect("literal"), "::1".parse().expect("literal"))
@@ -857,6 +878,7 @@ impl RawConfig {
             nodeport_addresses,
             healthz_bind_address,
             metrics_bind_address,
+            bind_address,
             iptables: iptables_section,
             nftables: nftables_section,
             iptables_localhost_nodeports: iptables.localhost_node_ports.unwrap_or(false),

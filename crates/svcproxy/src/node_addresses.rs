@@ -59,12 +59,12 @@ impl NodePortSpec {
     }
 
     /// Resolves against this node's local addresses, as upstream does: the local addresses of `family` inside
-    /// the CIDRs (`primary` being the Node's primary address of the family), except that a list with a
+    /// the CIDRs (`primary` being `node_ip`, the node's address of the family), except that a list with a
     /// zero-length prefix of the family, or with nothing of the family at all, means every local address. So
     /// `--nodeport-addresses 10.0.0.0/8` on a dual-stack node restricts IPv4 NodePorts and leaves IPv6 ones
     /// open (closing them would break a family the operator did not mention), and `primary` on a node with
     /// no address of a family (or no Node object) opens them on every address of that family.
-    pub fn resolve(&self, family: IpFamily, local: &[IpAddr], node: Option<&Node>) -> NodePortAddresses {
+    pub fn resolve(&self, family: IpFamily, local: &[IpAddr], node_ip: Option<IpAddr>) -> NodePortAddresses {
         let cidrs: Vec<IpNet> = match self {
             NodePortSpec::All => return NodePortAddresses::All,
             NodePortSpec::Cidrs(cidrs) => cidrs
@@ -72,8 +72,8 @@ impl NodePortSpec {
                 .copied()
                 .filter(|c| family.contains(&c.addr()))
                 .collect(),
-            NodePortSpec::Primary => primary_ip(family, node)
-                .filter(|ip| !ip.is_loopback())
+            NodePortSpec::Primary => node_ip
+                .filter(|ip| family.contains(ip) && !ip.is_loopback())
                 .map(IpNet::from)
                 .into_iter()
                 .collect(),
@@ -157,7 +157,7 @@ mod tests {
         };
         let primary = NodePortSpec::parse(&["primary".into()]).unwrap();
         assert_eq!(
-            primary.resolve(IpFamily::V4, &local, Some(&node)),
+            primary.resolve(IpFamily::V4, &local, primary_ip(IpFamily::V4, Some(&node))),
             NodePortAddresses::Ips(vec![ip("10.0.0.10")])
         );
         assert!(NodePortSpec::parse(&["eth0".into()]).is_err());
@@ -188,11 +188,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            primary.resolve(IpFamily::V4, &local, Some(&v4_node)),
+            primary.resolve(IpFamily::V4, &local, primary_ip(IpFamily::V4, Some(&v4_node))),
             NodePortAddresses::Ips(vec![ip("10.0.0.10")])
         );
         assert_eq!(
-            primary.resolve(IpFamily::V6, &local, Some(&v4_node)),
+            primary.resolve(IpFamily::V6, &local, primary_ip(IpFamily::V6, Some(&v4_node))),
             NodePortAddresses::All
         );
         assert!(!primary.may_accept_ipv4_loopback());
@@ -212,7 +212,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            primary.resolve(IpFamily::V4, &local, Some(&moved)),
+            primary.resolve(IpFamily::V4, &local, primary_ip(IpFamily::V4, Some(&moved))),
             NodePortAddresses::Ips(vec![])
         );
     }

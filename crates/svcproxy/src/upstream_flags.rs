@@ -21,9 +21,10 @@ pub struct UpstreamFlags {
     #[arg(long, value_name = "PATTERN=N,...")]
     pub vmodule: Option<String>,
 
-    /// The node's address(es), comma-separated. As in kube-proxy, only without --config, and here it only
-    /// chooses the family of the default health and metrics addresses: a single IPv6 address serves them on
-    /// `[::]` and `[::1]`. The node's addresses come from its Node object.
+    /// The node's address(es), comma-separated. As in kube-proxy, only without --config: a specific address
+    /// is the node's address of its family (instead of the Node object's first, for NodePorts on `primary`
+    /// and the load-balancer source-range allowance), and a single IPv6 address serves the default health
+    /// and metrics addresses on `[::]` and `[::1]`.
     #[arg(long, value_name = "IP[,IP]", value_delimiter = ',')]
     pub bind_address: Vec<std::net::IpAddr>,
 

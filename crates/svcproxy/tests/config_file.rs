@@ -575,6 +575,7 @@ fn written_configuration_reads_back_to_the_same_arguments() {
             "--log-format=json",
         ],
         vec!["--nodeport-addresses=primary", "--detect-local-mode=NodeCIDR"],
+        vec!["--bind-address=10.0.0.99"],
         vec![
             "--manifests=/srv/manifests",
             "--detect-local-mode=InterfaceNamePrefix",
@@ -741,4 +742,43 @@ fn bind_address_with_a_file_is_ignored_and_said_so() {
         resolved.warnings
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A specific bind address (flag without a file, or the file's `bindAddress`) is the node's address of its
+/// family, ahead of the Node object's: it is what `primary` NodePorts open on and what the load-balancer
+/// source-range allowance names.
+#[test]
+fn a_specific_bind_address_is_the_nodes_address() {
+    use svcproxy::sync::iptables_proxier::ProxierOptions;
+    use svcproxy_iptables::config::NodePortAddresses;
+    use svcproxy_model::{IpFamily, Node};
+
+    let node = Node {
+        addresses: vec!["10.0.0.10".parse().unwrap()],
+        ..Default::default()
+    };
+    let local = ["10.0.0.10".parse().unwrap(), "10.0.0.99".parse().unwrap()];
+    let from_flag = command_line(&["--bind-address", "10.0.0.99", "--nodeport-addresses", "primary"]).0;
+    let from_file = effective(
+        &["--nodeport-addresses", "primary"],
+        &format!("{HEADER}bindAddress: 10.0.0.99\n"),
+    );
+    for args in [from_flag, from_file] {
+        let config = ProxierOptions::from_args(&args, IpFamily::V4)
+            .unwrap()
+            .resolve(Some(&node), &local);
+        assert_eq!(config.node_ip, Some("10.0.0.99".parse().unwrap()));
+        assert_eq!(
+            config.node_port_addresses,
+            NodePortAddresses::Ips(vec!["10.0.0.99".parse().unwrap()])
+        );
+    }
+    // The unspecified address says nothing of the node: the Node object's address stays.
+    for flags in [&["--bind-address", "0.0.0.0"][..], &[]] {
+        let args = command_line(flags).0;
+        let config = ProxierOptions::from_args(&args, IpFamily::V4)
+            .unwrap()
+            .resolve(Some(&node), &local);
+        assert_eq!(config.node_ip, Some("10.0.0.10".parse().unwrap()));
+    }
 }

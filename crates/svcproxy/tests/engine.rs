@@ -64,6 +64,7 @@ fn start() -> Harness {
         base: RenderConfig::default(),
         detect_local: DetectLocal::None,
         nodeport_addresses: NodePortSpec::All,
+        bind_ip: None,
     };
     let proxier = IptablesProxier::new(
         Box::new(fake.clone()),

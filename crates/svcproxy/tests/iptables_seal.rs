@@ -33,6 +33,7 @@ fn proxier(fake: &RecordingIptables) -> IptablesProxier {
             base: RenderConfig::default(),
             detect_local: DetectLocal::None,
             nodeport_addresses: NodePortSpec::All,
+            bind_ip: None,
         },
     )
     .with_generation(Box::new(fake.generation.clone()))
@@ -64,6 +65,7 @@ fn family_proxier(
             },
             detect_local: DetectLocal::None,
             nodeport_addresses: NodePortSpec::All,
+            bind_ip: None,
         },
     )
     .with_generation(Box::new(fake.generation.clone()))

@@ -316,6 +316,7 @@ mod proxier {
                 base: RenderConfig::default(),
                 detect_local: DetectLocal::None,
                 nodeport_addresses: NodePortSpec::All,
+                bind_ip: None,
             },
         )
         .with_element_socket(socket)

@@ -57,6 +57,8 @@ pub struct ProxierOptions {
     pub base: RenderConfig,
     pub detect_local: DetectLocal,
     pub nodeport_addresses: NodePortSpec,
+    /// `--bind-address`'s specific address of this family: the node's address, ahead of the Node object's.
+    pub bind_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +120,12 @@ impl ProxierOptions {
         base.validate()?;
         Ok(ProxierOptions {
             base,
+            bind_ip: args
+                .upstream
+                .bind_address
+                .iter()
+                .copied()
+                .find(|ip| family.contains(ip) && !ip.is_unspecified()),
             detect_local,
             nodeport_addresses: match NodePortSpec::parse(&args.nodeport_addresses)? {
                 // Upstream's nftables mode opens NodePorts only on the node's primary addresses unless told
@@ -131,6 +139,7 @@ impl ProxierOptions {
     /// The configuration for one sync.
     pub fn resolve(&self, node: Option<&Node>, local: &[std::net::IpAddr]) -> RenderConfig {
         let family = self.base.family;
+        let node_ip = self.bind_ip.or_else(|| primary_ip(family, node));
         let local_detector = match &self.detect_local {
             DetectLocal::Cidrs(c) => LocalDetector::Cidrs(c.clone()),
             DetectLocal::NodePodCidrs => {
@@ -155,8 +164,8 @@ impl ProxierOptions {
         };
         RenderConfig {
             local_detector,
-            node_port_addresses: self.nodeport_addresses.resolve(family, local, node),
-            node_ip: primary_ip(family, node),
+            node_port_addresses: self.nodeport_addresses.resolve(family, local, node_ip),
+            node_ip,
             ..self.base.clone()
         }
     }
