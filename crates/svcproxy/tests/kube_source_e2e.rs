@@ -267,3 +267,50 @@ fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
         "{stderr}"
     );
 }
+
+/// The cluster autoscaler marks the node for deletion, then deletes its Node object: /healthz turns 503 with
+/// `nodeEligible: false` and stays so (the machine is going away), while the rules keep serving.
+#[test]
+fn a_node_marked_for_deletion_stays_ineligible_once_deleted() {
+    let lab = Lab::new();
+    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
+    let _backend = Backend::start(pod.ns(), "pod11", &[8080], &[]);
+    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+    let api = FakeApiServer::start_in(lab.node(), "127.0.0.1:0".parse().unwrap());
+    let store = api.store();
+    store.apply(node()).unwrap();
+    store.apply(service("web", "10.96.0.100", json!({}))).unwrap();
+    store.apply(slice("web", &["10.244.0.11"])).unwrap();
+    let dir = TempDir::new("kubeconfig");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let mut proxy = Svcproxy::start(lab.node(), &["--kubeconfig", kubeconfig.to_str().unwrap()]);
+    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
+    wait_until(WAIT, POLL, "web answers", || {
+        proxy.assert_running();
+        tcp_request(client.ns(), vip, T).ok()
+    });
+    let healthz =
+        || svcproxy_testkit::http_get(lab.node(), "127.0.0.1:10256".parse().unwrap(), "/healthz", T).unwrap();
+    assert_eq!(healthz().0, 200);
+
+    let mut tainted = node();
+    tainted["spec"]["taints"] = json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]);
+    store.apply(tainted).unwrap();
+    wait_until(WAIT, POLL, "the node is ineligible", || {
+        let (code, body) = healthz();
+        (code == 503 && body.contains("\"nodeEligible\": false")).then_some(())
+    });
+    // A Node change rewrites everything (its labels choose endpoints): a new sync says the deletion arrived.
+    let syncs = || proxy.log().matches("synced").count();
+    let before = syncs();
+    store.delete("Node", None, "node-a").unwrap();
+    wait_until(WAIT, POLL, "svcproxy saw the Node go", || {
+        (syncs() > before).then_some(())
+    });
+    let (code, body) = healthz();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"nodeEligible\": false"), "{body}");
+    assert!(tcp_request(client.ns(), vip, T).is_ok(), "the rules keep serving");
+    proxy.assert_running();
+}

@@ -91,6 +91,8 @@ pub struct Engine<P: Proxier> {
     hazard_problem: Option<String>,
     /// EndpointSlice trigger times of changes not yet programmed.
     pending_trigger_times: Vec<SystemTime>,
+    /// When this engine started: changes made before it are not its latency to report.
+    started_at: SystemTime,
     pending_service_changes: usize,
     pending_endpoint_changes: usize,
     last_full: Option<Instant>,
@@ -199,6 +201,7 @@ impl<P: Proxier> Engine<P> {
             failure_problem: None,
             hazard_problem: None,
             pending_trigger_times: Vec::new(),
+            started_at: SystemTime::now(),
             pending_service_changes: 0,
             pending_endpoint_changes: 0,
             last_full: None,
@@ -314,7 +317,9 @@ impl<P: Proxier> Engine<P> {
     }
 
     /// Remembers when the EndpointSlice controller saw the change behind a new or changed slice, so the
-    /// sync that programs it can report the network programming latency as upstream does.
+    /// sync that programs it can report the network programming latency as upstream does. Only changes made
+    /// since this engine started count, as upstream counts them: after a restart the initial list carries
+    /// every slice's trigger time, hours or days old, which would land in the histogram's top bucket.
     fn note_trigger_time(&mut self, slice: &svcproxy_model::EndpointSlice) {
         if self.state.endpoint_slices.get(&slice.name) == Some(slice) {
             return;
@@ -323,8 +328,10 @@ impl<P: Proxier> Engine<P> {
             .last_change_trigger_time
             .as_deref()
             .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(SystemTime::from)
+            .filter(|at| *at >= self.started_at)
         {
-            self.pending_trigger_times.push(SystemTime::from(at));
+            self.pending_trigger_times.push(at);
         }
     }
 
@@ -366,8 +373,11 @@ impl<P: Proxier> Engine<P> {
         if self.state.node == node {
             return false;
         }
-        self.health
-            .set_node_eligible(!node.as_ref().is_some_and(|n| n.being_deleted));
+        // A Node deleted after it was marked for deletion stays ineligible, as upstream keeps the last state:
+        // the machine is going away, and load balancers must not send it new connections.
+        if let Some(n) = &node {
+            self.health.set_node_eligible(!n.being_deleted);
+        }
         // Node labels (the topology zone) can change every service's endpoint selection: rewrite everything.
         self.need_full = true;
         self.changes = IntentChanges::everything();
