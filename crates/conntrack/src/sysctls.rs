@@ -73,6 +73,29 @@ pub const UDP_TIMEOUT_STREAM: &str = "/proc/sys/net/netfilter/nf_conntrack_udp_t
 /// loopback device once DNAT sends them to a pod, which localhost NodePorts need.
 pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 
+/// The machine's online CPUs, as `/sys/devices/system/cpu/online` lists them (`0-3,8-11`). The table serves
+/// the whole node, so it is sized by the machine's CPUs, not by the CPU share or affinity of the container
+/// svcproxy runs in (which is what `available_parallelism` reports); upstream counts them the same way.
+pub fn online_cpus() -> Option<usize> {
+    count_cpu_list(&fs::read_to_string("/sys/devices/system/cpu/online").ok()?)
+}
+
+/// Counts the CPUs of a kernel CPU list: comma-separated numbers and inclusive ranges.
+pub fn count_cpu_list(list: &str) -> Option<usize> {
+    let mut count = 0;
+    for part in list.trim().split(',') {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?),
+            None => {
+                let n = part.parse::<usize>().ok()?;
+                (n, n)
+            }
+        };
+        count += last.checked_sub(first)? + 1;
+    }
+    (count > 0).then_some(count)
+}
+
 /// The table size: per-core entries times CPUs, at least `min`; none when per-core is 0.
 pub fn conntrack_max(config: &ConntrackSysctlConfig, cpus: usize) -> Option<u64> {
     (config.max_per_core > 0).then(|| (config.max_per_core * cpus as u64).max(config.min))
@@ -221,6 +244,16 @@ mod tests {
             .into_iter()
             .map(|s| (s.path, s.value))
             .collect()
+    }
+
+    #[test]
+    fn cpu_lists_count_as_the_kernel_writes_them() {
+        assert_eq!(count_cpu_list("0\n"), Some(1));
+        assert_eq!(count_cpu_list("0-63\n"), Some(64));
+        assert_eq!(count_cpu_list("0-3,8-11,15"), Some(9));
+        for bad in ["", "3-1", "a", "0-", "0,,1"] {
+            assert_eq!(count_cpu_list(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use svcproxy::sync::nft_proxier::NftProxier;
 use svcproxy::sync::other_proxies::OtherProxies;
 use svcproxy_conntrack::NetlinkConntrack;
 use svcproxy_conntrack::sysctls::{
-    ConntrackSysctlConfig, ROUTE_LOCALNET, SysctlSetting, WriteMode, apply_sysctls, plan_sysctls,
+    ConntrackSysctlConfig, ROUTE_LOCALNET, SysctlSetting, WriteMode, apply_sysctls, online_cpus, plan_sysctls,
 };
 use svcproxy_model::{IntentConfig, IpFamily};
 use tokio::sync::{mpsc, watch};
@@ -131,7 +131,9 @@ async fn apply_conntrack_sysctls(config: ConntrackSysctlConfig, mut status: watc
     if status.wait_for(|s| s.applied.is_some()).await.is_err() {
         return;
     }
-    let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    let cpus = online_cpus()
+        .or_else(|| std::thread::available_parallelism().map(usize::from).ok())
+        .unwrap_or(1);
     let settings = plan_sysctls(&config, cpus);
     for outcome in tokio::task::spawn_blocking(move || apply_sysctls(&settings))
         .await
