@@ -1,5 +1,10 @@
-//! Proxy health with upstream's meaning: healthy unless a change has been waiting for longer than the
-//! timeout (2 × syncPeriod), so a proxy whose syncs keep failing turns red even though its process is alive.
+//! Proxy health. Liveness has upstream's meaning: alive unless a change has been waiting for longer than the
+//! timeout (2 × syncPeriod), so a proxy whose syncs keep failing is restarted even though its process runs.
+//! Health (`/healthz`, the health-check node ports) is stricter: it also turns red the moment svcproxy knows
+//! the kernel does not match the cluster (repeated failed syncs, a divergence read back, a hazard no sync can
+//! repair), so load balancers stop sending new connections. Those problems stay out of liveness: restarting
+//! the process cannot fix a foreign program rewriting the rules, and a liveness probe would restart it every
+//! minute for as long as that goes on.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -30,6 +35,8 @@ pub struct ProxyHealth {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthStatus {
     pub healthy: bool,
+    /// No change has waited longer than the timeout (what `/livez` reports).
+    pub live: bool,
     pub problem: Option<String>,
     pub node_eligible: bool,
     pub last_updated: SystemTime,
@@ -85,8 +92,8 @@ impl ProxyHealth {
     pub fn status(&self) -> HealthStatus {
         let g = self.lock();
         let now = SystemTime::now();
-        let healthy =
-            g.problems.is_empty() && g.oldest_pending.values().all(|at| at.elapsed() < self.timeout);
+        let live = g.oldest_pending.values().all(|at| at.elapsed() < self.timeout);
+        let healthy = live && g.problems.is_empty();
         // IPv4's reasons read as they always did; the other family's say which family they are about.
         let problem = (!g.problems.is_empty()).then(|| {
             g.problems
@@ -100,6 +107,7 @@ impl ProxyHealth {
         });
         HealthStatus {
             healthy,
+            live,
             problem,
             node_eligible: g.node_eligible,
             // Upstream reports the current time as lastUpdated while healthy (its older meaning was "the sync loop
@@ -128,8 +136,9 @@ mod tests {
         assert!(h.status().healthy, "idle proxy is healthy");
         h.queued_update(IpFamily::V4);
         assert!(!h.status().healthy);
+        assert!(!h.status().live);
         h.updated(IpFamily::V4);
-        assert!(h.status().healthy);
+        assert!(h.status().healthy && h.status().live);
     }
 
     #[test]
@@ -151,6 +160,11 @@ mod tests {
 
         h.set_problem(IpFamily::V6, Some("sync failed".into()));
         h.set_problem(IpFamily::V4, Some("read-back differs".into()));
+        assert!(!h.status().healthy);
+        assert!(
+            h.status().live,
+            "what a restart cannot repair leaves liveness alone"
+        );
         assert_eq!(
             h.status().problem.as_deref(),
             Some("read-back differs; IPv6: sync failed")

@@ -71,7 +71,7 @@ async fn healthz(State(s): State<AppState>) -> Response {
 
 async fn livez(State(s): State<AppState>) -> Response {
     let st = s.health.status();
-    let status = if st.healthy {
+    let status = if st.live {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

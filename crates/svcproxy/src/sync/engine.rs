@@ -428,7 +428,11 @@ impl<P: Proxier> Engine<P> {
                     let Some(ev) = ev else { break };
                     if self.apply(ev) {
                         self.dirty = true;
-                        self.health.queued_update(self.proxier.family());
+                        // As upstream, nothing counts as waiting before the initial lists are complete: a slow
+                        // first list is not a stuck proxy, and must not get it restarted (which lists again).
+                        if self.initialized {
+                            self.health.queued_update(self.proxier.family());
+                        }
                         self.metrics.last_queued_timestamp.get_or_create(&self.family_labels()).set(unix_now());
                     }
                 }

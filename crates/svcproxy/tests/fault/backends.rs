@@ -153,6 +153,16 @@ fn e3_a_kube_proxy_nftables_table_appears_at_run_time() {
                 .is_some_and(|r| r.contains("ip kube-proxy") && r.contains("nft delete table"))
     });
     case.detected(red.at);
+    // Liveness stays green: restarting svcproxy cannot remove another proxy's table, and a liveness probe
+    // that failed here would restart it every minute for as long as that proxy runs.
+    let (live, body) = svcproxy_testkit::http_get(
+        s.cluster.node(),
+        "127.0.0.1:10256".parse().unwrap(),
+        "/livez",
+        Duration::from_secs(2),
+    )
+    .expect("/livez answers");
+    assert_eq!(live, 200, "{body}");
 
     case.stage("the table deleted");
     nft(&["delete", "table", "ip", "kube-proxy"]);
