@@ -216,6 +216,7 @@ fn dns_intent(endpoint: &str) -> Intent {
         internal_policy_local: false,
         health_check_node_port: None,
         local_ready_ips: Vec::new(),
+        draining: Vec::new(),
         endpoints: Categorized::new(vec![info], Vec::new(), true),
         total_endpoints: 1,
         content_hash: 0,

@@ -20,9 +20,9 @@
 //! - SCTP is cleaned as well as UDP (its established timeout is days);
 //! - [`stale_flows_since`] also releases flows to frontends that disappeared, which a pure listing cannot
 //!   recognise because nothing marks an address as having been a service;
-//! - "may send to now" is the intent's selected endpoints (after topology hints and the terminating
-//!   fallback), where upstream keeps flows to any serving endpoint: a flow to a serving-terminating pod
-//!   while others are ready, or to a pod the hints exclude, moves to a selected endpoint.
+//! - "may send to" is, as upstream has it, any serving endpoint: the ones the rules pick, and those they no
+//!   longer pick but that still serve (a pod terminating while others are ready, one the topology hints
+//!   leave out), so a draining pod keeps the sessions it has while new ones go elsewhere.
 //!
 //! Flows of other protocols, flows to addresses that are no frontend, and flows whose reply source is a
 //! current endpoint are never selected.
@@ -261,8 +261,8 @@ impl Frontends {
     }
 }
 
-/// Where a port may send flows now: every endpoint any of its rules can pick. The sets hold ready endpoints,
-/// or serving-terminating ones when nothing is ready.
+/// Where a port's flows may go on: every endpoint any of its rules can pick, and the serving endpoints that
+/// are draining.
 fn serving(spi: &ServicePortIntent) -> HashSet<SocketAddr> {
     let e = &spi.endpoints;
     e.cluster
@@ -270,6 +270,7 @@ fn serving(spi: &ServicePortIntent) -> HashSet<SocketAddr> {
         .chain(&e.local)
         .chain(e.all_reachable())
         .map(|ep| ep.socket_addr())
+        .chain(spi.draining.iter().copied())
         .collect()
 }
 
@@ -348,6 +349,7 @@ mod tests {
             internal_policy_local: false,
             health_check_node_port: None,
             local_ready_ips: Vec::new(),
+            draining: Vec::new(),
             endpoints: Categorized::new(eps.clone(), Vec::new(), !eps.is_empty()),
             total_endpoints: endpoints.len(),
             content_hash: 0,

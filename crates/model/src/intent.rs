@@ -1,9 +1,9 @@
 //! The intent: what every service port must do on this node, after endpoint selection. Backends render it;
 //! the verifier compares the kernel against it; explain shows it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -12,8 +12,8 @@ use serde::Serialize;
 use crate::endpoint::endpoints_for_port;
 use crate::topology::{Categorized, SelectionNeeds, categorize};
 use crate::{
-    ClusterState, EndpointSlice, IpFamily, ObjectName, Service, ServicePortName, ServiceType,
-    SessionAffinity, TrafficPolicy,
+    ClusterState, EndpointInfo, EndpointSlice, IpFamily, ObjectName, Protocol, Service, ServicePortName,
+    ServiceType, SessionAffinity, TrafficPolicy,
 };
 
 /// Node-level inputs to intent building that do not come from the API objects.
@@ -47,6 +47,10 @@ pub struct ServicePortIntent {
     /// With a health check: the addresses of this port's ready endpoints on this node (any traffic policy),
     /// which the health check counts once per address across the Service's ports, as upstream counts them.
     pub local_ready_ips: Vec<IpAddr>,
+    /// UDP and SCTP ports only: serving endpoints no rule picks now (terminating while others are ready,
+    /// left out by topology hints). New flows do not go to them, but flows they already have may finish, as
+    /// upstream lets them: stale-flow cleanup leaves these alone, so a draining pod keeps its sessions.
+    pub draining: Vec<SocketAddr>,
     pub endpoints: Categorized,
     /// Every endpoint of this port in any state; upstream sums these to decide large-cluster mode.
     pub total_endpoints: usize,
@@ -246,6 +250,22 @@ pub fn service_port_intents(
             } else {
                 None
             };
+            let draining = if matches!(port.protocol, Protocol::Udp | Protocol::Sctp) {
+                let picked: HashSet<SocketAddr> = endpoints
+                    .cluster
+                    .iter()
+                    .chain(&endpoints.local)
+                    .chain(endpoints.all_reachable())
+                    .map(EndpointInfo::socket_addr)
+                    .collect();
+                all.iter()
+                    .filter(|e| e.ready || e.serving)
+                    .map(EndpointInfo::socket_addr)
+                    .filter(|a| !picked.contains(a))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let local_ready_ips = if health_check_node_port.is_some() {
                 all.iter()
                     .filter(|e| e.is_local && e.ready)
@@ -268,6 +288,7 @@ pub fn service_port_intents(
                 internal_policy_local,
                 health_check_node_port,
                 local_ready_ips,
+                draining,
                 total_endpoints: all.len(),
                 endpoints,
                 content_hash: 0,

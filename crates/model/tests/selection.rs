@@ -479,3 +479,66 @@ fn a_local_load_balancer_has_a_health_check_before_it_has_an_address() {
         assert!(intent(&st).health_checks().is_empty());
     }
 }
+
+#[test]
+fn draining_udp_endpoints_keep_their_flows_and_gone_ones_lose_them() {
+    use std::net::SocketAddr;
+    use svcproxy_model::conntrack_plan::{FlowEntry, FlowProtocol, FlowTuple, stale_flows};
+
+    // A UDP port: one ready pod, one serving but terminating (draining during a rollout), one terminating
+    // and no longer serving.
+    let mut s = svc();
+    s.ports[0].protocol = Protocol::Udp;
+    let st = state(
+        s,
+        &[
+            ep("10.0.0.1"),
+            Ep {
+                ready: Some(false),
+                serving: Some(true),
+                terminating: Some(true),
+                ..ep("10.0.0.2")
+            },
+            Ep {
+                ready: Some(false),
+                serving: Some(false),
+                terminating: Some(true),
+                ..ep("10.0.0.3")
+            },
+        ],
+    );
+    let mut st = st;
+    for slice in st.endpoint_slices.values_mut() {
+        slice.ports[0].protocol = Protocol::Udp;
+    }
+    let intent = intent(&st);
+    let port = intent.service_ports.values().next().unwrap();
+    assert_eq!(
+        port.endpoints
+            .cluster
+            .iter()
+            .map(|e| e.ip.to_string())
+            .collect::<Vec<_>>(),
+        ["10.0.0.1"],
+        "new flows go to the ready pod only"
+    );
+    let client: SocketAddr = "10.244.0.50:40000".parse().unwrap();
+    let flow_to = |target: &str| {
+        let target: SocketAddr = target.parse().unwrap();
+        FlowEntry::new(
+            FlowProtocol::Udp,
+            FlowTuple::new(client, "10.96.0.10:80".parse().unwrap()),
+            FlowTuple::new(target, client),
+        )
+    };
+    let flows = [
+        flow_to("10.0.0.1:8080"),
+        flow_to("10.0.0.2:8080"),
+        flow_to("10.0.0.3:8080"),
+    ];
+    let stale: Vec<String> = stale_flows(&flows, &intent, &[])
+        .iter()
+        .map(|f| f.reply.src.to_string())
+        .collect();
+    assert_eq!(stale, ["10.0.0.3"], "the draining pod keeps its sessions");
+}
