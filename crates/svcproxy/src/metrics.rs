@@ -69,6 +69,7 @@ pub struct Metrics {
     pub last_queued_timestamp: Family<FamilyLabels, SecondsGauge>,
     pub restore_failures: Family<FamilyLabels, Counter>,
     pub partial_restore_failures: Family<FamilyLabels, Counter>,
+    pub nftables_sync_failures: Family<FamilyLabels, Counter>,
     pub service_changes: Counter,
     pub endpoint_changes: Counter,
     pub healthz: Family<CodeLabels, Counter>,
@@ -101,6 +102,7 @@ impl Metrics {
             last_queued_timestamp: Family::default(),
             restore_failures: Family::default(),
             partial_restore_failures: Family::default(),
+            nftables_sync_failures: Family::default(),
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
             healthz: Family::default(),
@@ -160,6 +162,11 @@ impl Metrics {
                 "sync_proxy_rules_iptables_partial_restore_failures",
                 "Cumulative proxy iptables partial restore failures",
                 m.partial_restore_failures.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_nftables_sync_failures",
+                "Cumulative proxy nftables sync failures",
+                m.nftables_sync_failures.clone(),
             );
             kp.register(
                 "sync_proxy_rules_service_changes",

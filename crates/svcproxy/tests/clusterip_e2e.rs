@@ -182,10 +182,19 @@ fn clusterip_traffic_follows_the_manifests(mode: &str) {
             "{name} missing or zero:\n{metrics}"
         );
     }
-    assert!(
-        metrics.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures"),
-        "{metrics}"
-    );
+    // Each mode's failure counter exists from the start at zero (upstream registers only its mode's).
+    let (ours, theirs) = match mode {
+        "iptables" => (
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"}",
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{",
+        ),
+        _ => (
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"}",
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{",
+        ),
+    };
+    assert_eq!(metric_value(&metrics, ours), Some(0.0), "{metrics}");
+    assert!(!metrics.contains(theirs), "{metrics}");
     // Network programming latency, from the slices' trigger-time annotation, as upstream reports it: the one
     // change made since start (the initial list's trigger times predate svcproxy and are not its latency).
     let programmed = metric_value(

@@ -742,6 +742,12 @@ fn ne_kernel_without_numgen() {
             )
         })
         .collect();
+    // Counted under upstream's nftables metric, not the iptables-restore one.
+    assert!(
+        metric(&m, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total", &[]) >= 1.0,
+        "{m}"
+    );
+    assert!(!m.contains("iptables_restore_failures"), "{m}");
     let log = proxy.log();
     let failed = log
         .lines()

@@ -406,9 +406,17 @@ impl<P: Proxier> Engine<P> {
     ) -> P {
         self.health.updated(self.proxier.family());
         // Failure counters exist from the start at zero, so alerts on their rate work before the first failure.
+        // So are the timestamps, at 0, as upstream's gauges are: "time() - last sync > N" must fire on a node
+        // that never synced, not find no series.
         let labels = self.family_labels();
-        let _ = self.metrics.restore_failures.get_or_create(&labels);
-        let _ = self.metrics.partial_restore_failures.get_or_create(&labels);
+        if self.proxier.writes_nftables() {
+            let _ = self.metrics.nftables_sync_failures.get_or_create(&labels);
+        } else {
+            let _ = self.metrics.restore_failures.get_or_create(&labels);
+            let _ = self.metrics.partial_restore_failures.get_or_create(&labels);
+        }
+        let _ = self.metrics.last_sync_timestamp.get_or_create(&labels);
+        let _ = self.metrics.last_queued_timestamp.get_or_create(&labels);
         let mut verify_tick = self.config.verify_period.map(interval);
         let mut canary_tick = self.config.canary_period.map(interval);
         loop {
@@ -679,9 +687,13 @@ impl<P: Proxier> Engine<P> {
     fn on_failure(&mut self, mode: SyncMode, e: SyncError, now: Instant) {
         let labels = self.family_labels();
         if matches!(e, SyncError::Refused { .. }) {
-            self.metrics.restore_failures.get_or_create(&labels).inc();
-            if mode == SyncMode::Partial {
-                self.metrics.partial_restore_failures.get_or_create(&labels).inc();
+            if self.proxier.writes_nftables() {
+                self.metrics.nftables_sync_failures.get_or_create(&labels).inc();
+            } else {
+                self.metrics.restore_failures.get_or_create(&labels).inc();
+                if mode == SyncMode::Partial {
+                    self.metrics.partial_restore_failures.get_or_create(&labels).inc();
+                }
             }
         }
         self.metrics

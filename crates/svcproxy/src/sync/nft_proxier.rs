@@ -370,6 +370,10 @@ impl Proxier for NftProxier {
         "the ip svcproxy nftables table"
     }
 
+    fn writes_nftables(&self) -> bool {
+        true
+    }
+
     fn hazards(&mut self) -> Vec<String> {
         match (&self.other_proxies, &self.applied) {
             (Some(other), Some(_)) => other.find(),

@@ -106,6 +106,11 @@ pub trait Proxier: Send {
     fn canary(&mut self) -> Result<Vec<Finding>, SyncError>;
     /// What this backend owns, as an operator would look for it (for messages).
     fn owned_rules(&self) -> &'static str;
+    /// Writes nftables directly (not through iptables), so its failed transactions count under upstream's
+    /// nftables metric instead of the iptables-restore one.
+    fn writes_nftables(&self) -> bool {
+        false
+    }
     /// State outside what we own that acts on the same packets and that no sync can repair (another iptables
     /// backend's KUBE-* chains, say), one sentence each with its fix. Read at every periodic check.
     fn hazards(&mut self) -> Vec<String> {
