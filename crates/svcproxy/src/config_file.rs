@@ -112,6 +112,8 @@ pub struct FileConfig {
     pub metrics_bind_address: SocketAddr,
     /// `bindAddress`: the node's address(es), overriding the Node object's (see `--bind-address`).
     pub bind_address: Vec<IpAddr>,
+    /// `bindAddressHardFail`: exit when the health or metrics address cannot be bound, instead of retrying.
+    pub bind_address_hard_fail: bool,
     /// The `iptables` section; used when the mode is iptables.
     pub iptables: ModeSection,
     /// The `nftables` section; used when the mode is nftables.
@@ -231,6 +233,9 @@ pub fn merge(args: RunArgs, run_matches: &ArgMatches, file: &FileConfig) -> RunA
         .copied()
         .filter(|ip| !ip.is_unspecified())
         .collect();
+    if !explicit("bind_address_hard_fail") && file.bind_address_hard_fail {
+        out.upstream.bind_address_hard_fail = Some(true);
+    }
     // As upstream: the section of the mode in effect applies, the other one is ignored.
     let section = match out.proxy_mode {
         ProxyMode::Iptables => &file.iptables,
@@ -326,6 +331,9 @@ pub fn effective_config_yaml(args: &RunArgs) -> String {
             .map(ToString::to_string)
             .collect();
         y.push_str(&format!("bindAddress: {}\n", q(&ips.join(","))));
+    }
+    if args.upstream.bind_address_hard_fail == Some(true) {
+        y.push_str("bindAddressHardFail: true\n");
     }
     y.push_str(&format!(
         "healthzBindAddress: {}\n",
@@ -879,6 +887,7 @@ impl RawConfig {
             healthz_bind_address,
             metrics_bind_address,
             bind_address,
+            bind_address_hard_fail: self.bind_address_hard_fail.unwrap_or(false),
             iptables: iptables_section,
             nftables: nftables_section,
             iptables_localhost_nodeports: iptables.localhost_node_ports.unwrap_or(false),

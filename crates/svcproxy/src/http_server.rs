@@ -116,16 +116,36 @@ pub fn metrics_router(state: AppState) -> Router {
 }
 
 /// Binds now (so a port conflict is reported at start) and serves in the background.
+/// Serves `router` on `addr`. An address that cannot be bound (another process holds the port: the old
+/// proxy during a migration, say) is an error with `hard_fail`; otherwise, as upstream does by default, it is
+/// logged and retried every few seconds while everything else goes on, rules included.
 pub async fn serve(
-    what: &str,
+    what: &'static str,
     addr: SocketAddr,
     router: Router,
+    hard_fail: bool,
 ) -> Result<tokio::task::JoinHandle<()>, HttpError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })?;
-    tracing::info!("serving {what} on http://{addr}");
+    const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+    let first = TcpListener::bind(addr).await;
+    let listener = match first {
+        Ok(listener) => Some(listener),
+        Err(source) if hard_fail => return Err(HttpError::Bind { addr, source }),
+        Err(e) => {
+            tracing::error!("cannot serve {what} on {addr}: {e}; retrying every {RETRY:?}");
+            None
+        }
+    };
     Ok(tokio::spawn(async move {
+        let listener = match listener {
+            Some(listener) => listener,
+            None => loop {
+                tokio::time::sleep(RETRY).await;
+                if let Ok(listener) = TcpListener::bind(addr).await {
+                    break listener;
+                }
+            },
+        };
+        tracing::info!("serving {what} on http://{addr}");
         if let Err(e) = axum::serve(listener, router).await {
             tracing::error!("HTTP server on {addr} stopped: {e}");
         }

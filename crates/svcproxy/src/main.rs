@@ -190,10 +190,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         proxy_mode: mode_name,
     };
+    let hard_fail = args.upstream.bind_address_hard_fail == Some(true);
     let _health_server = http_server::serve(
         "health",
         args.healthz_bind_address,
         http_server::health_router(app.clone()),
+        hard_fail,
     )
     .await?;
     let debug = DebugState::new(&args, &node)?;
@@ -201,6 +203,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "metrics",
         args.metrics_bind_address,
         http_server::metrics_router(app).merge(debug.router()),
+        hard_fail,
     )
     .await?;
 

@@ -67,8 +67,8 @@ pub struct UpstreamFlags {
     #[arg(long, value_name = "VERSION")]
     pub show_hidden_metrics_for_version: Option<String>,
 
-    /// svcproxy exits when it cannot bind its health or metrics address, as kube-proxy does with this set;
-    /// `false` is accepted with a warning.
+    /// Exit when the health or metrics address cannot be bound. Unset or false: log it and retry every 5
+    /// seconds while the rules are programmed, as kube-proxy does.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
           value_parser = parse_go_bool)]
     pub bind_address_hard_fail: Option<bool>,
@@ -111,7 +111,7 @@ impl UpstreamFlags {
                 why: "it belonged to the userspace proxy, which no longer exists; leave it out",
             });
         }
-        let given: [(&str, bool, &str); 9] = [
+        let given: [(&str, bool, &str); 8] = [
             (
                 "vmodule",
                 self.vmodule.is_some(),
@@ -151,11 +151,6 @@ impl UpstreamFlags {
                 "show-hidden-metrics-for-version",
                 self.show_hidden_metrics_for_version.is_some(),
                 "svcproxy hides no metrics",
-            ),
-            (
-                "bind-address-hard-fail",
-                self.bind_address_hard_fail == Some(false),
-                "svcproxy always exits when it cannot bind its health or metrics address",
             ),
         ];
         let warnings = given
@@ -228,7 +223,6 @@ mod tests {
             "--kube-api-burst=10",
             "--kube-api-content-type=application/vnd.kubernetes.protobuf",
             "--show-hidden-metrics-for-version=1.30",
-            "--bind-address-hard-fail=false",
         ]);
         let warnings = flags.check().unwrap();
         for flag in [
@@ -240,16 +234,17 @@ mod tests {
             "--kube-api-qps",
             "--kube-api-content-type",
             "--show-hidden-metrics-for-version",
-            "--bind-address-hard-fail",
         ] {
             assert!(
                 warnings.iter().any(|w| w.starts_with(&format!("{flag}:"))),
                 "{flag} not named: {warnings:?}"
             );
         }
-        assert_eq!(warnings.len(), 9, "{warnings:?}");
-        // What svcproxy does anyway is not worth a warning.
-        assert_eq!(parse(&["--bind-address-hard-fail"]).check(), Ok(Vec::new()));
+        assert_eq!(warnings.len(), 8, "{warnings:?}");
+        // Flags that act are not warned about; what svcproxy does anyway is not worth a warning.
+        for acting in ["--bind-address-hard-fail", "--bind-address-hard-fail=false"] {
+            assert_eq!(parse(&[acting]).check(), Ok(Vec::new()));
+        }
         assert_eq!(parse(&["--profiling=false"]).check(), Ok(Vec::new()));
     }
 

@@ -317,3 +317,58 @@ in_both_modes!(
     clusterip_traffic_follows_the_manifests,
     bad_manifests_are_rejected_and_lose_nothing,
 );
+
+/// The health port is held by another process (the old proxy, during a migration): svcproxy programs the
+/// rules all the same and serves health once the port is free, as upstream does by default; with
+/// `--bind-address-hard-fail` it refuses to start instead.
+#[test]
+fn a_busy_health_port_is_retried_not_fatal() {
+    let lab = Lab::new();
+    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
+    let _backend = Backend::start(pod.ns(), "pod11", &[8080], &[5353]);
+    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+    let dir = TempDir::new("busy");
+    dir.write("web.yaml", &web(&["10.244.0.11"]));
+    let health: SocketAddr = common::HEALTHZ.parse().unwrap();
+    let holder = lab
+        .node()
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", health.port())).unwrap());
+
+    let out = lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args([
+            "run",
+            "--manifests",
+            dir.path().to_str().unwrap(),
+            "--bind-address-hard-fail",
+        ])
+        .args(["--hostname-override", "node-a"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "hard fail exits");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot listen on 0.0.0.0:10256"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    wait_until(
+        WAIT,
+        POLL,
+        "the rules are programmed while the port is busy",
+        || {
+            proxy.assert_running();
+            tcp_request(client.ns(), addr("10.96.0.100", 80), T).ok()
+        },
+    );
+    assert!(proxy.log().contains("cannot serve health"), "{}", proxy.log());
+    drop(holder);
+    wait_until(WAIT, POLL, "health is served once the port is free", || {
+        proxy.assert_running();
+        http_get(lab.node(), health, "/healthz", T)
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    });
+}

@@ -575,7 +575,7 @@ fn written_configuration_reads_back_to_the_same_arguments() {
             "--log-format=json",
         ],
         vec!["--nodeport-addresses=primary", "--detect-local-mode=NodeCIDR"],
-        vec!["--bind-address=10.0.0.99"],
+        vec!["--bind-address=10.0.0.99", "--bind-address-hard-fail"],
         vec![
             "--manifests=/srv/manifests",
             "--detect-local-mode=InterfaceNamePrefix",
