@@ -95,6 +95,9 @@ struct Inner {
     options: ProxierOptions,
     status: OnceLock<watch::Receiver<EngineStatus>>,
     tracking: Mutex<Tracking>,
+    /// One kernel read at a time: `diff` and `explain` each read the whole ruleset (seconds of CPU at
+    /// thousands of Services), and the metrics address they are served on is often reachable from pods.
+    kernel_reads: tokio::sync::Semaphore,
 }
 
 /// The state behind the debug endpoints. Created before the engine (the metrics server starts first) and
@@ -117,6 +120,7 @@ impl DebugState {
             options: ProxierOptions::from_args(args, svcproxy_model::IpFamily::V4)?,
             status: OnceLock::new(),
             tracking: Mutex::new(Tracking::default()),
+            kernel_reads: tokio::sync::Semaphore::new(1),
         })))
     }
 
@@ -308,6 +312,23 @@ async fn intent(State(d): State<DebugState>) -> Response {
 }
 
 /// Reads the kernel (a blocking `iptables-save`) off the async workers.
+impl DebugState {
+    /// Runs `f`, a kernel read, off the async threads; a request that comes while another one's read is
+    /// under way is turned away (429) rather than queued, so a client in a loop cannot pile them up.
+    async fn read_kernel<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, String> + Send + 'static,
+    ) -> Result<T, Failure> {
+        let Ok(_one_at_a_time) = self.0.kernel_reads.try_acquire() else {
+            return Err(Failure(
+                StatusCode::TOO_MANY_REQUESTS,
+                "another request's kernel read is under way; try again when it is done".into(),
+            ));
+        };
+        blocking(f).await
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, Failure> {
@@ -325,17 +346,19 @@ async fn diff_handler(State(d): State<DebugState>) -> Response {
     };
     let mut expected = d.expected(applied);
     let mode = d.0.proxy_mode;
-    let result = blocking(move || {
-        let kernel = KernelRead::read(mode, &["filter", "nat"], IpFamily::V4).map_err(|e| e.to_string())?;
-        expected.align_with(&kernel);
-        Ok(diff::compare(
-            &kernel,
-            &expected.rendering,
-            &expected.config,
-            expected.intent.service_ports.len(),
-        ))
-    })
-    .await;
+    let result = d
+        .read_kernel(move || {
+            let kernel =
+                KernelRead::read(mode, &["filter", "nat"], IpFamily::V4).map_err(|e| e.to_string())?;
+            expected.align_with(&kernel);
+            Ok(diff::compare(
+                &kernel,
+                &expected.rendering,
+                &expected.config,
+                expected.intent.service_ports.len(),
+            ))
+        })
+        .await;
     match result {
         Ok(report) => json(&report),
         Err(f) => f.into_response(),
@@ -374,25 +397,26 @@ async fn explain_handler(State(d): State<DebugState>, Query(q): Query<ExplainQue
     let in_interface = q.in_interface.clone();
     let mode = d.0.proxy_mode;
     let daemon = DaemonView::of("the daemon itself", &d.report());
-    let result = blocking(move || {
-        let kernel = KernelRead::read(mode, &[], IpFamily::V4).map_err(|e| e.to_string())?;
-        let local_ips = SystemAddresses.addresses();
-        let mut report = explain::explain(ExplainInput {
-            kernel: kernel.rules(),
-            expected: expected.as_ref().map_err(Clone::clone),
-            from,
-            from_label,
-            from_pod: false,
-            to: &to,
-            origin,
-            local_ips: &local_ips,
-            in_interface,
+    let result = d
+        .read_kernel(move || {
+            let kernel = KernelRead::read(mode, &[], IpFamily::V4).map_err(|e| e.to_string())?;
+            let local_ips = SystemAddresses.addresses();
+            let mut report = explain::explain(ExplainInput {
+                kernel: kernel.rules(),
+                expected: expected.as_ref().map_err(Clone::clone),
+                from,
+                from_label,
+                from_pod: false,
+                to: &to,
+                origin,
+                local_ips: &local_ips,
+                in_interface,
+            })
+            .map_err(|e| e.to_string())?;
+            report.complete(Some(daemon), node_hazards(&SystemRunner));
+            Ok(report)
         })
-        .map_err(|e| e.to_string())?;
-        report.complete(Some(daemon), node_hazards(&SystemRunner));
-        Ok(report)
-    })
-    .await;
+        .await;
     match result {
         Ok(report) => json(&report),
         Err(f) => f.into_response(),
@@ -424,6 +448,40 @@ mod tests {
                 node_name: "node-a".into(),
             },
         ))
+    }
+
+    #[tokio::test]
+    async fn kernel_reads_run_one_at_a_time() {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = crate::cli::Cli::command()
+            .try_get_matches_from(["svcproxy", "run", "--manifests", "/nonexistent"])
+            .unwrap();
+        let run = matches.subcommand_matches("run").unwrap();
+        let d = DebugState::new(&RunArgs::from_arg_matches(run).unwrap(), "node-a").unwrap();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let first = tokio::spawn({
+            let d = d.clone();
+            async move {
+                d.read_kernel(move || {
+                    started_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    Ok(1)
+                })
+                .await
+            }
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        let second = d.read_kernel(|| Ok(2)).await;
+        assert!(matches!(second, Err(Failure(StatusCode::TOO_MANY_REQUESTS, _))));
+        release_tx.send(()).unwrap();
+        assert!(matches!(first.await.unwrap(), Ok(1)));
+        assert!(
+            matches!(d.read_kernel(|| Ok(3)).await, Ok(3)),
+            "free again once the first is done"
+        );
     }
 
     #[test]
