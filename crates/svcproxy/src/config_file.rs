@@ -30,6 +30,8 @@ use crate::cli::{DetectLocalMode, LogFormat, ProxyMode, RunArgs, format_duration
 use crate::node_addresses::NodePortSpec;
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+/// The API group `/configz` files the configuration under.
+const API_GROUP: &str = "kubeproxy.config.k8s.io";
 pub const KIND: &str = "KubeProxyConfiguration";
 
 // kube-proxy's defaults for settings that have no flag default to borrow (the rest come from the flags'
@@ -382,6 +384,13 @@ pub fn effective_config_yaml(args: &RunArgs) -> String {
     ));
     y.push_str(&format!("logging:\n  format: {log_format}\n"));
     y
+}
+
+/// The effective configuration as upstream's `/configz` serves it: the KubeProxyConfiguration as JSON, under
+/// its API group.
+pub fn configz_json(args: &RunArgs) -> String {
+    let config: Value = serde_saphyr::from_str(&effective_config_yaml(args)).unwrap_or(Value::Null);
+    serde_json::json!({ API_GROUP: config }).to_string()
 }
 
 /// Parses and validates a KubeProxyConfiguration document.

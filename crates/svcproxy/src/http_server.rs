@@ -27,6 +27,8 @@ pub struct AppState {
     pub health: Arc<ProxyHealth>,
     pub metrics: Arc<Metrics>,
     pub proxy_mode: &'static str,
+    /// The effective configuration as `/configz` serves it (JSON), fixed at start.
+    pub configz: Arc<str>,
 }
 
 fn json(status: StatusCode, body: String) -> Response {
@@ -96,6 +98,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
     r
 }
 
+async fn configz(State(s): State<AppState>) -> Response {
+    json(StatusCode::OK, s.configz.to_string())
+}
+
 async fn proxy_mode(State(s): State<AppState>) -> &'static str {
     s.proxy_mode
 }
@@ -111,11 +117,11 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/proxyMode", get(proxy_mode))
+        .route("/configz", get(configz))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
 
-/// Binds now (so a port conflict is reported at start) and serves in the background.
 /// Serves `router` on `addr`. An address that cannot be bound (another process holds the port: the old
 /// proxy during a migration, say) is an error with `hard_fail`; otherwise, as upstream does by default, it is
 /// logged and retried every few seconds while everything else goes on, rules included.

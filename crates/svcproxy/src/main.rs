@@ -189,6 +189,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         health: health.clone(),
         metrics: metrics.clone(),
         proxy_mode: mode_name,
+        configz: svcproxy::config_file::configz_json(&args).into(),
     };
     let hard_fail = args.upstream.bind_address_hard_fail == Some(true);
     let _health_server = http_server::serve(

@@ -195,6 +195,13 @@ fn clusterip_traffic_follows_the_manifests(mode: &str) {
     };
     assert_eq!(metric_value(&metrics, ours), Some(0.0), "{metrics}");
     assert!(!metrics.contains(theirs), "{metrics}");
+    // The effective configuration, as upstream's /configz serves it.
+    let (status, body) = http_get(lab.node(), common::METRICS.parse().unwrap(), "/configz", T).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let configz: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let config = &configz["kubeproxy.config.k8s.io"];
+    assert_eq!(config["mode"], mode, "{body}");
+    assert_eq!(config["conntrack"]["tcpBeLiberal"], true, "{body}");
     // Network programming latency, from the slices' trigger-time annotation, as upstream reports it: the one
     // change made since start (the initial list's trigger times predate svcproxy and are not its latency).
     let programmed = metric_value(

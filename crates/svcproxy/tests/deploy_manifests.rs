@@ -338,6 +338,7 @@ async fn get(path: &str) -> String {
         health: Arc::new(ProxyHealth::new(std::time::Duration::from_secs(60))),
         metrics: Arc::new(Metrics::new()),
         proxy_mode: "iptables",
+        configz: "{}".into(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
