@@ -18,6 +18,8 @@ struct Inner {
     last_updated: SystemTime,
     /// Per family, when the oldest change not yet in the kernel arrived.
     oldest_pending: BTreeMap<IpFamily, Instant>,
+    /// Per family, since when the engine has been waiting for its initial lists.
+    listing_since: BTreeMap<IpFamily, Instant>,
     node_eligible: bool,
     /// Per family, why the kernel does not match the cluster, when we know: repeated sync failures, a
     /// divergence found by read-back that is not repaired yet, a hazard no sync can repair.
@@ -50,6 +52,7 @@ impl ProxyHealth {
             inner: Mutex::new(Inner {
                 last_updated: SystemTime::now(),
                 oldest_pending: BTreeMap::new(),
+                listing_since: BTreeMap::new(),
                 node_eligible: true,
                 problems: BTreeMap::new(),
             }),
@@ -67,6 +70,22 @@ impl ProxyHealth {
             .oldest_pending
             .entry(family)
             .or_insert_with(Instant::now);
+    }
+
+    /// The engine of `family` waits for its initial lists (Services, EndpointSlices, its Node) before it
+    /// programs anything. Nothing counts as a waiting change meanwhile, so a slow list does not fail the
+    /// liveness probe (and a restart would only list again); but lists still incomplete after the timeout
+    /// turn health red, since nothing this node serves is being kept in line with the cluster.
+    pub fn listing(&self, family: IpFamily) {
+        self.lock()
+            .listing_since
+            .entry(family)
+            .or_insert_with(Instant::now);
+    }
+
+    /// The initial lists of `family` are complete.
+    pub fn listed(&self, family: IpFamily) {
+        self.lock().listing_since.remove(&family);
     }
 
     /// Everything queued so far for `family` is now in the kernel.
@@ -93,10 +112,24 @@ impl ProxyHealth {
         let g = self.lock();
         let now = SystemTime::now();
         let live = g.oldest_pending.values().all(|at| at.elapsed() < self.timeout);
-        let healthy = live && g.problems.is_empty();
+        let stuck_listing = g
+            .listing_since
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= self.timeout);
+        let mut problems: Vec<(IpFamily, String)> = stuck_listing
+            .map(|(family, at)| {
+                let waited = at.elapsed().as_secs();
+                (
+                    *family,
+                    format!("the initial lists are not complete after {waited}s; nothing is programmed"),
+                )
+            })
+            .collect();
+        problems.extend(g.problems.iter().map(|(f, p)| (*f, p.clone())));
+        let healthy = live && problems.is_empty();
         // IPv4's reasons read as they always did; the other family's say which family they are about.
-        let problem = (!g.problems.is_empty()).then(|| {
-            g.problems
+        let problem = (!problems.is_empty()).then(|| {
+            problems
                 .iter()
                 .map(|(family, p)| match family {
                     IpFamily::V4 => p.clone(),
@@ -139,6 +172,24 @@ mod tests {
         assert!(!h.status().live);
         h.updated(IpFamily::V4);
         assert!(h.status().healthy && h.status().live);
+    }
+
+    #[test]
+    fn initial_lists_that_never_complete_turn_health_red_but_not_liveness() {
+        let h = ProxyHealth::new(Duration::from_millis(0));
+        h.listing(IpFamily::V4);
+        let st = h.status();
+        assert!(!st.healthy && st.live, "{st:?}");
+        assert!(st.problem.unwrap().contains("initial lists"));
+        h.listed(IpFamily::V4);
+        assert!(h.status().healthy);
+
+        let patient = ProxyHealth::new(Duration::from_secs(3600));
+        patient.listing(IpFamily::V4);
+        assert!(
+            patient.status().healthy,
+            "a list still within the timeout is fine"
+        );
     }
 
     #[test]

@@ -314,3 +314,36 @@ fn a_node_marked_for_deletion_stays_ineligible_once_deleted() {
     assert!(tcp_request(client.ns(), vip, T).is_ok(), "the rules keep serving");
     proxy.assert_running();
 }
+
+/// The API server cannot be listed at all (unreachable here; missing RBAC for one of the lists does the same):
+/// nothing is programmed, so once 2 × syncPeriod has passed /healthz is red and says why, while /livez stays
+/// green (listing again after a restart would not help).
+#[test]
+fn initial_lists_that_never_complete_turn_healthz_red_and_not_livez() {
+    let lab = Lab::new();
+    let dir = TempDir::new("kubeconfig");
+    let kubeconfig = dir.path().join("kubeconfig");
+    // A kubeconfig of the right shape whose server is a port nothing listens on.
+    let api = FakeApiServer::start_in(lab.node(), "127.0.0.1:0".parse().unwrap());
+    let nowhere = api
+        .kubeconfig_yaml()
+        .replace(&api.addr().to_string(), "127.0.0.1:9");
+    assert_ne!(nowhere, api.kubeconfig_yaml(), "the server line was rewritten");
+    std::fs::write(&kubeconfig, nowhere).unwrap();
+    let mut proxy = Svcproxy::start(
+        lab.node(),
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--sync-period",
+            "2s",
+        ],
+    );
+    let get =
+        |path: &str| svcproxy_testkit::http_get(lab.node(), "127.0.0.1:10256".parse().unwrap(), path, T).ok();
+    wait_until(WAIT, POLL, "healthz turns red, naming the lists", || {
+        proxy.assert_running();
+        get("/healthz").filter(|(code, body)| *code == 503 && body.contains("initial lists"))
+    });
+    assert_eq!(get("/livez").map(|(code, _)| code), Some(200));
+}

@@ -274,6 +274,7 @@ impl<P: Proxier> Engine<P> {
             SourceEvent::Synced => {
                 let first = !self.initialized;
                 self.initialized = true;
+                self.health.listed(self.proxier.family());
                 return first;
             }
             SourceEvent::Unreachable(problem) => {
@@ -405,6 +406,9 @@ impl<P: Proxier> Engine<P> {
         mut shutdown: watch::Receiver<bool>,
     ) -> P {
         self.health.updated(self.proxier.family());
+        if !self.initialized {
+            self.health.listing(self.proxier.family());
+        }
         // Failure counters exist from the start at zero, so alerts on their rate work before the first failure.
         // So are the timestamps, at 0, as upstream's gauges are: "time() - last sync > N" must fire on a node
         // that never synced, not find no series.
