@@ -59,7 +59,7 @@ pub fn probe_transaction(family: IpFamily) -> String {
         format!("add rule {t} probe-endpoint fib saddr type local meta mark set meta mark | 0x00004000"),
         format!("add rule {t} probe-endpoint meta l4proto tcp dnat to {b}"),
         format!(
-            "add rule {t} probe-snat {addr} saddr . {addr} daddr @probe-pairs meta mark set meta mark | 0x00004000"
+            "add rule {t} probe-snat ct status dnat {addr} saddr . {addr} daddr @probe-pairs meta mark set meta mark | 0x00004000"
         ),
         format!("add rule {t} probe-snat meta mark & 0x00004000 == 0x00000000 return"),
         format!("add rule {t} probe-snat meta mark set meta mark ^ 0x00004000"),

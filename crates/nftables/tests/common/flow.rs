@@ -471,6 +471,14 @@ pub fn flows() -> Vec<Flow> {
             443,
             (&["10.0.0.10:6443"], true, Accept),
         ),
+        f(
+            "the host to the kubernetes endpoint directly, not through the Service, keeps its source",
+            Host,
+            NODE_IP,
+            NODE_IP,
+            6443,
+            (&[], false, Accept),
+        ),
     ];
     let mut udp = f(
         "UDP clusterIP port",
