@@ -824,6 +824,7 @@ impl IptablesProxier {
             intent,
             payload_lines: lines,
             conntrack,
+            follow_up: None,
         }
     }
 
