@@ -49,8 +49,8 @@ pub enum DispatchLayout {
     /// adding rules grow with the table. Larger services use the vmap.
     Cascade { max_endpoints: usize },
     /// The same cascade, but each rule DNATs itself (`numgen random mod k 0 meta l4proto tcp dnat to …`), so
-    /// there are no endpoint chains at all; hairpin traffic is recognised in postrouting instead (source
-    /// equals the DNATed destination). Larger services use endpoint chains and the vmap.
+    /// there are no endpoint chains at all; hairpin traffic is recognised in postrouting instead (a DNATed
+    /// connection whose source equals its new destination). Larger services use endpoint chains and the vmap.
     Direct { max_endpoints: usize },
     /// One rule per policy chain, `dnat ip to numgen random mod N offset B map @endpoints-K`, its endpoints
     /// being elements of one of the shared endpoint maps ([`crate::slots`]): an endpoint change is a change of

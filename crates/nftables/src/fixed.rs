@@ -178,12 +178,22 @@ pub fn fixed_ruleset(cfg: &RenderConfig) -> Ruleset {
     }
     chains.insert(CLUSTER_IPS_CHECK.into(), regular(cluster_checks));
     // Clear the bit before masquerading so a packet that traverses postrouting again is not SNATed twice.
-    // Endpoints reached without an endpoint chain (the direct layout) get their hairpin masquerade here: after
-    // DNAT, a packet whose source is its own destination came from the endpoint itself.
+    // Endpoints reached without an endpoint chain (the direct and mapped layouts) get their hairpin masquerade
+    // here: after DNAT, a packet whose source is its own destination came from the endpoint itself. But only
+    // if a DNAT sent it there: an endpoint address is often the node's own (the `kubernetes` Service on a
+    // control-plane node, host-network pods), and every connection the host makes to its own address has
+    // source equal to destination without going near a Service. The kernel sets `ct status dnat` only when a
+    // DNAT changed the connection's tuple.
+    //
+    // The pair is not narrowed to the endpoint's protocol and port. Besides our own DNATs, `ct status dnat`
+    // lets through only another component's DNAT of an endpoint back to itself (a CNI hostPort mapping used
+    // by the pod behind it), which is a hairpin all the same and needs the same SNAT; and an
+    // `address . address` key is stored inline, where `. tcp . 8080` would put every element of this set
+    // (one per endpoint) on the heap.
     chains.insert(
         MASQUERADING.into(),
         regular(vec![
-            format!("{addr} saddr . {addr} daddr @{HAIRPIN} jump {MARK_FOR_MASQUERADE}"),
+            format!("ct status dnat {addr} saddr . {addr} daddr @{HAIRPIN} jump {MARK_FOR_MASQUERADE}"),
             format!("meta mark & {mark} == 0x00000000 return"),
             format!("meta mark set meta mark ^ {mark}"),
             "masquerade fully-random".into(),

@@ -10,7 +10,9 @@
 //!   [`delete_table_transaction`] for upstream's `kube-proxy` tables, then [`full_transaction`] of
 //!   [`render`]`(intent)` — or, on a cold start with many services, the parts of [`chunked_full`] in order;
 //! - on every change, [`partial_transaction`]`(last applied, render(new intent))`, keeping the applied
-//!   [`Ruleset`] in memory rather than listing the kernel (fall back to a full transaction on failure);
+//!   [`Ruleset`] in memory rather than listing the kernel (fall back to a full transaction on failure); on
+//!   kernels before 6.2 ([`KernelVersion`]) through [`DeferredDeletions`], which holds the deletion of removed
+//!   chains for a later transaction;
 //! - to verify, [`parse_listing`] of `nft list table ip svcproxy` (or, much faster, of [`table_text`] of
 //!   `nft -t list ruleset` with each set's elements dumped over netlink, [`dump_request`], and decoded by an
 //!   [`ElementDecoder`]), then
@@ -22,6 +24,7 @@
 pub mod addr_text;
 pub mod commands;
 pub mod config;
+pub mod deferred;
 pub mod dispatch;
 pub mod element_batch;
 pub mod element_dump;
@@ -41,11 +44,12 @@ pub mod tracer;
 pub mod transaction;
 
 pub use config::{ConfigError, DispatchLayout, LocalDetector, NodePortAddresses, RenderConfig};
+pub use deferred::{DELETION_DELAY, DeferredDeletions, DueDeletions};
 pub use element_batch::{ElementChange, EncodeError, EncodedBatch, element_changes, encode_batch};
 pub use element_dump::{DecodeError, ElementDecoder, dump_request};
 pub use incremental::{RenderedTable, TableUpdate, render_table, render_table_after};
 pub use listing::{Listing, ListingError, parse_listing, table_text};
-pub use probe::{PROBE_TABLE, probe_transaction};
+pub use probe::{KernelVersion, PROBE_TABLE, probe_transaction};
 pub use render::{render, render_after};
 pub use ruleset::{
     BaseChain, Chain, ChainType, CompactString, Element, Family, Hook, Policy, Ruleset, Set, SetKind,

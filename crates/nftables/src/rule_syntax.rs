@@ -1,9 +1,10 @@
 //! A rule line, as `nft` prints it, parsed into the matches and statements the tracer evaluates.
 //!
 //! Only the vocabulary a Service proxy's table uses (ours and upstream kube-proxy's) is understood: address,
-//! protocol, port, mark, fib, conntrack-state and interface-name matches, set and map lookups (named and
-//! anonymous), `numgen`, jumps and verdicts, DNAT, masquerade, mark arithmetic and dynamic-set updates. Any
-//! other word is an error rather than a guess, so the tracer never silently skips a rule it cannot read.
+//! protocol, port, mark, fib, conntrack state and status, and interface-name matches, set and map lookups
+//! (named and anonymous), `numgen`, jumps and verdicts, DNAT, masquerade, mark arithmetic and dynamic-set
+//! updates. Any other word is an error rather than a guess, so the tracer never silently skips a rule it
+//! cannot read.
 
 use thiserror::Error;
 
@@ -34,6 +35,8 @@ pub enum Selector {
     FibSaddrType,
     FibDaddrType,
     CtState,
+    /// `ct status`: the connection's status bits (`dnat` once a DNAT rewrote its destination).
+    CtStatus,
     Iifname,
     /// `numgen random mod M offset K`: any of K..K+M.
     Numgen {
@@ -256,10 +259,11 @@ fn selector(first: &str, cur: &mut Cursor) -> Result<Option<Selector>, RuleSynta
                 other => return Err(RuleSyntaxError::Unsupported(format!("fib {other}"))),
             }
         }
-        "ct" => {
-            cur.expect_word("state", "ct")?;
-            Selector::CtState
-        }
+        "ct" => match cur.expect("state or status", first)?.as_str() {
+            "state" => Selector::CtState,
+            "status" => Selector::CtStatus,
+            other => return Err(RuleSyntaxError::Unsupported(format!("ct {other}"))),
+        },
         "iifname" => Selector::Iifname,
         "numgen" => {
             cur.expect_word("random", "numgen")?;
@@ -542,6 +546,17 @@ mod tests {
         assert!(parse_rule("ip daddr @cluster-ips reject comment \"x\"").is_ok());
         assert!(parse_rule("numgen random mod 3 0 goto e").is_ok());
         assert!(parse_rule("ct state new jump c").is_ok());
+        let r = parse_rule("ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade").unwrap();
+        assert_eq!(
+            r.items[0],
+            Item::Match {
+                selectors: vec![Selector::CtStatus],
+                mask: None,
+                negate: false,
+                operand: Operand::Value("dnat".into())
+            }
+        );
+        assert!(parse_rule("ct helper \"ftp\" accept").is_err());
         assert!(parse_rule("masquerade fully-random").is_ok());
         assert!(parse_rule("tproxy to :50").is_err());
     }

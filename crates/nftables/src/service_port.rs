@@ -263,6 +263,15 @@ fn add_element(rs: &mut Ruleset, set: &str, key: impl Into<CompactString>, eleme
     }
 }
 
+/// Whether the load-balancer IPs are guarded by a firewall chain: whenever there are source ranges, endpoints
+/// or not, as in upstream's nftables mode. Without endpoints, a source outside the ranges is dropped before the
+/// no-endpoints check could reject it, so it learns nothing about the Service, which is what the ranges are
+/// for. Upstream's iptables mode (and [`ServicePortIntent::uses_firewall_chain`], which the iptables backend
+/// follows) installs the firewall only when there are endpoints and rejects every source otherwise.
+fn uses_firewall(spi: &ServicePortIntent) -> bool {
+    !spi.load_balancer_ips.is_empty() && !spi.source_ranges.is_empty()
+}
+
 /// Adds one service port's objects to a ruleset that already holds the fixed objects.
 pub fn add_service_port(
     rs: &mut Ruleset,
@@ -311,7 +320,7 @@ pub fn add_service_port(
     }
 
     let external = spi.uses_external_chain().then(|| external_chain(spn));
-    let firewall = spi.uses_firewall_chain().then(|| firewall_chain(spn));
+    let firewall = uses_firewall(spi).then(|| firewall_chain(spn));
     let mut external_ips: Vec<IpAddr> = spi.external_ips.clone();
     external_ips.extend(spi.load_balancer_ips.iter().copied());
     for ip in &external_ips {

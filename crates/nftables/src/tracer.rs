@@ -5,7 +5,8 @@
 //! local destination) or forward and postrouting; from the host, output and postrouting, then (for a local
 //! destination, over loopback) the filter chains of prerouting and input. NAT chains run once per direction,
 //! as the kernel consults them only for a connection's first packet. `dnat` and `masquerade` end their base
-//! chain with an accept, as in the kernel.
+//! chain with an accept, as in the kernel, and a `dnat` that changed the destination sets the connection's
+//! `ct status dnat` for the chains after it.
 //!
 //! Random choices (`numgen`) are not drawn: every candidate is followed, so the trace lists every endpoint the
 //! connection may reach. Dynamic sets (affinity) are empty, as they are for a client's first connection. When
@@ -56,6 +57,8 @@ struct State {
     dport: u16,
     proto: Protocol,
     mark: u32,
+    /// A DNAT rewrote the destination: the kernel's `IPS_DST_NAT`, shown as `ct status dnat`.
+    dnat: bool,
     endpoint: Option<String>,
     masquerade: bool,
     steps: Vec<TraceStep>,
@@ -76,6 +79,10 @@ enum Seen {
     Addr(IpAddr),
     Text(&'static str),
     Num(u32),
+    /// `ct status`: of the bits a new connection can carry, only `dnat` may be set.
+    Status {
+        dnat: bool,
+    },
     /// numgen: any value in the range.
     Random {
         from: u32,
@@ -150,6 +157,7 @@ impl Tracer<'_> {
                 "unicast"
             }),
             Selector::CtState => Seen::Text("new"),
+            Selector::CtStatus => Seen::Status { dnat: st.dnat },
             // Interface names are not part of a traced packet; a detector by interface names pod interfaces.
             Selector::Iifname => Seen::Text(if self.origin == Origin::Pod {
                 "pod"
@@ -193,6 +201,19 @@ impl Tracer<'_> {
             Seen::Text("other") => false,
             Seen::Text(t) => text == *t,
             Seen::Num(n) => num_matches(text, n & mask.unwrap_or(u32::MAX)).ok_or_else(|| bad("number"))?,
+            // A list of flags matches when any of them is set. Before its first packet leaves postrouting a
+            // connection is not confirmed, has seen no reply and has no source NAT yet.
+            Seen::Status { dnat } => {
+                let mut any = false;
+                for flag in text.split(',').map(str::trim) {
+                    any |= match flag {
+                        "dnat" => *dnat,
+                        "expected" | "seen-reply" | "assured" | "confirmed" | "snat" | "dying" => false,
+                        _ => return Err(bad("conntrack status")),
+                    };
+                }
+                any
+            }
             Seen::Random { from, to } => {
                 let v = crate::rule_syntax::parse_number(text).map_err(|_| bad("number"))?;
                 *from <= v && v <= *to
@@ -545,6 +566,8 @@ impl Tracer<'_> {
             value: addr.to_string(),
             what: "address",
         })?;
+        // The kernel sets the status bit only when the rewrite changes the tuple.
+        s.dnat |= ip != s.daddr || port.is_some_and(|p| p != s.dport);
         s.daddr = ip;
         if let Some(p) = port {
             s.dport = p;
@@ -601,6 +624,7 @@ pub fn trace(ruleset: &Ruleset, packet: &Packet, node_ips: &[IpAddr]) -> Result<
         dport: packet.port,
         proto: packet.protocol,
         mark: 0,
+        dnat: false,
         endpoint: None,
         masquerade: false,
         steps: Vec::new(),

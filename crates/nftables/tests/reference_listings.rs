@@ -242,3 +242,36 @@ fn same_behaviour_as_upstream_on_every_scenario() {
     }
     assert!(differences > 0, "the deliberate difference was exercised");
 }
+
+/// An endpoint at one of the node's own addresses (a host-network pod, the API server behind `kubernetes` on a
+/// control-plane node) is masqueraded when it reaches itself through its Service, and only then: the host
+/// connecting to that address directly has source equal to destination too, and keeps it.
+#[test]
+fn an_endpoint_at_a_node_address_is_masqueraded_only_through_its_service() {
+    let mut compared = 0;
+    for layout in LAYOUTS {
+        for name in SCENARIOS {
+            let intent = intent_of(&scenario_state(&data(&format!("scenarios/{name}.yaml"))));
+            let ours = render(&intent, &flow_config(layout));
+            let theirs = upstream(name);
+            for spi in intent.service_ports.values() {
+                for ep in spi.endpoints.all_reachable() {
+                    let node = [ip(NODE_IP), ep.ip];
+                    let src = ep.ip.to_string();
+                    let direct = pkt(Origin::Host, &src, ep.ip, spi, ep.port);
+                    let a = trace(&ours, &direct, &node).unwrap();
+                    let b = trace(&theirs, &direct, &node).unwrap();
+                    let what = format!("{name} ({layout:?}) {} {src} to itself", spi.name);
+                    assert_eq!(outcome(&a), outcome(&b), "{what}");
+                    assert!(!a.masquerade, "{what}: masqueraded without a Service");
+                    let hairpin = pkt(Origin::Host, &src, spi.cluster_ip, spi, spi.port);
+                    let a = trace(&ours, &hairpin, &node).unwrap();
+                    let b = trace(&theirs, &hairpin, &node).unwrap();
+                    assert_eq!(outcome(&a), outcome(&b), "{what} through {}", spi.cluster_ip);
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert!(compared > 50, "{compared} endpoints");
+}

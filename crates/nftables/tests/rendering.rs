@@ -80,6 +80,54 @@ fn partial_transaction_for_a_moved_endpoint() {
     insta::assert_snapshot!(tx.text);
 }
 
+/// The line of `text` that adds elements to `set`, if any.
+fn elements_of<'a>(text: &'a str, set: &str) -> Option<&'a str> {
+    let head = format!("add element ip svcproxy {set} ");
+    text.lines().find(|l| l.starts_with(&head))
+}
+
+#[test]
+fn source_ranges_guard_a_load_balancer_without_endpoints() {
+    let mut lb = with_lb(
+        service(
+            "demo",
+            "idle-lb",
+            ServiceType::LoadBalancer,
+            "10.96.0.12",
+            vec![port("http", Protocol::Tcp, 80, Some(30081))],
+        ),
+        &["192.0.2.12"],
+    );
+    lb.load_balancer_source_ranges = vec![net("203.0.113.0/24")];
+    let cfg = flow_config(DEFAULT_LAYOUT);
+    let text = full_transaction(&render(&intent_of(&state(vec![lb.clone()], vec![])), &cfg)).text;
+    // Sources outside the ranges are dropped by the firewall before the no-endpoints check rejects the rest.
+    let fw = "firewall-demo/idle-lb/tcp/http";
+    assert!(
+        text.contains(&format!(
+            "add rule ip svcproxy {fw} ip saddr != 203.0.113.0/24 drop\n"
+        )),
+        "{text}"
+    );
+    let guarded = elements_of(&text, "firewall-ips").unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        guarded.contains(&format!(
+            "192.0.2.12 . tcp . 80 comment \"demo/idle-lb:http\" : goto {fw}"
+        )),
+        "{guarded}"
+    );
+    let rejected = elements_of(&text, "no-endpoint-services").unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        rejected.contains("192.0.2.12 . tcp . 80 comment \"demo/idle-lb:http\" : goto reject-chain"),
+        "{rejected}"
+    );
+    // Without source ranges there is nothing to guard.
+    lb.load_balancer_source_ranges.clear();
+    let text = full_transaction(&render(&intent_of(&state(vec![lb], vec![])), &cfg)).text;
+    assert!(!text.contains("firewall-demo"), "{text}");
+    assert_eq!(elements_of(&text, "firewall-ips"), None);
+}
+
 #[test]
 fn rendering_is_deterministic() {
     let cfg = flow_config(DEFAULT_LAYOUT);

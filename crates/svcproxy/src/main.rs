@@ -10,6 +10,7 @@ use svcproxy::config_file;
 use svcproxy::debug_http::DebugState;
 use svcproxy::exec::generation::NfTablesGeneration;
 use svcproxy::exec::iptables::SystemIptables;
+use svcproxy::exec::kernel_release::SystemKernelRelease;
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::NetlinkElementSocket;
 use svcproxy::exec::runner::SystemRunner;
@@ -307,7 +308,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Box::new(SystemAddresses),
                     intent_config(family),
                     ProxierOptions::from_args(&args, family)?,
-                );
+                )
+                .with_kernel_release(&SystemKernelRelease);
                 if let Some(ct) = conntrack() {
                     proxier = proxier.with_conntrack(ct);
                 }

@@ -306,14 +306,16 @@ fn a_live_node_in_two_backends_and_two_modes() {
 }
 
 /// kube-proxy's `--cleanup`, as an init container runs it: `svcproxy run --cleanup` removes the leftovers and
-/// exits without starting the proxy.
+/// exits without starting the proxy. Our nftables tables go in both families: a dual-stack node in nftables
+/// mode has two.
 #[test]
 fn run_with_cleanup_removes_leftovers_and_exits() {
     let ns = NetNs::new("runclean").expect("a network namespace (needs root)");
     sh(
         &ns,
         "iptables -t nat -N KUBE-SERVICES && iptables -t nat -A PREROUTING -j KUBE-SERVICES \
-         && iptables -t nat -N KUBE-SVC-ABCDEFGHIJKLMNOP",
+         && iptables -t nat -N KUBE-SVC-ABCDEFGHIJKLMNOP \
+         && nft add table ip svcproxy && nft add table ip6 svcproxy",
     );
     let mut cleanup = ns.command(env!("CARGO_BIN_EXE_svcproxy"));
     cleanup.args(["run", "--cleanup", "--manifests", "/nonexistent"]);
@@ -323,4 +325,10 @@ fn run_with_cleanup_removes_leftovers_and_exits() {
     let saved = ns.command("iptables-save").output().unwrap();
     let saved = String::from_utf8_lossy(&saved.stdout);
     assert!(!saved.contains("KUBE-"), "{saved}");
+    for table in ["ip svcproxy", "ip6 svcproxy"] {
+        assert!(out.contains(&format!("table {table}")), "{out}");
+    }
+    let tables = ns.command("nft").args(["list", "tables"]).output().unwrap();
+    let tables = String::from_utf8_lossy(&tables.stdout);
+    assert!(!tables.contains("svcproxy"), "{tables}");
 }

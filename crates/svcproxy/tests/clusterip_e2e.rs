@@ -320,9 +320,98 @@ fn bad_manifests_are_rejected_and_lose_nothing(mode: &str) {
     proxy.assert_running();
 }
 
+/// A Service whose endpoint is the node's own address, as the API server behind `kubernetes` is on a
+/// control-plane node (and as any host-network pod is).
+const API: &str = "apiVersion: v1
+kind: Service
+metadata: {name: kubernetes, namespace: default}
+spec:
+  clusterIP: 10.96.0.1
+  ports:
+  - {name: https, protocol: TCP, port: 443, targetPort: 6443}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kubernetes
+  namespace: default
+  labels: {kubernetes.io/service-name: kubernetes}
+addressType: IPv4
+ports:
+- {name: https, protocol: TCP, port: 6443}
+endpoints:
+- addresses: [10.0.0.10]
+";
+
+/// Connects from inside `ns` and returns the connection's own address with the one the backend saw.
+fn own_and_seen(ns: &svcproxy_testkit::NetNs, to: SocketAddr) -> (SocketAddr, SocketAddr) {
+    ns.run(|| {
+        use std::io::Read;
+        let mut stream = std::net::TcpStream::connect_timeout(&to, T).expect("connect");
+        stream.set_read_timeout(Some(T)).unwrap();
+        let own = stream.local_addr().unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("reply");
+        let seen = text.trim_end().split_once(' ').expect("identity and source").1;
+        (own, seen.parse().expect("a socket address"))
+    })
+}
+
+/// Hairpin masquerading is for connections a Service sent back to where they came from, and only for them:
+/// an endpoint reached directly, not through its Service, sees its client's true address. On the node a
+/// connection to its own address has source equal to destination whether or not a Service is involved.
+fn hairpin_is_masqueraded_only_through_a_service(mode: &str) {
+    let lab = Lab::new();
+    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
+    let _backend = Backend::start(pod.ns(), "pod11", &[8080], &[]);
+    let _apiserver = Backend::start(lab.node(), "apiserver", &[6443], &[]);
+    let dir = TempDir::new("hairpin");
+    dir.write("web.yaml", &web(&["10.244.0.11"]));
+    dir.write("api.yaml", API);
+    let mut proxy = Svcproxy::start(
+        lab.node(),
+        &["--manifests", dir.path().to_str().unwrap(), "--proxy-mode", mode],
+    );
+    let vip = addr("10.96.0.100", 80);
+    wait_until(WAIT, POLL, "both Services answer", || {
+        proxy.assert_running();
+        tcp_request(pod.ns(), vip, T).ok()?;
+        tcp_request(lab.node(), addr("10.96.0.1", 443), T).ok()
+    });
+
+    // A pod reaching itself through its Service is masqueraded: unSNATed, it would answer itself directly.
+    let own = tcp_request(pod.ns(), vip, T).unwrap();
+    assert_eq!(own.identity, "pod11");
+    assert_ne!(
+        own.seen_source.ip(),
+        IpAddr::V4(pod.ip()),
+        "hairpin through the ClusterIP masqueraded"
+    );
+
+    // The node reaching the endpoint at its own address directly keeps its source port and address (the
+    // masquerade is fully random, so a masqueraded connection shows another port; three connections rule out
+    // a coincidence).
+    let direct = addr("10.0.0.10", 6443);
+    for _ in 0..3 {
+        let (own, seen) = own_and_seen(lab.node(), direct);
+        assert_eq!(
+            seen, own,
+            "the node to its own address, not through a Service, is not masqueraded"
+        );
+    }
+    // A pod reaching the same endpoint directly is not masqueraded either.
+    let (own, seen) = own_and_seen(pod.ns(), direct);
+    assert_eq!(
+        seen, own,
+        "a pod to a host-network endpoint directly keeps its source"
+    );
+    proxy.assert_running();
+}
+
 in_both_modes!(
     clusterip_traffic_follows_the_manifests,
     bad_manifests_are_rejected_and_lose_nothing,
+    hairpin_is_masqueraded_only_through_a_service,
 );
 
 /// The health port is held by another process (the old proxy, during a migration): svcproxy programs the

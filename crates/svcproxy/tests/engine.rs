@@ -202,3 +202,91 @@ async fn first_sync_is_full_later_ones_partial_and_a_failure_escalates_to_full()
     assert!(h.fake.restores().last().unwrap().contains("ns/b"));
     assert!(h.health.status().healthy);
 }
+
+/// On a kernel before 6.2 a removed Service's chains are flushed by the sync that removes it, and deleted by
+/// a sync the engine runs on its own a second later, with nothing else changing.
+#[tokio::test(flavor = "multi_thread")]
+async fn chains_held_back_on_an_old_kernel_are_deleted_by_a_follow_up_sync() {
+    use svcproxy::exec::kernel_release::FixedKernelRelease;
+    use svcproxy::exec::nft::RecordingNft;
+    use svcproxy::sync::nft_proxier::NftProxier;
+
+    let nft = RecordingNft::default();
+    let proxier = NftProxier::new(
+        Box::new(nft.clone()),
+        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
+        IntentConfig {
+            family: IpFamily::V4,
+            node_name: "node-a".into(),
+        },
+        ProxierOptions {
+            base: RenderConfig::default(),
+            detect_local: DetectLocal::None,
+            nodeport_addresses: NodePortSpec::All,
+        },
+    )
+    .with_kernel_release(&FixedKernelRelease("5.15.0-91-generic".into()));
+    let config = EngineConfig {
+        min_sync_period: Duration::ZERO,
+        verify_after_sync: false,
+        verify_period: None,
+        canary_period: None,
+        ..Default::default()
+    };
+    let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+    let engine = Engine::new(proxier, config, health, Arc::new(Metrics::new()));
+    let mut status = engine.status();
+    let (tx, rx) = mpsc::channel(16);
+    let (_stop, stop_rx) = watch::channel(false);
+    tokio::spawn(engine.run(rx, stop_rx));
+    let mut wait_syncs = async |n: u64| {
+        tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.syncs >= n))
+            .await
+            .expect("sync happened")
+            .unwrap()
+            .clone()
+    };
+    let last = || nft.applied.lock().unwrap().last().cloned().unwrap_or_default();
+
+    for name in ["a", "b"] {
+        let ip = if name == "a" { "10.96.0.1" } else { "10.96.0.2" };
+        tx.send(SourceEvent::Services(Delta::Apply(service(name, ip))))
+            .await
+            .unwrap();
+        tx.send(SourceEvent::EndpointSlices(Delta::Apply(slice(
+            name,
+            &["10.244.0.1"],
+        ))))
+        .await
+        .unwrap();
+    }
+    tx.send(SourceEvent::Synced).await.unwrap();
+    wait_syncs(1).await;
+
+    tx.send(SourceEvent::Services(Delta::Delete(ObjectName::new("ns", "b"))))
+        .await
+        .unwrap();
+    let removed = wait_syncs(2).await;
+    assert_eq!(removed.last_error, None);
+    let flushed = last();
+    assert!(
+        flushed.contains("flush chain ip svcproxy service-ns/b/tcp/p"),
+        "{flushed}"
+    );
+    assert!(!flushed.contains("delete chain"), "{flushed}");
+
+    // No event: the engine comes back on its own and the chains go.
+    let followed = wait_syncs(3).await;
+    assert_eq!(followed.last_error, None);
+    let deleted = last();
+    assert!(
+        deleted
+            .lines()
+            .all(|l| l.starts_with("delete chain ip svcproxy ") && l.contains("ns/b/")),
+        "{deleted}"
+    );
+    assert!(
+        deleted.contains("delete chain ip svcproxy service-ns/b/tcp/p"),
+        "{deleted}"
+    );
+}

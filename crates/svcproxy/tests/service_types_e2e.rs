@@ -233,6 +233,42 @@ fn load_balancer_ip_honours_source_ranges(mode: &str) {
     s.proxy.assert_no_divergence();
 }
 
+/// Source ranges of a Service without endpoints. In nftables mode, as in upstream's, the firewall stays: a
+/// source outside the ranges is dropped without a word and only allowed sources are refused. In iptables
+/// mode, as in upstream's, there is no firewall without endpoints and every source is refused.
+fn load_balancer_source_ranges_without_endpoints(mode: &str) {
+    use svcproxy_testkit::ClientError::{Refused, Timeout};
+    let spec = |range: &str| format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [{range}]");
+    let status = "status:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.10";
+    let none = [Ep {
+        ip: "10.244.0.11",
+        node: "node-a",
+        conditions: "{ready: false, serving: false, terminating: false}",
+    }];
+    let mut s = setup(mode, &manifest(&spec("10.0.0.0/24"), status, &none));
+    let lb = addr("192.0.2.10", 80);
+    s.wait_for("an allowed client is refused: no endpoints", |s| {
+        matches!(tcp_request(s.lab.external(), lb, T), Err(Refused))
+    });
+
+    s.dir
+        .write("svc.yaml", &manifest(&spec("203.0.113.0/24"), status, &none));
+    if mode == "nftables" {
+        s.wait_for("a client outside the ranges is dropped", |s| {
+            matches!(tcp_request(s.lab.external(), lb, T), Err(Timeout))
+        });
+    } else {
+        // Refused before the change reaches the kernel and after it alike.
+        assert!(matches!(tcp_request(s.lab.external(), lb, T), Err(Refused)));
+    }
+    // The NodePort is not guarded by the ranges: refused either way.
+    assert!(matches!(
+        tcp_request(s.lab.external(), addr("10.0.0.10", 30080), T),
+        Err(Refused)
+    ));
+    s.proxy.assert_no_divergence();
+}
+
 fn external_ips_reach_the_endpoints(mode: &str) {
     let spec = "  externalIPs: [198.51.100.5]";
     let mut s = setup(mode, &manifest(spec, "", &[ready("10.244.0.11", "node-b")]));
@@ -420,6 +456,7 @@ in_both_modes!(
     node_port_from_outside_is_masqueraded_and_spread,
     external_traffic_policy_local_keeps_the_source_and_drops_without_local_endpoints,
     load_balancer_ip_honours_source_ranges,
+    load_balancer_source_ranges_without_endpoints,
     external_ips_reach_the_endpoints,
     internal_traffic_policy_local_uses_only_local_endpoints,
     client_ip_affinity_keeps_one_backend,

@@ -44,6 +44,18 @@ pub fn flow_state() -> ClusterState {
         &["192.0.2.50"],
     );
     lb.load_balancer_source_ranges = vec![net("203.0.113.0/24")];
+    // Source ranges on a Service without endpoints: the firewall still drops whom the ranges leave out.
+    let mut lb_idle = with_lb(
+        service(
+            "flow",
+            "lb-idle",
+            ServiceType::LoadBalancer,
+            "10.96.1.12",
+            vec![tcp("http", 80, Some(30120))],
+        ),
+        &["192.0.2.120"],
+    );
+    lb_idle.load_balancer_source_ranges = vec![net("203.0.113.0/24")];
     let etp_local = local_policies(
         with_lb(
             service(
@@ -91,6 +103,7 @@ pub fn flow_state() -> ClusterState {
         ),
         ext,
         lb,
+        lb_idle,
         etp_local,
         etp_remote,
         local_policies(
@@ -360,6 +373,38 @@ pub fn flows() -> Vec<Flow> {
             (&[], false, Drop),
         ),
         f(
+            "LB IP without endpoints, allowed source: reject",
+            External,
+            "203.0.113.7",
+            "192.0.2.120",
+            80,
+            (&[], false, Reject),
+        ),
+        f(
+            "LB IP without endpoints, blocked source: dropped, not told",
+            External,
+            "198.51.100.7",
+            "192.0.2.120",
+            80,
+            (&[], false, Drop),
+        ),
+        f(
+            "LB IP without endpoints, blocked source on the host: dropped",
+            Host,
+            NODE_IP,
+            "192.0.2.120",
+            80,
+            (&[], false, Drop),
+        ),
+        f(
+            "LB nodePort without endpoints ignores source ranges: reject",
+            External,
+            "198.51.100.7",
+            NODE_IP,
+            30120,
+            (&[], false, Reject),
+        ),
+        f(
             "LB nodePort ignores source ranges",
             External,
             "198.51.100.7",
@@ -470,6 +515,14 @@ pub fn flows() -> Vec<Flow> {
             "10.96.0.1",
             443,
             (&["10.0.0.10:6443"], true, Accept),
+        ),
+        f(
+            "the host to the kubernetes endpoint directly, not through the Service, keeps its source",
+            Host,
+            NODE_IP,
+            NODE_IP,
+            6443,
+            (&[], false, Accept),
         ),
     ];
     let mut udp = f(

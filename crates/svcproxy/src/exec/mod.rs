@@ -2,6 +2,7 @@
 
 pub mod generation;
 pub mod iptables;
+pub mod kernel_release;
 pub mod nft;
 pub mod nft_netlink;
 pub mod nft_table_read;

@@ -80,6 +80,9 @@ pub struct Engine<P: Proxier> {
     /// The rung of the escalation ladder the next sync starts from.
     mode: SyncMode,
     retry_at: Option<Instant>,
+    /// When the proxier asked to be synced again though nothing changed (work it left for a later
+    /// transaction).
+    follow_up_at: Option<Instant>,
     consecutive_failures: u32,
     /// Repairs of divergences recently made, to recognise a second writer fighting us.
     recent_repairs: Vec<Instant>,
@@ -195,6 +198,7 @@ impl<P: Proxier> Engine<P> {
             need_full: true,
             mode: SyncMode::Full,
             retry_at: None,
+            follow_up_at: None,
             consecutive_failures: 0,
             recent_repairs: Vec::new(),
             divergence_problem: None,
@@ -396,7 +400,11 @@ impl<P: Proxier> Engine<P> {
         if self.dirty || self.need_full {
             return Some(self.throttle.next_allowed(now));
         }
-        Some(self.last_full.map_or(now, |t| t + self.config.full_sync_period))
+        let periodic = self.last_full.map_or(now, |t| t + self.config.full_sync_period);
+        Some(match self.follow_up_at {
+            Some(at) => periodic.min(at.max(self.throttle.next_allowed(now))),
+            None => periodic,
+        })
     }
 
     /// Runs until the source channel closes or `shutdown` fires.
@@ -637,6 +645,7 @@ impl<P: Proxier> Engine<P> {
                 self.dirty = false;
                 self.need_full = false;
                 self.mode = SyncMode::Partial;
+                self.follow_up_at = report.follow_up.map(|after| Instant::now() + after);
                 self.consecutive_failures = 0;
                 self.failure_problem = None;
                 // The first full sync is followed by the removal of the other mode's rules (see main), so a

@@ -848,6 +848,7 @@ impl IptablesProxier {
             intent,
             payload_lines: lines,
             conntrack,
+            follow_up: None,
         }
     }
 

@@ -5,10 +5,15 @@
 //! table that is already right); the rebuild rung deletes and re-adds the whole table in one transaction.
 //! The first sync also removes upstream's `kube-proxy` table in the same transaction that loads ours, so a
 //! takeover has no moment without rules.
+//!
+//! On kernels before 6.2 a chain cannot be deleted by the transaction that removes the last map element
+//! jumping to it: there, removed chains (and sets) are flushed by that transaction and deleted by a sync at
+//! least a second later, which the report asks the engine for ([`DeferredDeletions`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use svcproxy_conntrack::Conntrack;
 
@@ -19,10 +24,10 @@ use svcproxy_iptables::config::{
 use svcproxy_iptables::seal::Generation;
 use svcproxy_model::{ClusterState, Intent, IntentChanges, IntentConfig, IpFamily};
 use svcproxy_nftables::{
-    Family, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable, Ruleset, Slots, TableUpdate,
-    Transaction, TransactionKind, delete_table_transaction, element_changes, full_in_chunks,
-    full_transaction, parse_listing, partial_transaction, partial_transaction_given, probe_transaction,
-    render_table_after,
+    DeferredDeletions, Family, KernelVersion, LocalDetector, NodePortAddresses, RenderConfig, RenderedTable,
+    Ruleset, Slots, TableUpdate, Transaction, TransactionKind, delete_table_transaction, element_changes,
+    full_in_chunks, full_transaction, parse_listing, partial_transaction, partial_transaction_given,
+    probe_transaction, render_table_after,
 };
 
 use super::intent_cache::IntentCache;
@@ -31,6 +36,7 @@ use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::exec::generation::RulesetGeneration;
 use crate::exec::iptables::ExecError;
+use crate::exec::kernel_release::KernelRelease;
 use crate::exec::nft::NftCommands;
 use crate::exec::nft_netlink::{ElementSocket, ElementSocketError};
 use crate::exec::nft_table_read::{TableReadError, TableStructure, read_structure};
@@ -92,6 +98,18 @@ pub struct NftProxier {
     /// read. While it stays there nothing can have changed, and a periodic read-back (a listing of seconds
     /// at thousands of services) has nothing to find.
     verified: Option<Generation>,
+    /// On kernels that release a chain only some time after the transaction removing its last reference:
+    /// the removed chains and sets, flushed and waiting to be deleted. `None` where a transaction deletes
+    /// them at once.
+    deferred: Option<DeferredDeletions>,
+}
+
+/// The text to apply for `t`: all of it, or with `deferred`, all but the deletions it holds for later.
+fn staged(deferred: &mut Option<DeferredDeletions>, t: Transaction) -> String {
+    match deferred {
+        Some(d) => d.defer(t),
+        None => t.text,
+    }
 }
 
 fn family(f: IpFamily) -> Family {
@@ -149,7 +167,65 @@ impl NftProxier {
             other_proxies: None,
             generation: None,
             verified: None,
+            deferred: None,
         }
+    }
+
+    /// Decides from the kernel's release whether removed chains wait for a later transaction to be deleted
+    /// (before 6.2). A release that cannot be read or understood means waiting too: that works on every
+    /// kernel, for the cost of one more sync after a removal.
+    pub fn with_kernel_release(mut self, kernel: &dyn KernelRelease) -> Self {
+        let defer = match kernel.release() {
+            Ok(release) => match KernelVersion::parse(&release) {
+                Some(version) => {
+                    let defer = !version.deletes_chains_with_their_references();
+                    if defer {
+                        tracing::info!(
+                            release,
+                            "kernel before 6.2: removed chains are flushed, and deleted by a sync a second later"
+                        );
+                    }
+                    defer
+                }
+                None => {
+                    tracing::warn!(
+                        release,
+                        "unrecognised kernel release; removed chains are deleted by a later sync, as before 6.2"
+                    );
+                    true
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "kernel release unreadable; removed chains are deleted by a later sync, as before 6.2");
+                true
+            }
+        };
+        self.deferred = defer.then(DeferredDeletions::default);
+        self
+    }
+
+    /// After this sync's transactions went in: holds the deletions they left out, and deletes the held chains
+    /// and sets whose time has come, except what the table now applied holds again (a Service back
+    /// meanwhile). Returns the lines sent and when to come back for the rest.
+    fn delete_deferred(&mut self) -> Result<(usize, Option<Duration>), SyncError> {
+        let Some(deferred) = &mut self.deferred else {
+            return Ok((0, None));
+        };
+        let now = Instant::now();
+        deferred.applied(now);
+        if let Some((table, _)) = &self.applied {
+            deferred.keep_wanted(&table.ruleset);
+        }
+        let mut lines = 0;
+        if let Some(due) = deferred.due(now) {
+            self.cmds
+                .apply(&due.text)
+                .map_err(|e| Self::refused(e, &due.text))?;
+            deferred.deleted(&due);
+            lines = due.text.lines().count();
+        }
+        let follow_up = deferred.next_due().map(|t| t.saturating_duration_since(now));
+        Ok((lines, follow_up))
     }
 
     /// Lets periodic read-backs skip the listing while nothing has committed since one found the table right.
@@ -410,6 +486,8 @@ impl Proxier for NftProxier {
         }
         // Whatever this sync writes is not verified until a read-back finds it.
         self.verified = None;
+        // Deletions split off a sync that ended before its transactions went in were never flushed.
+        self.deferred.iter_mut().for_each(DeferredDeletions::not_applied);
         let intent = self.intents.next(state, changes);
         let local = self.addresses.addresses();
         let config = nft_config(&self.options.resolve(state.node.as_ref(), &local));
@@ -427,13 +505,15 @@ impl Proxier for NftProxier {
                 Ok(None) => {
                     let t = partial_transaction(&update.before, &update.after)
                         .map_err(|e| SyncError::ReadBack(e.to_string()))?;
-                    if !t.text.is_empty()
-                        && let Err(e) = self.apply(&t.text)
+                    let text = staged(&mut self.deferred, t);
+                    if !text.is_empty()
+                        && let Err(e) = self.apply(&text)
                     {
                         self.applied = None;
+                        self.deferred.iter_mut().for_each(DeferredDeletions::not_applied);
                         return Err(e);
                     }
-                    t.text.lines().count()
+                    text.lines().count()
                 }
                 Err(e) => {
                     self.applied = None;
@@ -446,11 +526,13 @@ impl Proxier for NftProxier {
             let conntrack = self.clean_conntrack(&intent, &config, &local);
             self.applied_intent = Some(intent.clone());
             self.last_sync_full = false;
+            let (deleted, follow_up) = self.delete_deferred()?;
             return Ok(SyncReport {
                 full: false,
                 intent,
-                payload_lines: lines,
+                payload_lines: lines + deleted,
                 conntrack,
+                follow_up,
             });
         }
         // A full sync compares with the kernel's table unless it rebuilds, or follows a table it applied.
@@ -471,9 +553,13 @@ impl Proxier for NftProxier {
             (Some((prev, _)), SyncMode::Partial) => {
                 let t = partial_transaction(&prev.ruleset, &next.ruleset)
                     .map_err(|e| SyncError::ReadBack(e.to_string()))?;
-                Box::new(std::iter::once(t.text))
+                Box::new(std::iter::once(staged(&mut self.deferred, t)))
             }
             (_, SyncMode::Rebuild) => {
+                // The table is deleted and written anew: nothing is left waiting to be deleted.
+                if let Some(d) = &mut self.deferred {
+                    d.clear();
+                }
                 let mut text = full_transaction(&next.ruleset).text;
                 text.push_str(&delete_table_transaction(fam, UPSTREAM_TABLE));
                 Box::new(std::iter::once(text))
@@ -485,11 +571,16 @@ impl Proxier for NftProxier {
             {
                 // The table exists: send what differs (nothing on a restart onto the right table).
                 Some((current, same_elements)) => {
+                    // Chains flushed earlier and not yet deleted are in the kernel's table, so they are
+                    // deleted here, or held again (from when they were first held) on kernels that need it.
                     let t = partial_transaction_given(&current, &next.ruleset, &same_elements)
                         .map_err(|e| SyncError::ReadBack(e.to_string()))?;
-                    Box::new(std::iter::once(t.text))
+                    Box::new(std::iter::once(staged(&mut self.deferred, t)))
                 }
                 None => {
+                    if let Some(d) = &mut self.deferred {
+                        d.clear();
+                    }
                     // Cold: bounded transactions, each leaving a consistent table and each built only when the
                     // one before it is applied (never two at once: each is megabytes at 5,000 Services);
                     // upstream's table goes in the last one, when ours is complete.
@@ -514,6 +605,7 @@ impl Proxier for NftProxier {
         for text in transactions.filter(|t| !t.is_empty()) {
             if let Err(e) = self.apply(&text) {
                 self.applied = None;
+                self.deferred.iter_mut().for_each(DeferredDeletions::not_applied);
                 return Err(e);
             }
             lines += text.lines().count();
@@ -522,11 +614,13 @@ impl Proxier for NftProxier {
         self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));
         self.last_sync_full = mode != SyncMode::Partial;
+        let (deleted, follow_up) = self.delete_deferred()?;
         Ok(SyncReport {
             full: mode != SyncMode::Partial,
             intent,
-            payload_lines: lines,
+            payload_lines: lines + deleted,
             conntrack,
+            follow_up,
         })
     }
 
@@ -547,7 +641,11 @@ impl Proxier for NftProxier {
         self.verified = None;
         let before = self.generation_now();
         let kernel = self.read_kernel()?;
-        let read_back = self.complete(kernel, expected)?;
+        let mut read_back = self.complete(kernel, expected)?;
+        // Chains flushed and waiting to be deleted are not a difference.
+        if let (Some(deferred), Some((table, _))) = (&self.deferred, &mut read_back) {
+            deferred.hide_from(table);
+        }
         let findings = self.findings(read_back.as_ref(), expected);
         // Right, and nobody committed while it was read: the table at this generation is the one read.
         if findings.is_empty() && before.is_some() && self.generation_now() == before {

@@ -14,6 +14,9 @@ pub struct SyncReport {
     pub payload_lines: usize,
     /// The stale-flow cleanup that followed, when one ran.
     pub conntrack: Option<ConntrackRun>,
+    /// Run another sync after this long, even if nothing changes: the backend left work for a later
+    /// transaction (chains waiting to be deleted on kernels that release them late).
+    pub follow_up: Option<std::time::Duration>,
 }
 
 /// One conntrack reconciliation.
