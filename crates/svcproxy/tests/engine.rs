@@ -223,6 +223,7 @@ async fn chains_held_back_on_an_old_kernel_are_deleted_by_a_follow_up_sync() {
             base: RenderConfig::default(),
             detect_local: DetectLocal::None,
             nodeport_addresses: NodePortSpec::All,
+            bind_ip: None,
         },
     )
     .with_kernel_release(&FixedKernelRelease("5.15.0-91-generic".into()));

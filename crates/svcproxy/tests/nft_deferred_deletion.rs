@@ -81,6 +81,7 @@ fn old_kernel_proxier(node: &NetNs) -> NftProxier {
                 base: RenderConfig::default(),
                 detect_local: DetectLocal::None,
                 nodeport_addresses: NodePortSpec::All,
+                bind_ip: None,
             },
         )
         .with_element_socket(Box::new(NetlinkElementSocket::new().expect("netlink socket")))
