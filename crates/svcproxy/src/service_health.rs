@@ -1,6 +1,8 @@
 //! Health-check node ports: for each LoadBalancer Service with externalTrafficPolicy Local, an HTTP server on
 //! its `healthCheckNodePort` that tells the cloud load balancer whether this node has a ready endpoint of it.
-//! Listeners follow the applied intent: they open when a Service gains a port and close when it goes.
+//! Listeners follow the applied intent: they open when a Service gains a port and close when it goes. They
+//! listen where NodePorts answer, as upstream's do: on every address, or with `--nodeport-addresses` (and
+//! nftables mode's `primary` default) on those addresses alone.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -30,13 +32,17 @@ struct ListenerState {
 
 struct Listener {
     port: u16,
+    /// The addresses it listens on.
+    addresses: Vec<IpAddr>,
     local_endpoints: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -82,6 +88,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// proxiers do: the IPv4 listener answers from the IPv4 intent's local endpoints, the IPv6 one (bound IPv6-only,
 /// so both can hold the same port) from the IPv6 intent's.
 pub struct ServiceHealthServers {
+    family: IpFamily,
+    /// The family's unspecified address: every address, when NodePorts answer on every address.
     bind_ip: IpAddr,
     health: Arc<ProxyHealth>,
     metrics: Arc<Metrics>,
@@ -95,6 +103,7 @@ impl ServiceHealthServers {
 
     pub fn for_family(family: IpFamily, health: Arc<ProxyHealth>, metrics: Arc<Metrics>) -> Self {
         ServiceHealthServers {
+            family,
             bind_ip: match family {
                 IpFamily::V4 => Ipv4Addr::UNSPECIFIED.into(),
                 IpFamily::V6 => Ipv6Addr::UNSPECIFIED.into(),
@@ -105,20 +114,37 @@ impl ServiceHealthServers {
         }
     }
 
-    /// Brings the listeners in line with `desired`. A port that cannot be bound is reported and retried on the
-    /// next update; it never affects the other listeners.
-    pub async fn update(&mut self, desired: &BTreeMap<ObjectName, HealthCheck>) {
-        self.listeners
-            .retain(|name, l| desired.get(name).is_some_and(|hc| hc.node_port == l.port));
+    /// Brings the listeners in line with `desired`, each listening on `node_port_ips` (`None`: every address;
+    /// only those of this family count). A port that cannot be bound is reported and retried on the next
+    /// update; it never affects the other listeners.
+    pub async fn update(
+        &mut self,
+        desired: &BTreeMap<ObjectName, HealthCheck>,
+        node_port_ips: Option<&[IpAddr]>,
+    ) {
+        let addresses: Vec<IpAddr> = match node_port_ips {
+            None => vec![self.bind_ip],
+            Some(ips) => ips
+                .iter()
+                .copied()
+                .filter(|ip| self.family.contains(ip))
+                .collect(),
+        };
+        self.listeners.retain(|name, l| {
+            desired.get(name).is_some_and(|hc| hc.node_port == l.port) && l.addresses == addresses
+        });
         for (name, hc) in desired {
             if let Some(l) = self.listeners.get(name) {
                 l.local_endpoints
                     .store(hc.local_ready_endpoints, Ordering::Relaxed);
                 continue;
             }
-            let addr = SocketAddr::new(self.bind_ip, hc.node_port);
-            match bind(addr) {
-                Ok(listener) => {
+            let bound: Result<Vec<TcpListener>, (IpAddr, std::io::Error)> = addresses
+                .iter()
+                .map(|ip| bind(SocketAddr::new(*ip, hc.node_port)).map_err(|e| (*ip, e)))
+                .collect();
+            match bound {
+                Ok(listeners) => {
                     let local_endpoints = Arc::new(AtomicUsize::new(hc.local_ready_endpoints));
                     let state = ListenerState {
                         service: name.clone(),
@@ -126,25 +152,32 @@ impl ServiceHealthServers {
                         health: self.health.clone(),
                     };
                     let router = Router::new().fallback(answer).with_state(state);
-                    let task = tokio::spawn(async move {
-                        let _ = axum::serve(listener, router).await;
-                    });
-                    tracing::info!(service = %name, port = hc.node_port, "health-check node port open");
+                    let tasks = listeners
+                        .into_iter()
+                        .map(|listener| {
+                            let router = router.clone();
+                            tokio::spawn(async move {
+                                let _ = axum::serve(listener, router).await;
+                            })
+                        })
+                        .collect();
+                    tracing::info!(service = %name, port = hc.node_port, ?addresses, "health-check node port open");
                     self.listeners.insert(
                         name.clone(),
                         Listener {
                             port: hc.node_port,
+                            addresses: addresses.clone(),
                             local_endpoints,
-                            task,
+                            tasks,
                         },
                     );
                 }
-                Err(e) => {
+                Err((ip, e)) => {
                     self.metrics.health_check_bind_failures.inc();
                     tracing::error!(
                         service = %name,
                         port = hc.node_port,
-                        "cannot open the health-check node port: {e}; retrying after the next sync"
+                        "cannot open the health-check node port on {ip}: {e}; retrying after the next sync"
                     );
                 }
             }
@@ -154,9 +187,13 @@ impl ServiceHealthServers {
     /// Follows the engine: every applied intent updates the listeners.
     pub async fn run(mut self, mut status: watch::Receiver<EngineStatus>) {
         loop {
-            let applied = status.borrow_and_update().applied.clone();
+            let (applied, node_port_ips) = {
+                let s = status.borrow_and_update();
+                (s.applied.clone(), s.node_port_ips.clone())
+            };
             if let Some(intent) = applied {
-                self.update(&intent.health_checks()).await;
+                self.update(&intent.health_checks(), node_port_ips.as_deref())
+                    .await;
             }
             if status.changed().await.is_err() {
                 break;

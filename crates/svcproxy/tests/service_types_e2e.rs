@@ -451,6 +451,32 @@ fn localhost_node_ports_answer_on_a_fresh_node() {
     s.proxy.assert_no_divergence();
 }
 
+/// With `--nodeport-addresses`, a health-check node port listens where NodePorts answer and nowhere else, as
+/// upstream's does: a load balancer probes the node's address; another address of the node tells nobody
+/// which Services have pods here.
+fn health_check_node_port_listens_where_node_ports_answer(mode: &str) {
+    let spec = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000";
+    let status = "status:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.20";
+    let mut s = setup_with(
+        mode,
+        &manifest(spec, status, &[ready("10.244.0.11", "node-a")]),
+        &["--nodeport-addresses", "10.0.0.0/24"],
+    );
+    s.lab
+        .node()
+        .exec(&["ip", "addr", "add", "192.168.77.1/32", "dev", "lo"])
+        .unwrap();
+    let probe = |s: &Setup, ip: &str| svcproxy_testkit::http_get(s.lab.node(), addr(ip, 32000), "/", T);
+    s.wait_for("the probe answers on the node's NodePort address", |s| {
+        probe(s, "10.0.0.10").is_ok_and(|(code, _)| code == 200)
+    });
+    assert!(
+        probe(&s, "192.168.77.1").is_err(),
+        "nothing listens on the other address"
+    );
+    s.proxy.assert_no_divergence();
+}
+
 // Every behaviour runs against both backends through the same harness.
 in_both_modes!(
     node_port_from_outside_is_masqueraded_and_spread,
@@ -462,4 +488,5 @@ in_both_modes!(
     client_ip_affinity_keeps_one_backend,
     terminating_endpoints_serve_only_when_nothing_is_ready,
     health_check_node_port_follows_local_endpoints,
+    health_check_node_port_listens_where_node_ports_answer,
 );

@@ -56,6 +56,8 @@ pub struct EngineStatus {
     pub divergences: u64,
     /// The intent of the last successful sync.
     pub applied: Option<Arc<svcproxy_model::Intent>>,
+    /// Where the last successful sync made NodePorts answer, when not on every address.
+    pub node_port_ips: Option<Vec<std::net::IpAddr>>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     /// Why `/healthz` is failing, when it is (the same sentence it answers with).
@@ -681,6 +683,7 @@ impl<P: Proxier> Engine<P> {
                 self.status.send_modify(|s| {
                     s.syncs += 1;
                     s.applied = Some(report.intent.clone());
+                    s.node_port_ips = report.node_port_ips.clone();
                     s.last_error = None;
                     s.consecutive_failures = 0;
                     s.wanted = None;

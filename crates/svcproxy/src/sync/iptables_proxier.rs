@@ -847,6 +847,10 @@ impl IptablesProxier {
             full: mode != SyncMode::Partial,
             intent,
             payload_lines: lines,
+            node_port_ips: match &self.applied.as_ref().map(|(_, c)| &c.node_port_addresses) {
+                Some(NodePortAddresses::Ips(ips)) => Some(ips.clone()),
+                _ => None,
+            },
             conntrack,
             follow_up: None,
         }

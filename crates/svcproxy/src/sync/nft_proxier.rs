@@ -144,6 +144,14 @@ pub(crate) fn nft_config(c: &IptConfig) -> RenderConfig {
     }
 }
 
+/// The addresses NodePorts answer on, when restricted.
+fn restricted_node_ports(config: &RenderConfig) -> Option<Vec<std::net::IpAddr>> {
+    match &config.node_port_addresses {
+        NodePortAddresses::All => None,
+        NodePortAddresses::Ips(ips) => Some(ips.clone()),
+    }
+}
+
 impl NftProxier {
     pub fn new(
         cmds: Box<dyn NftCommands>,
@@ -533,6 +541,7 @@ impl Proxier for NftProxier {
                 payload_lines: lines + deleted,
                 conntrack,
                 follow_up,
+                node_port_ips: restricted_node_ports(&config),
             });
         }
         // A full sync compares with the kernel's table unless it rebuilds, or follows a table it applied.
@@ -611,6 +620,7 @@ impl Proxier for NftProxier {
             lines += text.lines().count();
         }
         let conntrack = self.clean_conntrack(&intent, &config, &local);
+        let node_port_ips = restricted_node_ports(&config);
         self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));
         self.last_sync_full = mode != SyncMode::Partial;
@@ -621,6 +631,7 @@ impl Proxier for NftProxier {
             payload_lines: lines + deleted,
             conntrack,
             follow_up,
+            node_port_ips,
         })
     }
 

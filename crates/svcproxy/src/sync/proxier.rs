@@ -14,6 +14,9 @@ pub struct SyncReport {
     pub payload_lines: usize,
     /// The stale-flow cleanup that followed, when one ran.
     pub conntrack: Option<ConntrackRun>,
+    /// The addresses NodePorts answer on when they are restricted (`--nodeport-addresses`); `None` when
+    /// every local address takes them. Health-check node ports listen on the same.
+    pub node_port_ips: Option<Vec<std::net::IpAddr>>,
     /// Run another sync after this long, even if nothing changes: the backend left work for a later
     /// transaction (chains waiting to be deleted on kernels that release them late).
     pub follow_up: Option<std::time::Duration>,
