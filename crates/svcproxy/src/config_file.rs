@@ -3,13 +3,15 @@
 //!
 //! Reading follows upstream's rules: a field that is absent, `null` or zero takes kube-proxy's default
 //! (kubeadm writes every field, most of them as zero values, and means "default" by it), and flags given
-//! explicitly on the command line override the file. Beyond that the reader is strict, because a setting
-//! that is silently dropped is a node that behaves differently from what its operator reads in the ConfigMap:
-//! - an unknown field is an error naming it;
+//! explicitly on the command line override the file. Whatever kube-proxy starts with, svcproxy starts with,
+//! and nothing is dropped without a word:
+//! - an unknown field (a misspelling, or one of an older or newer version) is ignored with a warning naming
+//!   it, as kube-proxy's lenient decoding ignores it after its strict decoding failed;
 //! - a value out of range is an error naming the field;
-//! - an option svcproxy does not implement (IPVS, Windows, profiling, `portRange`) is an error saying so;
-//! - a field that only tunes something svcproxy does not have (`oomScoreAdj`, `configSyncPeriod`,
-//!   `featureGates`, client throttling, klog settings) is accepted, with a warning for the caller to log.
+//! - settings of what svcproxy does not run (the ipvs and Windows sections, `portRange`, profiling), and
+//!   fields that only tune something svcproxy does not have (`oomScoreAdj`, `configSyncPeriod`,
+//!   `featureGates`, client throttling, klog settings), are accepted with a warning for the caller to log;
+//! - only a mode svcproxy cannot run (`ipvs`, `kernelspace`) is refused.
 //!
 //! One deliberate difference from kube-proxy: an unset `iptables.localhostNodePorts` means off here, as the
 //! `--iptables-localhost-nodeports` flag does (see the flag's help for why).
@@ -401,26 +403,57 @@ pub fn parse(yaml: &str) -> Result<FileConfig, ConfigFileError> {
     if value.is_null() {
         return Err(ConfigFileError::Empty);
     }
-    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-        let field = match e.path().to_string() {
+    // Strict first; each unknown field is then dropped with a warning and the document read again.
+    let mut value = value;
+    let mut ignored = Vec::new();
+    let raw: RawConfig = loop {
+        let error = match serde_path_to_error::deserialize(value.clone()) {
+            Ok(raw) => break raw,
+            Err(e) => e,
+        };
+        let field = match error.path().to_string() {
             p if p == "." => String::new(),
             p => p,
         };
-        let message = e.inner().to_string();
-        match unknown_field_name(&message) {
-            Some(name) if field.is_empty() => ConfigFileError::UnknownField { field: name },
-            Some(name) if !field.ends_with(&name) => ConfigFileError::UnknownField {
-                field: format!("{field}.{name}"),
-            },
-            Some(_) => ConfigFileError::UnknownField { field },
-            None if field.is_empty() => ConfigFileError::invalid("(document)", message),
-            None => ConfigFileError::Invalid {
-                field,
-                reason: message,
-            },
+        let message = error.inner().to_string();
+        let unknown = match unknown_field_name(&message) {
+            Some(name) if field.is_empty() => name,
+            Some(name) if !field.ends_with(&name) => format!("{field}.{name}"),
+            Some(_) => field,
+            None if field.is_empty() => return Err(ConfigFileError::invalid("(document)", message)),
+            None => {
+                return Err(ConfigFileError::Invalid {
+                    field,
+                    reason: message,
+                });
+            }
+        };
+        if !remove_field(&mut value, &unknown) {
+            return Err(ConfigFileError::UnknownField { field: unknown });
         }
-    })?;
-    raw.validate()
+        ignored.push(unknown);
+    };
+    let mut config = raw.validate()?;
+    config.warnings.extend(ignored.into_iter().map(|field| {
+        format!("{field}: unknown field, ignored (as kube-proxy's lenient decoding ignores it)")
+    }));
+    Ok(config)
+}
+
+/// Removes the field at the dotted `path` from an object tree; false if there is none to remove.
+fn remove_field(value: &mut Value, path: &str) -> bool {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else {
+        return false;
+    };
+    let mut at = value;
+    for part in parts {
+        match at.get_mut(part) {
+            Some(next) => at = next,
+            None => return false,
+        }
+    }
+    at.as_object_mut().is_some_and(|o| o.remove(last).is_some())
 }
 
 /// The field name in serde's "unknown field `x`, expected one of …" message.
@@ -681,42 +714,35 @@ impl RawConfig {
             }
         };
 
-        // Unsupported options: refused rather than ignored, since the node would not do what they ask.
+        // Settings of modes and platforms svcproxy does not run, which kube-proxy in iptables or nftables mode on
+        // Linux ignores as well (MetalLB's guide has `ipvs.strictARP: true` set in many such ConfigMaps).
         if let Some(ipvs) = &self.ipvs
             && let Some((name, _)) = ipvs.fields().into_iter().find(|(_, v)| !is_zero(v))
         {
-            return Err(ConfigFileError::unsupported(
+            no_effect(
                 &format!("ipvs.{name}"),
-                "svcproxy has no IPVS mode; remove the ipvs settings",
-            ));
+                "the ipvs section applies only in ipvs mode",
+            );
         }
         if let Some(win) = &self.winkernel
             && let Some((name, _)) = win.fields().into_iter().find(|(_, v)| !is_zero(v))
         {
-            return Err(ConfigFileError::unsupported(
+            no_effect(
                 &format!("winkernel.{name}"),
-                "Windows settings are not supported; svcproxy runs on Linux only",
-            ));
+                "Windows settings; svcproxy runs on Linux",
+            );
         }
         if self.windows_run_as_service == Some(true) {
-            return Err(ConfigFileError::unsupported(
-                "windowsRunAsService",
-                "svcproxy runs on Linux only",
-            ));
+            no_effect("windowsRunAsService", "svcproxy runs on Linux");
         }
-        if let Some(range) = non_empty(&self.port_range) {
-            return Err(ConfigFileError::unsupported(
+        if non_empty(&self.port_range).is_some() {
+            no_effect(
                 "portRange",
-                format!(
-                    "{range:?}: this belonged to the userspace proxy, which no longer exists; leave it empty"
-                ),
-            ));
+                "it belonged to the userspace proxy, which no longer exists",
+            );
         }
         if self.enable_profiling == Some(true) {
-            return Err(ConfigFileError::unsupported(
-                "enableProfiling",
-                "svcproxy serves no profiling endpoints",
-            ));
+            no_effect("enableProfiling", "svcproxy serves no profiling endpoints");
         }
         let conntrack = self.conntrack.unwrap_or_default();
 

@@ -277,8 +277,10 @@ fn an_ipv6_bind_address_moves_the_default_servers_to_ipv6() {
     assert_eq!(args.metrics_bind_address.to_string(), "[::1]:10249");
 }
 
+/// kube-proxy decodes leniently when strict decoding fails: an unknown field (misspelt, or of another
+/// version) does not stop it, and must not stop svcproxy; it is named in a warning.
 #[test]
-fn unknown_fields_are_errors_naming_them() {
+fn unknown_fields_are_ignored_with_a_warning_naming_them() {
     for (body, field) in [
         ("masqueradeAll: true\n", "masqueradeAll"),
         ("iptables:\n  masqueradeBits: 14\n", "iptables.masqueradeBits"),
@@ -291,17 +293,26 @@ fn unknown_fields_are_errors_naming_them() {
         ("ipvs:\n  schedular: rr\n", "ipvs.schedular"),
         ("logging:\n  level: 4\n", "logging.level"),
     ] {
-        let err = parse_err(body);
-        assert!(
-            matches!(err, ConfigFileError::UnknownField { .. }),
-            "{body}: {err}"
-        );
-        assert_eq!(err.field(), Some(field), "{body}: {err}");
-        assert!(
-            err.to_string().starts_with(&format!("{field}: unknown field")),
-            "{err}"
+        let yaml = format!("{HEADER}{body}");
+        let file = parse(&yaml).unwrap_or_else(|e| panic!("{body}: {e}"));
+        assert_eq!(
+            file.warnings,
+            [format!(
+                "{field}: unknown field, ignored (as kube-proxy's lenient decoding ignores it)"
+            )],
+            "{body}"
         );
     }
+    // Several at once, and the known fields beside them still apply.
+    let file = parse(&format!(
+        "{HEADER}udpIdleTimeout: 250ms\nresourceContainer: /kube-proxy\nclusterCIDR: 10.244.0.0/16\n"
+    ))
+    .unwrap();
+    assert_eq!(file.warnings.len(), 2, "{:?}", file.warnings);
+    assert_eq!(
+        file.cluster_cidr,
+        ["10.244.0.0/16".parse::<ipnet::IpNet>().unwrap()]
+    );
 }
 
 #[test]
@@ -416,11 +427,11 @@ fn the_document_must_be_a_kube_proxy_configuration() {
 
 #[test]
 fn unsupported_options_are_refused_and_say_so() {
+    // What kube-proxy ignores outside its ipvs mode or Windows is ignored here too, with a warning.
     for (body, field) in [
-        ("mode: ipvs\n", "mode"),
-        ("mode: kernelspace\n", "mode"),
         ("ipvs:\n  scheduler: rr\n", "ipvs.scheduler"),
         ("ipvs:\n  strictARP: true\n", "ipvs.strictARP"),
+        ("ipvs:\n  syncPeriod: 30s\n", "ipvs.syncPeriod"),
         ("ipvs:\n  excludeCIDRs: [10.0.0.0/8]\n", "ipvs.excludeCIDRs"),
         ("winkernel:\n  enableDSR: true\n", "winkernel.enableDSR"),
         ("winkernel:\n  networkName: l2bridge\n", "winkernel.networkName"),
@@ -428,6 +439,15 @@ fn unsupported_options_are_refused_and_say_so() {
         ("portRange: 30000-32767\n", "portRange"),
         ("enableProfiling: true\n", "enableProfiling"),
     ] {
+        let file = parse(&format!("{HEADER}{body}")).unwrap_or_else(|e| panic!("{body}: {e}"));
+        assert!(
+            file.warnings.iter().any(|w| w.starts_with(&format!("{field}: "))),
+            "{body}: {:?}",
+            file.warnings
+        );
+    }
+    // A mode svcproxy cannot run stops it, saying so.
+    for (body, field) in [("mode: ipvs\n", "mode"), ("mode: kernelspace\n", "mode")] {
         let err = parse_err(body);
         assert!(
             matches!(err, ConfigFileError::Unsupported { .. }),
