@@ -241,12 +241,12 @@ pub struct RunArgs {
           default_value = "false", value_parser = parse_go_bool)]
     pub iptables_localhost_nodeports: bool,
 
-    /// Where /healthz and /livez are served.
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// Where /healthz and /livez are served (IP:port; a bare IP takes port 10256).
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = |s: &str| parse_bind_address(s, 10256))]
     pub healthz_bind_address: SocketAddr,
 
-    /// Where /metrics is served.
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    /// Where /metrics is served (IP:port; a bare IP takes port 10249).
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = |s: &str| parse_bind_address(s, 10249))]
     pub metrics_bind_address: SocketAddr,
 
     /// Minimum interval between syncs: changes arriving faster are batched (e.g. 1s, 500ms, 0 to disable).
@@ -301,8 +301,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub conntrack_udp_timeout_stream: Duration,
 
-    /// Log output format.
-    #[arg(long, value_enum, default_value = "text")]
+    /// Log output format (`--logging-format`, kube-proxy's spelling, too).
+    #[arg(long, visible_alias = "logging-format", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
     /// How often every rule svcproxy owns is read back from the kernel and compared with what it wrote (what a
@@ -437,6 +437,17 @@ pub fn format_duration(d: Duration) -> String {
             }
         }
     }
+}
+
+/// A listen address as kube-proxy takes one: `IP:port`, or a bare IP that gets `default_port`.
+pub fn parse_bind_address(text: &str, default_port: u16) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    text.parse::<SocketAddr>()
+        .or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, default_port))
+        })
+        .map_err(|_| format!("{text:?} is neither IP:port nor an IP address"))
 }
 
 /// Parses a boolean flag value the way kube-proxy's (Go) flags do, so `--masquerade-all=false` from an

@@ -835,10 +835,10 @@ impl RawConfig {
                 "127.0.0.1".parse().expect("literal"),
             )
         };
+        // A bare address takes the default port, as kube-proxy's defaulting gives it one.
         let socket = |field: &str, value: &Option<String>, default: SocketAddr| match non_empty(value) {
             None => Ok(default),
-            Some(text) => text
-                .parse::<SocketAddr>()
+            Some(text) => crate::cli::parse_bind_address(text, default.port())
                 .map_err(|_| ConfigFileError::invalid(field, format!("{text:?} is not an IP:port address"))),
         };
         let healthz_bind_address = socket(

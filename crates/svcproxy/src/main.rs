@@ -172,6 +172,31 @@ fn enable_route_localnet() {
     }
 }
 
+/// `--init-only`: the start-up settings that need privileges, applied now (an init container's job), then
+/// exit. The conntrack files exist only once the module is loaded; a missing one is reported, not fatal, and
+/// the daemon applies the settings again after its first sync.
+fn init_only(args: &RunArgs) {
+    let cpus = online_cpus()
+        .or_else(|| std::thread::available_parallelism().map(usize::from).ok())
+        .unwrap_or(1);
+    for outcome in apply_sysctls(&plan_sysctls(&sysctl_config(args), cpus)) {
+        match &outcome.result {
+            Ok(_) => tracing::info!(
+                path = outcome.setting.path,
+                value = outcome.setting.value,
+                "sysctl set"
+            ),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    if args.proxy_mode == ProxyMode::Iptables
+        && args.iptables_localhost_nodeports
+        && NodePortSpec::parse(&args.nodeport_addresses).is_ok_and(|s| s.may_accept_ipv4_loopback())
+    {
+        enable_route_localnet();
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mode_name = match args.proxy_mode {
         ProxyMode::Iptables => "iptables",
@@ -439,7 +464,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             let run_matches = matches.subcommand_matches("run").expect("clap matched `run`");
             let resolved = config_file::resolve(*args, run_matches)?;
-            let flag_warnings = resolved.args.upstream.check()?;
+            let flag_warnings = resolved.args.upstream.check();
             init_logging(resolved.args.log_format, resolved.args.upstream.log_level());
             for warning in &resolved.warnings {
                 tracing::warn!("configuration: {warning}");
@@ -449,6 +474,10 @@ async fn main() -> anyhow::Result<()> {
             }
             if resolved.args.upstream.cleanup {
                 return cleanup(false);
+            }
+            if resolved.args.upstream.init_only {
+                init_only(&resolved.args);
+                return Ok(());
             }
             if let Some(path) = &resolved.args.write_config_to {
                 config_file::write_effective_config(&resolved.args, path)?;
@@ -516,10 +545,7 @@ fn daemon_settings(args: RunArgs, matches: &clap::ArgMatches, subcommand: &str) 
     for warning in &resolved.warnings {
         tracing::warn!("configuration: {warning}");
     }
-    let flag_warnings = resolved.args.upstream.check().unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        std::process::exit(2)
-    });
+    let flag_warnings = resolved.args.upstream.check();
     for warning in &flag_warnings {
         tracing::warn!("flags: {warning}");
     }

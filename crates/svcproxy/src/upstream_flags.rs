@@ -1,9 +1,9 @@
 //! kube-proxy's command-line flags beyond svcproxy's own, accepted so that the arguments a node already passes
-//! to kube-proxy start svcproxy too. The policy is the configuration file's (see
-//! [`crate::config_file`]): a flag that only tunes something svcproxy does not have is accepted and logged as
-//! having no effect; one that asks for behaviour svcproxy does not have is refused, saying why, because the
-//! node would not do what its operator asked. A few do act: klog's `-v` sets the log level when `RUST_LOG`
-//! does not, `--bind-address` is taken as the file's `bindAddress` is, and `--cleanup` cleans up and exits.
+//! to kube-proxy start svcproxy too. The policy is the configuration file's (see [`crate::config_file`]): a
+//! flag that only tunes something svcproxy does not have (or a mode it does not run, such as the `--ipvs-*`
+//! flags GCE passes in every mode) is accepted and logged as having no effect. A few do act: klog's `-v` sets
+//! the log level when `RUST_LOG` does not, `--bind-address` is taken as the file's `bindAddress` is,
+//! `--cleanup` cleans up and exits, and `--init-only` applies the start-up sysctls and exits.
 
 use std::time::Duration;
 
@@ -73,45 +73,129 @@ pub struct UpstreamFlags {
           value_parser = parse_go_bool)]
     pub bind_address_hard_fail: Option<bool>,
 
-    /// Refused when true: svcproxy serves no profiling endpoints.
+    /// No effect: svcproxy serves no profiling endpoints.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
           value_parser = parse_go_bool)]
     pub profiling: Option<bool>,
 
-    /// Refused when set: the range belonged to the userspace proxy, which no longer exists.
+    /// No effect: the range belonged to the userspace proxy, which no longer exists (kube-proxy ignores it too).
     #[arg(long, value_name = "RANGE")]
     pub proxy_port_range: Option<String>,
-}
 
-/// A kube-proxy flag asking for something svcproxy does not do.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("--{flag}: not supported by svcproxy: {why}")]
-pub struct UnsupportedFlag {
-    pub flag: &'static str,
-    pub why: &'static str,
+    /// Apply the start-up settings that need privileges (the conntrack sysctls, and route_localnet for
+    /// localhost NodePorts), then exit, as kube-proxy's init containers use it.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_parser = parse_go_bool)]
+    pub init_only: bool,
+
+    /// No effect: kube-proxy's deprecated spelling of the port in --healthz-bind-address (set it there).
+    #[arg(long, value_name = "PORT")]
+    pub healthz_port: Option<u16>,
+
+    /// No effect: kube-proxy's deprecated spelling of the port in --metrics-bind-address (set it there).
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+
+    /// No effect outside kube-proxy's ipvs mode, which svcproxy does not have.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_sync_period: Option<String>,
+
+    /// No effect outside kube-proxy's ipvs mode.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_min_sync_period: Option<String>,
+
+    /// No effect outside kube-proxy's ipvs mode.
+    #[arg(long, value_name = "NAME")]
+    pub ipvs_scheduler: Option<String>,
+
+    /// No effect outside kube-proxy's ipvs mode.
+    #[arg(long, value_name = "CIDRS")]
+    pub ipvs_exclude_cidrs: Option<String>,
+
+    /// No effect outside kube-proxy's ipvs mode.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = parse_go_bool)]
+    pub ipvs_strict_arp: Option<bool>,
+
+    /// No effect outside kube-proxy's ipvs mode.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcp_timeout: Option<String>,
+
+    /// No effect outside kube-proxy's ipvs mode.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcpfin_timeout: Option<String>,
+
+    /// No effect outside kube-proxy's ipvs mode.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_udp_timeout: Option<String>,
+
+    /// No effect: svcproxy writes every log line to stderr.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = parse_go_bool)]
+    pub log_text_split_stream: Option<bool>,
+
+    /// No effect: svcproxy does not buffer log lines.
+    #[arg(long, value_name = "SIZE")]
+    pub log_text_info_buffer_size: Option<String>,
+
+    /// No effect: svcproxy writes every log line to stderr.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = parse_go_bool)]
+    pub log_json_split_stream: Option<bool>,
+
+    /// No effect: svcproxy does not buffer log lines.
+    #[arg(long, value_name = "SIZE")]
+    pub log_json_info_buffer_size: Option<String>,
 }
 
 impl UpstreamFlags {
-    /// The flags given that have no effect, one sentence each for the log; or the first one that asks for
-    /// something svcproxy does not do.
-    pub fn check(&self) -> Result<Vec<String>, UnsupportedFlag> {
-        if self.profiling == Some(true) {
-            return Err(UnsupportedFlag {
-                flag: "profiling",
-                why: "svcproxy serves no profiling endpoints",
-            });
-        }
-        if self
-            .proxy_port_range
-            .as_deref()
-            .is_some_and(|r| !r.trim().is_empty())
-        {
-            return Err(UnsupportedFlag {
-                flag: "proxy-port-range",
-                why: "it belonged to the userspace proxy, which no longer exists; leave it out",
-            });
-        }
-        let given: [(&str, bool, &str); 8] = [
+    /// The flags given that have no effect, one sentence each for the log.
+    pub fn check(&self) -> Vec<String> {
+        let ipvs = [
+            &self.ipvs_sync_period,
+            &self.ipvs_min_sync_period,
+            &self.ipvs_scheduler,
+            &self.ipvs_exclude_cidrs,
+            &self.ipvs_tcp_timeout,
+            &self.ipvs_tcpfin_timeout,
+            &self.ipvs_udp_timeout,
+        ]
+        .iter()
+        .any(|f| f.is_some())
+            || self.ipvs_strict_arp.is_some();
+        let logging = self.log_text_split_stream.is_some()
+            || self.log_text_info_buffer_size.is_some()
+            || self.log_json_split_stream.is_some()
+            || self.log_json_info_buffer_size.is_some();
+        let given: [(&str, bool, &str); 14] = [
+            (
+                "profiling",
+                self.profiling == Some(true),
+                "svcproxy serves no profiling endpoints",
+            ),
+            (
+                "proxy-port-range",
+                self.proxy_port_range
+                    .as_deref()
+                    .is_some_and(|r| !r.trim().is_empty()),
+                "the range belonged to the userspace proxy, which no longer exists",
+            ),
+            ("ipvs-*", ipvs, "they apply only in kube-proxy's ipvs mode"),
+            (
+                "healthz-port",
+                self.healthz_port.is_some(),
+                "deprecated; the port is the one in --healthz-bind-address",
+            ),
+            (
+                "metrics-port",
+                self.metrics_port.is_some(),
+                "deprecated; the port is the one in --metrics-bind-address",
+            ),
+            (
+                "log-*-split-stream/info-buffer-size",
+                logging,
+                "svcproxy writes every log line to stderr as it happens",
+            ),
             (
                 "vmodule",
                 self.vmodule.is_some(),
@@ -153,12 +237,11 @@ impl UpstreamFlags {
                 "svcproxy hides no metrics",
             ),
         ];
-        let warnings = given
+        given
             .into_iter()
             .filter(|(_, given, _)| *given)
             .map(|(flag, _, why)| format!("--{flag}: accepted but has no effect in svcproxy ({why})"))
-            .collect();
-        Ok(warnings)
+            .collect()
     }
 
     /// The log level klog's verbosity stands for, used when `RUST_LOG` is not set. kube-proxy logs its
@@ -191,7 +274,7 @@ mod tests {
 
     #[test]
     fn nothing_given_is_nothing_to_say() {
-        assert_eq!(parse(&[]).check(), Ok(Vec::new()));
+        assert_eq!(parse(&[]).check(), Vec::<String>::new());
         assert_eq!(parse(&[]).log_level(), "info");
     }
 
@@ -207,7 +290,7 @@ mod tests {
         ] {
             let flags = parse(args);
             assert_eq!(flags.log_level(), level, "{args:?}");
-            assert_eq!(flags.check(), Ok(Vec::new()), "{args:?}");
+            assert_eq!(flags.check(), Vec::<String>::new(), "{args:?}");
         }
     }
 
@@ -224,7 +307,7 @@ mod tests {
             "--kube-api-content-type=application/vnd.kubernetes.protobuf",
             "--show-hidden-metrics-for-version=1.30",
         ]);
-        let warnings = flags.check().unwrap();
+        let warnings = flags.check();
         for flag in [
             "--vmodule",
             "--log-flush-frequency",
@@ -243,19 +326,41 @@ mod tests {
         assert_eq!(warnings.len(), 8, "{warnings:?}");
         // Flags that act are not warned about; what svcproxy does anyway is not worth a warning.
         for acting in ["--bind-address-hard-fail", "--bind-address-hard-fail=false"] {
-            assert_eq!(parse(&[acting]).check(), Ok(Vec::new()));
+            assert_eq!(parse(&[acting]).check(), Vec::<String>::new());
         }
-        assert_eq!(parse(&["--profiling=false"]).check(), Ok(Vec::new()));
+        assert_eq!(parse(&["--profiling=false"]).check(), Vec::<String>::new());
     }
 
+    /// GCE's kube-proxy command line passes the ipvs flags in every mode; they and the other flags kube-proxy
+    /// accepts for what svcproxy does not have are accepted, each named once.
     #[test]
-    fn flags_asking_for_what_svcproxy_does_not_do_are_refused() {
-        let err = parse(&["--profiling"]).check().unwrap_err();
-        assert_eq!(err.flag, "profiling");
-        assert!(err.to_string().contains("no profiling endpoints"), "{err}");
-        let err = parse(&["--proxy-port-range=30000-32767"]).check().unwrap_err();
-        assert_eq!(err.flag, "proxy-port-range");
-        assert_eq!(parse(&["--proxy-port-range="]).check(), Ok(Vec::new()));
+    fn flags_of_what_svcproxy_does_not_have_are_accepted_and_named() {
+        let flags = parse(&[
+            "--ipvs-sync-period=1m",
+            "--ipvs-min-sync-period=10s",
+            "--ipvs-strict-arp",
+            "--profiling",
+            "--proxy-port-range=30000-32767",
+            "--healthz-port=10256",
+            "--metrics-port=10249",
+            "--log-text-split-stream",
+        ]);
+        let warnings = flags.check();
+        for flag in [
+            "--profiling:",
+            "--proxy-port-range:",
+            "--ipvs-*:",
+            "--healthz-port:",
+            "--metrics-port:",
+            "--log-*-split-stream/info-buffer-size:",
+        ] {
+            assert!(
+                warnings.iter().any(|w| w.starts_with(flag)),
+                "{flag} not named: {warnings:?}"
+            );
+        }
+        assert_eq!(warnings.len(), 6, "{warnings:?}");
+        assert_eq!(parse(&["--proxy-port-range="]).check(), Vec::<String>::new());
     }
 
     #[test]

@@ -366,7 +366,7 @@ fn invalid_values_are_errors_naming_the_field() {
             "\"pods\" is not a CIDR",
         ),
         (
-            "healthzBindAddress: 0.0.0.0\n",
+            "healthzBindAddress: 0.0.0.0:port\n",
             "healthzBindAddress",
             "not an IP:port",
         ),
@@ -801,4 +801,28 @@ fn a_specific_bind_address_is_the_nodes_address() {
             .resolve(Some(&node), &local);
         assert_eq!(config.node_ip, Some("10.0.0.10".parse().unwrap()));
     }
+}
+
+/// A bare address, which kube-proxy accepts for its listen addresses, takes the default port, in the file and
+/// on the command line.
+#[test]
+fn a_bare_listen_address_takes_the_default_port() {
+    let args = effective(
+        &[],
+        &format!("{HEADER}healthzBindAddress: 0.0.0.0\nmetricsBindAddress: \"::\"\n"),
+    );
+    assert_eq!(args.healthz_bind_address.to_string(), "0.0.0.0:10256");
+    assert_eq!(args.metrics_bind_address.to_string(), "[::]:10249");
+    let (args, _) = command_line(&[
+        "--metrics-bind-address=0.0.0.0",
+        "--healthz-bind-address=127.0.0.1",
+    ]);
+    assert_eq!(args.metrics_bind_address.to_string(), "0.0.0.0:10249");
+    assert_eq!(args.healthz_bind_address.to_string(), "127.0.0.1:10256");
+    let (args, _) = command_line(&["--logging-format=json"]);
+    assert_eq!(
+        args.log_format,
+        LogFormat::Json,
+        "kube-proxy's spelling of --log-format"
+    );
 }

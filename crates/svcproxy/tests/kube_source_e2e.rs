@@ -253,19 +253,32 @@ fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
     }
     proxy.assert_running();
 
-    // A flag asking for what svcproxy does not do stops it at once, saying why.
+    // An init container's `--init-only` applies the privileged start-up settings and exits; GCE's ipvs
+    // flags, which it passes in every mode, do not stop it.
+    let route_localnet = || {
+        lab.node()
+            .exec_stdout(&["cat", "/proc/sys/net/ipv4/conf/all/route_localnet"])
+            .unwrap()
+    };
+    assert_eq!(route_localnet().trim(), "0");
     let out = lab
         .node()
         .command(env!("CARGO_BIN_EXE_svcproxy"))
-        .args(["run", "--manifests", "/nonexistent", "--profiling"])
+        .args(["run", "--manifests", "/nonexistent", "--init-only"])
+        .args([
+            "--iptables-localhost-nodeports",
+            "--ipvs-sync-period=1m",
+            "--ipvs-min-sync-period=10s",
+        ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("--profiling: not supported by svcproxy"),
+        stderr.contains("--ipvs-*: accepted but has no effect"),
         "{stderr}"
     );
+    assert_eq!(route_localnet().trim(), "1");
 }
 
 /// The cluster autoscaler marks the node for deletion, then deletes its Node object: /healthz turns 503 with
