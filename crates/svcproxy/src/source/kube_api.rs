@@ -47,12 +47,21 @@ pub enum KubeSourceError {
 /// Builds a client from `--kubeconfig`, or from the in-cluster service account (or `KUBECONFIG`) when absent;
 /// `master` (`--master`) replaces the server URL either gives, as kube-proxy's flag does.
 pub async fn client(kubeconfig: Option<&PathBuf>, master: Option<&str>) -> Result<Client, KubeSourceError> {
+    let master = master.map(str::trim).filter(|u| !u.is_empty());
     let mut config = match kubeconfig {
         Some(path) => {
-            let kc = Kubeconfig::read_from(path).map_err(|source| KubeSourceError::Kubeconfig {
+            let mut kc = Kubeconfig::read_from(path).map_err(|source| KubeSourceError::Kubeconfig {
                 path: path.clone(),
                 source,
             })?;
+            // `--master` is the server of every cluster the file names, before the file is taken apart: a
+            // kubeconfig may carry credentials and a CA but no server, leaving it to `--master` (GCE writes
+            // kube-proxy's that way), which the client would otherwise refuse.
+            if let Some(url) = master {
+                for named in &mut kc.clusters {
+                    named.cluster.get_or_insert_with(Default::default).server = Some(url.to_string());
+                }
+            }
             Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
                 .map_err(|e| KubeSourceError::Config(e.to_string()))?
@@ -61,7 +70,7 @@ pub async fn client(kubeconfig: Option<&PathBuf>, master: Option<&str>) -> Resul
             .await
             .map_err(|e| KubeSourceError::Config(e.to_string()))?,
     };
-    if let Some(url) = master.map(str::trim).filter(|u| !u.is_empty()) {
+    if let Some(url) = master {
         config.cluster_url = url
             .parse()
             .map_err(|e| KubeSourceError::Config(format!("--master {url:?} is not a URL: {e}")))?;
@@ -271,5 +280,28 @@ where
             tracing::warn!("watch of {kind}s failed, retrying: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kubeconfig with credentials and a CA but no server, as GCE writes kube-proxy's: `--master` supplies it.
+    #[tokio::test]
+    async fn master_supplies_a_server_the_kubeconfig_leaves_out() {
+        let path = std::env::temp_dir().join(format!("svcproxy-kubeconfig-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster: {}\nusers:\n- name: kube-proxy\n  \
+             user: {token: abc}\ncontexts:\n- name: service-account-context\n  context: {cluster: local, user: \
+             kube-proxy}\ncurrent-context: service-account-context\n",
+        )
+        .unwrap();
+        let without = client(Some(&path), None).await;
+        let with = client(Some(&path), Some("http://127.0.0.1:6443")).await;
+        std::fs::remove_file(&path).unwrap();
+        assert!(without.is_err(), "no server anywhere");
+        assert_eq!(with.unwrap().default_namespace(), "default");
     }
 }
