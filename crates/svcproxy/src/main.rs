@@ -365,10 +365,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// IPv4 always; IPv6 as well when `--cluster-cidr` lists an IPv6 CIDR, as a dual-stack (or IPv6) cluster
 /// configures it. Upstream runs IPv6 whenever ip6tables works; asking the configuration keeps single-stack
 /// nodes from carrying a second, empty ruleset and a second sync loop.
+///
+/// A node booted without IPv6 (`ipv6.disable=1`) has no IPv6 netfilter to program: there the IPv6 engine is
+/// left out with a warning, as upstream runs IPv4 only when ip6tables does not work, instead of failing every
+/// IPv6 sync and keeping the node's health red.
 fn served_families(args: &RunArgs) -> Vec<IpFamily> {
     let mut families = vec![IpFamily::V4];
     if args.cluster_cidr.iter().any(|c| IpFamily::V6.contains(&c.addr())) {
-        families.push(IpFamily::V6);
+        if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+            families.push(IpFamily::V6);
+        } else {
+            tracing::warn!(
+                "--cluster-cidr lists an IPv6 CIDR, but this node has no IPv6 stack: serving IPv4 only"
+            );
+        }
     }
     families
 }
