@@ -413,6 +413,7 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         sync_period: args.sync_period,
         unhealthy_after: args.unhealthy_after,
         verify_period: (!args.verify_period.is_zero()).then_some(args.verify_period),
+        unserved_family: (proxiers.len() == 1).then_some(IpFamily::V6),
         ..Default::default()
     };
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -269,3 +269,19 @@ in_both_modes!(
     both_families_are_served,
     a_nodeport_list_of_one_family_leaves_the_other_open
 );
+
+/// A dual-stack Service on a node configured for IPv4 only (no IPv6 CIDR in `--cluster-cidr`): its IPv4 side
+/// is served, and the log names what is not, since nothing else would.
+#[test]
+fn ipv6_services_on_an_ipv4_only_node_are_named() {
+    let lab = Lab::new();
+    let dir = TempDir::new("dual-v4");
+    dir.write("web.yaml", &manifest(&[11]));
+    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    wait_until(WAIT, POLL, "the unserved IPv6 Services are named", || {
+        proxy.assert_running();
+        let log = proxy.log();
+        log.contains("Services have IPv6 cluster IPs, but svcproxy programs no IPv6 rules")
+            .then_some(())
+    });
+}

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use svcproxy_model::{ClusterState, EndpointSlice, IntentChanges, ObjectName, Service};
+use svcproxy_model::{ClusterState, EndpointSlice, IntentChanges, IpFamily, ObjectName, Service};
 use tokio::sync::{mpsc, watch};
 
 use super::proxier::{Finding, Proxier, SyncError, SyncMode, VerifyScope};
@@ -30,6 +30,9 @@ pub struct EngineConfig {
     pub canary_period: Option<Duration>,
     /// Read back what each sync wrote right after writing it.
     pub verify_after_sync: bool,
+    /// A family no engine serves (IPv6 on a node configured for IPv4 only): Services of it are named in a
+    /// warning, since nothing programs them.
+    pub unserved_family: Option<IpFamily>,
 }
 
 impl Default for EngineConfig {
@@ -42,6 +45,7 @@ impl Default for EngineConfig {
             verify_period: Some(Duration::from_secs(60)),
             canary_period: Some(Duration::from_secs(2)),
             verify_after_sync: true,
+            unserved_family: None,
         }
     }
 }
@@ -98,6 +102,8 @@ pub struct Engine<P: Proxier> {
     pending_trigger_times: Vec<SystemTime>,
     /// When this engine started: changes made before it are not its latency to report.
     started_at: SystemTime,
+    /// Services of the unserved family were reported already.
+    reported_unserved: bool,
     pending_service_changes: usize,
     pending_endpoint_changes: usize,
     last_full: Option<Instant>,
@@ -208,6 +214,7 @@ impl<P: Proxier> Engine<P> {
             hazard_problem: None,
             pending_trigger_times: Vec::new(),
             started_at: SystemTime::now(),
+            reported_unserved: false,
             pending_service_changes: 0,
             pending_endpoint_changes: 0,
             last_full: None,
@@ -339,6 +346,36 @@ impl<P: Proxier> Engine<P> {
             .filter(|at| *at >= self.started_at)
         {
             self.pending_trigger_times.push(at);
+        }
+    }
+
+    /// Names, once, the Services of a family no engine serves: a dual-stack cluster whose `--cluster-cidr`
+    /// lists no IPv6 CIDR gets no IPv6 rules, and nothing else would say so.
+    fn report_unserved(&mut self) {
+        let Some(family) = self.config.unserved_family else {
+            return;
+        };
+        if self.reported_unserved {
+            return;
+        }
+        let unserved: Vec<String> = self
+            .state
+            .services
+            .values()
+            .filter(|s| s.cluster_ips.iter().any(|ip| family.contains(ip)))
+            .map(|s| s.name.to_string())
+            .collect();
+        if let Some(first) = unserved.first() {
+            self.reported_unserved = true;
+            tracing::warn!(
+                services = unserved.len(),
+                example = %first,
+                "Services have {} cluster IPs, but svcproxy programs no {} rules on this node: add the cluster's {} \
+                 CIDR to --cluster-cidr (clusterCIDR) to serve them",
+                family.label(),
+                family.label(),
+                family.label()
+            );
         }
     }
 
@@ -657,6 +694,7 @@ impl<P: Proxier> Engine<P> {
                     self.last_full = Some(now);
                 }
                 self.health.updated(self.proxier.family());
+                self.report_unserved();
                 self.record_programmed(&report.intent);
                 self.metrics
                     .last_sync_timestamp
