@@ -198,28 +198,60 @@ fn rules_follow_the_api_through_changes_relists_and_outages() {
     proxy.assert_running();
 }
 
-/// A node's kube-proxy arguments start svcproxy: `--master` overrides the kubeconfig's server (which points
-/// nowhere here), klog's `--v` is taken, and flags for things svcproxy does not have are accepted and logged.
-#[test]
-fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
+/// A node with one pod behind `web` (10.96.0.100), a client pod, and an API server that holds them, with the
+/// path for a kubeconfig.
+struct OnePodNode {
+    lab: Lab,
+    client: svcproxy_testkit::Pod,
+    api: FakeApiServer,
+    kubeconfig: std::path::PathBuf,
+    _pod: (svcproxy_testkit::Pod, Backend),
+    _dir: TempDir,
+}
+
+fn one_pod_node() -> OnePodNode {
     let lab = Lab::new();
     let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
-    let _backend = Backend::start(pod.ns(), "pod11", &[8080], &[]);
+    let backend = Backend::start(pod.ns(), "pod11", &[8080], &[]);
     let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
-
     let api = FakeApiServer::start_in(lab.node(), "127.0.0.1:0".parse().unwrap());
     let store = api.store();
     store.apply(node()).unwrap();
     store.apply(service("web", "10.96.0.100", json!({}))).unwrap();
     store.apply(slice("web", &["10.244.0.11"])).unwrap();
-
     let dir = TempDir::new("kubeconfig");
     let kubeconfig = dir.path().join("kubeconfig");
-    let elsewhere = api
+    OnePodNode {
+        lab,
+        client,
+        api,
+        kubeconfig,
+        _pod: (pod, backend),
+        _dir: dir,
+    }
+}
+
+/// Writes `api`'s kubeconfig to `path` with its server moved to a port nothing listens on.
+fn write_kubeconfig_pointing_nowhere(api: &FakeApiServer, path: &std::path::Path) {
+    let nowhere = api
         .kubeconfig_yaml()
         .replace(&api.addr().to_string(), "127.0.0.1:9");
-    assert_ne!(elsewhere, api.kubeconfig_yaml(), "the server line was rewritten");
-    std::fs::write(&kubeconfig, elsewhere).unwrap();
+    assert_ne!(nowhere, api.kubeconfig_yaml(), "the server line was rewritten");
+    std::fs::write(path, nowhere).unwrap();
+}
+
+/// A node's kube-proxy arguments start svcproxy: `--master` overrides the kubeconfig's server (which points
+/// nowhere here), klog's `--v` is taken, and flags for things svcproxy does not have are accepted and logged.
+#[test]
+fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
+    let node_setup = one_pod_node();
+    let (lab, client, api, kubeconfig) = (
+        &node_setup.lab,
+        &node_setup.client,
+        &node_setup.api,
+        &node_setup.kubeconfig,
+    );
+    write_kubeconfig_pointing_nowhere(api, kubeconfig);
     let mut proxy = Svcproxy::start(
         lab.node(),
         &[
@@ -285,18 +317,15 @@ fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
 /// `nodeEligible: false` and stays so (the machine is going away), while the rules keep serving.
 #[test]
 fn a_node_marked_for_deletion_stays_ineligible_once_deleted() {
-    let lab = Lab::new();
-    let pod = lab.add_pod("pod11", Ipv4Addr::new(10, 244, 0, 11));
-    let _backend = Backend::start(pod.ns(), "pod11", &[8080], &[]);
-    let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
-    let api = FakeApiServer::start_in(lab.node(), "127.0.0.1:0".parse().unwrap());
+    let node_setup = one_pod_node();
+    let (lab, client, api, kubeconfig) = (
+        &node_setup.lab,
+        &node_setup.client,
+        &node_setup.api,
+        &node_setup.kubeconfig,
+    );
     let store = api.store();
-    store.apply(node()).unwrap();
-    store.apply(service("web", "10.96.0.100", json!({}))).unwrap();
-    store.apply(slice("web", &["10.244.0.11"])).unwrap();
-    let dir = TempDir::new("kubeconfig");
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
+    api.write_kubeconfig(kubeconfig).unwrap();
     let mut proxy = Svcproxy::start(lab.node(), &["--kubeconfig", kubeconfig.to_str().unwrap()]);
     let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
     wait_until(WAIT, POLL, "web answers", || {
@@ -336,13 +365,8 @@ fn initial_lists_that_never_complete_turn_healthz_red_and_not_livez() {
     let lab = Lab::new();
     let dir = TempDir::new("kubeconfig");
     let kubeconfig = dir.path().join("kubeconfig");
-    // A kubeconfig of the right shape whose server is a port nothing listens on.
     let api = FakeApiServer::start_in(lab.node(), "127.0.0.1:0".parse().unwrap());
-    let nowhere = api
-        .kubeconfig_yaml()
-        .replace(&api.addr().to_string(), "127.0.0.1:9");
-    assert_ne!(nowhere, api.kubeconfig_yaml(), "the server line was rewritten");
-    std::fs::write(&kubeconfig, nowhere).unwrap();
+    write_kubeconfig_pointing_nowhere(&api, &kubeconfig);
     let mut proxy = Svcproxy::start(
         lab.node(),
         &[
