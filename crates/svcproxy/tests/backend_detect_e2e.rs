@@ -57,6 +57,27 @@ fn a_legacy_kubelet_marker_makes_svcproxy_write_legacy() {
     let nft = save(node, "iptables-nft-save");
     assert!(!nft.contains("KUBE-"), "svcproxy wrote nf_tables:\n{nft}");
 
+    // `svcproxy diff` reads the backend the daemon writes: the kernel matches the intent.
+    let out = node
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args([
+            "diff",
+            "--manifests",
+            web.manifests(),
+            "--hostname-override",
+            "node-a",
+        ])
+        .args(["--cluster-cidr", "10.244.0.0/16"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "diff found differences or could not read ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A restart finds kubelet's chains and ours in the one backend: no mixed-backend refusal.
     drop(proxy);
     let mut proxy = Svcproxy::start(node, &["--manifests", web.manifests()]);
