@@ -142,6 +142,15 @@ pub enum ProxyMode {
     Nftables,
 }
 
+/// `--iptables-backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IptablesBackendChoice {
+    /// The backend holding kubelet's marker chains; nf_tables when neither does.
+    Auto,
+    Nft,
+    Legacy,
+}
+
 /// How traffic from this node's pods is recognised (upstream `--detect-local-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DetectLocalMode {
@@ -182,6 +191,11 @@ pub struct RunArgs {
     /// Which netfilter backend programs the rules.
     #[arg(long, value_enum, default_value = "iptables")]
     pub proxy_mode: ProxyMode,
+
+    /// In iptables mode, which iptables backend to write: `auto` uses the one kubelet writes (its marker
+    /// chains in the mangle table), so both keep their rules in the same place.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub iptables_backend: IptablesBackendChoice,
 
     /// Path to a kubeconfig. Without it (and without --manifests) the in-cluster service account is used.
     #[arg(long, conflicts_with = "manifests")]

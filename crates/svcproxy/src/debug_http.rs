@@ -30,6 +30,7 @@ use svcproxy_model::intent::build_intent;
 use svcproxy_model::{Intent, IntentConfig, IpFamily};
 use tokio::sync::watch;
 
+use crate::backends::Backend;
 use crate::cli::{ProxyMode, RunArgs, TraceOrigin};
 use crate::diagnosis::{DaemonView, node_hazards};
 use crate::diff;
@@ -92,6 +93,7 @@ struct Inner {
     node: String,
     /// The backend the daemon writes, which diff and explain read.
     proxy_mode: ProxyMode,
+    backend: Backend,
     options: ProxierOptions,
     status: OnceLock<watch::Receiver<EngineStatus>>,
     tracking: Mutex<Tracking>,
@@ -113,10 +115,12 @@ fn now() -> String {
 }
 
 impl DebugState {
-    pub fn new(args: &RunArgs, node: &str) -> Result<Self, OptionsError> {
+    /// `backend`: the iptables backend the daemon writes (ignored in nftables mode).
+    pub fn new(args: &RunArgs, node: &str, backend: Backend) -> Result<Self, OptionsError> {
         Ok(DebugState(Arc::new(Inner {
             node: node.to_string(),
             proxy_mode: args.proxy_mode,
+            backend,
             options: ProxierOptions::from_args(args, svcproxy_model::IpFamily::V4)?,
             status: OnceLock::new(),
             tracking: Mutex::new(Tracking::default()),
@@ -345,11 +349,11 @@ async fn diff_handler(State(d): State<DebugState>) -> Response {
         Err(f) => return f.into_response(),
     };
     let mut expected = d.expected(applied);
-    let mode = d.0.proxy_mode;
+    let (mode, backend) = (d.0.proxy_mode, d.0.backend);
     let result = d
         .read_kernel(move || {
-            let kernel =
-                KernelRead::read(mode, &["filter", "nat"], IpFamily::V4).map_err(|e| e.to_string())?;
+            let kernel = KernelRead::read(mode, backend, &["filter", "nat"], IpFamily::V4)
+                .map_err(|e| e.to_string())?;
             expected.align_with(&kernel);
             Ok(diff::compare(
                 &kernel,
@@ -395,11 +399,11 @@ async fn explain_handler(State(d): State<DebugState>, Query(q): Query<ExplainQue
     let expected = d.explained_intent();
     let from_label = q.from.clone();
     let in_interface = q.in_interface.clone();
-    let mode = d.0.proxy_mode;
+    let (mode, backend) = (d.0.proxy_mode, d.0.backend);
     let daemon = DaemonView::of("the daemon itself", &d.report());
     let result = d
         .read_kernel(move || {
-            let kernel = KernelRead::read(mode, &[], IpFamily::V4).map_err(|e| e.to_string())?;
+            let kernel = KernelRead::read(mode, backend, &[], IpFamily::V4).map_err(|e| e.to_string())?;
             let local_ips = SystemAddresses.addresses();
             let mut report = explain::explain(ExplainInput {
                 kernel: kernel.rules(),
@@ -457,7 +461,7 @@ mod tests {
             .try_get_matches_from(["svcproxy", "run", "--manifests", "/nonexistent"])
             .unwrap();
         let run = matches.subcommand_matches("run").unwrap();
-        let d = DebugState::new(&RunArgs::from_arg_matches(run).unwrap(), "node-a").unwrap();
+        let d = DebugState::new(&RunArgs::from_arg_matches(run).unwrap(), "node-a", Backend::Nft).unwrap();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let first = tokio::spawn({

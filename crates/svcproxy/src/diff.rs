@@ -44,7 +44,8 @@ pub async fn command(args: &DiffArgs) -> Result<DiffReport, DiffError> {
         let body = daemon_get(url, "/debug/diff")?;
         return serde_json::from_str(&body).map_err(DiffError::Answer);
     }
-    let kernel = KernelRead::read(args.run.proxy_mode, &["filter", "nat"], IpFamily::V4)?;
+    let backend = crate::backends::for_args(&args.run, &crate::exec::runner::SystemRunner);
+    let kernel = KernelRead::read(args.run.proxy_mode, backend, &["filter", "nat"], IpFamily::V4)?;
     let mut expected = load_expected(&args.run, &SystemAddresses.addresses(), IpFamily::V4).await?;
     expected.align_with(&kernel);
     Ok(compare(

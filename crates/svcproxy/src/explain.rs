@@ -33,10 +33,11 @@ use svcproxy_nftables::references::{chain_targets, set_references};
 use svcproxy_nftables::{Family as NftFamily, ListingError, Ruleset as NftRuleset, parse_listing};
 
 use crate::audit::HazardView;
+use crate::backends::Backend;
 use crate::cli::{ExplainArgs, ProxyMode, RunArgs, TraceOrigin};
 use crate::diagnosis::{DaemonView, diagnose, node_hazards};
 use crate::diff::{ChainDiff, chain_diffs, nft_object_diffs};
-use crate::exec::iptables::{ExecError, IptablesCommands, SystemIptables};
+use crate::exec::iptables::{ExecError, IptablesCommands};
 use crate::exec::nft::{NftCommands, SystemNft};
 use crate::exec::nft_netlink::NetlinkElementSocket;
 use crate::exec::nft_table_read::read_table;
@@ -302,8 +303,8 @@ pub fn node_name(args: &RunArgs) -> Result<String, LoadError> {
 }
 
 /// Every table of the live ruleset of `family`: the tracer walks raw, mangle, filter, nat and security.
-pub fn read_kernel(tables: &[&str], family: IpFamily) -> Result<SavedRuleset, LoadError> {
-    let text = SystemIptables::new(family).save(tables)?;
+pub fn read_kernel(tables: &[&str], family: IpFamily, backend: Backend) -> Result<SavedRuleset, LoadError> {
+    let text = backend.family_commands(family).save(tables)?;
     Ok(parse_save(&text)?)
 }
 
@@ -334,10 +335,16 @@ pub enum KernelRead {
 }
 
 impl KernelRead {
-    /// Reads the kernel's rules of `family`; `tables` limits the iptables tables read (all when empty).
-    pub fn read(mode: ProxyMode, tables: &[&str], family: IpFamily) -> Result<KernelRead, LoadError> {
+    /// Reads the kernel's rules of `family`; `tables` limits the iptables tables read (all when empty), and in
+    /// iptables mode `backend` says which iptables backend holds them.
+    pub fn read(
+        mode: ProxyMode,
+        backend: Backend,
+        tables: &[&str],
+        family: IpFamily,
+    ) -> Result<KernelRead, LoadError> {
         Ok(match mode {
-            ProxyMode::Iptables => KernelRead::Iptables(read_kernel(tables, family)?),
+            ProxyMode::Iptables => KernelRead::Iptables(read_kernel(tables, family, backend)?),
             ProxyMode::Nftables => KernelRead::Nftables(read_nft_table(family)?),
         })
     }
@@ -1532,7 +1539,8 @@ pub async fn command(args: &ExplainArgs) -> Result<ExplainReport, ExplainError> 
         return Ok(report);
     }
     let local_ips = SystemAddresses.addresses();
-    let kernel = KernelRead::read(args.run.proxy_mode, &[], family)?;
+    let backend = crate::backends::for_args(&args.run, &SystemRunner);
+    let kernel = KernelRead::read(args.run.proxy_mode, backend, &[], family)?;
     let expected = load_expected(&args.run, &local_ips, family)
         .await
         .map_err(|e| e.to_string());

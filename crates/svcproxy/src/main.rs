@@ -9,7 +9,6 @@ use svcproxy::cli::{Cli, Command, LogFormat, OutputFormat, ProxyMode, RunArgs};
 use svcproxy::config_file;
 use svcproxy::debug_http::DebugState;
 use svcproxy::exec::generation::NfTablesGeneration;
-use svcproxy::exec::iptables::SystemIptables;
 use svcproxy::exec::kernel_release::SystemKernelRelease;
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::NetlinkElementSocket;
@@ -63,8 +62,7 @@ async fn shutdown_signal() {
 
 /// KUBE-* state in the iptables backend we do not write keeps acting on packets where we can neither see nor
 /// repair it: refuse to start, naming both sides and the fix.
-fn refuse_mixed_backends() -> anyhow::Result<()> {
-    let ours = backends::active_backend()?;
+fn refuse_mixed_backends(ours: backends::Backend) -> anyhow::Result<()> {
     let (Some(ours_cmds), Some(theirs_cmds)) = (ours.commands(), ours.other().commands()) else {
         return Ok(());
     };
@@ -225,7 +223,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         hard_fail,
     )
     .await?;
-    let debug = DebugState::new(&args, &node)?;
+    // In iptables mode, the backend kubelet writes (or the one --iptables-backend names): chosen once, so the
+    // daemon, its checks and its debug reads all agree on it.
+    let backend = match args.proxy_mode {
+        ProxyMode::Iptables => {
+            let choice = backends::choose(args.iptables_backend, &SystemRunner);
+            tracing::info!(
+                backend = choice.backend.name(),
+                "writing the {} iptables backend: {}",
+                choice.backend.name(),
+                choice.reason
+            );
+            choice.backend
+        }
+        ProxyMode::Nftables => backends::Backend::Nft,
+    };
+    let debug = DebugState::new(&args, &node, backend)?;
     let _metrics_server = http_server::serve(
         "metrics",
         args.metrics_bind_address,
@@ -272,7 +285,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     match args.proxy_mode {
         ProxyMode::Iptables => {
-            refuse_mixed_backends()?;
+            refuse_mixed_backends(backend)?;
             if args.iptables_localhost_nodeports
                 && families.contains(&IpFamily::V4)
                 && NodePortSpec::parse(&args.nodeport_addresses).is_ok_and(|s| s.may_accept_ipv4_loopback())
@@ -285,7 +298,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let ledger = CommitLedger::default();
             for &family in &families {
                 let mut proxier = IptablesProxier::new(
-                    Box::new(SystemIptables::new(family)),
+                    Box::new(backend.family_commands(family)),
                     Box::new(SystemAddresses),
                     intent_config(family),
                     ProxierOptions::from_args(&args, family)?,
@@ -298,16 +311,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     family,
                     ProxyMode::Iptables,
                 ));
-                let active = backends::active_backend();
                 // Only iptables-nft writes move the nf_tables generation the seal relies on.
-                if active.as_ref().is_ok_and(|b| *b == backends::Backend::Nft) {
+                if backend == backends::Backend::Nft {
                     match NfTablesGeneration::open() {
                         Ok(generation) => {
                             proxier = proxier
                                 .with_generation(Box::new(generation))
                                 .with_commit_ledger(ledger.clone());
                             if let Some(&other) = families.iter().find(|f| **f != family) {
-                                proxier = proxier.with_sibling_seals(Box::new(SystemIptables::new(other)));
+                                proxier =
+                                    proxier.with_sibling_seals(Box::new(backend.family_commands(other)));
                             }
                         }
                         Err(e) => {
@@ -316,10 +329,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     }
                 }
                 if family == IpFamily::V4
-                    && let Ok(ours) = active
-                    && let Some(theirs) = ours.other().commands()
+                    && let Some(theirs) = backend.other().commands()
                 {
-                    proxier = proxier.with_other_backend(ours, Box::new(theirs));
+                    proxier = proxier.with_other_backend(backend, Box::new(theirs));
                 }
                 proxiers.push(proxier);
             }

@@ -411,7 +411,7 @@ fn f_i_deleted_chains_and_a_flushed_table_are_named() {
 #[test]
 fn g_h_k_refused_syncs_are_quoted() {
     let node = Node::new();
-    let refusing = Refusing::new("iptables-restore");
+    let refusing = Refusing::new("iptables-nft-restore");
     let path = refusing.path_env();
     let mut proxy = Svcproxy::start_with_env(
         node.ns(),

@@ -132,7 +132,7 @@ fn conntrack_id(node: &NetNs, sport: u16) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// `iptables-restore` processes whose parent is `pid`.
+/// `iptables-nft-restore` processes whose parent is `pid`.
 fn restore_children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -153,7 +153,8 @@ fn restore_children(pid: u32) -> Vec<u32> {
             .split_whitespace()
             .nth(1)
             .and_then(|p| p.parse::<u32>().ok());
-        if comm.starts_with("iptables-resto") && ppid == Some(pid) {
+        // The kernel keeps 15 bytes of the name: `iptables-nft-restore` is `iptables-nft-re`.
+        if comm.starts_with("iptables-nft-re") && ppid == Some(pid) {
             out.push(child);
         }
     }

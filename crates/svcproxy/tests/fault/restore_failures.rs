@@ -20,9 +20,9 @@ use super::web::{WebNode, names, web_manifest};
 /// payload it refuses, with legacy iptables' message, which names a line and nothing else.
 fn failing_restore(wrappers: &Wrappers) {
     let dir = wrappers.path().display().to_string();
-    let real = real_binary("iptables-restore").display().to_string();
+    let real = real_binary("iptables-nft-restore").display().to_string();
     wrappers.script(
-        "iptables-restore",
+        "iptables-nft-restore",
         &format!(
             r#"n=$(cat "{dir}/fail-count" 2>/dev/null || echo 0)
 if [ "$n" -gt 0 ]; then
@@ -155,8 +155,8 @@ fn g_restore_fails_mid_way_then_recovers() {
 }
 
 /// H: the xtables lock held by another program while an endpoint change is pending. Only legacy iptables
-/// takes that lock (the nf_tables backend relies on kernel transactions), so svcproxy runs with the legacy
-/// binaries first in its PATH, and with `XTABLES_LOCKFILE` pointing at a lock file of this case's own, so
+/// takes that lock (the nf_tables backend relies on kernel transactions), so svcproxy runs with
+/// `--iptables-backend legacy`, and with `XTABLES_LOCKFILE` pointing at a lock file of this case's own, so
 /// other programs on the machine are never blocked.
 #[test]
 fn h_xtables_lock_held() {
@@ -168,23 +168,22 @@ fn h_xtables_lock_held() {
     ] {
         require_tool(tool);
     }
+    // Only a directory for the lock file here: no wrapper is needed.
     let wrappers = Wrappers::new();
-    for (name, legacy) in [
-        ("iptables", "iptables-legacy"),
-        ("iptables-save", "iptables-legacy-save"),
-        ("iptables-restore", "iptables-legacy-restore"),
-    ] {
-        let real = real_binary(legacy).display().to_string();
-        wrappers.script(name, &format!("exec \"{real}\" \"$@\"\n"));
-    }
     let lock_path = wrappers.path().join("xtables.lock");
     File::create(&lock_path).unwrap();
-    let path = wrappers.path_env();
     let lock_env = lock_path.display().to_string();
     let mut s = WebNode::start(
         &case,
-        &["--sync-period", "5s", "--unhealthy-after", UNHEALTHY_AFTER],
-        &[("PATH", &path), ("XTABLES_LOCKFILE", &lock_env)],
+        &[
+            "--sync-period",
+            "5s",
+            "--unhealthy-after",
+            UNHEALTHY_AFTER,
+            "--iptables-backend",
+            "legacy",
+        ],
+        &[("XTABLES_LOCKFILE", &lock_env)],
     );
     let node = s.cluster.node();
     assert!(
@@ -308,9 +307,9 @@ const HOLD_AT_MOST: Duration = Duration::from_secs(35);
 fn k_kernel_lacks_the_recent_match() {
     let mut case = Case::new("K missing xt_recent");
     let wrappers = Wrappers::new();
-    let real = real_binary("iptables-restore").display().to_string();
+    let real = real_binary("iptables-nft-restore").display().to_string();
     wrappers.script(
-        "iptables-restore",
+        "iptables-nft-restore",
         &format!(
             r#"payload=$(mktemp)
 cat > "$payload"

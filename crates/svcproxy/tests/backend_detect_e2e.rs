@@ -1,0 +1,114 @@
+//! iptables mode on a node whose kubelet writes legacy iptables: svcproxy must find kubelet's marker chain and
+//! write the same backend, whatever plain `iptables` points at. Writing the other one leaves kubelet's
+//! `KUBE-FIREWALL` and our chains in different backends, which the next start refuses as a mixed node.
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::{Svcproxy, WebLab};
+use svcproxy_testkit::{NetNs, tcp_request, wait_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+const T: Duration = Duration::from_secs(2);
+
+fn run(node: &NetNs, argv: &[&str]) -> String {
+    node.exec_stdout(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+}
+
+/// Every table of one backend's save in `node`.
+fn save(node: &NetNs, program: &str) -> String {
+    run(node, &[program])
+}
+
+#[test]
+fn a_legacy_kubelet_marker_makes_svcproxy_write_legacy() {
+    let web = WebLab::new();
+    let node = web.lab.node();
+    // What kubelet on a legacy node creates: its marker in mangle and its firewall chain in filter, both in
+    // the legacy backend only.
+    run(
+        node,
+        &["iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"],
+    );
+    run(node, &["iptables-legacy", "-t", "filter", "-N", "KUBE-FIREWALL"]);
+    assert!(
+        !save(node, "iptables-nft-save").contains("KUBE-"),
+        "the namespace starts with no KUBE-* chain in nf_tables"
+    );
+
+    let mut proxy = Svcproxy::start(node, &["--manifests", web.manifests()]);
+    wait_until(WAIT, POLL, "the web ClusterIP answers", || {
+        proxy.assert_running();
+        tcp_request(web.client.ns(), web.vip(), T).ok()
+    });
+    let log = proxy.log();
+    assert!(
+        log.contains("writing the legacy iptables backend") && log.contains("KUBE-IPTABLES-HINT"),
+        "the start log names the backend and why:\n{log}"
+    );
+
+    let legacy = save(node, "iptables-legacy-save");
+    for chain in [":KUBE-SERVICES", ":KUBE-SVC-", ":KUBE-SEP-"] {
+        assert!(legacy.contains(chain), "{chain} missing from legacy:\n{legacy}");
+    }
+    let nft = save(node, "iptables-nft-save");
+    assert!(!nft.contains("KUBE-"), "svcproxy wrote nf_tables:\n{nft}");
+
+    // `svcproxy diff` reads the backend the daemon writes: the kernel matches the intent.
+    let out = node
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args([
+            "diff",
+            "--manifests",
+            web.manifests(),
+            "--hostname-override",
+            "node-a",
+        ])
+        .args(["--cluster-cidr", "10.244.0.0/16"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "diff found differences or could not read ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A restart finds kubelet's chains and ours in the one backend: no mixed-backend refusal.
+    drop(proxy);
+    let mut proxy = Svcproxy::start(node, &["--manifests", web.manifests()]);
+    wait_until(WAIT, POLL, "the restarted svcproxy has synced", || {
+        proxy.assert_running();
+        proxy
+            .log()
+            .contains("writing the legacy iptables backend")
+            .then_some(())
+    });
+    // Long enough for a refusal, which comes before the first sync.
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.assert_running();
+    tcp_request(web.client.ns(), web.vip(), T).expect("the ClusterIP answers after the restart");
+    assert!(!save(node, "iptables-nft-save").contains("KUBE-"));
+}
+
+#[test]
+fn no_marker_anywhere_writes_nf_tables() {
+    let web = WebLab::new();
+    let node = web.lab.node();
+    let mut proxy = Svcproxy::start(node, &["--manifests", web.manifests()]);
+    wait_until(WAIT, POLL, "the web ClusterIP answers", || {
+        proxy.assert_running();
+        tcp_request(web.client.ns(), web.vip(), T).ok()
+    });
+    assert!(
+        proxy.log().contains("writing the nf_tables iptables backend"),
+        "{}",
+        proxy.log()
+    );
+    assert!(save(node, "iptables-nft-save").contains(":KUBE-SERVICES"));
+    assert!(!save(node, "iptables-legacy-save").contains("KUBE-"));
+}
