@@ -262,9 +262,12 @@ fn a_nodeport_list_of_one_family_leaves_the_other_open(mode: &str) {
         tcp_request(s.lab.external(), v6, T).ok()
     });
     // Each family has its own engine: the IPv4 one may sync a moment later.
-    wait_until(WAIT, POLL, "the IPv4 NodePort answers on the listed address", || {
-        tcp_request(s.lab.external(), addr("10.0.0.10", 30060), T).ok()
-    });
+    wait_until(
+        WAIT,
+        POLL,
+        "the IPv4 NodePort answers on the listed address",
+        || tcp_request(s.lab.external(), addr("10.0.0.10", 30060), T).ok(),
+    );
     s.proxy.assert_no_divergence();
 }
 
