@@ -130,9 +130,7 @@ async fn apply_conntrack_sysctls(config: ConntrackSysctlConfig, mut status: watc
     if status.wait_for(|s| s.applied.is_some()).await.is_err() {
         return;
     }
-    let cpus = online_cpus()
-        .or_else(|| std::thread::available_parallelism().map(usize::from).ok())
-        .unwrap_or(1);
+    let cpus = node_cpus();
     let settings = plan_sysctls(&config, cpus);
     for outcome in tokio::task::spawn_blocking(move || apply_sysctls(&settings))
         .await
@@ -150,6 +148,22 @@ async fn apply_conntrack_sysctls(config: ConntrackSysctlConfig, mut status: watc
             Err(e) => tracing::error!("{e}"),
         }
     }
+}
+
+/// The CPUs the conntrack table is sized for: the machine's, or what this process may use when `/sys` does
+/// not say.
+fn node_cpus() -> usize {
+    online_cpus()
+        .or_else(|| std::thread::available_parallelism().map(usize::from).ok())
+        .unwrap_or(1)
+}
+
+/// Whether IPv4 NodePorts may answer on 127.0.0.1: iptables mode with `--iptables-localhost-nodeports`, and
+/// NodePort addresses that can include the loopback network.
+fn wants_route_localnet(args: &RunArgs) -> bool {
+    args.proxy_mode == ProxyMode::Iptables
+        && args.iptables_localhost_nodeports
+        && NodePortSpec::parse(&args.nodeport_addresses).is_ok_and(|s| s.may_accept_ipv4_loopback())
 }
 
 /// Localhost NodePorts need `route_localnet`: without it the kernel will not route a packet from 127.0.0.1
@@ -174,9 +188,7 @@ fn enable_route_localnet() {
 /// exit. The conntrack files exist only once the module is loaded; a missing one is reported, not fatal, and
 /// the daemon applies the settings again after its first sync.
 fn init_only(args: &RunArgs) {
-    let cpus = online_cpus()
-        .or_else(|| std::thread::available_parallelism().map(usize::from).ok())
-        .unwrap_or(1);
+    let cpus = node_cpus();
     for outcome in apply_sysctls(&plan_sysctls(&sysctl_config(args), cpus)) {
         match &outcome.result {
             Ok(_) => tracing::info!(
@@ -187,10 +199,7 @@ fn init_only(args: &RunArgs) {
             Err(e) => tracing::warn!("{e}"),
         }
     }
-    if args.proxy_mode == ProxyMode::Iptables
-        && args.iptables_localhost_nodeports
-        && NodePortSpec::parse(&args.nodeport_addresses).is_ok_and(|s| s.may_accept_ipv4_loopback())
-    {
+    if wants_route_localnet(args) {
         enable_route_localnet();
     }
 }
@@ -286,10 +295,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     match args.proxy_mode {
         ProxyMode::Iptables => {
             refuse_mixed_backends(backend)?;
-            if args.iptables_localhost_nodeports
-                && families.contains(&IpFamily::V4)
-                && NodePortSpec::parse(&args.nodeport_addresses).is_ok_and(|s| s.may_accept_ipv4_loopback())
-            {
+            if wants_route_localnet(&args) && families.contains(&IpFamily::V4) {
                 enable_route_localnet();
             }
             let mut proxiers = Vec::new();
