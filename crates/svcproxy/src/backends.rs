@@ -49,6 +49,11 @@ impl Backend {
         )
     }
 
+    /// This backend's `iptables-save` for `family`: `ip6tables-nft-save`, …
+    pub fn save_binary(self, family: IpFamily) -> String {
+        format!("{}-{}-save", family_prefix(family), self.suffix())
+    }
+
     /// The commands of this backend for IPv4 (`iptables-legacy-save` …), when installed.
     pub fn commands(self) -> Option<SystemIptables> {
         let probe = format!("iptables-{}-save", self.suffix());
@@ -94,7 +99,7 @@ pub fn choose(choice: IptablesBackendChoice, runner: &dyn Runner) -> Choice {
     }
     for backend in [Backend::Nft, Backend::Legacy] {
         for family in [IpFamily::V4, IpFamily::V6] {
-            let save = format!("{}-{}-save", family_prefix(family), backend.suffix());
+            let save = backend.save_binary(family);
             // A missing binary or a family the kernel lacks is no marker: look on.
             let Ok(text) = runner.run(&save, &["-t", "mangle"], None) else {
                 continue;

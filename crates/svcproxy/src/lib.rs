@@ -12,6 +12,7 @@ pub mod diagnosis;
 pub mod diff;
 pub mod exec;
 pub mod explain;
+pub mod families;
 pub mod health;
 pub mod http_server;
 pub mod metrics;

@@ -13,6 +13,7 @@ use svcproxy::exec::kernel_release::SystemKernelRelease;
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::NetlinkElementSocket;
 use svcproxy::exec::runner::SystemRunner;
+use svcproxy::families;
 use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
@@ -212,10 +213,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = node_name(&args)?;
     tracing::info!(node = %node, mode = mode_name, "starting svcproxy {}", env!("CARGO_PKG_VERSION"));
 
-    let families = served_families(&args);
-    if families.contains(&IpFamily::V6) {
-        tracing::info!("serving IPv4 and IPv6 (--cluster-cidr lists an IPv6 CIDR)");
-    }
     let health = Arc::new(ProxyHealth::new(args.sync_period * 2));
     let metrics = Arc::new(Metrics::new());
     let app = AppState {
@@ -247,6 +244,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         ProxyMode::Nftables => backends::Backend::Nft,
     };
+    let served = families::served(
+        families::primary(&args),
+        &families::SystemFamilySupport {
+            mode: args.proxy_mode,
+            backend,
+            runner: &SystemRunner,
+        },
+    );
+    match &served.unserved {
+        None => tracing::info!(primary = served.families[0].label(), "serving IPv4 and IPv6"),
+        Some(u) => tracing::warn!("serving {} only: {}", served.families[0].label(), u.reason),
+    }
+    let families = served.families.clone();
     let debug = DebugState::new(&args, &node, backend)?;
     let _metrics_server = http_server::serve(
         "metrics",
@@ -291,6 +301,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         source_task,
         events: rx,
+        unserved: served.unserved,
     };
     match args.proxy_mode {
         ProxyMode::Iptables => {
@@ -380,27 +391,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
-/// IPv4 always; IPv6 as well when `--cluster-cidr` lists an IPv6 CIDR, as a dual-stack (or IPv6) cluster
-/// configures it. Upstream runs IPv6 whenever ip6tables works; asking the configuration keeps single-stack
-/// nodes from carrying a second, empty ruleset and a second sync loop.
-///
-/// A node booted without IPv6 (`ipv6.disable=1`) has no IPv6 netfilter to program: there the IPv6 engine is
-/// left out with a warning, as upstream runs IPv4 only when ip6tables does not work, instead of failing every
-/// IPv6 sync and keeping the node's health red.
-fn served_families(args: &RunArgs) -> Vec<IpFamily> {
-    let mut families = vec![IpFamily::V4];
-    if args.cluster_cidr.iter().any(|c| IpFamily::V6.contains(&c.addr())) {
-        if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-            families.push(IpFamily::V6);
-        } else {
-            tracing::warn!(
-                "--cluster-cidr lists an IPv6 CIDR, but this node has no IPv6 stack: serving IPv4 only"
-            );
-        }
-    }
-    families
-}
-
 /// What `run` hands to the engine, whichever backend it chose.
 struct Shared<'a> {
     args: &'a RunArgs,
@@ -409,6 +399,7 @@ struct Shared<'a> {
     metrics: Arc<Metrics>,
     source_task: tokio::task::JoinHandle<()>,
     events: mpsc::Receiver<svcproxy::source::SourceEvent>,
+    unserved: Option<families::Unserved>,
 }
 
 /// Runs one engine per proxier (one per IP family), fed from the one source, each with the health-check node
@@ -425,13 +416,14 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         metrics,
         source_task,
         events,
+        unserved,
     } = shared;
     let config = EngineConfig {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
         unhealthy_after: args.unhealthy_after,
         verify_period: (!args.verify_period.is_zero()).then_some(args.verify_period),
-        unserved_family: (proxiers.len() == 1).then_some(IpFamily::V6),
+        unserved,
         ..Default::default()
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -454,8 +446,11 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
     let mut engines = Vec::new();
     for (i, (proxier, input)) in proxiers.into_iter().zip(inputs).enumerate() {
         let engine = Engine::new(proxier, config.clone(), health.clone(), metrics.clone());
-        if i == 0 {
+        // The debug endpoints read and render IPv4 rules, whichever family is primary.
+        if families[i] == IpFamily::V4 {
             debug.attach(engine.status());
+        }
+        if i == 0 {
             tokio::spawn(retire_other_mode(
                 args.proxy_mode,
                 families.clone(),

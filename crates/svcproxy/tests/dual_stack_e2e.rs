@@ -276,18 +276,62 @@ in_both_modes!(
     a_nodeport_list_of_one_family_leaves_the_other_open
 );
 
-/// A dual-stack Service on a node configured for IPv4 only (no IPv6 CIDR in `--cluster-cidr`): its IPv4 side
-/// is served, and the log names what is not, since nothing else would.
+/// Without an IPv6 CIDR in `--cluster-cidr` (as with NodeCIDR or interface-based local-traffic detection, or
+/// an operator who lists only IPv4), IPv6 Services are served all the same, as upstream serves every family
+/// the node can program.
+fn ipv6_is_served_without_an_ipv6_cluster_cidr(mode: &str) {
+    let lab = Lab::new();
+    let _pod = lab.add_dual_pod("pod11", Ipv4Addr::new(10, 244, 0, 11), pod6(11));
+    let _backend = Backend::start(_pod.ns(), _pod.name(), &[8080], &[5353]);
+    let client = lab.add_dual_pod("client", Ipv4Addr::new(10, 244, 0, 50), pod6(0x50));
+    let dir = TempDir::new("dual-v4");
+    dir.write("web.yaml", &manifest(&[11]));
+    let mut proxy = Svcproxy::start(
+        lab.node(),
+        &["--manifests", dir.path().to_str().unwrap(), "--proxy-mode", mode],
+    );
+    wait_until(WAIT, POLL, "the IPv6 ClusterIP reaches pod11", || {
+        proxy.assert_running();
+        (reachable(client.ns(), addr(VIP6, 80)) == ids(&["pod11"])).then_some(())
+    });
+    assert!(!proxy.log().contains("programs no IPv6 rules"), "{}", proxy.log());
+}
+
+in_both_modes!(ipv6_is_served_without_an_ipv6_cluster_cidr);
+
+/// A node whose ip6tables cannot read its nat table (no ip6tables, or no IPv6 netfilter) serves IPv4 only,
+/// healthy, and the log names the IPv6 Services nothing programs and why, since nothing else would.
 #[test]
-fn ipv6_services_on_an_ipv4_only_node_are_named() {
+fn ipv6_services_on_a_node_without_ip6tables_are_named() {
     let lab = Lab::new();
     let dir = TempDir::new("dual-v4");
     dir.write("web.yaml", &manifest(&[11]));
-    let mut proxy = Svcproxy::start(lab.node(), &["--manifests", dir.path().to_str().unwrap()]);
+    let wrappers = TempDir::new("no-ip6tables");
+    for tool in ["ip6tables-nft-save", "ip6tables-legacy-save"] {
+        wrappers.write(
+            tool,
+            "#!/bin/sh\necho \"can't initialize ip6tables table 'nat'\" >&2\nexit 3\n",
+        );
+        let path = wrappers.path().join(tool);
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let path = format!("{}:{}", wrappers.path().display(), std::env::var("PATH").unwrap());
+    let mut proxy = Svcproxy::start_with_env(
+        lab.node(),
+        &["--manifests", dir.path().to_str().unwrap()],
+        &[("PATH", &path)],
+    );
     wait_until(WAIT, POLL, "the unserved IPv6 Services are named", || {
         proxy.assert_running();
         let log = proxy.log();
-        log.contains("Services have IPv6 cluster IPs, but svcproxy programs no IPv6 rules")
-            .then_some(())
+        (log.contains("Services have IPv6 cluster IPs, but svcproxy programs no IPv6 rules")
+            && log.contains("ip6tables-nft-save -t nat` does not work"))
+        .then_some(())
     });
+    wait_until(WAIT, POLL, "the IPv4-only node is healthy", || {
+        let (status, _) = http_get(lab.node(), addr("127.0.0.1", 10256), "/healthz", T).ok()?;
+        (status == 200).then_some(())
+    });
+    let rules = lab.node().exec_stdout(&["nft", "list", "ruleset"]).unwrap();
+    assert!(!rules.contains("table ip6 nat"), "{rules}");
 }

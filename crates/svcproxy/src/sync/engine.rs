@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use svcproxy_model::{ClusterState, EndpointSlice, IntentChanges, IpFamily, ObjectName, Service};
+use svcproxy_model::{ClusterState, EndpointSlice, IntentChanges, ObjectName, Service};
 use tokio::sync::{mpsc, watch};
 
 use super::proxier::{Finding, Proxier, SyncError, SyncMode, VerifyScope};
@@ -30,9 +30,9 @@ pub struct EngineConfig {
     pub canary_period: Option<Duration>,
     /// Read back what each sync wrote right after writing it.
     pub verify_after_sync: bool,
-    /// A family no engine serves (IPv6 on a node configured for IPv4 only): Services of it are named in a
-    /// warning, since nothing programs them.
-    pub unserved_family: Option<IpFamily>,
+    /// A family no engine serves (IPv6 on a node whose kernel or ip6tables cannot take rules): Services of
+    /// it are named in a warning, with the reason, since nothing programs them.
+    pub unserved: Option<crate::families::Unserved>,
 }
 
 impl Default for EngineConfig {
@@ -45,7 +45,7 @@ impl Default for EngineConfig {
             verify_period: Some(Duration::from_secs(60)),
             canary_period: Some(Duration::from_secs(2)),
             verify_after_sync: true,
-            unserved_family: None,
+            unserved: None,
         }
     }
 }
@@ -349,32 +349,32 @@ impl<P: Proxier> Engine<P> {
         }
     }
 
-    /// Names, once, the Services of a family no engine serves: a dual-stack cluster whose `--cluster-cidr`
-    /// lists no IPv6 CIDR gets no IPv6 rules, and nothing else would say so.
+    /// Names, once, the Services of a family no engine serves: nothing else would say that they get no
+    /// rules on this node.
     fn report_unserved(&mut self) {
-        let Some(family) = self.config.unserved_family else {
+        let Some(unserved) = &self.config.unserved else {
             return;
         };
+        let family = unserved.family;
         if self.reported_unserved {
             return;
         }
-        let unserved: Vec<String> = self
+        let names: Vec<String> = self
             .state
             .services
             .values()
             .filter(|s| s.cluster_ips.iter().any(|ip| family.contains(ip)))
             .map(|s| s.name.to_string())
             .collect();
-        if let Some(first) = unserved.first() {
+        if let Some(first) = names.first() {
             self.reported_unserved = true;
             tracing::warn!(
-                services = unserved.len(),
+                services = names.len(),
                 example = %first,
-                "Services have {} cluster IPs, but svcproxy programs no {} rules on this node: add the cluster's {} \
-                 CIDR to --cluster-cidr (clusterCIDR) to serve them",
+                "Services have {} cluster IPs, but svcproxy programs no {} rules on this node: {}",
                 family.label(),
                 family.label(),
-                family.label()
+                unserved.reason
             );
         }
     }
