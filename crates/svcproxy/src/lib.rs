@@ -17,6 +17,7 @@ pub mod health;
 pub mod http_server;
 pub mod metrics;
 pub mod node_addresses;
+pub mod process_metrics;
 pub mod service_health;
 pub mod source;
 pub mod status;

@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::process_metrics::ProcessCollector;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FamilyLabels {
     pub ip_family: String,
@@ -126,6 +128,7 @@ impl Metrics {
             no_local_endpoints: Family::default(),
             registry: Registry::default(),
         };
+        registry.register_collector(Box::new(ProcessCollector::default()));
         {
             let kp = registry.sub_registry_with_prefix("kubeproxy");
             kp.register(
@@ -273,5 +276,36 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, name: &str) -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn the_process_metrics_describe_this_process() {
+        let text = Metrics::new().encode();
+        assert!(value(&text, "process_resident_memory_bytes") > 1024.0 * 1024.0);
+        assert!(value(&text, "process_cpu_seconds_total") >= 0.0);
+        assert!(value(&text, "process_open_fds") >= 3.0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let started = value(&text, "process_start_time_seconds");
+        assert!(
+            started <= now + 1.0 && started > now - 3600.0,
+            "{started} vs {now}"
+        );
+        assert!(text.contains("# TYPE process_cpu_seconds counter"), "{text}");
     }
 }
