@@ -8,8 +8,9 @@
 //! `cargo build --release --bin svcproxy --example bench_sync`). `--settle N` keeps the first proxy running N
 //! seconds after the changes before it is stopped (with a `--verify-period` shorter than that, periodic
 //! read-backs run meanwhile) and prints the CPU time it and its children (`iptables-save`, `nft`) used then.
-//! With `--dual-stack` every Service is RequireDualStack with an IPv6 EndpointSlice as well, the proxy serves
-//! both families, and a cold sync or restart is done when both have synced (the changes touch IPv4 slices).
+//! With `--dual-stack` every Service is RequireDualStack with an IPv6 EndpointSlice as well. The proxy serves
+//! both families either way (the IPv6 ruleset is empty without it), and a cold sync or restart is done when
+//! both have synced (the changes touch IPv4 slices).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -280,7 +281,9 @@ fn main() {
     let dual = std::env::args().any(|a| a == "--dual-stack");
     let verify = arg("--verify-period", "0");
     let settle: u64 = arg("--settle", "0").parse().unwrap();
-    let families = if dual { 2 } else { 1 };
+    // svcproxy serves both families wherever the node has them, as the namespace does: a cold sync or a
+    // restart is done when both engines have synced, even when only IPv4 has Services.
+    let families = 2;
     println!("proxy mode: {mode}{}", if dual { ", dual stack" } else { "" });
     let work = std::env::temp_dir().join(format!("svcproxy-bench-{}", std::process::id()));
     fs::create_dir_all(&work).unwrap();

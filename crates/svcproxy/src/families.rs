@@ -69,7 +69,8 @@ pub fn served(primary: IpFamily, support: &dyn FamilySupport) -> Served {
 }
 
 /// The node's own answer: the kernel's per-family settings directory, and in iptables mode whether the
-/// chosen backend's save command can read that family's nat table (upstream's "is iptables present" probe).
+/// chosen backend's command can list that family's nat POSTROUTING chain (upstream's "is iptables present"
+/// probe; asking for one chain, as a save would fetch the family's whole ruleset).
 pub struct SystemFamilySupport<'a> {
     pub mode: ProxyMode,
     pub backend: Backend,
@@ -86,9 +87,12 @@ impl FamilySupport for SystemFamilySupport<'_> {
             return Some(format!("the kernel has no {} stack", family.label()));
         }
         if self.mode == ProxyMode::Iptables {
-            let save = self.backend.save_binary(family);
-            if let Err(e) = self.runner.run(&save, &["-t", "nat"], None) {
-                return Some(format!("`{save} -t nat` does not work: {e}"));
+            let program = self.backend.binary(family);
+            if let Err(e) = self
+                .runner
+                .run(&program, &["-t", "nat", "-S", "POSTROUTING"], None)
+            {
+                return Some(format!("`{program} -t nat -S POSTROUTING` does not work: {e}"));
             }
         }
         None
@@ -185,16 +189,19 @@ mod tests {
     }
 
     #[test]
-    fn iptables_mode_probes_the_chosen_backends_save_command() {
+    fn iptables_mode_probes_the_chosen_backends_nat_table() {
         let runner = RecordingRunner::default();
         runner.answer(
-            "ip6tables-legacy-save",
+            "ip6tables-legacy",
             Err(ExecError::Spawn {
-                program: "ip6tables-legacy-save".into(),
+                program: "ip6tables-legacy".into(),
                 reason: "not installed".into(),
             }),
         );
-        runner.answer("ip6tables-nft-save", Ok(String::new()));
+        runner.answer(
+            "ip6tables-nft -t nat -S POSTROUTING",
+            Ok("-P POSTROUTING ACCEPT\n".into()),
+        );
         let support = |mode, backend| SystemFamilySupport {
             mode,
             backend,
@@ -203,7 +210,7 @@ mod tests {
         let why = support(ProxyMode::Iptables, Backend::Legacy)
             .missing(IpFamily::V6)
             .unwrap();
-        assert!(why.contains("ip6tables-legacy-save -t nat"), "{why}");
+        assert!(why.contains("ip6tables-legacy -t nat -S POSTROUTING"), "{why}");
         assert_eq!(
             support(ProxyMode::Iptables, Backend::Nft).missing(IpFamily::V6),
             None

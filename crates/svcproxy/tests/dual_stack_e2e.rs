@@ -307,7 +307,7 @@ fn ipv6_services_on_a_node_without_ip6tables_are_named() {
     let dir = TempDir::new("dual-v4");
     dir.write("web.yaml", &manifest(&[11]));
     let wrappers = TempDir::new("no-ip6tables");
-    for tool in ["ip6tables-nft-save", "ip6tables-legacy-save"] {
+    for tool in ["ip6tables-nft", "ip6tables-legacy"] {
         wrappers.write(
             tool,
             "#!/bin/sh\necho \"can't initialize ip6tables table 'nat'\" >&2\nexit 3\n",
@@ -325,7 +325,7 @@ fn ipv6_services_on_a_node_without_ip6tables_are_named() {
         proxy.assert_running();
         let log = proxy.log();
         (log.contains("Services have IPv6 cluster IPs, but svcproxy programs no IPv6 rules")
-            && log.contains("ip6tables-nft-save -t nat` does not work"))
+            && log.contains("ip6tables-nft -t nat -S POSTROUTING` does not work"))
         .then_some(())
     });
     wait_until(WAIT, POLL, "the IPv4-only node is healthy", || {
