@@ -29,6 +29,9 @@ pub struct Payload {
     pub chains_deleted: usize,
     /// `-A` and `-I` lines.
     pub rules_written: usize,
+    /// Rules of the ruleset's own chains written, per table in [`TableName::ALL`] order: neither the jumps
+    /// from the built-in chains nor the seal (upstream's `sync_proxy_rules_iptables_last` counts the same).
+    pub chain_rules_by_table: [usize; 2],
     /// `-D` lines.
     pub rules_deleted: usize,
 }
@@ -259,6 +262,7 @@ pub(crate) fn serialize(sections: &[Section<'_>]) -> Payload {
             + tail.text.len();
         lines += head.lines + s.write.len() + deleted.lines + rules + tail.lines;
         payload.rules_written += rules + s.jumps.len();
+        payload.chain_rules_by_table[s.table.position()] += rules;
         payload.rules_deleted += s.delete_rules.len();
         payload.chains_written += s.write.len();
         payload.chains_deleted += s.delete.len();
@@ -517,5 +521,6 @@ mod tests {
         assert_eq!(payload.line_count, want.lines().count());
         assert_eq!(payload.chains_written, 5 * CHAINS_PER_THREAD + 1);
         assert_eq!(payload.rules_written, ruleset.nat.rule_count() + 1);
+        assert_eq!(payload.chain_rules_by_table, [1, ruleset.nat.rule_count()]);
     }
 }

@@ -18,6 +18,14 @@ impl TableName {
     /// In payload order: upstream writes filter before nat.
     pub const ALL: [TableName; 2] = [TableName::Filter, TableName::Nat];
 
+    /// Where the table stands in [`TableName::ALL`], for per-table counts kept in arrays.
+    pub fn position(self) -> usize {
+        match self {
+            TableName::Filter => 0,
+            TableName::Nat => 1,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             TableName::Filter => "filter",
@@ -254,6 +262,11 @@ impl Ruleset {
             TableName::Filter => &mut self.filter,
             TableName::Nat => &mut self.nat,
         }
+    }
+
+    /// Rules of each table, in [`TableName::ALL`] order.
+    pub fn rule_counts(&self) -> [usize; 2] {
+        TableName::ALL.map(|t| self.table(t).rule_count())
     }
 
     /// Jumps (`-j`/`-g`) to a target that is neither a chain of the same table nor a built-in target or

@@ -41,6 +41,13 @@ pub struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub ip_family: String,
+    /// `filter` or `nat`.
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: String,
 }
@@ -72,6 +79,8 @@ pub struct Metrics {
     pub restore_failures: Family<FamilyLabels, Counter>,
     pub partial_restore_failures: Family<FamilyLabels, Counter>,
     pub nftables_sync_failures: Family<FamilyLabels, Counter>,
+    pub iptables_rules_total: Family<TableLabels, Gauge>,
+    pub iptables_rules_last: Family<TableLabels, Gauge>,
     pub service_changes: Counter,
     pub endpoint_changes: Counter,
     pub healthz: Family<CodeLabels, Counter>,
@@ -105,6 +114,8 @@ impl Metrics {
             restore_failures: Family::default(),
             partial_restore_failures: Family::default(),
             nftables_sync_failures: Family::default(),
+            iptables_rules_total: Family::default(),
+            iptables_rules_last: Family::default(),
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
             healthz: Family::default(),
@@ -170,6 +181,16 @@ impl Metrics {
                 "sync_proxy_rules_nftables_sync_failures",
                 "Cumulative proxy nftables sync failures",
                 m.nftables_sync_failures.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_iptables_total",
+                "Total number of iptables rules owned by the proxy",
+                m.iptables_rules_total.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_iptables_last",
+                "Number of iptables rules written by the proxy in the last sync",
+                m.iptables_rules_last.clone(),
             );
             kp.register(
                 "sync_proxy_rules_service_changes",

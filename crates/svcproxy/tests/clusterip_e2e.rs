@@ -199,6 +199,25 @@ fn clusterip_traffic_follows_the_manifests(mode: &str) {
     };
     assert_eq!(metric_value(&metrics, ours), Some(0.0), "{metrics}");
     assert!(!metrics.contains(theirs), "{metrics}");
+    if mode == "iptables" {
+        // The rules of our chains in each table, as the kernel lists them (the jumps from the built-in chains
+        // and the seal are not counted), after a cold sync and a partial one that removed an endpoint.
+        for table in ["filter", "nat"] {
+            let saved = lab.node().exec_stdout(&["iptables-save", "-t", table]).unwrap();
+            let held = saved.lines().filter(|l| l.starts_with("-A KUBE-")).count();
+            let name =
+                format!("kubeproxy_sync_proxy_rules_iptables_total{{ip_family=\"IPv4\",table=\"{table}\"}}");
+            assert_eq!(
+                metric_value(&metrics, &name),
+                Some(held as f64),
+                "{saved}\n{metrics}"
+            );
+        }
+        // The last sync rewrote the changed service port's chains only.
+        let name = "kubeproxy_sync_proxy_rules_iptables_last{ip_family=\"IPv4\",table=\"nat\"}";
+        let last = metric_value(&metrics, name).unwrap_or_default();
+        assert!(last > 0.0 && last < 10.0, "{last}\n{metrics}");
+    }
     // The effective configuration, as upstream's /configz serves it.
     let (status, body) = http_get(lab.node(), common::METRICS.parse().unwrap(), "/configz", T).unwrap();
     assert_eq!(status, 200, "{body}");

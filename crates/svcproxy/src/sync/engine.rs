@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use super::proxier::{Finding, Proxier, SyncError, SyncMode, VerifyScope};
 use super::throttle::SyncThrottle;
 use crate::health::ProxyHealth;
-use crate::metrics::{ClassLabels, FamilyLabels, Metrics, PolicyLabels, SyncLabels};
+use crate::metrics::{ClassLabels, FamilyLabels, Metrics, PolicyLabels, SyncLabels, TableLabels};
 use crate::source::{Delta, SourceEvent};
 use crate::status::SourceProblem;
 
@@ -718,6 +718,15 @@ impl<P: Proxier> Engine<P> {
                     .payload_lines
                     .get_or_create(&labels)
                     .set(report.payload_lines as i64);
+                for rules in &report.iptables_rules {
+                    let l = TableLabels {
+                        ip_family: labels.ip_family.clone(),
+                        table: rules.table.to_string(),
+                    };
+                    let (total, last) = (rules.total as i64, rules.written as i64);
+                    self.metrics.iptables_rules_total.get_or_create(&l).set(total);
+                    self.metrics.iptables_rules_last.get_or_create(&l).set(last);
+                }
                 self.status.send_modify(|s| {
                     s.syncs += 1;
                     s.applied = Some(report.intent.clone());

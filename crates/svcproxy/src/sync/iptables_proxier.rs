@@ -16,7 +16,7 @@ use svcproxy_iptables::kernel_view::{KernelReader, KernelView};
 use svcproxy_iptables::parallel::{MIN_ITEMS_PER_THREAD, map_in_order};
 use svcproxy_iptables::payload::Payload;
 use svcproxy_iptables::render::Replaced;
-use svcproxy_iptables::ruleset::{Ruleset, TableName};
+use svcproxy_iptables::ruleset::{Chain, Ruleset, TableName};
 use svcproxy_iptables::save_parser::SavedRuleset;
 use svcproxy_iptables::seal::{
     self, Digest, Generation, RulesetDigest, SEAL_CHAIN, Seal, chain_digest, newest,
@@ -32,7 +32,9 @@ use svcproxy_model::{ClusterState, IntentChanges, IntentConfig, IpFamily};
 use super::commit_ledger::CommitLedger;
 use super::intent_cache::IntentCache;
 use super::other_proxies::OtherProxies;
-use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
+use super::proxier::{
+    ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, TableRules, VerifyScope,
+};
 use crate::backends::{Backend, check_mixed, kube_chains};
 use crate::cli::{DetectLocalMode, ProxyMode, RunArgs};
 use crate::exec::generation::RulesetGeneration;
@@ -191,6 +193,9 @@ pub struct IptablesProxier {
     /// The last sync wrote in full (and not just chains it could list): the read-back right after it reads
     /// everything.
     wrote_in_full: bool,
+    /// Rules of the applied ruleset per table, kept up to date from what each partial sync replaced: counting
+    /// them afresh reads every chain, which a one-endpoint change must not.
+    rule_totals: Option<[usize; 2]>,
     conntrack: Option<Box<dyn Conntrack>>,
     /// Chains per transaction (see the staging module for why transactions are bounded).
     max_chains: usize,
@@ -254,6 +259,7 @@ impl IptablesProxier {
             applied: None,
             touched: Vec::new(),
             wrote_in_full: false,
+            rule_totals: None,
             conntrack: None,
             max_chains: DEFAULT_MAX_CHAINS,
             render_cache: RenderCache::default(),
@@ -644,8 +650,9 @@ impl IptablesProxier {
         jumps: &[JumpRule],
         mode: SyncMode,
         digest: Digest,
-    ) -> Result<(usize, Vec<(TableName, String)>), SyncError> {
+    ) -> Result<Written, SyncError> {
         let (mut lines, mut touched, mut writes) = (0, Vec::new(), 0);
+        let mut rules = [0; 2];
         let max_chains = self.max_chains;
         let staged: Result<(), Box<(ExecError, Payload)>> = stage(
             baseline,
@@ -660,8 +667,12 @@ impl IptablesProxier {
                     payload.line_count,
                     (mode == SyncMode::Partial).then(|| written_chains(&payload)),
                 );
+                let table_rules = payload.chain_rules_by_table;
                 self.restore_sealed(payload, last.then_some(digest))?;
                 lines += count;
+                for (sum, n) in rules.iter_mut().zip(table_rules) {
+                    *sum += n;
+                }
                 touched.extend(chains.into_iter().flatten());
                 Ok(())
             },
@@ -679,7 +690,11 @@ impl IptablesProxier {
             // The rules are right either way; only the next restart's shortcut is lost.
             tracing::warn!(error = %refused.0, "cannot write the seal");
         }
-        Ok((lines, touched))
+        Ok(Written {
+            lines,
+            touched,
+            rules,
+        })
     }
 
     /// Restores `payload` with the seal written into it (see `svcproxy_iptables::seal`): carrying `digest` when
@@ -833,10 +848,16 @@ impl IptablesProxier {
         config: RenderConfig,
         mode: SyncMode,
         digest: Digest,
-        lines: usize,
-        touched: Vec<(TableName, String)>,
+        written: Written,
+        rule_totals: [usize; 2],
     ) -> SyncReport {
+        let Written {
+            lines,
+            touched,
+            rules,
+        } = written;
         self.applied_digest = Some(digest);
+        self.rule_totals = Some(rule_totals);
         self.wrote_in_full = mode != SyncMode::Partial && lines > 0;
         self.touched = touched;
         let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
@@ -853,6 +874,14 @@ impl IptablesProxier {
             },
             conntrack,
             follow_up: None,
+            iptables_rules: TableName::ALL
+                .iter()
+                .map(|t| TableRules {
+                    table: t.as_str(),
+                    total: rule_totals[t.position()],
+                    written: rules[t.position()],
+                })
+                .collect(),
         }
     }
 
@@ -899,7 +928,8 @@ impl Proxier for IptablesProxier {
             tracing::info!(
                 "the kernel's seal shows our rules in place since our last write: nothing to read or write"
             );
-            return Ok(self.synced(intent, next, config, mode, digest, 0, Vec::new()));
+            let totals = next.rule_counts();
+            return Ok(self.synced(intent, next, config, mode, digest, Written::default(), totals));
         }
         // The kernel holds our last write (as far as a partial sync assumes), which was patched into `next`
         // recording what changed, or is still held whole.
@@ -959,8 +989,13 @@ impl Proxier for IptablesProxier {
         } else {
             mode.max(SyncMode::Full)
         };
-        let (lines, touched) = written?;
-        Ok(self.synced(intent, next, config, mode, digest, lines, touched))
+        let written = written?;
+        let totals = match (&previous, self.rule_totals) {
+            (Some(Previous::Patched(replaced)), Some(before)) => patched_totals(before, replaced, &next),
+            _ => next.rule_counts(),
+        };
+        debug_assert_eq!(totals, next.rule_counts(), "rule totals kept by patching drifted");
+        Ok(self.synced(intent, next, config, mode, digest, written, totals))
     }
 
     fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError> {
@@ -1061,6 +1096,28 @@ fn finding(d: &Divergence) -> Finding {
 }
 
 /// What a partial sync compares `next` with.
+/// What a sync's transactions wrote.
+#[derive(Default)]
+struct Written {
+    lines: usize,
+    /// For a partial sync, the chains written (for the read-back after it).
+    touched: Vec<(TableName, String)>,
+    /// Rules of our own chains written, per table.
+    rules: [usize; 2],
+}
+
+/// The rules per table after a partial sync, from those before it and the chains it replaced (each as it was,
+/// or absent before): only the changed chains are read.
+fn patched_totals(before: [usize; 2], replaced: &Replaced, next: &Ruleset) -> [usize; 2] {
+    let mut totals = before;
+    for ((table, name), old) in replaced {
+        let slot = &mut totals[table.position()];
+        *slot -= old.as_ref().map_or(0, Chain::len);
+        *slot += next.table(*table).chain(name).map_or(0, Chain::len);
+    }
+    totals
+}
+
 enum Previous {
     /// The applied ruleset became `next` in place; these are the chains that changed, as they were.
     Patched(Replaced),

@@ -542,6 +542,7 @@ impl Proxier for NftProxier {
                 conntrack,
                 follow_up,
                 node_port_ips: restricted_node_ports(&config),
+                iptables_rules: Vec::new(),
             });
         }
         // A full sync compares with the kernel's table unless it rebuilds, or follows a table it applied.
@@ -632,6 +633,7 @@ impl Proxier for NftProxier {
             conntrack,
             follow_up,
             node_port_ips,
+            iptables_rules: Vec::new(),
         })
     }
 

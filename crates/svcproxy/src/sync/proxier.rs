@@ -20,6 +20,19 @@ pub struct SyncReport {
     /// Run another sync after this long, even if nothing changes: the backend left work for a later
     /// transaction (chains waiting to be deleted on kernels that release them late).
     pub follow_up: Option<std::time::Duration>,
+    /// iptables mode: the rules of our own chains per table, held and written (empty in nftables mode).
+    pub iptables_rules: Vec<TableRules>,
+}
+
+/// The rules of svcproxy's own chains in one iptables table, as upstream's `sync_proxy_rules_iptables_total`
+/// and `_last` count them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableRules {
+    pub table: &'static str,
+    /// Held in the kernel after the sync.
+    pub total: usize,
+    /// Written by the sync.
+    pub written: usize,
 }
 
 /// One conntrack reconciliation.
