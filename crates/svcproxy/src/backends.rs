@@ -54,6 +54,12 @@ impl Backend {
         format!("{}-{}", family_prefix(family), self.suffix())
     }
 
+    /// Whether this backend's IPv4 `iptables-restore` runs.
+    pub fn installed(self, runner: &dyn Runner) -> bool {
+        let restore = format!("{}-restore", self.binary(IpFamily::V4));
+        runner.run(&restore, &["--version"], None).is_ok()
+    }
+
     /// The commands of this backend for IPv4 (`iptables-legacy-save` …), when installed.
     pub fn commands(self) -> Option<SystemIptables> {
         let probe = format!("iptables-{}-save", self.suffix());
@@ -117,10 +123,32 @@ pub fn choose(choice: IptablesBackendChoice, runner: &dyn Runner) -> Choice {
             }
         }
     }
+    // An image with only one backend's binaries (a distribution's legacy-only iptables, say) takes that one:
+    // writing nf_tables there would fail every sync.
+    if !Backend::Nft.installed(runner) && Backend::Legacy.installed(runner) {
+        return Choice {
+            backend: Backend::Legacy,
+            reason: "no kubelet marker chain in either backend, and only iptables-legacy is installed".into(),
+        };
+    }
     Choice {
         backend: Backend::Nft,
         reason: "no kubelet marker chain in either backend; nf_tables is the default".into(),
     }
+}
+
+/// Refuses a backend whose `iptables-restore` cannot run, naming it: every sync would fail otherwise, which a
+/// start-up error says more plainly.
+pub fn require_installed(backend: Backend, runner: &dyn Runner) -> Result<(), String> {
+    if backend.installed(runner) {
+        return Ok(());
+    }
+    let restore = format!("{}-restore", backend.binary(IpFamily::V4));
+    Err(format!(
+        "the {} iptables backend cannot be written: `{restore} --version` does not run (install the iptables \
+         package, or choose the installed backend with --iptables-backend)",
+        backend.name()
+    ))
 }
 
 /// The backend the daemon configured by `run` writes: [`choose`]'s in iptables mode. nftables mode writes no
@@ -216,6 +244,9 @@ mod tests {
             ("iptables-legacy", legacy4),
             ("ip6tables-legacy", legacy6),
         ] {
+            if chains.is_some() {
+                r.answer(&format!("{program}-restore --version"), Ok("v1.8.9\n".into()));
+            }
             for chain in chains.unwrap_or_default() {
                 r.answer(
                     &format!("{program} -t mangle -S {chain}"),
@@ -270,7 +301,10 @@ mod tests {
         assert!(c.reason.contains("default"), "{c:?}");
         // Every place kubelet could have marked was asked for each marker by name, nf_tables first; no
         // table was listed whole.
-        let calls = r.calls.lock().unwrap().clone();
+        let calls: Vec<String> = (r.calls.lock().unwrap().iter())
+            .filter(|c| !c.ends_with("--version"))
+            .cloned()
+            .collect();
         let programs: Vec<&str> = calls.iter().map(|c| c.split(' ').next().unwrap()).collect();
         assert_eq!(
             programs,
@@ -305,6 +339,28 @@ mod tests {
         assert_eq!(auto(&r).backend, Backend::Legacy);
         let r = node(None, None, None, None);
         assert_eq!(auto(&r).backend, Backend::Nft);
+    }
+
+    #[test]
+    fn with_no_marker_the_only_installed_backend_is_taken() {
+        let r = node(None, None, Some(NONE), Some(NONE));
+        let c = auto(&r);
+        assert_eq!(c.backend, Backend::Legacy);
+        assert!(c.reason.contains("only iptables-legacy"), "{c:?}");
+        // Both installed: nf_tables, the default.
+        let r = node(Some(NONE), None, Some(NONE), None);
+        assert_eq!(auto(&r).backend, Backend::Nft);
+    }
+
+    #[test]
+    fn a_backend_that_is_not_installed_is_refused_by_name() {
+        let r = node(None, None, Some(NONE), None);
+        let e = require_installed(Backend::Nft, &r).unwrap_err();
+        assert!(
+            e.contains("nf_tables") && e.contains("iptables-nft-restore"),
+            "{e}"
+        );
+        assert_eq!(require_installed(Backend::Legacy, &r), Ok(()));
     }
 
     #[test]

@@ -234,6 +234,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let backend = match args.proxy_mode {
         ProxyMode::Iptables => {
             let choice = backends::choose(args.iptables_backend, &SystemRunner);
+            backends::require_installed(choice.backend, &SystemRunner).map_err(anyhow::Error::msg)?;
             tracing::info!(
                 backend = choice.backend.name(),
                 "writing the {} iptables backend: {}",

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Svcproxy, WebLab};
+use common::{Svcproxy, TempDir, WebLab};
 use svcproxy_testkit::{NetNs, tcp_request, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -110,5 +110,61 @@ fn no_marker_anywhere_writes_nf_tables() {
         proxy.log()
     );
     assert!(save(node, "iptables-nft-save").contains(":KUBE-SERVICES"));
+    assert!(!save(node, "iptables-legacy-save").contains("KUBE-"));
+}
+
+/// `PATH` in which every nf_tables iptables tool fails as a missing one does, for an image that ships
+/// iptables-legacy only.
+fn without_nft_tools(dir: &TempDir) -> String {
+    for family in ["iptables", "ip6tables"] {
+        for tool in ["", "-save", "-restore"] {
+            let name = format!("{family}-nft{tool}");
+            dir.write(&name, "#!/bin/sh\necho \"$0: not installed\" >&2\nexit 127\n");
+            let path = dir.path().join(&name);
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+    }
+    format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap())
+}
+
+#[test]
+fn an_image_with_only_legacy_iptables_writes_legacy() {
+    let web = WebLab::new();
+    let node = web.lab.node();
+    let tools = TempDir::new("legacy-only");
+    let path = without_nft_tools(&tools);
+    let mut proxy = Svcproxy::start_with_env(node, &["--manifests", web.manifests()], &[("PATH", &path)]);
+    wait_until(WAIT, POLL, "the web ClusterIP answers", || {
+        proxy.assert_running();
+        tcp_request(web.client.ns(), web.vip(), T).ok()
+    });
+    assert!(
+        proxy.log().contains("only iptables-legacy is installed"),
+        "{}",
+        proxy.log()
+    );
+    assert!(save(node, "iptables-legacy-save").contains(":KUBE-SERVICES"));
+    assert!(!save(node, "iptables-nft-save").contains("KUBE-"));
+}
+
+#[test]
+fn a_backend_that_is_not_installed_is_refused_at_start() {
+    let web = WebLab::new();
+    let node = web.lab.node();
+    let tools = TempDir::new("legacy-only");
+    let path = without_nft_tools(&tools);
+    let mut proxy = Svcproxy::start_with_env(
+        node,
+        &["--manifests", web.manifests(), "--iptables-backend", "nft"],
+        &[("PATH", &path)],
+    );
+    let status = proxy.wait_exit(WAIT).expect("svcproxy refuses to start");
+    assert!(!status.success());
+    let log = proxy.log();
+    assert!(
+        log.contains("the nf_tables iptables backend cannot be written")
+            && log.contains("iptables-nft-restore"),
+        "{log}"
+    );
     assert!(!save(node, "iptables-legacy-save").contains("KUBE-"));
 }
