@@ -371,7 +371,7 @@ pub async fn read_cluster(
             warnings,
         ));
     }
-    let client = kube_api::client(args.kubeconfig.as_ref(), args.master.as_deref()).await?;
+    let client = kube_api::client(args.kubeconfig.as_ref(), args.master.as_deref(), None).await?;
     let lp = ListParams::default().labels(&proxy_label_selector());
     let list_err = |what| move |source| LoadError::List { what, source };
     let services = Api::<core::Service>::all(client.clone())
@@ -448,7 +448,7 @@ pub async fn resolve_pod(args: &RunArgs, pod: &ObjectName) -> Result<IpAddr, Exp
             ))
         });
     }
-    let client = kube_api::client(args.kubeconfig.as_ref(), args.master.as_deref())
+    let client = kube_api::client(args.kubeconfig.as_ref(), args.master.as_deref(), None)
         .await
         .map_err(|e| not_found(e.to_string()))?;
     let found = Api::<core::Pod>::namespaced(client, &pod.namespace)

@@ -278,7 +278,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             })
         }
         None => {
-            let client = source::kube_api::client(args.kubeconfig.as_ref(), args.master.as_deref()).await?;
+            let client = source::kube_api::client(
+                args.kubeconfig.as_ref(),
+                args.master.as_deref(),
+                Some(metrics.api_requests.clone()),
+            )
+            .await?;
             let node = node.clone();
             tokio::spawn(source::kube_api::run(client, node, tx))
         }

@@ -1,6 +1,7 @@
 //! Prometheus metrics: upstream's `kubeproxy_*` names, types, labels and buckets where they apply, and ours
 //! under `svcproxy_*`.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -11,6 +12,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::process_metrics::ProcessCollector;
+use crate::source::api_request_metrics::ApiRequestMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FamilyLabels {
@@ -100,11 +102,14 @@ pub struct Metrics {
     pub service_changes_pending: Gauge,
     pub endpoint_changes_pending: Gauge,
     pub no_local_endpoints: Family<PolicyLabels, Gauge>,
+    /// client-go's `rest_client_*` series, recorded by the API client.
+    pub api_requests: Arc<ApiRequestMetrics>,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        let api_requests = ApiRequestMetrics::register(&mut registry);
         let m = Metrics {
             sync_duration: Family::new_with_constructor(sync_histogram as fn() -> Histogram),
             sync_full_duration: Family::new_with_constructor(sync_histogram as fn() -> Histogram),
@@ -138,6 +143,7 @@ impl Metrics {
             endpoint_changes_pending: Gauge::default(),
             no_local_endpoints: Family::default(),
             registry: Registry::default(),
+            api_requests,
         };
         registry.register_collector(Box::new(ProcessCollector::default()));
         {

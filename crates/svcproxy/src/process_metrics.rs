@@ -141,7 +141,7 @@ impl Collector for ProcessCollector {
             let metric = ConstCounter::new(cpu);
             metric.encode(encoder.encode_descriptor(
                 "process_cpu_seconds",
-                "Total user and system CPU time spent in seconds.",
+                "Total user and system CPU time spent in seconds",
                 None,
                 metric.metric_type(),
             )?)?;
@@ -150,37 +150,37 @@ impl Collector for ProcessCollector {
         gauge(
             &mut encoder,
             "process_resident_memory_bytes",
-            "Resident memory size in bytes.",
+            "Resident memory size in bytes",
             bytes(s.resident_bytes),
         )?;
         gauge(
             &mut encoder,
             "process_virtual_memory_bytes",
-            "Virtual memory size in bytes.",
+            "Virtual memory size in bytes",
             bytes(s.virtual_bytes),
         )?;
         gauge(
             &mut encoder,
             "process_virtual_memory_max_bytes",
-            "Maximum amount of virtual memory available in bytes.",
+            "Maximum amount of virtual memory available in bytes",
             bytes(s.max_virtual_bytes),
         )?;
         gauge(
             &mut encoder,
             "process_start_time_seconds",
-            "Start time of the process since unix epoch in seconds.",
+            "Start time of the process since unix epoch in seconds",
             s.start_time_seconds,
         )?;
         gauge(
             &mut encoder,
             "process_open_fds",
-            "Number of open file descriptors.",
+            "Number of open file descriptors",
             bytes(s.open_fds),
         )?;
         gauge(
             &mut encoder,
             "process_max_fds",
-            "Maximum number of open file descriptors.",
+            "Maximum number of open file descriptors",
             bytes(s.max_fds),
         )
     }

@@ -196,6 +196,23 @@ fn rules_follow_the_api_through_changes_relists_and_outages() {
         status()["source_problem"].is_null().then_some(())
     });
     proxy.assert_running();
+
+    // client-go's request series count what the API server answered, the refused lists among them.
+    let metrics = proxy.metrics(lab.node());
+    let requests = |code: &str| -> f64 {
+        let prefix = format!("rest_client_requests_total{{code=\"{code}\",host=\"127.0.0.1:");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains("method=\"GET\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(requests("200") >= 3.0, "{metrics}");
+    assert!(requests("500") >= 1.0, "{metrics}");
+    assert!(
+        metrics.contains("rest_client_request_duration_seconds_count{host=\"127.0.0.1:"),
+        "{metrics}"
+    );
 }
 
 /// A node with one pod behind `web` (10.96.0.100), a client pod, and an API server that holds them, with the

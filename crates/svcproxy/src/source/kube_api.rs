@@ -6,10 +6,12 @@
 //! while the list is in flight.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use kube::api::ListParams;
+use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -17,6 +19,7 @@ use kube::{Api, Client, Config};
 use svcproxy_model::ObjectName;
 use tokio::sync::mpsc;
 
+use super::api_request_metrics::{ApiRequestMetrics, RecordRequests};
 use super::convert::{self, ConvertError};
 use super::watch_backoff::WatchBackoff;
 use super::wire::{Boxed, WireEndpointSlice};
@@ -46,7 +49,11 @@ pub enum KubeSourceError {
 
 /// Builds a client from `--kubeconfig`, or from the in-cluster service account (or `KUBECONFIG`) when absent;
 /// `master` (`--master`) replaces the server URL either gives, as kube-proxy's flag does.
-pub async fn client(kubeconfig: Option<&PathBuf>, master: Option<&str>) -> Result<Client, KubeSourceError> {
+pub async fn client(
+    kubeconfig: Option<&PathBuf>,
+    master: Option<&str>,
+    metrics: Option<Arc<ApiRequestMetrics>>,
+) -> Result<Client, KubeSourceError> {
     let master = master.map(str::trim).filter(|u| !u.is_empty());
     let mut config = match kubeconfig {
         Some(path) => {
@@ -75,7 +82,21 @@ pub async fn client(kubeconfig: Option<&PathBuf>, master: Option<&str>) -> Resul
             .parse()
             .map_err(|e| KubeSourceError::Config(format!("--master {url:?} is not a URL: {e}")))?;
     }
-    Ok(Client::try_from(config)?)
+    let host = config
+        .cluster_url
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let builder = ClientBuilder::try_from(config)?;
+    Ok(match metrics {
+        Some(metrics) => builder
+            .with_layer(&RecordRequests {
+                metrics,
+                host: host.into(),
+            })
+            .build(),
+        None => builder.build(),
+    })
 }
 
 /// Which initial lists have completed.
@@ -298,8 +319,8 @@ mod tests {
              kube-proxy}\ncurrent-context: service-account-context\n",
         )
         .unwrap();
-        let without = client(Some(&path), None).await;
-        let with = client(Some(&path), Some("http://127.0.0.1:6443")).await;
+        let without = client(Some(&path), None, None).await;
+        let with = client(Some(&path), Some("http://127.0.0.1:6443"), None).await;
         std::fs::remove_file(&path).unwrap();
         assert!(without.is_err(), "no server anywhere");
         assert_eq!(with.unwrap().default_namespace(), "default");

@@ -1,6 +1,7 @@
 //! Where the cluster state comes from: the Kubernetes API or a manifest directory. Both feed the engine the
 //! same [`SourceEvent`]s, so everything after this edge is shared.
 
+pub mod api_request_metrics;
 pub mod convert;
 pub mod family_split;
 pub mod kube_api;
