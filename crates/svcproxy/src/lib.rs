@@ -10,6 +10,7 @@ pub mod config_file;
 pub mod debug_http;
 pub mod diagnosis;
 pub mod diff;
+pub mod events;
 pub mod exec;
 pub mod explain;
 pub mod families;

@@ -8,6 +8,7 @@ use svcproxy::backends;
 use svcproxy::cli::{Cli, Command, LogFormat, OutputFormat, ProxyMode, RunArgs};
 use svcproxy::config_file;
 use svcproxy::debug_http::DebugState;
+use svcproxy::events::{EventSink, KubeEvents, NoEvents, ProxyEvent};
 use svcproxy::exec::generation::NfTablesGeneration;
 use svcproxy::exec::kernel_release::SystemKernelRelease;
 use svcproxy::exec::nft::SystemNft;
@@ -268,6 +269,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await?;
 
     let (tx, rx) = mpsc::channel(1024);
+    let mut events: Arc<dyn EventSink> = Arc::new(NoEvents);
     let source_task = match &args.manifests {
         Some(dir) => {
             let dir = ManifestDir::new(dir, node.clone());
@@ -284,6 +286,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Some(metrics.api_requests.clone()),
             )
             .await?;
+            events = Arc::new(KubeEvents::new(client.clone(), &node));
+            events.publish(ProxyEvent::Starting { node: node.clone() });
             let node = node.clone();
             tokio::spawn(source::kube_api::run(client, node, tx))
         }
@@ -308,6 +312,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         source_task,
         events: rx,
         unserved: served.unserved,
+        node: node.clone(),
+        proxy_events: events,
     };
     match args.proxy_mode {
         ProxyMode::Iptables => {
@@ -406,6 +412,8 @@ struct Shared<'a> {
     source_task: tokio::task::JoinHandle<()>,
     events: mpsc::Receiver<svcproxy::source::SourceEvent>,
     unserved: Option<families::Unserved>,
+    node: String,
+    proxy_events: Arc<dyn EventSink>,
 }
 
 /// Runs one engine per proxier (one per IP family), fed from the one source, each with the health-check node
@@ -423,6 +431,8 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         source_task,
         events,
         unserved,
+        node,
+        proxy_events,
     } = shared;
     let config = EngineConfig {
         min_sync_period: args.min_sync_period,
@@ -464,7 +474,8 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
             ));
             tokio::spawn(apply_conntrack_sysctls(sysctl_config(args), engine.status()));
         }
-        let health_checks = ServiceHealthServers::for_family(families[i], health.clone(), metrics.clone());
+        let health_checks = ServiceHealthServers::for_family(families[i], health.clone(), metrics.clone())
+            .with_events(proxy_events.clone(), &node);
         tokio::spawn(health_checks.run(engine.status()));
         let stop = stop_rx.clone();
         engines.push(tokio::spawn(async move {

@@ -4,7 +4,7 @@
 //! listen where NodePorts answer, as upstream's do: on every address, or with `--nodeport-addresses` (and
 //! nftables mode's `primary` default) on those addresses alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::events::{EventSink, NoEvents, ProxyEvent};
 use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
 use crate::sync::engine::EngineStatus;
@@ -94,6 +95,10 @@ pub struct ServiceHealthServers {
     health: Arc<ProxyHealth>,
     metrics: Arc<Metrics>,
     listeners: BTreeMap<ObjectName, Listener>,
+    events: Arc<dyn EventSink>,
+    node: String,
+    /// Services whose port could not be opened, reported once until it opens.
+    failing: BTreeSet<ObjectName>,
 }
 
 impl ServiceHealthServers {
@@ -111,7 +116,17 @@ impl ServiceHealthServers {
             health,
             metrics,
             listeners: BTreeMap::new(),
+            events: Arc::new(NoEvents),
+            node: String::new(),
+            failing: BTreeSet::new(),
         }
+    }
+
+    /// Records a Warning Event, from `node`, on each Service whose port cannot be opened.
+    pub fn with_events(mut self, events: Arc<dyn EventSink>, node: &str) -> Self {
+        self.events = events;
+        self.node = node.to_string();
+        self
     }
 
     /// Brings the listeners in line with `desired`, each listening on `node_port_ips` (`None`: every address;
@@ -162,6 +177,7 @@ impl ServiceHealthServers {
                         })
                         .collect();
                     tracing::info!(service = %name, port = hc.node_port, ?addresses, "health-check node port open");
+                    self.failing.remove(name);
                     self.listeners.insert(
                         name.clone(),
                         Listener {
@@ -174,6 +190,15 @@ impl ServiceHealthServers {
                 }
                 Err((ip, e)) => {
                     self.metrics.health_check_bind_failures.inc();
+                    // Retried after every sync: one Event per failing streak, not one per sync.
+                    if self.failing.insert(name.clone()) {
+                        self.events.publish(ProxyEvent::HealthCheckFailed {
+                            node: self.node.clone(),
+                            service: name.clone(),
+                            port: hc.node_port,
+                            error: e.to_string(),
+                        });
+                    }
                     tracing::error!(
                         service = %name,
                         port = hc.node_port,
@@ -199,5 +224,56 @@ impl ServiceHealthServers {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::RecordingEvents;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_port_that_cannot_be_opened_is_one_event_until_it_opens() {
+        // Taken by someone else: the listener cannot bind it.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let events = RecordingEvents::default();
+        let mut servers = ServiceHealthServers::new(
+            Arc::new(ProxyHealth::new(Duration::from_secs(60))),
+            Arc::new(Metrics::new()),
+        )
+        .with_events(Arc::new(events.clone()), "node-a");
+        let desired = BTreeMap::from([(
+            ObjectName::new("demo", "web"),
+            HealthCheck {
+                node_port: port,
+                local_ready_endpoints: 1,
+            },
+        )]);
+        let loopback = [IpAddr::from(Ipv4Addr::LOCALHOST)];
+        servers.update(&desired, Some(&loopback)).await;
+        servers.update(&desired, Some(&loopback)).await;
+        let recorded = events.0.lock().unwrap().clone();
+        assert_eq!(recorded.len(), 1, "{recorded:?}");
+        let ProxyEvent::HealthCheckFailed {
+            node,
+            service,
+            port: p,
+            ..
+        } = &recorded[0]
+        else {
+            panic!("{recorded:?}");
+        };
+        assert_eq!(
+            (node.as_str(), service.to_string(), *p),
+            ("node-a", "demo/web".to_string(), port)
+        );
+
+        // Freed and opened: a later failure is a new streak, reported again.
+        drop(taken);
+        servers.update(&desired, Some(&loopback)).await;
+        assert_eq!(events.0.lock().unwrap().len(), 1);
+        assert!(servers.failing.is_empty());
     }
 }

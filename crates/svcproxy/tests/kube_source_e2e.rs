@@ -98,6 +98,18 @@ fn rules_follow_the_api_through_changes_relists_and_outages() {
         tcp_request(client.ns(), "10.96.0.101:80".parse().unwrap(), T).is_err(),
         "a service labelled for another proxy must not be programmed"
     );
+    // The start is announced on the Node, as kube-proxy's `Starting` Event.
+    let started = wait_until(WAIT, POLL, "a Starting Event on the Node", || {
+        store
+            .list("Event")
+            .into_iter()
+            .find(|e| e["reason"] == "Starting")
+    });
+    assert_eq!(started["regarding"]["kind"], "Node", "{started:#}");
+    assert_eq!(started["regarding"]["name"], "node-a", "{started:#}");
+    assert_eq!(started["action"], "StartKubeProxy", "{started:#}");
+    assert_eq!(started["reportingInstance"], "node-a", "{started:#}");
+    assert_eq!(started["metadata"]["namespace"], "default", "{started:#}");
     let log = store.request_log();
     assert!(
         log.iter().any(|r| r.path == "/api/v1/services"

@@ -335,3 +335,33 @@ fn count_lists(server: &FakeApiServer) -> usize {
         .filter(|r| r.is_list_of("/api/v1/services"))
         .count()
 }
+
+#[tokio::test]
+async fn events_are_created_and_a_taken_name_conflicts() {
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::PostParams;
+    let server = local_server();
+    let api: Api<Event> = Api::namespaced(client(&server).await, "default");
+    let event: Event = serde_json::from_value(json!({
+        "metadata": {"name": "node-a.1"},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reason": "Starting",
+        "action": "StartKubeProxy",
+        "reportingController": "svcproxy",
+        "reportingInstance": "node-a",
+        "type": "Normal",
+        "regarding": {"kind": "Node", "name": "node-a"}
+    }))
+    .unwrap();
+    let created = api.create(&PostParams::default(), &event).await.expect("created");
+    assert_eq!(created.metadata.namespace.as_deref(), Some("default"));
+    assert!(created.metadata.resource_version.is_some());
+    let stored = server.store().list("Event");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["reason"], "Starting");
+    let again = api.create(&PostParams::default(), &event).await;
+    assert!(
+        matches!(again, Err(kube::Error::Api(ref s)) if s.code == 409),
+        "{again:?}"
+    );
+}

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +20,7 @@ const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 /// Serves every request: paths are parsed by hand rather than with a router
 /// so that namespaced, all-namespaces and single-object forms share one
 /// table of resources.
-pub(crate) async fn handle(State(store): State<Store>, method: Method, uri: Uri) -> Response {
+pub(crate) async fn handle(State(store): State<Store>, method: Method, uri: Uri, body: Bytes) -> Response {
     let params = Query::<Vec<(String, String)>>::try_from_uri(&uri)
         .map(|Query(params)| params)
         .unwrap_or_default();
@@ -31,14 +32,60 @@ pub(crate) async fn handle(State(store): State<Store>, method: Method, uri: Uri)
     };
     tracing::debug!(method = %request.method, path = %request.path, query = %request.query, "fake apiserver request");
     store.log_request(request.clone());
-    if method != Method::GET {
-        return status(
+    match method {
+        Method::GET => respond(&store, &request),
+        Method::POST => create(&store, &request, &body),
+        _ => status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            "only reads are served",
+            "only reads and creates are served",
+        ),
+    }
+}
+
+/// A create (`POST` to a collection): the object is stored as sent, under the path's namespace, and answered
+/// with what was stored. A name already taken is a conflict, as on an apiserver.
+fn create(store: &Store, request: &LoggedRequest, body: &[u8]) -> Response {
+    let Some(target) = Target::from_path(&request.path).filter(|t| t.name.is_none()) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("no collection at {}", request.path),
+        );
+    };
+    let mut object: Value = match serde_json::from_slice(body) {
+        Ok(object) => object,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+    };
+    if object.get("kind").and_then(Value::as_str) != Some(target.resource.kind) {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!("the body is not a {}", target.resource.kind),
         );
     }
-    respond(&store, &request)
+    if let (Some(namespace), Some(metadata)) = (&target.namespace, object.get_mut("metadata")) {
+        metadata["namespace"] = Value::String(namespace.clone());
+    }
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if store
+        .get(target.resource.kind, target.namespace.as_deref(), &name)
+        .is_some()
+    {
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("{} \"{name}\" already exists", target.resource.plural),
+        );
+    }
+    match store.apply(object) {
+        Ok(stored) => (StatusCode::CREATED, Json(stored)).into_response(),
+        Err(e) => status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e.to_string()),
+    }
 }
 
 fn respond(store: &Store, request: &LoggedRequest) -> Response {

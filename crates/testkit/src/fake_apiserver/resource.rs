@@ -9,7 +9,7 @@ pub struct Resource {
     pub namespaced: bool,
 }
 
-/// What a proxy watches. Adding a type here is all it takes to serve it.
+/// What a proxy watches, and the events it writes. Adding a type here is all it takes to serve it.
 pub const RESOURCES: &[Resource] = &[
     Resource {
         group: "",
@@ -30,6 +30,14 @@ pub const RESOURCES: &[Resource] = &[
         version: "v1",
         plural: "endpointslices",
         kind: "EndpointSlice",
+        namespaced: true,
+    },
+    // What a proxy writes: events about its Node and Services.
+    Resource {
+        group: "events.k8s.io",
+        version: "v1",
+        plural: "events",
+        kind: "Event",
         namespaced: true,
     },
 ];

@@ -250,6 +250,17 @@ impl Store {
     }
 
     /// The current resource version (the newest change).
+    /// Every stored object of `kind`, in key order.
+    pub fn list(&self, kind: &str) -> Vec<Value> {
+        let state = self.lock();
+        state
+            .objects
+            .iter()
+            .filter(|(key, _)| key.kind == kind)
+            .map(|(_, object)| object.clone())
+            .collect()
+    }
+
     pub fn resource_version(&self) -> u64 {
         self.lock().rv
     }
