@@ -250,6 +250,30 @@ fn both_families_are_served(mode: &str) {
     let endpoints = r["kernel"]["endpoints"].as_array().unwrap();
     assert_eq!(endpoints.len(), 1, "pod11 only, as the IPv6 slice says: {r:#}");
     assert_eq!(endpoints[0], format!("[{}]:8080", pod6(11)).as_str(), "{r:#}");
+
+    // Made single-stack IPv4, the Service leaves the IPv6 engine (which only ever gets Services of its
+    // family) and keeps answering on IPv4.
+    let single = manifest(&[11])
+        .replacen(
+            "ipFamilyPolicy: RequireDualStack",
+            "ipFamilyPolicy: SingleStack",
+            1,
+        )
+        .replacen("ipFamilies: [IPv4, IPv6]", "ipFamilies: [IPv4]", 1)
+        .replacen(
+            &format!("clusterIPs: [{VIP4}, \"{VIP6}\"]"),
+            &format!("clusterIPs: [{VIP4}]"),
+            1,
+        );
+    assert!(!single.contains(&format!("\"{VIP6}\"")), "{single}");
+    s.dir.write("web.yaml", &single);
+    wait_until(WAIT, POLL, "the IPv6 ClusterIP no longer answers", || {
+        s.proxy.assert_running();
+        tcp_request(s.client.ns(), addr(VIP6, 80), T)
+            .is_err()
+            .then_some(())
+    });
+    assert_eq!(reachable(s.client.ns(), addr(VIP4, 80)), both);
 }
 
 /// `--nodeport-addresses` naming only IPv4 CIDRs restricts IPv4 NodePorts and leaves IPv6 ones on every
