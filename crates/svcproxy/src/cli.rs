@@ -454,6 +454,32 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// A listen address as kube-proxy takes one: `IP:port`, or a bare IP that gets `default_port`.
+impl RunArgs {
+    /// What kube-proxy's configuration validation refuses among settings each accepted on its own, checked
+    /// once flags and file are merged: a configuration svcproxy runs with must be one kube-proxy would run
+    /// with too, or handing the node back fails.
+    pub fn check(&self) -> Result<(), String> {
+        if self.min_sync_period > self.sync_period {
+            return Err(format!(
+                "--sync-period (syncPeriod) {:?} must be at least --min-sync-period (minSyncPeriod) {:?}",
+                self.sync_period, self.min_sync_period
+            ));
+        }
+        match self.cluster_cidr.as_slice() {
+            [] | [_] => Ok(()),
+            [a, b] if a.addr().is_ipv4() != b.addr().is_ipv4() => Ok(()),
+            cidrs => Err(format!(
+                "--cluster-cidr (clusterCIDR) {}: one CIDR, or two of different IP families (dual-stack)",
+                cidrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )),
+        }
+    }
+}
+
 pub fn parse_bind_address(text: &str, default_port: u16) -> Result<SocketAddr, String> {
     let text = text.trim();
     text.parse::<SocketAddr>()
@@ -609,5 +635,24 @@ mod tests {
     #[test]
     fn kubeconfig_and_manifests_exclude_each_other() {
         assert!(Cli::try_parse_from(["svcproxy", "run", "--kubeconfig", "a", "--manifests", "b"]).is_err());
+    }
+
+    #[test]
+    fn settings_kube_proxy_refuses_together_are_refused() {
+        let run = |flags: &[&str]| {
+            let cli = Cli::parse_from(["svcproxy", "run"].iter().chain(flags));
+            let Command::Run(args) = cli.command else {
+                unreachable!()
+            };
+            args.check()
+        };
+        assert_eq!(run(&[]), Ok(()));
+        assert_eq!(run(&["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/64"]), Ok(()));
+        let e = run(&["--min-sync-period", "40s"]).unwrap_err();
+        assert!(e.contains("--min-sync-period") && e.contains("40s"), "{e}");
+        assert!(run(&["--min-sync-period", "30s"]).is_ok(), "equal is allowed");
+        let e = run(&["--cluster-cidr", "10.244.0.0/16,10.245.0.0/16"]).unwrap_err();
+        assert!(e.contains("10.244.0.0/16,10.245.0.0/16"), "{e}");
+        assert!(run(&["--cluster-cidr", "10.0.0.0/16,fd00::/64,10.1.0.0/16"]).is_err());
     }
 }

@@ -505,6 +505,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             let run_matches = matches.subcommand_matches("run").expect("clap matched `run`");
             let resolved = config_file::resolve(*args, run_matches)?;
+            resolved.args.check().map_err(anyhow::Error::msg)?;
             let flag_warnings = resolved.args.upstream.check();
             init_logging(resolved.args.log_format, resolved.args.upstream.log_level());
             for warning in &resolved.warnings {
