@@ -68,9 +68,10 @@ pub fn served(primary: IpFamily, support: &dyn FamilySupport) -> Served {
     }
 }
 
-/// The node's own answer: the kernel's per-family settings directory, and in iptables mode whether the
-/// chosen backend's command can list that family's nat POSTROUTING chain (upstream's "is iptables present"
-/// probe; asking for one chain, as a save would fetch the family's whole ruleset).
+/// The node's own answer: the kernel's per-family settings directory; in iptables mode whether the chosen
+/// backend's command can list that family's nat POSTROUTING chain (upstream's "is iptables present" probe;
+/// asking for one chain, as a save would fetch the family's whole ruleset); in nftables mode whether nft can
+/// declare a NAT chain of that family, checked by the kernel and not committed.
 pub struct SystemFamilySupport<'a> {
     pub mode: ProxyMode,
     pub backend: Backend,
@@ -86,13 +87,28 @@ impl FamilySupport for SystemFamilySupport<'_> {
         if !std::path::Path::new(stack).exists() {
             return Some(format!("the kernel has no {} stack", family.label()));
         }
-        if self.mode == ProxyMode::Iptables {
-            let program = self.backend.binary(family);
-            if let Err(e) = self
-                .runner
-                .run(&program, &["-t", "nat", "-S", "POSTROUTING"], None)
-            {
-                return Some(format!("`{program} -t nat -S POSTROUTING` does not work: {e}"));
+        match self.mode {
+            ProxyMode::Iptables => {
+                let program = self.backend.binary(family);
+                if let Err(e) = self
+                    .runner
+                    .run(&program, &["-t", "nat", "-S", "POSTROUTING"], None)
+                {
+                    return Some(format!("`{program} -t nat -S POSTROUTING` does not work: {e}"));
+                }
+            }
+            ProxyMode::Nftables => {
+                let nft_family = match family {
+                    IpFamily::V4 => "ip",
+                    IpFamily::V6 => "ip6",
+                };
+                let probe = format!(
+                    "add table {nft_family} svcproxy-family-probe\n\
+                     add chain {nft_family} svcproxy-family-probe nat {{ type nat hook prerouting priority -100; }}\n"
+                );
+                if let Err(e) = self.runner.run("nft", &["-c", "-f", "-"], Some(&probe)) {
+                    return Some(format!("nft cannot declare an {nft_family} NAT chain: {e}"));
+                }
             }
         }
         None
@@ -215,12 +231,27 @@ mod tests {
             support(ProxyMode::Iptables, Backend::Nft).missing(IpFamily::V6),
             None
         );
-        let calls = runner.calls.lock().unwrap().len();
-        // nftables mode writes its own tables and runs no iptables tool.
-        assert_eq!(
-            support(ProxyMode::Nftables, Backend::Legacy).missing(IpFamily::V6),
-            None
+    }
+
+    #[test]
+    fn nftables_mode_asks_nft_to_check_a_nat_chain_of_the_family() {
+        let runner = RecordingRunner::default();
+        let support = SystemFamilySupport {
+            mode: ProxyMode::Nftables,
+            backend: Backend::Nft,
+            runner: &runner,
+        };
+        // Unanswered: nft refuses (or is missing).
+        let why = support.missing(IpFamily::V6).unwrap();
+        assert!(why.contains("ip6 NAT chain"), "{why}");
+        let calls = runner.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 1);
+        assert!(
+            calls[0].starts_with("nft -c -f - <<add table ip6 ")
+                && calls[0].contains("type nat hook prerouting"),
+            "{calls:?}"
         );
-        assert_eq!(runner.calls.lock().unwrap().len(), calls);
+        runner.answer("nft -c -f -", Ok(String::new()));
+        assert_eq!(support.missing(IpFamily::V6), None);
     }
 }

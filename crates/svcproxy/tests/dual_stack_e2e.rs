@@ -359,3 +359,58 @@ fn ipv6_services_on_a_node_without_ip6tables_are_named() {
     let rules = lab.node().exec_stdout(&["nft", "list", "ruleset"]).unwrap();
     assert!(!rules.contains("table ip6 nat"), "{rules}");
 }
+
+/// nftables mode on a node whose nft cannot declare an IPv6 NAT chain: IPv4 only, healthy, and the reason in
+/// the log (nft's own error), instead of an IPv6 engine failing every sync.
+#[test]
+fn ipv6_services_on_a_node_without_ipv6_nat_in_nftables_are_named() {
+    let lab = Lab::new();
+    let dir = TempDir::new("dual-nft");
+    dir.write("web.yaml", &manifest(&[11]));
+    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join("nft"))
+        .find(|p| p.is_file())
+        .expect("nft on PATH");
+    let wrappers = TempDir::new("no-ip6-nat");
+    // A check naming the IPv6 probe table fails as a kernel without IPv6 NAT answers; everything else is nft.
+    wrappers.write(
+        "nft",
+        &format!(
+            "#!/bin/sh\nif [ \"$1\" = \"-c\" ]; then\n  input=$(cat)\n  case \"$input\" in\n    *\"ip6 svcproxy-family-probe\"*)\n      echo \"Error: Could not process rule: Operation not supported\" >&2; exit 1;;\n  esac\n  printf '%s\\n' \"$input\" | exec {real} \"$@\"\nfi\nexec {real} \"$@\"\n",
+            real = real.display()
+        ),
+    );
+    std::fs::set_permissions(
+        wrappers.path().join("nft"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("{}:{}", wrappers.path().display(), std::env::var("PATH").unwrap());
+    let mut proxy = Svcproxy::start_with_env(
+        lab.node(),
+        &[
+            "--manifests",
+            dir.path().to_str().unwrap(),
+            "--proxy-mode",
+            "nftables",
+        ],
+        &[("PATH", &path)],
+    );
+    wait_until(WAIT, POLL, "the unserved IPv6 Services are named", || {
+        proxy.assert_running();
+        let log = proxy.log();
+        (log.contains("Services have IPv6 cluster IPs, but svcproxy programs no IPv6 rules")
+            && log.contains("nft cannot declare an ip6 NAT chain")
+            && log.contains("Operation not supported"))
+        .then_some(())
+    });
+    wait_until(WAIT, POLL, "the IPv4-only node is healthy", || {
+        let (status, _) = http_get(lab.node(), addr("127.0.0.1", 10256), "/healthz", T).ok()?;
+        (status == 200).then_some(())
+    });
+    let tables = lab.node().exec_stdout(&["nft", "list", "tables"]).unwrap();
+    assert!(
+        tables.contains("table ip svcproxy") && !tables.contains("ip6"),
+        "{tables}"
+    );
+}
