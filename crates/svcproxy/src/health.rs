@@ -72,10 +72,10 @@ impl ProxyHealth {
             .or_insert_with(Instant::now);
     }
 
-    /// The engine of `family` waits for its initial lists (Services, EndpointSlices, its Node) before it
-    /// programs anything. Nothing counts as a waiting change meanwhile, so a slow list does not fail the
-    /// liveness probe (and a restart would only list again); but lists still incomplete after the timeout
-    /// turn health red, since nothing this node serves is being kept in line with the cluster.
+    /// The engine of `family` waits for its initial lists (Services, EndpointSlices, its Node for 30 s at
+    /// most) before it programs anything. Nothing counts as a waiting change meanwhile, so a slow list does
+    /// not fail the liveness probe (and a restart would only list again); but lists still incomplete after
+    /// the timeout turn health red, since nothing this node serves is being kept in line with the cluster.
     pub fn listing(&self, family: IpFamily) {
         self.lock()
             .listing_since

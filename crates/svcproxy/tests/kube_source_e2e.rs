@@ -386,7 +386,8 @@ fn a_node_marked_for_deletion_stays_ineligible_once_deleted() {
     proxy.assert_running();
 }
 
-/// The API server cannot be listed at all (unreachable here; missing RBAC for one of the lists does the same):
+/// The API server cannot be listed at all (unreachable here; missing RBAC for Services or EndpointSlices does
+/// the same):
 /// nothing is programmed, so once 2 × syncPeriod has passed /healthz is red and says why, while /livez stays
 /// green (listing again after a restart would not help).
 #[test]
@@ -412,4 +413,61 @@ fn initial_lists_that_never_complete_turn_healthz_red_and_not_livez() {
         get("/healthz").filter(|(code, body)| *code == 503 && body.contains("initial lists"))
     });
     assert_eq!(get("/livez").map(|(code, _)| code), Some(200));
+}
+
+/// A ServiceAccount that may list Services and EndpointSlices but not Nodes: kube-proxy programs the node
+/// all the same, so svcproxy waits 30 s for the Node, then programs without it, healthy, and does not call
+/// the API server unreachable (it answers, with 403). Once the Node can be listed it is applied like any
+/// change.
+#[test]
+fn a_node_the_api_refuses_to_list_delays_the_first_sync_but_does_not_stop_it() {
+    let node_setup = one_pod_node();
+    let (lab, client, api, kubeconfig) = (
+        &node_setup.lab,
+        &node_setup.client,
+        &node_setup.api,
+        &node_setup.kubeconfig,
+    );
+    let store = api.store();
+    store.forbid("Node");
+    api.write_kubeconfig(kubeconfig).unwrap();
+    let mut proxy = Svcproxy::start(lab.node(), &["--kubeconfig", kubeconfig.to_str().unwrap()]);
+    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        POLL,
+        "web answers without the Node",
+        || {
+            proxy.assert_running();
+            tcp_request(client.ns(), vip, T).ok()
+        },
+    );
+    let log = proxy.log();
+    assert!(
+        log.contains("Node node-a not listed after 30s") && log.contains("403"),
+        "{log}"
+    );
+    let get = |path: &str| {
+        svcproxy_testkit::http_get(lab.node(), "127.0.0.1:10256".parse().unwrap(), path, T).unwrap()
+    };
+    let (code, body) = get("/healthz");
+    assert_eq!(code, 200, "{body}");
+    let status = lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args(["status", "--output", "json"])
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["syncs"].as_u64().map(|n| n > 0), Some(true), "{status}");
+    assert!(status["source_problem"].is_null(), "{status}");
+
+    let syncs = || proxy.log().matches("synced").count();
+    let before = syncs();
+    store.permit("Node");
+    wait_until(WAIT, POLL, "the Node is listed and applied", || {
+        (proxy.log().contains("Node node-a listed at last") && syncs() > before).then_some(())
+    });
+    assert!(tcp_request(client.ns(), vip, T).is_ok());
+    proxy.assert_running();
 }

@@ -119,6 +119,12 @@ enum Item {
 /// How often an unreachable API server is asked whether it answers again.
 const UNREACHABLE_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long the first sync waits for our Node once Services and EndpointSlices are listed. kube-proxy does
+/// not wait for its Node to sync (it waits up to 30 s at start for the Node's addresses, then carries on
+/// without), so a ServiceAccount that may not list Nodes, or an API server that fails only that list, must
+/// not leave the node without Service rules. The Node, when it comes, is applied like any change.
+const NODE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Watches until the receiver goes away. Watch errors are retried with [`WatchBackoff`].
 pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) {
     let cfg = watcher::Config::default().labels(&proxy_label_selector());
@@ -144,6 +150,8 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     let mut slice_buf = Vec::new();
     let mut slice_rejected = Vec::new();
     let mut node_buf = None;
+    let mut node_error = None;
+    let mut node_deadline = None;
     let mut unreachable = false;
     let mut probe = tokio::time::interval(UNREACHABLE_PROBE);
     loop {
@@ -163,12 +171,26 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                 }
                 continue;
             }
+            () = sleep_until_some(node_deadline), if !ready.announced => {
+                ready.announced = true;
+                tracing::warn!(
+                    "Node {node_name} not listed after {}s ({}); programming without it (no topology zone, \
+                     Node addresses or pod CIDRs) until it is",
+                    NODE_WAIT.as_secs(),
+                    node_error.as_deref().unwrap_or("no answer"),
+                );
+                if tx.send(SourceEvent::Synced).await.is_err() {
+                    return;
+                }
+                continue;
+            }
         };
         // A watch error means the API server cannot be read right now; any event after it means it can again.
         let failed = match &item {
             Item::Service(ev) => outage(ev.as_ref().as_ref().err()),
             Item::Slice(ev) => outage(ev.as_ref().as_ref().err()),
-            Item::Node(ev) => outage(ev.as_ref().as_ref().err()),
+            // A Node list refused for want of RBAC comes from a server that answers: not an outage.
+            Item::Node(ev) => outage(ev.as_ref().as_ref().err().filter(|e| !refused(e))),
         };
         if failed.is_some() || unreachable {
             unreachable = failed.is_some();
@@ -205,6 +227,11 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                     None
                 }
                 Ok(Event::InitDone) => {
+                    if ready.announced && !ready.node {
+                        tracing::info!(
+                            "Node {node_name} listed at last; its labels, addresses and pod CIDRs apply"
+                        );
+                    }
                     ready.node = true;
                     Some(SourceEvent::Node(node_buf.take()))
                 }
@@ -212,6 +239,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                 Ok(Event::Delete(_)) => Some(SourceEvent::Node(None)),
                 Err(e) => {
                     tracing::warn!("watch of Node {node_name} failed, retrying: {e}");
+                    node_error = Some(e.to_string());
                     None
                 }
             },
@@ -221,14 +249,38 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
         {
             return;
         }
-        if ready.services && ready.slices && ready.node && !ready.announced {
-            ready.announced = true;
-            tracing::info!("initial lists of Services, EndpointSlices and Node complete");
-            if tx.send(SourceEvent::Synced).await.is_err() {
-                return;
+        if ready.services && ready.slices && !ready.announced {
+            if ready.node {
+                ready.announced = true;
+                tracing::info!("initial lists of Services, EndpointSlices and Node complete");
+                if tx.send(SourceEvent::Synced).await.is_err() {
+                    return;
+                }
+            } else if node_deadline.is_none() {
+                node_deadline = Some(tokio::time::Instant::now() + NODE_WAIT);
             }
         }
     }
+}
+
+/// Waits until `deadline`; forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the server refused the request as unauthorised or forbidden.
+fn refused(e: &watcher::Error) -> bool {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code,
+        watcher::Error::WatchError(status) => status.code,
+        _ => return false,
+    };
+    matches!(code, 401 | 403)
 }
 
 /// The error as an outage to report, if it is one. 410 Gone (the resourceVersion is too old) is the server

@@ -114,6 +114,18 @@ fn respond(store: &Store, request: &LoggedRequest) -> Response {
         Ok(filter) => filter,
         Err(err) => return status(StatusCode::BAD_REQUEST, "BadRequest", &err.to_string()),
     };
+    if store.is_forbidden(target.resource.kind) {
+        let verb = if request.is_watch() { "watch" } else { "list" };
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "{plural} is forbidden: User \"system:serviceaccount:kube-system:svcproxy\" cannot {verb} \
+                 resource \"{plural}\"",
+                plural = target.resource.plural
+            ),
+        );
+    }
     if request.is_watch() {
         start_watch(store, request, filter)
     } else {

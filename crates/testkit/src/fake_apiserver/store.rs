@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde_json::{Map, Value};
@@ -113,6 +113,8 @@ struct State {
     next_uid: u64,
     fail_lists: u32,
     fail_watches: u32,
+    /// Kinds whose lists and watches are refused with 403, as missing RBAC refuses them.
+    forbidden: BTreeSet<&'static str>,
     requests: Vec<LoggedRequest>,
 }
 
@@ -296,6 +298,20 @@ impl Store {
     /// Makes the next `n` watch requests fail with 500.
     pub fn set_fail_watches(&self, n: u32) {
         self.lock().fail_watches = n;
+    }
+
+    /// Refuses lists and watches of `kind` with 403 Forbidden (as a ServiceAccount without RBAC for it is
+    /// refused) until [`Store::permit`].
+    pub fn forbid(&self, kind: &'static str) {
+        self.lock().forbidden.insert(kind);
+    }
+
+    pub fn permit(&self, kind: &str) {
+        self.lock().forbidden.remove(kind);
+    }
+
+    pub(crate) fn is_forbidden(&self, kind: &str) -> bool {
+        self.lock().forbidden.contains(kind)
     }
 
     /// Every request served so far, oldest first.
