@@ -17,6 +17,7 @@ use crate::chain_name::{
     is_owned_service_chain,
 };
 use crate::save_parser::{SavedRule, SavedRuleset, SavedTable};
+use crate::seal::SEAL_CHAIN;
 
 /// Chains kubelet writes and keeps using; they say nothing about which proxy mode or backend is in use.
 const KUBELET_CHAINS: [&str; 3] = ["KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT", "KUBE-FIREWALL"];
@@ -424,6 +425,27 @@ fn split_backends(node: &NodeNetfilter, out: &mut Vec<Hazard>) {
         if legacy.is_empty() || nft.is_empty() {
             continue;
         }
+        let writers = |backend: IptablesBackend, name: &str| -> Option<String> {
+            let seen: Vec<&str> = node
+                .iptables
+                .iter()
+                .filter(|d| d.backend == backend && d.family == family)
+                .flat_map(|d| writers_seen(&d.saved))
+                .collect();
+            (!seen.is_empty()).then(|| format!(" {name}: {}.", seen.join(", ")))
+        };
+        let writers: String = [
+            writers(IptablesBackend::Legacy, "legacy"),
+            writers(IptablesBackend::Nft, "nf_tables"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let writers = if writers.is_empty() {
+            writers
+        } else {
+            format!(" Marks of who wrote each side:{writers}")
+        };
         out.push(Hazard {
             kind: HazardKind::SplitBackends,
             location: format!("{} legacy and nf_tables", family.label()),
@@ -431,7 +453,7 @@ fn split_backends(node: &NodeNetfilter, out: &mut Vec<Hazard>) {
             why: format!(
                 "Both iptables backends hold KUBE-* chains (legacy: {}; nf_tables: {}). Packets pass through both, \
                  but a proxy maintains only the backend its iptables binary uses: the other side keeps redirecting \
-                 traffic to endpoints that may be gone, where that proxy can neither see nor repair it.",
+                 traffic to endpoints that may be gone, where that proxy can neither see nor repair it.{writers}",
                 summary(&legacy),
                 summary(&nft)
             ),
@@ -442,6 +464,24 @@ fn split_backends(node: &NodeNetfilter, out: &mut Vec<Hazard>) {
             commands: Vec::new(),
         });
     }
+}
+
+/// The programs whose marks a dump carries: svcproxy's seal (it writes one only with iptables-nft), upstream
+/// kube-proxy's canary (iptables mode writes one in mangle, nat and filter, and leaves it when it stops), and
+/// kubelet's marker chains, which tell which backend kubelet (and a proxy that follows it) uses.
+fn writers_seen(saved: &SavedRuleset) -> Vec<&'static str> {
+    let has = |chain: &str| saved.tables.values().any(|t| t.chains.contains_key(chain));
+    let mut seen = Vec::new();
+    if has(SEAL_CHAIN) {
+        seen.push("svcproxy (its SVCPROXY-SEAL chain)");
+    }
+    if has("KUBE-PROXY-CANARY") {
+        seen.push("kube-proxy (its KUBE-PROXY-CANARY chain)");
+    }
+    if has("KUBE-IPTABLES-HINT") || has("KUBE-KUBELET-CANARY") {
+        seen.push("kubelet (its marker chains)");
+    }
+    seen
 }
 
 fn two_modes(node: &NodeNetfilter, out: &mut Vec<Hazard>) {

@@ -234,6 +234,40 @@ fn kube_state_in_both_backends() {
     assert_eq!(h.kind, HazardKind::SplitBackends);
     assert_eq!(h.location, "IPv4 legacy and nf_tables");
     assert!(h.fix.contains("svcproxy cleanup"), "{h}");
+    // Both dumps are kube-proxy's, and each carries its canary.
+    assert!(
+        h.why.ends_with(
+            "Marks of who wrote each side: legacy: kube-proxy (its KUBE-PROXY-CANARY chain). nf_tables: \
+             kube-proxy (its KUBE-PROXY-CANARY chain)."
+        ),
+        "{h}"
+    );
+
+    // svcproxy's seal and kubelet's markers are named too: here kubelet writes legacy and svcproxy nf_tables,
+    // the skew that leaves a proxy and kubelet on different backends.
+    let legacy = inject(
+        &read("upstream-v1.30.3-iptables", "etp-local"),
+        "mangle",
+        &["KUBE-IPTABLES-HINT"],
+        &[],
+    );
+    let sealed = inject(&etp_local(), "filter", &["SVCPROXY-SEAL"], &[]);
+    let state = NodeNetfilter {
+        iptables: vec![
+            dump(IptablesBackend::Legacy, &legacy),
+            dump(IptablesBackend::Nft, &sealed),
+        ],
+        nft_tables: Vec::new(),
+    };
+    let h = only(&audit(&state)).clone();
+    assert!(
+        h.why.ends_with(
+            "Marks of who wrote each side: legacy: kube-proxy (its KUBE-PROXY-CANARY chain), kubelet (its \
+             marker chains). nf_tables: svcproxy (its SVCPROXY-SEAL chain), kube-proxy (its KUBE-PROXY-CANARY \
+             chain)."
+        ),
+        "{h}"
+    );
 
     // kubelet's own chains in the other backend are no proxy state.
     let kubelet = "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-FIREWALL - [0:0]\n:KUBE-KUBELET-CANARY - [0:0]\n\
