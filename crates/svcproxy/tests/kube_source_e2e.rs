@@ -447,6 +447,8 @@ fn a_node_the_api_refuses_to_list_delays_the_first_sync_but_does_not_stop_it() {
         log.contains("Node node-a not listed after 30s") && log.contains("403"),
         "{log}"
     );
+    // Retried all along, the refusal is logged once.
+    assert_eq!(log.matches("watch of Node node-a failed").count(), 1, "{log}");
     let get = |path: &str| {
         svcproxy_testkit::http_get(lab.node(), "127.0.0.1:10256".parse().unwrap(), path, T).unwrap()
     };

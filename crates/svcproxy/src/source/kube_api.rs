@@ -233,13 +233,21 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                         );
                     }
                     ready.node = true;
+                    node_error = None;
                     Some(SourceEvent::Node(node_buf.take()))
                 }
                 Ok(Event::Apply(n)) => convert_node(&n).map(|n| SourceEvent::Node(Some(n))),
                 Ok(Event::Delete(_)) => Some(SourceEvent::Node(None)),
                 Err(e) => {
-                    tracing::warn!("watch of Node {node_name} failed, retrying: {e}");
-                    node_error = Some(e.to_string());
+                    // Said once per error, not at every retry of the back-off: a Node refused for want of RBAC
+                    // stays refused.
+                    let error = e.to_string();
+                    if node_error.as_ref() != Some(&error) {
+                        tracing::warn!("watch of Node {node_name} failed, retrying: {error}");
+                    } else {
+                        tracing::debug!("watch of Node {node_name} failed again, retrying: {error}");
+                    }
+                    node_error = Some(error);
                     None
                 }
             },
