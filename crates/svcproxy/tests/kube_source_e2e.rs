@@ -260,6 +260,32 @@ fn one_pod_node() -> OnePodNode {
     }
 }
 
+impl OnePodNode {
+    /// svcproxy started with a kubeconfig naming the API server.
+    fn start_proxy(&self) -> Svcproxy {
+        self.api.write_kubeconfig(&self.kubeconfig).unwrap();
+        Svcproxy::start(
+            self.lab.node(),
+            &["--kubeconfig", self.kubeconfig.to_str().unwrap()],
+        )
+    }
+
+    /// `web` answers the client pod, while svcproxy keeps running.
+    fn wait_for_web(&self, proxy: &mut Svcproxy, patience: Duration, what: &str) {
+        wait_until(patience, POLL, what, || {
+            proxy.assert_running();
+            tcp_request(self.client.ns(), WEB.parse().unwrap(), T).ok()
+        });
+    }
+
+    fn healthz(&self) -> (u16, String) {
+        svcproxy_testkit::http_get(self.lab.node(), "127.0.0.1:10256".parse().unwrap(), "/healthz", T)
+            .unwrap()
+    }
+}
+
+const WEB: &str = "10.96.0.100:80";
+
 /// Writes `api`'s kubeconfig to `path` with its server moved to a port nothing listens on.
 fn write_kubeconfig_pointing_nowhere(api: &FakeApiServer, path: &std::path::Path) {
     let nowhere = api
@@ -347,22 +373,12 @@ fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
 #[test]
 fn a_node_marked_for_deletion_stays_ineligible_once_deleted() {
     let node_setup = one_pod_node();
-    let (lab, client, api, kubeconfig) = (
-        &node_setup.lab,
-        &node_setup.client,
-        &node_setup.api,
-        &node_setup.kubeconfig,
-    );
-    let store = api.store();
-    api.write_kubeconfig(kubeconfig).unwrap();
-    let mut proxy = Svcproxy::start(lab.node(), &["--kubeconfig", kubeconfig.to_str().unwrap()]);
-    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
-    wait_until(WAIT, POLL, "web answers", || {
-        proxy.assert_running();
-        tcp_request(client.ns(), vip, T).ok()
-    });
-    let healthz =
-        || svcproxy_testkit::http_get(lab.node(), "127.0.0.1:10256".parse().unwrap(), "/healthz", T).unwrap();
+    let client = &node_setup.client;
+    let store = node_setup.api.store();
+    let mut proxy = node_setup.start_proxy();
+    let vip: SocketAddr = WEB.parse().unwrap();
+    node_setup.wait_for_web(&mut proxy, WAIT, "web answers");
+    let healthz = || node_setup.healthz();
     assert_eq!(healthz().0, 200);
 
     let mut tainted = node();
@@ -422,25 +438,13 @@ fn initial_lists_that_never_complete_turn_healthz_red_and_not_livez() {
 #[test]
 fn a_node_the_api_refuses_to_list_delays_the_first_sync_but_does_not_stop_it() {
     let node_setup = one_pod_node();
-    let (lab, client, api, kubeconfig) = (
-        &node_setup.lab,
-        &node_setup.client,
-        &node_setup.api,
-        &node_setup.kubeconfig,
-    );
-    let store = api.store();
+    let store = node_setup.api.store();
     store.forbid("Node");
-    api.write_kubeconfig(kubeconfig).unwrap();
-    let mut proxy = Svcproxy::start(lab.node(), &["--kubeconfig", kubeconfig.to_str().unwrap()]);
-    let vip: SocketAddr = "10.96.0.100:80".parse().unwrap();
-    wait_until(
+    let mut proxy = node_setup.start_proxy();
+    node_setup.wait_for_web(
+        &mut proxy,
         Duration::from_secs(60),
-        POLL,
         "web answers without the Node",
-        || {
-            proxy.assert_running();
-            tcp_request(client.ns(), vip, T).ok()
-        },
     );
     let log = proxy.log();
     assert!(
@@ -449,12 +453,10 @@ fn a_node_the_api_refuses_to_list_delays_the_first_sync_but_does_not_stop_it() {
     );
     // Retried all along, the refusal is logged once.
     assert_eq!(log.matches("watch of Node node-a failed").count(), 1, "{log}");
-    let get = |path: &str| {
-        svcproxy_testkit::http_get(lab.node(), "127.0.0.1:10256".parse().unwrap(), path, T).unwrap()
-    };
-    let (code, body) = get("/healthz");
+    let (code, body) = node_setup.healthz();
     assert_eq!(code, 200, "{body}");
-    let status = lab
+    let status = node_setup
+        .lab
         .node()
         .command(env!("CARGO_BIN_EXE_svcproxy"))
         .args(["status", "--output", "json"])
@@ -470,6 +472,5 @@ fn a_node_the_api_refuses_to_list_delays_the_first_sync_but_does_not_stop_it() {
     wait_until(WAIT, POLL, "the Node is listed and applied", || {
         (proxy.log().contains("Node node-a listed at last") && syncs() > before).then_some(())
     });
-    assert!(tcp_request(client.ns(), vip, T).is_ok());
-    proxy.assert_running();
+    node_setup.wait_for_web(&mut proxy, T, "web still answers");
 }
