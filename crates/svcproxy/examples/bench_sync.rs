@@ -4,7 +4,8 @@
 //! nf_tables, so the proxy cannot take the kernel's state on trust), and the peak memory of the proxy.
 //!
 //! `bench_sync [--services 1000,5000] [--endpoints 10] [--changes 5] [--proxy-mode iptables|nftables]
-//! [--dual-stack] [--verify-period 0] [--settle 0]` (root; build the binary first:
+//! [--iptables-backend auto|nft|legacy] [--dual-stack] [--verify-period 0] [--settle 0]` (root; build the
+//! binary first:
 //! `cargo build --release --bin svcproxy --example bench_sync`). `--settle N` keeps the first proxy running N
 //! seconds after the changes before it is stopped (with a `--verify-period` shorter than that, periodic
 //! read-backs run meanwhile) and prints the CPU time it and its children (`iptables-save`, `nft`) used then.
@@ -108,6 +109,7 @@ struct Proxy {
 
 impl Proxy {
     fn start(ns: &NetNs, kubeconfig: &Path, log: PathBuf, mode: &str, dual: bool, verify: &str) -> Proxy {
+        let backend = arg("--iptables-backend", "auto");
         // BENCH_PROFILER runs the proxy under a profiler, e.g. `heaptrack -o /tmp/proxy-{run}` (`{run}` becomes
         // this run's log name); its peak RSS is then the profiler's.
         let run = log.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
@@ -149,6 +151,8 @@ impl Proxy {
             .args([
                 "--proxy-mode",
                 mode,
+                "--iptables-backend",
+                &backend,
                 "--min-sync-period",
                 "0",
                 "--healthz-bind-address",
@@ -284,7 +288,15 @@ fn main() {
     // svcproxy serves both families wherever the node has them, as the namespace does: a cold sync or a
     // restart is done when both engines have synced, even when only IPv4 has Services.
     let families = 2;
-    println!("proxy mode: {mode}{}", if dual { ", dual stack" } else { "" });
+    println!(
+        "proxy mode: {mode}{}{}",
+        if mode == "iptables" {
+            format!(", backend {}", arg("--iptables-backend", "auto"))
+        } else {
+            String::new()
+        },
+        if dual { ", dual stack" } else { "" }
+    );
     let work = std::env::temp_dir().join(format!("svcproxy-bench-{}", std::process::id()));
     fs::create_dir_all(&work).unwrap();
     println!(

@@ -357,6 +357,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         }
                     }
                 }
+                if backend == backends::Backend::Legacy {
+                    proxier = proxier.with_max_chains(svcproxy_iptables::staging::LEGACY_MAX_CHAINS);
+                }
                 if family == IpFamily::V4
                     && let Some(theirs) = backend.other().commands()
                 {

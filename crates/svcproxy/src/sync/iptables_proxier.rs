@@ -293,6 +293,13 @@ impl IptablesProxier {
         self
     }
 
+    /// Chains per transaction, for a backend whose costs differ from iptables-nft's (see
+    /// `svcproxy_iptables::staging::LEGACY_MAX_CHAINS`).
+    pub fn with_max_chains(mut self, max_chains: usize) -> Self {
+        self.max_chains = max_chains;
+        self
+    }
+
     /// The other family's commands (dual stack), whose seals a restart also reads.
     pub fn with_sibling_seals(mut self, sibling: Box<dyn IptablesCommands>) -> Self {
         self.sibling = Some(sibling);
