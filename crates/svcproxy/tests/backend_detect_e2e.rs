@@ -168,3 +168,64 @@ fn a_backend_that_is_not_installed_is_refused_at_start() {
     );
     assert!(!save(node, "iptables-legacy-save").contains("KUBE-"));
 }
+
+/// `count` selector-less Services of 10 remote endpoints each, as one manifest: 11 chains apiece.
+fn bulk_services(count: u32) -> String {
+    let mut text = String::new();
+    for i in 1..=count {
+        let endpoints: String = (1..=10)
+            .map(|j| {
+                format!("- addresses: [10.250.{i}.{j}]\n  conditions: {{ready: true}}\n  nodeName: node-b\n")
+            })
+            .collect();
+        text.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: bulk-{i}, namespace: demo}}\nspec:\n  \
+             clusterIP: 10.96.1.{i}\n  ports:\n  - {{name: http, protocol: TCP, port: 80}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: bulk-{i}-1\n  \
+             namespace: demo\n  labels: {{kubernetes.io/service-name: bulk-{i}}}\naddressType: IPv4\nports:\n\
+             - {{name: http, protocol: TCP, port: 80}}\nendpoints:\n{endpoints}---\n"
+        ));
+    }
+    text
+}
+
+/// The kernel writes of the first sync that programmed more than 100 service ports, from the JSON log.
+fn writes_of_first_big_sync(proxy: &mut Svcproxy) -> u64 {
+    wait_until(WAIT, POLL, "a sync of every bulk Service", || {
+        proxy.assert_running();
+        proxy.log().lines().find_map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+            let fields = &entry["fields"];
+            (fields["message"] == "synced" && fields["service_ports"].as_u64()? > 100)
+                .then(|| fields["writes"].as_u64())
+                .flatten()
+        })
+    })
+}
+
+/// A cold sync is cut into transactions by backend: iptables-nft's `--noflush` costs more than linearly in a
+/// transaction's chains, so 1,300 chains go in several; iptables-legacy rewrites the whole table on each, so
+/// they go in one.
+#[test]
+fn a_cold_sync_is_many_small_restores_with_nf_tables_and_one_with_legacy() {
+    let mut writes = Vec::new();
+    for backend in ["nft", "legacy"] {
+        let web = WebLab::new();
+        web.dir.write("bulk.yaml", &bulk_services(120));
+        let mut proxy = Svcproxy::start(
+            web.lab.node(),
+            &[
+                "--manifests",
+                web.manifests(),
+                "--iptables-backend",
+                backend,
+                "--log-format",
+                "json",
+            ],
+        );
+        writes.push(writes_of_first_big_sync(&mut proxy));
+        tcp_request(web.client.ns(), web.vip(), T).expect("the web ClusterIP answers");
+    }
+    assert!(writes[0] >= 2, "nf_tables: {} restores", writes[0]);
+    assert_eq!(writes[1], 1, "legacy: {} restores", writes[1]);
+}

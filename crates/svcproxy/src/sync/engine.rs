@@ -678,6 +678,7 @@ impl<P: Proxier> Engine<P> {
                     kind,
                     service_ports = report.intent.service_ports.len(),
                     payload_lines = report.payload_lines,
+                    writes = report.writes,
                     seconds = elapsed,
                     "synced"
                 );

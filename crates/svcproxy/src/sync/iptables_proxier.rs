@@ -699,6 +699,7 @@ impl IptablesProxier {
         }
         Ok(Written {
             lines,
+            writes,
             touched,
             rules,
         })
@@ -860,6 +861,7 @@ impl IptablesProxier {
     ) -> SyncReport {
         let Written {
             lines,
+            writes,
             touched,
             rules,
         } = written;
@@ -875,6 +877,7 @@ impl IptablesProxier {
             full: mode != SyncMode::Partial,
             intent,
             payload_lines: lines,
+            writes,
             node_port_ips: match &self.applied.as_ref().map(|(_, c)| &c.node_port_addresses) {
                 Some(NodePortAddresses::Ips(ips)) => Some(ips.clone()),
                 _ => None,
@@ -1107,6 +1110,8 @@ fn finding(d: &Divergence) -> Finding {
 #[derive(Default)]
 struct Written {
     lines: usize,
+    /// `iptables-restore` runs.
+    writes: usize,
     /// For a partial sync, the chains written (for the read-back after it).
     touched: Vec<(TableName, String)>,
     /// Rules of our own chains written, per table.

@@ -539,6 +539,8 @@ impl Proxier for NftProxier {
                 full: false,
                 intent,
                 payload_lines: lines + deleted,
+                // The elements' netlink batch or the partial transaction, and the deletions that came due.
+                writes: usize::from(lines > 0) + usize::from(deleted > 0),
                 conntrack,
                 follow_up,
                 node_port_ips: restricted_node_ports(&config),
@@ -611,8 +613,9 @@ impl Proxier for NftProxier {
                 }
             },
         };
-        let mut lines = 0;
+        let (mut lines, mut writes) = (0, 0);
         for text in transactions.filter(|t| !t.is_empty()) {
+            writes += 1;
             if let Err(e) = self.apply(&text) {
                 self.applied = None;
                 self.deferred.iter_mut().for_each(DeferredDeletions::not_applied);
@@ -630,6 +633,7 @@ impl Proxier for NftProxier {
             full: mode != SyncMode::Partial,
             intent,
             payload_lines: lines + deleted,
+            writes: writes + usize::from(deleted > 0),
             conntrack,
             follow_up,
             node_port_ips,

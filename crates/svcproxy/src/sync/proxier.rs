@@ -12,6 +12,10 @@ pub struct SyncReport {
     pub intent: Arc<Intent>,
     /// Lines sent to the kernel (0 when nothing had changed).
     pub payload_lines: usize,
+    /// Writes the sync made, each its own kernel transaction: `iptables-restore` runs in iptables mode (a
+    /// cold sync cuts its rules into many, see `svcproxy_iptables::staging`), `nft` runs and netlink batches
+    /// in nftables mode.
+    pub writes: usize,
     /// The stale-flow cleanup that followed, when one ran.
     pub conntrack: Option<ConntrackRun>,
     /// The addresses NodePorts answer on when they are restricted (`--nodeport-addresses`); `None` when
