@@ -692,10 +692,12 @@ impl IptablesProxier {
         if writes == 0
             && let Some(at) = self.custody
             && !self.seal_holds(at, digest)
-            && let Err(refused) = self.restore_sealed(Payload::default(), Some(digest))
         {
-            // The rules are right either way; only the next restart's shortcut is lost.
-            tracing::warn!(error = %refused.0, "cannot write the seal");
+            match self.restore_sealed(Payload::default(), Some(digest)) {
+                Ok(()) => writes = 1,
+                // The rules are right either way; only the next restart's shortcut is lost.
+                Err(refused) => tracing::warn!(error = %refused.0, "cannot write the seal"),
+            }
         }
         Ok(Written {
             lines,
@@ -1110,7 +1112,7 @@ fn finding(d: &Divergence) -> Finding {
 #[derive(Default)]
 struct Written {
     lines: usize,
-    /// `iptables-restore` runs.
+    /// `iptables-restore` runs, a seal written alone among them.
     writes: usize,
     /// For a partial sync, the chains written (for the read-back after it).
     touched: Vec<(TableName, String)>,
