@@ -179,7 +179,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct RunArgs {
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1), as kube-proxy's --config takes it.
-    /// Flags given on the command line override what it says.
+    /// As with kube-proxy, the file wins: next to it only --hostname-override, the logging flags and
+    /// svcproxy's own flags apply; any other flag given is ignored, with a warning naming it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 

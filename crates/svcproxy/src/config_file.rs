@@ -2,9 +2,10 @@
 //! and svcproxy with the same configuration.
 //!
 //! Reading follows upstream's rules: a field that is absent, `null` or zero takes kube-proxy's default
-//! (kubeadm writes every field, most of them as zero values, and means "default" by it), and flags given
-//! explicitly on the command line override the file. Whatever kube-proxy starts with, svcproxy starts with,
-//! and nothing is dropped without a word:
+//! (kubeadm writes every field, most of them as zero values, and means "default" by it), and the file wins
+//! over the flags for every setting it can express, except the node name and the logging flags. Whatever
+//! kube-proxy starts with, svcproxy starts with, and nothing is dropped without a word:
+//! - a flag the file overrides is ignored with a warning naming it (kube-proxy ignores it silently);
 //! - an unknown field (a misspelling, or one of an older or newer version) is ignored with a warning naming
 //!   it, as kube-proxy's lenient decoding ignores it after its strict decoding failed;
 //! - a value out of range is an error naming the field;
@@ -156,8 +157,9 @@ pub struct Resolved {
     pub warnings: Vec<String>,
 }
 
-/// Applies `--config`, if given: reads the file and lets it supply every setting not given explicitly on the
-/// command line. `run_matches` are the `run` subcommand's matches, the ones `args` was built from.
+/// Applies `--config`, if given: reads the file and lets it supply every setting it can express (see
+/// [`merge`]); the flags it overrides come back as warnings. `run_matches` are the `run` subcommand's
+/// matches, the ones `args` was built from.
 pub fn resolve(args: RunArgs, run_matches: &ArgMatches) -> Result<Resolved, ConfigFileError> {
     let Some(path) = args.config.clone() else {
         return Ok(Resolved {
@@ -174,9 +176,7 @@ pub fn resolve(args: RunArgs, run_matches: &ArgMatches) -> Result<Resolved, Conf
         error: Box::new(e),
     })?;
     let mut warnings = file.warnings.clone();
-    if !args.upstream.bind_address.is_empty() {
-        warnings.push("--bind-address: ignored with --config, as kube-proxy ignores it (the file's bindAddress applies)".into());
-    }
+    warnings.extend(ignored_flags(run_matches));
     Ok(Resolved {
         args: merge(args, run_matches, &file),
         warnings,
@@ -198,14 +198,133 @@ fn with_bind_address(mut args: RunArgs, run_matches: &ArgMatches) -> RunArgs {
     args
 }
 
-/// The file's settings, except those given explicitly on the command line (an environment variable does not
-/// count: `NODE_NAME` is a fallback for the node name, below a `hostnameOverride` in the file).
+/// The flags a configuration file overrides, by clap id, with the file field that applies instead. As in
+/// kube-proxy (whose help says of each "ignored if a config file is specified by --config"), once a file is
+/// given these flags do nothing: a DaemonSet's leftover flags, which kube-proxy has been ignoring, must not
+/// start to count when the node switches to svcproxy. Only `--hostname-override`, the logging flags and
+/// svcproxy's own flags (which no file can express) apply next to a file.
+const FILE_WINS: &[(&str, &str, &str)] = &[
+    ("proxy_mode", "--proxy-mode", "mode"),
+    ("kubeconfig", "--kubeconfig", "clientConnection.kubeconfig"),
+    ("cluster_cidr", "--cluster-cidr", "clusterCIDR"),
+    ("detect_local_mode", "--detect-local-mode", "detectLocalMode"),
+    (
+        "pod_bridge_interface",
+        "--pod-bridge-interface",
+        "detectLocal.bridgeInterface",
+    ),
+    (
+        "pod_interface_name_prefix",
+        "--pod-interface-name-prefix",
+        "detectLocal.interfaceNamePrefix",
+    ),
+    ("nodeport_addresses", "--nodeport-addresses", "nodePortAddresses"),
+    (
+        "healthz_bind_address",
+        "--healthz-bind-address",
+        "healthzBindAddress",
+    ),
+    (
+        "metrics_bind_address",
+        "--metrics-bind-address",
+        "metricsBindAddress",
+    ),
+    ("bind_address", "--bind-address", "bindAddress"),
+    (
+        "bind_address_hard_fail",
+        "--bind-address-hard-fail",
+        "bindAddressHardFail",
+    ),
+    (
+        "iptables_localhost_nodeports",
+        "--iptables-localhost-nodeports",
+        "iptables.localhostNodePorts",
+    ),
+    ("masquerade_all", "--masquerade-all", "<mode>.masqueradeAll"),
+    (
+        "iptables_masquerade_bit",
+        "--iptables-masquerade-bit",
+        "<mode>.masqueradeBit",
+    ),
+    (
+        "sync_period",
+        "--sync-period/--iptables-sync-period",
+        "syncPeriod",
+    ),
+    (
+        "min_sync_period",
+        "--min-sync-period/--iptables-min-sync-period",
+        "minSyncPeriod",
+    ),
+    (
+        "conntrack_max_per_core",
+        "--conntrack-max-per-core",
+        "conntrack.maxPerCore",
+    ),
+    ("conntrack_min", "--conntrack-min", "conntrack.min"),
+    (
+        "conntrack_tcp_timeout_established",
+        "--conntrack-tcp-timeout-established",
+        "conntrack.tcpEstablishedTimeout",
+    ),
+    (
+        "conntrack_tcp_timeout_close_wait",
+        "--conntrack-tcp-timeout-close-wait",
+        "conntrack.tcpCloseWaitTimeout",
+    ),
+    (
+        "conntrack_tcp_be_liberal",
+        "--conntrack-tcp-be-liberal",
+        "conntrack.tcpBeLiberal",
+    ),
+    (
+        "conntrack_udp_timeout",
+        "--conntrack-udp-timeout",
+        "conntrack.udpTimeout",
+    ),
+    (
+        "conntrack_udp_timeout_stream",
+        "--conntrack-udp-timeout-stream",
+        "conntrack.udpStreamTimeout",
+    ),
+];
+
+/// One warning per flag given on the command line that a configuration file overrides (see [`FILE_WINS`]),
+/// naming the flag as given and the file field that applies instead.
+pub fn ignored_flags(run_matches: &ArgMatches) -> Vec<String> {
+    FILE_WINS
+        .iter()
+        .filter(|(id, _, _)| run_matches.value_source(id) == Some(ValueSource::CommandLine))
+        .map(|(id, flag, field)| {
+            let given: Vec<String> = run_matches
+                .get_raw(id)
+                .into_iter()
+                .flatten()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            let spelled = if given.is_empty() {
+                (*flag).to_string()
+            } else {
+                format!("{flag}={}", given.join(","))
+            };
+            format!(
+                "{spelled}: ignored, because --config is given and the file's {field} applies instead (as in \
+                 kube-proxy, only --hostname-override and the logging flags override a configuration file)"
+            )
+        })
+        .collect()
+}
+
+/// The settings `args` end up with once `file` is applied: every setting a KubeProxyConfiguration can express
+/// comes from the file, whatever the command line says ([`FILE_WINS`]), except the node name and the log
+/// format, where a flag given explicitly wins, as in kube-proxy. An environment variable does not count as
+/// given: `NODE_NAME` is a fallback for the node name, below a `hostnameOverride` in the file.
 pub fn merge(args: RunArgs, run_matches: &ArgMatches, file: &FileConfig) -> RunArgs {
     let explicit = |id: &str| run_matches.value_source(id) == Some(ValueSource::CommandLine);
     let mut out = args;
     macro_rules! from_file {
         ($($field:ident),* $(,)?) => {
-            $( if !explicit(stringify!($field)) { out.$field = file.$field.clone(); } )*
+            $( out.$field = file.$field.clone(); )*
         };
     }
     from_file!(
@@ -224,51 +343,39 @@ pub fn merge(args: RunArgs, run_matches: &ArgMatches, file: &FileConfig) -> RunA
         conntrack_tcp_be_liberal,
         conntrack_udp_timeout,
         conntrack_udp_timeout_stream,
-        log_format,
     );
-    if !explicit("proxy_mode") {
-        out.proxy_mode = file.mode;
+    // Logging flags win over the file's `logging` section, as kube-proxy copies them over it.
+    if !explicit("log_format") {
+        out.log_format = file.log_format;
     }
-    // With a file, the file's bindAddress is the one that counts, flag or not (as upstream); an unspecified
-    // address (the usual 0.0.0.0) says nothing of the node.
+    out.proxy_mode = file.mode;
+    // An unspecified address (the usual 0.0.0.0) says nothing of the node.
     out.upstream.bind_address = file
         .bind_address
         .iter()
         .copied()
         .filter(|ip| !ip.is_unspecified())
         .collect();
-    if !explicit("bind_address_hard_fail") && file.bind_address_hard_fail {
-        out.upstream.bind_address_hard_fail = Some(true);
-    }
+    out.upstream.bind_address_hard_fail = file.bind_address_hard_fail.then_some(true);
     // As upstream: the section of the mode in effect applies, the other one is ignored.
     let section = match out.proxy_mode {
         ProxyMode::Iptables => &file.iptables,
         ProxyMode::Nftables => &file.nftables,
     };
-    if !explicit("masquerade_all") {
-        out.masquerade_all = section.masquerade_all;
-    }
-    if !explicit("iptables_masquerade_bit") {
-        out.iptables_masquerade_bit = section.masquerade_bit;
-    }
-    if !explicit("sync_period") {
-        out.sync_period = file.sync_period.unwrap_or(section.sync_period);
-    }
-    if !explicit("min_sync_period") {
-        out.min_sync_period = file.min_sync_period.unwrap_or(section.min_sync_period);
-    }
+    out.masquerade_all = section.masquerade_all;
+    out.iptables_masquerade_bit = section.masquerade_bit;
+    out.sync_period = file.sync_period.unwrap_or(section.sync_period);
+    out.min_sync_period = file.min_sync_period.unwrap_or(section.min_sync_period);
     if !explicit("hostname_override") && file.hostname_override.is_some() {
         out.hostname_override = file.hostname_override.clone();
     }
     // --manifests replaces the API server, so a kubeconfig from the file has nothing to configure; keeping it
     // would also break the rule that the two are never both set.
-    if !explicit("kubeconfig") {
-        out.kubeconfig = if out.manifests.is_some() {
-            None
-        } else {
-            file.kubeconfig.clone()
-        };
-    }
+    out.kubeconfig = if out.manifests.is_some() {
+        None
+    } else {
+        file.kubeconfig.clone()
+    };
     out
 }
 
@@ -349,8 +456,8 @@ pub fn effective_config_yaml(args: &RunArgs) -> String {
     ));
     if args.min_sync_period.is_zero() {
         y.push_str(
-            "# minSyncPeriod is 0 (no batching); in a file 0s means the default, 1s, as it does for\n\
-             # kube-proxy, so pass --min-sync-period=0 on the command line to keep it.\n",
+            "# minSyncPeriod is 0 (no batching), which a file cannot say: 0s here means the default, 1s,\n\
+             # as it does for kube-proxy, and next to a file the flag is ignored as well.\n",
         );
     }
     // Both sections carry the same values, so the file means the same thing whichever mode reads it.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use svcproxy::cli::{Cli, DetectLocalMode, LogFormat, ProxyMode, RunArgs};
-use svcproxy::config_file::{ConfigFileError, effective_config_yaml, merge, parse, resolve};
+use svcproxy::config_file::{ConfigFileError, effective_config_yaml, ignored_flags, merge, parse, resolve};
 
 const HEADER: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
 
@@ -251,8 +251,10 @@ fn the_section_of_the_mode_in_effect_applies() {
     assert_eq!(nft.iptables_masquerade_bit, 7);
     assert_eq!((nft.sync_period, nft.min_sync_period), (secs(20), secs(3)));
 
-    // A mode given on the command line selects its section of the file too.
-    let ipt = effective(&["--proxy-mode=iptables"], &yaml);
+    // A mode flag next to the file is ignored, so it cannot pick the other section either.
+    assert_eq!(effective(&["--proxy-mode=iptables"], &yaml), nft);
+
+    let ipt = effective(&[], &yaml.replace("mode: nftables", "mode: iptables"));
     assert_eq!(ipt.proxy_mode, ProxyMode::Iptables);
     assert!(!ipt.masquerade_all);
     assert_eq!(ipt.iptables_masquerade_bit, 3);
@@ -493,10 +495,13 @@ fn settings_without_effect_are_accepted_with_a_warning() {
     assert!(file.warnings[3].contains("SomeGate=true"));
 }
 
+/// As in kube-proxy, a file wins over every flag for what it can express: a DaemonSet's leftover flags, which
+/// kube-proxy has been ignoring, must not start to count when the node switches to svcproxy. Each ignored flag
+/// is named in a warning; the node name and the log format are the exceptions, where the flag wins.
 #[test]
-fn flags_given_on_the_command_line_override_the_file() {
+fn a_configuration_file_wins_over_every_flag_it_can_express() {
     let flags = [
-        "--proxy-mode=iptables",
+        "--proxy-mode=nftables",
         "--kubeconfig=/etc/kubernetes/proxy.conf",
         "--hostname-override=cli-node",
         "--cluster-cidr=10.0.0.0/8",
@@ -506,6 +511,8 @@ fn flags_given_on_the_command_line_override_the_file() {
         "--nodeport-addresses=primary",
         "--healthz-bind-address=0.0.0.0:1",
         "--metrics-bind-address=0.0.0.0:2",
+        "--bind-address=10.0.0.1",
+        "--bind-address-hard-fail",
         "--masquerade-all=false",
         "--iptables-masquerade-bit=20",
         "--iptables-localhost-nodeports=false",
@@ -520,24 +527,57 @@ fn flags_given_on_the_command_line_override_the_file() {
         "--conntrack-udp-timeout-stream=6s",
         "--log-format=text",
     ];
-    let from_flags_alone = command_line(&flags).0;
     let merged = effective(&flags, EVERY_FIELD);
-    assert_eq!(merged, from_flags_alone);
-    // A file mode loses to an explicit flag as well.
-    let merged = effective(&["--proxy-mode=iptables"], &format!("{HEADER}mode: nftables\n"));
-    assert_eq!(merged.proxy_mode, ProxyMode::Iptables);
+    assert_eq!(
+        merged,
+        RunArgs {
+            hostname_override: Some("cli-node".into()),
+            log_format: LogFormat::Text,
+            ..effective(&[], EVERY_FIELD)
+        }
+    );
+
+    let (_, matches) = command_line(&flags);
+    let warnings = ignored_flags(&matches);
+    assert_eq!(warnings.len(), flags.len() - 2, "{warnings:#?}");
+    for flag in flags {
+        let name = flag.split('=').next().unwrap();
+        let named = warnings
+            .iter()
+            .any(|w| w.starts_with(name) || w.contains(&format!("/{name}=")));
+        let exempt = ["--hostname-override", "--log-format"].contains(&name);
+        assert_eq!(named, !exempt, "{flag}: {warnings:#?}");
+    }
+    assert!(
+        warnings.contains(
+            &"--proxy-mode=nftables: ignored, because --config is given and the file's mode applies instead \
+              (as in kube-proxy, only --hostname-override and the logging flags override a configuration file)"
+                .to_string()
+        ),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("--sync-period/--iptables-sync-period=2m: ignored")),
+        "{warnings:#?}"
+    );
+    // A flag that is not given is not named, and the node name given next to a file is not a warning.
+    let (_, matches) = command_line(&["--hostname-override=n", "--v=4", "--iptables-backend=legacy"]);
+    assert_eq!(ignored_flags(&matches), Vec::<String>::new());
 }
 
 #[test]
-fn a_flag_left_at_its_default_does_not_override_the_file() {
-    // Spelled out on the command line, even with the default value, a flag wins; absent, the file does.
+fn a_flag_spelled_with_the_files_value_is_ignored_all_the_same() {
     let file = format!("{HEADER}iptables:\n  masqueradeBit: 9\n  syncPeriod: 10s\n");
     assert_eq!(effective(&[], &file).iptables_masquerade_bit, 9);
     assert_eq!(
         effective(&["--iptables-masquerade-bit=14"], &file).iptables_masquerade_bit,
-        14
+        9
     );
-    assert_eq!(effective(&["--sync-period=30s"], &file).sync_period, secs(30));
+    assert_eq!(effective(&["--sync-period=30s"], &file).sync_period, secs(10));
+    let (_, matches) = command_line(&["--iptables-masquerade-bit=9"]);
+    assert_eq!(ignored_flags(&matches).len(), 1);
 }
 
 #[test]
@@ -637,12 +677,18 @@ fn written_configuration_spells_durations_and_defaults_as_kube_proxy_does() {
 
 #[test]
 fn a_zero_min_sync_period_is_explained_in_the_written_file() {
-    // A file cannot ask for 0 (kube-proxy reads 0s as "default"), so the command line has to keep it.
+    // A file cannot ask for 0 (kube-proxy reads 0s as "default"), and next to a file the flag does not count.
     let args = command_line(&["--min-sync-period=0"]).0;
     let yaml = effective_config_yaml(&args);
-    assert!(yaml.contains("--min-sync-period=0"), "{yaml}");
+    assert!(
+        yaml.contains("# minSyncPeriod is 0 (no batching), which a file cannot say"),
+        "{yaml}"
+    );
     assert_eq!(effective(&[], &yaml).min_sync_period, secs(1));
-    assert_eq!(effective(&["--min-sync-period=0"], &yaml), args);
+    assert_eq!(
+        effective(&["--min-sync-period=0"], &yaml).min_sync_period,
+        secs(1)
+    );
 }
 
 fn temp_file(name: &str, contents: &str) -> PathBuf {
@@ -659,10 +705,13 @@ fn resolve_reads_the_file_named_by_config() {
     let config_flag = format!("--config={}", path.display());
     let (args, matches) = command_line(&[&config_flag, "--iptables-masquerade-bit=1"]);
     let resolved = resolve(args, &matches).unwrap();
-    assert_eq!(resolved.args.iptables_masquerade_bit, 1);
+    assert_eq!(resolved.args.iptables_masquerade_bit, 5);
     assert_eq!(resolved.args.hostname_override.as_deref(), Some("node-7"));
     assert_eq!(resolved.args.config, Some(path.clone()));
-    assert!(resolved.warnings.is_empty());
+    assert_eq!(resolved.warnings.len(), 1, "{:?}", resolved.warnings);
+    assert!(
+        resolved.warnings[0].starts_with("--iptables-masquerade-bit=1: ignored, because --config is given")
+    );
 
     // Without --config nothing changes.
     let (args, matches) = command_line(&["--masquerade-all"]);
@@ -757,7 +806,7 @@ fn bind_address_with_a_file_is_ignored_and_said_so() {
         resolved
             .warnings
             .iter()
-            .any(|w| w.starts_with("--bind-address: ignored with --config")),
+            .any(|w| w.starts_with("--bind-address=::: ignored, because --config is given")),
         "{:?}",
         resolved.warnings
     );
@@ -780,8 +829,8 @@ fn a_specific_bind_address_is_the_nodes_address() {
     let local = ["10.0.0.10".parse().unwrap(), "10.0.0.99".parse().unwrap()];
     let from_flag = command_line(&["--bind-address", "10.0.0.99", "--nodeport-addresses", "primary"]).0;
     let from_file = effective(
-        &["--nodeport-addresses", "primary"],
-        &format!("{HEADER}bindAddress: 10.0.0.99\n"),
+        &[],
+        &format!("{HEADER}bindAddress: 10.0.0.99\nnodePortAddresses: [primary]\n"),
     );
     for args in [from_flag, from_file] {
         let config = ProxierOptions::from_args(&args, IpFamily::V4)
