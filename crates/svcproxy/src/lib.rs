@@ -7,6 +7,7 @@ pub mod backends;
 pub mod cleanup;
 pub mod cli;
 pub mod config_file;
+pub mod config_watch;
 pub mod debug_http;
 pub mod diagnosis;
 pub mod diff;

@@ -206,7 +206,11 @@ fn init_only(args: &RunArgs) {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// The `run` arguments as given on the command line, before `--config` was applied, and their matches: what
+/// re-resolving the configuration file takes.
+type CommandLine = (RunArgs, clap::ArgMatches);
+
+async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow::Result<()> {
     let mode_name = match args.proxy_mode {
         ProxyMode::Iptables => "iptables",
         ProxyMode::Nftables => "nftables",
@@ -304,8 +308,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         family,
         node_name: node.clone(),
     };
+    let config_changed = match (&args.config, config_command_line) {
+        (Some(path), Some((command_line, matches))) => Some(tokio::spawn(svcproxy::config_watch::watch(
+            path.clone(),
+            command_line,
+            matches,
+            args.clone(),
+        ))),
+        _ => None,
+    };
     let shared = Shared {
         args: &args,
+        config_changed,
         debug,
         health,
         metrics,
@@ -406,9 +420,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
+type ConfigWatchTask = tokio::task::JoinHandle<Result<String, svcproxy::config_watch::ConfigWatchError>>;
+
+/// The reason to stop once the configuration file's watch finds other settings; never, without a watch or
+/// when the file's directory cannot be watched (said once: the settings then change only with a restart).
+async fn config_change(task: Option<ConfigWatchTask>) -> String {
+    if let Some(task) = task {
+        match task.await {
+            Ok(Ok(reason)) => return reason,
+            Ok(Err(e)) => {
+                tracing::warn!("{e}; a change to the configuration file takes effect only on a restart")
+            }
+            Err(e) => tracing::warn!("the configuration file's watch stopped: {e}"),
+        }
+    }
+    std::future::pending().await
+}
+
 /// What `run` hands to the engine, whichever backend it chose.
 struct Shared<'a> {
     args: &'a RunArgs,
+    /// Ends with the reason to stop when the `--config` file comes to mean other settings.
+    config_changed: Option<ConfigWatchTask>,
     debug: DebugState,
     health: Arc<ProxyHealth>,
     metrics: Arc<Metrics>,
@@ -428,6 +461,7 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
 ) -> anyhow::Result<()> {
     let Shared {
         args,
+        config_changed,
         debug,
         health,
         metrics,
@@ -485,10 +519,19 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
             engine.run(input, stop).await;
         }));
     }
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down; programmed rules stay in place");
+    let stopper = tokio::spawn(async move {
+        let reason = tokio::select! {
+            () = shutdown_signal() => {
+                tracing::info!("shutting down; programmed rules stay in place");
+                None
+            }
+            reason = config_change(config_changed) => {
+                tracing::warn!("{reason}");
+                Some(reason)
+            }
+        };
         let _ = stop_tx.send(true);
+        reason
     });
     for engine in engines {
         engine.await.context("a sync engine stopped abnormally")?;
@@ -497,6 +540,12 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         f.abort();
     }
     source_task.abort();
+    if stopper.is_finished()
+        && let Ok(Some(reason)) = stopper.await
+    {
+        // A non-zero status, as kube-proxy's: a service manager that restarts only on failure restarts it.
+        anyhow::bail!(reason);
+    }
     Ok(())
 }
 
@@ -507,6 +556,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let run_matches = matches.subcommand_matches("run").expect("clap matched `run`");
+            let command_line = (*args).clone();
             let resolved = config_file::resolve(*args, run_matches)?;
             resolved.args.check().map_err(anyhow::Error::msg)?;
             let flag_warnings = resolved.args.upstream.check();
@@ -528,7 +578,12 @@ async fn main() -> anyhow::Result<()> {
                 config_file::write_effective_config(&resolved.args, path)?;
                 return Ok(());
             }
-            run(resolved.args).await
+            let watch = resolved
+                .args
+                .config
+                .is_some()
+                .then(|| (command_line, run_matches.clone()));
+            run(resolved.args, watch).await
         }
         Command::Cleanup(args) => {
             init_logging(LogFormat::Text, "info");
