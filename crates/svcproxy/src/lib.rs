@@ -17,6 +17,7 @@ pub mod explain;
 pub mod families;
 pub mod health;
 pub mod http_server;
+pub mod implied_run;
 pub mod metrics;
 pub mod node_addresses;
 pub mod process_metrics;

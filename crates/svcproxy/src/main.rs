@@ -551,7 +551,8 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let matches = Cli::command().get_matches();
+    let matches =
+        Cli::command().get_matches_from(svcproxy::implied_run::with_run_implied(std::env::args_os()));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Run(args) => {

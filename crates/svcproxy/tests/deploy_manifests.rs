@@ -363,3 +363,52 @@ async fn the_probe_paths_are_served_by_the_health_server() {
     }
     assert!(get("/no-such-path").await.starts_with("HTTP/1.1 404"));
 }
+
+/// kubeadm's kube-proxy DaemonSet runs `/usr/local/bin/kube-proxy --config=… --hostname-override=…`. The image
+/// installs svcproxy under that name too, and the binary, started under either name with kube-proxy's command
+/// line, reads it as `run`: here it writes the configuration it would run with, which is the file's (the
+/// ignored flag named on stderr) with the node name from the flag.
+#[test]
+fn kube_proxys_command_line_runs_it_under_either_name() {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains("RUN ln -s svcproxy /usr/local/bin/kube-proxy"),
+        "the image installs the kube-proxy name"
+    );
+    let dir = std::env::temp_dir().join(format!("svcproxy-as-kube-proxy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kube_proxy = dir.join("kube-proxy");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_svcproxy"), &kube_proxy).unwrap();
+    let config = dir.join("config.conf");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\n\
+         clusterCIDR: 10.244.0.0/16\n",
+    )
+    .unwrap();
+    for program in [kube_proxy.as_path(), Path::new(env!("CARGO_BIN_EXE_svcproxy"))] {
+        let written = dir.join("written.yaml");
+        let out = std::process::Command::new(program)
+            .arg(format!("--config={}", config.display()))
+            .args(["--hostname-override=node-a", "--cluster-cidr=10.0.0.0/8"])
+            .arg(format!("--write-config-to={}", written.display()))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stderr}", program.display());
+        assert!(
+            stderr.contains("--cluster-cidr=10.0.0.0/8: ignored, because --config is given"),
+            "{stderr}"
+        );
+        let yaml = std::fs::read_to_string(&written).unwrap();
+        for line in [
+            "mode: nftables",
+            "clusterCIDR: \"10.244.0.0/16\"",
+            "hostnameOverride: \"node-a\"",
+        ] {
+            assert!(yaml.lines().any(|l| l == line), "{line} missing:\n{yaml}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
