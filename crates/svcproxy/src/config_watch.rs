@@ -17,12 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::ArgMatches;
-use notify::{EventKind, RecursiveMode};
-use notify_debouncer_full::{DebounceEventResult, new_debouncer};
-use tokio::sync::mpsc;
+use notify::RecursiveMode;
 
 use crate::cli::{ProxyMode, RunArgs};
 use crate::config_file::{ConfigFileError, Resolved, effective_config_yaml, resolve};
+use crate::dir_changes::watch_dir;
 
 /// Long enough to coalesce an editor's write-rename burst or a ConfigMap volume's symlink swap.
 const DEBOUNCE: Duration = Duration::from_millis(500);
@@ -133,22 +132,8 @@ pub async fn watch(
     running: RunArgs,
 ) -> Result<String, ConfigWatchError> {
     let dir = watched_dir(&path);
-    let (fs_tx, mut fs_rx) = mpsc::channel::<()>(1);
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
-        // Our own reads raise access events; only changes matter.
-        let changed = res.is_ok_and(|events| events.iter().any(|e| !matches!(e.kind, EventKind::Access(_))));
-        if changed {
-            // A full channel already holds a pending re-read, which covers this change too.
-            let _ = fs_tx.try_send(());
-        }
-    })
-    .map_err(|source| ConfigWatchError::Watch {
-        dir: dir.clone(),
-        source,
-    })?;
-    debouncer
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|source| ConfigWatchError::Watch {
+    let (_watch, mut fs_rx) =
+        watch_dir(&dir, RecursiveMode::NonRecursive, DEBOUNCE).map_err(|source| ConfigWatchError::Watch {
             dir: dir.clone(),
             source,
         })?;

@@ -11,6 +11,7 @@ pub mod config_watch;
 pub mod debug_http;
 pub mod diagnosis;
 pub mod diff;
+pub mod dir_changes;
 pub mod events;
 pub mod exec;
 pub mod explain;

@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use notify::{EventKind, RecursiveMode};
-use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use notify::RecursiveMode;
 use tokio::sync::mpsc;
 
 use super::SourceEvent;
 use super::manifest_dir::{DirRead, ManifestDir, ManifestDirError};
+use crate::dir_changes::watch_dir;
 
 /// Long enough to coalesce an editor's write-rename-chmod burst or a ConfigMap volume's symlink swap.
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -52,25 +52,12 @@ pub async fn run(mut dir: ManifestDir, tx: mpsc::Sender<SourceEvent>) -> Result<
         return Ok(());
     }
 
-    let (fs_tx, mut fs_rx) = mpsc::channel::<()>(1);
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
-        // Our own reads raise access events; only changes to the directory's content matter.
-        let changed = res.is_ok_and(|events| events.iter().any(|e| !matches!(e.kind, EventKind::Access(_))));
-        if changed {
-            // A full channel already holds a pending re-read, which covers this change too.
-            let _ = fs_tx.try_send(());
-        }
-    })
-    .map_err(|source| ManifestWatchError::Watch {
-        dir: dir.dir().to_path_buf(),
-        source,
-    })?;
-    debouncer
-        .watch(dir.dir(), RecursiveMode::Recursive)
-        .map_err(|source| ManifestWatchError::Watch {
+    let (_watch, mut fs_rx) = watch_dir(dir.dir(), RecursiveMode::Recursive, DEBOUNCE).map_err(|source| {
+        ManifestWatchError::Watch {
             dir: dir.dir().to_path_buf(),
             source,
-        })?;
+        }
+    })?;
 
     let mut rescan = tokio::time::interval(RESCAN);
     rescan.tick().await;
