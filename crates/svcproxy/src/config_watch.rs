@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use clap::ArgMatches;
 use notify::RecursiveMode;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::cli::{ProxyMode, RunArgs};
 use crate::config_file::{ConfigFileError, Resolved, effective_config_yaml, resolve};
@@ -123,13 +124,14 @@ fn settings(yaml: &str) -> BTreeMap<String, (usize, String)> {
 }
 
 /// Watches `path` and returns when the file resolves to settings other than `running`: the reason to stop,
-/// for the caller to log and exit with. `command_line` and `matches` are the `run` arguments as given, before
+/// for the caller to log and exit with. `unusable` is 1 while the file cannot be used. `command_line` and `matches` are the `run` arguments as given, before
 /// the file was applied, so that a re-read resolves exactly as the start did.
 pub async fn watch(
     path: PathBuf,
     command_line: RunArgs,
     matches: ArgMatches,
     running: RunArgs,
+    unusable: Gauge,
 ) -> Result<String, ConfigWatchError> {
     let dir = watched_dir(&path);
     let (_watch, mut fs_rx) =
@@ -146,7 +148,9 @@ pub async fn watch(
             Some(()) = fs_rx.recv() => {},
             _ = rescan.tick() => {},
         }
-        match compare(&running, resolve(command_line.clone(), &matches)) {
+        let change = compare(&running, resolve(command_line.clone(), &matches));
+        unusable.set(i64::from(matches!(change, ConfigChange::Unusable(_))));
+        match change {
             ConfigChange::Same => {
                 if last_problem.take().is_some() {
                     tracing::info!(

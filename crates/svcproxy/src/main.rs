@@ -314,6 +314,7 @@ async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow:
             command_line,
             matches,
             args.clone(),
+            metrics.config_file_unusable.clone(),
         ))),
         _ => None,
     };

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub livez: Family<CodeLabels, Counter>,
     pub syncs: Family<SyncLabels, Counter>,
     pub rejected_objects: Counter,
+    /// 1 while the `--config` file on disk cannot be used (svcproxy runs on the settings it started with).
+    pub config_file_unusable: Gauge,
     pub programmed_service_ports: Family<FamilyLabels, Gauge>,
     pub payload_lines: Family<FamilyLabels, Gauge>,
     pub health_check_bind_failures: Counter,
@@ -127,6 +129,7 @@ impl Metrics {
             livez: Family::default(),
             syncs: Family::default(),
             rejected_objects: Counter::default(),
+            config_file_unusable: Gauge::default(),
             programmed_service_ports: Family::default(),
             payload_lines: Family::default(),
             health_check_bind_failures: Counter::default(),
@@ -256,6 +259,11 @@ impl Metrics {
                 "rejected_objects",
                 "API objects or manifest documents rejected by validation",
                 m.rejected_objects.clone(),
+            );
+            own.register(
+                "config_file_unusable",
+                "1 while the configuration file on disk cannot be used; svcproxy keeps the settings it started with, where a restart would fail",
+                m.config_file_unusable.clone(),
             );
             own.register(
                 "programmed_service_ports",

@@ -8,7 +8,7 @@ use std::os::unix::fs::symlink;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{HEALTHZ, METRICS, Svcproxy, TempDir, WebLab};
+use common::{HEALTHZ, METRICS, Svcproxy, TempDir, WebLab, metric_value};
 use svcproxy_testkit::{tcp_request, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -98,6 +98,15 @@ fn a_changed_configuration_file_stops_it_and_a_broken_one_does_not() {
     assert!(log.contains("mode: "), "the problem names the field:\n{log}");
     assert!(!log.contains("stopping so that"), "{log}");
     tcp_request(web.client.ns(), web.vip(), T).expect("traffic flows on the settings it started with");
+    let unusable =
+        |proxy: &Svcproxy| metric_value(&proxy.metrics(web.lab.node()), "svcproxy_config_file_unusable");
+    assert_eq!(unusable(&proxy), Some(1.0));
+    // Mended: usable again, and the same settings, so it keeps running.
+    volume.project(&config("30s"));
+    wait_until(WAIT, POLL, "the mended file is seen", || {
+        proxy.assert_running();
+        (unusable(&proxy) == Some(0.0)).then_some(())
+    });
 
     volume.project(&config("45s"));
     let status = proxy
