@@ -21,7 +21,7 @@ use notify::RecursiveMode;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::cli::{ProxyMode, RunArgs};
-use crate::config_file::{ConfigFileError, Resolved, effective_config_yaml, resolve};
+use crate::config_file::{Resolved, effective_config_yaml, resolve};
 use crate::dir_changes::watch_dir;
 
 /// Long enough to coalesce an editor's write-rename burst or a ConfigMap volume's symlink swap.
@@ -46,10 +46,18 @@ pub enum ConfigChange {
     Unusable(String),
 }
 
+/// Reads the file again as the start read it: resolved with the same command line, then checked as a whole
+/// (a file can be valid field by field and still be refused, as a `minSyncPeriod` above `syncPeriod` is).
+pub fn reread(command_line: &RunArgs, matches: &ArgMatches) -> Result<Resolved, String> {
+    let resolved = resolve(command_line.clone(), matches).map_err(|e| e.to_string())?;
+    resolved.args.check()?;
+    Ok(resolved)
+}
+
 /// Compares what the file resolves to now with the settings svcproxy runs with.
-pub fn compare(running: &RunArgs, reread: Result<Resolved, ConfigFileError>) -> ConfigChange {
+pub fn compare(running: &RunArgs, reread: Result<Resolved, String>) -> ConfigChange {
     match reread {
-        Err(e) => ConfigChange::Unusable(e.to_string()),
+        Err(e) => ConfigChange::Unusable(e),
         Ok(resolved) if resolved.args == *running => ConfigChange::Same,
         Ok(resolved) => {
             let changes = setting_changes(running, &resolved.args);
@@ -148,7 +156,7 @@ pub async fn watch(
             Some(()) = fs_rx.recv() => {},
             _ = rescan.tick() => {},
         }
-        let change = compare(&running, resolve(command_line.clone(), &matches));
+        let change = compare(&running, reread(&command_line, &matches));
         unusable.set(i64::from(matches!(change, ConfigChange::Unusable(_))));
         match change {
             ConfigChange::Same => {
@@ -203,7 +211,7 @@ mod tests {
         RunArgs::from_arg_matches(matches.subcommand_matches("run").unwrap()).unwrap()
     }
 
-    fn resolved(args: RunArgs) -> Result<Resolved, ConfigFileError> {
+    fn resolved(args: RunArgs) -> Result<Resolved, String> {
         Ok(Resolved {
             args,
             warnings: Vec::new(),
@@ -244,14 +252,45 @@ mod tests {
 
     #[test]
     fn a_file_that_cannot_be_used_says_why() {
-        let err = ConfigFileError::Invalid {
-            field: "iptables.masqueradeBit".into(),
-            reason: "40 is outside 0-31".into(),
+        let dir = std::env::temp_dir().join(format!("svcproxy-reread-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.conf");
+        let flag = format!("--config={}", path.display());
+        let header = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+        let matches = Cli::command()
+            .try_get_matches_from(["svcproxy", "run", &flag])
+            .unwrap();
+        let run = matches.subcommand_matches("run").unwrap();
+        let command_line = RunArgs::from_arg_matches(run).unwrap();
+        let running = args(&[]);
+        let change = |body: &str| {
+            std::fs::write(&path, format!("{header}{body}")).unwrap();
+            compare(&running, reread(&command_line, run))
         };
+
         assert_eq!(
-            compare(&args(&[]), Err(err)),
-            ConfigChange::Unusable("iptables.masqueradeBit: 40 is outside 0-31".into())
+            change("iptables:\n  masqueradeBit: 40\n"),
+            ConfigChange::Unusable(format!(
+                "{}: iptables.masqueradeBit: 40 is outside 0-31",
+                path.display()
+            ))
         );
+        // Valid field by field, refused as a whole, as the start would refuse it.
+        assert!(matches!(
+            change("iptables:\n  syncPeriod: 1s\n  minSyncPeriod: 5s\n"),
+            ConfigChange::Unusable(e) if e.contains("must be at least --min-sync-period")
+        ));
+        assert!(matches!(
+            change("iptables:\n  syncPeriod: 45s\n"),
+            ConfigChange::Changed(_)
+        ));
+        std::fs::remove_file(&path).unwrap();
+        let gone = compare(&running, reread(&command_line, run));
+        assert!(
+            matches!(&gone, ConfigChange::Unusable(e) if e.contains("cannot read")),
+            "{gone:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
