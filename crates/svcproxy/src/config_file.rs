@@ -102,7 +102,7 @@ impl ConfigFileError {
 }
 
 /// What a configuration file says, with kube-proxy's defaulting applied: every setting has its final value,
-/// so merging is "the file, except where a flag was given".
+/// so merging is "the file's, for everything it can express".
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileConfig {
     pub mode: ProxyMode,
@@ -153,7 +153,7 @@ pub struct ModeSection {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
     pub args: RunArgs,
-    /// What the file sets that has no effect in svcproxy; log these.
+    /// What the file sets that has no effect in svcproxy, and the flags the file overrides; log these.
     pub warnings: Vec<String>,
 }
 
