@@ -162,10 +162,8 @@ pub struct Resolved {
 /// matches, the ones `args` was built from.
 pub fn resolve(args: RunArgs, run_matches: &ArgMatches) -> Result<Resolved, ConfigFileError> {
     let Some(path) = args.config.clone() else {
-        return Ok(Resolved {
-            args: with_bind_address(args, run_matches),
-            warnings: Vec::new(),
-        });
+        let (args, warnings) = with_port_flags(with_bind_address(args, run_matches), run_matches);
+        return Ok(Resolved { args, warnings });
     };
     let text = std::fs::read_to_string(&path).map_err(|error| ConfigFileError::Read {
         path: path.clone(),
@@ -196,6 +194,54 @@ fn with_bind_address(mut args: RunArgs, run_matches: &ArgMatches) -> RunArgs {
         }
     }
     args
+}
+
+/// kube-proxy's deprecated `--healthz-port` and `--metrics-port` without a file, as it takes them there: 0
+/// turns the server off (a port of 0 in the address says so: no server listens on a port the kernel picks);
+/// another port completes an address given as a bare IP, and does nothing next to one that names its port
+/// (the default addresses do). As in kube-proxy, not with `--write-config-to`, whose file cannot say "off".
+fn with_port_flags(mut args: RunArgs, run_matches: &ArgMatches) -> (RunArgs, Vec<String>) {
+    let mut warnings = Vec::new();
+    if args.write_config_to.is_some() {
+        return (args, warnings);
+    }
+    let bare_ip = |id: &str| {
+        run_matches.value_source(id) == Some(ValueSource::CommandLine)
+            && run_matches
+                .get_raw(id)
+                .and_then(|mut v| v.next())
+                .and_then(|v| v.to_str())
+                .is_some_and(|v| v.trim().parse::<IpAddr>().is_ok())
+    };
+    let servers = [
+        (
+            args.upstream.healthz_port,
+            "healthz_bind_address",
+            "--healthz-port",
+            "--healthz-bind-address",
+        ),
+        (
+            args.upstream.metrics_port,
+            "metrics_bind_address",
+            "--metrics-port",
+            "--metrics-bind-address",
+        ),
+    ];
+    for (port, id, flag, address_flag) in servers {
+        let address = match id {
+            "healthz_bind_address" => &mut args.healthz_bind_address,
+            _ => &mut args.metrics_bind_address,
+        };
+        match port {
+            None => {}
+            Some(0) => address.set_port(0),
+            Some(port) if bare_ip(id) => address.set_port(port),
+            Some(port) => warnings.push(format!(
+                "{flag}={port}: no effect, because {address_flag} ({address}) names its port, as in kube-proxy"
+            )),
+        }
+    }
+    (args, warnings)
 }
 
 /// The flags a configuration file overrides, by clap id, with the file field that applies instead. As in
@@ -229,6 +275,8 @@ const FILE_WINS: &[(&str, &str, &str)] = &[
         "--metrics-bind-address",
         "metricsBindAddress",
     ),
+    ("healthz_port", "--healthz-port", "healthzBindAddress"),
+    ("metrics_port", "--metrics-port", "metricsBindAddress"),
     ("bind_address", "--bind-address", "bindAddress"),
     (
         "bind_address_hard_fail",

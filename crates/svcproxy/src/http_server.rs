@@ -124,7 +124,8 @@ pub fn metrics_router(state: AppState) -> Router {
 
 /// Serves `router` on `addr`. An address that cannot be bound (another process holds the port: the old
 /// proxy during a migration, say) is an error with `hard_fail`; otherwise, as upstream does by default, it is
-/// logged and retried every few seconds while everything else goes on, rules included.
+/// logged and retried every few seconds while everything else goes on, rules included. Port 0 turns the
+/// server off (kube-proxy's `--healthz-port=0` / `--metrics-port=0`).
 pub async fn serve(
     what: &'static str,
     addr: SocketAddr,
@@ -132,6 +133,10 @@ pub async fn serve(
     hard_fail: bool,
 ) -> Result<tokio::task::JoinHandle<()>, HttpError> {
     const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+    if addr.port() == 0 {
+        tracing::info!("not serving {what}: turned off (port 0)");
+        return Ok(tokio::spawn(async {}));
+    }
     let first = TcpListener::bind(addr).await;
     let listener = match first {
         Ok(listener) => Some(listener),

@@ -88,11 +88,13 @@ pub struct UpstreamFlags {
           default_value = "false", value_parser = parse_go_bool)]
     pub init_only: bool,
 
-    /// No effect: kube-proxy's deprecated spelling of the port in --healthz-bind-address (set it there).
+    /// kube-proxy's deprecated port of the health server: 0 turns it off; another port completes a
+    /// --healthz-bind-address given as a bare IP. Ignored next to --config, as in kube-proxy.
     #[arg(long, value_name = "PORT")]
     pub healthz_port: Option<u16>,
 
-    /// No effect: kube-proxy's deprecated spelling of the port in --metrics-bind-address (set it there).
+    /// kube-proxy's deprecated port of the metrics server: 0 turns it off; another port completes a
+    /// --metrics-bind-address given as a bare IP. Ignored next to --config, as in kube-proxy.
     #[arg(long, value_name = "PORT")]
     pub metrics_port: Option<u16>,
 
@@ -167,7 +169,7 @@ impl UpstreamFlags {
             || self.log_text_info_buffer_size.is_some()
             || self.log_json_split_stream.is_some()
             || self.log_json_info_buffer_size.is_some();
-        let given: [(&str, bool, &str); 14] = [
+        let given: [(&str, bool, &str); 12] = [
             (
                 "profiling",
                 self.profiling == Some(true),
@@ -181,16 +183,6 @@ impl UpstreamFlags {
                 "the range belonged to the userspace proxy, which no longer exists",
             ),
             ("ipvs-*", ipvs, "they apply only in kube-proxy's ipvs mode"),
-            (
-                "healthz-port",
-                self.healthz_port.is_some(),
-                "deprecated; the port is the one in --healthz-bind-address",
-            ),
-            (
-                "metrics-port",
-                self.metrics_port.is_some(),
-                "deprecated; the port is the one in --metrics-bind-address",
-            ),
             (
                 "log-*-split-stream/info-buffer-size",
                 logging,
@@ -341,8 +333,6 @@ mod tests {
             "--ipvs-strict-arp",
             "--profiling",
             "--proxy-port-range=30000-32767",
-            "--healthz-port=10256",
-            "--metrics-port=10249",
             "--log-text-split-stream",
         ]);
         let warnings = flags.check();
@@ -350,8 +340,6 @@ mod tests {
             "--profiling:",
             "--proxy-port-range:",
             "--ipvs-*:",
-            "--healthz-port:",
-            "--metrics-port:",
             "--log-*-split-stream/info-buffer-size:",
         ] {
             assert!(
@@ -359,7 +347,7 @@ mod tests {
                 "{flag} not named: {warnings:?}"
             );
         }
-        assert_eq!(warnings.len(), 6, "{warnings:?}");
+        assert_eq!(warnings.len(), 4, "{warnings:?}");
         assert_eq!(parse(&["--proxy-port-range="]).check(), Vec::<String>::new());
     }
 

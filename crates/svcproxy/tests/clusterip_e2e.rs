@@ -491,3 +491,31 @@ fn a_busy_health_port_is_retried_not_fatal() {
             .filter(|(code, _)| *code == 200)
     });
 }
+
+/// kube-proxy's `--healthz-port=0` turns the health server off: the rules are programmed, nothing listens on
+/// the health address, and the metrics server is unaffected.
+#[test]
+fn a_health_port_of_zero_turns_the_health_server_off() {
+    let web = common::WebLab::new();
+    let mut proxy = Svcproxy::start(
+        web.lab.node(),
+        &["--manifests", web.manifests(), "--healthz-port=0"],
+    );
+    wait_until(WAIT, POLL, "web answers", || {
+        proxy.assert_running();
+        tcp_request(web.client.ns(), web.vip(), T).ok()
+    });
+    let health: SocketAddr = common::HEALTHZ.parse().unwrap();
+    let refused = http_get(web.lab.node(), health, "/healthz", T);
+    assert!(refused.is_err(), "the health server answered: {refused:?}");
+    assert!(
+        proxy.log().contains("not serving health: turned off (port 0)"),
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        proxy
+            .metrics(web.lab.node())
+            .contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+    );
+}

@@ -875,3 +875,55 @@ fn a_bare_listen_address_takes_the_default_port() {
         "kube-proxy's spelling of --log-format"
     );
 }
+
+/// kube-proxy's deprecated port flags, without a file: 0 turns a server off, another port completes an
+/// address given as a bare IP and does nothing (said) next to one with a port; next to a file, ignored.
+#[test]
+fn the_deprecated_port_flags_act_as_in_kube_proxy() {
+    let resolved = |flags: &[&str]| {
+        let (args, matches) = command_line(flags);
+        resolve(args, &matches).unwrap()
+    };
+    let off = resolved(&["--healthz-port=0", "--metrics-port=0"]);
+    assert_eq!(off.args.healthz_bind_address, "0.0.0.0:0".parse().unwrap());
+    assert_eq!(off.args.metrics_bind_address, "127.0.0.1:0".parse().unwrap());
+    assert!(off.warnings.is_empty(), "{:?}", off.warnings);
+
+    let completed = resolved(&["--metrics-bind-address=0.0.0.0", "--metrics-port=9100"]);
+    assert_eq!(
+        completed.args.metrics_bind_address,
+        "0.0.0.0:9100".parse().unwrap()
+    );
+    assert!(completed.warnings.is_empty(), "{:?}", completed.warnings);
+
+    let named = resolved(&[
+        "--metrics-port=9100",
+        "--healthz-bind-address=[::]:1",
+        "--healthz-port=2",
+    ]);
+    assert_eq!(named.args.metrics_bind_address, defaults().metrics_bind_address);
+    assert_eq!(named.args.healthz_bind_address, "[::]:1".parse().unwrap());
+    assert_eq!(
+        named.warnings,
+        [
+            "--healthz-port=2: no effect, because --healthz-bind-address ([::]:1) names its port, as in kube-proxy",
+            "--metrics-port=9100: no effect, because --metrics-bind-address (127.0.0.1:10249) names its port, as \
+             in kube-proxy",
+        ]
+    );
+
+    // Not with --write-config-to (its file could not say "off"), and not next to a file.
+    let written = resolved(&["--healthz-port=0", "--write-config-to=/dev/null"]);
+    assert_eq!(written.args.healthz_bind_address, defaults().healthz_bind_address);
+    let path = temp_file("port-flags.yaml", HEADER);
+    let with_file = resolved(&[&format!("--config={}", path.display()), "--healthz-port=0"]);
+    assert_eq!(
+        with_file.args.healthz_bind_address,
+        defaults().healthz_bind_address
+    );
+    assert!(
+        with_file.warnings[0].starts_with("--healthz-port=0: ignored, because --config is given"),
+        "{:?}",
+        with_file.warnings
+    );
+}
