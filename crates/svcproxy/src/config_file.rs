@@ -213,25 +213,11 @@ fn with_port_flags(mut args: RunArgs, run_matches: &ArgMatches) -> (RunArgs, Vec
                 .and_then(|v| v.to_str())
                 .is_some_and(|v| v.trim().parse::<IpAddr>().is_ok())
     };
-    let servers = [
-        (
-            args.upstream.healthz_port,
-            "healthz_bind_address",
-            "--healthz-port",
-            "--healthz-bind-address",
-        ),
-        (
-            args.upstream.metrics_port,
-            "metrics_bind_address",
-            "--metrics-port",
-            "--metrics-bind-address",
-        ),
-    ];
-    for (port, id, flag, address_flag) in servers {
-        let address = match id {
-            "healthz_bind_address" => &mut args.healthz_bind_address,
-            _ => &mut args.metrics_bind_address,
-        };
+    let mut apply = |port: Option<u16>,
+                     address: &mut SocketAddr,
+                     id: &str,
+                     flag: &str,
+                     address_flag: &str| {
         match port {
             None => {}
             Some(0) => address.set_port(0),
@@ -240,7 +226,21 @@ fn with_port_flags(mut args: RunArgs, run_matches: &ArgMatches) -> (RunArgs, Vec
                 "{flag}={port}: no effect, because {address_flag} ({address}) names its port, as in kube-proxy"
             )),
         }
-    }
+    };
+    apply(
+        args.upstream.healthz_port,
+        &mut args.healthz_bind_address,
+        "healthz_bind_address",
+        "--healthz-port",
+        "--healthz-bind-address",
+    );
+    apply(
+        args.upstream.metrics_port,
+        &mut args.metrics_bind_address,
+        "metrics_bind_address",
+        "--metrics-port",
+        "--metrics-bind-address",
+    );
     (args, warnings)
 }
 
