@@ -993,8 +993,18 @@ impl RawConfig {
         // A bare address takes the default port, as kube-proxy's defaulting gives it one.
         let socket = |field: &str, value: &Option<String>, default: SocketAddr| match non_empty(value) {
             None => Ok(default),
-            Some(text) => crate::cli::parse_bind_address(text, default.port())
-                .map_err(|_| ConfigFileError::invalid(field, format!("{text:?} is not an IP:port address"))),
+            Some(text) => match crate::cli::parse_bind_address(text, default.port()) {
+                Err(_) => Err(ConfigFileError::invalid(
+                    field,
+                    format!("{text:?} is not an IP:port address"),
+                )),
+                // As kube-proxy's validation: only its deprecated port flags can turn a server off.
+                Ok(addr) if addr.port() == 0 => Err(ConfigFileError::invalid(
+                    field,
+                    format!("{text:?}: port 0 is outside 1-65535"),
+                )),
+                Ok(addr) => Ok(addr),
+            },
         };
         let healthz_bind_address = socket(
             "healthzBindAddress",

@@ -377,6 +377,11 @@ fn invalid_values_are_errors_naming_the_field() {
             "metricsBindAddress",
             "not an IP:port",
         ),
+        (
+            "healthzBindAddress: 0.0.0.0:0\n",
+            "healthzBindAddress",
+            "port 0 is outside 1-65535",
+        ),
         ("bindAddress: any\n", "bindAddress", "not an IP address"),
         ("mode: userspace\n", "mode", "not a proxy mode"),
         ("detectLocalMode: PodCIDR\n", "detectLocalMode", "not one of"),
