@@ -6,6 +6,8 @@
 //! external address without local endpoints hits the "drop" element although its own external chain would
 //! short-circuit it to cluster-wide endpoints; after DNAT only packets that were not rewritten are checked,
 //! which is what the check is for. Forwarded and incoming traffic already reach their checks after DNAT.
+//!
+//! Another: the nat chains run one step after upstream's priorities (see [`NAT_PRIORITY_AFTER_OTHERS`]).
 
 use crate::config::{DispatchLayout, NodePortAddresses, RenderConfig};
 use crate::names::*;
@@ -16,6 +18,17 @@ use crate::slots;
 use compact_str::ToCompactString;
 
 pub const TABLE_COMMENT: &str = "rules for svcproxy";
+
+/// How far after `dstnat` and `srcnat` our nat chains run. At one hook the kernel lets nat chains decide in
+/// priority order until one has bound the connection, and of chains with equal priority it runs the one
+/// registered last first. A node's iptables `nat` table (kubelet's and the CNI plugin's chains) is
+/// registered long before our table, so at upstream's own priorities our table would decide every
+/// connection ahead of iptables rules, including kube-proxy's after the node was handed back to it: a table
+/// we left behind would keep sending Service traffic to the endpoints it last knew, silently, until someone
+/// deleted it. One step later, any other proxy on the node (kube-proxy in either mode, or the one we are
+/// taking over from) decides first, and our chains decide only what no other nat chain claimed; while we run
+/// alone that is everything, and a Service address nobody else rewrites.
+pub const NAT_PRIORITY_AFTER_OTHERS: i32 = 1;
 
 fn base(chain_type: ChainType, hook: Hook, priority: i32, rules: &[String]) -> Chain {
     Chain {
@@ -119,7 +132,7 @@ pub fn fixed_ruleset(cfg: &RenderConfig) -> Ruleset {
             base(
                 ChainType::Nat,
                 hook,
-                PRIORITY_DSTNAT,
+                PRIORITY_DSTNAT + NAT_PRIORITY_AFTER_OTHERS,
                 &[format!("jump {SERVICES}")],
             ),
         );
@@ -129,7 +142,7 @@ pub fn fixed_ruleset(cfg: &RenderConfig) -> Ruleset {
         base(
             ChainType::Nat,
             Hook::Postrouting,
-            PRIORITY_SRCNAT,
+            PRIORITY_SRCNAT + NAT_PRIORITY_AFTER_OTHERS,
             &[format!("jump {MASQUERADING}")],
         ),
     );

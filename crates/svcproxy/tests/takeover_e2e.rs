@@ -283,3 +283,91 @@ fn removes_the_ipvs_modes_interface_after_taking_over() {
     assert!(seen.keys().all(|k| k.starts_with("web")), "{seen:?}");
     proxy.assert_no_divergence();
 }
+
+/// The web Service of the reference scenario as svcproxy last knew it before handing the node back: its one
+/// endpoint a pod that upstream's rules no longer send traffic to.
+const WEB_AS_LAST_KNOWN: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ref-clusterip}\nspec:\n  clusterIP: 10.96.1.20\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: ref-clusterip\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n- addresses: [10.244.0.60]\n  conditions: {ready: true}\n  nodeName: node-a\n";
+
+/// Handing a node back from our nftables mode to upstream's iptables mode. Our table stays when svcproxy stops
+/// (removing it then would leave no rules until kube-proxy's first sync), so for a while, or for good if
+/// nobody deletes it, the node holds both. The node's iptables nat chains (the CNI plugin's) existed before
+/// our table, as on most nodes, and at equal priority the kernel lets the later-registered table decide first:
+/// our stale table would keep sending the Service to the endpoints it last knew. Upstream's rules must decide.
+#[test]
+fn after_handing_back_from_nftables_mode_upstreams_rules_decide_not_our_stale_table() {
+    let node = Node::new();
+    // The CNI plugin's hostPort chains, in iptables' nat table from before svcproxy's time.
+    for step in [
+        &["iptables", "-t", "nat", "-N", "CNI-HOSTPORT-DNAT"][..],
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            "CNI-HOSTPORT-DNAT",
+        ],
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            "CNI-HOSTPORT-DNAT",
+        ],
+    ] {
+        node.ns().exec(step).unwrap();
+    }
+    let gone = node.lab.add_pod("gone", Ipv4Addr::new(10, 244, 0, 60));
+    let _gone = Backend::start(gone.ns(), gone.name(), &[8080], &[]);
+    let dir = TempDir::new("handback");
+    dir.write("web.yaml", WEB_AS_LAST_KNOWN);
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let mut proxy = Svcproxy::start(
+        node.ns(),
+        &[
+            "--proxy-mode",
+            "nftables",
+            "--manifests",
+            dir.path().to_str().unwrap(),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        "svcproxy sends the web ClusterIP to the endpoint it knows",
+        || {
+            proxy.assert_running();
+            tcp_request(node.client.ns(), vip, Duration::from_secs(1))
+                .ok()
+                .filter(|reply| reply.identity == "gone")
+        },
+    );
+    drop(proxy);
+    assert!(
+        node.nft_tables().contains("table ip svcproxy"),
+        "stopping leaves our table in place"
+    );
+
+    // kube-proxy is back, in iptables mode, with the endpoints of today; it writes with `--noflush`, which
+    // leaves the tables and their hooks as they were.
+    node.load(
+        &["iptables-restore", "--noflush"],
+        &loadable(&data("upstream-v1.31.14-iptables/clusterip-basic.txt")),
+    );
+    let seen = svcproxy_testkit::spread(node.client.ns(), vip, 20);
+    assert!(
+        seen.keys().all(|k| k.starts_with("web")),
+        "upstream's rules decide where the Service goes, not the table we left: {seen:?}"
+    );
+}
