@@ -456,6 +456,14 @@ pub fn format_duration(d: Duration) -> String {
 
 /// A listen address as kube-proxy takes one: `IP:port`, or a bare IP that gets `default_port`.
 impl RunArgs {
+    /// The OOM score adjustment to give the process: `--oom-score-adj` (or the file's), else kube-proxy's
+    /// default.
+    pub fn oom_score_adj(&self) -> i32 {
+        self.upstream
+            .oom_score_adj
+            .unwrap_or(crate::oom_score::DEFAULT_OOM_SCORE_ADJ)
+    }
+
     /// What kube-proxy's configuration validation refuses among settings each accepted on its own, checked
     /// once flags and file are merged: a configuration svcproxy runs with must be one kube-proxy would run
     /// with too, or handing the node back fails.

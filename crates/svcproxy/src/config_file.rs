@@ -10,7 +10,7 @@
 //!   it, as kube-proxy's lenient decoding ignores it after its strict decoding failed;
 //! - a value out of range is an error naming the field;
 //! - settings of what svcproxy does not run (the ipvs and Windows sections, `portRange`, profiling), and
-//!   fields that only tune something svcproxy does not have (`oomScoreAdj`, `configSyncPeriod`,
+//!   fields that only tune something svcproxy does not have (`configSyncPeriod`,
 //!   `featureGates`, client throttling, klog settings), are accepted with a warning for the caller to log;
 //! - only a mode svcproxy cannot run (`ipvs`, `kernelspace`) is refused.
 //!
@@ -31,6 +31,7 @@ use serde_json::Value;
 
 use crate::cli::{DetectLocalMode, LogFormat, ProxyMode, RunArgs, format_duration, parse_duration};
 use crate::node_addresses::NodePortSpec;
+use crate::oom_score::DEFAULT_OOM_SCORE_ADJ;
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 /// The API group `/configz` files the configuration under.
@@ -135,6 +136,9 @@ pub struct FileConfig {
     pub conntrack_tcp_be_liberal: bool,
     pub conntrack_udp_timeout: Duration,
     pub conntrack_udp_timeout_stream: Duration,
+    /// `oomScoreAdj`; unset or `null` (what kubeadm writes) is kube-proxy's -999, and unlike most fields an
+    /// explicit 0 is 0, as kube-proxy reads it.
+    pub oom_score_adj: i32,
     pub log_format: LogFormat,
     /// Settings the file makes that svcproxy accepts but does not act on, one sentence each.
     pub warnings: Vec<String>,
@@ -335,6 +339,7 @@ const FILE_WINS: &[(&str, &str, &str)] = &[
         "--conntrack-udp-timeout-stream",
         "conntrack.udpStreamTimeout",
     ),
+    ("oom_score_adj", "--oom-score-adj", "oomScoreAdj"),
 ];
 
 /// One warning per flag given on the command line that a configuration file overrides (see [`FILE_WINS`]),
@@ -405,6 +410,8 @@ pub fn merge(args: RunArgs, run_matches: &ArgMatches, file: &FileConfig) -> RunA
         .filter(|ip| !ip.is_unspecified())
         .collect();
     out.upstream.bind_address_hard_fail = file.bind_address_hard_fail.then_some(true);
+    // Unset means the default, as for the flag.
+    out.upstream.oom_score_adj = (file.oom_score_adj != DEFAULT_OOM_SCORE_ADJ).then_some(file.oom_score_adj);
     // As upstream: the section of the mode in effect applies, the other one is ignored.
     let section = match out.proxy_mode {
         ProxyMode::Iptables => &file.iptables,
@@ -539,6 +546,7 @@ pub fn effective_config_yaml(args: &RunArgs) -> String {
         "  udpStreamTimeout: {}\n",
         d(args.conntrack_udp_timeout_stream)
     ));
+    y.push_str(&format!("oomScoreAdj: {}\n", args.oom_score_adj()));
     y.push_str(&format!("logging:\n  format: {log_format}\n"));
     y
 }
@@ -926,18 +934,15 @@ impl RawConfig {
                 &format!("svcproxy has no feature gates; ignoring {}", list.join(",")),
             );
         }
-        if let Some(adj) = self.oom_score_adj {
-            if !(-1000..=1000).contains(&adj) {
-                return Err(ConfigFileError::invalid(
-                    "oomScoreAdj",
-                    format!("{adj} is outside -1000-1000"),
-                ));
-            }
-            no_effect(
-                "oomScoreAdj",
-                "set the process's OOM score from its pod or service manager",
-            );
-        }
+        let oom_score_adj = match self.oom_score_adj {
+            None => DEFAULT_OOM_SCORE_ADJ,
+            Some(adj) => i32::try_from(adj)
+                .ok()
+                .filter(|adj| (-1000..=1000).contains(adj))
+                .ok_or_else(|| {
+                    ConfigFileError::invalid("oomScoreAdj", format!("{adj} is outside -1000-1000"))
+                })?,
+        };
         if non_empty(&self.show_hidden_metrics_for_version).is_some() {
             no_effect("showHiddenMetricsForVersion", "svcproxy hides no metrics");
         }
@@ -1110,6 +1115,7 @@ impl RawConfig {
             conntrack_tcp_be_liberal: conntrack.tcp_be_liberal.unwrap_or(false),
             conntrack_udp_timeout: conntrack.udp_timeout.map_or(Duration::ZERO, |d| d.0),
             conntrack_udp_timeout_stream: conntrack.udp_stream_timeout.map_or(Duration::ZERO, |d| d.0),
+            oom_score_adj,
             log_format,
             warnings,
         })

@@ -21,6 +21,7 @@ pub mod http_server;
 pub mod implied_run;
 pub mod metrics;
 pub mod node_addresses;
+pub mod oom_score;
 pub mod process_metrics;
 pub mod service_health;
 pub mod source;

@@ -1,5 +1,6 @@
 #![forbid(unsafe_code)]
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -19,6 +20,7 @@ use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
 use svcproxy::node_addresses::{NodePortSpec, SystemAddresses};
+use svcproxy::oom_score::{OWN_OOM_SCORE_ADJ, OomScoreApplied, set_oom_score_adj};
 use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, family_split, manifest_dir::ManifestDir};
 use svcproxy::sync::commit_ledger::CommitLedger;
@@ -206,6 +208,17 @@ fn init_only(args: &RunArgs) {
     }
 }
 
+/// Gives the process the OOM score adjustment kube-proxy gives itself; a failure is a warning, as there.
+fn set_own_oom_score_adj(value: i32) {
+    match set_oom_score_adj(Path::new(OWN_OOM_SCORE_ADJ), value) {
+        Ok(OomScoreApplied::Unchanged) => {}
+        Ok(OomScoreApplied::Changed { from }) => {
+            tracing::info!(from, to = value, "OOM score adjustment set")
+        }
+        Err(e) => tracing::warn!("{e}"),
+    }
+}
+
 /// The `run` arguments as given on the command line, before `--config` was applied, and their matches: what
 /// re-resolving the configuration file takes.
 type CommandLine = (RunArgs, clap::ArgMatches);
@@ -217,6 +230,7 @@ async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow:
     };
     let node = node_name(&args)?;
     tracing::info!(node = %node, mode = mode_name, "starting svcproxy {}", env!("CARGO_PKG_VERSION"));
+    set_own_oom_score_adj(args.oom_score_adj());
 
     let health = Arc::new(ProxyHealth::new(args.sync_period * 2));
     let metrics = Arc::new(Metrics::new());

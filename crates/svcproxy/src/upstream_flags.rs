@@ -3,7 +3,8 @@
 //! flag that only tunes something svcproxy does not have (or a mode it does not run, such as the `--ipvs-*`
 //! flags GCE passes in every mode) is accepted and logged as having no effect. A few do act: klog's `-v` sets
 //! the log level when `RUST_LOG` does not, `--bind-address` is taken as the file's `bindAddress` is,
-//! `--cleanup` cleans up and exits, and `--init-only` applies the start-up sysctls and exits.
+//! `--cleanup` cleans up and exits, `--init-only` applies the start-up sysctls and exits, and `--oom-score-adj`
+//! sets the process's OOM score adjustment.
 
 use std::time::Duration;
 
@@ -38,7 +39,8 @@ pub struct UpstreamFlags {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub log_flush_frequency: Option<Duration>,
 
-    /// No effect: the OOM score is set by the pod or the service manager (kube-proxy's default is -999).
+    /// The OOM score adjustment svcproxy gives itself at start, as kube-proxy does [default: -999: the kernel
+    /// kills svcproxy among the very last when the node runs out of memory, whatever its pod's QoS class].
     #[arg(long, value_name = "SCORE", allow_hyphen_values = true,
           value_parser = clap::value_parser!(i32).range(-1000..=1000))]
     pub oom_score_adj: Option<i32>,
@@ -169,7 +171,7 @@ impl UpstreamFlags {
             || self.log_text_info_buffer_size.is_some()
             || self.log_json_split_stream.is_some()
             || self.log_json_info_buffer_size.is_some();
-        let given: [(&str, bool, &str); 12] = [
+        let given: [(&str, bool, &str); 11] = [
             (
                 "profiling",
                 self.profiling == Some(true),
@@ -197,11 +199,6 @@ impl UpstreamFlags {
                 "log-flush-frequency",
                 self.log_flush_frequency.is_some(),
                 "each log line is written as it happens",
-            ),
-            (
-                "oom-score-adj",
-                self.oom_score_adj.is_some(),
-                "set the process's OOM score from its pod or service manager",
             ),
             (
                 "config-sync-period",
@@ -291,7 +288,6 @@ mod tests {
         let flags = parse(&[
             "--vmodule=proxier=5",
             "--log-flush-frequency=5s",
-            "--oom-score-adj=-999",
             "--config-sync-period=15m",
             "--feature-gates=NFTablesProxyMode=true",
             "--kube-api-qps=5",
@@ -303,7 +299,6 @@ mod tests {
         for flag in [
             "--vmodule",
             "--log-flush-frequency",
-            "--oom-score-adj",
             "--config-sync-period",
             "--feature-gates",
             "--kube-api-qps",
@@ -315,9 +310,13 @@ mod tests {
                 "{flag} not named: {warnings:?}"
             );
         }
-        assert_eq!(warnings.len(), 8, "{warnings:?}");
+        assert_eq!(warnings.len(), 7, "{warnings:?}");
         // Flags that act are not warned about; what svcproxy does anyway is not worth a warning.
-        for acting in ["--bind-address-hard-fail", "--bind-address-hard-fail=false"] {
+        for acting in [
+            "--bind-address-hard-fail",
+            "--bind-address-hard-fail=false",
+            "--oom-score-adj=-500",
+        ] {
             assert_eq!(parse(&[acting]).check(), Vec::<String>::new());
         }
         assert_eq!(parse(&["--profiling=false"]).check(), Vec::<String>::new());

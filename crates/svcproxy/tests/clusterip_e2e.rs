@@ -519,3 +519,56 @@ fn a_health_port_of_zero_turns_the_health_server_off() {
             .contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
     );
 }
+
+/// As kube-proxy, svcproxy sets its own OOM score adjustment at start (its pod, asking for no resources, is
+/// BestEffort and starts at the kubelet's 1000): -999 unless `--oom-score-adj` says otherwise. Lowering it
+/// needs CAP_SYS_RESOURCE, which not every root has (a container may lack it): then the value stays and the
+/// log says why. Raising it needs nothing, so the flag's value is checked in the kernel everywhere.
+#[test]
+fn svcproxy_sets_its_oom_score_adjustment_as_kube_proxy_does() {
+    let web = common::WebLab::new();
+    let start = |extra: Option<&str>| {
+        let mut args = vec!["--manifests", web.manifests()];
+        args.extend(extra);
+        let mut proxy = Svcproxy::start(web.lab.node(), &args);
+        wait_until(WAIT, POLL, "web answers", || {
+            proxy.assert_running();
+            tcp_request(web.client.ns(), web.vip(), T).ok()
+        });
+        proxy
+    };
+
+    let raised = start(Some("--oom-score-adj=500"));
+    assert_eq!(raised.oom_score_adj(), 500);
+    assert!(
+        raised.log().contains("OOM score adjustment set"),
+        "{}",
+        raised.log()
+    );
+    drop(raised);
+
+    let inherited: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let may_lower = std::process::Command::new("sh")
+        .args(["-c", "echo -999 > /proc/self/oom_score_adj"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    let default = start(None);
+    if may_lower {
+        assert_eq!(default.oom_score_adj(), -999, "{}", default.log());
+    } else {
+        assert_eq!(default.oom_score_adj(), inherited);
+        assert!(
+            default.log().contains(
+                "cannot write -999 to /proc/self/oom_score_adj (lowering it needs CAP_SYS_RESOURCE)"
+            ),
+            "{}",
+            default.log()
+        );
+    }
+}

@@ -145,6 +145,7 @@ conntrack:
   tcpBeLiberal: true
   udpTimeout: 30s
   udpStreamTimeout: 2m0s
+oomScoreAdj: -500
 logging:
   format: json
 "#;
@@ -187,7 +188,21 @@ fn every_supported_field_reaches_the_arguments() {
     assert_eq!(args.conntrack_udp_timeout, secs(30));
     assert_eq!(args.conntrack_udp_timeout_stream, secs(120));
     assert_eq!(args.log_format, LogFormat::Json);
+    assert_eq!(args.oom_score_adj(), -500);
     assert!(parse(EVERY_FIELD).unwrap().warnings.is_empty());
+}
+
+/// `oomScoreAdj` is a pointer in kube-proxy's configuration: unset or `null` (kubeadm's) is -999, and an
+/// explicit 0 is 0, not the default.
+#[test]
+fn the_oom_score_adjustment_defaults_as_kube_proxys_does() {
+    let adj = |yaml: &str| effective(&[], &format!("{HEADER}{yaml}")).oom_score_adj();
+    assert_eq!(adj(""), -999);
+    assert_eq!(adj("oomScoreAdj: null\n"), -999);
+    assert_eq!(adj("oomScoreAdj: 0\n"), 0);
+    assert_eq!(adj("oomScoreAdj: 1000\n"), 1000);
+    assert_eq!(command_line(&["--oom-score-adj=-10"]).0.oom_score_adj(), -10);
+    assert_eq!(defaults().oom_score_adj(), -999);
 }
 
 #[test]
@@ -490,7 +505,6 @@ fn settings_without_effect_are_accepted_with_a_warning() {
             "clientConnection.qps",
             "configSyncPeriod",
             "featureGates",
-            "oomScoreAdj",
             "showHiddenMetricsForVersion",
             "logging.flushFrequency",
             "logging.verbosity",
@@ -530,6 +544,7 @@ fn a_configuration_file_wins_over_every_flag_it_can_express() {
         "--conntrack-tcp-be-liberal=false",
         "--conntrack-udp-timeout=5s",
         "--conntrack-udp-timeout-stream=6s",
+        "--oom-score-adj=100",
         "--log-format=text",
     ];
     let merged = effective(&flags, EVERY_FIELD);

@@ -132,6 +132,16 @@ impl Svcproxy {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The OOM score adjustment the kernel holds for the running process.
+    pub fn oom_score_adj(&self) -> i32 {
+        let path = format!("/proc/{}/oom_score_adj", self.child.id());
+        fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {path}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     pub fn assert_running(&mut self) {
         if let Some(status) = self.child.try_wait().unwrap() {
             panic!("svcproxy exited with {status}; log:\n{}", self.log());
