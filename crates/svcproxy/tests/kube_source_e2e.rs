@@ -296,7 +296,8 @@ fn write_kubeconfig_pointing_nowhere(api: &FakeApiServer, path: &std::path::Path
 }
 
 /// A node's kube-proxy arguments start svcproxy: `--master` overrides the kubeconfig's server (which points
-/// nowhere here), klog's `--v` is taken, and flags for things svcproxy does not have are accepted and logged.
+/// nowhere here), klog's `--v` is taken, `--oom-score-adj` is accepted, and flags for things svcproxy does not
+/// have are accepted and logged.
 #[test]
 fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
     let node_setup = one_pod_node();
@@ -332,7 +333,7 @@ fn kube_proxy_arguments_start_it_and_master_overrides_the_kubeconfig() {
         },
     );
     let log = proxy.log();
-    for flag in ["--oom-score-adj", "--feature-gates", "--kube-api-qps"] {
+    for flag in ["--feature-gates", "--kube-api-qps"] {
         assert!(
             log.contains(&format!("{flag}: accepted but has no effect")),
             "{flag} not logged:\n{log}"
