@@ -71,6 +71,9 @@ pub enum ConfigError {
     CascadeLimit,
 }
 
+/// Our table's name in production, in the `ip` and `ip6` families.
+pub const TABLE_NAME: &str = "svcproxy";
+
 /// Everything besides the intent that decides the rendered table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderConfig {
@@ -97,7 +100,7 @@ impl Default for RenderConfig {
     fn default() -> Self {
         RenderConfig {
             family: IpFamily::V4,
-            table: "svcproxy".into(),
+            table: TABLE_NAME.into(),
             masquerade_bit: 14,
             masquerade_all: false,
             local_detector: LocalDetector::None,

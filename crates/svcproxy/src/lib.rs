@@ -16,6 +16,7 @@ pub mod events;
 pub mod exec;
 pub mod explain;
 pub mod families;
+pub mod hand_back;
 pub mod health;
 pub mod http_server;
 pub mod implied_run;

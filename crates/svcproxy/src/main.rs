@@ -16,6 +16,7 @@ use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::NetlinkElementSocket;
 use svcproxy::exec::runner::SystemRunner;
 use svcproxy::families;
+use svcproxy::hand_back::{StepAside, step_aside};
 use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
@@ -555,13 +556,43 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         f.abort();
     }
     source_task.abort();
-    if stopper.is_finished()
-        && let Ok(Some(reason)) = stopper.await
-    {
+    let reason = if stopper.is_finished() {
+        stopper.await.ok().flatten()
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
         // A non-zero status, as kube-proxy's: a service manager that restarts only on failure restarts it.
+        // The rules stay: the restart takes them over.
         anyhow::bail!(reason);
     }
+    if args.proxy_mode == ProxyMode::Nftables {
+        hand_back_table(&families).await;
+    }
     Ok(())
+}
+
+/// On the way out in nftables mode, our table goes where another proxy already serves the node, and stays
+/// everywhere else (see [`svcproxy::hand_back`]).
+async fn hand_back_table(families: &[IpFamily]) {
+    let families = families.to_vec();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        step_aside(&SystemRunner, &families, svcproxy_nftables::config::TABLE_NAME)
+    })
+    .await
+    .unwrap_or_default();
+    for outcome in outcomes {
+        match outcome {
+            StepAside::Kept => {}
+            StepAside::Removed { table, found } => tracing::info!(
+                "handed the node back: removed our table {table}, because another proxy's rules are in place \
+                 and decide Service traffic ({found})"
+            ),
+            StepAside::Failed { table, error } => tracing::warn!(
+                "another proxy's rules are in place, but our table {table} could not be removed: {error}"
+            ),
+        }
+    }
 }
 
 #[tokio::main]

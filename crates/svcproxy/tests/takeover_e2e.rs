@@ -129,8 +129,8 @@ impl Node {
             .unwrap_or_default()
     }
 
-    /// Starts svcproxy with `args` while a client loop runs against the web ClusterIP, and keeps the loop
-    /// going until `done` holds and 20 more requests went through; asserts that no request failed.
+    /// Starts svcproxy with `args` while a client loop runs against the web ClusterIP (see [`without_a_gap`]),
+    /// until it has synced and `done` holds.
     fn take_over(&self, args: &[&str], done: impl Fn(&Node) -> bool) -> Svcproxy {
         let vip: SocketAddr = VIP.parse().unwrap();
         wait_until(
@@ -139,21 +139,7 @@ impl Node {
             "upstream's rules serve the ClusterIP",
             || tcp_request(self.client.ns(), vip, Duration::from_secs(1)).ok(),
         );
-        let stop = AtomicBool::new(false);
-        let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
-        let proxy = std::thread::scope(|scope| {
-            let looping = scope.spawn(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    match tcp_request(self.client.ns(), vip, Duration::from_secs(1)) {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            eprintln!("request failed: {e:?} at {:?}", std::time::Instant::now());
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            });
+        self.without_a_gap(|| {
             let mut all = vec!["--manifests", self.dir.path().to_str().unwrap()];
             all.extend(args);
             let mut proxy = Svcproxy::start(self.ns(), &all);
@@ -166,26 +152,47 @@ impl Node {
                     (proxy.log().contains("synced") && done(self)).then_some(())
                 },
             );
-            // Keep the loop going until a good number of requests went through the new rules alone.
-            let at_sync = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+            proxy
+        })
+    }
+
+    /// Runs `during` while a client loop requests the web ClusterIP every 10 ms, keeps the loop going until
+    /// 20 more requests went through after `during` returned, and asserts that no request failed.
+    fn without_a_gap<T>(&self, during: impl FnOnce() -> T) -> T {
+        let vip: SocketAddr = VIP.parse().unwrap();
+        let stop = AtomicBool::new(false);
+        let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let result = std::thread::scope(|scope| {
+            let looping = scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp_request(self.client.ns(), vip, Duration::from_secs(1)) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("request failed: {e:?} at {:?}", std::time::Instant::now());
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            let result = during();
+            // Keep the loop going until a good number of requests went through what `during` left.
+            let at_end = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
             wait_until(
                 Duration::from_secs(30),
                 Duration::from_millis(50),
-                "20 requests after the takeover",
-                || {
-                    (ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= at_sync + 20)
-                        .then_some(())
-                },
+                "20 requests after the change",
+                || (ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= at_end + 20).then_some(()),
             );
             stop.store(true, Ordering::Relaxed);
             looping.join().unwrap();
-            proxy
+            result
         });
         let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-        println!("takeover: {ok} requests answered, {failed} failed");
+        println!("{ok} requests answered, {failed} failed");
         assert!(ok >= 20, "the loop ran");
-        assert_eq!(failed, 0, "no traffic gap during the takeover");
-        proxy
+        assert_eq!(failed, 0, "no traffic gap");
+        result
     }
 }
 
@@ -353,11 +360,13 @@ fn after_handing_back_from_nftables_mode_upstreams_rules_decide_not_our_stale_ta
                 .filter(|reply| reply.identity == "gone")
         },
     );
-    drop(proxy);
+    // Stopped while no other proxy serves the node, svcproxy keeps its table: it is all the node has.
+    assert!(proxy.terminate(), "{}", proxy.log());
     assert!(
         node.nft_tables().contains("table ip svcproxy"),
         "stopping leaves our table in place"
     );
+    assert!(!proxy.log().contains("handed the node back"), "{}", proxy.log());
 
     // kube-proxy is back, in iptables mode, with the endpoints of today; it writes with `--noflush`, which
     // leaves the tables and their hooks as they were.
@@ -370,4 +379,36 @@ fn after_handing_back_from_nftables_mode_upstreams_rules_decide_not_our_stale_ta
         seen.keys().all(|k| k.starts_with("web")),
         "upstream's rules decide where the Service goes, not the table we left: {seen:?}"
     );
+}
+
+/// The hand-back without a gap in the other order: svcproxy took the node over in nftables mode, kube-proxy
+/// (in iptables mode) is back while svcproxy still runs, and then svcproxy is stopped. Its table has nothing left to do next to
+/// kube-proxy's rules, so it goes on the way out, and traffic keeps flowing throughout.
+#[test]
+fn stopping_once_kube_proxy_is_back_removes_our_table_without_a_gap() {
+    let node = Node::new();
+    node.load_upstream_iptables();
+    let mut proxy = node.take_over(&["--proxy-mode", "nftables"], |n| {
+        kube_proxy_chains(n.ns()).is_empty()
+    });
+    node.load(
+        &["iptables-restore", "--noflush"],
+        &loadable(&data("upstream-v1.31.14-iptables/clusterip-basic.txt")),
+    );
+    assert!(node.without_a_gap(|| proxy.terminate()), "{}", proxy.log());
+    assert!(
+        !node.nft_tables().contains("table ip svcproxy"),
+        "{}",
+        node.nft_tables()
+    );
+    assert!(
+        proxy.log().contains(
+            "handed the node back: removed our table ip svcproxy, because another proxy's rules are in place"
+        ),
+        "{}",
+        proxy.log()
+    );
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let seen = svcproxy_testkit::spread(node.client.ns(), vip, 20);
+    assert!(seen.keys().all(|k| k.starts_with("web")), "{seen:?}");
 }

@@ -142,6 +142,29 @@ impl Svcproxy {
             .unwrap()
     }
 
+    /// Stops svcproxy as a pod's deletion does, with SIGTERM, and waits for it to exit; returns whether it
+    /// exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "svcproxy did not exit within 30 s of SIGTERM; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn assert_running(&mut self) {
         if let Some(status) = self.child.try_wait().unwrap() {
             panic!("svcproxy exited with {status}; log:\n{}", self.log());
