@@ -119,6 +119,18 @@ impl DeferredDeletions {
         }
     }
 
+    /// `due` could not be applied (something still refers to an object in it): they stay held, due again
+    /// [`DELETION_DELAY`] after `now`.
+    pub fn retry_later(&mut self, due: &DueDeletions, now: Instant) {
+        for (names, held) in [(&due.chains, &mut self.chains), (&due.sets, &mut self.sets)] {
+            for name in names {
+                if let Some(h) = held.get_mut(name) {
+                    h.since = now;
+                }
+            }
+        }
+    }
+
     /// When the next held deletion is due.
     pub fn next_due(&self) -> Option<Instant> {
         self.chains
@@ -229,6 +241,20 @@ mod tests {
         held.deleted(&due);
         assert!(held.is_empty());
         assert_eq!(held.next_due(), None);
+    }
+
+    #[test]
+    fn deletions_the_kernel_refused_are_due_again_a_delay_later() {
+        let t0 = Instant::now();
+        let mut held = DeferredDeletions::default();
+        held.defer(partial_transaction(&table(true), &table(false)).unwrap());
+        held.applied(t0);
+        let due = held.due(t0 + DELETION_DELAY).expect("due");
+        let refused_at = t0 + DELETION_DELAY;
+        held.retry_later(&due, refused_at);
+        assert_eq!(held.due(refused_at), None, "not again at once");
+        assert_eq!(held.next_due(), Some(refused_at + DELETION_DELAY));
+        assert_eq!(held.due(refused_at + DELETION_DELAY), Some(due));
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub struct Metrics {
     pub restore_failures: Family<FamilyLabels, Counter>,
     pub partial_restore_failures: Family<FamilyLabels, Counter>,
     pub nftables_sync_failures: Family<FamilyLabels, Counter>,
+    pub nftables_cleanup_failures: Family<FamilyLabels, Counter>,
     pub iptables_rules_total: Family<TableLabels, Gauge>,
     pub iptables_rules_last: Family<TableLabels, Gauge>,
     pub service_changes: Counter,
@@ -121,6 +122,7 @@ impl Metrics {
             restore_failures: Family::default(),
             partial_restore_failures: Family::default(),
             nftables_sync_failures: Family::default(),
+            nftables_cleanup_failures: Family::default(),
             iptables_rules_total: Family::default(),
             iptables_rules_last: Family::default(),
             service_changes: Counter::default(),
@@ -190,6 +192,11 @@ impl Metrics {
                 "sync_proxy_rules_nftables_sync_failures",
                 "Cumulative proxy nftables sync failures",
                 m.nftables_sync_failures.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_nftables_cleanup_failures",
+                "Cumulative proxy nftables cleanup failures",
+                m.nftables_cleanup_failures.clone(),
             );
             kp.register(
                 "sync_proxy_rules_iptables_total",

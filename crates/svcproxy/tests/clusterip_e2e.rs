@@ -199,6 +199,9 @@ fn clusterip_traffic_follows_the_manifests(mode: &str) {
     };
     assert_eq!(metric_value(&metrics, ours), Some(0.0), "{metrics}");
     assert!(!metrics.contains(theirs), "{metrics}");
+    let cleanup = "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family=\"IPv4\"}";
+    let expected_cleanup = (mode == "nftables").then_some(0.0);
+    assert_eq!(metric_value(&metrics, cleanup), expected_cleanup, "{metrics}");
     if mode == "iptables" {
         // The rules of our chains in each table, as the kernel lists them (the jumps from the built-in chains
         // and the seal are not counted), after a cold sync and a partial one that removed an endpoint.

@@ -250,3 +250,50 @@ fn removals(node: &NetNs, client: &NetNs, proxier: &mut NftProxier, state: &mut 
     assert_eq!(objects_of(node, "plain").0, Vec::<String>::new());
     assert_eq!(node.run(|| restarted.verify(VerifyScope::All)).unwrap(), []);
 }
+
+/// A held deletion the kernel refuses (here because another program's rule still jumps to the chain) does not
+/// fail the sync, whose rules are in: it is reported for upstream's cleanup-failure counter, the objects stay
+/// held, and a later sync deletes them once nothing refers to them.
+#[test]
+fn a_refused_deletion_is_tried_again_without_failing_the_sync() {
+    let lab = Lab::new();
+    let node = lab.node();
+    let mut state = ClusterState::default();
+    add_service(&mut state, "web", "10.96.0.10", "10.244.0.11", false);
+    add_service(&mut state, "gone", "10.96.0.20", "10.244.0.12", false);
+    let mut proxier = old_kernel_proxier(node);
+    sync(
+        node,
+        &mut proxier,
+        &state,
+        &IntentChanges::everything(),
+        SyncMode::Full,
+    );
+
+    let changes = remove_service(&mut state, "gone");
+    let removed = sync(node, &mut proxier, &state, &changes, SyncMode::Partial);
+    assert!(!removed.cleanup_failed);
+    let (held, flushed) = objects_of(node, "gone");
+    assert!(!held.is_empty() && flushed, "{held:?}");
+
+    let chain = "service-ns/gone/tcp/http";
+    assert!(held.iter().any(|n| n == chain), "{held:?}");
+    for step in [
+        &["nft", "add", "chain", "ip", "svcproxy", "foreign"][..],
+        &["nft", "add", "rule", "ip", "svcproxy", "foreign", "jump", chain],
+    ] {
+        node.exec(step).unwrap();
+    }
+    let refused = follow_up(node, &mut proxier, &state, &removed);
+    assert!(refused.cleanup_failed, "the kernel refused the deletion");
+    assert_eq!(objects_of(node, "gone").0, held, "still held, still there");
+
+    node.exec(&["nft", "flush", "chain", "ip", "svcproxy", "foreign"])
+        .unwrap();
+    node.exec(&["nft", "delete", "chain", "ip", "svcproxy", "foreign"])
+        .unwrap();
+    let retried = follow_up(node, &mut proxier, &state, &refused);
+    assert!(!retried.cleanup_failed);
+    assert_eq!(objects_of(node, "gone").0, Vec::<String>::new());
+    assert_eq!(retried.follow_up, None, "nothing held any more");
+}

@@ -462,6 +462,7 @@ impl<P: Proxier> Engine<P> {
         let labels = self.family_labels();
         if self.proxier.writes_nftables() {
             let _ = self.metrics.nftables_sync_failures.get_or_create(&labels);
+            let _ = self.metrics.nftables_cleanup_failures.get_or_create(&labels);
         } else {
             let _ = self.metrics.restore_failures.get_or_create(&labels);
             let _ = self.metrics.partial_restore_failures.get_or_create(&labels);
@@ -686,6 +687,12 @@ impl<P: Proxier> Engine<P> {
                 self.need_full = false;
                 self.mode = SyncMode::Partial;
                 self.follow_up_at = report.follow_up.map(|after| Instant::now() + after);
+                if report.cleanup_failed {
+                    self.metrics
+                        .nftables_cleanup_failures
+                        .get_or_create(&self.family_labels())
+                        .inc();
+                }
                 self.consecutive_failures = 0;
                 self.failure_problem = None;
                 // The first full sync is followed by the removal of the other mode's rules (see main), so a

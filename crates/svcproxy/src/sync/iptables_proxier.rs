@@ -886,6 +886,7 @@ impl IptablesProxier {
             },
             conntrack,
             follow_up: None,
+            cleanup_failed: false,
             iptables_rules: TableName::ALL
                 .iter()
                 .map(|t| TableRules {

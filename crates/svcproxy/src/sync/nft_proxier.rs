@@ -214,26 +214,39 @@ impl NftProxier {
 
     /// After this sync's transactions went in: holds the deletions they left out, and deletes the held chains
     /// and sets whose time has come, except what the table now applied holds again (a Service back
-    /// meanwhile). Returns the lines sent and when to come back for the rest.
-    fn delete_deferred(&mut self) -> Result<(usize, Option<Duration>), SyncError> {
+    /// meanwhile). Returns the lines sent, when to come back for the rest, and whether the deletion failed.
+    ///
+    /// A failed deletion does not fail the sync, whose rules are in: as upstream, it is logged, counted, and
+    /// tried again later. Until then the objects are flushed and unreferenced by anything of ours.
+    fn delete_deferred(&mut self) -> (usize, Option<Duration>, bool) {
         let Some(deferred) = &mut self.deferred else {
-            return Ok((0, None));
+            return (0, None, false);
         };
         let now = Instant::now();
         deferred.applied(now);
         if let Some((table, _)) = &self.applied {
             deferred.keep_wanted(&table.ruleset);
         }
-        let mut lines = 0;
+        let (mut lines, mut failed) = (0, false);
         if let Some(due) = deferred.due(now) {
-            self.cmds
-                .apply(&due.text)
-                .map_err(|e| Self::refused(e, &due.text))?;
-            deferred.deleted(&due);
-            lines = due.text.lines().count();
+            match self.cmds.apply(&due.text) {
+                Ok(()) => {
+                    deferred.deleted(&due);
+                    lines = due.text.lines().count();
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        chains = due.chains.len(),
+                        sets = due.sets.len(),
+                        "could not delete the chains and sets of removed Services; trying again later: {e}"
+                    );
+                    deferred.retry_later(&due, now);
+                    failed = true;
+                }
+            }
         }
         let follow_up = deferred.next_due().map(|t| t.saturating_duration_since(now));
-        Ok((lines, follow_up))
+        (lines, follow_up, failed)
     }
 
     /// Lets periodic read-backs skip the listing while nothing has committed since one found the table right.
@@ -534,7 +547,7 @@ impl Proxier for NftProxier {
             let conntrack = self.clean_conntrack(&intent, &config, &local);
             self.applied_intent = Some(intent.clone());
             self.last_sync_full = false;
-            let (deleted, follow_up) = self.delete_deferred()?;
+            let (deleted, follow_up, cleanup_failed) = self.delete_deferred();
             return Ok(SyncReport {
                 full: false,
                 intent,
@@ -545,6 +558,7 @@ impl Proxier for NftProxier {
                 follow_up,
                 node_port_ips: restricted_node_ports(&config),
                 iptables_rules: Vec::new(),
+                cleanup_failed,
             });
         }
         // A full sync compares with the kernel's table unless it rebuilds, or follows a table it applied.
@@ -628,7 +642,7 @@ impl Proxier for NftProxier {
         self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));
         self.last_sync_full = mode != SyncMode::Partial;
-        let (deleted, follow_up) = self.delete_deferred()?;
+        let (deleted, follow_up, cleanup_failed) = self.delete_deferred();
         Ok(SyncReport {
             full: mode != SyncMode::Partial,
             intent,
@@ -638,6 +652,7 @@ impl Proxier for NftProxier {
             follow_up,
             node_port_ips,
             iptables_rules: Vec::new(),
+            cleanup_failed,
         })
     }
 

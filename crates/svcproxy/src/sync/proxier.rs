@@ -26,6 +26,10 @@ pub struct SyncReport {
     pub follow_up: Option<std::time::Duration>,
     /// iptables mode: the rules of our own chains per table, held and written (empty in nftables mode).
     pub iptables_rules: Vec<TableRules>,
+    /// nftables mode: the chains and sets held back for deletion that came due could not be deleted; they
+    /// stay held for another try (upstream's `sync_proxy_rules_nftables_cleanup_failures_total` counts these).
+    /// The sync itself succeeded.
+    pub cleanup_failed: bool,
 }
 
 /// The rules of svcproxy's own chains in one iptables table, as upstream's `sync_proxy_rules_iptables_total`
