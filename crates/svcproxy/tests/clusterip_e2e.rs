@@ -534,10 +534,12 @@ fn svcproxy_sets_its_oom_score_adjustment_as_kube_proxy_does() {
         let mut args = vec!["--manifests", web.manifests()];
         args.extend(extra);
         let mut proxy = Svcproxy::start(web.lab.node(), &args);
-        wait_until(WAIT, POLL, "web answers", || {
+        // Synced, so past its start-up (the rules of an earlier run would answer before that).
+        wait_until(WAIT, POLL, "svcproxy synced", || {
             proxy.assert_running();
-            tcp_request(web.client.ns(), web.vip(), T).ok()
+            proxy.log().contains("synced").then_some(())
         });
+        assert!(tcp_request(web.client.ns(), web.vip(), T).is_ok());
         proxy
     };
 
