@@ -382,19 +382,30 @@ fn after_handing_back_from_nftables_mode_upstreams_rules_decide_not_our_stale_ta
 }
 
 /// The hand-back without a gap in the other order: svcproxy took the node over in nftables mode, kube-proxy
-/// (in iptables mode) is back while svcproxy still runs, and then svcproxy is stopped. Its table has nothing left to do next to
-/// kube-proxy's rules, so it goes on the way out, and traffic keeps flowing throughout.
+/// (in either mode) is back while svcproxy still runs, and then svcproxy is stopped. Its table has nothing
+/// left to do next to kube-proxy's rules, so it goes on the way out, and traffic keeps flowing throughout.
 #[test]
-fn stopping_once_kube_proxy_is_back_removes_our_table_without_a_gap() {
+fn stopping_once_kube_proxy_is_back_in_iptables_mode_removes_our_table_without_a_gap() {
+    stopping_once_kube_proxy_is_back_removes_our_table(|node| {
+        node.load(
+            &["iptables-restore", "--noflush"],
+            &loadable(&data("upstream-v1.31.14-iptables/clusterip-basic.txt")),
+        )
+    });
+}
+
+#[test]
+fn stopping_once_kube_proxy_is_back_in_nftables_mode_removes_our_table_without_a_gap() {
+    stopping_once_kube_proxy_is_back_removes_our_table(Node::load_upstream_nftables);
+}
+
+fn stopping_once_kube_proxy_is_back_removes_our_table(kube_proxy_back: impl Fn(&Node)) {
     let node = Node::new();
     node.load_upstream_iptables();
     let mut proxy = node.take_over(&["--proxy-mode", "nftables"], |n| {
         kube_proxy_chains(n.ns()).is_empty()
     });
-    node.load(
-        &["iptables-restore", "--noflush"],
-        &loadable(&data("upstream-v1.31.14-iptables/clusterip-basic.txt")),
-    );
+    kube_proxy_back(&node);
     assert!(node.without_a_gap(|| proxy.terminate()), "{}", proxy.log());
     assert!(
         !node.nft_tables().contains("table ip svcproxy"),
