@@ -3,8 +3,8 @@
 //! probabilities (11 decimals, from the kernel's fixed-point value) and adds the defaults of `recent` and
 //! `REJECT`.
 
-/// The rule's arguments after `-A CHAIN`, as a sorted multiset with those respellings undone. nfacct matches
-/// (which upstream adds and we do not write) are dropped so upstream's rules compare equal to ours.
+/// The rule's arguments after `-A CHAIN`, as a sorted multiset with those respellings undone. An nfacct match
+/// counts: a rule without the one we write counts nothing, and must be rewritten.
 pub fn canonical_rule(args: &[String]) -> Vec<String> {
     fn hex(s: &str) -> String {
         s.split('/')
@@ -23,7 +23,6 @@ pub fn canonical_rule(args: &[String]) -> Vec<String> {
         let a = args[i].as_str();
         let next = args.get(i + 1).map(String::as_str);
         match (a, next) {
-            ("-m", Some("nfacct")) => i += 4,
             ("--mask", Some("255.255.255.255" | "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")) => i += 2,
             ("--rsource", _) => i += 1,
             ("--reject-with", Some("icmp-port-unreachable" | "icmp6-port-unreachable")) => i += 2,

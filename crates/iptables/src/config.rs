@@ -134,7 +134,17 @@ pub struct RenderConfig {
     pub drop_invalid: bool,
     /// `MASQUERADE --random-fully` (iptables ≥ 1.6.2); avoids SNAT port collisions under load.
     pub random_fully: bool,
+    /// Count packets in kube-proxy's nfacct objects ([`CT_STATE_INVALID_COUNTER`],
+    /// [`LOCALHOST_NODEPORTS_COUNTER`]), as upstream does when it could create them: the INVALID drop carries
+    /// an `nfacct` match, and with localhost NodePorts each NodePort gets a rule for 127.0.0.0/8 ahead of its
+    /// general one. Only when the objects exist: an `nfacct` match naming a missing object fails the restore.
+    pub packet_counters: bool,
 }
+
+/// The nfacct object counting the forwarded packets dropped as conntrack state INVALID.
+pub const CT_STATE_INVALID_COUNTER: &str = "ct_state_invalid_dropped_pkts";
+/// The nfacct object counting the packets accepted to localhost NodePorts.
+pub const LOCALHOST_NODEPORTS_COUNTER: &str = "localhost_nps_accepted_pkts";
 
 impl Default for RenderConfig {
     fn default() -> Self {
@@ -148,6 +158,7 @@ impl Default for RenderConfig {
             node_ip: None,
             drop_invalid: true,
             random_fully: true,
+            packet_counters: false,
         }
     }
 }

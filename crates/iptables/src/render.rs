@@ -7,7 +7,7 @@ use crate::chain_name::{
     KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_POSTROUTING,
     KUBE_PROXY_FIREWALL, KUBE_SERVICES,
 };
-use crate::config::{NodePortAddresses, RenderConfig};
+use crate::config::{CT_STATE_INVALID_COUNTER, NodePortAddresses, RenderConfig};
 use crate::parallel::{MIN_ITEMS_PER_THREAD, map_in_order};
 use crate::payload::{Payload, Section, serialize};
 use crate::rule_text::{ChainRules, Line};
@@ -356,10 +356,14 @@ fn forward(cfg: &RenderConfig, mark: &str) -> Vec<String> {
     if cfg.drop_invalid {
         // A packet conntrack cannot place would escape the reverse NAT and reach the client with the pod's
         // address, which resets the connection (kubernetes#74839).
+        let line = Line::append(KUBE_FORWARD).args("-m conntrack --ctstate INVALID");
         lines.push(
-            Line::append(KUBE_FORWARD)
-                .args("-m conntrack --ctstate INVALID")
-                .jump("DROP"),
+            if cfg.packet_counters {
+                line.arg_value("-m nfacct --nfacct-name", CT_STATE_INVALID_COUNTER)
+            } else {
+                line
+            }
+            .jump("DROP"),
         );
     }
     lines.push(

@@ -16,7 +16,7 @@ use crate::chain_name::{
     KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL, KUBE_SERVICES, SepNames,
     ServiceChains,
 };
-use crate::config::RenderConfig;
+use crate::config::{LOCALHOST_NODEPORTS_COUNTER, RenderConfig};
 use crate::rule_text::{ChainRules, Line};
 use crate::ruleset::{Chain, ChainName, TableName};
 
@@ -368,6 +368,17 @@ impl ServiceRenderer<'_> {
             // NodePorts are not subject to loadBalancerSourceRanges: upstream decided so long ago, and clients
             // depend on it.
             if has_endpoints {
+                // Upstream counts localhost NodePort traffic with a rule of its own, ahead of the general one.
+                if self.cfg.packet_counters && self.cfg.localhost_node_ports_active() {
+                    let line = Line::append(KUBE_NODEPORTS)
+                        .comment(spn)
+                        .protocol(spi.name.protocol)
+                        .arg_value("-d", self.cfg.loopback_net())
+                        .arg_port("--dport", node_port)
+                        .arg_value("-m nfacct --nfacct-name", LOCALHOST_NODEPORTS_COUNTER)
+                        .jump(ext);
+                    share(TableName::Nat, KUBE_NODEPORTS, line);
+                }
                 let line = Line::append(KUBE_NODEPORTS)
                     .comment(spn)
                     .protocol(spi.name.protocol)

@@ -48,12 +48,14 @@ fn scenario(name: &str) -> String {
 }
 
 /// The reference runs' settings: ClusterCIDR detection, node IP 10.0.0.10, upstream's default of localhost
-/// NodePorts on (so KUBE-FIREWALL and the NodePort gate match).
+/// NodePorts on (so KUBE-FIREWALL and the NodePort gate match), and the nfacct packet counters, which
+/// upstream created there.
 fn reference_cfg() -> RenderConfig {
     RenderConfig {
         local_detector: LocalDetector::Cidrs(vec![net("10.244.0.0/16")]),
         node_ip: Some(ip("10.0.0.10")),
         localhost_node_ports: true,
+        packet_counters: true,
         ..RenderConfig::default()
     }
 }
@@ -220,12 +222,7 @@ fn theirs_comparable(saved: &SavedRuleset) -> BTreeMap<(String, String), Vec<Vec
             .keys()
             .filter(|c| !BUILTIN.contains(&c.as_str()) && *c != "KUBE-PROXY-CANARY")
             .map(|c| {
-                let rules = table
-                    .rules_of(c)
-                    // The localhost NodePort variant exists only with an nfacct counter, which we do not create.
-                    .filter(|r| !r.args.iter().any(|a| a == "localhost_nps_accepted_pkts"))
-                    .map(|r| r.args.clone())
-                    .collect();
+                let rules = table.rules_of(c).map(|r| r.args.clone()).collect();
                 (t.to_string(), c.clone(), rules)
             })
             .collect::<Vec<_>>()
