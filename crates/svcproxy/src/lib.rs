@@ -23,6 +23,7 @@ pub mod implied_run;
 pub mod metrics;
 pub mod node_addresses;
 pub mod oom_score;
+pub mod packet_counters;
 pub mod process_metrics;
 pub mod service_health;
 pub mod source;

@@ -12,6 +12,7 @@ use svcproxy::debug_http::DebugState;
 use svcproxy::events::{EventSink, KubeEvents, NoEvents, ProxyEvent};
 use svcproxy::exec::generation::NfTablesGeneration;
 use svcproxy::exec::kernel_release::SystemKernelRelease;
+use svcproxy::exec::nfacct::{NetlinkPacketCounters, PacketCounters};
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::NetlinkElementSocket;
 use svcproxy::exec::runner::SystemRunner;
@@ -209,6 +210,20 @@ fn init_only(args: &RunArgs) {
     }
 }
 
+/// kube-proxy's nfacct packet counters, created for the rules to count into; `None` (and rules that count
+/// nothing) when this kernel has no nfacct, as upstream does.
+fn packet_counters() -> Option<Arc<dyn PacketCounters>> {
+    let prepared = NetlinkPacketCounters::new()
+        .and_then(|counters| svcproxy::packet_counters::prepare(Arc::new(counters)));
+    match prepared {
+        Ok(counters) => Some(counters),
+        Err(e) => {
+            tracing::info!("no packet counters (kubeproxy_iptables_*_packets_total): {e}");
+            None
+        }
+    }
+}
+
 /// Gives the process the OOM score adjustment kube-proxy gives itself; a failure is a warning, as there.
 fn set_own_oom_score_adj(value: i32) {
     match set_oom_score_adj(Path::new(OWN_OOM_SCORE_ADJ), value) {
@@ -234,7 +249,14 @@ async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow:
     set_own_oom_score_adj(args.oom_score_adj());
 
     let health = Arc::new(ProxyHealth::new(args.sync_period * 2));
-    let metrics = Arc::new(Metrics::new());
+    let packet_counters = match args.proxy_mode {
+        ProxyMode::Iptables => packet_counters(),
+        ProxyMode::Nftables => None,
+    };
+    let metrics = Arc::new(match &packet_counters {
+        Some(counters) => Metrics::new().with_packet_counters(counters.clone()),
+        None => Metrics::new(),
+    });
     let app = AppState {
         health: health.clone(),
         metrics: metrics.clone(),
@@ -356,11 +378,13 @@ async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow:
             // neither takes the other's for a foreign program's.
             let ledger = CommitLedger::default();
             for &family in &families {
+                let mut options = ProxierOptions::from_args(&args, family)?;
+                options.base.packet_counters = packet_counters.is_some();
                 let mut proxier = IptablesProxier::new(
                     Box::new(backend.family_commands(family)),
                     Box::new(SystemAddresses),
                     intent_config(family),
-                    ProxierOptions::from_args(&args, family)?,
+                    options,
                 );
                 if let Some(ct) = conntrack() {
                     proxier = proxier.with_conntrack(ct);

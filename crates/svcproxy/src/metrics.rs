@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use crate::exec::nfacct::PacketCounters;
+use crate::packet_counters::PacketCounterCollector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -110,6 +112,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Adds upstream's packet-counter metrics, read from `counters` at each scrape (iptables mode, when the
+    /// nfacct objects exist).
+    pub fn with_packet_counters(mut self, counters: std::sync::Arc<dyn PacketCounters>) -> Self {
+        self.registry
+            .sub_registry_with_prefix("kubeproxy")
+            .register_collector(Box::new(PacketCounterCollector(counters)));
+        self
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let api_requests = ApiRequestMetrics::register(&mut registry);

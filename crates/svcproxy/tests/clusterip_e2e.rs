@@ -577,3 +577,69 @@ fn svcproxy_sets_its_oom_score_adjustment_as_kube_proxy_does() {
         );
     }
 }
+
+/// kube-proxy's packet counters in iptables mode: svcproxy creates upstream's nfacct objects, its rules count
+/// into them as upstream's do (the INVALID drop, and a localhost NodePort rule ahead of the general one), and
+/// `/metrics` reports them under upstream's names. A request to a localhost NodePort is counted.
+#[test]
+fn packet_counters_count_as_kube_proxys_do() {
+    let web = common::WebLab::new();
+    web.dir.write(
+        "web.yaml",
+        &common::WEB_ONE_ENDPOINT
+            .replace(
+                "  clusterIP: 10.96.0.100\n",
+                "  type: NodePort\n  clusterIP: 10.96.0.100\n",
+            )
+            .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}"),
+    );
+    let mut proxy = Svcproxy::start(
+        web.lab.node(),
+        &["--manifests", web.manifests(), "--iptables-localhost-nodeports"],
+    );
+    wait_until(WAIT, POLL, "svcproxy synced", || {
+        proxy.assert_running();
+        proxy.log().contains("synced").then_some(())
+    });
+    let saved = |table: &str| {
+        let text = web
+            .lab
+            .node()
+            .exec_stdout(&["iptables-save", "-t", table])
+            .unwrap();
+        // iptables-save pads the nfacct name with a second blank.
+        text.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        saved("filter").contains(
+            &"-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP"
+                .to_string()
+        ),
+        "{:#?}",
+        saved("filter")
+    );
+    let localhost_rule = saved("nat")
+        .into_iter()
+        .find(|l| l.starts_with("-A KUBE-NODEPORTS -d 127.0.0.0/8"));
+    assert!(
+        localhost_rule
+            .as_deref()
+            .is_some_and(|l| l.contains("--dport 30080")
+                && l.contains("-m nfacct --nfacct-name localhost_nps_accepted_pkts")),
+        "{localhost_rule:?}"
+    );
+
+    let counted = |metrics: &str, name: &str| metric_value(metrics, name);
+    let localhost = "kubeproxy_iptables_localhost_nodeports_accepted_packets_total";
+    let invalid = "kubeproxy_iptables_ct_state_invalid_dropped_packets_total";
+    let before = proxy.metrics(web.lab.node());
+    assert_eq!(counted(&before, localhost), Some(0.0), "{before}");
+    assert!(counted(&before, invalid).is_some(), "{before}");
+    let reply = tcp_request(web.lab.node(), "127.0.0.1:30080".parse().unwrap(), T).unwrap();
+    assert_eq!(reply.identity, "pod11");
+    let after = proxy.metrics(web.lab.node());
+    assert!(counted(&after, localhost).is_some_and(|n| n >= 1.0), "{after}");
+    proxy.assert_no_divergence();
+}

@@ -59,9 +59,13 @@ struct Harness {
 }
 
 fn start() -> Harness {
+    start_with(RenderConfig::default())
+}
+
+fn start_with(base: RenderConfig) -> Harness {
     let fake = RecordingIptables::default();
     let options = ProxierOptions {
-        base: RenderConfig::default(),
+        base,
         detect_local: DetectLocal::None,
         nodeport_addresses: NodePortSpec::All,
         bind_ip: None,
@@ -289,5 +293,40 @@ async fn chains_held_back_on_an_old_kernel_are_deleted_by_a_follow_up_sync() {
     assert!(
         deleted.contains("delete chain ip svcproxy service-ns/b/tcp/p"),
         "{deleted}"
+    );
+}
+
+/// A kernel with nfacct objects but without the iptables `nfacct` match (kubernetes#142068: there every restore
+/// failed for good while kube-proxy reported healthy): the first restore fails on a counting rule, and the
+/// retry writes the same rules without packet counters.
+#[tokio::test(flavor = "multi_thread")]
+async fn rules_that_cannot_count_are_written_without_the_counters() {
+    let mut h = start_with(RenderConfig {
+        packet_counters: true,
+        ..RenderConfig::default()
+    });
+    h.fake.fail_restores.lock().unwrap().push(ExecError::Failed {
+        program: "iptables-restore".into(),
+        status: "exit status: 2".into(),
+        stderr: "iptables-restore v1.8.9 (nf_tables): Couldn't load match `nfacct':No such file or directory"
+            .into(),
+    });
+    h.tx.send(SourceEvent::Services(Delta::Apply(service("a", "10.96.0.1"))))
+        .await
+        .unwrap();
+    h.tx.send(SourceEvent::Synced).await.unwrap();
+    let ok = h.wait_syncs(2).await;
+    assert_eq!(ok.last_error, None, "{ok:?}");
+    let restores = h.fake.restores();
+    assert!(
+        restores[0].contains("-m nfacct --nfacct-name ct_state_invalid_dropped_pkts"),
+        "{}",
+        restores[0]
+    );
+    let last = restores.last().unwrap();
+    assert!(!last.contains("nfacct"), "{last}");
+    assert!(
+        last.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"),
+        "{last}"
     );
 }

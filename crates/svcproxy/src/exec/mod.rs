@@ -3,6 +3,7 @@
 pub mod generation;
 pub mod iptables;
 pub mod kernel_release;
+pub mod nfacct;
 pub mod nft;
 pub mod nft_netlink;
 pub mod nft_table_read;

@@ -601,6 +601,14 @@ impl IptablesProxier {
         reader.finish().map_err(|e| SyncError::ReadBack(e.to_string()))
     }
 
+    fn stop_counting(&mut self) {
+        tracing::warn!(
+            "the iptables nfacct match does not work here: writing the rules without packet counters \
+             (kubeproxy_iptables_*_packets_total stay at their last values)"
+        );
+        self.options.base.packet_counters = false;
+    }
+
     /// Turns a refused transaction into a classified error, quoting the payload lines the error points at,
     /// and repairs what this side can: an iptables without `--random-fully` gets rules without it next time.
     fn refused(&mut self, e: ExecError, payload: &Payload) -> SyncError {
@@ -617,11 +625,29 @@ impl IptablesProxier {
                 format!("; payload around line {n}:{}", quoted.concat())
             })
             .unwrap_or_default();
+        // A kernel with nfacct objects but without the iptables `nfacct` match (kubernetes#142068, where every
+        // restore failed for good) fails on the first line that counts; the rules go on without counting.
+        let counting_line = failure.line.is_some_and(|n| {
+            payload
+                .lines_around(n, 0)
+                .iter()
+                .any(|(_, l)| l.contains("-m nfacct"))
+        });
         let repairable = match &failure.kind {
             FailureKind::UnknownOption { option }
                 if option == "--random-fully" && self.options.base.random_fully =>
             {
                 self.options.base.random_fully = false;
+                true
+            }
+            FailureKind::MissingExtension { name, .. }
+                if name == "nfacct" && self.options.base.packet_counters =>
+            {
+                self.stop_counting();
+                true
+            }
+            _ if counting_line && self.options.base.packet_counters => {
+                self.stop_counting();
                 true
             }
             kind => kind.repairable_by_rebuild(),
