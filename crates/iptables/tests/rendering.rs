@@ -31,8 +31,8 @@ fn lines(ruleset: &Ruleset, table: &str, chain: &str) -> Vec<String> {
         .collect()
 }
 
-/// One NodePort service with two endpoints, line by line as upstream writes it (minus the nfacct-counted rule,
-/// which we never write).
+/// One NodePort service with two endpoints, line by line as upstream writes it where it has no packet
+/// counters (without nfacct objects, so without the counting rule and matches).
 #[test]
 fn worked_example() {
     let svc = service(

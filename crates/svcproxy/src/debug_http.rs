@@ -115,13 +115,21 @@ fn now() -> String {
 }
 
 impl DebugState {
-    /// `backend`: the iptables backend the daemon writes (ignored in nftables mode).
-    pub fn new(args: &RunArgs, node: &str, backend: Backend) -> Result<Self, OptionsError> {
+    /// `backend`: the iptables backend the daemon writes (ignored in nftables mode); `packet_counters`:
+    /// whether its rules count into kube-proxy's nfacct objects.
+    pub fn new(
+        args: &RunArgs,
+        node: &str,
+        backend: Backend,
+        packet_counters: bool,
+    ) -> Result<Self, OptionsError> {
+        let mut options = ProxierOptions::from_args(args, svcproxy_model::IpFamily::V4)?;
+        options.base.packet_counters = packet_counters;
         Ok(DebugState(Arc::new(Inner {
             node: node.to_string(),
             proxy_mode: args.proxy_mode,
             backend,
-            options: ProxierOptions::from_args(args, svcproxy_model::IpFamily::V4)?,
+            options,
             status: OnceLock::new(),
             tracking: Mutex::new(Tracking::default()),
             kernel_reads: tokio::sync::Semaphore::new(1),
@@ -461,7 +469,13 @@ mod tests {
             .try_get_matches_from(["svcproxy", "run", "--manifests", "/nonexistent"])
             .unwrap();
         let run = matches.subcommand_matches("run").unwrap();
-        let d = DebugState::new(&RunArgs::from_arg_matches(run).unwrap(), "node-a", Backend::Nft).unwrap();
+        let d = DebugState::new(
+            &RunArgs::from_arg_matches(run).unwrap(),
+            "node-a",
+            Backend::Nft,
+            false,
+        )
+        .unwrap();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let first = tokio::spawn({

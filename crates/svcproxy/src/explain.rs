@@ -419,7 +419,10 @@ pub async fn load_expected(
     family: IpFamily,
 ) -> Result<Expected, LoadError> {
     let node = node_name(args)?;
-    let options = ProxierOptions::from_args(args, family)?;
+    let mut options = ProxierOptions::from_args(args, family)?;
+    // The daemon's rules count packets whenever kube-proxy's nfacct objects exist (it creates them).
+    options.base.packet_counters =
+        args.proxy_mode == ProxyMode::Iptables && crate::packet_counters::counting_here();
     let (state, source, warnings) = read_cluster(args, &node).await?;
     let intent = build_intent(
         &state,

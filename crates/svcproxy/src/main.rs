@@ -300,7 +300,7 @@ async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow:
         Some(u) => tracing::warn!("serving {} only: {}", served.families[0].label(), u.reason),
     }
     let families = served.families.clone();
-    let debug = DebugState::new(&args, &node, backend)?;
+    let debug = DebugState::new(&args, &node, backend, packet_counters.is_some())?;
     let _metrics_server = http_server::serve(
         "metrics",
         args.metrics_bind_address,

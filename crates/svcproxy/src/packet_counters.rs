@@ -11,7 +11,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use svcproxy_iptables::config::{CT_STATE_INVALID_COUNTER, LOCALHOST_NODEPORTS_COUNTER};
 
-use crate::exec::nfacct::{NfacctError, PacketCounters};
+use crate::exec::nfacct::{NetlinkPacketCounters, NfacctError, PacketCounters};
 
 /// Each nfacct object with the metric (under `kubeproxy_`, `_total` added) that reports it, and its help.
 pub const COUNTED: [(&str, &str, &str); 2] = [
@@ -34,6 +34,16 @@ pub fn prepare(counters: Arc<dyn PacketCounters>) -> Result<Arc<dyn PacketCounte
         counters.ensure(object)?;
     }
     Ok(counters)
+}
+
+/// Whether this node's rules count packets as the daemon writes them: both of kube-proxy's nfacct objects
+/// exist. For the commands that render what the daemon would (`diff`, `explain`), without creating anything.
+pub fn counting_here() -> bool {
+    NetlinkPacketCounters::new().is_ok_and(|counters| {
+        COUNTED
+            .iter()
+            .all(|(object, _, _)| counters.packets(object).is_ok())
+    })
 }
 
 /// Reports the objects' counts at each scrape; an object that cannot be read is left out of that scrape.
