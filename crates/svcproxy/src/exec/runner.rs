@@ -62,6 +62,15 @@ pub struct RecordingRunner {
 }
 
 impl RecordingRunner {
+    /// The failure of a command asked about something that is not there (a table, a chain), for answers.
+    pub fn absent() -> ExecError {
+        ExecError::Failed {
+            program: "x".into(),
+            status: "exit status: 1".into(),
+            stderr: "No such file or directory".into(),
+        }
+    }
+
     /// Answers calls whose command line starts with `prefix` with `result`.
     pub fn answer(&self, prefix: &str, result: Result<String, ExecError>) {
         self.outputs.lock().unwrap().push((prefix.to_string(), result));

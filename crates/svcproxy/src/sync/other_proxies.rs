@@ -94,11 +94,7 @@ mod tests {
     use crate::exec::runner::RecordingRunner;
 
     fn absent() -> ExecError {
-        ExecError::Failed {
-            program: "x".into(),
-            status: "exit status: 1".into(),
-            stderr: "No such file or directory".into(),
-        }
+        RecordingRunner::absent()
     }
 
     #[test]
