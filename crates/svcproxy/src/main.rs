@@ -580,18 +580,20 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         f.abort();
     }
     source_task.abort();
-    let reason = if stopper.is_finished() {
-        stopper.await.ok().flatten()
+    // `Some(None)`: stopped by a signal; `Some(Some(reason))`: by a configuration change.
+    let stopped = if stopper.is_finished() {
+        stopper.await.ok()
     } else {
         None
     };
-    if let Some(reason) = reason {
-        // A non-zero status, as kube-proxy's: a service manager that restarts only on failure restarts it.
-        // The rules stay: the restart takes them over.
-        anyhow::bail!(reason);
-    }
-    if args.proxy_mode == ProxyMode::Nftables {
-        hand_back_table(&families).await;
+    match stopped {
+        Some(Some(reason)) => {
+            // A non-zero status, as kube-proxy's: a service manager that restarts only on failure restarts
+            // it. The rules stay: the restart takes them over.
+            anyhow::bail!(reason);
+        }
+        Some(None) if args.proxy_mode == ProxyMode::Nftables => hand_back_table(&families).await,
+        _ => {}
     }
     Ok(())
 }

@@ -610,7 +610,8 @@ impl IptablesProxier {
     }
 
     /// Turns a refused transaction into a classified error, quoting the payload lines the error points at,
-    /// and repairs what this side can: an iptables without `--random-fully` gets rules without it next time.
+    /// and repairs what this side can: an iptables without `--random-fully`, or a kernel without the `nfacct`
+    /// match, gets rules without them next time.
     fn refused(&mut self, e: ExecError, payload: &Payload) -> SyncError {
         let reason = e.to_string();
         let failure = classify(&reason);
