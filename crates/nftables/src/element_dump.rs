@@ -32,14 +32,14 @@ pub const NEWSETELEM_MESSAGE: u16 = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETEL
 /// The answer to a generation request.
 pub const NEWGEN_MESSAGE: u16 = NFNL_SUBSYS_NFTABLES << 8 | 15;
 const NFT_MSG_GETSETELEM: u16 = 13;
-const NLM_F_DUMP: u16 = 0x300;
+pub(crate) const NLM_F_DUMP: u16 = 0x300;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 const NFTA_GEN_ID: u16 = 1;
 /// The attribute type without the nested and byte-order flags.
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const NETLINK_HEADER: usize = 16;
-const NFGENMSG: usize = 4;
+pub(crate) const NFGENMSG: usize = 4;
 
 /// A request to dump every element of set `set` of table `table`.
 pub fn dump_request(family: Family, table: &str, set: &str, sequence: u32) -> Vec<u8> {
@@ -97,7 +97,7 @@ pub fn generation_of(payload: &[u8]) -> Option<u32> {
 }
 
 /// The `(type, value)` attributes in `bytes`.
-fn attributes(mut bytes: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
+pub(crate) fn attributes(mut bytes: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
     let mut out = Vec::new();
     while bytes.len() >= 4 {
         let len = u16::from_ne_bytes([bytes[0], bytes[1]]) as usize;
@@ -111,7 +111,7 @@ fn attributes(mut bytes: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
     Ok(out)
 }
 
-fn find<'a>(attrs: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
+pub(crate) fn find<'a>(attrs: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
     attrs.iter().find(|(t, _)| *t == ty).map(|(_, v)| *v)
 }
 

@@ -15,7 +15,8 @@
 //!   chains for a later transaction;
 //! - to verify, [`parse_listing`] of `nft list table ip svcproxy` (or, much faster, of [`table_text`] of
 //!   `nft -t list ruleset` with each set's elements dumped over netlink, [`dump_request`], and decoded by an
-//!   [`ElementDecoder`]), then
+//!   [`ElementDecoder`]; [`table_census::cheaper_listing`] says when other tables make listing ours alone
+//!   cheaper), then
 //!   `partial_transaction(&read_back.without_dynamic_elements(), &desired)`: empty means the kernel matches,
 //!   otherwise its `services` name the affected Services and its text is the repair;
 //! - to explain, [`trace`] a packet through the desired or the read-back table.
@@ -40,6 +41,7 @@ pub mod ruleset;
 pub mod service_port;
 pub mod simulate;
 pub mod slots;
+pub mod table_census;
 pub mod tracer;
 pub mod transaction;
 

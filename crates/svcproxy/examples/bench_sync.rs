@@ -4,12 +4,12 @@
 //! nf_tables, so the proxy cannot take the kernel's state on trust), and the peak memory of the proxy.
 //!
 //! `bench_sync [--services 1000,5000] [--endpoints 10] [--changes 5] [--proxy-mode iptables|nftables]
-//! [--iptables-backend auto|nft|legacy] [--dual-stack] [--verify-period 0] [--settle 0]` (root; build the
-//! binary first:
-//! `cargo build --release --bin svcproxy --example bench_sync`). `--settle N` keeps the first proxy running N
+//! [--iptables-backend auto|nft|legacy] [--dual-stack] [--verify-period 0] [--settle 0] [--takeover]` (root;
+//! build the binary first: `cargo build --release --bin svcproxy --example bench_sync`). `--settle N` keeps the first proxy running N
 //! seconds after the changes before it is stopped (with a `--verify-period` shorter than that, periodic
 //! read-backs run meanwhile) and prints the CPU time it and its children (`iptables-save`, `nft`) used then.
-//! With `--dual-stack` every Service is RequireDualStack with an IPv6 EndpointSlice as well. The proxy serves
+//! `--takeover` (nftables mode) then measures a start next to the rules of iptables mode, as on a node taken
+//! over from kube-proxy in iptables mode. With `--dual-stack` every Service is RequireDualStack with an IPv6 EndpointSlice as well. The proxy serves
 //! both families either way (the IPv6 ruleset is empty without it), and a cold sync or restart is done when
 //! both have synced (the changes touch IPv4 slices).
 
@@ -285,6 +285,7 @@ fn main() {
     let dual = std::env::args().any(|a| a == "--dual-stack");
     let verify = arg("--verify-period", "0");
     let settle: u64 = arg("--settle", "0").parse().unwrap();
+    let takeover = std::env::args().any(|a| a == "--takeover");
     // svcproxy serves both families wherever the node has them, as the namespace does: a cold sync or a
     // restart is done when both engines have synced, even when only IPv4 has Services.
     let families = 2;
@@ -413,6 +414,40 @@ fn main() {
         if settle > 0 {
             println!(
                 "{n} × {m}: idle for {settle} s with --verify-period {verify}: {idle_cpu:.2} s of CPU (the proxy and its children)"
+            );
+        }
+        if takeover && mode == "nftables" {
+            // A node taken over from a proxy in iptables mode: its rules (upstream's chains, written here by
+            // svcproxy in iptables mode) are in nat and filter, our table is not, and the proxy starting in
+            // nftables mode puts its table in, then removes them.
+            let _ = ns.exec(&["nft", "delete", "table", "ip", "svcproxy"]);
+            let _ = ns.exec(&["nft", "delete", "table", "ip6", "svcproxy"]);
+            let mut before = Proxy::start(
+                &ns,
+                &kubeconfig,
+                work.join(format!("iptables-{n}.log")),
+                "iptables",
+                dual,
+                "0",
+            );
+            before.next_syncs(families, Duration::from_secs(600));
+            before.stop();
+            let started = SystemTime::now();
+            let mut after = Proxy::start(
+                &ns,
+                &kubeconfig,
+                work.join(format!("takeover-{n}.log")),
+                &mode,
+                dual,
+                "0",
+            );
+            let first = after.next_syncs(families, Duration::from_secs(900));
+            let wall = first.at.duration_since(started).unwrap_or_default().as_secs_f64();
+            let cpu = after.cpu_seconds(ticks_per_second);
+            after.stop();
+            println!(
+                "{n} × {m}: taking over from iptables mode's rules: synced {wall:.2} s after start (the sync {:.2} s, {} lines), {cpu:.2} s of CPU by then (the proxy and its children)",
+                first.seconds, first.lines
             );
         }
     }

@@ -17,6 +17,11 @@ pub trait NftCommands: Send + Sync {
     /// `nft` spends that time formatting elements, and its single-table listing looks up a protocol name
     /// in /etc/protocols for every rule).
     fn list_ruleset_terse(&self) -> Result<String, ExecError>;
+    /// `nft -t list table FAMILY NAME`: one table's rules and set declarations; `None` when it does not
+    /// exist. `nft` still fetches and decodes the table's elements (0.7–0.9 s at 5,000 services), but the
+    /// kernel skips every other table's rules, which [`NftCommands::list_ruleset_terse`] pays for with the
+    /// square of their number.
+    fn list_table_terse(&self, family: &str, name: &str) -> Result<Option<String>, ExecError>;
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -50,6 +55,14 @@ impl NftCommands for SystemNft {
     fn list_ruleset_terse(&self) -> Result<String, ExecError> {
         SystemRunner.run("nft", &["-t", "list", "ruleset"], None)
     }
+
+    fn list_table_terse(&self, family: &str, name: &str) -> Result<Option<String>, ExecError> {
+        match SystemRunner.run("nft", &["-t", "list", "table", family, name], None) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if missing(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Records transactions; listings answer from `listing`.
@@ -80,5 +93,10 @@ impl NftCommands for RecordingNft {
     /// The listing, or an empty ruleset.
     fn list_ruleset_terse(&self) -> Result<String, ExecError> {
         Ok(self.listing.lock().unwrap().clone().unwrap_or_default())
+    }
+
+    /// The listing (which holds the one table, or none).
+    fn list_table_terse(&self, _family: &str, _name: &str) -> Result<Option<String>, ExecError> {
+        Ok(self.listing.lock().unwrap().clone())
     }
 }

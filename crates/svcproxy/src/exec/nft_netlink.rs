@@ -14,6 +14,7 @@ use netlink_sys::protocols::NETLINK_NETFILTER;
 use netlink_sys::{Socket, SocketAddr};
 use svcproxy_nftables::element_batch::generation_request;
 use svcproxy_nftables::element_dump::{Message, NEWGEN_MESSAGE, NEWSETELEM_MESSAGE, generation_of, messages};
+use svcproxy_nftables::table_census::{NEWTABLE_MESSAGE, TableCensus, table_dump_request, table_of};
 use svcproxy_nftables::{
     CompactString, DecodeError, Element, ElementChange, ElementDecoder, EncodeError, Family, Ruleset, Set,
     dump_request, encode_batch,
@@ -45,6 +46,8 @@ pub trait ElementSocket: Send + Sync {
     /// The ruleset's generation, which every committed transaction changes: equal before and after a
     /// read-back in several requests means they all saw the same ruleset.
     fn generation(&self) -> Result<u32, ElementSocketError>;
+    /// Every table on the node, of every family, with its size.
+    fn tables(&self) -> Result<Vec<TableCensus>, ElementSocketError>;
     /// Every element of set `name` (declared as `set`) of table `family table`, as `nft list` prints them.
     fn elements(
         &self,
@@ -233,6 +236,24 @@ impl ElementSocket for NetlinkElementSocket {
         })
     }
 
+    fn tables(&self) -> Result<Vec<TableCensus>, ElementSocketError> {
+        let mut c = self.conversation.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tables = Vec::new();
+        c.ask(table_dump_request, 64 * 1024, |m| match m.ty {
+            NEWTABLE_MESSAGE => {
+                tables.push(table_of(m.payload).map_err(ElementSocketError::Answer)?);
+                Ok(None)
+            }
+            NLMSG_DONE => Ok(Some(())),
+            NLMSG_ERROR if error_code(m.payload) != 0 => Err(ElementSocketError::Answer(format!(
+                "table dump: {}",
+                error_text(m.payload)
+            ))),
+            _ => Ok(None),
+        })?;
+        Ok(tables)
+    }
+
     fn elements(
         &self,
         family: Family,
@@ -286,6 +307,12 @@ impl ElementSocket for RecordingElementSocket {
 
     fn generation(&self) -> Result<u32, ElementSocketError> {
         Ok(0)
+    }
+
+    fn tables(&self) -> Result<Vec<TableCensus>, ElementSocketError> {
+        Err(ElementSocketError::Answer(
+            "the recording socket does not read".into(),
+        ))
     }
 
     fn elements(

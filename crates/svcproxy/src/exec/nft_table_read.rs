@@ -3,10 +3,14 @@
 //!
 //! At 5,000 services × 10 endpoints `nft list table` takes 0.8–1 s, nearly all of it `nft` formatting the
 //! 50,000 map elements; this read takes a small fraction of that. It runs on every restart (to find what the
-//! kernel already holds) and every verification.
+//! kernel already holds) and every verification. When other tables on the node outweigh ours (upstream's
+//! iptables rules during a takeover), the terse listing of our table alone replaces that of the ruleset,
+//! whose kernel cost grows with the square of every table's rules (see
+//! [`svcproxy_nftables::table_census`]).
 
 use std::collections::BTreeSet;
 
+use svcproxy_nftables::table_census::{TableListing, cheaper_listing, nfproto_of};
 use svcproxy_nftables::{Family, Ruleset, parse_listing, table_text};
 use thiserror::Error;
 
@@ -58,7 +62,27 @@ pub fn read_structure(
     name: &str,
 ) -> Result<Option<TableStructure>, TableReadError> {
     let generation = socket.generation().map_err(TableReadError::Socket)?;
-    let text = nft.list_ruleset_terse().map_err(TableReadError::Nft)?;
+    // Without a census (a socket that cannot dump tables) the ruleset listing, right on nearly every node.
+    let listing = match socket.tables() {
+        Ok(tables) => {
+            let ours = nfproto_of(family);
+            if !tables.iter().any(|t| t.family == ours && t.name == name) {
+                return Ok(None);
+            }
+            cheaper_listing(&tables, family, name)
+        }
+        Err(_) => TableListing::Ruleset,
+    };
+    let text = match listing {
+        TableListing::Ruleset => nft.list_ruleset_terse().map_err(TableReadError::Nft)?,
+        TableListing::OwnTable => match nft
+            .list_table_terse(family.keyword(), name)
+            .map_err(TableReadError::Nft)?
+        {
+            Some(text) => text,
+            None => return Ok(None),
+        },
+    };
     let Some(ours) = table_text(&text, family, name) else {
         return Ok(None);
     };
