@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod backends;
+pub mod build_info;
 pub mod cleanup;
 pub mod cli;
 pub mod config_file;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use crate::build_info::{BuildLabels, this_build};
 use crate::exec::nfacct::PacketCounters;
 use crate::packet_counters::PacketCounterCollector;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -162,6 +163,13 @@ impl Metrics {
             api_requests,
         };
         registry.register_collector(Box::new(ProcessCollector::default()));
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info.get_or_create(&this_build()).set(1);
+        registry.register(
+            "kubernetes_build_info",
+            "Always 1: its labels say which build runs (version, compiler, platform), as every Kubernetes component's do",
+            build_info,
+        );
         {
             let kp = registry.sub_registry_with_prefix("kubeproxy");
             kp.register(
@@ -360,5 +368,20 @@ mod tests {
             "{started} vs {now}"
         );
         assert!(text.contains("# TYPE process_cpu_seconds counter"), "{text}");
+    }
+
+    /// As every Kubernetes component serves it: a gauge at 1, its labels saying which build runs.
+    #[test]
+    fn the_build_is_described_as_kubernetes_components_describe_theirs() {
+        let text = Metrics::new().encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("kubernetes_build_info{"))
+            .unwrap_or_else(|| panic!("no kubernetes_build_info in\n{text}"));
+        assert!(line.ends_with("} 1"), "{line}");
+        let version = format!("git_version=\"v{}\"", env!("CARGO_PKG_VERSION"));
+        assert!(line.contains(&version), "{line}");
+        assert!(line.contains("compiler=\"rustc\""), "{line}");
+        assert!(text.contains("# TYPE kubernetes_build_info gauge"), "{text}");
     }
 }
