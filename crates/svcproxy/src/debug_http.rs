@@ -15,6 +15,7 @@
 //! with, so the rendering here is resolved without the Node: on nodes using `--detect-local-mode=NodeCIDR` or
 //! `--nodeport-addresses=primary` it can differ from what the daemon wrote.
 
+use crate::packet_counters::CountingSwitch;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -95,6 +96,7 @@ struct Inner {
     proxy_mode: ProxyMode,
     backend: Backend,
     options: ProxierOptions,
+    counting: CountingSwitch,
     status: OnceLock<watch::Receiver<EngineStatus>>,
     tracking: Mutex<Tracking>,
     /// One kernel read at a time: `diff` and `explain` each read the whole ruleset (seconds of CPU at
@@ -115,17 +117,17 @@ fn now() -> String {
 }
 
 impl DebugState {
-    /// `backend`: the iptables backend the daemon writes (ignored in nftables mode); `packet_counters`:
-    /// whether its rules count into kube-proxy's nfacct objects.
+    /// `backend`: the iptables backend the daemon writes (ignored in nftables mode); `counting`: whether
+    /// the IPv4 engine's rules count into kube-proxy's nfacct objects, now.
     pub fn new(
         args: &RunArgs,
         node: &str,
         backend: Backend,
-        packet_counters: bool,
+        counting: CountingSwitch,
     ) -> Result<Self, OptionsError> {
-        let mut options = ProxierOptions::from_args(args, svcproxy_model::IpFamily::V4)?;
-        options.base.packet_counters = packet_counters;
+        let options = ProxierOptions::from_args(args, svcproxy_model::IpFamily::V4)?;
         Ok(DebugState(Arc::new(Inner {
+            counting,
             node: node.to_string(),
             proxy_mode: args.proxy_mode,
             backend,
@@ -179,8 +181,15 @@ impl DebugState {
         })
     }
 
+    /// The daemon's options as its IPv4 engine renders with them now.
+    fn options(&self) -> ProxierOptions {
+        let mut options = self.0.options.clone();
+        options.base.packet_counters = self.0.counting.is_on();
+        options
+    }
+
     fn expected(&self, intent: Arc<Intent>) -> Expected {
-        let config = self.0.options.resolve(None, &SystemAddresses.addresses());
+        let config = self.options().resolve(None, &SystemAddresses.addresses());
         Expected::new(
             intent,
             config,
@@ -202,8 +211,7 @@ impl DebugState {
                 },
             );
             let config = self
-                .0
-                .options
+                .options()
                 .resolve(wanted.node.as_ref(), &SystemAddresses.addresses());
             return Ok(Expected::new(
                 Arc::new(intent),
@@ -462,6 +470,27 @@ mod tests {
         ))
     }
 
+    /// The debug endpoints render as the IPv4 engine writes: with packet counters until it turns them off.
+    #[test]
+    fn renderings_follow_the_engines_packet_counters() {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = crate::cli::Cli::command()
+            .try_get_matches_from(["svcproxy", "run", "--manifests", "/nonexistent"])
+            .unwrap();
+        let run = matches.subcommand_matches("run").unwrap();
+        let counting = CountingSwitch::new(true);
+        let d = DebugState::new(
+            &RunArgs::from_arg_matches(run).unwrap(),
+            "node-a",
+            Backend::Nft,
+            counting.clone(),
+        )
+        .unwrap();
+        assert!(d.options().base.packet_counters);
+        counting.turn_off();
+        assert!(!d.options().base.packet_counters);
+    }
+
     #[tokio::test]
     async fn kernel_reads_run_one_at_a_time() {
         use clap::{CommandFactory, FromArgMatches};
@@ -473,7 +502,7 @@ mod tests {
             &RunArgs::from_arg_matches(run).unwrap(),
             "node-a",
             Backend::Nft,
-            false,
+            CountingSwitch::default(),
         )
         .unwrap();
         let (started_tx, started_rx) = std::sync::mpsc::channel();

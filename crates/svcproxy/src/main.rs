@@ -23,6 +23,7 @@ use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
 use svcproxy::node_addresses::{NodePortSpec, SystemAddresses};
 use svcproxy::oom_score::{OWN_OOM_SCORE_ADJ, OomScoreApplied, set_oom_score_adj};
+use svcproxy::packet_counters::CountingSwitch;
 use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, family_split, manifest_dir::ManifestDir};
 use svcproxy::sync::commit_ledger::CommitLedger;
@@ -300,7 +301,8 @@ async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow:
         Some(u) => tracing::warn!("serving {} only: {}", served.families[0].label(), u.reason),
     }
     let families = served.families.clone();
-    let debug = DebugState::new(&args, &node, backend, packet_counters.is_some())?;
+    let counting = CountingSwitch::new(packet_counters.is_some());
+    let debug = DebugState::new(&args, &node, backend, counting.clone())?;
     let _metrics_server = http_server::serve(
         "metrics",
         args.metrics_bind_address,
@@ -388,6 +390,10 @@ async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow:
                 );
                 if let Some(ct) = conntrack() {
                     proxier = proxier.with_conntrack(ct);
+                }
+                // The debug endpoints follow the IPv4 engine.
+                if family == IpFamily::V4 {
+                    proxier = proxier.with_counting_switch(counting.clone());
                 }
                 proxier = proxier.with_other_proxies(OtherProxies::new(
                     Box::new(SystemRunner),

@@ -5,6 +5,7 @@
 //! count.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -26,6 +27,26 @@ pub const COUNTED: [(&str, &str, &str); 2] = [
         "Number of packets accepted on nodeports of loopback interface",
     ),
 ];
+
+/// Whether the daemon's rules count packets now: on from the start when the objects exist, turned off for good
+/// by the proxier that finds the iptables `nfacct` match missing (kubernetes#142068), and read by the debug
+/// endpoints, whose renderings must match what is written or they report the counting rules as drift.
+#[derive(Debug, Clone, Default)]
+pub struct CountingSwitch(Arc<AtomicBool>);
+
+impl CountingSwitch {
+    pub fn new(on: bool) -> Self {
+        CountingSwitch(Arc::new(AtomicBool::new(on)))
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn turn_off(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
 
 /// Creates the objects the rules will count into; without all of them the rules must not name any (a rule
 /// naming a missing object fails the whole restore).

@@ -8,6 +8,7 @@ use svcproxy::exec::iptables::{ExecError, Recorded, RecordingIptables};
 use svcproxy::health::ProxyHealth;
 use svcproxy::metrics::Metrics;
 use svcproxy::node_addresses::{FixedAddresses, NodePortSpec};
+use svcproxy::packet_counters::CountingSwitch;
 use svcproxy::source::{Delta, SourceEvent};
 use svcproxy::sync::engine::{Engine, EngineConfig, EngineStatus};
 use svcproxy::sync::iptables_proxier::{DetectLocal, IptablesProxier, ProxierOptions};
@@ -55,6 +56,8 @@ struct Harness {
     status: watch::Receiver<EngineStatus>,
     health: Arc<ProxyHealth>,
     metrics: Arc<Metrics>,
+    /// What the proxier says of its packet counters, as the debug endpoints read it.
+    counting: CountingSwitch,
     _stop: watch::Sender<bool>,
 }
 
@@ -64,6 +67,7 @@ fn start() -> Harness {
 
 fn start_with(base: RenderConfig) -> Harness {
     let fake = RecordingIptables::default();
+    let counting = CountingSwitch::new(base.packet_counters);
     let options = ProxierOptions {
         base,
         detect_local: DetectLocal::None,
@@ -78,7 +82,8 @@ fn start_with(base: RenderConfig) -> Harness {
             node_name: "node-a".into(),
         },
         options,
-    );
+    )
+    .with_counting_switch(counting.clone());
     let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
     let config = EngineConfig {
         min_sync_period: Duration::ZERO,
@@ -101,6 +106,7 @@ fn start_with(base: RenderConfig) -> Harness {
         status,
         health,
         metrics,
+        counting,
         _stop: stop,
     }
 }
@@ -298,13 +304,15 @@ async fn chains_held_back_on_an_old_kernel_are_deleted_by_a_follow_up_sync() {
 
 /// A kernel with nfacct objects but without the iptables `nfacct` match (kubernetes#142068: there every restore
 /// failed for good while kube-proxy reported healthy): the first restore fails on a counting rule, and the
-/// retry writes the same rules without packet counters.
+/// retry writes the same rules without packet counters, and says so to the debug endpoints, which render
+/// what the daemon writes.
 #[tokio::test(flavor = "multi_thread")]
 async fn rules_that_cannot_count_are_written_without_the_counters() {
     let mut h = start_with(RenderConfig {
         packet_counters: true,
         ..RenderConfig::default()
     });
+    assert!(h.counting.is_on());
     h.fake.fail_restores.lock().unwrap().push(ExecError::Failed {
         program: "iptables-restore".into(),
         status: "exit status: 2".into(),
@@ -325,6 +333,7 @@ async fn rules_that_cannot_count_are_written_without_the_counters() {
     );
     let last = restores.last().unwrap();
     assert!(!last.contains("nfacct"), "{last}");
+    assert!(!h.counting.is_on(), "the switch the debug endpoints read is off");
     assert!(
         last.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"),
         "{last}"

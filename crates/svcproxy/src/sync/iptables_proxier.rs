@@ -40,6 +40,7 @@ use crate::cli::{DetectLocalMode, ProxyMode, RunArgs};
 use crate::exec::generation::RulesetGeneration;
 use crate::exec::iptables::{ExecError, IptablesCommands};
 use crate::node_addresses::{LocalAddresses, NodePortSpec, NodePortSpecError, primary_ip};
+use crate::packet_counters::CountingSwitch;
 use svcproxy_conntrack::Conntrack;
 use svcproxy_conntrack::sysctls::{TCP_BE_LIBERAL, read_sysctl};
 
@@ -208,6 +209,7 @@ pub struct IptablesProxier {
     other_backend: Option<(Backend, Box<dyn IptablesCommands>)>,
     /// Watches for a proxy of the other mode writing next to us.
     other_proxies: Option<OtherProxies>,
+    counting_switch: Option<CountingSwitch>,
     /// The nf_tables generation, to seal what we write (see `svcproxy_iptables::seal`); `None` with legacy
     /// iptables, whose writes do not move it.
     generation: Option<Box<dyn RulesetGeneration>>,
@@ -266,6 +268,7 @@ impl IptablesProxier {
             applied_intent: None,
             other_backend: None,
             other_proxies: None,
+            counting_switch: None,
             generation: None,
             custody: None,
             verified: None,
@@ -348,6 +351,12 @@ impl IptablesProxier {
     /// Reports a proxy of the other mode (an nftables table of kube-proxy's or ours) writing next to us.
     pub fn with_other_proxies(mut self, other: OtherProxies) -> Self {
         self.other_proxies = Some(other);
+        self
+    }
+
+    /// Says through `switch` when the rules stop counting packets (see [`CountingSwitch`]).
+    pub fn with_counting_switch(mut self, switch: CountingSwitch) -> Self {
+        self.counting_switch = Some(switch);
         self
     }
 
@@ -607,6 +616,9 @@ impl IptablesProxier {
              (kubeproxy_iptables_*_packets_total stay at their last values)"
         );
         self.options.base.packet_counters = false;
+        if let Some(switch) = &self.counting_switch {
+            switch.turn_off();
+        }
     }
 
     /// Turns a refused transaction into a classified error, quoting the payload lines the error points at,
