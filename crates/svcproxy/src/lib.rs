@@ -26,6 +26,7 @@ pub mod node_addresses;
 pub mod oom_score;
 pub mod packet_counters;
 pub mod process_metrics;
+pub mod removal_order;
 pub mod service_health;
 pub mod source;
 pub mod status;

@@ -24,6 +24,7 @@ use svcproxy::metrics::Metrics;
 use svcproxy::node_addresses::{NodePortSpec, SystemAddresses};
 use svcproxy::oom_score::{OWN_OOM_SCORE_ADJ, OomScoreApplied, set_oom_score_adj};
 use svcproxy::packet_counters::CountingSwitch;
+use svcproxy::removal_order::RemovalOrder;
 use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, family_split, manifest_dir::ManifestDir};
 use svcproxy::sync::commit_ledger::CommitLedger;
@@ -99,14 +100,18 @@ async fn retire_other_mode(
     mode: ProxyMode,
     families: Vec<IpFamily>,
     mut status: watch::Receiver<EngineStatus>,
+    order: RemovalOrder,
 ) {
     if status.wait_for(|s| s.applied.is_some()).await.is_err() {
         return;
     }
-    let retired = tokio::task::spawn_blocking(move || {
-        svcproxy::cleanup::retire_other_mode(&SystemRunner, mode, &families)
-    })
-    .await;
+    let Some(retired) = order
+        .retire(move || svcproxy::cleanup::retire_other_mode(&SystemRunner, mode, &families))
+        .await
+    else {
+        tracing::info!("stopping: the other proxy mode's rules stay");
+        return;
+    };
     match retired {
         Ok(Ok(removed)) => {
             for item in removed {
@@ -542,6 +547,7 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         (_, events) => Some(tokio::spawn(family_split::fan_out(events, feeds))),
     };
     let families: Vec<IpFamily> = proxiers.iter().map(|p| p.family()).collect();
+    let removal_order = RemovalOrder::default();
     let mut engines = Vec::new();
     for (i, (proxier, input)) in proxiers.into_iter().zip(inputs).enumerate() {
         let engine = Engine::new(proxier, config.clone(), health.clone(), metrics.clone());
@@ -554,6 +560,7 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
                 args.proxy_mode,
                 families.clone(),
                 engine.status(),
+                removal_order.clone(),
             ));
             tokio::spawn(apply_conntrack_sysctls(sysctl_config(args), engine.status()));
         }
@@ -598,7 +605,10 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
             // it. The rules stay: the restart takes them over.
             anyhow::bail!(reason);
         }
-        Some(None) if args.proxy_mode == ProxyMode::Nftables => hand_back_table(&families).await,
+        Some(None) if args.proxy_mode == ProxyMode::Nftables => {
+            removal_order.stop().await;
+            hand_back_table(&families).await;
+        }
         _ => {}
     }
     Ok(())

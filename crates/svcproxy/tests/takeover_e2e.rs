@@ -423,3 +423,68 @@ fn stopping_once_kube_proxy_is_back_removes_our_table(kube_proxy_back: impl Fn(&
     let seen = svcproxy_testkit::spread(node.client.ns(), vip, 20);
     assert!(seen.keys().all(|k| k.starts_with("web")), "{seen:?}");
 }
+
+/// Stopped while it takes a node over from upstream's iptables mode (SIGTERM right after its first syncs,
+/// while upstream's chains are being removed, as in a rollout that moves on quickly): the node keeps exactly
+/// one working set of rules, ours or upstream's. The hand-back on SIGTERM once took the chains being removed
+/// for a running kube-proxy's and deleted our table, and then the removal finished: no rules at all.
+#[test]
+fn stopped_while_taking_over_the_node_keeps_one_working_set_of_rules() {
+    let node = Node::new();
+    // Upstream's rules, with as many chains again as 2,000 Services have, so that removing them takes long
+    // enough for the stop to come while it runs.
+    let dump = loadable(&data("upstream-v1.31.14-iptables/clusterip-basic.txt"));
+    let (before_nat, nat) = dump.split_once("*nat\n").expect("a nat table");
+    let mut filler = String::new();
+    for i in 0..20_000 {
+        filler.push_str(&format!(":KUBE-SEP-FILLER{i:07} - [0:0]\n"));
+    }
+    for i in 0..20_000 {
+        filler.push_str(&format!("-A KUBE-SEP-FILLER{i:07} -j RETURN\n"));
+    }
+    let nat = nat.replacen("COMMIT\n", &format!("{filler}COMMIT\n"), 1);
+    node.load(&["iptables-restore"], &format!("{before_nat}*nat\n{nat}"));
+    assert!(kube_proxy_chains(node.ns()).len() > 20_000);
+
+    let vip: SocketAddr = VIP.parse().unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        "upstream's rules serve the ClusterIP",
+        || tcp_request(node.client.ns(), vip, Duration::from_secs(1)).ok(),
+    );
+    let proxy = node.without_a_gap(|| {
+        let mut proxy = Svcproxy::start(
+            node.ns(),
+            &[
+                "--manifests",
+                node.dir.path().to_str().unwrap(),
+                "--proxy-mode",
+                "nftables",
+            ],
+        );
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+            "both families synced",
+            || {
+                proxy.assert_running();
+                (proxy.log().matches("synced").count() >= 2).then_some(())
+            },
+        );
+        assert!(proxy.terminate(), "{}", proxy.log());
+        proxy
+    });
+    let ours = node.nft_tables().contains("table ip svcproxy");
+    let upstreams = kube_proxy_chains(node.ns()).contains("nat/KUBE-SERVICES");
+    assert!(
+        ours != upstreams,
+        "ours: {ours}, upstream's: {upstreams}; log:\n{}",
+        proxy.log()
+    );
+    let seen = svcproxy_testkit::spread(node.client.ns(), vip, 20);
+    assert!(
+        !seen.is_empty() && seen.keys().all(|k| k.starts_with("web")),
+        "{seen:?}"
+    );
+}
