@@ -120,54 +120,56 @@ mod tests {
     }
 
     #[test]
-    fn the_whole_ruleset_is_read_while_our_table_is_most_of_it() {
-        let node = [
-            table(2, "svcproxy", 5_100),
-            table(10, "svcproxy", 20),
-            table(2, "filter", 12),
-            table(2, "nat", 40),
+    fn the_listing_follows_how_much_of_the_ruleset_our_table_is() {
+        use TableListing::{OwnTable, Ruleset};
+        let cases: [(&str, Vec<TableCensus>, Family, TableListing); 5] = [
+            (
+                "our table is most of the ruleset",
+                vec![
+                    table(2, "svcproxy", 5_100),
+                    table(10, "svcproxy", 20),
+                    table(2, "filter", 12),
+                    table(2, "nat", 40),
+                ],
+                Family::Ip,
+                Ruleset,
+            ),
+            (
+                "small on both sides: the floor keeps the cheap listing",
+                vec![table(2, "svcproxy", 30), table(2, "nat", 900)],
+                Family::Ip,
+                Ruleset,
+            ),
+            (
+                "kube-proxy's iptables mode at 5,000 services: 55,000 chains in ip nat",
+                vec![
+                    table(2, "svcproxy", 5_100),
+                    table(2, "nat", 55_012),
+                    table(2, "filter", 9),
+                ],
+                Family::Ip,
+                OwnTable,
+            ),
+            (
+                "the IPv4 nat table weighs on the IPv6 engine too: a ruleset dump walks every family",
+                vec![
+                    table(10, "svcproxy", 40),
+                    table(2, "svcproxy", 100),
+                    table(2, "nat", 3_000),
+                ],
+                Family::Ip6,
+                OwnTable,
+            ),
+            (
+                "our table of the other family is another table",
+                vec![table(2, "svcproxy", 2_500), table(10, "svcproxy", 2_600)],
+                Family::Ip,
+                OwnTable,
+            ),
         ];
-        assert_eq!(
-            cheaper_listing(&node, Family::Ip, "svcproxy"),
-            TableListing::Ruleset
-        );
-        // Small on both sides: the floor keeps the cheap listing.
-        let small = [table(2, "svcproxy", 30), table(2, "nat", 900)];
-        assert_eq!(
-            cheaper_listing(&small, Family::Ip, "svcproxy"),
-            TableListing::Ruleset
-        );
-    }
-
-    #[test]
-    fn upstreams_iptables_rules_next_to_ours_mean_our_own_listing() {
-        // kube-proxy's iptables mode at 5,000 services: 55,000 chains in `ip nat`.
-        let node = [
-            table(2, "svcproxy", 5_100),
-            table(2, "nat", 55_012),
-            table(2, "filter", 9),
-        ];
-        assert_eq!(
-            cheaper_listing(&node, Family::Ip, "svcproxy"),
-            TableListing::OwnTable
-        );
-        // The IPv6 engine's table is small, and the IPv4 nat table counts against it as well: the kernel
-        // walks every family's rules for a ruleset dump.
-        let dual = [
-            table(10, "svcproxy", 40),
-            table(2, "svcproxy", 100),
-            table(2, "nat", 3_000),
-        ];
-        assert_eq!(
-            cheaper_listing(&dual, Family::Ip6, "svcproxy"),
-            TableListing::OwnTable
-        );
-        // Our table of the other family is another table too.
-        let twins = [table(2, "svcproxy", 2_500), table(10, "svcproxy", 2_600)];
-        assert_eq!(
-            cheaper_listing(&twins, Family::Ip, "svcproxy"),
-            TableListing::OwnTable
-        );
+        for (case, tables, family, want) in cases {
+            assert_eq!(cheaper_listing(&tables, family, "svcproxy"), want, "{case}");
+        }
     }
 
     #[test]
