@@ -356,6 +356,17 @@ impl NftProxier {
                 if let Some(socket) = &self.elements {
                     match structure.read_elements(socket.as_ref(), Some(expected)) {
                         Ok(read) => return Ok(Some(read)),
+                        // Another transaction committed meanwhile: at start, the other family's engine
+                        // writing its table. Once more the fast way before the slow one.
+                        Err(TableReadError::Moved) => match self.read_kernel()? {
+                            KernelTable::Structure(again) => {
+                                match again.read_elements(socket.as_ref(), Some(expected)) {
+                                    Ok(read) => return Ok(Some(read)),
+                                    Err(e) => self.fell_back(&e),
+                                }
+                            }
+                            other => return self.complete(other, expected),
+                        },
                         Err(e) => self.fell_back(&e),
                     }
                 }
