@@ -8,10 +8,10 @@
 //! build the binary first: `cargo build --release --bin svcproxy --example bench_sync`). `--settle N` keeps the first proxy running N
 //! seconds after the changes before it is stopped (with a `--verify-period` shorter than that, periodic
 //! read-backs run meanwhile) and prints the CPU time it and its children (`iptables-save`, `nft`) used then.
-//! `--takeover` (nftables mode) then measures a start next to the rules of iptables mode, as on a node taken
-//! over from kube-proxy in iptables mode. With `--dual-stack` every Service is RequireDualStack with an IPv6 EndpointSlice as well. The proxy serves
-//! both families either way (the IPv6 ruleset is empty without it), and a cold sync or restart is done when
-//! both have synced (the changes touch IPv4 slices).
+//! `--takeover` then measures a start next to the other mode's rules only, as on a node taken over from
+//! kube-proxy in that mode. With `--dual-stack` every Service is RequireDualStack with an IPv6 EndpointSlice
+//! as well. The proxy serves both families either way (the IPv6 ruleset is empty without it), and a cold
+//! sync or restart is done when both have synced (the changes touch IPv4 slices).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -416,17 +416,24 @@ fn main() {
                 "{n} × {m}: idle for {settle} s with --verify-period {verify}: {idle_cpu:.2} s of CPU (the proxy and its children)"
             );
         }
-        if takeover && mode == "nftables" {
-            // A node taken over from a proxy in iptables mode: its rules (upstream's chains, written here by
-            // svcproxy in iptables mode) are in nat and filter, our table is not, and the proxy starting in
-            // nftables mode puts its table in, then removes them.
-            let _ = ns.exec(&["nft", "delete", "table", "ip", "svcproxy"]);
-            let _ = ns.exec(&["nft", "delete", "table", "ip6", "svcproxy"]);
+        if takeover {
+            // A node taken over from a proxy in the other mode, whose rules alone are there: upstream's
+            // chains in nat and filter (written here by svcproxy in iptables mode), or a table of the
+            // nftables mode. The proxy starting puts its own rules in, then removes those.
+            let other = if mode == "nftables" {
+                let _ = ns.exec(&["nft", "delete", "table", "ip", "svcproxy"]);
+                let _ = ns.exec(&["nft", "delete", "table", "ip6", "svcproxy"]);
+                "iptables"
+            } else {
+                // Stopped once synced, svcproxy in nftables mode has removed our chains itself and keeps
+                // its table, the only rules left.
+                "nftables"
+            };
             let mut before = Proxy::start(
                 &ns,
                 &kubeconfig,
-                work.join(format!("iptables-{n}.log")),
-                "iptables",
+                work.join(format!("{other}-{n}.log")),
+                other,
                 dual,
                 "0",
             );
@@ -446,7 +453,7 @@ fn main() {
             let cpu = after.cpu_seconds(ticks_per_second);
             after.stop();
             println!(
-                "{n} × {m}: taking over from iptables mode's rules: synced {wall:.2} s after start (the sync {:.2} s, {} lines), {cpu:.2} s of CPU by then (the proxy and its children)",
+                "{n} × {m}: taking over from {other} mode's rules: synced {wall:.2} s after start (the sync {:.2} s, {} lines), {cpu:.2} s of CPU by then (the proxy and its children)",
                 first.seconds, first.lines
             );
         }

@@ -114,8 +114,11 @@ async fn retire_other_mode(
     };
     match retired {
         Ok(Ok(removed)) => {
-            for item in removed {
-                tracing::info!("removed the other proxy mode's {item}");
+            for item in &removed {
+                tracing::debug!("removed the other proxy mode's {item}");
+            }
+            for line in svcproxy::cleanup::summarize_removed(&removed) {
+                tracing::info!("removed the other proxy mode's {line}");
             }
         }
         Ok(Err(e)) => tracing::warn!("the other proxy mode's rules could not all be removed: {e}"),
