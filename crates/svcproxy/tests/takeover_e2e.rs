@@ -129,9 +129,8 @@ impl Node {
             .unwrap_or_default()
     }
 
-    /// Starts svcproxy with `args` while a client loop runs against the web ClusterIP (see [`without_a_gap`]),
-    /// until it has synced and `done` holds.
-    fn take_over(&self, args: &[&str], done: impl Fn(&Node) -> bool) -> Svcproxy {
+    /// Waits until the rules loaded before svcproxy starts answer on the web ClusterIP.
+    fn wait_for_upstream(&self) {
         let vip: SocketAddr = VIP.parse().unwrap();
         wait_until(
             Duration::from_secs(10),
@@ -139,6 +138,12 @@ impl Node {
             "upstream's rules serve the ClusterIP",
             || tcp_request(self.client.ns(), vip, Duration::from_secs(1)).ok(),
         );
+    }
+
+    /// Starts svcproxy with `args` while a client loop runs against the web ClusterIP (see [`without_a_gap`]),
+    /// until it has synced and `done` holds.
+    fn take_over(&self, args: &[&str], done: impl Fn(&Node) -> bool) -> Svcproxy {
+        self.wait_for_upstream();
         self.without_a_gap(|| {
             let mut all = vec!["--manifests", self.dir.path().to_str().unwrap()];
             all.extend(args);
@@ -446,13 +451,7 @@ fn stopped_while_taking_over_the_node_keeps_one_working_set_of_rules() {
     node.load(&["iptables-restore"], &format!("{before_nat}*nat\n{nat}"));
     assert!(kube_proxy_chains(node.ns()).len() > 20_000);
 
-    let vip: SocketAddr = VIP.parse().unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        "upstream's rules serve the ClusterIP",
-        || tcp_request(node.client.ns(), vip, Duration::from_secs(1)).ok(),
-    );
+    node.wait_for_upstream();
     let proxy = node.without_a_gap(|| {
         let mut proxy = Svcproxy::start(
             node.ns(),
@@ -482,6 +481,7 @@ fn stopped_while_taking_over_the_node_keeps_one_working_set_of_rules() {
         "ours: {ours}, upstream's: {upstreams}; log:\n{}",
         proxy.log()
     );
+    let vip: SocketAddr = VIP.parse().unwrap();
     let seen = svcproxy_testkit::spread(node.client.ns(), vip, 20);
     assert!(
         !seen.is_empty() && seen.keys().all(|k| k.starts_with("web")),
