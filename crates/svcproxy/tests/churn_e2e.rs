@@ -1,0 +1,818 @@
+//! Random churn on a real kernel, in both modes. A seeded sequence of Service and EndpointSlice changes (types,
+//! traffic policies, affinity, source ranges, externalIPs, endpoint conditions across two nodes, slices split
+//! and merged, Services deleted and re-created, now and then an invalid object) reaches a running svcproxy
+//! through its manifest directory, a few at a time, while it syncs. After each round:
+//!
+//! - the rules it reached by partial syncs must be exactly the rules a cold start writes for the same objects
+//!   (every chain, rule, map and element; read with `iptables-save` / `nft list table`, only the seal's
+//!   generation-stamped chain left out), checked by stopping it, removing everything (`svcproxy cleanup`) and
+//!   starting afresh; every other round it restarts onto its own rules instead, which must leave them as they
+//!   were;
+//! - real connections reach only the endpoints the objects allow: the ClusterIP from a pod on the node and the
+//!   NodePort from outside, each answered by a backend of the right set, or refused or dropped when the set is
+//!   empty;
+//! - no sync failed and no read-back found the kernel different from what was written.
+//!
+//! The objects reach it through a manifest directory, or through a fake API server over list/watch, whose
+//! watches are now and then broken (svcproxy resumes) or compacted away (it must relist, and notice what was
+//! deleted meanwhile).
+//!
+//! `CHURN_SEED=<n>` replays one sequence (the seed is printed on failure); `CHURN_ROUNDS=<n>` runs longer.
+
+#[macro_use]
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{Svcproxy, TempDir};
+use proptest::prelude::Rng;
+use proptest::test_runner::{RngAlgorithm, TestRng};
+use serde_json::{Value, json};
+use svcproxy_nftables::slots::{placement, slot_of_rule};
+use svcproxy_nftables::{Family, Ruleset, parse_listing};
+use svcproxy_testkit::{Backend, FakeApiServer, Lab, NetNs, Pod, tcp_request, wait_until};
+
+const SERVICES: u8 = 8;
+const STEPS_PER_ROUND: usize = 12;
+const ROUNDS: usize = 4;
+/// The endpoint pods, 10.244.0.N, each answering TCP 8080 and UDP 5353 with its name.
+const POD_IPS: [u8; 4] = [11, 12, 13, 14];
+const NODE: &str = "node-a";
+const NODE_IP: &str = "10.0.0.10";
+const WAIT: Duration = Duration::from_secs(30);
+/// How long a request may take to count as answered; a dropped one fails after it.
+const REQUEST: Duration = Duration::from_millis(1500);
+
+/// Deterministic randomness for one run.
+struct Dice(TestRng);
+
+impl Dice {
+    fn new(seed: u64) -> Dice {
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&seed.to_le_bytes());
+        Dice(TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        self.0.next_u32() % n
+    }
+    fn chance(&mut self, percent: u32) -> bool {
+        self.below(100) < percent
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+#[derive(Clone, Debug)]
+struct Ep {
+    pod: u8,
+    local: bool,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Svc {
+    kind: Kind,
+    udp: bool,
+    etp_local: bool,
+    itp_local: bool,
+    affinity: bool,
+    source_ranges: bool,
+    external_ip: bool,
+    /// Each inner list is one EndpointSlice.
+    slices: Vec<Vec<Ep>>,
+    /// Written with an invalid field: what becomes of it is the daemon's call, so traffic is not checked.
+    broken: bool,
+}
+
+fn random_endpoints(d: &mut Dice) -> Vec<Vec<Ep>> {
+    let pods: Vec<u8> = POD_IPS.iter().copied().filter(|_| d.chance(55)).collect();
+    let mut eps: Vec<Ep> = pods
+        .into_iter()
+        .map(|pod| {
+            // Mostly ready; otherwise terminating but still serving (the fallback), or neither.
+            let (ready, serving, terminating) = match d.below(10) {
+                0..=5 => (true, true, false),
+                6 | 7 => (false, true, true),
+                8 => (false, false, false),
+                _ => (false, false, true),
+            };
+            Ep {
+                pod,
+                local: d.chance(50),
+                ready,
+                serving,
+                terminating,
+            }
+        })
+        .collect();
+    match d.below(4) {
+        0 => Vec::new(),
+        1 if eps.len() > 1 => {
+            let second = eps.split_off(eps.len() / 2);
+            vec![eps, second]
+        }
+        _ => vec![eps],
+    }
+}
+
+fn random_service(d: &mut Dice) -> Svc {
+    let kind = match d.below(3) {
+        0 => Kind::ClusterIp,
+        1 => Kind::NodePort,
+        _ => Kind::LoadBalancer,
+    };
+    Svc {
+        kind,
+        udp: d.chance(40),
+        etp_local: d.chance(35),
+        itp_local: d.chance(25),
+        affinity: d.chance(25),
+        source_ranges: d.chance(40),
+        external_ip: d.chance(30),
+        slices: random_endpoints(d),
+        broken: false,
+    }
+}
+
+fn manifest(i: u8, s: &Svc) -> String {
+    let external = s.kind != Kind::ClusterIp;
+    let mut text = String::new();
+    let cluster_ip = if s.broken {
+        format!("10.96.1.{}", 300 + u32::from(i))
+    } else {
+        format!("10.96.1.{}", 10 + i)
+    };
+    let node_port = |p: u16| {
+        if external {
+            format!(", nodePort: {}", 30000 + u16::from(i) * 10 + p)
+        } else {
+            String::new()
+        }
+    };
+    let kind = match s.kind {
+        Kind::ClusterIp => "ClusterIP",
+        Kind::NodePort => "NodePort",
+        Kind::LoadBalancer => "LoadBalancer",
+    };
+    writeln!(
+        text,
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: churn}}\nspec:\n  type: {kind}\n  \
+         clusterIP: {cluster_ip}\n  ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: 8080{}}}",
+        node_port(0)
+    )
+    .unwrap();
+    if s.udp {
+        writeln!(
+            text,
+            "  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353{}}}",
+            node_port(3)
+        )
+        .unwrap();
+    }
+    if external && s.etp_local {
+        text.push_str("  externalTrafficPolicy: Local\n");
+        if s.kind == Kind::LoadBalancer {
+            writeln!(text, "  healthCheckNodePort: {}", 32100 + u16::from(i)).unwrap();
+        }
+    }
+    if s.itp_local {
+        text.push_str("  internalTrafficPolicy: Local\n");
+    }
+    if s.affinity {
+        text.push_str("  sessionAffinity: ClientIP\n");
+    }
+    if s.external_ip {
+        writeln!(text, "  externalIPs: [192.0.2.{}]", 10 + i).unwrap();
+    }
+    if s.kind == Kind::LoadBalancer {
+        if s.source_ranges {
+            text.push_str("  loadBalancerSourceRanges: [10.0.0.0/24, 203.0.113.0/24]\n");
+        }
+        writeln!(
+            text,
+            "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.{}",
+            10 + i
+        )
+        .unwrap();
+    }
+    for (k, slice) in s.slices.iter().enumerate() {
+        writeln!(
+            text,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-{k}\n  \
+             namespace: churn\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports:\n\
+             - {{name: http, protocol: TCP, port: 8080}}\n- {{name: dns, protocol: UDP, port: 5353}}\nendpoints:"
+        )
+        .unwrap();
+        if slice.is_empty() {
+            text.truncate(text.len() - 1);
+            text.push_str(" []\n");
+        }
+        for ep in slice {
+            writeln!(
+                text,
+                "- addresses: [10.244.0.{}]\n  conditions: {{ready: {}, serving: {}, terminating: {}}}\n  \
+                 nodeName: {}",
+                ep.pod,
+                ep.ready,
+                ep.serving,
+                ep.terminating,
+                if ep.local { NODE } else { "node-b" }
+            )
+            .unwrap();
+        }
+    }
+    text
+}
+
+/// The pods a new connection may reach: the ready endpoints of the pool, or when none is ready its serving
+/// terminating ones (upstream's fallback).
+fn reachable(pool: Vec<&Ep>) -> BTreeSet<String> {
+    let ready: BTreeSet<String> = pool.iter().filter(|e| e.ready).map(|e| pod_name(e.pod)).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    pool.iter()
+        .filter(|e| e.serving && e.terminating)
+        .map(|e| pod_name(e.pod))
+        .collect()
+}
+
+fn pod_name(pod: u8) -> String {
+    format!("pod{pod}")
+}
+
+impl Svc {
+    fn endpoints(&self) -> impl Iterator<Item = &Ep> {
+        self.slices.iter().flatten()
+    }
+
+    /// From a pod on this node to the ClusterIP.
+    fn internal_targets(&self) -> BTreeSet<String> {
+        reachable(self.endpoints().filter(|e| !self.itp_local || e.local).collect())
+    }
+
+    /// From outside to the NodePort, load-balancer IP or externalIP. The policy is written only for the
+    /// types that have a NodePort.
+    fn external_targets(&self) -> BTreeSet<String> {
+        let local = self.etp_local && self.kind != Kind::ClusterIp;
+        reachable(self.endpoints().filter(|e| !local || e.local).collect())
+    }
+
+    fn mutate(&mut self, d: &mut Dice) {
+        match d.below(7) {
+            0 => self.etp_local = !self.etp_local,
+            1 => self.itp_local = !self.itp_local,
+            2 => self.affinity = !self.affinity,
+            3 => self.udp = !self.udp,
+            4 => self.source_ranges = !self.source_ranges,
+            5 => self.external_ip = !self.external_ip,
+            _ => {
+                self.kind = match self.kind {
+                    Kind::ClusterIp => Kind::NodePort,
+                    Kind::NodePort => Kind::LoadBalancer,
+                    Kind::LoadBalancer => Kind::ClusterIp,
+                }
+            }
+        }
+    }
+}
+
+/// What the kernel holds of ours, in a form two readings compare by.
+#[derive(Debug, PartialEq)]
+enum Rules {
+    /// Per table and chain, the rule lines in order (the built-in chains included: our jumps live there).
+    Iptables(BTreeMap<(String, String), Vec<String>>),
+    Nftables(Option<Ruleset>),
+}
+
+fn read_rules(mode: &str, ns: &NetNs) -> Rules {
+    if mode == "nftables" {
+        let Ok(text) = ns.exec_stdout(&["nft", "list", "table", "ip", "svcproxy"]) else {
+            return Rules::Nftables(None);
+        };
+        let listing =
+            parse_listing(&text).unwrap_or_else(|e| panic!("our table does not parse: {e}\n{text}"));
+        return Rules::Nftables(
+            listing
+                .table(Family::Ip, "svcproxy")
+                .map(Ruleset::without_dynamic_elements)
+                .map(by_owner),
+        );
+    }
+    let mut chains = BTreeMap::new();
+    for table in ["filter", "nat"] {
+        let text = ns.exec_stdout(&["iptables-save", "-t", table]).unwrap();
+        for line in text.lines() {
+            if let Some(declared) = line.strip_prefix(':') {
+                let name = declared.split(' ').next().unwrap_or_default().to_string();
+                chains.entry((table.to_string(), name)).or_insert_with(Vec::new);
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let (chain, _) = rule.split_once(' ').unwrap_or((rule, ""));
+                chains
+                    .entry((table.to_string(), chain.to_string()))
+                    .or_insert_with(Vec::new)
+                    .push(line.to_string());
+            }
+        }
+    }
+    // The seal names the ruleset generation it was written at: it differs between any two runs by design.
+    chains.retain(|(_, chain), _| chain != "SVCPROXY-SEAL");
+    Rules::Iptables(chains)
+}
+
+/// `rs` with each chain's endpoints moved out of the shared endpoint maps into a map of the chain's own.
+///
+/// Which map and base a chain picks its endpoints from (its slot) is kept from sync to sync and handed to
+/// new chains lowest-free-first, so it depends on history: a cold start numbers the same chains differently.
+/// What must agree is each chain's endpoints, and that nothing else is left in the shared maps.
+fn by_owner(mut rs: Ruleset) -> Ruleset {
+    let mut own = BTreeMap::new();
+    for (name, chain) in rs.chains.iter_mut() {
+        for rule in chain.rules.iter_mut() {
+            let Some(slot) = slot_of_rule(rule) else { continue };
+            let (map, base) = placement(slot);
+            let (head, tail) = rule.split_once(" numgen random mod ").unwrap();
+            let count: u32 = tail.split(' ').next().unwrap().parse().unwrap();
+            let shared = rs
+                .sets
+                .get_mut(&map)
+                .unwrap_or_else(|| panic!("{name} picks from missing {map}"));
+            let mut mine = shared.clone();
+            mine.elements.clear();
+            for i in 0..count {
+                let key = (base + i).to_string();
+                if let Some(element) = shared.elements.remove(key.as_str()) {
+                    mine.elements.insert(i.to_string().into(), element);
+                }
+            }
+            let own_map = format!("endpoints of {name}");
+            *rule = format!("{head} numgen random mod {count} map @{own_map}");
+            own.insert(own_map, mine);
+        }
+    }
+    rs.sets
+        .retain(|name, set| !(name.starts_with("endpoints-") && set.elements.is_empty()));
+    rs.sets.extend(own);
+    rs
+}
+
+/// A readable account of how `got` differs from `want`.
+fn rules_diff(want: &Rules, got: &Rules) -> String {
+    let mut out = String::new();
+    match (want, got) {
+        (Rules::Iptables(want), Rules::Iptables(got)) => {
+            for key in want.keys().chain(got.keys()).collect::<BTreeSet<_>>() {
+                let (w, g) = (want.get(key), got.get(key));
+                if w != g {
+                    writeln!(out, "{}/{}:\n  cold: {w:#?}\n  churned: {g:#?}", key.0, key.1).unwrap();
+                }
+            }
+        }
+        (Rules::Nftables(Some(want)), Rules::Nftables(Some(got))) => {
+            for name in want
+                .chains
+                .keys()
+                .chain(got.chains.keys())
+                .collect::<BTreeSet<_>>()
+            {
+                let (w, g) = (want.chains.get(name), got.chains.get(name));
+                if w != g {
+                    writeln!(out, "chain {name}:\n  cold: {w:?}\n  churned: {g:?}").unwrap();
+                }
+            }
+            for name in want.sets.keys().chain(got.sets.keys()).collect::<BTreeSet<_>>() {
+                let (w, g) = (want.sets.get(name), got.sets.get(name));
+                if w != g {
+                    writeln!(out, "set/map {name}:\n  cold: {w:?}\n  churned: {g:?}").unwrap();
+                }
+            }
+            if out.is_empty() {
+                writeln!(out, "cold: {want:?}\nchurned: {got:?}").unwrap();
+            }
+        }
+        _ => writeln!(out, "cold: {want:?}\nchurned: {got:?}").unwrap(),
+    }
+    out
+}
+
+/// Where svcproxy reads the objects from.
+enum Source {
+    /// A manifest directory: one file per Service holding it and its slices.
+    Dir(TempDir),
+    /// A fake API server, with the kubeconfig svcproxy reaches it by; the slices written per Service, to
+    /// delete the ones a rewrite no longer has.
+    Api(FakeApiServer, TempDir, BTreeMap<u8, usize>),
+}
+
+impl Source {
+    fn args(&self) -> Vec<String> {
+        match self {
+            Source::Dir(dir) => vec!["--manifests".into(), dir.path().to_str().unwrap().into()],
+            Source::Api(_, dir, _) => vec![
+                "--kubeconfig".into(),
+                dir.path().join("kubeconfig").to_str().unwrap().into(),
+            ],
+        }
+    }
+
+    /// Publishes `text` (a Service and its slices) as object `name`'s whole state; `None` deletes it all.
+    fn publish(&mut self, i: u8, text: Option<&str>) {
+        let file = format!("s{i}.yaml");
+        match (self, text) {
+            (Source::Dir(dir), Some(text)) => dir.write(&file, text),
+            (Source::Dir(dir), None) => dir.remove(&file),
+            (Source::Api(api, _, written), text) => {
+                let docs: Vec<Value> = text.map_or_else(Vec::new, |t| {
+                    serde_saphyr::from_multiple(t).unwrap_or_else(|e| panic!("{e}\n{t}"))
+                });
+                let slices = docs.len().saturating_sub(1);
+                for doc in docs {
+                    api.store().apply(doc).unwrap();
+                }
+                let before = written.insert(i, slices).unwrap_or(0);
+                for k in slices..before {
+                    api.store()
+                        .delete("EndpointSlice", Some("churn"), &format!("s{i}-{k}"));
+                }
+                if text.is_none() {
+                    api.store().delete("Service", Some("churn"), &format!("s{i}"));
+                    written.remove(&i);
+                }
+            }
+        }
+    }
+
+    fn publish_marker(&mut self, text: &str) {
+        match self {
+            Source::Dir(dir) => dir.write("marker.yaml", text),
+            Source::Api(api, _, _) => {
+                api.store().apply(serde_saphyr::from_str(text).unwrap()).unwrap();
+            }
+        }
+    }
+}
+
+struct Churn {
+    mode: &'static str,
+    seed: u64,
+    dice: Dice,
+    services: BTreeMap<u8, Svc>,
+    source: Source,
+    lab: Lab,
+    client: Pod,
+    _pods: Vec<(Pod, Backend)>,
+    proxy: Option<Svcproxy>,
+    /// What each step did, for the failure message.
+    story: Vec<String>,
+}
+
+impl Churn {
+    fn new(mode: &'static str, api: bool, seed: u64) -> Churn {
+        let lab = Lab::new();
+        let pods = POD_IPS
+            .iter()
+            .map(|&i| {
+                let pod = lab.add_pod(&pod_name(i), Ipv4Addr::new(10, 244, 0, i));
+                let backend = Backend::start(pod.ns(), pod.name(), &[8080], &[5353]);
+                (pod, backend)
+            })
+            .collect();
+        let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+        for net in ["192.0.2.0/24", "198.51.100.0/24"] {
+            lab.external()
+                .exec(&["ip", "route", "add", net, "via", NODE_IP])
+                .unwrap();
+        }
+        let source = if api {
+            let server = FakeApiServer::start_in(lab.node(), "127.0.0.1:0".parse().unwrap());
+            server
+                .store()
+                .apply(json!({
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": NODE},
+                    "spec": {"podCIDR": "10.244.0.0/24"}
+                }))
+                .unwrap();
+            let dir = TempDir::new("churn-kubeconfig");
+            server.write_kubeconfig(dir.path().join("kubeconfig")).unwrap();
+            Source::Api(server, dir, BTreeMap::new())
+        } else {
+            Source::Dir(TempDir::new("churn"))
+        };
+        let mut churn = Churn {
+            mode,
+            seed,
+            dice: Dice::new(seed),
+            services: BTreeMap::new(),
+            source,
+            lab,
+            client,
+            _pods: pods,
+            proxy: None,
+            story: Vec::new(),
+        };
+        for i in 0..SERVICES {
+            if churn.dice.chance(60) {
+                let svc = random_service(&mut churn.dice);
+                churn.write(i, svc, "start with");
+            }
+        }
+        churn.start();
+        churn
+    }
+
+    fn start(&mut self) {
+        let mut args = self.source.args();
+        args.extend(["--proxy-mode".to_string(), self.mode.to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.proxy = Some(Svcproxy::start(self.lab.node(), &args));
+    }
+
+    fn proxy(&mut self) -> &mut Svcproxy {
+        self.proxy.as_mut().expect("svcproxy runs")
+    }
+
+    fn write(&mut self, i: u8, svc: Svc, what: &str) {
+        self.source.publish(i, Some(&manifest(i, &svc)));
+        self.story.push(format!("{what} s{i}: {svc:?}"));
+        self.services.insert(i, svc);
+    }
+
+    fn step(&mut self) {
+        let i = self.dice.below(u32::from(SERVICES)) as u8;
+        let roll = self.dice.below(100);
+        match self.services.get(&i).cloned() {
+            None => {
+                let svc = random_service(&mut self.dice);
+                self.write(i, svc, "create");
+            }
+            Some(mut svc) => match roll {
+                0..35 => {
+                    svc.slices = random_endpoints(&mut self.dice);
+                    svc.broken = false;
+                    self.write(i, svc, "new endpoints for");
+                }
+                35..55 => {
+                    let svc = random_service(&mut self.dice);
+                    self.write(i, svc, "replace");
+                }
+                55..72 => {
+                    svc.mutate(&mut self.dice);
+                    svc.broken = false;
+                    self.write(i, svc, "change");
+                }
+                72..85 => {
+                    self.delete(i);
+                }
+                85..91 => {
+                    svc.broken = true;
+                    self.write(i, svc, "break");
+                }
+                _ => {
+                    svc.slices.clear();
+                    svc.broken = false;
+                    self.write(i, svc, "no endpoints for");
+                }
+            },
+        }
+        if let Source::Api(api, _, _) = &self.source {
+            match self.dice.below(100) {
+                // The watches end, as when the API server restarts: svcproxy resumes where it was.
+                0..6 => {
+                    api.store().break_watches();
+                    self.story.push("watches broken".into());
+                }
+                // History is compacted away as well: resuming fails with 410 Gone and svcproxy lists again.
+                6..10 => {
+                    api.store().compact();
+                    api.store().break_watches();
+                    self.story.push("history compacted, watches broken".into());
+                }
+                _ => {}
+            }
+        }
+        // Some steps land in the same sync, some in a sync of their own.
+        std::thread::sleep(Duration::from_millis(u64::from(self.dice.below(200))));
+    }
+
+    fn delete(&mut self, i: u8) {
+        self.source.publish(i, None);
+        self.services.remove(&i);
+        self.story.push(format!("delete s{i}"));
+    }
+
+    /// Waits until the kernel holds the round's marker (a Service written after every other change, so a sync
+    /// that wrote it saw them all) and reads stay the same for a moment (a cold sync may span transactions).
+    fn settled_rules(&mut self, round: usize) -> Rules {
+        let port = 47100 + round;
+        let marker = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: marker, namespace: churn}}\nspec:\n  \
+             clusterIP: 10.96.1.250\n  ports:\n  - {{name: m, protocol: TCP, port: {port}}}\n"
+        );
+        self.source.publish_marker(&marker);
+        let (mode, needle) = (self.mode, port.to_string());
+        let ns = self.lab.node();
+        let proxy = self.proxy.as_mut().expect("svcproxy runs");
+        wait_until(
+            WAIT,
+            Duration::from_millis(50),
+            "the round's marker is programmed",
+            || {
+                proxy.assert_running();
+                let text = if mode == "nftables" {
+                    ns.exec_stdout(&["nft", "list", "table", "ip", "svcproxy"])
+                        .unwrap_or_default()
+                } else {
+                    ns.exec_stdout(&["iptables-save"]).unwrap_or_default()
+                };
+                text.contains(&needle).then_some(())
+            },
+        );
+        let mut last = read_rules(mode, ns);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = read_rules(mode, ns);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    fn check_traffic(&self) {
+        for (i, svc) in &self.services {
+            if svc.broken {
+                continue;
+            }
+            let vip = format!("10.96.1.{}:80", 10 + i);
+            self.expect(
+                self.client.ns(),
+                &vip,
+                "ClusterIP from a pod",
+                svc.internal_targets(),
+            );
+            let external = svc.external_targets();
+            if svc.kind != Kind::ClusterIp {
+                let node_port = format!("{NODE_IP}:{}", 30000 + u16::from(*i) * 10);
+                self.expect(
+                    self.lab.external(),
+                    &node_port,
+                    "NodePort from outside",
+                    external.clone(),
+                );
+            }
+            if svc.kind == Kind::LoadBalancer {
+                // The outside host is inside the source ranges when there are any.
+                let ingress = format!("198.51.100.{}:80", 10 + i);
+                self.expect(
+                    self.lab.external(),
+                    &ingress,
+                    "load-balancer IP from outside",
+                    external.clone(),
+                );
+            }
+            if svc.external_ip {
+                let ip = format!("192.0.2.{}:80", 10 + i);
+                self.expect(self.lab.external(), &ip, "externalIP from outside", external);
+            }
+        }
+    }
+
+    /// One new connection from `from` to `to` is answered by one of `want`, or fails when `want` is empty.
+    fn expect(&self, from: &NetNs, to: &str, what: &str, want: BTreeSet<String>) {
+        let addr: SocketAddr = to.parse().unwrap();
+        let got = tcp_request(from, addr, REQUEST);
+        match (&got, want.is_empty()) {
+            (Ok(reply), false) if want.contains(&reply.identity) => {}
+            (Err(_), true) => {}
+            _ => panic!(
+                "{}: {to} ({what}): got {got:?}, want one of {want:?}\n{}",
+                self.mode,
+                self.context()
+            ),
+        }
+    }
+
+    fn context(&self) -> String {
+        let log = self.proxy.as_ref().map(Svcproxy::log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "seed {} (CHURN_SEED={} replays it); steps:\n  {}\nsvcproxy log (last lines):\n{}",
+            self.seed,
+            self.seed,
+            self.story.join("\n  "),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    /// No sync failed and no read-back found anything but what was written: nobody else touches this node.
+    fn check_log(&mut self) {
+        let log = self.proxy().log();
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("sync failed") || l.contains("diverges"))
+            .collect();
+        if !bad.is_empty() {
+            let lines = bad.join("\n");
+            panic!("{}: {lines}\n{}", self.mode, self.context());
+        }
+    }
+
+    fn round(&mut self, round: usize) {
+        self.story.push(format!("-- round {round}"));
+        for _ in 0..STEPS_PER_ROUND {
+            self.step();
+        }
+        // An invalid update leaves the last good version programmed, which a fresh start cannot know of: each
+        // round ends with every object valid again, mended or deleted.
+        let broken: Vec<u8> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.broken)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in broken {
+            let mut svc = self.services[&i].clone();
+            if self.dice.chance(50) {
+                svc.broken = false;
+                self.write(i, svc, "mend");
+            } else {
+                self.delete(i);
+            }
+        }
+        let churned = self.settled_rules(round);
+        self.check_traffic();
+        self.check_log();
+        let cold = round.is_multiple_of(2);
+        assert!(self.proxy().terminate(), "svcproxy exits cleanly on SIGTERM");
+        if cold {
+            let out = self
+                .lab
+                .node()
+                .exec(&[env!("CARGO_BIN_EXE_svcproxy"), "cleanup"])
+                .unwrap();
+            assert!(out.status.success(), "cleanup: {out:?}");
+        }
+        self.start();
+        let again = self.settled_rules(round);
+        if again != churned {
+            panic!(
+                "{}: after round {round} the rules differ from what {} writes:\n{}\n{}",
+                self.mode,
+                if cold {
+                    "a cold start"
+                } else {
+                    "a restart onto them"
+                },
+                rules_diff(&again, &churned),
+                self.context()
+            );
+        }
+        self.check_log();
+    }
+}
+
+fn churn(mode: &'static str, api: bool, default_seeds: &[u64]) {
+    let seeds: Vec<u64> = match std::env::var("CHURN_SEED") {
+        Ok(s) => vec![s.parse().expect("CHURN_SEED is a number")],
+        Err(_) => default_seeds.to_vec(),
+    };
+    let rounds =
+        std::env::var("CHURN_ROUNDS").map_or(ROUNDS, |r| r.parse().expect("CHURN_ROUNDS is a number"));
+    for seed in seeds {
+        let mut churn = Churn::new(mode, api, seed);
+        for round in 0..rounds {
+            churn.round(round);
+        }
+    }
+}
+
+#[test]
+fn iptables_from_a_manifest_directory() {
+    churn("iptables", false, &[1]);
+}
+
+#[test]
+fn nftables_from_a_manifest_directory() {
+    churn("nftables", false, &[1]);
+}
+
+#[test]
+fn iptables_from_the_api() {
+    churn("iptables", true, &[2]);
+}
+
+#[test]
+fn nftables_from_the_api() {
+    churn("nftables", true, &[2]);
+}
