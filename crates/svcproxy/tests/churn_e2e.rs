@@ -11,7 +11,8 @@
 //! - real connections reach only the endpoints the objects allow: the ClusterIP from a pod on the node and the
 //!   NodePort from outside, each answered by a backend of the right set, or refused or dropped when the set is
 //!   empty;
-//! - no sync failed and no read-back found the kernel different from what was written.
+//! - no sync failed and no read-back found the kernel different from what was written, though now and then
+//!   svcproxy is killed (SIGKILL) between two changes and started again.
 //!
 //! The objects reach it through a manifest directory, or through a fake API server over list/watch, whose
 //! watches are now and then broken (svcproxy resumes) or compacted away (it must relist, and notice what was
@@ -88,6 +89,16 @@ struct Svc {
     affinity: bool,
     source_ranges: bool,
     external_ip: bool,
+    /// A second TCP port, `admin` 81 to the same target.
+    admin_port: bool,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`, when not the default.
+    affinity_timeout: Option<u32>,
+    /// The load-balancer ingress is `ipMode: Proxy`: left to the load balancer.
+    ip_mode_proxy: bool,
+    /// Labelled for another proxy (`service.kubernetes.io/service-proxy-name`): not ours to program.
+    other_proxy: bool,
+    /// `clusterIP: None`.
+    headless: bool,
     /// Each inner list is one EndpointSlice.
     slices: Vec<Vec<Ep>>,
     /// Written with an invalid field: what becomes of it is the daemon's call, so traffic is not checked.
@@ -139,6 +150,11 @@ fn random_service(d: &mut Dice) -> Svc {
         affinity: d.chance(25),
         source_ranges: d.chance(40),
         external_ip: d.chance(30),
+        admin_port: d.chance(25),
+        affinity_timeout: d.chance(30).then(|| 60 + d.below(1000)),
+        ip_mode_proxy: d.chance(15),
+        other_proxy: d.chance(8),
+        headless: kind == Kind::ClusterIp && d.chance(15),
         slices: random_endpoints(d),
         broken: false,
     }
@@ -149,6 +165,8 @@ fn manifest(i: u8, s: &Svc) -> String {
     let mut text = String::new();
     let cluster_ip = if s.broken {
         format!("10.96.1.{}", 300 + u32::from(i))
+    } else if s.headless {
+        "None".to_string()
     } else {
         format!("10.96.1.{}", 10 + i)
     };
@@ -164,13 +182,27 @@ fn manifest(i: u8, s: &Svc) -> String {
         Kind::NodePort => "NodePort",
         Kind::LoadBalancer => "LoadBalancer",
     };
+    let labels = if s.other_proxy {
+        ", labels: {service.kubernetes.io/service-proxy-name: someone-else}"
+    } else {
+        ""
+    };
     writeln!(
         text,
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: churn}}\nspec:\n  type: {kind}\n  \
-         clusterIP: {cluster_ip}\n  ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: 8080{}}}",
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: churn{labels}}}\nspec:\n  \
+         type: {kind}\n  clusterIP: {cluster_ip}\n  ports:\n  \
+         - {{name: http, protocol: TCP, port: 80, targetPort: 8080{}}}",
         node_port(0)
     )
     .unwrap();
+    if s.admin_port {
+        writeln!(
+            text,
+            "  - {{name: admin, protocol: TCP, port: 81, targetPort: 8080{}}}",
+            node_port(1)
+        )
+        .unwrap();
+    }
     if s.udp {
         writeln!(
             text,
@@ -190,8 +222,15 @@ fn manifest(i: u8, s: &Svc) -> String {
     }
     if s.affinity {
         text.push_str("  sessionAffinity: ClientIP\n");
+        if let Some(t) = s.affinity_timeout {
+            writeln!(
+                text,
+                "  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}"
+            )
+            .unwrap();
+        }
     }
-    if s.external_ip {
+    if s.external_ip && !s.headless {
         writeln!(text, "  externalIPs: [192.0.2.{}]", 10 + i).unwrap();
     }
     if s.kind == Kind::LoadBalancer {
@@ -204,13 +243,17 @@ fn manifest(i: u8, s: &Svc) -> String {
             10 + i
         )
         .unwrap();
+        if s.ip_mode_proxy {
+            text.push_str("      ipMode: Proxy\n");
+        }
     }
     for (k, slice) in s.slices.iter().enumerate() {
         writeln!(
             text,
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-{k}\n  \
              namespace: churn\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports:\n\
-             - {{name: http, protocol: TCP, port: 8080}}\n- {{name: dns, protocol: UDP, port: 5353}}\nendpoints:"
+             - {{name: http, protocol: TCP, port: 8080}}\n- {{name: admin, protocol: TCP, port: 8080}}\n\
+             - {{name: dns, protocol: UDP, port: 5353}}\nendpoints:"
         )
         .unwrap();
         if slice.is_empty() {
@@ -256,20 +299,35 @@ impl Svc {
         self.slices.iter().flatten()
     }
 
+    /// Whether svcproxy programs it at all.
+    fn programmed(&self) -> bool {
+        !self.other_proxy && !self.headless
+    }
+
     /// From a pod on this node to the ClusterIP.
     fn internal_targets(&self) -> BTreeSet<String> {
+        if !self.programmed() {
+            return BTreeSet::new();
+        }
         reachable(self.endpoints().filter(|e| !self.itp_local || e.local).collect())
     }
 
     /// From outside to the NodePort, load-balancer IP or externalIP. The policy is written only for the
     /// types that have a NodePort.
     fn external_targets(&self) -> BTreeSet<String> {
+        if !self.programmed() {
+            return BTreeSet::new();
+        }
         let local = self.etp_local && self.kind != Kind::ClusterIp;
         reachable(self.endpoints().filter(|e| !local || e.local).collect())
     }
 
     fn mutate(&mut self, d: &mut Dice) {
-        match d.below(7) {
+        match d.below(11) {
+            7 => self.admin_port = !self.admin_port,
+            8 => self.ip_mode_proxy = !self.ip_mode_proxy,
+            9 => self.other_proxy = !self.other_proxy,
+            10 => self.headless = !self.headless && self.kind == Kind::ClusterIp,
             0 => self.etp_local = !self.etp_local,
             1 => self.itp_local = !self.itp_local,
             2 => self.affinity = !self.affinity,
@@ -277,6 +335,7 @@ impl Svc {
             4 => self.source_ranges = !self.source_ranges,
             5 => self.external_ip = !self.external_ip,
             _ => {
+                self.headless = false;
                 self.kind = match self.kind {
                     Kind::ClusterIp => Kind::NodePort,
                     Kind::NodePort => Kind::LoadBalancer,
@@ -601,6 +660,13 @@ impl Churn {
                 _ => {}
             }
         }
+        // Killed mid-stream, perhaps mid-sync, as the OOM killer would: the next start picks up whatever is
+        // in the kernel.
+        if self.dice.chance(4) {
+            self.proxy().kill9();
+            self.start();
+            self.story.push("killed, started again".into());
+        }
         // Some steps land in the same sync, some in a sync of their own.
         std::thread::sleep(Duration::from_millis(u64::from(self.dice.below(200))));
     }
@@ -672,16 +738,31 @@ impl Churn {
                 );
             }
             if svc.kind == Kind::LoadBalancer {
-                // The outside host is inside the source ranges when there are any.
+                // The outside host is inside the source ranges when there are any; an address in Proxy mode
+                // is the load balancer's to handle, not ours.
                 let ingress = format!("198.51.100.{}:80", 10 + i);
+                let want = if svc.ip_mode_proxy {
+                    BTreeSet::new()
+                } else {
+                    external.clone()
+                };
                 self.expect(
                     self.lab.external(),
                     &ingress,
                     "load-balancer IP from outside",
-                    external.clone(),
+                    want,
                 );
             }
-            if svc.external_ip {
+            if svc.admin_port && !svc.headless {
+                let admin = format!("10.96.1.{}:81", 10 + i);
+                self.expect(
+                    self.client.ns(),
+                    &admin,
+                    "second port from a pod",
+                    svc.internal_targets(),
+                );
+            }
+            if svc.external_ip && !svc.headless {
                 let ip = format!("192.0.2.{}:80", 10 + i);
                 self.expect(self.lab.external(), &ip, "externalIP from outside", external);
             }
