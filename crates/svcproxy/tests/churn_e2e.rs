@@ -515,7 +515,10 @@ impl Source {
         match self {
             Source::Dir(dir) => dir.write("marker.yaml", text),
             Source::Api(api, _, _) => {
-                api.store().apply(serde_saphyr::from_str(text).unwrap()).unwrap();
+                let docs: Vec<Value> = serde_saphyr::from_multiple(text).unwrap();
+                for doc in docs {
+                    api.store().apply(doc).unwrap();
+                }
             }
         }
     }
@@ -651,11 +654,15 @@ impl Churn {
                     api.store().break_watches();
                     self.story.push("watches broken".into());
                 }
-                // History is compacted away as well: resuming fails with 410 Gone and svcproxy lists again.
+                // An outage: watches end and fail for a while, so the next changes are missed, and history
+                // is compacted away meanwhile. Resuming fails with 410 Gone: svcproxy must list again and
+                // find out what changed, deletions included.
                 6..10 => {
+                    api.store().set_fail_watches(4);
                     api.store().compact();
                     api.store().break_watches();
-                    self.story.push("history compacted, watches broken".into());
+                    self.story
+                        .push("watches broken and failing, history compacted".into());
                 }
                 _ => {}
             }
@@ -677,16 +684,23 @@ impl Churn {
         self.story.push(format!("delete s{i}"));
     }
 
-    /// Waits until the kernel holds the round's marker (a Service written after every other change, so a sync
-    /// that wrote it saw them all) and reads stay the same for a moment (a cold sync may span transactions).
+    /// Waits until the kernel holds the round's marker (a Service and its slice, each written after every other
+    /// change of its kind, so a sync that wrote both saw them all) and reads stay the same for a moment (a
+    /// cold sync may span transactions).
     fn settled_rules(&mut self, round: usize) -> Rules {
-        let port = 47100 + round;
+        // A Service and a slice: from an API server each kind has a watch of its own, which may resume or
+        // list again at its own time. The slice's port shows in the rules only once both are programmed.
+        let (port, target) = (47100 + round, 48100 + round);
         let marker = format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: marker, namespace: churn}}\nspec:\n  \
-             clusterIP: 10.96.1.250\n  ports:\n  - {{name: m, protocol: TCP, port: {port}}}\n"
+             clusterIP: 10.96.1.250\n  ports:\n  - {{name: m, protocol: TCP, port: {port}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: marker-0\n  \
+             namespace: churn\n  labels: {{kubernetes.io/service-name: marker}}\naddressType: IPv4\nports:\n\
+             - {{name: m, protocol: TCP, port: {target}}}\nendpoints:\n- addresses: [10.244.0.250]\n  \
+             conditions: {{ready: true}}\n"
         );
         self.source.publish_marker(&marker);
-        let (mode, needle) = (self.mode, port.to_string());
+        let (mode, needle) = (self.mode, target.to_string());
         let ns = self.lab.node();
         let proxy = self.proxy.as_mut().expect("svcproxy runs");
         wait_until(
