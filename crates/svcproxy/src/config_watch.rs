@@ -151,11 +151,17 @@ pub async fn watch(
     let mut rescan = tokio::time::interval(RESCAN);
     rescan.tick().await;
     let mut last_problem: Option<String> = None;
+    // The file was read at start, before this watch began: it is compared once as soon as the watch is up, so
+    // an edit made in between is not left for the rescan a minute later.
+    let mut watching = false;
     loop {
-        tokio::select! {
-            Some(()) = fs_rx.recv() => {},
-            _ = rescan.tick() => {},
+        if watching {
+            tokio::select! {
+                Some(()) = fs_rx.recv() => {},
+                _ = rescan.tick() => {},
+            }
         }
+        watching = true;
         let change = compare(&running, reread(&command_line, &matches));
         unusable.set(i64::from(matches!(change, ConfigChange::Unusable(_))));
         match change {

@@ -44,6 +44,14 @@ fn report(dir: &ManifestDir, read: &DirRead) {
 /// receiver goes away. A directory that cannot be read at start is an error; later read failures are logged
 /// and the previous state stays.
 pub async fn run(mut dir: ManifestDir, tx: mpsc::Sender<SourceEvent>) -> Result<(), ManifestWatchError> {
+    // Watched before the first read: a change made while a large directory is being read (or the first sync
+    // runs) then still raises a re-read, where watching after it left the change unseen until the rescan.
+    let (_watch, mut fs_rx) = watch_dir(dir.dir(), RecursiveMode::Recursive, DEBOUNCE).map_err(|source| {
+        ManifestWatchError::Watch {
+            dir: dir.dir().to_path_buf(),
+            source,
+        }
+    })?;
     let first = dir.read()?;
     report(&dir, &first);
     if tx.send(SourceEvent::Snapshot(first.state)).await.is_err()
@@ -51,13 +59,6 @@ pub async fn run(mut dir: ManifestDir, tx: mpsc::Sender<SourceEvent>) -> Result<
     {
         return Ok(());
     }
-
-    let (_watch, mut fs_rx) = watch_dir(dir.dir(), RecursiveMode::Recursive, DEBOUNCE).map_err(|source| {
-        ManifestWatchError::Watch {
-            dir: dir.dir().to_path_buf(),
-            source,
-        }
-    })?;
 
     let mut rescan = tokio::time::interval(RESCAN);
     rescan.tick().await;
