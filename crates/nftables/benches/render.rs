@@ -1,10 +1,11 @@
 //! Rendering and planning cost at scale: the full transaction for N services × 10 endpoints, and the
-//! partial transaction after one endpoint moved (render of the new intent plus the diff), at 1k and 10k.
+//! partial transaction after one endpoint moved (render of the new intent plus the diff), at 1k and 10k, and
+//! the plan of a sync in which half the Services changed at once.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{IntentConfig, IpFamily};
-use svcproxy_nftables::{RenderConfig, full_transaction, partial_transaction, render};
+use svcproxy_nftables::{RenderConfig, full_transaction, partial_transaction, render, render_table};
 
 use svcproxy_testkit::scale;
 
@@ -42,6 +43,17 @@ fn bench(c: &mut Criterion) {
                         .len()
                 })
             },
+        );
+        let table = render_table(&before, &cfg);
+        let mut half_moved = state.clone();
+        for i in (0..services).step_by(2) {
+            scale::toggle_first_endpoint(&mut half_moved, i);
+        }
+        let half_moved = build_intent(&half_moved, &intent_config());
+        group.bench_with_input(
+            BenchmarkId::new("plan_half_changed", services),
+            &half_moved,
+            |b, intent| b.iter(|| table.plan(&before, intent, &cfg).map(|u| u.after.chains.len())),
         );
         let next = render(&after, &cfg);
         group.bench_with_input(BenchmarkId::new("diff_only", services), &next, |b, next| {

@@ -108,16 +108,24 @@ fn fragment(
     rs
 }
 
-/// Elements (set, key) of a fragment, for the fixed sets.
-fn element_keys<'a>(
+/// Elements of a fragment's fixed sets: (set, key, element).
+fn fixed_elements<'a>(
     fragment: &'a Ruleset,
     fixed: &'a BTreeSet<&'a str>,
-) -> impl Iterator<Item = (&'a str, &'a str)> {
+) -> impl Iterator<Item = (&'a str, &'a str, &'a Element)> {
     fragment
         .sets
         .iter()
         .filter(|(n, _)| fixed.contains(n.as_str()))
-        .flat_map(|(n, s)| s.elements.keys().map(move |k| (n.as_str(), k.as_str())))
+        .flat_map(|(n, s)| s.elements.iter().map(move |(k, e)| (n.as_str(), k.as_str(), e)))
+}
+
+/// One element key of a fixed set as the changed Services' fragments hold it: the versions their old
+/// fragments added (one per Service), and the ones their new fragments add, in Service order.
+#[derive(Default)]
+struct KeyVersions<'a> {
+    old: Vec<&'a Element>,
+    added: Vec<&'a Element>,
 }
 
 /// Elements that carry neither a value nor an owner are the same whoever adds them (the hairpin pairs), so
@@ -230,31 +238,29 @@ impl RenderedTable {
         }
 
         // Elements of the fixed sets: counted per Service, so an element another Service still adds stays.
-        let touched: BTreeSet<(&str, &str)> = old_fragments
-            .iter()
-            .chain(&new_fragments)
-            .flat_map(|f| element_keys(f, &fixed))
-            .collect();
+        // Gathered per key in one pass over the fragments: asking every fragment about every key cost the
+        // product of the two, seconds when a change touches a thousand Services at once.
+        let mut touched: BTreeMap<(&str, &str), KeyVersions<'_>> = BTreeMap::new();
+        for f in &old_fragments {
+            for (set, key, element) in fixed_elements(f, &fixed) {
+                touched.entry((set, key)).or_default().old.push(element);
+            }
+        }
+        for f in &new_fragments {
+            for (set, key, element) in fixed_elements(f, &fixed) {
+                touched.entry((set, key)).or_default().added.push(element);
+            }
+        }
         let mut shared = Vec::new();
-        for (set, key) in touched {
+        for ((set, key), KeyVersions { old, added }) in touched {
             let current = self.ruleset.sets.get(set).and_then(|s| s.elements.get(key));
-            let removed = old_fragments
-                .iter()
-                .filter(|f| f.sets[set].elements.contains_key(key))
-                .count() as u32;
-            let added: Vec<&Element> = new_fragments
-                .iter()
-                .filter_map(|f| f.sets[set].elements.get(key))
-                .collect();
+            let removed = old.len() as u32;
             let unchanged = self.contributors(set, key).checked_sub(removed)?;
             if unchanged > 0 {
                 // Another Service keeps adding it: its value is known only if every version is the same.
                 let same = current.is_some_and(interchangeable)
                     && added.iter().all(|e| interchangeable(e))
-                    && old_fragments
-                        .iter()
-                        .filter_map(|f| f.sets[set].elements.get(key))
-                        .all(interchangeable);
+                    && old.iter().all(|e| interchangeable(e));
                 if !same {
                     return None;
                 }

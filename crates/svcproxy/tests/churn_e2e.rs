@@ -1,7 +1,9 @@
 //! Random churn on a real kernel, in both modes. A seeded sequence of Service and EndpointSlice changes (types,
 //! traffic policies, affinity, source ranges, externalIPs, endpoint conditions across two nodes, slices split
 //! and merged, Services deleted and re-created, now and then an invalid object) reaches a running svcproxy
-//! through its manifest directory, a few at a time, while it syncs. After each round:
+//! through its manifest directory, a few at a time, while it syncs, beside 1,100 background Services that now
+//! and then change in bulk (so a sync spans several transactions, and a kill can land between them). After
+//! each round:
 //!
 //! - the rules it reached by partial syncs must be exactly the rules a cold start writes for the same objects
 //!   (every chain, rule, map and element; read with `iptables-save` / `nft list table`, only the seal's
@@ -37,6 +39,9 @@ use svcproxy_nftables::{Family, Ruleset, parse_listing};
 use svcproxy_testkit::{Backend, ClientError, FakeApiServer, Lab, NetNs, Pod, tcp_request, wait_until};
 
 const SERVICES: u8 = 8;
+/// Services in the background, beyond the ones traffic checks: enough that a cold sync, or a change to many of
+/// them, spans several transactions in either mode (iptables: 1,000 chains each; nftables: 1,000 services).
+const FILLER: u16 = 1100;
 const STEPS_PER_ROUND: usize = 12;
 const ROUNDS: usize = 4;
 /// The endpoint pods, 10.244.0.N, each answering TCP 8080 and UDP 5353 with its name.
@@ -511,6 +516,33 @@ impl Source {
         }
     }
 
+    /// Publishes the background Services: `after` by index, each a Service and a slice of two endpoints at
+    /// `10.245.A.B` and `.B+1`, where `before` is what was published last.
+    fn publish_filler(&mut self, before: &BTreeMap<u16, (u8, u8)>, after: &BTreeMap<u16, (u8, u8)>) {
+        match self {
+            Source::Dir(dir) => {
+                let text: String = after.iter().map(|(n, ep)| filler_manifest(*n, *ep)).collect();
+                dir.write("filler.yaml", &text);
+            }
+            Source::Api(api, _, _) => {
+                for (n, ep) in after {
+                    if before.get(n) != Some(ep) {
+                        let docs: Vec<Value> =
+                            serde_saphyr::from_multiple(&filler_manifest(*n, *ep)).unwrap();
+                        for doc in docs {
+                            api.store().apply(doc).unwrap();
+                        }
+                    }
+                }
+                for n in before.keys().filter(|n| !after.contains_key(n)) {
+                    api.store().delete("Service", Some("filler"), &format!("f{n}"));
+                    api.store()
+                        .delete("EndpointSlice", Some("filler"), &format!("f{n}-0"));
+                }
+            }
+        }
+    }
+
     fn publish_marker(&mut self, text: &str) {
         match self {
             Source::Dir(dir) => dir.write("marker.yaml", text),
@@ -524,11 +556,28 @@ impl Source {
     }
 }
 
+/// Background Service `n`, with its slice.
+fn filler_manifest(n: u16, (a, b): (u8, u8)) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: f{n}, namespace: filler}}\nspec:\n  \
+         clusterIP: 10.97.{}.{}\n  ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: 8080}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: f{n}-0\n  namespace: filler\n  \
+         labels: {{kubernetes.io/service-name: f{n}}}\naddressType: IPv4\nports:\n\
+         - {{name: http, protocol: TCP, port: 8080}}\nendpoints:\n- addresses: [10.245.{a}.{b}]\n  \
+         conditions: {{ready: true}}\n- addresses: [10.245.{a}.{}]\n  conditions: {{ready: true}}\n",
+        n / 250,
+        n % 250 + 1,
+        u16::from(b) + 1
+    )
+}
+
 struct Churn {
     mode: &'static str,
     seed: u64,
     dice: Dice,
     services: BTreeMap<u8, Svc>,
+    /// The background Services by index: their endpoints' third and fourth octets.
+    filler: BTreeMap<u16, (u8, u8)>,
     source: Source,
     lab: Lab,
     client: Pod,
@@ -576,6 +625,7 @@ impl Churn {
             seed,
             dice: Dice::new(seed),
             services: BTreeMap::new(),
+            filler: BTreeMap::new(),
             source,
             lab,
             client,
@@ -589,6 +639,7 @@ impl Churn {
                 churn.write(i, svc, "start with");
             }
         }
+        churn.reshuffle_filler(100);
         churn.start();
         churn
     }
@@ -667,6 +718,10 @@ impl Churn {
                 _ => {}
             }
         }
+        if self.dice.chance(8) {
+            let percent = 10 + self.dice.below(60);
+            self.reshuffle_filler(percent);
+        }
         // Killed mid-stream, perhaps mid-sync, as the OOM killer would: the next start picks up whatever is
         // in the kernel.
         if self.dice.chance(4) {
@@ -676,6 +731,25 @@ impl Churn {
         }
         // Some steps land in the same sync, some in a sync of their own.
         std::thread::sleep(Duration::from_millis(u64::from(self.dice.below(200))));
+    }
+
+    /// Gives `percent` of the background Services new endpoints (and deletes or re-creates a few).
+    fn reshuffle_filler(&mut self, percent: u32) {
+        let before = self.filler.clone();
+        for n in 0..FILLER {
+            if self.dice.chance(percent) {
+                let ep = (self.dice.below(250) as u8, self.dice.below(250) as u8);
+                if self.filler.contains_key(&n) && self.dice.chance(5) {
+                    self.filler.remove(&n);
+                } else {
+                    self.filler.insert(n, ep);
+                }
+            }
+        }
+        let after = self.filler.clone();
+        self.source.publish_filler(&before, &after);
+        self.story
+            .push(format!("{percent}% of the background Services changed"));
     }
 
     fn delete(&mut self, i: u8) {
