@@ -36,7 +36,9 @@ use proptest::test_runner::{RngAlgorithm, TestRng};
 use serde_json::{Value, json};
 use svcproxy_nftables::slots::{placement, slot_of_rule};
 use svcproxy_nftables::{Family, Ruleset, parse_listing};
-use svcproxy_testkit::{Backend, ClientError, FakeApiServer, Lab, NetNs, Pod, tcp_request, wait_until};
+use svcproxy_testkit::{
+    Backend, ClientError, FakeApiServer, Lab, NetNs, Pod, http_get, tcp_request, wait_until,
+};
 
 const SERVICES: u8 = 8;
 /// Services in the background, beyond the ones traffic checks: enough that a cold sync, or a change to many of
@@ -583,6 +585,10 @@ struct Churn {
     client: Pod,
     _pods: Vec<(Pod, Backend)>,
     proxy: Option<Svcproxy>,
+    /// The log of the process the round's restart stopped, for the failure message.
+    stopped_log: String,
+    /// Its `/debug/intent`.
+    stopped_intent: String,
     /// What each step did, for the failure message.
     story: Vec<String>,
 }
@@ -631,6 +637,8 @@ impl Churn {
             client,
             _pods: pods,
             proxy: None,
+            stopped_log: String::new(),
+            stopped_intent: String::new(),
             story: Vec::new(),
         };
         for i in 0..SERVICES {
@@ -882,6 +890,31 @@ impl Churn {
         }
     }
 
+    /// What was last published of the background Services `text` names: they are not in the story.
+    fn filler_published(&self, text: &str, intent: &str) -> String {
+        let named: BTreeSet<u16> = text
+            .split("filler/f")
+            .skip(1)
+            .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .collect();
+        named
+            .into_iter()
+            .map(|n| {
+                let published = match self.filler.get(&n) {
+                    Some((a, b)) => format!("endpoints 10.245.{a}.{b} and .{}", u16::from(*b) + 1),
+                    None => "deleted".to_string(),
+                };
+                // The stopped daemon's intent for it, as /debug/intent printed it.
+                let key = format!("\"filler/f{n}:http\":");
+                let held = intent
+                    .split(&key)
+                    .nth(1)
+                    .map_or("none", |rest| &rest[..rest.len().min(600)]);
+                format!("published f{n}: {published}; the stopped daemon's intent: {held}\n")
+            })
+            .collect()
+    }
+
     fn context(&self) -> String {
         let log = self.proxy.as_ref().map(Svcproxy::log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
@@ -933,7 +966,17 @@ impl Churn {
         self.check_traffic();
         self.check_log();
         let cold = round.is_multiple_of(2);
+        // What the daemon believes it programmed, to tell a stale view from rules written wrong.
+        self.stopped_intent = http_get(
+            self.lab.node(),
+            common::METRICS.parse().unwrap(),
+            "/debug/intent",
+            REQUEST,
+        )
+        .map(|(_, body)| body)
+        .unwrap_or_else(|e| e.to_string());
         assert!(self.proxy().terminate(), "svcproxy exits cleanly on SIGTERM");
+        self.stopped_log = self.proxy().log();
         if cold {
             let out = self
                 .lab
@@ -945,16 +988,19 @@ impl Churn {
         self.start();
         let again = self.settled_rules(round);
         if again != churned {
+            let diff = rules_diff(&again, &churned);
             panic!(
-                "{}: after round {round} the rules differ from what {} writes:\n{}\n{}",
+                "{}: after round {round} the rules differ from what {} writes:\n{diff}\n{}\n{}\n\
+                 the stopped svcproxy's log:\n{}",
                 self.mode,
                 if cold {
                     "a cold start"
                 } else {
                     "a restart onto them"
                 },
-                rules_diff(&again, &churned),
-                self.context()
+                self.filler_published(&diff, &self.stopped_intent),
+                self.context(),
+                self.stopped_log
             );
         }
         self.check_log();
