@@ -46,13 +46,13 @@ fn report(dir: &ManifestDir, read: &DirRead) {
 pub async fn run(mut dir: ManifestDir, tx: mpsc::Sender<SourceEvent>) -> Result<(), ManifestWatchError> {
     // Watched before the first read: a change made while a large directory is being read (or the first sync
     // runs) then still raises a re-read, where watching after it left the change unseen until the rescan.
-    let (_watch, mut fs_rx) = watch_dir(dir.dir(), RecursiveMode::Recursive, DEBOUNCE).map_err(|source| {
-        ManifestWatchError::Watch {
-            dir: dir.dir().to_path_buf(),
-            source,
-        }
-    })?;
+    let watch = watch_dir(dir.dir(), RecursiveMode::Recursive, DEBOUNCE);
+    // A directory that is not there fails both; its read error is the one that says so.
     let first = dir.read()?;
+    let (_watch, mut fs_rx) = watch.map_err(|source| ManifestWatchError::Watch {
+        dir: dir.dir().to_path_buf(),
+        source,
+    })?;
     report(&dir, &first);
     if tx.send(SourceEvent::Snapshot(first.state)).await.is_err()
         || tx.send(SourceEvent::Synced).await.is_err()
