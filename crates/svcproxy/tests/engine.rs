@@ -339,3 +339,45 @@ async fn rules_that_cannot_count_are_written_without_the_counters() {
         "{last}"
     );
 }
+
+/// Topology hints choose endpoints by the Node's zone, so a Node moving to another zone changes what every
+/// hinted Service sends to though none of them changed: the next sync must rebuild them all, not only the
+/// Services named by events.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_moving_zones_rewrites_services_that_did_not_change() {
+    use std::collections::BTreeSet;
+
+    let mut h = start();
+    let node_in = |zone: &str| svcproxy_model::Node {
+        name: "node-a".into(),
+        labels: [(svcproxy_model::Node::ZONE_LABEL.to_string(), zone.to_string())].into(),
+        ..Default::default()
+    };
+    let mut hinted = slice("a", &["10.244.0.1", "10.244.0.2"]);
+    for (ep, zone) in hinted.endpoints.iter_mut().zip(["zone-a", "zone-b"]) {
+        ep.zone_hints = Some(Arc::new(BTreeSet::from([zone.to_string()])));
+    }
+    h.tx.send(SourceEvent::Node(Some(node_in("zone-a"))))
+        .await
+        .unwrap();
+    h.tx.send(SourceEvent::Services(Delta::Apply(service("a", "10.96.0.1"))))
+        .await
+        .unwrap();
+    h.tx.send(SourceEvent::EndpointSlices(Delta::Apply(hinted)))
+        .await
+        .unwrap();
+    h.tx.send(SourceEvent::Synced).await.unwrap();
+    h.wait_syncs(1).await;
+    let first = h.fake.restores().last().unwrap().clone();
+    assert!(first.contains("--to-destination 10.244.0.1:8080"), "{first}");
+    assert!(!first.contains("10.244.0.2:8080"), "{first}");
+
+    h.tx.send(SourceEvent::Node(Some(node_in("zone-b"))))
+        .await
+        .unwrap();
+    let moved = h.wait_syncs(2).await;
+    assert_eq!(moved.last_error, None, "{moved:?}");
+    let second = h.fake.restores().last().unwrap().clone();
+    assert!(second.contains("--to-destination 10.244.0.2:8080"), "{second}");
+    assert!(!second.contains("--to-destination 10.244.0.1:8080"), "{second}");
+}
