@@ -16,6 +16,15 @@
 //! - no sync failed and no read-back found the kernel different from what was written, though now and then
 //!   svcproxy is killed (SIGKILL) between two changes and started again.
 //!
+//! Endpoints carry topology hints (for zones, and for nodes) or not, and the Node moves between zones now and
+//! then: a change that concerns every Service at once, with cluster-wide traffic kept to the endpoints hinted
+//! for this node or its zone while every ready endpoint is hinted and one names them.
+//!
+//! Now and then a round ends with the node moved to the other mode and back, as an operator trying the other
+//! backend would: each daemon starts over the other's rules, must program everything (traffic is checked in
+//! between) and retire the other mode's rules, and the rules it reaches back home are again what a fresh
+//! start writes.
+//!
 //! The objects reach it through a manifest directory, or through a fake API server over list/watch, whose
 //! watches are now and then broken (svcproxy resumes) or compacted away (it must relist, and notice what was
 //! deleted meanwhile).
@@ -33,7 +42,7 @@ use std::time::Duration;
 use common::{Svcproxy, TempDir};
 use proptest::prelude::Rng;
 use proptest::test_runner::{RngAlgorithm, TestRng};
-use serde_json::{Value, json};
+use serde_json::Value;
 use svcproxy_nftables::slots::{placement, slot_of_rule};
 use svcproxy_nftables::{Family, Ruleset, parse_listing};
 use svcproxy_testkit::{
@@ -50,6 +59,7 @@ const ROUNDS: usize = 4;
 const POD_IPS: [u8; 4] = [11, 12, 13, 14];
 const NODE: &str = "node-a";
 const NODE_IP: &str = "10.0.0.10";
+const ZONES: [&str; 2] = ["zone-a", "zone-b"];
 const WAIT: Duration = Duration::from_secs(30);
 /// How long a request may take to count as answered; a dropped one fails after it.
 const REQUEST: Duration = Duration::from_millis(1500);
@@ -85,6 +95,16 @@ struct Ep {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// `hints.forZones`: the zone (of `ZONES`) it is hinted for.
+    zone_hint: Option<u8>,
+    /// `hints.forNodes`, naming the endpoint's own node.
+    node_hint: bool,
+}
+
+impl Ep {
+    fn node(&self) -> &'static str {
+        if self.local { NODE } else { "node-b" }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -114,6 +134,13 @@ struct Svc {
 
 fn random_endpoints(d: &mut Dice) -> Vec<Vec<Ep>> {
     let pods: Vec<u8> = POD_IPS.iter().copied().filter(|_| d.chance(55)).collect();
+    // As the EndpointSlice controller writes them: no hints, zone hints, or zone and node hints; now and then
+    // one endpoint lacks them (mid-update), which voids them all.
+    let (zones, nodes) = match d.below(3) {
+        0 => (false, false),
+        1 => (true, false),
+        _ => (true, true),
+    };
     let mut eps: Vec<Ep> = pods
         .into_iter()
         .map(|pod| {
@@ -124,12 +151,15 @@ fn random_endpoints(d: &mut Dice) -> Vec<Vec<Ep>> {
                 8 => (false, false, false),
                 _ => (false, false, true),
             };
+            let hinted = d.chance(90);
             Ep {
                 pod,
                 local: d.chance(50),
                 ready,
                 serving,
                 terminating,
+                zone_hint: (zones && hinted).then(|| d.below(2) as u8),
+                node_hint: nodes && hinted,
             }
         })
         .collect();
@@ -276,12 +306,40 @@ fn manifest(i: u8, s: &Svc) -> String {
                 ep.ready,
                 ep.serving,
                 ep.terminating,
-                if ep.local { NODE } else { "node-b" }
+                ep.node()
             )
             .unwrap();
+            if let Some(zone) = ep.zone_hint {
+                let zone = ZONES[usize::from(zone)];
+                write!(text, "  zone: {zone}\n  hints: {{forZones: [{{name: {zone}}}]").unwrap();
+                if ep.node_hint {
+                    write!(text, ", forNodes: [{{name: {}}}]", ep.node()).unwrap();
+                }
+                text.push_str("}\n");
+            }
         }
     }
     text
+}
+
+/// The endpoints cluster-wide traffic may go to, by the hints: while every ready endpoint carries them, only
+/// those hinted for this node when one is (node hints first), else those hinted for this node's zone when one
+/// is; with no ready endpoint, hints do not matter (the fallback to terminating ones ignores them).
+fn by_topology(eps: Vec<&Ep>, node_zone: Option<u8>) -> Vec<&Ep> {
+    let ready: Vec<&Ep> = eps.iter().copied().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return eps;
+    }
+    if ready.iter().all(|e| e.node_hint) && ready.iter().any(|e| e.local) {
+        return ready.into_iter().filter(|e| e.local).collect();
+    }
+    if let Some(zone) = node_zone
+        && ready.iter().all(|e| e.zone_hint.is_some())
+        && ready.iter().any(|e| e.zone_hint == Some(zone))
+    {
+        return ready.into_iter().filter(|e| e.zone_hint == Some(zone)).collect();
+    }
+    eps
 }
 
 /// The pods a new connection may reach: the ready endpoints of the pool, or when none is ready its serving
@@ -311,22 +369,28 @@ impl Svc {
         !self.other_proxy && !self.headless
     }
 
-    /// From a pod on this node to the ClusterIP.
-    fn internal_targets(&self) -> BTreeSet<String> {
+    /// The endpoints a policy sends to: the local ones (hints never narrow them), or the cluster's, as the
+    /// hints allow.
+    fn pool(&self, local: bool, node_zone: Option<u8>) -> BTreeSet<String> {
         if !self.programmed() {
             return BTreeSet::new();
         }
-        reachable(self.endpoints().filter(|e| !self.itp_local || e.local).collect())
+        if local {
+            reachable(self.endpoints().filter(|e| e.local).collect())
+        } else {
+            reachable(by_topology(self.endpoints().collect(), node_zone))
+        }
+    }
+
+    /// From a pod on this node to the ClusterIP.
+    fn internal_targets(&self, node_zone: Option<u8>) -> BTreeSet<String> {
+        self.pool(self.itp_local, node_zone)
     }
 
     /// From outside to the NodePort, load-balancer IP or externalIP. The policy is written only for the
     /// types that have a NodePort.
-    fn external_targets(&self) -> BTreeSet<String> {
-        if !self.programmed() {
-            return BTreeSet::new();
-        }
-        let local = self.etp_local && self.kind != Kind::ClusterIp;
-        reachable(self.endpoints().filter(|e| !local || e.local).collect())
+    fn external_targets(&self, node_zone: Option<u8>) -> BTreeSet<String> {
+        self.pool(self.etp_local && self.kind != Kind::ClusterIp, node_zone)
     }
 
     fn mutate(&mut self, d: &mut Dice) {
@@ -545,9 +609,10 @@ impl Source {
         }
     }
 
-    fn publish_marker(&mut self, text: &str) {
+    /// Publishes `text`, other objects than the Services' (the marker, the Node), as the contents of `file`.
+    fn publish_other(&mut self, file: &str, text: &str) {
         match self {
-            Source::Dir(dir) => dir.write("marker.yaml", text),
+            Source::Dir(dir) => dir.write(file, text),
             Source::Api(api, _, _) => {
                 let docs: Vec<Value> = serde_saphyr::from_multiple(text).unwrap();
                 for doc in docs {
@@ -580,6 +645,8 @@ struct Churn {
     services: BTreeMap<u8, Svc>,
     /// The background Services by index: their endpoints' third and fourth octets.
     filler: BTreeMap<u16, (u8, u8)>,
+    /// The zone (of `ZONES`) the Node is labelled with.
+    node_zone: Option<u8>,
     source: Source,
     lab: Lab,
     client: Pod,
@@ -612,14 +679,6 @@ impl Churn {
         }
         let source = if api {
             let server = FakeApiServer::start_in(lab.node(), "127.0.0.1:0".parse().unwrap());
-            server
-                .store()
-                .apply(json!({
-                    "apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": NODE},
-                    "spec": {"podCIDR": "10.244.0.0/24"}
-                }))
-                .unwrap();
             let dir = TempDir::new("churn-kubeconfig");
             server.write_kubeconfig(dir.path().join("kubeconfig")).unwrap();
             Source::Api(server, dir, BTreeMap::new())
@@ -632,6 +691,7 @@ impl Churn {
             dice: Dice::new(seed),
             services: BTreeMap::new(),
             filler: BTreeMap::new(),
+            node_zone: None,
             source,
             lab,
             client,
@@ -647,9 +707,34 @@ impl Churn {
                 churn.write(i, svc, "start with");
             }
         }
+        churn.move_node();
         churn.reshuffle_filler(100);
         churn.start();
         churn
+    }
+
+    /// Labels the Node with a zone, mostly; now and then with none.
+    fn move_node(&mut self) {
+        let zone = match self.dice.below(5) {
+            0 => None,
+            z => Some(((z - 1) / 2) as u8),
+        };
+        let labels = zone.map_or(String::new(), |z| {
+            format!(
+                ", labels: {{topology.kubernetes.io/zone: {}}}",
+                ZONES[usize::from(z)]
+            )
+        });
+        let node = format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}{labels}}}\nspec: {{podCIDR: 10.244.0.0/24}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {NODE_IP}}}]}}\n"
+        );
+        self.source.publish_other("node.yaml", &node);
+        self.node_zone = zone;
+        self.story.push(format!(
+            "node in zone {}",
+            zone.map_or("(none)", |z| ZONES[usize::from(z)])
+        ));
     }
 
     fn start(&mut self) {
@@ -730,6 +815,10 @@ impl Churn {
             let percent = 10 + self.dice.below(60);
             self.reshuffle_filler(percent);
         }
+        // The Node moves to another zone (or loses its label): every Service's endpoints are chosen again.
+        if self.dice.chance(12) {
+            self.move_node();
+        }
         // Killed mid-stream, perhaps mid-sync, as the OOM killer would: the next start picks up whatever is
         // in the kernel.
         if self.dice.chance(4) {
@@ -767,22 +856,31 @@ impl Churn {
     }
 
     /// Waits until the kernel holds the round's marker (a Service and its slice, each written after every other
-    /// change of its kind, so a sync that wrote both saw them all) and reads stay the same for a moment (a
-    /// cold sync may span transactions).
+    /// change of its kind, so a sync that wrote both saw them all) for the Node's zone, and reads stay the same
+    /// for a moment (a cold sync may span transactions).
     fn settled_rules(&mut self, round: usize) -> Rules {
         // A Service and a slice: from an API server each kind has a watch of its own, which may resume or
         // list again at its own time. The slice's port shows in the rules only once both are programmed: the
-        // port is named after the round, so neither joins the other's last-round version.
+        // port is named after the round, so neither joins the other's last-round version. The Node has a
+        // watch of its own too: the slice's two endpoints are hinted for one zone each, so which of them are
+        // programmed tells which zone the rules were written for.
         let (port, target) = (47100 + round, 48100 + round);
         let marker = format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: marker, namespace: churn}}\nspec:\n  \
              clusterIP: 10.96.1.250\n  ports:\n  - {{name: m{round}, protocol: TCP, port: {port}}}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: marker-0\n  \
              namespace: churn\n  labels: {{kubernetes.io/service-name: marker}}\naddressType: IPv4\nports:\n\
-             - {{name: m{round}, protocol: TCP, port: {target}}}\nendpoints:\n- addresses: [10.244.0.250]\n  \
-             conditions: {{ready: true}}\n"
+             - {{name: m{round}, protocol: TCP, port: {target}}}\nendpoints:\n\
+             - addresses: [10.244.0.250]\n  conditions: {{ready: true}}\n  hints: {{forZones: [{{name: {}}}]}}\n\
+             - addresses: [10.244.0.251]\n  conditions: {{ready: true}}\n  hints: {{forZones: [{{name: {}}}]}}\n",
+            ZONES[0], ZONES[1]
         );
-        self.source.publish_marker(&marker);
+        self.source.publish_other("marker.yaml", &marker);
+        let marker_endpoints: Vec<(&str, bool)> = ["10.244.0.250", "10.244.0.251"]
+            .into_iter()
+            .enumerate()
+            .map(|(z, ip)| (ip, self.node_zone.is_none_or(|nz| usize::from(nz) == z)))
+            .collect();
         let (mode, needle) = (self.mode, target.to_string());
         let ns = self.lab.node();
         let proxy = self.proxy.as_mut().expect("svcproxy runs");
@@ -798,7 +896,10 @@ impl Churn {
                 } else {
                     ns.exec_stdout(&["iptables-save"]).unwrap_or_default()
                 };
-                text.contains(&needle).then_some(())
+                let for_the_zone = marker_endpoints
+                    .iter()
+                    .all(|(ip, programmed)| text.contains(ip) == *programmed);
+                (text.contains(&needle) && for_the_zone).then_some(())
             },
         );
         let mut last = read_rules(mode, ns);
@@ -822,9 +923,9 @@ impl Churn {
                 self.client.ns(),
                 &vip,
                 "ClusterIP from a pod",
-                svc.internal_targets(),
+                svc.internal_targets(self.node_zone),
             );
-            let external = svc.external_targets();
+            let external = svc.external_targets(self.node_zone);
             if svc.kind != Kind::ClusterIp {
                 let node_port = format!("{NODE_IP}:{}", 30000 + u16::from(*i) * 10);
                 self.expect(
@@ -856,7 +957,7 @@ impl Churn {
                     self.client.ns(),
                     &admin,
                     "second port from a pod",
-                    svc.internal_targets(),
+                    svc.internal_targets(self.node_zone),
                 );
             }
             if svc.external_ip && !svc.headless {
@@ -977,6 +1078,12 @@ impl Churn {
         .unwrap_or_else(|e| e.to_string());
         assert!(self.proxy().terminate(), "svcproxy exits cleanly on SIGTERM");
         self.stopped_log = self.proxy().log();
+        // Now and then the node is moved to the other mode and back, as an operator trying it would: each
+        // daemon must take over the other's rules with traffic flowing, and retire them.
+        let switched = self.dice.chance(35);
+        if switched {
+            self.visit_other_mode(round);
+        }
         if cold {
             let out = self
                 .lab
@@ -1004,6 +1111,77 @@ impl Churn {
             );
         }
         self.check_log();
+        if switched && !cold {
+            self.wait_retired(other_mode(self.mode));
+        }
+    }
+
+    /// Runs svcproxy in the other mode over this mode's rules until it has programmed everything, checks
+    /// traffic and that it retired this mode's rules, and stops it.
+    fn visit_other_mode(&mut self, round: usize) {
+        let home = self.mode;
+        self.mode = other_mode(home);
+        self.story.push(format!("switched to {}", self.mode));
+        self.start();
+        self.settled_rules(round);
+        self.check_traffic();
+        self.wait_retired(home);
+        self.check_log();
+        assert!(self.proxy().terminate(), "svcproxy exits cleanly on SIGTERM");
+        self.mode = home;
+        self.story.push(format!("back to {home}"));
+    }
+
+    /// Nothing of what svcproxy writes in `mode` is left in the kernel, in either family (the running daemon,
+    /// in the other mode, retires it after its first sync; kubelet's chains stay).
+    fn wait_retired(&self, mode: &str) {
+        let ns = self.lab.node();
+        let what = format!("{mode} rules are retired");
+        wait_until(WAIT, Duration::from_millis(100), &what, || {
+            let left: Vec<String> = if mode == "nftables" {
+                ["ip", "ip6"]
+                    .into_iter()
+                    .filter(|family| {
+                        ns.exec_stdout(&["nft", "list", "table", family, "svcproxy"])
+                            .is_ok()
+                    })
+                    .map(|family| format!("nft table {family} svcproxy"))
+                    .collect()
+            } else {
+                ["iptables-save", "ip6tables-save"]
+                    .into_iter()
+                    .flat_map(|save| {
+                        let text = ns.exec_stdout(&[save]).unwrap_or_default();
+                        text.lines()
+                            .filter(|l| {
+                                [
+                                    "KUBE-SERVICES",
+                                    "KUBE-SVC-",
+                                    "KUBE-SEP-",
+                                    "KUBE-NODEPORTS",
+                                    "SVCPROXY",
+                                ]
+                                .iter()
+                                .any(|n| l.contains(n))
+                            })
+                            .map(|l| format!("{save}: {l}"))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            };
+            if !left.is_empty() {
+                eprintln!("{mode} left: {}", left.join("\n"));
+            }
+            left.is_empty().then_some(())
+        });
+    }
+}
+
+fn other_mode(mode: &str) -> &'static str {
+    if mode == "iptables" {
+        "nftables"
+    } else {
+        "iptables"
     }
 }
 
