@@ -50,6 +50,9 @@ use svcproxy_testkit::{
 };
 
 const SERVICES: u8 = 8;
+/// Address sets a Service can have (its ClusterIP, NodePorts, load-balancer IP and externalIP are picked by
+/// one index): more than the Services, so a freed set is sometimes reused and sometimes not.
+const ADDRESSES: u8 = 16;
 /// Services in the background, beyond the ones traffic checks: enough that a cold sync, or a change to many of
 /// them, spans several transactions in either mode (iptables: 1,000 chains each; nftables: 1,000 services).
 const FILLER: u16 = 1100;
@@ -109,6 +112,9 @@ impl Ep {
 
 #[derive(Clone, Debug)]
 struct Svc {
+    /// Which address set it has: `10.96.1.(10+addr)`, NodePorts `30000 + 10*addr + p`, and so on. Kept by
+    /// updates; a Service deleted and another created in its place may get the same set.
+    addr: u8,
     kind: Kind,
     udp: bool,
     etp_local: bool,
@@ -173,13 +179,14 @@ fn random_endpoints(d: &mut Dice) -> Vec<Vec<Ep>> {
     }
 }
 
-fn random_service(d: &mut Dice) -> Svc {
+fn random_service(d: &mut Dice, addr: u8) -> Svc {
     let kind = match d.below(3) {
         0 => Kind::ClusterIp,
         1 => Kind::NodePort,
         _ => Kind::LoadBalancer,
     };
     Svc {
+        addr,
         kind,
         udp: d.chance(40),
         etp_local: d.chance(35),
@@ -199,17 +206,18 @@ fn random_service(d: &mut Dice) -> Svc {
 
 fn manifest(i: u8, s: &Svc) -> String {
     let external = s.kind != Kind::ClusterIp;
+    let a = s.addr;
     let mut text = String::new();
     let cluster_ip = if s.broken {
-        format!("10.96.1.{}", 300 + u32::from(i))
+        format!("10.96.1.{}", 300 + u32::from(a))
     } else if s.headless {
         "None".to_string()
     } else {
-        format!("10.96.1.{}", 10 + i)
+        format!("10.96.1.{}", 10 + a)
     };
     let node_port = |p: u16| {
         if external {
-            format!(", nodePort: {}", 30000 + u16::from(i) * 10 + p)
+            format!(", nodePort: {}", 30000 + u16::from(a) * 10 + p)
         } else {
             String::new()
         }
@@ -251,7 +259,7 @@ fn manifest(i: u8, s: &Svc) -> String {
     if external && s.etp_local {
         text.push_str("  externalTrafficPolicy: Local\n");
         if s.kind == Kind::LoadBalancer {
-            writeln!(text, "  healthCheckNodePort: {}", 32100 + u16::from(i)).unwrap();
+            writeln!(text, "  healthCheckNodePort: {}", 32100 + u16::from(a)).unwrap();
         }
     }
     if s.itp_local {
@@ -268,7 +276,7 @@ fn manifest(i: u8, s: &Svc) -> String {
         }
     }
     if s.external_ip && !s.headless {
-        writeln!(text, "  externalIPs: [192.0.2.{}]", 10 + i).unwrap();
+        writeln!(text, "  externalIPs: [192.0.2.{}]", 10 + a).unwrap();
     }
     if s.kind == Kind::LoadBalancer {
         if s.source_ranges {
@@ -277,7 +285,7 @@ fn manifest(i: u8, s: &Svc) -> String {
         writeln!(
             text,
             "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.{}",
-            10 + i
+            10 + a
         )
         .unwrap();
         if s.ip_mode_proxy {
@@ -703,7 +711,8 @@ impl Churn {
         };
         for i in 0..SERVICES {
             if churn.dice.chance(60) {
-                let svc = random_service(&mut churn.dice);
+                let addr = churn.free_addr();
+                let svc = random_service(&mut churn.dice, addr);
                 churn.write(i, svc, "start with");
             }
         }
@@ -759,7 +768,8 @@ impl Churn {
         let roll = self.dice.below(100);
         match self.services.get(&i).cloned() {
             None => {
-                let svc = random_service(&mut self.dice);
+                let addr = self.free_addr();
+                let svc = random_service(&mut self.dice, addr);
                 self.write(i, svc, "create");
             }
             Some(mut svc) => match roll {
@@ -769,7 +779,7 @@ impl Churn {
                     self.write(i, svc, "new endpoints for");
                 }
                 35..55 => {
-                    let svc = random_service(&mut self.dice);
+                    let svc = random_service(&mut self.dice, svc.addr);
                     self.write(i, svc, "replace");
                 }
                 55..72 => {
@@ -777,8 +787,20 @@ impl Churn {
                     svc.broken = false;
                     self.write(i, svc, "change");
                 }
-                72..85 => {
+                72..80 => {
                     self.delete(i);
+                }
+                // Deleted, and another Service created with its addresses at once (as a re-install with
+                // fixed addresses does): its ClusterIP, NodePorts and load-balancer IP pass to other chains,
+                // perhaps in the same sync.
+                80..85 => {
+                    let absent = (0..SERVICES).find(|j| !self.services.contains_key(j));
+                    self.delete(i);
+                    if let Some(j) = absent {
+                        let mut heir = random_service(&mut self.dice, svc.addr);
+                        heir.kind = svc.kind;
+                        self.write(j, heir, "its addresses to");
+                    }
                 }
                 85..91 => {
                     svc.broken = true;
@@ -849,6 +871,14 @@ impl Churn {
             .push(format!("{percent}% of the background Services changed"));
     }
 
+    /// A random address set no Service has (one a deleted Service had among them).
+    fn free_addr(&mut self) -> u8 {
+        let free: Vec<u8> = (0..ADDRESSES)
+            .filter(|a| self.services.values().all(|s| s.addr != *a))
+            .collect();
+        free[self.dice.below(free.len() as u32) as usize]
+    }
+
     fn delete(&mut self, i: u8) {
         self.source.publish(i, None);
         self.services.remove(&i);
@@ -914,11 +944,12 @@ impl Churn {
     }
 
     fn check_traffic(&self) {
-        for (i, svc) in &self.services {
+        for svc in self.services.values() {
             if svc.broken {
                 continue;
             }
-            let vip = format!("10.96.1.{}:80", 10 + i);
+            let a = svc.addr;
+            let vip = format!("10.96.1.{}:80", 10 + a);
             self.expect(
                 self.client.ns(),
                 &vip,
@@ -927,7 +958,7 @@ impl Churn {
             );
             let external = svc.external_targets(self.node_zone);
             if svc.kind != Kind::ClusterIp {
-                let node_port = format!("{NODE_IP}:{}", 30000 + u16::from(*i) * 10);
+                let node_port = format!("{NODE_IP}:{}", 30000 + u16::from(a) * 10);
                 self.expect(
                     self.lab.external(),
                     &node_port,
@@ -938,7 +969,7 @@ impl Churn {
             if svc.kind == Kind::LoadBalancer {
                 // The outside host is inside the source ranges when there are any; an address in Proxy mode
                 // is the load balancer's to handle, not ours.
-                let ingress = format!("198.51.100.{}:80", 10 + i);
+                let ingress = format!("198.51.100.{}:80", 10 + a);
                 let want = if svc.ip_mode_proxy {
                     BTreeSet::new()
                 } else {
@@ -952,7 +983,7 @@ impl Churn {
                 );
             }
             if svc.admin_port && !svc.headless {
-                let admin = format!("10.96.1.{}:81", 10 + i);
+                let admin = format!("10.96.1.{}:81", 10 + a);
                 self.expect(
                     self.client.ns(),
                     &admin,
@@ -961,7 +992,7 @@ impl Churn {
                 );
             }
             if svc.external_ip && !svc.headless {
-                let ip = format!("192.0.2.{}:80", 10 + i);
+                let ip = format!("192.0.2.{}:80", 10 + a);
                 self.expect(self.lab.external(), &ip, "externalIP from outside", external);
             }
         }
