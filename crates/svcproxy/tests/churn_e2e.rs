@@ -172,7 +172,19 @@ fn random_endpoints(d: &mut Dice) -> Vec<Vec<Ep>> {
     match d.below(4) {
         0 => Vec::new(),
         1 if eps.len() > 1 => {
-            let second = eps.split_off(eps.len() / 2);
+            let mut second = eps.split_off(eps.len() / 2);
+            // The same address in both slices, as while the controller moves an endpoint between slices or a
+            // new pod has the address of one still terminating: its copies may disagree.
+            if d.chance(40) {
+                let mut copy = eps[d.below(eps.len() as u32) as usize].clone();
+                copy.local = d.chance(50);
+                (copy.ready, copy.serving, copy.terminating) = match d.below(3) {
+                    0 => (true, true, false),
+                    1 => (false, true, true),
+                    _ => (false, false, true),
+                };
+                second.push(copy);
+            }
             vec![eps, second]
         }
         _ => vec![eps],
@@ -368,8 +380,20 @@ fn pod_name(pod: u8) -> String {
 }
 
 impl Svc {
-    fn endpoints(&self) -> impl Iterator<Item = &Ep> {
-        self.slices.iter().flatten()
+    /// Its endpoints, one per address: of two copies in different slices the one not terminating wins, then a
+    /// local one, then the one in the slice whose name sorts first.
+    fn endpoints(&self) -> Vec<&Ep> {
+        let rank = |e: &Ep| (!e.terminating, e.local);
+        let mut by_pod: BTreeMap<u8, &Ep> = BTreeMap::new();
+        for ep in self.slices.iter().flatten() {
+            match by_pod.get(&ep.pod) {
+                Some(kept) if rank(kept) >= rank(ep) => {}
+                _ => {
+                    by_pod.insert(ep.pod, ep);
+                }
+            }
+        }
+        by_pod.into_values().collect()
     }
 
     /// Whether svcproxy programs it at all.
@@ -384,9 +408,9 @@ impl Svc {
             return BTreeSet::new();
         }
         if local {
-            reachable(self.endpoints().filter(|e| e.local).collect())
+            reachable(self.endpoints().into_iter().filter(|e| e.local).collect())
         } else {
-            reachable(by_topology(self.endpoints().collect(), node_zone))
+            reachable(by_topology(self.endpoints(), node_zone))
         }
     }
 
