@@ -18,7 +18,10 @@
 //!
 //! Endpoints carry topology hints (for zones, and for nodes) or not, and the Node moves between zones now and
 //! then: a change that concerns every Service at once, with cluster-wide traffic kept to the endpoints hinted
-//! for this node or its zone while every ready endpoint is hinted and one names them.
+//! for this node or its zone while every ready endpoint is hinted and one names them. Its InternalIP moves
+//! between two addresses of the node too, which in nftables mode moves the NodePorts. Two slices of a Service
+//! may list the same address with copies that disagree, and a deleted Service's addresses (ClusterIP,
+//! NodePorts, load-balancer IP) may pass to another Service, in the same sync or later.
 //!
 //! Now and then a round ends with the node moved to the other mode and back, as an operator trying the other
 //! backend would: each daemon starts over the other's rules, must program everything (traffic is checked in
@@ -62,6 +65,10 @@ const ROUNDS: usize = 4;
 const POD_IPS: [u8; 4] = [11, 12, 13, 14];
 const NODE: &str = "node-a";
 const NODE_IP: &str = "10.0.0.10";
+/// The node's two addresses on the external link; the Node object names one of them its InternalIP, which in
+/// nftables mode is the only address NodePorts answer on (`--nodeport-addresses primary`, the default there),
+/// while in iptables mode every local address answers.
+const NODE_IPS: [&str; 2] = [NODE_IP, "10.0.0.11"];
 const ZONES: [&str; 2] = ["zone-a", "zone-b"];
 const WAIT: Duration = Duration::from_secs(30);
 /// How long a request may take to count as answered; a dropped one fails after it.
@@ -679,6 +686,8 @@ struct Churn {
     filler: BTreeMap<u16, (u8, u8)>,
     /// The zone (of `ZONES`) the Node is labelled with.
     node_zone: Option<u8>,
+    /// Which of `NODE_IPS` the Node names its InternalIP.
+    primary: usize,
     source: Source,
     lab: Lab,
     client: Pod,
@@ -704,6 +713,10 @@ impl Churn {
             })
             .collect();
         let client = lab.add_pod("client", Ipv4Addr::new(10, 244, 0, 50));
+        let second = format!("{}/24", NODE_IPS[1]);
+        lab.node()
+            .exec(&["ip", "addr", "add", &second, "dev", "eth0"])
+            .unwrap();
         for net in ["192.0.2.0/24", "198.51.100.0/24"] {
             lab.external()
                 .exec(&["ip", "route", "add", net, "via", NODE_IP])
@@ -724,6 +737,7 @@ impl Churn {
             services: BTreeMap::new(),
             filler: BTreeMap::new(),
             node_zone: None,
+            primary: 0,
             source,
             lab,
             client,
@@ -746,12 +760,16 @@ impl Churn {
         churn
     }
 
-    /// Labels the Node with a zone, mostly; now and then with none.
+    /// Labels the Node with a zone, mostly; now and then with none. Now and then its InternalIP changes too.
     fn move_node(&mut self) {
         let zone = match self.dice.below(5) {
             0 => None,
             z => Some(((z - 1) / 2) as u8),
         };
+        if self.dice.chance(30) {
+            self.primary = 1 - self.primary;
+        }
+        let address = NODE_IPS[self.primary];
         let labels = zone.map_or(String::new(), |z| {
             format!(
                 ", labels: {{topology.kubernetes.io/zone: {}}}",
@@ -760,12 +778,12 @@ impl Churn {
         });
         let node = format!(
             "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}{labels}}}\nspec: {{podCIDR: 10.244.0.0/24}}\n\
-             status: {{addresses: [{{type: InternalIP, address: {NODE_IP}}}]}}\n"
+             status: {{addresses: [{{type: InternalIP, address: {address}}}]}}\n"
         );
         self.source.publish_other("node.yaml", &node);
         self.node_zone = zone;
         self.story.push(format!(
-            "node in zone {}",
+            "node at {address} in zone {}",
             zone.map_or("(none)", |z| ZONES[usize::from(z)])
         ));
     }
@@ -935,13 +953,23 @@ impl Churn {
             .enumerate()
             .map(|(z, ip)| (ip, self.node_zone.is_none_or(|nz| usize::from(nz) == z)))
             .collect();
+        // In nftables mode the NodePort address set holds the Node's InternalIP, and only it.
+        let node_ips: Vec<(&str, bool)> = if self.mode == "nftables" {
+            NODE_IPS
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| (*ip, i == self.primary))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let (mode, needle) = (self.mode, target.to_string());
         let ns = self.lab.node();
         let proxy = self.proxy.as_mut().expect("svcproxy runs");
         wait_until(
             WAIT,
             Duration::from_millis(50),
-            "the round's marker is programmed",
+            "the round's marker is programmed (for the Node's zone, and in nftables mode its address)",
             || {
                 proxy.assert_running();
                 let text = if mode == "nftables" {
@@ -952,6 +980,7 @@ impl Churn {
                 };
                 let for_the_zone = marker_endpoints
                     .iter()
+                    .chain(&node_ips)
                     .all(|(ip, programmed)| text.contains(ip) == *programmed);
                 (text.contains(&needle) && for_the_zone).then_some(())
             },
@@ -982,13 +1011,17 @@ impl Churn {
             );
             let external = svc.external_targets(self.node_zone);
             if svc.kind != Kind::ClusterIp {
-                let node_port = format!("{NODE_IP}:{}", 30000 + u16::from(a) * 10);
-                self.expect(
-                    self.lab.external(),
-                    &node_port,
-                    "NodePort from outside",
-                    external.clone(),
-                );
+                for (i, ip) in NODE_IPS.iter().enumerate() {
+                    let node_port = format!("{ip}:{}", 30000 + u16::from(a) * 10);
+                    let (what, want) = if i == self.primary {
+                        ("NodePort from outside", external.clone())
+                    } else if self.mode == "nftables" {
+                        ("NodePort on the other address from outside", BTreeSet::new())
+                    } else {
+                        ("NodePort on the other address from outside", external.clone())
+                    };
+                    self.expect(self.lab.external(), &node_port, what, want);
+                }
             }
             if svc.kind == Kind::LoadBalancer {
                 // The outside host is inside the source ranges when there are any; an address in Proxy mode
