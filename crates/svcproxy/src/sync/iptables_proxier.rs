@@ -172,6 +172,26 @@ impl ProxierOptions {
             ..self.base.clone()
         }
     }
+
+    /// `--detect-local-mode=NodeCIDR` and the Node (not seen, or without pod CIDRs) gives no pod range: until
+    /// it does, pod traffic is not told apart, so off-cluster clients of a ClusterIP are not masqueraded and
+    /// pods reaching an externalTrafficPolicy Local Service's external address are not sent to its endpoints
+    /// elsewhere. Upstream waits at start until the Node has its pod CIDRs; svcproxy programs everything else
+    /// meanwhile. (A Node with pod CIDRs of the other family only is a single-stack node: nothing to say.)
+    pub fn lacks_pod_cidrs(&self, node: Option<&Node>) -> bool {
+        self.detect_local == DetectLocal::NodePodCidrs && node.is_none_or(|n| n.pod_cidrs.is_empty())
+    }
+
+    /// Says so, when [`Self::lacks_pod_cidrs`]: called when the configuration changes, so once per change.
+    pub fn warn_if_lacking_pod_cidrs(&self, node: Option<&Node>) {
+        if self.lacks_pod_cidrs(node) {
+            tracing::warn!(
+                family = ?self.base.family,
+                "--detect-local-mode=NodeCIDR, but the Node has no pod CIDRs (yet): pod traffic cannot be told \
+                 apart, so off-cluster clients of ClusterIPs are not masqueraded until it has"
+            );
+        }
+    }
 }
 
 /// `nf_conntrack_tcp_be_liberal` is on in this network namespace (unreadable, as before conntrack is loaded,
@@ -970,7 +990,10 @@ impl Proxier for IptablesProxier {
         // A configuration change (a new node address, say) can touch every chain: treat it as full.
         let mode = match &self.applied {
             Some((_, applied_with)) if *applied_with == config => mode,
-            _ => mode.max(SyncMode::Full),
+            _ => {
+                self.options.warn_if_lacking_pod_cidrs(state.node.as_ref());
+                mode.max(SyncMode::Full)
+            }
         };
         let (next, mut digest, replaced) = self.render_cached(&intent, &config);
         digest.add_jumps(&jumps::jump_rules(&config));
@@ -1258,6 +1281,32 @@ fn written_chains(payload: &Payload) -> Vec<(TableName, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_cidr_mode_lacks_pod_cidrs_until_the_node_has_some() {
+        let options = ProxierOptions {
+            base: RenderConfig::default(),
+            detect_local: DetectLocal::NodePodCidrs,
+            nodeport_addresses: NodePortSpec::All,
+            bind_ip: None,
+        };
+        assert!(options.lacks_pod_cidrs(None), "no Node yet");
+        let mut node = Node {
+            name: "node-a".into(),
+            ..Node::default()
+        };
+        assert!(options.lacks_pod_cidrs(Some(&node)), "a Node without pod CIDRs");
+        node.pod_cidrs = vec!["fd00:10:244::/64".parse().unwrap()];
+        assert!(
+            !options.lacks_pod_cidrs(Some(&node)),
+            "a single-stack node of the other family"
+        );
+        let cluster_cidr = ProxierOptions {
+            detect_local: DetectLocal::None,
+            ..options.clone()
+        };
+        assert!(!cluster_cidr.lacks_pod_cidrs(None));
+    }
 
     #[test]
     fn written_chains_excludes_deleted_ones() {

@@ -525,7 +525,10 @@ impl Proxier for NftProxier {
         let config = nft_config(&self.options.resolve(state.node.as_ref(), &local));
         let mode = match &self.applied {
             Some((_, applied_with)) if *applied_with == config => mode,
-            _ => mode.max(SyncMode::Full),
+            _ => {
+                self.options.warn_if_lacking_pod_cidrs(state.node.as_ref());
+                mode.max(SyncMode::Full)
+            }
         };
         if mode == SyncMode::Partial
             && let (Some((table, _)), Some(prev)) = (&self.applied, &self.applied_intent)
