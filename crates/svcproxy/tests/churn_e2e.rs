@@ -1225,6 +1225,8 @@ impl Churn {
     fn wait_retired(&self, mode: &str) {
         let ns = self.lab.node();
         let what = format!("{mode} rules are retired");
+        // What is left is printed when it changes, not on every poll: a timeout then ends with a short list.
+        let mut reported = Vec::new();
         wait_until(WAIT, Duration::from_millis(100), &what, || {
             let left: Vec<String> = if mode == "nftables" {
                 ["ip", "ip6"]
@@ -1257,8 +1259,9 @@ impl Churn {
                     })
                     .collect()
             };
-            if !left.is_empty() {
+            if !left.is_empty() && left != reported {
                 eprintln!("{mode} left: {}", left.join("\n"));
+                reported = left.clone();
             }
             left.is_empty().then_some(())
         });
