@@ -16,6 +16,7 @@ pub mod node;
 pub mod object_name;
 pub mod protocol;
 pub mod service;
+pub mod service_cidr;
 pub mod service_port_name;
 pub mod slice_index;
 pub mod topology;
@@ -34,5 +35,6 @@ pub use service::{
     LoadBalancerIngress, Service, ServicePort, ServiceType, SessionAffinity, TrafficDistribution,
     TrafficPolicy,
 };
+pub use service_cidr::ServiceCidr;
 pub use service_port_name::ServicePortName;
 pub use slice_index::SliceIndex;

@@ -193,6 +193,7 @@ impl DebugState {
         Expected::new(
             intent,
             config,
+            self.current().service_cidrs,
             "the intent svcproxy last applied".to_string(),
             self.0.proxy_mode,
         )
@@ -216,6 +217,7 @@ impl DebugState {
             return Ok(Expected::new(
                 Arc::new(intent),
                 config,
+                wanted.service_cidrs_of(IpFamily::V4),
                 format!(
                     "the cluster state svcproxy is trying to program (its last {} syncs failed)",
                     s.consecutive_failures

@@ -15,6 +15,7 @@ use std::str::FromStr;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
 use kube::Api;
 use kube::api::ListParams;
 use serde::{Deserialize, Serialize};
@@ -238,6 +239,8 @@ pub struct Expected {
     /// The resolved options, as the iptables backend holds them (the nftables configuration derives from
     /// them).
     pub config: RenderConfig,
+    /// The ServiceCIDR ranges, which the nftables rendering drops unallocated addresses of.
+    pub service_cidrs: Vec<ipnet::IpNet>,
     pub rendering: Rendering,
     /// Where the intent came from, for the reader (`the manifests in ./m`, `the API server`, …).
     pub source: String,
@@ -249,18 +252,21 @@ impl Expected {
     pub fn new(
         intent: std::sync::Arc<Intent>,
         config: RenderConfig,
+        service_cidrs: Vec<ipnet::IpNet>,
         source: String,
         mode: ProxyMode,
     ) -> Self {
         let rendering = match mode {
             ProxyMode::Iptables => Rendering::Iptables(render::render(&intent, &config)),
-            ProxyMode::Nftables => {
-                Rendering::Nftables(svcproxy_nftables::render(&intent, &nft_config(&config)))
-            }
+            ProxyMode::Nftables => Rendering::Nftables(svcproxy_nftables::render(
+                &intent,
+                &nft_render_config(&config, &service_cidrs),
+            )),
         };
         Expected {
             intent,
             config,
+            service_cidrs,
             rendering,
             source,
             warnings: Vec::new(),
@@ -276,7 +282,7 @@ impl Expected {
         match &self.rendering {
             Rendering::Nftables(_) => Some(svcproxy_nftables::render_after(
                 &self.intent,
-                &nft_config(&self.config),
+                &nft_render_config(&self.config, &self.service_cidrs),
                 &svcproxy_nftables::Slots::of_ruleset(table),
             )),
             Rendering::Iptables(_) => None,
@@ -290,6 +296,18 @@ impl Expected {
         {
             self.rendering = Rendering::Nftables(ours);
         }
+    }
+}
+
+/// The nftables configuration the daemon renders with: the one derived from the resolved options, and the
+/// ServiceCIDR ranges.
+fn nft_render_config(
+    config: &RenderConfig,
+    service_cidrs: &[ipnet::IpNet],
+) -> svcproxy_nftables::RenderConfig {
+    svcproxy_nftables::RenderConfig {
+        service_cidrs: service_cidrs.to_vec(),
+        ..nft_config(config)
     }
 }
 
@@ -382,6 +400,7 @@ pub async fn read_cluster(
         .list(&lp)
         .await
         .map_err(list_err("EndpointSlices"))?;
+    let client_for_cidrs = client.clone();
     let node_object = Api::<core::Node>::all(client)
         .get_opt(node)
         .await
@@ -409,6 +428,23 @@ pub async fn read_cluster(
         Some(Err(e)) => warnings.push(e.to_string()),
         None => warnings.push(format!("Node {node} does not exist")),
     }
+    // As the daemon, a cluster that does not serve ServiceCIDRs (or will not let us list them) has none.
+    match Api::<networking::ServiceCIDR>::all(client_for_cidrs)
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(list) => {
+            for c in &list.items {
+                match convert::service_cidr(c) {
+                    Ok(c) => {
+                        state.service_cidrs.insert(c.name.clone(), c);
+                    }
+                    Err(e) => warnings.push(e.to_string()),
+                }
+            }
+        }
+        Err(e) => warnings.push(format!("ServiceCIDRs cannot be listed: {e}")),
+    }
     Ok((state, "the API server".to_string(), warnings))
 }
 
@@ -432,7 +468,13 @@ pub async fn load_expected(
         },
     );
     let config = options.resolve(state.node.as_ref(), local_ips);
-    let mut expected = Expected::new(std::sync::Arc::new(intent), config, source, args.proxy_mode);
+    let mut expected = Expected::new(
+        std::sync::Arc::new(intent),
+        config,
+        state.service_cidrs_of(family),
+        source,
+        args.proxy_mode,
+    );
     expected.warnings = warnings;
     Ok(expected)
 }

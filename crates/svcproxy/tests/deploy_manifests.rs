@@ -284,6 +284,7 @@ fn the_cluster_role_grants_exactly_what_svcproxy_uses() {
         ("", "services", ["get", "list", "watch"].as_slice()),
         ("", "nodes", &["get", "list", "watch"]),
         ("discovery.k8s.io", "endpointslices", &["get", "list", "watch"]),
+        ("networking.k8s.io", "servicecidrs", &["get", "list", "watch"]),
         ("", "events", &["create", "patch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ] {

@@ -65,6 +65,10 @@ spec:
         slice("api", &[API_EP]),
         "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: demo}\nstatus: {podIP: 10.244.0.50}\n"
             .to_string(),
+        // Only nftables mode acts on it (upstream's iptables mode has no use for ServiceCIDRs).
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\n\
+         spec: {cidrs: [10.96.0.0/16, 'fd00:10:96::/112']}\n"
+            .to_string(),
     ]
     .join("---\n")
 }
@@ -561,6 +565,18 @@ fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
         r["kernel"]["masquerade"], true,
         "external clients are masqueraded"
     );
+    // An address of the ServiceCIDR that no Service holds: dropped, by the kernel as by the rendering.
+    let (code, r) = node.nft_json(&["explain", "--from", "demo/client", "--to", "10.96.7.7:80/tcp"]);
+    assert_eq!((code, &r["agree"]), (0, &Value::Bool(true)), "{r:#}");
+    assert_eq!(r["kernel"]["verdict"], "drop", "{r:#}");
+    assert!(
+        r["kernel"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["chain"] == "ip svcproxy/cluster-ips-check"),
+        "{r:#}"
+    );
     let (code, text, err) = node.nft_cli(&["diff"]);
     assert_eq!(code, 0, "{text}{err}");
     assert!(
@@ -582,6 +598,19 @@ fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
     assert_eq!(r["nft_table"], "ip svcproxy");
     let (code, r) = node.json(&["diff", "--daemon"], false);
     assert_eq!((code, &r["equal"]), (0, &Value::Bool(true)), "{r:#}");
+    let (code, r) = node.json(
+        &[
+            "explain",
+            "--daemon",
+            "--from",
+            "10.244.0.50",
+            "--to",
+            "10.96.7.7:80/tcp",
+        ],
+        false,
+    );
+    assert_eq!((code, &r["agree"]), (0, &Value::Bool(true)), "{r:#}");
+    assert_eq!(r["intent"]["verdict"], "drop", "{r:#}");
     proxy.assert_no_divergence();
     drop(proxy);
 

@@ -263,11 +263,15 @@ fn one_pod_node() -> OnePodNode {
 impl OnePodNode {
     /// svcproxy started with a kubeconfig naming the API server.
     fn start_proxy(&self) -> Svcproxy {
+        self.start_proxy_with(&[])
+    }
+
+    /// The same, with more arguments.
+    fn start_proxy_with(&self, args: &[&str]) -> Svcproxy {
         self.api.write_kubeconfig(&self.kubeconfig).unwrap();
-        Svcproxy::start(
-            self.lab.node(),
-            &["--kubeconfig", self.kubeconfig.to_str().unwrap()],
-        )
+        let mut all = vec!["--kubeconfig", self.kubeconfig.to_str().unwrap()];
+        all.extend_from_slice(args);
+        Svcproxy::start(self.lab.node(), &all)
     }
 
     /// `web` answers the client pod, while svcproxy keeps running.
@@ -474,4 +478,108 @@ fn a_node_the_api_refuses_to_list_delays_the_first_sync_but_does_not_stop_it() {
         (proxy.log().contains("Node node-a listed at last") && syncs() > before).then_some(())
     });
     node_setup.wait_for_web(&mut proxy, T, "web still answers");
+}
+
+fn service_cidr(name: &str, cidrs: &[&str]) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": cidrs}
+    })
+}
+
+/// ServiceCIDRs in nftables mode: a new connection to an address in one that is no Service's ClusterIP is
+/// dropped, where it would otherwise leave by the node's default route. Here the external host (the default
+/// route) owns such an address and answers on it, so a missing drop shows as a reply. The API server starts
+/// out not serving ServiceCIDRs at all (404, as a cluster before they existed): svcproxy must program at once
+/// without them, call nothing an outage, and pick them up once they are served.
+#[test]
+fn service_cidrs_drop_traffic_to_unallocated_cluster_ips_in_nftables_mode() {
+    let node = one_pod_node();
+    let store = node.api.store();
+    let unallocated: SocketAddr = "10.96.7.7:80".parse().unwrap();
+    let ext = node.lab.external();
+    ext.exec(&["ip", "addr", "add", "10.96.7.7/32", "dev", "lo"])
+        .unwrap();
+    let _leak = Backend::start(ext, "leaked", &[80], &[]);
+    store.unserve("ServiceCIDR");
+    store
+        .apply(service_cidr("kubernetes", &["10.96.0.0/16", "fd00:10:96::/112"]))
+        .unwrap();
+    store.apply(service_cidr("extra", &["10.100.0.0/24"])).unwrap();
+
+    let mut proxy = node.start_proxy_with(&["--proxy-mode", "nftables"]);
+    // Not the 30 s wait for a list that may still come: a 404 says there is nothing to wait for.
+    node.wait_for_web(
+        &mut proxy,
+        Duration::from_secs(20),
+        "web answers without ServiceCIDRs",
+    );
+    let reply = tcp_request(node.client.ns(), unallocated, T).expect("without ServiceCIDRs nothing drops");
+    assert_eq!(reply.identity, "leaked");
+    let log = proxy.log();
+    assert!(
+        log.contains("ServiceCIDRs cannot be listed") && log.contains("404"),
+        "{log}"
+    );
+    let status = |node: &OnePodNode| -> Value {
+        let out = node
+            .lab
+            .node()
+            .command(env!("CARGO_BIN_EXE_svcproxy"))
+            .args(["status", "--output", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert!(status(&node)["source_problem"].is_null(), "a 404 is no outage");
+
+    store.serve("ServiceCIDR");
+    wait_until(WAIT, POLL, "the unallocated address is dropped", || {
+        proxy.assert_running();
+        matches!(
+            tcp_request(node.client.ns(), unallocated, T),
+            Err(svcproxy_testkit::ClientError::Timeout)
+        )
+        .then_some(())
+    });
+    assert!(
+        proxy.log().contains("ServiceCIDRs listed at last"),
+        "{}",
+        proxy.log()
+    );
+    // What is allocated still works, an undefined port of a ClusterIP is still refused, and both families'
+    // tables hold their own ranges, which the read-back after the sync found as written.
+    node.wait_for_web(&mut proxy, T, "web still answers");
+    assert!(matches!(
+        tcp_request(node.client.ns(), "10.96.0.100:81".parse().unwrap(), T),
+        Err(svcproxy_testkit::ClientError::Refused)
+    ));
+    let table = |family: &str| {
+        node.lab
+            .node()
+            .exec_stdout(&["nft", "list", "chain", family, "svcproxy", "cluster-ips-check"])
+            .unwrap()
+    };
+    let v4 = table("ip");
+    assert!(
+        v4.contains("10.96.0.0/16") && v4.contains("10.100.0.0/24") && !v4.contains("fd00"),
+        "{v4}"
+    );
+    let v6 = table("ip6");
+    assert!(v6.contains("fd00:10:96::/112") && !v6.contains("10.96"), "{v6}");
+    proxy.assert_no_divergence();
+
+    // A range given up is open again (and the other one still drops).
+    store.delete("ServiceCIDR", None, "kubernetes");
+    wait_until(WAIT, POLL, "the range is no longer dropped", || {
+        tcp_request(node.client.ns(), unallocated, T).ok()
+    });
+    let v4 = table("ip");
+    assert!(
+        !v4.contains("10.96.0.0/16") && v4.contains("10.100.0.0/24"),
+        "{v4}"
+    );
+    proxy.assert_no_divergence();
+    proxy.assert_running();
 }

@@ -10,10 +10,11 @@ use super::legacy_ip::{parse_cidr, parse_ip};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use svcproxy_model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, LoadBalancerIngress, Node, ObjectName, Protocol,
-    Service, ServicePort, ServiceType, SessionAffinity, TrafficDistribution, TrafficPolicy,
+    Service, ServiceCidr, ServicePort, ServiceType, SessionAffinity, TrafficDistribution, TrafficPolicy,
 };
 
 /// The label that ties an EndpointSlice to its Service.
@@ -450,6 +451,45 @@ pub fn endpoint_slice(
     })
 }
 
+/// A ServiceCIDR. Its ranges become a drop rule, so each must be a range (network address and prefix) the
+/// way the API validates them: `10.96.0.1/12` is refused rather than guessed at.
+pub fn service_cidr(object: &networking::ServiceCIDR) -> Result<ServiceCidr, ConvertError> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let cx = Ctx {
+        kind: "ServiceCIDR",
+        object: name.clone(),
+    };
+    if !is_dns_subdomain(&name) {
+        return Err(cx.err(
+            "metadata.name",
+            format!("{name:?} is not a valid name (RFC 1123 subdomain)"),
+        ));
+    }
+    let cidrs = object
+        .spec
+        .as_ref()
+        .and_then(|s| s.cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, text)| {
+            let field = format!("spec.cidrs[{i}]");
+            let cidr = cx.cidr(&field, text)?;
+            if cidr.trunc() != cidr {
+                return Err(cx.err(
+                    field,
+                    format!("{text:?} has host bits set (the range is {})", cidr.trunc()),
+                ));
+            }
+            Ok(cidr)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ServiceCidr {
+        name: ObjectName::new("", name),
+        cidrs,
+    })
+}
+
 pub fn node(node: &core::Node) -> Result<Node, ConvertError> {
     let name = node.metadata.name.clone().unwrap_or_default();
     let cx = Ctx {
@@ -525,6 +565,36 @@ mod tests {
             "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": port_name, "port": 80}]}
         }))
         .unwrap()
+    }
+
+    fn cidr_object(name: &str, cidrs: &[&str]) -> networking::ServiceCIDR {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"cidrs": cidrs}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_service_cidr_names_each_range_and_refuses_what_is_not_one() {
+        let ok = service_cidr(&cidr_object("kubernetes", &["10.96.0.0/12", "fd00:10:96::/112"])).unwrap();
+        assert_eq!(ok.name, ObjectName::new("", "kubernetes"));
+        let ranges: Vec<String> = ok.cidrs.iter().map(ToString::to_string).collect();
+        assert_eq!(ranges, ["10.96.0.0/12", "fd00:10:96::/112"]);
+        assert!(service_cidr(&cidr_object("empty", &[])).unwrap().cidrs.is_empty());
+
+        let e = service_cidr(&cidr_object("kubernetes", &["10.96.0.0/12", "10.100.0.1/16"])).unwrap_err();
+        assert_eq!(
+            (e.kind, e.object.as_str(), e.field.as_str()),
+            ("ServiceCIDR", "kubernetes", "spec.cidrs[1]")
+        );
+        assert!(e.reason.contains("10.100.0.0/16"), "{e}");
+        let e = service_cidr(&cidr_object("kubernetes", &["10.96.0.0/33"])).unwrap_err();
+        assert_eq!(e.field, "spec.cidrs[0]", "{e}");
+        let e = service_cidr(&cidr_object("kubernetes", &["10.96.0.0/12 } accept"])).unwrap_err();
+        assert_eq!(e.field, "spec.cidrs[0]", "{e}");
+        let e = service_cidr(&cidr_object("Bad Name", &["10.96.0.0/12"])).unwrap_err();
+        assert_eq!(e.field, "metadata.name", "{e}");
     }
 
     #[test]

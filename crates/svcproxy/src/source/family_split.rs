@@ -35,6 +35,8 @@ pub fn for_family(ev: &SourceEvent, family: IpFamily) -> Option<SourceEvent> {
                 .map(|(k, s)| (k.clone(), s.clone()))
                 .collect(),
             node: state.node.clone(),
+            // Each engine's proxier takes the ranges of its family.
+            service_cidrs: state.service_cidrs.clone(),
         }),
         SourceEvent::Services(Delta::Apply(service)) if !served_in(service, family) => {
             // It may have had one before (a dual-stack Service made single-stack): gone from this family.

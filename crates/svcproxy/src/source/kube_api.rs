@@ -1,4 +1,5 @@
-//! The Kubernetes API source: list + watch of Services, EndpointSlices and our own Node through kube-rs.
+//! The Kubernetes API source: list + watch of Services, EndpointSlices, ServiceCIDRs and our own Node through
+//! kube-rs.
 //!
 //! The watches use upstream kube-proxy's server-side filter, so Services handed to another proxy
 //! (`service.kubernetes.io/service-proxy-name`) and headless ones never reach us. A relist (after a 410 Gone or
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as networking;
 use kube::api::ListParams;
 use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -105,24 +107,30 @@ struct Readiness {
     services: bool,
     slices: bool,
     node: bool,
+    /// Listed, or known not to be listable (the API server does not serve ServiceCIDRs, or we may not list
+    /// them): then there are none to wait for.
+    service_cidrs: bool,
     announced: bool,
 }
 
-/// One event from any of the three watches. Boxed: the Node variant is several times larger than the others
+/// One event from any of the four watches. Boxed: the Node variant is several times larger than the others
 /// and the stream moves every item.
 enum Item {
     Service(Box<Result<Event<Boxed<core::Service>>, watcher::Error>>),
     Slice(Box<Result<Event<WireEndpointSlice>, watcher::Error>>),
     Node(Box<Result<Event<core::Node>, watcher::Error>>),
+    ServiceCidr(Box<Result<Event<networking::ServiceCIDR>, watcher::Error>>),
 }
 
 /// How often an unreachable API server is asked whether it answers again.
 const UNREACHABLE_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// How long the first sync waits for our Node once Services and EndpointSlices are listed. kube-proxy does
-/// not wait for its Node to sync (it waits up to 30 s at start for the Node's addresses, then carries on
-/// without), so a ServiceAccount that may not list Nodes, or an API server that fails only that list, must
-/// not leave the node without Service rules. The Node, when it comes, is applied like any change.
+/// How long the first sync waits for our Node (and the ServiceCIDRs) once Services and EndpointSlices are
+/// listed. kube-proxy does not wait for its Node to sync (it waits up to 30 s at start for the Node's
+/// addresses, then carries on without), so a ServiceAccount that may not list Nodes, or an API server that
+/// fails only that list, must not leave the node without Service rules. The Node, when it comes, is applied
+/// like any change. ServiceCIDRs are waited for so that a first sync in nftables mode does not have to be
+/// followed at once by a second full one to add their drop rule.
 const NODE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Watches until the receiver goes away. Watch errors are retried with [`WatchBackoff`].
@@ -139,10 +147,20 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     let probe_params = ListParams::default()
         .fields(&format!("metadata.name={node_name}"))
         .limit(1);
-    let nodes = watcher::watcher(Api::<core::Node>::all(client), node_cfg)
+    let nodes = watcher::watcher(Api::<core::Node>::all(client.clone()), node_cfg)
         .backoff(WatchBackoff::default())
         .map(|e| Item::Node(Box::new(e)));
-    let mut items = futures::stream::select(futures::stream::select(services, slices), nodes).boxed();
+    let service_cidrs = watcher::watcher(
+        Api::<networking::ServiceCIDR>::all(client),
+        watcher::Config::default(),
+    )
+    .backoff(WatchBackoff::default())
+    .map(|e| Item::ServiceCidr(Box::new(e)));
+    let mut items = futures::stream::select(
+        futures::stream::select(services, slices),
+        futures::stream::select(nodes, service_cidrs),
+    )
+    .boxed();
 
     let mut ready = Readiness::default();
     let mut svc_buf = Vec::new();
@@ -151,6 +169,9 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     let mut slice_rejected = Vec::new();
     let mut node_buf = None;
     let mut node_error = None;
+    let mut cidr_buf = Vec::new();
+    let mut cidr_rejected = Vec::new();
+    let mut cidr_error = None;
     let mut node_deadline = None;
     let mut unreachable = false;
     let mut probe = tokio::time::interval(UNREACHABLE_PROBE);
@@ -173,12 +194,21 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             }
             () = sleep_until_some(node_deadline), if !ready.announced => {
                 ready.announced = true;
-                tracing::warn!(
-                    "Node {node_name} not listed after {}s ({}); programming without it (no topology zone, \
-                     Node addresses or pod CIDRs) until it is",
-                    NODE_WAIT.as_secs(),
-                    node_error.as_deref().unwrap_or("no answer"),
-                );
+                if !ready.node {
+                    tracing::warn!(
+                        "Node {node_name} not listed after {}s ({}); programming without it (no topology zone, \
+                         Node addresses or pod CIDRs) until it is",
+                        NODE_WAIT.as_secs(),
+                        node_error.as_deref().unwrap_or("no answer"),
+                    );
+                }
+                if !ready.service_cidrs {
+                    tracing::warn!(
+                        "ServiceCIDRs not listed after {}s; programming without them (traffic to unallocated \
+                         cluster IPs is not dropped) until they are",
+                        NODE_WAIT.as_secs(),
+                    );
+                }
                 if tx.send(SourceEvent::Synced).await.is_err() {
                     return;
                 }
@@ -191,6 +221,13 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             Item::Slice(ev) => outage(ev.as_ref().as_ref().err()),
             // A Node list refused for want of RBAC comes from a server that answers: not an outage.
             Item::Node(ev) => outage(ev.as_ref().as_ref().err().filter(|e| !refused(e))),
+            // Nor is a server that does not serve ServiceCIDRs (before Kubernetes 1.33 they may be off).
+            Item::ServiceCidr(ev) => outage(
+                ev.as_ref()
+                    .as_ref()
+                    .err()
+                    .filter(|e| !refused(e) && !not_served(e)),
+            ),
         };
         if failed.is_some() || unreachable {
             unreachable = failed.is_some();
@@ -251,6 +288,36 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                     None
                 }
             },
+            Item::ServiceCidr(ev) => match *ev {
+                Err(e) if refused(&e) || not_served(&e) => {
+                    // Nothing to wait for: without ServiceCIDRs, traffic to unallocated cluster IPs is not
+                    // dropped, as on a cluster that has none. Still retried, so a grant later takes effect.
+                    let error = e.to_string();
+                    if cidr_error.as_ref() != Some(&error) {
+                        tracing::warn!(
+                            "ServiceCIDRs cannot be listed ({error}); traffic to unallocated cluster IPs is not \
+                             dropped until they can"
+                        );
+                    }
+                    cidr_error = Some(error);
+                    ready.service_cidrs = true;
+                    None
+                }
+                ev => {
+                    if matches!(ev, Ok(Event::InitDone)) && cidr_error.take().is_some() {
+                        tracing::info!("ServiceCIDRs listed at last");
+                    }
+                    on_event(
+                        ev,
+                        "ServiceCIDR",
+                        convert::service_cidr,
+                        &mut cidr_buf,
+                        &mut cidr_rejected,
+                        &mut ready.service_cidrs,
+                    )
+                    .map(SourceEvent::ServiceCidrs)
+                }
+            },
         };
         if let Some(event) = event
             && tx.send(event).await.is_err()
@@ -258,9 +325,9 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             return;
         }
         if ready.services && ready.slices && !ready.announced {
-            if ready.node {
+            if ready.node && ready.service_cidrs {
                 ready.announced = true;
-                tracing::info!("initial lists of Services, EndpointSlices and Node complete");
+                tracing::info!("initial lists of Services, EndpointSlices, ServiceCIDRs and Node complete");
                 if tx.send(SourceEvent::Synced).await.is_err() {
                     return;
                 }
@@ -289,6 +356,17 @@ fn refused(e: &watcher::Error) -> bool {
         _ => return false,
     };
     matches!(code, 401 | 403)
+}
+
+/// Whether the server does not serve the resource at all (404: an API group or version it lacks).
+fn not_served(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 404,
+        watcher::Error::WatchError(status) => status.code == 404,
+        _ => false,
+    }
 }
 
 /// The error as an outage to report, if it is one. 410 Gone (the resourceVersion is too old) is the server

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use svcproxy_model::{ClusterState, ObjectName};
@@ -48,6 +49,7 @@ enum ObjectKey {
     Service(ObjectName),
     Slice(ObjectName),
     Node,
+    ServiceCidr(ObjectName),
 }
 
 /// The outcome of one read of the directory.
@@ -81,6 +83,9 @@ impl FileRead {
         if state.node.is_some() {
             out.state.node.clone_from(&state.node);
         }
+        out.state
+            .service_cidrs
+            .extend(state.service_cidrs.iter().map(|(k, v)| (k.clone(), v.clone())));
         out.errors.extend(self.read.errors.iter().cloned());
         out.warnings.extend(self.read.warnings.iter().cloned());
         keys.extend(self.keys.iter().cloned());
@@ -216,6 +221,14 @@ impl ManifestDir {
                         out.state.node = self.last_good.node.clone();
                     }
                 }
+                ObjectKey::ServiceCidr(n) => {
+                    if let (false, Some(c)) = (
+                        out.state.service_cidrs.contains_key(n),
+                        self.last_good.service_cidrs.get(n),
+                    ) {
+                        out.state.service_cidrs.insert(n.clone(), c.clone());
+                    }
+                }
             }
         }
         self.last_good = out.state.clone();
@@ -335,8 +348,26 @@ impl ManifestDir {
                     }
                 }
             }
+            ("networking.k8s.io/v1", "ServiceCIDR") => {
+                // Cluster-scoped: whatever namespace the document names is not part of its identity.
+                let name = ObjectName::new("", meta_name.name.clone());
+                let key = ObjectKey::ServiceCidr(name.clone());
+                keys.insert(key.clone());
+                match typed::<networking::ServiceCIDR>("ServiceCIDR", &name, doc)
+                    .and_then(|c| convert::service_cidr(&c))
+                {
+                    Ok(c) => {
+                        out.state.service_cidrs.insert(c.name.clone(), c);
+                    }
+                    Err(e) => {
+                        rejected.insert(key);
+                        fail(out, e);
+                    }
+                }
+            }
             _ => out.warnings.push(format!(
-                "{file} document {index}: ignoring {} {meta_name} (svcproxy reads Service, EndpointSlice, Node and List)",
+                "{file} document {index}: ignoring {} {meta_name} (svcproxy reads Service, EndpointSlice, Node, \
+                 ServiceCIDR and List)",
                 if kind.is_empty() { "object without kind".to_string() } else { format!("{api_version} {kind}") },
             )),
         }
@@ -456,6 +487,38 @@ endpoints:
         fs::remove_file(dir.0.join("web.yaml")).unwrap();
         let gone = manifests.read().unwrap();
         assert!(gone.state.services.is_empty() && gone.state.endpoint_slices.is_empty());
+    }
+
+    const CIDRS: &str = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\n\
+                         spec: {cidrs: [10.96.0.0/16, 'fd00:10:96::/112']}\n";
+
+    #[test]
+    fn service_cidrs_are_read_kept_through_a_bad_edit_and_dropped_with_their_file() {
+        let dir = Dir::new("cidrs");
+        dir.write("cidrs.yaml", CIDRS);
+        let mut manifests = ManifestDir::new(&dir.0, "node-a");
+        let good = manifests.read().unwrap();
+        assert!(good.errors.is_empty() && good.warnings.is_empty(), "{good:?}");
+        let name = ObjectName::new("", "kubernetes");
+        let ranges: Vec<String> = good.state.service_cidrs[&name]
+            .cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ranges, ["10.96.0.0/16", "fd00:10:96::/112"]);
+
+        dir.write("cidrs.yaml", &CIDRS.replace("10.96.0.0/16", "10.96.0.1/16"));
+        let bad = manifests.read().unwrap();
+        assert_eq!(bad.errors.len(), 1, "{bad:?}");
+        let message = bad.errors[0].to_string();
+        assert!(
+            message.contains("ServiceCIDR kubernetes") && message.contains("spec.cidrs[0]"),
+            "{message}"
+        );
+        assert_eq!(bad.state.service_cidrs, good.state.service_cidrs);
+
+        fs::remove_file(dir.0.join("cidrs.yaml")).unwrap();
+        assert!(manifests.read().unwrap().state.service_cidrs.is_empty());
     }
 
     #[test]

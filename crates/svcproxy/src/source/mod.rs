@@ -11,7 +11,7 @@ pub mod manifest_watch;
 pub mod watch_backoff;
 pub mod wire;
 
-use svcproxy_model::{ClusterState, EndpointSlice, Node, ObjectName, Service};
+use svcproxy_model::{ClusterState, EndpointSlice, Node, ObjectName, Service, ServiceCidr};
 
 /// Services (and their slices) carrying either label are not ours to proxy: the first hands them to another
 /// Service proxy, the second marks headless ones. Upstream filters both on its watches; the manifest source
@@ -42,6 +42,8 @@ pub enum SourceEvent {
     EndpointSlices(Delta<EndpointSlice>),
     /// Our own Node, or `None` when it does not exist.
     Node(Option<Node>),
+    /// The ranges ClusterIPs come from (cluster-scoped: names have an empty namespace).
+    ServiceCidrs(Delta<ServiceCidr>),
     /// Every initial list has completed; before this nothing is programmed, so a restart never writes a
     /// partial view of the cluster.
     Synced,

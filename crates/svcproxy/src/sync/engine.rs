@@ -62,6 +62,9 @@ pub struct EngineStatus {
     pub applied: Option<Arc<svcproxy_model::Intent>>,
     /// Where the last successful sync made NodePorts answer, when not on every address.
     pub node_port_ips: Option<Vec<std::net::IpAddr>>,
+    /// The ServiceCIDR ranges of this engine's family at the last successful sync (nftables mode drops
+    /// traffic to their unallocated addresses).
+    pub service_cidrs: Vec<ipnet::IpNet>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     /// Why `/healthz` is failing, when it is (the same sentence it answers with).
@@ -255,8 +258,12 @@ impl<P: Proxier> Engine<P> {
                     slice_touched(&mut self.changes),
                 );
                 let node_changed = self.set_node(next.node);
+                let cidrs_changed = self.apply_service_cidrs(Delta::Replace {
+                    objects: next.service_cidrs.into_values().collect(),
+                    rejected: Vec::new(),
+                });
                 self.count_changes(services, slices);
-                return services + slices > 0 || node_changed;
+                return services + slices > 0 || node_changed || cidrs_changed;
             }
             SourceEvent::Services(d) => (
                 apply_delta(
@@ -284,6 +291,7 @@ impl<P: Proxier> Engine<P> {
                 )
             }
             SourceEvent::Node(n) => return self.set_node(n),
+            SourceEvent::ServiceCidrs(d) => return self.apply_service_cidrs(d),
             SourceEvent::Synced => {
                 let first = !self.initialized;
                 self.initialized = true;
@@ -427,6 +435,12 @@ impl<P: Proxier> Engine<P> {
         self.changes = IntentChanges::everything();
         self.state.node = node;
         true
+    }
+
+    /// ServiceCIDRs change no Service's rules, only the proxier's configuration (nftables mode drops traffic to
+    /// unallocated addresses in them), which a changed configuration rewrites in full.
+    fn apply_service_cidrs(&mut self, delta: Delta<svcproxy_model::ServiceCidr>) -> bool {
+        apply_delta(&mut self.state.service_cidrs, delta, |c| &c.name, |_| {}) > 0
     }
 
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
@@ -739,6 +753,7 @@ impl<P: Proxier> Engine<P> {
                     s.syncs += 1;
                     s.applied = Some(report.intent.clone());
                     s.node_port_ips = report.node_port_ips.clone();
+                    s.service_cidrs = self.state.service_cidrs_of(self.proxier.family());
                     s.last_error = None;
                     s.consecutive_failures = 0;
                     s.wanted = None;

@@ -522,7 +522,10 @@ impl Proxier for NftProxier {
         self.deferred.iter_mut().for_each(DeferredDeletions::not_applied);
         let intent = self.intents.next(state, changes);
         let local = self.addresses.addresses();
-        let config = nft_config(&self.options.resolve(state.node.as_ref(), &local));
+        let config = RenderConfig {
+            service_cidrs: state.service_cidrs_of(self.intent_config.family),
+            ..nft_config(&self.options.resolve(state.node.as_ref(), &local))
+        };
         let mode = match &self.applied {
             Some((_, applied_with)) if *applied_with == config => mode,
             _ => {

@@ -313,5 +313,6 @@ pub fn web_cluster(endpoints: &[&str]) -> ClusterState {
         services: std::collections::BTreeMap::from([(name, service)]),
         endpoint_slices: std::collections::BTreeMap::from([(slice.name.clone(), slice)]),
         node: None,
+        service_cidrs: Default::default(),
     }
 }

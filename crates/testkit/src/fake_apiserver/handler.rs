@@ -89,11 +89,12 @@ fn create(store: &Store, request: &LoggedRequest, body: &[u8]) -> Response {
 }
 
 fn respond(store: &Store, request: &LoggedRequest) -> Response {
-    let Some(target) = Target::from_path(&request.path) else {
+    let target = Target::from_path(&request.path).filter(|t| !store.is_unserved(t.resource.kind));
+    let Some(target) = target else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
-            &format!("no resource at {}", request.path),
+            "the server could not find the requested resource",
         );
     };
     if let Some(name) = &target.name {

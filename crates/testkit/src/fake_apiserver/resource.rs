@@ -32,6 +32,13 @@ pub const RESOURCES: &[Resource] = &[
         kind: "EndpointSlice",
         namespaced: true,
     },
+    Resource {
+        group: "networking.k8s.io",
+        version: "v1",
+        plural: "servicecidrs",
+        kind: "ServiceCIDR",
+        namespaced: false,
+    },
     // What a proxy writes: events about its Node and Services.
     Resource {
         group: "events.k8s.io",

@@ -115,6 +115,7 @@ struct State {
     fail_watches: u32,
     /// Kinds whose lists and watches are refused with 403, as missing RBAC refuses them.
     forbidden: BTreeSet<&'static str>,
+    unserved: BTreeSet<&'static str>,
     requests: Vec<LoggedRequest>,
 }
 
@@ -312,6 +313,20 @@ impl Store {
 
     pub(crate) fn is_forbidden(&self, kind: &str) -> bool {
         self.lock().forbidden.contains(kind)
+    }
+
+    /// Answers lists and watches of `kind` with 404, as an API server answers for an API group or version it
+    /// does not serve, until [`Store::serve`].
+    pub fn unserve(&self, kind: &'static str) {
+        self.lock().unserved.insert(kind);
+    }
+
+    pub fn serve(&self, kind: &str) {
+        self.lock().unserved.remove(kind);
+    }
+
+    pub(crate) fn is_unserved(&self, kind: &str) -> bool {
+        self.lock().unserved.contains(kind)
     }
 
     /// Every request served so far, oldest first.
