@@ -66,7 +66,24 @@ fn start() -> Harness {
 }
 
 fn start_with(base: RenderConfig) -> Harness {
-    let fake = RecordingIptables::default();
+    start_queued(base, false, Default::default(), Vec::new())
+}
+
+/// An engine with read-back after each sync, whose fake holds restores at `gate`, finding `queued` waiting.
+fn start_gated(gate: svcproxy::exec::iptables::Gate, queued: Vec<SourceEvent>) -> Harness {
+    start_queued(RenderConfig::default(), true, gate, queued)
+}
+
+/// An engine that finds `queued` waiting when it starts, so what it does with them does not depend on how
+/// fast the test sends them; `verify_after_sync` as the daemon's.
+fn start_queued(
+    base: RenderConfig,
+    verify_after_sync: bool,
+    gate: svcproxy::exec::iptables::Gate,
+    queued: Vec<SourceEvent>,
+) -> Harness {
+    let mut fake = RecordingIptables::default();
+    fake.restore_gate = gate;
     let counting = CountingSwitch::new(base.packet_counters);
     let options = ProxierOptions {
         base,
@@ -88,8 +105,9 @@ fn start_with(base: RenderConfig) -> Harness {
     let config = EngineConfig {
         min_sync_period: Duration::ZERO,
         sync_period: Duration::from_millis(200),
-        // The fake has no kernel to read back; read-back has its own real-kernel tests.
-        verify_after_sync: false,
+        // The fake has no kernel to read back (a read finds it empty); read-back has its own real-kernel
+        // tests.
+        verify_after_sync,
         verify_period: None,
         canary_period: None,
         ..Default::default()
@@ -98,6 +116,9 @@ fn start_with(base: RenderConfig) -> Harness {
     let engine = Engine::new(proxier, config, health.clone(), metrics.clone());
     let status = engine.status();
     let (tx, rx) = mpsc::channel(16);
+    for event in queued {
+        tx.try_send(event).expect("room in the channel");
+    }
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(engine.run(rx, stop_rx));
     Harness {
@@ -380,4 +401,122 @@ async fn a_node_moving_zones_rewrites_services_that_did_not_change() {
     let second = h.fake.restores().last().unwrap().clone();
     assert!(second.contains("--to-destination 10.244.0.2:8080"), "{second}");
     assert!(!second.contains("--to-destination 10.244.0.1:8080"), "{second}");
+}
+
+/// A change that arrives while a full sync runs is synced before that sync's read-back, which at thousands of
+/// services reads the whole ruleset for a second or more; the read-back then covers both syncs, so the full
+/// one is still read whole (not only the chains the partial one wrote).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_arriving_during_a_full_sync_goes_before_its_read_back() {
+    let queued = vec![
+        SourceEvent::Services(Delta::Apply(service("a", "10.96.0.1"))),
+        SourceEvent::EndpointSlices(Delta::Apply(slice("a", &["10.244.0.1"]))),
+        SourceEvent::Synced,
+    ];
+    let fake_gate = svcproxy::exec::iptables::Gate::default();
+    fake_gate.close();
+    let h = start_gated(fake_gate.clone(), queued);
+    let calls_until = |enough: &dyn Fn(&[Recorded]) -> bool| {
+        let fake = h.fake.clone();
+        let enough = |c: &[Recorded]| enough(c);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let calls = fake.calls.lock().unwrap().clone();
+            if enough(&calls) {
+                return calls;
+            }
+            assert!(std::time::Instant::now() < deadline, "{calls:#?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // The full sync is writing (held at its restore) when the change comes.
+    calls_until(&|c| c.iter().any(|c| matches!(c, Recorded::Restore(_))));
+    h.tx.send(SourceEvent::EndpointSlices(Delta::Apply(slice(
+        "a",
+        &["10.244.0.1", "10.244.0.2"],
+    ))))
+    .await
+    .unwrap();
+    fake_gate.open();
+    let calls = calls_until(&|c| saves(c) >= 2);
+    let change = calls
+        .iter()
+        .position(|c| matches!(c, Recorded::Restore(p) if p.contains("10.244.0.2:8080")));
+    let saves_at: Vec<usize> = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c, Recorded::Save(_)))
+        .map(|(i, _)| i)
+        .collect();
+    // The first read is the full sync's own (collecting leftovers); the second, the read-back after it,
+    // comes once the change is written, and reads everything, not only the chains the change wrote.
+    assert!(
+        change.is_some_and(|at| at < saves_at[1]),
+        "the change waited for the read-back: {calls:#?}"
+    );
+    assert!(
+        !calls[..saves_at[1]]
+            .iter()
+            .any(|c| matches!(c, Recorded::ListChain(..))),
+        "{calls:#?}"
+    );
+}
+
+/// The proxier's side of the same: in nftables mode a partial sync between a full one and its read-back
+/// leaves that read-back a listing of the table (a partial sync alone is not followed by one), and the
+/// read-back takes the request with it.
+#[test]
+fn an_nftables_full_sync_is_read_back_even_after_a_partial_one() {
+    use std::sync::atomic::Ordering;
+    use svcproxy::exec::nft::RecordingNft;
+    use svcproxy::sync::nft_proxier::NftProxier;
+    use svcproxy::sync::proxier::{Proxier, SyncMode, VerifyScope};
+    use svcproxy_model::IntentChanges;
+
+    let nft = RecordingNft::default();
+    let mut proxier = NftProxier::new(
+        Box::new(nft.clone()),
+        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
+        IntentConfig {
+            family: IpFamily::V4,
+            node_name: "node-a".into(),
+        },
+        ProxierOptions {
+            base: RenderConfig::default(),
+            detect_local: DetectLocal::None,
+            nodeport_addresses: NodePortSpec::All,
+            bind_ip: None,
+        },
+    );
+    let mut state = ClusterState::default();
+    state
+        .services
+        .insert(ObjectName::new("ns", "a"), service("a", "10.96.0.1"));
+    let one = slice("a", &["10.244.0.1"]);
+    state.endpoint_slices.insert(one.name.clone(), one);
+    proxier
+        .sync(&state, &IntentChanges::everything(), SyncMode::Full)
+        .unwrap();
+    let two = slice("a", &["10.244.0.1", "10.244.0.2"]);
+    let mut changes = IntentChanges::default();
+    changes.slice(&two);
+    state.endpoint_slices.insert(two.name.clone(), two);
+    let partial = proxier.sync(&state, &changes, SyncMode::Partial).unwrap();
+    assert!(!partial.full && partial.payload_lines > 0, "{partial:?}");
+
+    let before = nft.listings.load(Ordering::Relaxed);
+    // The fake lists an empty table: the read-back finds everything missing, which shows it read.
+    let findings = proxier.verify(VerifyScope::LastSync).unwrap();
+    assert!(
+        nft.listings.load(Ordering::Relaxed) > before,
+        "the table was listed"
+    );
+    assert!(!findings.is_empty());
+    let after = nft.listings.load(Ordering::Relaxed);
+    assert!(proxier.verify(VerifyScope::LastSync).unwrap().is_empty());
+    assert_eq!(
+        nft.listings.load(Ordering::Relaxed),
+        after,
+        "asked once, read once"
+    );
 }

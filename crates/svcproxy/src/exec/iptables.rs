@@ -249,7 +249,32 @@ pub struct RecordingIptables {
     pub empty_sections: Arc<Mutex<u32>>,
     /// How many of the coming saves see another program commit while they read (the generation moves by one).
     pub commits_during_saves: Arc<Mutex<u32>>,
+    /// While closed, a restore is recorded and then waits until it opens: a sync caught in the middle.
+    pub restore_gate: Gate,
     seals: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
+}
+
+/// A gate a fake's calls wait at while it is closed; open at first. Clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    pub fn close(&self) {
+        *self.0.0.lock().unwrap() = true;
+    }
+
+    pub fn open(&self) {
+        *self.0.0.lock().unwrap() = false;
+        self.0.1.notify_all();
+    }
+
+    fn pass(&self) {
+        let (closed, opened) = &*self.0;
+        let mut closed = closed.lock().unwrap();
+        while *closed {
+            closed = opened.wait(closed).unwrap();
+        }
+    }
 }
 
 impl RecordingIptables {
@@ -281,6 +306,7 @@ impl IptablesCommands for RecordingIptables {
             .lock()
             .unwrap()
             .push(Recorded::Restore(payload.to_string()));
+        self.restore_gate.pass();
         if let Some(e) = self.fail_restores.lock().unwrap().pop() {
             return Err(e);
         }

@@ -65,12 +65,21 @@ impl NftCommands for SystemNft {
     }
 }
 
-/// Records transactions; listings answer from `listing`.
+/// Records transactions and counts listings; listings answer from `listing`.
 #[derive(Debug, Clone, Default)]
 pub struct RecordingNft {
     pub applied: Arc<Mutex<Vec<String>>>,
     pub listing: Arc<Mutex<Option<String>>>,
     pub fail: Arc<Mutex<Vec<ExecError>>>,
+    /// Listings asked for, of any kind.
+    pub listings: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RecordingNft {
+    fn listed(&self) -> Option<String> {
+        self.listings.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.listing.lock().unwrap().clone()
+    }
 }
 
 impl NftCommands for RecordingNft {
@@ -83,20 +92,20 @@ impl NftCommands for RecordingNft {
     }
 
     fn list_table(&self, _family: &str, _name: &str) -> Result<Option<String>, ExecError> {
-        Ok(self.listing.lock().unwrap().clone())
+        Ok(self.listed())
     }
 
     fn list_chain(&self, _family: &str, _table: &str, _chain: &str) -> Result<Option<String>, ExecError> {
-        Ok(self.listing.lock().unwrap().clone())
+        Ok(self.listed())
     }
 
     /// The listing, or an empty ruleset.
     fn list_ruleset_terse(&self) -> Result<String, ExecError> {
-        Ok(self.listing.lock().unwrap().clone().unwrap_or_default())
+        Ok(self.listed().unwrap_or_default())
     }
 
     /// The listing (which holds the one table, or none).
     fn list_table_terse(&self, _family: &str, _name: &str) -> Result<Option<String>, ExecError> {
-        Ok(self.listing.lock().unwrap().clone())
+        Ok(self.listed())
     }
 }

@@ -209,10 +209,10 @@ pub struct IptablesProxier {
     /// The rules the kernel holds after our last successful transaction, and the configuration they were
     /// rendered with; `None` forces a full sync.
     applied: Option<(Ruleset, RenderConfig)>,
-    /// Chains the last partial transaction wrote, for the read-back right after it.
+    /// Chains partial transactions wrote since the last read-back, for the read-back after their syncs.
     touched: Vec<(TableName, String)>,
-    /// The last sync wrote in full (and not just chains it could list): the read-back right after it reads
-    /// everything.
+    /// A sync since the last read-back wrote in full (and not just chains it could list): the read-back after
+    /// it reads everything.
     wrote_in_full: bool,
     /// Rules of the applied ruleset per table, kept up to date from what each partial sync replaced: counting
     /// them afresh reads every chain, which a one-endpoint change must not.
@@ -928,8 +928,15 @@ impl IptablesProxier {
         } = written;
         self.applied_digest = Some(digest);
         self.rule_totals = Some(rule_totals);
-        self.wrote_in_full = mode != SyncMode::Partial && lines > 0;
-        self.touched = touched;
+        // Added to what earlier syncs wrote, until a read-back checks it: the engine may run one more sync
+        // before the read-back after the first.
+        self.wrote_in_full |= mode != SyncMode::Partial && lines > 0;
+        self.touched.extend(touched);
+        if self.touched.len() > PER_CHAIN_READBACK_LIMIT {
+            // Read whole at the next read-back anyway; without one after each sync, the list must not grow.
+            self.wrote_in_full = true;
+            self.touched = Vec::new();
+        }
         let conntrack = self.clean_conntrack(&intent, &config, &self.addresses.addresses());
         self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));

@@ -89,6 +89,7 @@ pub struct NftProxier {
     /// A read through the socket has failed before.
     socket_read_failed: AtomicBool,
     probed: bool,
+    /// A sync since the last read-back rewrote the table in full: the read-back after it lists the table.
     last_sync_full: bool,
     /// Watches for a proxy of the other mode (kube-proxy's iptables chains or its nftables table).
     other_proxies: Option<OtherProxies>,
@@ -563,7 +564,6 @@ impl Proxier for NftProxier {
             }
             let conntrack = self.clean_conntrack(&intent, &config, &local);
             self.applied_intent = Some(intent.clone());
-            self.last_sync_full = false;
             let (deleted, follow_up, cleanup_failed) = self.delete_deferred();
             return Ok(SyncReport {
                 full: false,
@@ -658,7 +658,8 @@ impl Proxier for NftProxier {
         let node_port_ips = restricted_node_ports(&config);
         self.applied_intent = Some(intent.clone());
         self.applied = Some((next, config));
-        self.last_sync_full = mode != SyncMode::Partial;
+        // Kept until a read-back takes it: the engine may run one more sync before the read-back after this.
+        self.last_sync_full |= mode != SyncMode::Partial;
         let (deleted, follow_up, cleanup_failed) = self.delete_deferred();
         Ok(SyncReport {
             full: mode != SyncMode::Partial,
@@ -680,7 +681,8 @@ impl Proxier for NftProxier {
         let expected = &table.ruleset;
         // Listing the table costs seconds at thousands of services (nft fetches everything), so a partial sync
         // is not followed by a full listing: the canary and the periodic read-back cover it.
-        if scope == VerifyScope::LastSync && !self.last_sync_full {
+        let wrote_in_full = std::mem::take(&mut self.last_sync_full);
+        if scope == VerifyScope::LastSync && !wrote_in_full {
             return Ok(Vec::new());
         }
         if scope == VerifyScope::All && self.unchanged_since_verified() {
