@@ -342,6 +342,8 @@ fn main() {
             change_lines = s.lines;
             debug_assert_eq!(s.kind, "partial");
         }
+        // The first change is sent the moment the cold sync is logged, when the read-back after it is due.
+        let first_change = latencies.first().copied().unwrap_or_default();
         latencies.sort_by(f64::total_cmp);
         sync_times.sort_by(f64::total_cmp);
         let ticks_per_second: f64 = std::process::Command::new("getconf")
@@ -410,6 +412,9 @@ fn main() {
             restart.seconds,
             restart.lines,
             reread_sync.seconds
+        );
+        println!(
+            "{n} × {m}: the first change, sent as the cold sync ended: {first_change:.1} ms event → kernel"
         );
         if settle > 0 {
             println!(

@@ -204,8 +204,8 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                 }
                 if !ready.service_cidrs {
                     tracing::warn!(
-                        "ServiceCIDRs not listed after {}s; programming without them (traffic to unallocated \
-                         cluster IPs is not dropped) until they are",
+                        "ServiceCIDRs not listed after {}s; programming without them (in nftables mode, traffic \
+                         to unallocated cluster IPs is not dropped) until they are",
                         NODE_WAIT.as_secs(),
                     );
                 }
@@ -295,8 +295,8 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                     let error = e.to_string();
                     if cidr_error.as_ref() != Some(&error) {
                         tracing::warn!(
-                            "ServiceCIDRs cannot be listed ({error}); traffic to unallocated cluster IPs is not \
-                             dropped until they can"
+                            "ServiceCIDRs cannot be listed ({error}); in nftables mode, traffic to unallocated \
+                             cluster IPs is not dropped until they can"
                         );
                     }
                     cidr_error = Some(error);
