@@ -280,6 +280,10 @@ impl DebugState {
             problem: s.problem.clone(),
             source_problem: s.source_problem.clone(),
             divergences: s.divergences,
+            service_cidrs: match self.0.proxy_mode {
+                ProxyMode::Nftables => s.service_cidrs.iter().map(ToString::to_string).collect(),
+                ProxyMode::Iptables => Vec::new(),
+            },
             service_ports,
         }
     }

@@ -151,6 +151,9 @@ pub struct StatusReport {
     pub source_problem: Option<SourceProblem>,
     /// Divergences read-back has found since start.
     pub divergences: u64,
+    /// In nftables mode, the ServiceCIDR ranges whose unallocated addresses the last sync dropped.
+    #[serde(default)]
+    pub service_cidrs: Vec<String>,
     pub service_ports: Vec<ServicePortStatus>,
 }
 
@@ -237,6 +240,13 @@ pub fn render_text(r: &StatusReport) -> String {
     if let Some(p) = &r.problem {
         let _ = writeln!(out, "UNHEALTHY: {p}");
     }
+    if !r.service_cidrs.is_empty() {
+        let _ = writeln!(
+            out,
+            "new connections to unallocated addresses of {} are dropped",
+            r.service_cidrs.join(", ")
+        );
+    }
     if let Some(p) = &r.source_problem {
         let _ = writeln!(out, "CANNOT READ THE CLUSTER since {}: {}", p.since, p.error);
     }
@@ -273,6 +283,7 @@ mod tests {
             problem: None,
             source_problem: None,
             divergences: 0,
+            service_cidrs: vec!["10.96.0.0/16".into()],
             service_ports: vec![ServicePortStatus {
                 name: "demo/web:http".into(),
                 protocol: "TCP".into(),
@@ -301,6 +312,10 @@ mod tests {
             "demo/web:http  TCP    10.96.0.100:80 node:30080  2/2/0/1 of 3                  -           ok"
         );
         assert!(text.contains("3 syncs, last successful 2026-01-01T00:00:00Z; last read-back never"));
+        assert!(
+            text.contains("unallocated addresses of 10.96.0.0/16 are dropped"),
+            "{text}"
+        );
     }
 
     #[test]

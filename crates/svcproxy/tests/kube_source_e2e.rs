@@ -548,6 +548,11 @@ fn service_cidrs_drop_traffic_to_unallocated_cluster_ips_in_nftables_mode() {
         "{}",
         proxy.log()
     );
+    assert_eq!(
+        status(&node)["service_cidrs"],
+        json!(["10.96.0.0/16", "10.100.0.0/24"]),
+        "the IPv4 engine's ranges, as status reports them"
+    );
     // What is allocated still works, an undefined port of a ClusterIP is still refused, and both families'
     // tables hold their own ranges, which the read-back after the sync found as written.
     node.wait_for_web(&mut proxy, T, "web still answers");
