@@ -145,6 +145,24 @@ impl Harness {
     }
 }
 
+/// An nftables proxier for the IPv4 engine of node-a, writing to `nft`.
+fn nft_proxier(nft: &svcproxy::exec::nft::RecordingNft) -> svcproxy::sync::nft_proxier::NftProxier {
+    svcproxy::sync::nft_proxier::NftProxier::new(
+        Box::new(nft.clone()),
+        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
+        IntentConfig {
+            family: IpFamily::V4,
+            node_name: "node-a".into(),
+        },
+        ProxierOptions {
+            base: RenderConfig::default(),
+            detect_local: DetectLocal::None,
+            nodeport_addresses: NodePortSpec::All,
+            bind_ip: None,
+        },
+    )
+}
+
 fn saves(calls: &[Recorded]) -> usize {
     calls.iter().filter(|c| matches!(c, Recorded::Save(_))).count()
 }
@@ -240,24 +258,9 @@ async fn first_sync_is_full_later_ones_partial_and_a_failure_escalates_to_full()
 async fn chains_held_back_on_an_old_kernel_are_deleted_by_a_follow_up_sync() {
     use svcproxy::exec::kernel_release::FixedKernelRelease;
     use svcproxy::exec::nft::RecordingNft;
-    use svcproxy::sync::nft_proxier::NftProxier;
 
     let nft = RecordingNft::default();
-    let proxier = NftProxier::new(
-        Box::new(nft.clone()),
-        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
-        IntentConfig {
-            family: IpFamily::V4,
-            node_name: "node-a".into(),
-        },
-        ProxierOptions {
-            base: RenderConfig::default(),
-            detect_local: DetectLocal::None,
-            nodeport_addresses: NodePortSpec::All,
-            bind_ip: None,
-        },
-    )
-    .with_kernel_release(&FixedKernelRelease("5.15.0-91-generic".into()));
+    let proxier = nft_proxier(&nft).with_kernel_release(&FixedKernelRelease("5.15.0-91-generic".into()));
     let config = EngineConfig {
         min_sync_period: Duration::ZERO,
         verify_after_sync: false,
@@ -469,25 +472,11 @@ async fn a_change_arriving_during_a_full_sync_goes_before_its_read_back() {
 fn an_nftables_full_sync_is_read_back_even_after_a_partial_one() {
     use std::sync::atomic::Ordering;
     use svcproxy::exec::nft::RecordingNft;
-    use svcproxy::sync::nft_proxier::NftProxier;
     use svcproxy::sync::proxier::{Proxier, SyncMode, VerifyScope};
     use svcproxy_model::IntentChanges;
 
     let nft = RecordingNft::default();
-    let mut proxier = NftProxier::new(
-        Box::new(nft.clone()),
-        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
-        IntentConfig {
-            family: IpFamily::V4,
-            node_name: "node-a".into(),
-        },
-        ProxierOptions {
-            base: RenderConfig::default(),
-            detect_local: DetectLocal::None,
-            nodeport_addresses: NodePortSpec::All,
-            bind_ip: None,
-        },
-    );
+    let mut proxier = nft_proxier(&nft);
     let mut state = ClusterState::default();
     state
         .services

@@ -282,6 +282,18 @@ impl OnePodNode {
         });
     }
 
+    /// `svcproxy status --output json`.
+    fn status(&self) -> Value {
+        let out = self
+            .lab
+            .node()
+            .command(env!("CARGO_BIN_EXE_svcproxy"))
+            .args(["status", "--output", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     fn healthz(&self) -> (u16, String) {
         svcproxy_testkit::http_get(self.lab.node(), "127.0.0.1:10256".parse().unwrap(), "/healthz", T)
             .unwrap()
@@ -460,14 +472,7 @@ fn a_node_the_api_refuses_to_list_delays_the_first_sync_but_does_not_stop_it() {
     assert_eq!(log.matches("watch of Node node-a failed").count(), 1, "{log}");
     let (code, body) = node_setup.healthz();
     assert_eq!(code, 200, "{body}");
-    let status = node_setup
-        .lab
-        .node()
-        .command(env!("CARGO_BIN_EXE_svcproxy"))
-        .args(["status", "--output", "json"])
-        .output()
-        .unwrap();
-    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = node_setup.status();
     assert_eq!(status["syncs"].as_u64().map(|n| n > 0), Some(true), "{status}");
     assert!(status["source_problem"].is_null(), "{status}");
 
@@ -522,17 +527,7 @@ fn service_cidrs_drop_traffic_to_unallocated_cluster_ips_in_nftables_mode() {
         log.contains("ServiceCIDRs cannot be listed") && log.contains("404"),
         "{log}"
     );
-    let status = |node: &OnePodNode| -> Value {
-        let out = node
-            .lab
-            .node()
-            .command(env!("CARGO_BIN_EXE_svcproxy"))
-            .args(["status", "--output", "json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    assert!(status(&node)["source_problem"].is_null(), "a 404 is no outage");
+    assert!(node.status()["source_problem"].is_null(), "a 404 is no outage");
 
     store.serve("ServiceCIDR");
     wait_until(WAIT, POLL, "the unallocated address is dropped", || {
@@ -549,7 +544,7 @@ fn service_cidrs_drop_traffic_to_unallocated_cluster_ips_in_nftables_mode() {
         proxy.log()
     );
     assert_eq!(
-        status(&node)["service_cidrs"],
+        node.status()["service_cidrs"],
         json!(["10.96.0.0/16", "10.100.0.0/24"]),
         "the IPv4 engine's ranges, as status reports them"
     );
