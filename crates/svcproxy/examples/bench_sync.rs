@@ -170,6 +170,15 @@ impl Proxy {
         }
     }
 
+    /// Waits until the log holds `text` (anywhere, seen or not).
+    fn wait_for_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !fs::read_to_string(&self.log).unwrap_or_default().contains(text) {
+            assert!(Instant::now() < deadline, "no {text:?} within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the next `synced` line after those already seen.
     fn next_sync(&mut self, timeout: Duration) -> Synced {
         let deadline = Instant::now() + timeout;
@@ -328,7 +337,23 @@ fn main() {
             dual,
             &verify,
         );
+        // A change made while the cold sync runs (its lists are done, so the change is not in it): it is
+        // synced right after the cold sync, ahead of the read-back that follows a sync.
+        proxy.wait_for_log("initial lists of", Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(300));
+        api.store().apply(slice(n - 1, m, 1000)).unwrap();
         let cold = proxy.next_syncs(families, Duration::from_secs(600));
+        let during = proxy.next_sync(Duration::from_secs(60));
+        assert_eq!(
+            during.kind, "partial",
+            "the change made during the cold sync came after it"
+        );
+        let after_cold = during
+            .at
+            .duration_since(cold.at)
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1000.0;
         let mut latencies = Vec::new();
         let mut sync_times = Vec::new();
         let mut change_lines = 0;
@@ -414,7 +439,8 @@ fn main() {
             reread_sync.seconds
         );
         println!(
-            "{n} × {m}: the first change, sent as the cold sync ended: {first_change:.1} ms event → kernel"
+            "{n} × {m}: a change made during the cold sync was in the kernel {after_cold:.1} ms after it; the \
+             first change sent as the cold sync ended, {first_change:.1} ms event → kernel"
         );
         if settle > 0 {
             println!(
