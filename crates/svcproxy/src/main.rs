@@ -324,8 +324,9 @@ async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow:
     let source_task = match &args.manifests {
         Some(dir) => {
             let dir = ManifestDir::new(dir, node.clone());
+            let rejected = metrics.rejected_objects.clone();
             tokio::spawn(async move {
-                if let Err(e) = source::manifest_watch::run(dir, tx).await {
+                if let Err(e) = source::manifest_watch::run(dir, tx, rejected).await {
                     tracing::error!("manifest source stopped: {e}");
                 }
             })
@@ -340,7 +341,12 @@ async fn run(args: RunArgs, config_command_line: Option<CommandLine>) -> anyhow:
             events = Arc::new(KubeEvents::new(client.clone(), &node));
             events.publish(ProxyEvent::Starting { node: node.clone() });
             let node = node.clone();
-            tokio::spawn(source::kube_api::run(client, node, tx))
+            tokio::spawn(source::kube_api::run(
+                client,
+                node,
+                tx,
+                metrics.rejected_objects.clone(),
+            ))
         }
     };
 

@@ -320,6 +320,9 @@ fn bad_manifests_are_rejected_and_lose_nothing(mode: &str) {
         "error names object and field:\n{log}"
     );
     assert!(log.contains("dns.yaml"), "YAML error names the file:\n{log}");
+    // Both count, at least once each (a read after any change reports what is still bad again).
+    let rejected = metric_value(&proxy.metrics(lab.node()), "svcproxy_rejected_objects_total");
+    assert!(rejected.is_some_and(|n| n >= 2.0), "{rejected:?}");
     // The last good versions stay programmed. One connection can time out on a loaded machine (the test
     // binaries run side by side), so it is retried; a lost Service fails every attempt.
     let web = wait_until(WAIT, POLL, "the web service still answers", || {

@@ -145,6 +145,8 @@ fn rules_follow_the_api_through_changes_relists_and_outages() {
         "pod12",
         "last good web stays programmed"
     );
+    let rejected = common::metric_value(&proxy.metrics(lab.node()), "svcproxy_rejected_objects_total");
+    assert_eq!(rejected, Some(1.0), "one object version rejected");
     store.apply(service("web", "10.96.0.100", json!({}))).unwrap();
 
     // The API server loses its history and drops every watch: svcproxy relists (410 Gone) and converges on

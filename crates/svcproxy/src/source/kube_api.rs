@@ -18,6 +18,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config};
+use prometheus_client::metrics::counter::Counter;
 use svcproxy_model::ObjectName;
 use tokio::sync::mpsc;
 
@@ -133,8 +134,9 @@ const UNREACHABLE_PROBE: std::time::Duration = std::time::Duration::from_secs(2)
 /// followed at once by a second full one to add their drop rule.
 const NODE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Watches until the receiver goes away. Watch errors are retried with [`WatchBackoff`].
-pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) {
+/// Watches until the receiver goes away. Watch errors are retried with [`WatchBackoff`]. Every object version
+/// rejected by validation counts in `rejected`.
+pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>, rejected: Counter) {
     let cfg = watcher::Config::default().labels(&proxy_label_selector());
     let services = watcher::watcher(Api::<Boxed<core::Service>>::all(client.clone()), cfg.clone())
         .backoff(WatchBackoff::default())
@@ -243,6 +245,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                 &mut svc_buf,
                 &mut svc_rejected,
                 &mut ready.services,
+                &rejected,
             )
             .map(SourceEvent::Services),
             Item::Slice(ev) => on_event(
@@ -252,6 +255,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                 &mut slice_buf,
                 &mut slice_rejected,
                 &mut ready.slices,
+                &rejected,
             )
             .map(SourceEvent::EndpointSlices),
             Item::Node(ev) => match *ev {
@@ -260,7 +264,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                     None
                 }
                 Ok(Event::InitApply(n)) => {
-                    node_buf = convert_node(&n);
+                    node_buf = convert_node(&n, &rejected);
                     None
                 }
                 Ok(Event::InitDone) => {
@@ -273,7 +277,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                     node_error = None;
                     Some(SourceEvent::Node(node_buf.take()))
                 }
-                Ok(Event::Apply(n)) => convert_node(&n).map(|n| SourceEvent::Node(Some(n))),
+                Ok(Event::Apply(n)) => convert_node(&n, &rejected).map(|n| SourceEvent::Node(Some(n))),
                 Ok(Event::Delete(_)) => Some(SourceEvent::Node(None)),
                 Err(e) => {
                     // Said once per error, not at every retry of the back-off: a Node refused for want of RBAC
@@ -314,6 +318,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                         &mut cidr_buf,
                         &mut cidr_rejected,
                         &mut ready.service_cidrs,
+                        &rejected,
                     )
                     .map(SourceEvent::ServiceCidrs)
                 }
@@ -378,9 +383,12 @@ fn outage(e: Option<&watcher::Error>) -> Option<String> {
     }
 }
 
-fn convert_node(n: &core::Node) -> Option<svcproxy_model::Node> {
+fn convert_node(n: &core::Node, rejected: &Counter) -> Option<svcproxy_model::Node> {
     convert::node(n)
-        .map_err(|e| tracing::error!("rejected: {e}"))
+        .map_err(|e| {
+            rejected.inc();
+            tracing::error!("rejected: {e}");
+        })
         .ok()
 }
 
@@ -400,6 +408,7 @@ fn on_event<K, T>(
     buf: &mut Vec<T>,
     rejected: &mut Vec<ObjectName>,
     ready: &mut bool,
+    rejections: &Counter,
 ) -> Option<Delta<T>>
 where
     K: kube::Resource,
@@ -414,6 +423,7 @@ where
             match convert(&o) {
                 Ok(t) => buf.push(t),
                 Err(e) => {
+                    rejections.inc();
                     tracing::error!("rejected: {e}; the last good version of the object stays programmed");
                     rejected.push(name_of(o.meta()));
                 }
@@ -430,6 +440,7 @@ where
         Ok(Event::Apply(o)) => match convert(&o) {
             Ok(t) => Some(Delta::Apply(t)),
             Err(e) => {
+                rejections.inc();
                 tracing::error!("rejected: {e}; the last good version of the object stays programmed");
                 None
             }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use notify::RecursiveMode;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 use super::SourceEvent;
@@ -23,7 +24,10 @@ pub enum ManifestWatchError {
     Watch { dir: PathBuf, source: notify::Error },
 }
 
-fn report(dir: &ManifestDir, read: &DirRead) {
+/// Logs what a read found; each rejection (an object or file, at every read it is still bad) counts in
+/// `rejected`.
+fn report(dir: &ManifestDir, read: &DirRead, rejected: &Counter) {
+    rejected.inc_by(read.errors.len() as u64);
     for w in &read.warnings {
         tracing::warn!(dir = %dir.dir().display(), "{w}");
     }
@@ -43,7 +47,11 @@ fn report(dir: &ManifestDir, read: &DirRead) {
 /// Reads the directory once, sends the snapshot and `Synced`, then re-reads on every change until the
 /// receiver goes away. A directory that cannot be read at start is an error; later read failures are logged
 /// and the previous state stays.
-pub async fn run(mut dir: ManifestDir, tx: mpsc::Sender<SourceEvent>) -> Result<(), ManifestWatchError> {
+pub async fn run(
+    mut dir: ManifestDir,
+    tx: mpsc::Sender<SourceEvent>,
+    rejected: Counter,
+) -> Result<(), ManifestWatchError> {
     // Watched before the first read: a change made while a large directory is being read (or the first sync
     // runs) then still raises a re-read, where watching after it left the change unseen until the rescan.
     let watch = watch_dir(dir.dir(), RecursiveMode::Recursive, DEBOUNCE);
@@ -53,7 +61,7 @@ pub async fn run(mut dir: ManifestDir, tx: mpsc::Sender<SourceEvent>) -> Result<
         dir: dir.dir().to_path_buf(),
         source,
     })?;
-    report(&dir, &first);
+    report(&dir, &first, &rejected);
     if tx.send(SourceEvent::Snapshot(first.state)).await.is_err()
         || tx.send(SourceEvent::Synced).await.is_err()
     {
@@ -70,7 +78,7 @@ pub async fn run(mut dir: ManifestDir, tx: mpsc::Sender<SourceEvent>) -> Result<
         }
         match dir.read() {
             Ok(read) => {
-                report(&dir, &read);
+                report(&dir, &read, &rejected);
                 if tx.send(SourceEvent::Snapshot(read.state)).await.is_err() {
                     break;
                 }
