@@ -509,3 +509,62 @@ fn an_nftables_full_sync_is_read_back_even_after_a_partial_one() {
         "asked once, read once"
     );
 }
+
+/// In iptables mode the read-back after two partial syncs lists each chain they wrote once, though both wrote
+/// some of the same (listed twice, a chain reads as holding its rules twice: a divergence that is not there).
+#[test]
+fn the_read_back_after_two_partial_syncs_lists_each_chain_once() {
+    use std::collections::BTreeMap;
+    use svcproxy::sync::proxier::{Proxier, SyncMode, VerifyScope};
+    use svcproxy_model::IntentChanges;
+
+    let fake = RecordingIptables::default();
+    let mut proxier = IptablesProxier::new(
+        Box::new(fake.clone()),
+        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
+        IntentConfig {
+            family: IpFamily::V4,
+            node_name: "node-a".into(),
+        },
+        ProxierOptions {
+            base: RenderConfig::default(),
+            detect_local: DetectLocal::None,
+            nodeport_addresses: NodePortSpec::All,
+            bind_ip: None,
+        },
+    );
+    let mut state = ClusterState::default();
+    state
+        .services
+        .insert(ObjectName::new("ns", "a"), service("a", "10.96.0.1"));
+    let mut set_slice = |state: &mut ClusterState, ips: &[&str]| {
+        let s = slice("a", ips);
+        let mut changes = IntentChanges::default();
+        changes.slice(&s);
+        state.endpoint_slices.insert(s.name.clone(), s);
+        changes
+    };
+    set_slice(&mut state, &["10.244.0.1"]);
+    proxier
+        .sync(&state, &IntentChanges::everything(), SyncMode::Full)
+        .unwrap();
+    let _ = proxier.verify(VerifyScope::LastSync).unwrap();
+    for ips in [&["10.244.0.1", "10.244.0.2"][..], &["10.244.0.2"]] {
+        let changes = set_slice(&mut state, ips);
+        let report = proxier.sync(&state, &changes, SyncMode::Partial).unwrap();
+        assert!(!report.full && report.payload_lines > 0, "{report:?}");
+    }
+    fake.calls.lock().unwrap().clear();
+    let _ = proxier.verify(VerifyScope::LastSync).unwrap();
+    let mut listed: BTreeMap<String, usize> = BTreeMap::new();
+    for call in fake.calls.lock().unwrap().iter() {
+        if let Recorded::ListChain(table, chain) = call {
+            *listed.entry(format!("{table}/{chain}")).or_default() += 1;
+        }
+    }
+    assert!(
+        listed.keys().any(|c| c.starts_with("nat/KUBE-SVC-")),
+        "both syncs wrote the service chain: {listed:?}"
+    );
+    assert!(listed.values().all(|n| *n == 1), "{listed:?}");
+}

@@ -931,7 +931,11 @@ impl IptablesProxier {
         // Added to what earlier syncs wrote, until a read-back checks it: the engine may run one more sync
         // before the read-back after the first.
         self.wrote_in_full |= mode != SyncMode::Partial && lines > 0;
+        // Each chain once: two syncs often write the same ones, and a chain listed twice reads as holding
+        // its rules twice.
         self.touched.extend(touched);
+        self.touched.sort_unstable();
+        self.touched.dedup();
         if self.touched.len() > PER_CHAIN_READBACK_LIMIT {
             // Read whole at the next read-back anyway; without one after each sync, the list must not grow.
             self.wrote_in_full = true;
