@@ -537,7 +537,7 @@ fn the_read_back_after_two_partial_syncs_lists_each_chain_once() {
     state
         .services
         .insert(ObjectName::new("ns", "a"), service("a", "10.96.0.1"));
-    let mut set_slice = |state: &mut ClusterState, ips: &[&str]| {
+    let set_slice = |state: &mut ClusterState, ips: &[&str]| {
         let s = slice("a", ips);
         let mut changes = IntentChanges::default();
         changes.slice(&s);
