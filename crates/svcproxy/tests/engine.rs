@@ -85,22 +85,7 @@ fn start_queued(
     let mut fake = RecordingIptables::default();
     fake.restore_gate = gate;
     let counting = CountingSwitch::new(base.packet_counters);
-    let options = ProxierOptions {
-        base,
-        detect_local: DetectLocal::None,
-        nodeport_addresses: NodePortSpec::All,
-        bind_ip: None,
-    };
-    let proxier = IptablesProxier::new(
-        Box::new(fake.clone()),
-        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
-        IntentConfig {
-            family: IpFamily::V4,
-            node_name: "node-a".into(),
-        },
-        options,
-    )
-    .with_counting_switch(counting.clone());
+    let proxier = iptables_proxier(&fake, base).with_counting_switch(counting.clone());
     let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
     let config = EngineConfig {
         min_sync_period: Duration::ZERO,
@@ -145,22 +130,33 @@ impl Harness {
     }
 }
 
-/// An nftables proxier for the IPv4 engine of node-a, writing to `nft`.
-fn nft_proxier(nft: &svcproxy::exec::nft::RecordingNft) -> svcproxy::sync::nft_proxier::NftProxier {
-    svcproxy::sync::nft_proxier::NftProxier::new(
-        Box::new(nft.clone()),
-        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
+/// The IPv4 engine of node-a (10.0.0.10), rendering with `base`.
+fn node_a(base: RenderConfig) -> (FixedAddresses, IntentConfig, ProxierOptions) {
+    (
+        FixedAddresses(vec!["10.0.0.10".parse().unwrap()]),
         IntentConfig {
             family: IpFamily::V4,
             node_name: "node-a".into(),
         },
         ProxierOptions {
-            base: RenderConfig::default(),
+            base,
             detect_local: DetectLocal::None,
             nodeport_addresses: NodePortSpec::All,
             bind_ip: None,
         },
     )
+}
+
+/// An iptables proxier for node-a, writing to `fake`.
+fn iptables_proxier(fake: &RecordingIptables, base: RenderConfig) -> IptablesProxier {
+    let (addresses, intent, options) = node_a(base);
+    IptablesProxier::new(Box::new(fake.clone()), Box::new(addresses), intent, options)
+}
+
+/// An nftables proxier for node-a, writing to `nft`.
+fn nft_proxier(nft: &svcproxy::exec::nft::RecordingNft) -> svcproxy::sync::nft_proxier::NftProxier {
+    let (addresses, intent, options) = node_a(RenderConfig::default());
+    svcproxy::sync::nft_proxier::NftProxier::new(Box::new(nft.clone()), Box::new(addresses), intent, options)
 }
 
 fn saves(calls: &[Recorded]) -> usize {
@@ -519,20 +515,7 @@ fn the_read_back_after_two_partial_syncs_lists_each_chain_once() {
     use svcproxy_model::IntentChanges;
 
     let fake = RecordingIptables::default();
-    let mut proxier = IptablesProxier::new(
-        Box::new(fake.clone()),
-        Box::new(FixedAddresses(vec!["10.0.0.10".parse().unwrap()])),
-        IntentConfig {
-            family: IpFamily::V4,
-            node_name: "node-a".into(),
-        },
-        ProxierOptions {
-            base: RenderConfig::default(),
-            detect_local: DetectLocal::None,
-            nodeport_addresses: NodePortSpec::All,
-            bind_ip: None,
-        },
-    );
+    let mut proxier = iptables_proxier(&fake, RenderConfig::default());
     let mut state = ClusterState::default();
     state
         .services
