@@ -181,6 +181,14 @@ impl Node {
         (code, value)
     }
 
+    /// `svcproxy explain --daemon` of a connection from the client pod to `to`, as JSON.
+    fn explain_from_the_client_by_the_daemon(&self, to: &str) -> (i32, Value) {
+        self.json(
+            &["explain", "--daemon", "--from", "10.244.0.50", "--to", to],
+            false,
+        )
+    }
+
     fn iptables(&self, args: &[&str]) -> String {
         let mut argv = vec!["iptables"];
         argv.extend(args);
@@ -272,17 +280,7 @@ fn a_healthy_node_agrees_with_its_intent() {
     insta::assert_snapshot!("diff_healthy", text);
 
     // The same answers from the daemon's debug endpoints.
-    let (code, r) = node.json(
-        &[
-            "explain",
-            "--daemon",
-            "--from",
-            "10.244.0.50",
-            "--to",
-            "demo/web:http",
-        ],
-        false,
-    );
+    let (code, r) = node.explain_from_the_client_by_the_daemon("demo/web:http");
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(r["agree"], true, "{r:#}");
     assert_eq!(r["intent_source"], "the intent svcproxy last applied");
@@ -583,32 +581,12 @@ fn nftables_mode_agrees_when_healthy_and_points_at_what_was_removed() {
         text.contains("Table ip svcproxy matches the intent (2 service ports"),
         "{text}"
     );
-    let (code, r) = node.json(
-        &[
-            "explain",
-            "--daemon",
-            "--from",
-            "10.244.0.50",
-            "--to",
-            "demo/api:http",
-        ],
-        false,
-    );
+    let (code, r) = node.explain_from_the_client_by_the_daemon("demo/api:http");
     assert_eq!((code, &r["agree"]), (0, &Value::Bool(true)), "{r:#}");
     assert_eq!(r["nft_table"], "ip svcproxy");
     let (code, r) = node.json(&["diff", "--daemon"], false);
     assert_eq!((code, &r["equal"]), (0, &Value::Bool(true)), "{r:#}");
-    let (code, r) = node.json(
-        &[
-            "explain",
-            "--daemon",
-            "--from",
-            "10.244.0.50",
-            "--to",
-            "10.96.7.7:80/tcp",
-        ],
-        false,
-    );
+    let (code, r) = node.explain_from_the_client_by_the_daemon("10.96.7.7:80/tcp");
     assert_eq!((code, &r["agree"]), (0, &Value::Bool(true)), "{r:#}");
     assert_eq!(r["intent"]["verdict"], "drop", "{r:#}");
     proxy.assert_no_divergence();
