@@ -443,6 +443,8 @@ pub async fn read_cluster(
                 }
             }
         }
+        // A cluster that does not serve them has none: nothing to warn about.
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
         Err(e) => warnings.push(format!("ServiceCIDRs cannot be listed: {e}")),
     }
     Ok((state, "the API server".to_string(), warnings))

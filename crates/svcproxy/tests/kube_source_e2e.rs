@@ -284,6 +284,28 @@ impl OnePodNode {
         });
     }
 
+    /// `svcproxy explain` of a connection from the client pod to `to`, reading the cluster from the API server
+    /// with the daemon's flags and `args`, as JSON.
+    fn explain_from_the_client(&self, to: &str, args: &[&str]) -> Value {
+        let out = self
+            .lab
+            .node()
+            .command(env!("CARGO_BIN_EXE_svcproxy"))
+            .args(["explain", "--kubeconfig", self.kubeconfig.to_str().unwrap()])
+            .args(["--hostname-override", "node-a", "--cluster-cidr", "10.244.0.0/16"])
+            .args(["--from", "10.244.0.50", "--to", to, "--output", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     /// `svcproxy status --output json`.
     fn status(&self) -> Value {
         let out = self
@@ -530,6 +552,18 @@ fn service_cidrs_drop_traffic_to_unallocated_cluster_ips_in_nftables_mode() {
         "{log}"
     );
     assert!(node.status()["source_problem"].is_null(), "a 404 is no outage");
+    // `explain` reads the cluster the same way: no ranges, nothing left out, kernel and intent agree.
+    let nft = ["--proxy-mode", "nftables"];
+    let r = node.explain_from_the_client("10.96.7.7:80/tcp", &nft);
+    assert_eq!(
+        (&r["agree"], &r["kernel"]["verdict"]),
+        (&json!(true), &json!("accept")),
+        "{r:#}"
+    );
+    assert!(
+        !r["notes"].to_string().contains("left out of the intent"),
+        "a cluster without ServiceCIDRs has none to leave out: {r:#}"
+    );
 
     store.serve("ServiceCIDR");
     wait_until(WAIT, POLL, "the unallocated address is dropped", || {
@@ -571,6 +605,12 @@ fn service_cidrs_drop_traffic_to_unallocated_cluster_ips_in_nftables_mode() {
     let v6 = table("ip6");
     assert!(v6.contains("fd00:10:96::/112") && !v6.contains("10.96"), "{v6}");
     proxy.assert_no_divergence();
+    let r = node.explain_from_the_client("10.96.7.7:80/tcp", &nft);
+    assert_eq!(
+        (&r["agree"], &r["intent"]["verdict"]),
+        (&json!(true), &json!("drop")),
+        "{r:#}"
+    );
 
     // A range given up is open again (and the other one still drops).
     store.delete("ServiceCIDR", None, "kubernetes");
