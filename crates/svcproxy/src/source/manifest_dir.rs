@@ -202,19 +202,10 @@ impl ManifestDir {
         for key in rejected {
             match &key {
                 ObjectKey::Service(n) => {
-                    if let (false, Some(s)) =
-                        (out.state.services.contains_key(n), self.last_good.services.get(n))
-                    {
-                        out.state.services.insert(n.clone(), s.clone());
-                    }
+                    keep_last_good(&mut out.state.services, &self.last_good.services, n);
                 }
                 ObjectKey::Slice(n) => {
-                    if let (false, Some(s)) = (
-                        out.state.endpoint_slices.contains_key(n),
-                        self.last_good.endpoint_slices.get(n),
-                    ) {
-                        out.state.endpoint_slices.insert(n.clone(), s.clone());
-                    }
+                    keep_last_good(&mut out.state.endpoint_slices, &self.last_good.endpoint_slices, n);
                 }
                 ObjectKey::Node => {
                     if out.state.node.is_none() {
@@ -222,12 +213,7 @@ impl ManifestDir {
                     }
                 }
                 ObjectKey::ServiceCidr(n) => {
-                    if let (false, Some(c)) = (
-                        out.state.service_cidrs.contains_key(n),
-                        self.last_good.service_cidrs.get(n),
-                    ) {
-                        out.state.service_cidrs.insert(n.clone(), c.clone());
-                    }
+                    keep_last_good(&mut out.state.service_cidrs, &self.last_good.service_cidrs, n);
                 }
             }
         }
@@ -371,6 +357,17 @@ impl ManifestDir {
                 if kind.is_empty() { "object without kind".to_string() } else { format!("{api_version} {kind}") },
             )),
         }
+    }
+}
+
+/// A rejected object's last good version, unless this read has a good one after all (another file holds it).
+fn keep_last_good<T: Clone>(
+    out: &mut BTreeMap<ObjectName, T>,
+    last: &BTreeMap<ObjectName, T>,
+    name: &ObjectName,
+) {
+    if let (false, Some(good)) = (out.contains_key(name), last.get(name)) {
+        out.insert(name.clone(), good.clone());
     }
 }
 
