@@ -19,8 +19,21 @@ use svcproxy_model::{ClusterState, ObjectName};
 
 use super::IGNORE_LABELS;
 use super::convert::{self, ConvertError};
+use super::file_stamp::FileStamp;
 
 const DEFAULT_NAMESPACE: &str = "default";
+/// Reads of a directory that keeps changing while it is read: the last is used as it is.
+const READ_ATTEMPTS: u32 = 4;
+
+/// A file's text, and the version of the file it was read from (taken from the open file, so the two belong
+/// together whatever happens to the name meanwhile).
+fn read_stamped(path: &Path) -> std::io::Result<(String, FileStamp)> {
+    let mut file = fs::File::open(path)?;
+    let stamp = FileStamp::of(&file.metadata()?);
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text)?;
+    Ok((text, stamp))
+}
 
 /// Errors that stop a whole directory read.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +106,15 @@ impl FileRead {
     }
 }
 
+/// One pass over a directory's files: what they hold (rejected objects keeping their last good versions),
+/// which file each object came from, and the version of each file read, or for a file that could not be read
+/// the version its name led to then.
+struct FilesRead {
+    read: DirRead,
+    origin: BTreeMap<String, BTreeSet<ObjectKey>>,
+    seen: Vec<(PathBuf, Option<FileStamp>)>,
+}
+
 /// Reads a manifest directory repeatedly, remembering what each file contributed last time.
 #[derive(Debug)]
 pub struct ManifestDir {
@@ -121,7 +143,40 @@ impl ManifestDir {
 
     /// Reads every `*.yaml`, `*.yml` and `*.json` file (hidden files skipped: ConfigMap volumes keep their
     /// real data in dot-directories behind symlinks we already follow).
+    ///
+    /// The files are read one after another, so a read that overlaps a change could hold some files as they
+    /// were before it and some as they are after (a file read early, then rewritten, while one read later
+    /// was written after it): a state the directory never had. So each read is checked afterwards: when the
+    /// directory no longer lists the same files, or any of them is no longer the version read, it is read
+    /// again, up to [`READ_ATTEMPTS`] times. A read that passes holds every file as it was at one moment,
+    /// so whoever writes several files in turn never sees a later one programmed without an earlier one.
     pub fn read(&mut self) -> Result<DirRead, ManifestDirError> {
+        let mut attempt = 1;
+        loop {
+            let pass = self.read_files()?;
+            let consistent = self.unchanged(&pass.seen)?;
+            if consistent || attempt == READ_ATTEMPTS {
+                if !consistent {
+                    tracing::debug!(
+                        dir = %self.dir.display(),
+                        "the directory kept changing while it was read; using the last read (the change raises another)"
+                    );
+                }
+                self.last_good = pass.read.state.clone();
+                self.origin = pass.origin;
+                return Ok(pass.read);
+            }
+            tracing::debug!(
+                dir = %self.dir.display(),
+                attempt,
+                "the directory changed while it was read; reading it again"
+            );
+            attempt += 1;
+        }
+    }
+
+    /// The manifest files the directory lists, in name order.
+    fn files(&self) -> Result<Vec<PathBuf>, ManifestDirError> {
         let entries = fs::read_dir(&self.dir).map_err(|source| ManifestDirError::ReadDir {
             dir: self.dir.clone(),
             source,
@@ -140,7 +195,23 @@ impl ManifestDir {
             })
             .collect();
         files.sort();
+        Ok(files)
+    }
 
+    /// Whether the directory still lists exactly the files `seen` and each is still the version read.
+    fn unchanged(&self, seen: &[(PathBuf, Option<FileStamp>)]) -> Result<bool, ManifestDirError> {
+        let files = self.files()?;
+        Ok(files.len() == seen.len()
+            && files
+                .iter()
+                .zip(seen)
+                .all(|(path, (read, stamp))| path == read && FileStamp::now(path) == *stamp))
+    }
+
+    /// One pass over the files.
+    fn read_files(&mut self) -> Result<FilesRead, ManifestDirError> {
+        let files = self.files()?;
+        let mut seen = Vec::with_capacity(files.len());
         let mut out = DirRead::default();
         let mut origin: BTreeMap<String, BTreeSet<ObjectKey>> = BTreeMap::new();
         let mut rejected: BTreeSet<ObjectKey> = BTreeSet::new();
@@ -151,9 +222,12 @@ impl ManifestDir {
                 .and_then(|n| n.to_str())
                 .unwrap_or("?")
                 .to_string();
-            let text = match fs::read_to_string(&path) {
-                Ok(t) => t,
+            let (text, stamp) = match read_stamped(&path) {
+                Ok(read) => read,
                 Err(e) => {
+                    // The name's version as it is now: a file that stays unreadable (its permissions) does
+                    // not make every read look overtaken, one that vanished or came back does.
+                    seen.push((path.clone(), FileStamp::now(&path)));
                     out.errors.push(DocumentError::File {
                         file: file.clone(),
                         reason: e.to_string(),
@@ -162,6 +236,7 @@ impl ManifestDir {
                     continue;
                 }
             };
+            seen.push((path.clone(), Some(stamp)));
             if let Some(same) = previous_files.remove(&file).filter(|f| f.text == text) {
                 same.add_to(&mut out, origin.entry(file.clone()).or_default(), &mut rejected);
                 self.files.insert(file, same);
@@ -217,9 +292,11 @@ impl ManifestDir {
                 }
             }
         }
-        self.last_good = out.state.clone();
-        self.origin = origin;
-        Ok(out)
+        Ok(FilesRead {
+            read: out,
+            origin,
+            seen,
+        })
     }
 
     /// A file that cannot be read or parsed: the objects it held last time keep their last good versions,
@@ -579,5 +656,85 @@ endpoints:
             empty.state.services.is_empty() && empty.errors.is_empty(),
             "{empty:?}"
         );
+    }
+
+    /// A Service per line of YAML: `name` in namespace demo, serving `port`.
+    fn service_at(name: &str, index: u32, port: u32) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  \
+             clusterIP: 10.96.{}.{}\n  ports:\n  - {{name: http, protocol: TCP, port: {port}}}\n",
+            index / 200,
+            index % 200 + 1
+        )
+    }
+
+    fn port_of(read: &DirRead, name: &str) -> u16 {
+        read.state.services[&ObjectName::new("demo", name)].ports[0].port
+    }
+
+    /// Written as a writer of several files does it: `a-bulk.yaml` (read first, and long to parse), then
+    /// `b-marker.yaml`, each version's port in both. Whenever a read overlaps the writes, a pass reads the
+    /// bulk file before it changed and the marker after; the read must notice and read again, so that no read
+    /// ever holds a marker newer than the bulk file it was written after.
+    #[test]
+    fn a_read_overlapping_writes_to_several_files_holds_them_all_as_of_one_moment() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+        let dir = Arc::new(Dir::new("overlap"));
+        fn write(dir: &Dir, file: &str, text: &str) {
+            let tmp = dir.0.join(format!(".{file}.tmp"));
+            fs::write(&tmp, text).unwrap();
+            fs::rename(&tmp, dir.0.join(file)).unwrap();
+        }
+        fn version(dir: &Dir, v: u32) {
+            let bulk: String = (0..150)
+                .map(|i| service_at(&format!("bulk-{i}"), i, 1000 + v))
+                .collect();
+            write(dir, "a-bulk.yaml", &bulk);
+            write(dir, "b-marker.yaml", &service_at("marker", 999, 1000 + v));
+        }
+        version(&dir, 0);
+        let reads = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        // Each version is written right after a read returned, so it lands in the next read's first pass,
+        // while the reader is listing the directory or reading the bulk file; nothing is written while the
+        // reader reads again.
+        let writer = {
+            let (dir, reads, done) = (dir.clone(), reads.clone(), done.clone());
+            std::thread::spawn(move || {
+                for v in 1..=40 {
+                    let seen = reads.load(Ordering::SeqCst);
+                    while reads.load(Ordering::SeqCst) == seen {
+                        std::thread::yield_now();
+                    }
+                    version(&dir, v);
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut manifests = ManifestDir::new(&dir.0, "node-a");
+        let mut mixed = Vec::new();
+        let mut last = 0;
+        while !done.load(Ordering::SeqCst) {
+            let read = manifests.read().unwrap();
+            reads.fetch_add(1, Ordering::SeqCst);
+            assert!(read.errors.is_empty(), "{:?}", read.errors);
+            let (bulk, marker) = (port_of(&read, "bulk-0"), port_of(&read, "marker"));
+            if (0..150).any(|i| port_of(&read, &format!("bulk-{i}")) != bulk) {
+                mixed.push(format!("bulk file read half-written at marker {marker}"));
+            }
+            if marker > bulk {
+                mixed.push(format!("marker {marker} with bulk {bulk}"));
+            }
+            last = marker;
+        }
+        writer.join().unwrap();
+        assert!(mixed.is_empty(), "reads mixing versions: {mixed:?}");
+        assert!(
+            last >= 1039,
+            "the reads followed the writes: the last saw marker {last}"
+        );
+        assert_eq!(port_of(&manifests.read().unwrap(), "marker"), 1040);
     }
 }

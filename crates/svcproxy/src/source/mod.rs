@@ -4,6 +4,7 @@
 pub mod api_request_metrics;
 pub mod convert;
 pub mod family_split;
+pub mod file_stamp;
 pub mod kube_api;
 pub mod legacy_ip;
 pub mod manifest_dir;
