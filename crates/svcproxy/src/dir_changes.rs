@@ -20,8 +20,15 @@ pub fn watch_dir(
 ) -> Result<(DirWatch, mpsc::Receiver<()>), notify::Error> {
     let (tx, rx) = mpsc::channel::<()>(1);
     let mut debouncer = new_debouncer(debounce, None, move |res: DebounceEventResult| {
-        // The watcher's own reads raise access events; only changes to the content matter.
-        let changed = res.is_ok_and(|events| events.iter().any(|e| !matches!(e.kind, EventKind::Access(_))));
+        // The watcher's own reads raise access events; only changes to the content matter. An error from
+        // the watch may have cost events, so it is a reason to look again too.
+        let changed = match res {
+            Ok(events) => events.iter().any(|e| !matches!(e.kind, EventKind::Access(_))),
+            Err(errors) => {
+                tracing::debug!(?errors, "the directory watch reported errors; looking again");
+                true
+            }
+        };
         if changed {
             let _ = tx.try_send(());
         }

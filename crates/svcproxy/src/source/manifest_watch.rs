@@ -44,6 +44,17 @@ fn report(dir: &ManifestDir, read: &DirRead, rejected: &Counter) {
     );
 }
 
+/// Reads `dir` on a blocking thread: parsing a directory of thousands of Services takes a while, and the
+/// health and metrics servers share the runtime's few workers with this task.
+async fn read_aside(mut dir: ManifestDir) -> (ManifestDir, Result<DirRead, ManifestDirError>) {
+    tokio::task::spawn_blocking(move || {
+        let read = dir.read();
+        (dir, read)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
 /// Reads the directory once, sends the snapshot and `Synced`, then re-reads on every change until the
 /// receiver goes away. A directory that cannot be read at start is an error; later read failures are logged
 /// and the previous state stays.
@@ -56,7 +67,9 @@ pub async fn run(
     // runs) then still raises a re-read, where watching after it left the change unseen until the rescan.
     let watch = watch_dir(dir.dir(), RecursiveMode::Recursive, DEBOUNCE);
     // A directory that is not there fails both; its read error is the one that says so.
-    let first = dir.read()?;
+    let first;
+    (dir, first) = read_aside(dir).await;
+    let first = first?;
     let (_watch, mut fs_rx) = watch.map_err(|source| ManifestWatchError::Watch {
         dir: dir.dir().to_path_buf(),
         source,
@@ -76,7 +89,9 @@ pub async fn run(
             _ = rescan.tick() => {},
             _ = tx.closed() => break,
         }
-        match dir.read() {
+        let read;
+        (dir, read) = read_aside(dir).await;
+        match read {
             Ok(read) => {
                 report(&dir, &read, &rejected);
                 if tx.send(SourceEvent::Snapshot(read.state)).await.is_err() {
