@@ -133,8 +133,8 @@ pub fn present_nft_tables<'a>(
         for name in names {
             match runner.run("nft", &["list", "table", family, name], None) {
                 Ok(_) => present.push((*family, *name)),
-                Err(e @ ExecError::Spawn { .. }) => return Err(e),
                 Err(ExecError::Failed { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
     }

@@ -461,6 +461,65 @@ async fn a_change_arriving_during_a_full_sync_goes_before_its_read_back() {
     );
 }
 
+/// A change that arrives while the read-back after a full sync is reading the whole ruleset does not wait for
+/// that read: the read is given up, the change synced, and the read done after it, whole still (it covers the
+/// full sync too).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_arriving_during_a_whole_read_back_is_synced_before_it() {
+    let queued = vec![
+        SourceEvent::Services(Delta::Apply(service("a", "10.96.0.1"))),
+        SourceEvent::EndpointSlices(Delta::Apply(slice("a", &["10.244.0.1"]))),
+        SourceEvent::Synced,
+    ];
+    let restores = svcproxy::exec::iptables::Gate::default();
+    restores.close();
+    let h = start_gated(restores.clone(), queued);
+    let calls_until = |what: &str, enough: &dyn Fn(&[Recorded]) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let calls = h.calls();
+            if enough(&calls) {
+                return calls;
+            }
+            if std::time::Instant::now() > deadline {
+                // Let the engine go first: a read held at the gate would keep the runtime from shutting down.
+                h.fake.save_gate.open();
+                restores.open();
+                panic!("{what}: {calls:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // The full sync read the kernel and is writing; from now on reads wait at the gate.
+    calls_until("the full sync writes", &|c| {
+        c.iter().any(|c| matches!(c, Recorded::Restore(_)))
+    });
+    h.fake.save_gate.close();
+    restores.open();
+    calls_until("the read-back after it reads", &|c| saves(c) >= 2);
+    h.tx.send(SourceEvent::EndpointSlices(Delta::Apply(slice(
+        "a",
+        &["10.244.0.1", "10.244.0.2"],
+    ))))
+    .await
+    .unwrap();
+    let change = |c: &Recorded| matches!(c, Recorded::Restore(p) if p.contains("10.244.0.2:8080"));
+    // Reads still wait at the gate: the change can only be written if the read was given up.
+    let calls = calls_until("the change is written while the read-back waits", &|c| {
+        c.iter().any(change)
+    });
+    h.fake.save_gate.open();
+    let calls_after = calls_until("the read-back is done again", &|c| saves(c) >= 3);
+    let written = calls.iter().position(change).unwrap();
+    assert!(
+        !calls_after[written..]
+            .iter()
+            .any(|c| matches!(c, Recorded::ListChain(table, chain) if table == "nat" && chain.starts_with("KUBE-SEP"))),
+        "the read after the change reads everything, not only the chains the change wrote: {calls_after:#?}"
+    );
+    assert_eq!(saves(&calls_after[written..]), 1, "{calls_after:#?}");
+}
+
 /// The proxier's side of the same: in nftables mode a partial sync between a full one and its read-back
 /// leaves that read-back a listing of the table (a partial sync alone is not followed by one), and the
 /// read-back takes the request with it.

@@ -19,7 +19,22 @@ pub enum ExecError {
         status: String,
         stderr: String,
     },
+    /// The caller no longer wanted the result and the command was stopped.
+    #[error("{program} stopped: its result was no longer wanted")]
+    Abandoned { program: String },
 }
+
+/// Asked now and then while a long read runs: true once its result is no longer wanted (a change is waiting
+/// to be synced, and a read taken before that sync would be stale anyway).
+pub type Abandon<'a> = &'a (dyn Fn() -> bool + Sync);
+
+/// An [`Abandon`] that never gives up: `&never`.
+pub fn never() -> bool {
+    false
+}
+
+/// How often a running `iptables-save` is looked at: whether it has exited, or is no longer wanted.
+const SAVE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The two calls a sync makes. Implementations must be usable from a blocking context.
 pub trait IptablesCommands: Send + Sync {
@@ -29,8 +44,20 @@ pub trait IptablesCommands: Send + Sync {
     fn save(&self, tables: &[&str]) -> Result<String, ExecError>;
     /// [`IptablesCommands::save`], handing each line (without its newline) to `line` in order. A real
     /// implementation passes lines on as `iptables-save` prints them, so the dump (17 MB at 5,000 services ×
-    /// 10 endpoints) is never held whole.
-    fn save_lines(&self, tables: &[&str], line: &mut dyn FnMut(&str)) -> Result<(), ExecError> {
+    /// 10 endpoints) is never held whole, and stops `iptables-save` (returning
+    /// [`ExecError::Abandoned`]) once `abandon` says so: at 5,000 services a dump takes over a second, most
+    /// of it before the first line.
+    fn save_lines(
+        &self,
+        tables: &[&str],
+        line: &mut dyn FnMut(&str),
+        abandon: Abandon<'_>,
+    ) -> Result<(), ExecError> {
+        if abandon() {
+            return Err(ExecError::Abandoned {
+                program: "iptables-save".into(),
+            });
+        }
         self.save(tables)?.lines().for_each(line);
         Ok(())
     }
@@ -128,7 +155,12 @@ impl IptablesCommands for SystemIptables {
         Ok(all)
     }
 
-    fn save_lines(&self, tables: &[&str], line: &mut dyn FnMut(&str)) -> Result<(), ExecError> {
+    fn save_lines(
+        &self,
+        tables: &[&str],
+        line: &mut dyn FnMut(&str),
+        abandon: Abandon<'_>,
+    ) -> Result<(), ExecError> {
         // Several tables: one `iptables-save` of everything, passing on only their blocks. iptables-nft
         // fetches the whole ruleset whichever table it is asked for, so each `-t` costs as much as all of
         // them (5,000 services × 10 endpoints: 0.7 s for the small filter table, 1.3 s for nat, 1.3 s for
@@ -160,17 +192,39 @@ impl IptablesCommands for SystemIptables {
                 unreachable!("both pipes were requested");
             };
             // stderr is drained alongside, so a chatty iptables-save cannot block on a full pipe while we read
-            // stdout.
-            let (read, errors) = std::thread::scope(|scope| {
+            // stdout. A third thread reaps the child when it exits, or stops it once the read is abandoned:
+            // its stdout then ends, which ends the read.
+            let abandoned = std::sync::atomic::AtomicBool::new(false);
+            let (read, errors, status) = std::thread::scope(|scope| {
                 let errors = scope.spawn(move || {
                     let mut text = Vec::new();
                     let _ = stderr.read_to_end(&mut text);
                     text
                 });
+                let abandoned = &abandoned;
+                let waiter = scope.spawn(move || {
+                    loop {
+                        if let Some(status) = child.try_wait()? {
+                            return Ok(status);
+                        }
+                        if abandon() {
+                            abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
+                            let _ = child.kill();
+                            return child.wait();
+                        }
+                        std::thread::sleep(SAVE_POLL);
+                    }
+                });
                 let read = each_line(stdout, &mut line);
-                (read, errors.join().unwrap_or_default())
+                let status = waiter.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                (read, errors.join().unwrap_or_default(), status)
             });
-            let status = child.wait().map_err(|e| spawn_err(&self.save, e))?;
+            if abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ExecError::Abandoned {
+                    program: self.save.to_string(),
+                });
+            }
+            let status = status.map_err(|e| spawn_err(&self.save, e))?;
             if !status.success() {
                 return Err(ExecError::Failed {
                     program: self.save.to_string(),
@@ -251,6 +305,8 @@ pub struct RecordingIptables {
     pub commits_during_saves: Arc<Mutex<u32>>,
     /// While closed, a restore is recorded and then waits until it opens: a sync caught in the middle.
     pub restore_gate: Gate,
+    /// While closed, a save is recorded and then waits until it opens, or until the caller abandons it.
+    pub save_gate: Gate,
     seals: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
@@ -275,6 +331,19 @@ impl Gate {
             closed = opened.wait(closed).unwrap();
         }
     }
+
+    /// Waits while closed, as [`Gate::pass`], but gives up once `abandon` says so: false then.
+    fn pass_unless(&self, abandon: Abandon<'_>) -> bool {
+        let (closed, opened) = &*self.0;
+        let mut closed = closed.lock().unwrap();
+        while *closed {
+            if abandon() {
+                return false;
+            }
+            closed = opened.wait_timeout(closed, SAVE_POLL).unwrap().0;
+        }
+        true
+    }
 }
 
 impl RecordingIptables {
@@ -284,6 +353,23 @@ impl RecordingIptables {
             generation: generation.clone(),
             ..Self::default()
         }
+    }
+
+    fn record_save(&self, tables: &[&str]) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Recorded::Save(tables.iter().map(|t| t.to_string()).collect()));
+    }
+
+    /// What a save prints, once the read is under way: another program may commit meanwhile.
+    fn saved(&self) -> String {
+        let mut commits = self.commits_during_saves.lock().unwrap();
+        if *commits > 0 {
+            *commits -= 1;
+            self.generation.advance(1);
+        }
+        self.save_output.lock().unwrap().clone()
     }
 
     pub fn restores(&self) -> Vec<String> {
@@ -331,17 +417,26 @@ impl IptablesCommands for RecordingIptables {
         Ok(())
     }
 
-    fn save(&self, tables: &[&str]) -> Result<String, ExecError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(Recorded::Save(tables.iter().map(|t| t.to_string()).collect()));
-        let mut commits = self.commits_during_saves.lock().unwrap();
-        if *commits > 0 {
-            *commits -= 1;
-            self.generation.advance(1);
+    fn save_lines(
+        &self,
+        tables: &[&str],
+        line: &mut dyn FnMut(&str),
+        abandon: Abandon<'_>,
+    ) -> Result<(), ExecError> {
+        self.record_save(tables);
+        if !self.save_gate.pass_unless(abandon) {
+            return Err(ExecError::Abandoned {
+                program: "iptables-save".into(),
+            });
         }
-        Ok(self.save_output.lock().unwrap().clone())
+        self.saved().lines().for_each(line);
+        Ok(())
+    }
+
+    fn save(&self, tables: &[&str]) -> Result<String, ExecError> {
+        self.record_save(tables);
+        self.save_gate.pass();
+        Ok(self.saved())
     }
 
     fn list_chain(&self, table: &str, chain: &str) -> Result<Option<String>, ExecError> {
@@ -355,5 +450,93 @@ impl IptablesCommands for RecordingIptables {
         // Otherwise the fake does not model the kernel: report nothing, so verification finds the chain missing
         // only when a test supplies a dump through `save_output`.
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// An `iptables-save` stand-in that prints a table's first line, says where it runs, and then takes its
+    /// time, as the real one does fetching a large ruleset.
+    fn slow_save(dir: &std::path::Path) -> (String, std::path::PathBuf) {
+        let pid_file = dir.join("pid");
+        let script = dir.join("slow-save");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho '*nat'\necho $$ > {}\nexec sleep 60\n",
+                pid_file.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (script.display().to_string(), pid_file)
+    }
+
+    /// Runs `save` again while the script it starts was only just written: another test's child, forked
+    /// while that file was still open for writing, makes exec fail with ETXTBSY for a moment.
+    fn retry_busy(mut save: impl FnMut() -> Result<(), ExecError>) -> Result<(), ExecError> {
+        for _ in 0..20 {
+            match save() {
+                Err(ExecError::Spawn { reason, .. }) if reason.contains("Text file busy") => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+        save()
+    }
+
+    #[test]
+    fn an_abandoned_save_stops_iptables_save_and_says_so() {
+        let dir = std::env::temp_dir().join(format!("svcproxy-slow-save-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (save, pid_file) = slow_save(&dir);
+        let cmds = SystemIptables::with_binaries("true", save, "true");
+        let mut lines = Vec::new();
+        let printed = AtomicBool::new(false);
+        // Given up only once the stand-in is under way (it has printed and written its pid).
+        let abandon = || printed.load(Ordering::SeqCst) && pid_file.exists();
+        let result = retry_busy(|| {
+            lines.clear();
+            cmds.save_lines(
+                &["nat"],
+                &mut |l| {
+                    lines.push(l.to_string());
+                    printed.store(true, Ordering::SeqCst);
+                },
+                &abandon,
+            )
+        });
+        assert!(matches!(result, Err(ExecError::Abandoned { .. })), "{result:?}");
+        assert_eq!(lines, ["*nat"]);
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        // Killed and reaped: no such process is left.
+        assert!(
+            !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "iptables-save {} still runs",
+            pid.trim()
+        );
+        // A read nobody gives up is read to its end.
+        std::fs::write(
+            dir.join("quick-save"),
+            "#!/bin/sh\necho '*nat'\necho ':KUBE-SERVICES - [0:0]'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(dir.join("quick-save"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cmds =
+            SystemIptables::with_binaries("true", dir.join("quick-save").display().to_string(), "true");
+        let mut lines = Vec::new();
+        retry_busy(|| {
+            lines.clear();
+            cmds.save_lines(&["nat"], &mut |l| lines.push(l.to_string()), &never)
+        })
+        .unwrap();
+        assert_eq!(lines, ["*nat", ":KUBE-SERVICES - [0:0]"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

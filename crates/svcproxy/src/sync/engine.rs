@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::proxier::{Finding, Proxier, SyncError, SyncMode, VerifyScope};
 use super::throttle::SyncThrottle;
+use crate::exec::iptables::{Abandon, never};
 use crate::health::ProxyHealth;
 use crate::metrics::{ClassLabels, FamilyLabels, Metrics, PolicyLabels, SyncLabels, TableLabels};
 use crate::source::{Delta, SourceEvent};
@@ -114,6 +115,11 @@ pub struct Engine<P: Proxier> {
     /// for one sync, which it then covers too (a full read at 5,000 services takes 1–2 s, and a change that
     /// came in during a full sync would otherwise wait for it).
     check_after_sync: bool,
+    /// A periodic read-back was given up for a change: it runs once that change is synced.
+    verify_due: bool,
+    /// Read-backs given up in a row for changes waiting: past [`ABANDONED_READS`] one is let finish, so a
+    /// steady stream of changes cannot put reading back off for good.
+    abandoned_reads: u32,
     throttle: SyncThrottle,
     status: watch::Sender<EngineStatus>,
 }
@@ -226,6 +232,8 @@ impl<P: Proxier> Engine<P> {
             pending_endpoint_changes: 0,
             last_full: None,
             check_after_sync: false,
+            verify_due: false,
+            abandoned_reads: 0,
             throttle,
             status: watch::Sender::new(EngineStatus::default()),
         }
@@ -502,7 +510,7 @@ impl<P: Proxier> Engine<P> {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                _ = sleep => self.sync_once(),
+                _ = sleep => self.sync_once(&|| !events.is_empty()),
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
                     if self.apply(ev) {
@@ -517,16 +525,23 @@ impl<P: Proxier> Engine<P> {
                 }
                 () = std::future::ready(()), if self.check_after_sync && !self.sync_pending() => {
                     self.check_after_sync = false;
-                    self.check(Check::AfterSync);
+                    self.check(Check::AfterSync, &|| !events.is_empty());
                 }
-                _ = tick(&mut verify_tick) => self.check(Check::Verify),
-                _ = tick(&mut canary_tick) => self.check(Check::Canary),
+                () = std::future::ready(()), if self.verify_due && !self.sync_pending() => {
+                    self.verify_due = false;
+                    self.check(Check::Verify, &|| !events.is_empty());
+                }
+                _ = tick(&mut verify_tick) => self.check(Check::Verify, &|| !events.is_empty()),
+                _ = tick(&mut canary_tick) => self.check(Check::Canary, &never),
             }
         }
         self.proxier
     }
 
-    fn check(&mut self, check: Check) {
+    /// Runs `check`. A whole read-back takes 1–2 s at 5,000 Services in iptables mode, and a change arriving
+    /// meanwhile would wait for it: once `waiting` says a change is, the read is given up, the change synced,
+    /// and the read done after it (it then covers what that sync wrote too).
+    fn check(&mut self, check: Check, waiting: Abandon<'_>) {
         if !self.initialized || self.consecutive_failures > 0 || self.status.borrow().applied.is_none() {
             return;
         }
@@ -535,14 +550,35 @@ impl<P: Proxier> Engine<P> {
         if self.sync_pending() && !matches!(check, Check::AfterSync) {
             return;
         }
+        let abandon = if self.abandoned_reads < ABANDONED_READS {
+            waiting
+        } else {
+            &never
+        };
         let proxier = &mut self.proxier;
         let result = tokio::task::block_in_place(|| match check {
-            Check::Verify => proxier.verify(VerifyScope::All),
-            Check::AfterSync => proxier.verify(VerifyScope::LastSync),
+            Check::Verify => proxier.verify_unless(VerifyScope::All, abandon),
+            Check::AfterSync => proxier.verify_unless(VerifyScope::LastSync, abandon),
             Check::Canary => proxier.canary(),
         });
         match result {
-            Ok(findings) => self.on_findings(check, findings),
+            Ok(findings) => {
+                self.abandoned_reads = 0;
+                self.on_findings(check, findings);
+            }
+            Err(SyncError::Abandoned) => {
+                self.abandoned_reads += 1;
+                tracing::debug!(
+                    check = check.name(),
+                    "read-back given up for a change waiting to be synced; it follows the sync"
+                );
+                match check {
+                    Check::AfterSync => self.check_after_sync = true,
+                    Check::Verify => self.verify_due = true,
+                    Check::Canary => {}
+                }
+                return;
+            }
             Err(e) => tracing::warn!("read-back failed: {e}"),
         }
         if matches!(check, Check::Verify) {
@@ -649,7 +685,8 @@ impl<P: Proxier> Engine<P> {
         });
     }
 
-    fn sync_once(&mut self) {
+    /// Syncs; `waiting` says whether a change is waiting (for a read-back that follows at once).
+    fn sync_once(&mut self, waiting: Abandon<'_>) {
         let now = Instant::now();
         let periodic_full = self
             .last_full
@@ -774,7 +811,7 @@ impl<P: Proxier> Engine<P> {
                     if self.check_after_sync {
                         // It waited for this sync already: it reads back what both wrote, now.
                         self.check_after_sync = false;
-                        self.check(Check::AfterSync);
+                        self.check(Check::AfterSync, waiting);
                     } else {
                         self.check_after_sync = true;
                     }
@@ -849,6 +886,8 @@ impl<P: Proxier> Engine<P> {
 const FIGHT_WINDOW: Duration = Duration::from_secs(300);
 /// This many repairs within the window means someone else keeps changing our rules.
 const FIGHT_REPAIRS: usize = 3;
+/// Read-backs given up in a row before one is let finish whatever is waiting.
+const ABANDONED_READS: u32 = 3;
 
 #[derive(Debug, Clone, Copy)]
 enum Check {

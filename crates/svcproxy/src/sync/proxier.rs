@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use svcproxy_model::{ClusterState, Intent, IntentChanges, IpFamily};
 
+use crate::exec::iptables::{Abandon, never};
+
 /// The outcome of one successful sync.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SyncReport {
@@ -65,6 +67,9 @@ pub enum SyncError {
         reason: String,
         context: String,
     },
+    /// A read-back given up because a change was waiting: nothing is known of the kernel, nothing is wrong.
+    #[error("the read-back was given up for a change waiting to be synced")]
+    Abandoned,
 }
 
 impl SyncError {
@@ -72,6 +77,7 @@ impl SyncError {
         match self {
             SyncError::ReadBack(_) => "read_back",
             SyncError::Refused { class, .. } => class,
+            SyncError::Abandoned => "abandoned",
         }
     }
 }
@@ -128,7 +134,12 @@ pub trait Proxier: Send {
         mode: SyncMode,
     ) -> Result<SyncReport, SyncError>;
     /// Reads the kernel back and lists every difference from what the last successful sync wrote.
-    fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError>;
+    fn verify(&mut self, scope: VerifyScope) -> Result<Vec<Finding>, SyncError> {
+        self.verify_unless(scope, &never)
+    }
+    /// [`Proxier::verify`], given up with [`SyncError::Abandoned`] once `abandon` says so (where a read is
+    /// long enough to be worth stopping: then the next read covers what this one would have).
+    fn verify_unless(&mut self, scope: VerifyScope, abandon: Abandon<'_>) -> Result<Vec<Finding>, SyncError>;
     /// A cheap, frequent check that catches a flushed table (upstream's canary, without a canary chain).
     fn canary(&mut self) -> Result<Vec<Finding>, SyncError>;
     /// What this backend owns, as an operator would look for it (for messages).
