@@ -9,7 +9,7 @@ mod common;
 use compact_str::{CompactString, format_compact};
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::{ElementSocket, ElementSocketError, NetlinkElementSocket};
-use svcproxy::exec::nft_table_read::{TableReadError, read_structure, read_table};
+use svcproxy::exec::nft_table_read::{TableReadError, read_table};
 use svcproxy_nftables::{
     Chain, Element, ElementChange, Family, LocalDetector, NodePortAddresses, RenderConfig, Ruleset, Set,
     SetKind, element_changes, full_transaction, parse_listing, render,
@@ -187,39 +187,6 @@ fn read_over_netlink(ns: &NetNs, family: Family, name: &str) -> Result<Option<Ru
         let socket = NetlinkElementSocket::new().expect("socket");
         read_table(&SystemNft, &socket, family, &name)
     })
-}
-
-/// A read-back given up for a waiting change stops between two sets' elements and says so; one nobody gives up
-/// reads them all.
-#[test]
-fn an_element_read_is_given_up_between_sets_once_abandoned() {
-    let ns = NetNs::new("elemab").expect("netns");
-    let t = table(Family::Ip, "10.244.0.5", "10.244.0.6");
-    load(&ns, &t);
-    let sets_read = ns.run(|| {
-        let socket = NetlinkElementSocket::new().expect("socket");
-        let read = |asked_after: usize| {
-            let asked = std::sync::atomic::AtomicUsize::new(0);
-            let abandon = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= asked_after;
-            let structure = read_structure(&SystemNft, &socket, Family::Ip, "writer-test")
-                .unwrap()
-                .expect("table");
-            let read = structure.read_elements(&socket, Some(&t), &abandon);
-            (read, asked.into_inner())
-        };
-        let (first, asked) = read(0);
-        assert!(matches!(first, Err(TableReadError::Abandoned)), "{first:?}");
-        assert_eq!(asked, 1, "given up before the first set");
-        let (second, asked) = read(1);
-        assert!(matches!(second, Err(TableReadError::Abandoned)), "{second:?}");
-        assert_eq!(asked, 2, "given up after one set");
-        let (whole, asked) = read(usize::MAX);
-        whole.map(|(_, same)| (same, asked))
-    });
-    let (same, asked) = sets_read.expect("a read nobody gives up");
-    // Every set holds what `t` says, so each was compared and kept without its elements.
-    assert_eq!(same.len(), t.sets.len(), "{same:?}");
-    assert_eq!(asked, t.sets.len());
 }
 
 #[test]

@@ -8,7 +8,6 @@ use svcproxy_iptables::seal::SEAL_CHAIN;
 use svcproxy_model::IpFamily;
 
 use super::generation::CountingGeneration;
-pub use super::{Abandon, never};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExecError {
@@ -23,6 +22,15 @@ pub enum ExecError {
     /// The caller no longer wanted the result and the command was stopped.
     #[error("{program} stopped: its result was no longer wanted")]
     Abandoned { program: String },
+}
+
+/// Asked now and then while a long read runs: true once its result is no longer wanted (a change is waiting
+/// to be synced, and a read taken before that sync would be stale anyway).
+pub type Abandon<'a> = &'a (dyn Fn() -> bool + Sync);
+
+/// An [`Abandon`] that never gives up: `&never`.
+pub fn never() -> bool {
+    false
 }
 
 /// How often a running `iptables-save` is looked at: whether it has exited, or is no longer wanted.

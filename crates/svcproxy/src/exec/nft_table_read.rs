@@ -17,7 +17,6 @@ use thiserror::Error;
 use super::iptables::ExecError;
 use super::nft::NftCommands;
 use super::nft_netlink::{ElementSocket, ElementSocketError};
-use super::{Abandon, never};
 
 #[derive(Debug, Error)]
 pub enum TableReadError {
@@ -30,9 +29,6 @@ pub enum TableReadError {
     /// Another transaction committed between the first request and the last.
     #[error("the ruleset changed while it was read")]
     Moved,
-    /// The caller no longer wanted the read.
-    #[error("the read was given up")]
-    Abandoned,
 }
 
 /// The rules and set declarations of a table, read; its elements come next, set by set.
@@ -53,7 +49,7 @@ pub fn read_table(
     name: &str,
 ) -> Result<Option<Ruleset>, TableReadError> {
     match read_structure(nft, socket, family, name)? {
-        Some(structure) => Ok(Some(structure.read_elements(socket, None, &never)?.0)),
+        Some(structure) => Ok(Some(structure.read_elements(socket, None)?.0)),
         None => Ok(None),
     }
 }
@@ -103,13 +99,11 @@ impl TableStructure {
     /// The second half of [`read_table`]. Each set is compared with `expected`'s as it is read: one whose
     /// elements and declaration are the same keeps no elements and is named in the second part of the
     /// result, so a read-back never holds a second copy of all 50,000 elements of a 5,000-service table
-    /// (compare with [`svcproxy_nftables::partial_transaction_given`]). Given up between two sets once
-    /// `abandon` says so: the elements are most of a read's time (0.5 s at 5,000 Services).
+    /// (compare with [`svcproxy_nftables::partial_transaction_given`]).
     pub fn read_elements(
         self,
         socket: &dyn ElementSocket,
         expected: Option<&Ruleset>,
-        abandon: Abandon<'_>,
     ) -> Result<(Ruleset, BTreeSet<String>), TableReadError> {
         let TableStructure {
             mut table,
@@ -120,9 +114,6 @@ impl TableStructure {
         for (set_name, set) in table.sets.iter_mut() {
             if set.is_dynamic() {
                 continue;
-            }
-            if abandon() {
-                return Err(TableReadError::Abandoned);
             }
             let wanted = expected
                 .and_then(|e| e.sets.get(set_name))

@@ -35,12 +35,11 @@ use super::iptables_proxier::ProxierOptions;
 use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
 use crate::exec::generation::RulesetGeneration;
-use crate::exec::iptables::ExecError;
+use crate::exec::iptables::{Abandon, ExecError};
 use crate::exec::kernel_release::KernelRelease;
 use crate::exec::nft::NftCommands;
 use crate::exec::nft_netlink::{ElementSocket, ElementSocketError};
 use crate::exec::nft_table_read::{TableReadError, TableStructure, read_structure};
-use crate::exec::{Abandon, never};
 use crate::node_addresses::LocalAddresses;
 
 /// Services per transaction on a cold sync: keeps each transaction (and the kernel's nftables lock) short.
@@ -349,33 +348,25 @@ impl NftProxier {
     }
 
     /// The kernel's table and the sets in it found to hold exactly `expected`'s elements (kept without
-    /// them), for [`partial_transaction_given`]; `None` when there is no table. Given up between two sets'
-    /// elements once `abandon` says so.
-    fn complete(
-        &self,
-        kernel: KernelTable,
-        expected: &Ruleset,
-        abandon: Abandon<'_>,
-    ) -> Result<Option<ReadBack>, SyncError> {
+    /// them), for [`partial_transaction_given`]; `None` when there is no table.
+    fn complete(&self, kernel: KernelTable, expected: &Ruleset) -> Result<Option<ReadBack>, SyncError> {
         match kernel {
             KernelTable::Missing => Ok(None),
             KernelTable::Whole(table) => Ok(Some((table, BTreeSet::new()))),
             KernelTable::Structure(structure) => {
                 if let Some(socket) = &self.elements {
-                    match structure.read_elements(socket.as_ref(), Some(expected), abandon) {
+                    match structure.read_elements(socket.as_ref(), Some(expected)) {
                         Ok(read) => return Ok(Some(read)),
-                        Err(TableReadError::Abandoned) => return Err(SyncError::Abandoned),
                         // Another transaction committed meanwhile: at start, the other family's engine
                         // writing its table. Once more the fast way before the slow one.
                         Err(TableReadError::Moved) => match self.read_kernel()? {
                             KernelTable::Structure(again) => {
-                                match again.read_elements(socket.as_ref(), Some(expected), abandon) {
+                                match again.read_elements(socket.as_ref(), Some(expected)) {
                                     Ok(read) => return Ok(Some(read)),
-                                    Err(TableReadError::Abandoned) => return Err(SyncError::Abandoned),
                                     Err(e) => self.fell_back(&e),
                                 }
                             }
-                            other => return self.complete(other, expected, abandon),
+                            other => return self.complete(other, expected),
                         },
                         Err(e) => self.fell_back(&e),
                     }
@@ -617,7 +608,7 @@ impl Proxier for NftProxier {
                 Box::new(std::iter::once(text))
             }
             _ => match current
-                .map(|k| self.complete(k, &next.ruleset, &never))
+                .map(|k| self.complete(k, &next.ruleset))
                 .transpose()?
                 .flatten()
             {
@@ -683,9 +674,8 @@ impl Proxier for NftProxier {
         })
     }
 
-    /// Through the netlink socket the read is given up between two sets' elements (most of its 0.5 s at
-    /// 5,000 Services); `nft list table`, the fallback, is let finish.
-    fn verify_unless(&mut self, scope: VerifyScope, abandon: Abandon<'_>) -> Result<Vec<Finding>, SyncError> {
+    /// Listing the table is quick enough (0.5 s at 5,000 Services) to be let finish.
+    fn verify_unless(&mut self, scope: VerifyScope, _: Abandon<'_>) -> Result<Vec<Finding>, SyncError> {
         let Some((table, _)) = &self.applied else {
             return Ok(Vec::new());
         };
@@ -702,17 +692,8 @@ impl Proxier for NftProxier {
         }
         self.verified = None;
         let before = self.generation_now();
-        let read = self
-            .read_kernel()
-            .and_then(|kernel| self.complete(kernel, expected, abandon));
-        let mut read_back = match read {
-            Ok(read) => read,
-            Err(e) => {
-                // What the read was to cover is still to be covered, by the read that replaces it.
-                self.last_sync_full |= wrote_in_full;
-                return Err(e);
-            }
-        };
+        let kernel = self.read_kernel()?;
+        let mut read_back = self.complete(kernel, expected)?;
         // Chains flushed and waiting to be deleted are not a difference.
         if let (Some(deferred), Some((table, _))) = (&self.deferred, &mut read_back) {
             deferred.hide_from(table);
