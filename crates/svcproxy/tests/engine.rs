@@ -128,6 +128,25 @@ impl Harness {
     fn calls(&self) -> Vec<Recorded> {
         self.fake.calls.lock().unwrap().clone()
     }
+
+    /// The fake's calls once `enough` of them were made (10 s at most). A test that gives up opens the fake's
+    /// gates first: an engine held at one would keep the runtime from shutting down, and the test would hang
+    /// instead of failing.
+    fn calls_until(&self, what: &str, enough: &dyn Fn(&[Recorded]) -> bool) -> Vec<Recorded> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let calls = self.calls();
+            if enough(&calls) {
+                return calls;
+            }
+            if std::time::Instant::now() > deadline {
+                self.fake.restore_gate.open();
+                self.fake.save_gate.open();
+                panic!("{what}: {calls:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// The IPv4 engine of node-a (10.0.0.10), rendering with `base`.
@@ -415,21 +434,10 @@ async fn a_change_arriving_during_a_full_sync_goes_before_its_read_back() {
     let fake_gate = svcproxy::exec::iptables::Gate::default();
     fake_gate.close();
     let h = start_gated(fake_gate.clone(), queued);
-    let calls_until = |enough: &dyn Fn(&[Recorded]) -> bool| {
-        let fake = h.fake.clone();
-        let enough = |c: &[Recorded]| enough(c);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let calls = fake.calls.lock().unwrap().clone();
-            if enough(&calls) {
-                return calls;
-            }
-            assert!(std::time::Instant::now() < deadline, "{calls:#?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
     // The full sync is writing (held at its restore) when the change comes.
-    calls_until(&|c| c.iter().any(|c| matches!(c, Recorded::Restore(_))));
+    h.calls_until("the full sync writes", &|c| {
+        c.iter().any(|c| matches!(c, Recorded::Restore(_)))
+    });
     h.tx.send(SourceEvent::EndpointSlices(Delta::Apply(slice(
         "a",
         &["10.244.0.1", "10.244.0.2"],
@@ -437,7 +445,7 @@ async fn a_change_arriving_during_a_full_sync_goes_before_its_read_back() {
     .await
     .unwrap();
     fake_gate.open();
-    let calls = calls_until(&|c| saves(c) >= 2);
+    let calls = h.calls_until("the read-back after both", &|c| saves(c) >= 2);
     let change = calls
         .iter()
         .position(|c| matches!(c, Recorded::Restore(p) if p.contains("10.244.0.2:8080")));
@@ -474,29 +482,13 @@ async fn a_change_arriving_during_a_whole_read_back_is_synced_before_it() {
     let restores = svcproxy::exec::iptables::Gate::default();
     restores.close();
     let h = start_gated(restores.clone(), queued);
-    let calls_until = |what: &str, enough: &dyn Fn(&[Recorded]) -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let calls = h.calls();
-            if enough(&calls) {
-                return calls;
-            }
-            if std::time::Instant::now() > deadline {
-                // Let the engine go first: a read held at the gate would keep the runtime from shutting down.
-                h.fake.save_gate.open();
-                restores.open();
-                panic!("{what}: {calls:#?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
     // The full sync read the kernel and is writing; from now on reads wait at the gate.
-    calls_until("the full sync writes", &|c| {
+    h.calls_until("the full sync writes", &|c| {
         c.iter().any(|c| matches!(c, Recorded::Restore(_)))
     });
     h.fake.save_gate.close();
     restores.open();
-    calls_until("the read-back after it reads", &|c| saves(c) >= 2);
+    h.calls_until("the read-back after it reads", &|c| saves(c) >= 2);
     h.tx.send(SourceEvent::EndpointSlices(Delta::Apply(slice(
         "a",
         &["10.244.0.1", "10.244.0.2"],
@@ -505,11 +497,11 @@ async fn a_change_arriving_during_a_whole_read_back_is_synced_before_it() {
     .unwrap();
     let change = |c: &Recorded| matches!(c, Recorded::Restore(p) if p.contains("10.244.0.2:8080"));
     // Reads still wait at the gate: the change can only be written if the read was given up.
-    let calls = calls_until("the change is written while the read-back waits", &|c| {
+    let calls = h.calls_until("the change is written while the read-back waits", &|c| {
         c.iter().any(change)
     });
     h.fake.save_gate.open();
-    let calls_after = calls_until("the read-back is done again", &|c| saves(c) >= 3);
+    let calls_after = h.calls_until("the read-back is done again", &|c| saves(c) >= 3);
     let written = calls.iter().position(change).unwrap();
     assert!(
         !calls_after[written..]
