@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use svcproxy_iptables::seal::SEAL_CHAIN;
 use svcproxy_model::IpFamily;
 
+use super::Abandon;
 use super::generation::CountingGeneration;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,15 +23,6 @@ pub enum ExecError {
     /// The caller no longer wanted the result and the command was stopped.
     #[error("{program} stopped: its result was no longer wanted")]
     Abandoned { program: String },
-}
-
-/// Asked now and then while a long read runs: true once its result is no longer wanted (a change is waiting
-/// to be synced, and a read taken before that sync would be stale anyway).
-pub type Abandon<'a> = &'a (dyn Fn() -> bool + Sync);
-
-/// An [`Abandon`] that never gives up: `&never`.
-pub fn never() -> bool {
-    false
 }
 
 /// How often a running `iptables-save` is looked at: whether it has exited, or is no longer wanted.
@@ -456,6 +448,7 @@ impl IptablesCommands for RecordingIptables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exec::never;
     use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::{AtomicBool, Ordering};
 

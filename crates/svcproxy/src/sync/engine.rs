@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::proxier::{Finding, Proxier, SyncError, SyncMode, VerifyScope};
 use super::throttle::SyncThrottle;
-use crate::exec::iptables::{Abandon, never};
+use crate::exec::{Abandon, never};
 use crate::health::ProxyHealth;
 use crate::metrics::{ClassLabels, FamilyLabels, Metrics, PolicyLabels, SyncLabels, TableLabels};
 use crate::source::{Delta, SourceEvent};

@@ -38,7 +38,8 @@ use super::proxier::{
 use crate::backends::{Backend, check_mixed, kube_chains};
 use crate::cli::{DetectLocalMode, ProxyMode, RunArgs};
 use crate::exec::generation::RulesetGeneration;
-use crate::exec::iptables::{Abandon, ExecError, IptablesCommands, never};
+use crate::exec::iptables::{ExecError, IptablesCommands};
+use crate::exec::{Abandon, never};
 use crate::node_addresses::{LocalAddresses, NodePortSpec, NodePortSpecError, primary_ip};
 use crate::packet_counters::CountingSwitch;
 use svcproxy_conntrack::Conntrack;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use svcproxy_model::{ClusterState, Intent, IntentChanges, IpFamily};
 
-use crate::exec::iptables::{Abandon, never};
+use crate::exec::{Abandon, never};
 
 /// The outcome of one successful sync.
 #[derive(Debug, Clone, Default, PartialEq)]
