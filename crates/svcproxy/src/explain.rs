@@ -338,7 +338,7 @@ pub fn read_nft_table(family: IpFamily) -> Result<Option<NftRuleset>, LoadError>
     {
         return Ok(table);
     }
-    let Some(text) = SystemNft.list_table(&nft_family.to_string(), NFT_TABLE)? else {
+    let Some(text) = SystemNft.list_table(&nft_family.to_string(), NFT_TABLE, &crate::exec::never)? else {
         return Ok(None);
     };
     Ok(parse_listing(&text)?

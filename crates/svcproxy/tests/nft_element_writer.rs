@@ -7,9 +7,10 @@
 mod common;
 
 use compact_str::{CompactString, format_compact};
+use svcproxy::exec::never;
 use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::{ElementSocket, ElementSocketError, NetlinkElementSocket};
-use svcproxy::exec::nft_table_read::{TableReadError, read_table};
+use svcproxy::exec::nft_table_read::{TableReadError, read_structure, read_table};
 use svcproxy_nftables::{
     Chain, Element, ElementChange, Family, LocalDetector, NodePortAddresses, RenderConfig, Ruleset, Set,
     SetKind, element_changes, full_transaction, parse_listing, render,
@@ -189,6 +190,41 @@ fn read_over_netlink(ns: &NetNs, family: Family, name: &str) -> Result<Option<Ru
     })
 }
 
+/// A read-back given up for a waiting change stops before `nft` lists the table, or between two sets'
+/// elements, and says so; one nobody gives up reads them all.
+#[test]
+fn a_table_read_is_given_up_once_abandoned() {
+    let ns = NetNs::new("elemab").expect("netns");
+    let t = table(Family::Ip, "10.244.0.5", "10.244.0.6");
+    load(&ns, &t);
+    let sets_read = ns.run(|| {
+        let socket = NetlinkElementSocket::new().expect("socket");
+        let listing = read_structure(&SystemNft, &socket, Family::Ip, "writer-test", &|| true);
+        assert!(matches!(listing, Err(TableReadError::Abandoned)), "{listing:?}");
+        let read = |asked_after: usize| {
+            let asked = std::sync::atomic::AtomicUsize::new(0);
+            let abandon = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= asked_after;
+            let structure = read_structure(&SystemNft, &socket, Family::Ip, "writer-test", &never)
+                .unwrap()
+                .expect("table");
+            let read = structure.read_elements(&socket, Some(&t), &abandon);
+            (read, asked.into_inner())
+        };
+        let (first, asked) = read(0);
+        assert!(matches!(first, Err(TableReadError::Abandoned)), "{first:?}");
+        assert_eq!(asked, 1, "given up before the first set");
+        let (second, asked) = read(1);
+        assert!(matches!(second, Err(TableReadError::Abandoned)), "{second:?}");
+        assert_eq!(asked, 2, "given up after one set");
+        let (whole, asked) = read(usize::MAX);
+        whole.map(|(_, same)| (same, asked))
+    });
+    let (same, asked) = sets_read.expect("a read nobody gives up");
+    // Every set holds what `t` says, so each was compared and kept without its elements.
+    assert_eq!(same.len(), t.sets.len(), "{same:?}");
+    assert_eq!(asked, t.sets.len());
+}
+
 #[test]
 fn tables_read_over_netlink_equal_nft_list_table() {
     // Fixture tables in both families.
@@ -289,6 +325,7 @@ fn a_read_during_another_commit_is_refused() {
 }
 
 mod proxier {
+    use svcproxy::exec::Abandon;
     use svcproxy::exec::iptables::ExecError;
     use svcproxy::exec::nft::{NftCommands, RecordingNft, SystemNft};
     use svcproxy::exec::nft_netlink::{ElementSocket, NetlinkElementSocket, RecordingElementSocket};
@@ -426,21 +463,31 @@ mod proxier {
         fn apply(&self, script: &str) -> Result<(), ExecError> {
             SystemNft.apply(script)
         }
-        fn list_table(&self, family: &str, name: &str) -> Result<Option<String>, ExecError> {
+        fn list_table(
+            &self,
+            family: &str,
+            name: &str,
+            abandon: Abandon<'_>,
+        ) -> Result<Option<String>, ExecError> {
             self.listings.lock().unwrap().push("table");
-            SystemNft.list_table(family, name)
+            SystemNft.list_table(family, name, abandon)
         }
         fn list_chain(&self, family: &str, table: &str, chain: &str) -> Result<Option<String>, ExecError> {
             self.listings.lock().unwrap().push("chain");
             SystemNft.list_chain(family, table, chain)
         }
-        fn list_ruleset_terse(&self) -> Result<String, ExecError> {
+        fn list_ruleset_terse(&self, abandon: Abandon<'_>) -> Result<String, ExecError> {
             self.listings.lock().unwrap().push("terse");
-            SystemNft.list_ruleset_terse()
+            SystemNft.list_ruleset_terse(abandon)
         }
-        fn list_table_terse(&self, family: &str, name: &str) -> Result<Option<String>, ExecError> {
+        fn list_table_terse(
+            &self,
+            family: &str,
+            name: &str,
+            abandon: Abandon<'_>,
+        ) -> Result<Option<String>, ExecError> {
             self.listings.lock().unwrap().push("terse table");
-            SystemNft.list_table_terse(family, name)
+            SystemNft.list_table_terse(family, name, abandon)
         }
     }
 

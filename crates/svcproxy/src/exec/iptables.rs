@@ -8,7 +8,9 @@ use svcproxy_iptables::seal::SEAL_CHAIN;
 use svcproxy_model::IpFamily;
 
 use super::Abandon;
+use super::gate::Gate;
 use super::generation::CountingGeneration;
+use super::stoppable_read::read_output;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExecError {
@@ -24,9 +26,6 @@ pub enum ExecError {
     #[error("{program} stopped: its result was no longer wanted")]
     Abandoned { program: String },
 }
-
-/// How often a running `iptables-save` is looked at: whether it has exited, or is no longer wanted.
-const SAVE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The two calls a sync makes. Implementations must be usable from a blocking context.
 pub trait IptablesCommands: Send + Sync {
@@ -173,58 +172,12 @@ impl IptablesCommands for SystemIptables {
             }
         };
         for args in selections {
-            let mut child = Command::new(&self.save)
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| spawn_err(&self.save, e))?;
-            let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
-                unreachable!("both pipes were requested");
-            };
-            // stderr is drained alongside, so a chatty iptables-save cannot block on a full pipe while we read
-            // stdout. A third thread reaps the child when it exits, or stops it once the read is abandoned:
-            // its stdout then ends, which ends the read.
-            let abandoned = std::sync::atomic::AtomicBool::new(false);
-            let (read, errors, status) = std::thread::scope(|scope| {
-                let errors = scope.spawn(move || {
-                    let mut text = Vec::new();
-                    let _ = stderr.read_to_end(&mut text);
-                    text
-                });
-                let abandoned = &abandoned;
-                let waiter = scope.spawn(move || {
-                    loop {
-                        if let Some(status) = child.try_wait()? {
-                            return Ok(status);
-                        }
-                        if abandon() {
-                            abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
-                            let _ = child.kill();
-                            return child.wait();
-                        }
-                        std::thread::sleep(SAVE_POLL);
-                    }
-                });
-                let read = each_line(stdout, &mut line);
-                let status = waiter.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-                (read, errors.join().unwrap_or_default(), status)
-            });
-            if abandoned.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(ExecError::Abandoned {
-                    program: self.save.to_string(),
-                });
-            }
-            let status = status.map_err(|e| spawn_err(&self.save, e))?;
-            if !status.success() {
-                return Err(ExecError::Failed {
-                    program: self.save.to_string(),
-                    status: status.to_string(),
-                    stderr: String::from_utf8_lossy(&errors).trim().to_string(),
-                });
-            }
-            read.map_err(|e| spawn_err(&self.save, e))?;
+            read_output(
+                &self.save,
+                Command::new(&self.save).args(&args),
+                abandon,
+                |stdout| each_line(stdout, &mut line),
+            )?;
         }
         Ok(())
     }
@@ -300,42 +253,6 @@ pub struct RecordingIptables {
     /// While closed, a save is recorded and then waits until it opens, or until the caller abandons it.
     pub save_gate: Gate,
     seals: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
-}
-
-/// A gate a fake's calls wait at while it is closed; open at first. Clones share it.
-#[derive(Debug, Clone, Default)]
-pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
-
-impl Gate {
-    pub fn close(&self) {
-        *self.0.0.lock().unwrap() = true;
-    }
-
-    pub fn open(&self) {
-        *self.0.0.lock().unwrap() = false;
-        self.0.1.notify_all();
-    }
-
-    fn pass(&self) {
-        let (closed, opened) = &*self.0;
-        let mut closed = closed.lock().unwrap();
-        while *closed {
-            closed = opened.wait(closed).unwrap();
-        }
-    }
-
-    /// Waits while closed, as [`Gate::pass`], but gives up once `abandon` says so: false then.
-    fn pass_unless(&self, abandon: Abandon<'_>) -> bool {
-        let (closed, opened) = &*self.0;
-        let mut closed = closed.lock().unwrap();
-        while *closed {
-            if abandon() {
-                return false;
-            }
-            closed = opened.wait_timeout(closed, SAVE_POLL).unwrap().0;
-        }
-        true
-    }
 }
 
 impl RecordingIptables {

@@ -1,5 +1,6 @@
 //! External commands behind small traits, each with a real implementation and a recording fake.
 
+pub mod gate;
 pub mod generation;
 pub mod iptables;
 pub mod kernel_release;
@@ -8,6 +9,7 @@ pub mod nft;
 pub mod nft_netlink;
 pub mod nft_table_read;
 pub mod runner;
+pub mod stoppable_read;
 
 /// Asked now and then while a long read runs: true once its result is no longer wanted (a change is waiting
 /// to be synced, and a read taken before that sync would be stale anyway).

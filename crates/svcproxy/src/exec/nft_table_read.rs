@@ -17,6 +17,7 @@ use thiserror::Error;
 use super::iptables::ExecError;
 use super::nft::NftCommands;
 use super::nft_netlink::{ElementSocket, ElementSocketError};
+use super::{Abandon, never};
 
 #[derive(Debug, Error)]
 pub enum TableReadError {
@@ -29,6 +30,18 @@ pub enum TableReadError {
     /// Another transaction committed between the first request and the last.
     #[error("the ruleset changed while it was read")]
     Moved,
+    /// The caller no longer wanted the read.
+    #[error("the read was given up")]
+    Abandoned,
+}
+
+impl TableReadError {
+    fn of_nft(e: ExecError) -> Self {
+        match e {
+            ExecError::Abandoned { .. } => TableReadError::Abandoned,
+            e => TableReadError::Nft(e),
+        }
+    }
 }
 
 /// The rules and set declarations of a table, read; its elements come next, set by set.
@@ -48,18 +61,19 @@ pub fn read_table(
     family: Family,
     name: &str,
 ) -> Result<Option<Ruleset>, TableReadError> {
-    match read_structure(nft, socket, family, name)? {
-        Some(structure) => Ok(Some(structure.read_elements(socket, None)?.0)),
+    match read_structure(nft, socket, family, name, &never)? {
+        Some(structure) => Ok(Some(structure.read_elements(socket, None, &never)?.0)),
         None => Ok(None),
     }
 }
 
-/// The first half of [`read_table`]: everything but the elements.
+/// The first half of [`read_table`]: everything but the elements. The listing stops once `abandon` says so.
 pub fn read_structure(
     nft: &dyn NftCommands,
     socket: &dyn ElementSocket,
     family: Family,
     name: &str,
+    abandon: Abandon<'_>,
 ) -> Result<Option<TableStructure>, TableReadError> {
     let generation = socket.generation().map_err(TableReadError::Socket)?;
     // Without a census (a socket that cannot dump tables) the ruleset listing, right on nearly every node.
@@ -74,10 +88,10 @@ pub fn read_structure(
         Err(_) => TableListing::Ruleset,
     };
     let text = match listing {
-        TableListing::Ruleset => nft.list_ruleset_terse().map_err(TableReadError::Nft)?,
+        TableListing::Ruleset => nft.list_ruleset_terse(abandon).map_err(TableReadError::of_nft)?,
         TableListing::OwnTable => match nft
-            .list_table_terse(family.keyword(), name)
-            .map_err(TableReadError::Nft)?
+            .list_table_terse(family.keyword(), name, abandon)
+            .map_err(TableReadError::of_nft)?
         {
             Some(text) => text,
             None => return Ok(None),
@@ -99,11 +113,13 @@ impl TableStructure {
     /// The second half of [`read_table`]. Each set is compared with `expected`'s as it is read: one whose
     /// elements and declaration are the same keeps no elements and is named in the second part of the
     /// result, so a read-back never holds a second copy of all 50,000 elements of a 5,000-service table
-    /// (compare with [`svcproxy_nftables::partial_transaction_given`]).
+    /// (compare with [`svcproxy_nftables::partial_transaction_given`]). Given up between two sets once
+    /// `abandon` says so.
     pub fn read_elements(
         self,
         socket: &dyn ElementSocket,
         expected: Option<&Ruleset>,
+        abandon: Abandon<'_>,
     ) -> Result<(Ruleset, BTreeSet<String>), TableReadError> {
         let TableStructure {
             mut table,
@@ -114,6 +130,9 @@ impl TableStructure {
         for (set_name, set) in table.sets.iter_mut() {
             if set.is_dynamic() {
                 continue;
+            }
+            if abandon() {
+                return Err(TableReadError::Abandoned);
             }
             let wanted = expected
                 .and_then(|e| e.sets.get(set_name))

@@ -115,11 +115,15 @@ pub struct Engine<P: Proxier> {
     /// for one sync, which it then covers too (a full read at 5,000 services takes 1–2 s, and a change that
     /// came in during a full sync would otherwise wait for it).
     check_after_sync: bool,
-    /// A periodic read-back was given up for a change: it runs once that change is synced.
+    /// A periodic read-back was given up for a change: it runs once changes pause.
     verify_due: bool,
-    /// Read-backs given up in a row for changes waiting: past [`ABANDONED_READS`] one is let finish, so a
-    /// steady stream of changes cannot put reading back off for good.
-    abandoned_reads: u32,
+    /// Since when read-backs have been given up for changes: once [`READ_PUT_OFF_MOST`] has passed, one is
+    /// let finish, so a steady stream of changes cannot put reading back off for good.
+    reads_put_off_since: Option<Instant>,
+    /// When a read-back given up for a change is done again: each change that comes first pushes it on by
+    /// [`READ_QUIET`] (changes come in bursts, and a read restarted between two of them is only given up
+    /// again), up to [`READ_PUT_OFF_MOST`] after the first was given up.
+    reads_resume_at: Option<Instant>,
     throttle: SyncThrottle,
     status: watch::Sender<EngineStatus>,
 }
@@ -233,7 +237,8 @@ impl<P: Proxier> Engine<P> {
             last_full: None,
             check_after_sync: false,
             verify_due: false,
-            abandoned_reads: 0,
+            reads_put_off_since: None,
+            reads_resume_at: None,
             throttle,
             status: watch::Sender::new(EngineStatus::default()),
         }
@@ -506,6 +511,12 @@ impl<P: Proxier> Engine<P> {
                     None => std::future::pending().await,
                 }
             };
+            let resume_at = self.reads_resume_at;
+            let reads_resume = async {
+                if let Some(at) = resume_at {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+            };
             // Biased: a due sync runs before a read-back, so checks can never starve syncs.
             tokio::select! {
                 biased;
@@ -513,6 +524,7 @@ impl<P: Proxier> Engine<P> {
                 _ = sleep => self.sync_once(&|| !events.is_empty()),
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
+                    self.put_reads_off();
                     if self.apply(ev) {
                         self.dirty = true;
                         // As upstream, nothing counts as waiting before the initial lists are complete: a slow
@@ -523,26 +535,44 @@ impl<P: Proxier> Engine<P> {
                         self.metrics.last_queued_timestamp.get_or_create(&self.family_labels()).set(unix_now());
                     }
                 }
-                () = std::future::ready(()), if self.check_after_sync && !self.sync_pending() => {
-                    self.check_after_sync = false;
-                    self.check(Check::AfterSync, &|| !events.is_empty());
+                () = reads_resume, if (self.check_after_sync || self.verify_due) && !self.sync_pending() => {
+                    let check = if std::mem::take(&mut self.check_after_sync) {
+                        Check::AfterSync
+                    } else {
+                        self.verify_due = false;
+                        Check::Verify
+                    };
+                    self.check(check, &|| !events.is_empty());
                 }
-                () = std::future::ready(()), if self.verify_due && !self.sync_pending() => {
-                    self.verify_due = false;
-                    self.check(Check::Verify, &|| !events.is_empty());
+                _ = tick(&mut verify_tick) => {
+                    // A read given up for changes already waits for them to pause.
+                    if self.reads_resume_at.is_some() {
+                        self.verify_due = true;
+                    } else {
+                        self.check(Check::Verify, &|| !events.is_empty());
+                    }
                 }
-                _ = tick(&mut verify_tick) => self.check(Check::Verify, &|| !events.is_empty()),
                 _ = tick(&mut canary_tick) => self.check(Check::Canary, &never),
             }
         }
         self.proxier
     }
 
-    /// Runs `check`. A whole read-back takes 1–2 s at 5,000 Services in iptables mode, and a change arriving
-    /// meanwhile would wait for it: once `waiting` says a change is, the read is given up, the change synced,
-    /// and the read done after it (it then covers what that sync wrote too).
+    /// A change arrived: a read-back given up for changes waits until they pause.
+    fn put_reads_off(&mut self) {
+        if let (Some(at), Some(since)) = (&mut self.reads_resume_at, self.reads_put_off_since) {
+            *at = (Instant::now() + READ_QUIET).min(since + READ_PUT_OFF_MOST);
+        }
+    }
+
+    /// Runs `check`. A whole read-back takes 1–2 s at 5,000 Services in iptables mode (0.5 s in nftables
+    /// mode), and a change arriving meanwhile would wait for it: once `waiting` says a change is, the read
+    /// is given up, the change synced, and the read done once changes pause (it then covers what their syncs
+    /// wrote too).
     fn check(&mut self, check: Check, waiting: Abandon<'_>) {
         if !self.initialized || self.consecutive_failures > 0 || self.status.borrow().applied.is_none() {
+            self.reads_put_off_since = None;
+            self.reads_resume_at = None;
             return;
         }
         // With a sync pending, reading back would only find what it is about to rewrite (and could wait on a
@@ -550,10 +580,9 @@ impl<P: Proxier> Engine<P> {
         if self.sync_pending() && !matches!(check, Check::AfterSync) {
             return;
         }
-        let abandon = if self.abandoned_reads < ABANDONED_READS {
-            waiting
-        } else {
-            &never
+        let abandon = match self.reads_put_off_since {
+            Some(since) if since.elapsed() >= READ_PUT_OFF_MOST => &never,
+            _ => waiting,
         };
         let proxier = &mut self.proxier;
         let result = tokio::task::block_in_place(|| match check {
@@ -563,14 +592,17 @@ impl<P: Proxier> Engine<P> {
         });
         match result {
             Ok(findings) => {
-                self.abandoned_reads = 0;
+                self.reads_put_off_since = None;
+                self.reads_resume_at = None;
                 self.on_findings(check, findings);
             }
             Err(SyncError::Abandoned) => {
-                self.abandoned_reads += 1;
+                let now = Instant::now();
+                let since = *self.reads_put_off_since.get_or_insert(now);
+                self.reads_resume_at = Some((now + READ_QUIET).min(since + READ_PUT_OFF_MOST));
                 tracing::debug!(
                     check = check.name(),
-                    "read-back given up for a change waiting to be synced; it follows the sync"
+                    "read-back given up for a change waiting to be synced; it follows once changes pause"
                 );
                 match check {
                     Check::AfterSync => self.check_after_sync = true,
@@ -579,7 +611,11 @@ impl<P: Proxier> Engine<P> {
                 }
                 return;
             }
-            Err(e) => tracing::warn!("read-back failed: {e}"),
+            Err(e) => {
+                self.reads_put_off_since = None;
+                self.reads_resume_at = None;
+                tracing::warn!("read-back failed: {e}");
+            }
         }
         if matches!(check, Check::Verify) {
             self.check_hazards();
@@ -808,8 +844,9 @@ impl<P: Proxier> Engine<P> {
                     s.wanted = None;
                 });
                 if self.config.verify_after_sync && report.payload_lines > 0 {
-                    if self.check_after_sync {
-                        // It waited for this sync already: it reads back what both wrote, now.
+                    if self.check_after_sync && self.reads_resume_at.is_none() {
+                        // It waited for this sync already: it reads back what both wrote, now (unless it was
+                        // given up for changes, and waits for them to pause).
                         self.check_after_sync = false;
                         self.check(Check::AfterSync, waiting);
                     } else {
@@ -886,8 +923,11 @@ impl<P: Proxier> Engine<P> {
 const FIGHT_WINDOW: Duration = Duration::from_secs(300);
 /// This many repairs within the window means someone else keeps changing our rules.
 const FIGHT_REPAIRS: usize = 3;
-/// Read-backs given up in a row before one is let finish whatever is waiting.
-const ABANDONED_READS: u32 = 3;
+/// A read-back given up for a change is done again once no change has come for this long: about as long as a
+/// whole read takes at 5,000 Services, and upstream's default `--min-sync-period`.
+const READ_QUIET: Duration = Duration::from_secs(1);
+/// Read-backs are given up for changes for at most this long; then one is let finish whatever waits.
+const READ_PUT_OFF_MOST: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy)]
 enum Check {

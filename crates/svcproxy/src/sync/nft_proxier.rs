@@ -34,13 +34,13 @@ use super::intent_cache::IntentCache;
 use super::iptables_proxier::ProxierOptions;
 use super::other_proxies::OtherProxies;
 use super::proxier::{ConntrackRun, Finding, Proxier, SyncError, SyncMode, SyncReport, VerifyScope};
-use crate::exec::Abandon;
 use crate::exec::generation::RulesetGeneration;
 use crate::exec::iptables::ExecError;
 use crate::exec::kernel_release::KernelRelease;
 use crate::exec::nft::NftCommands;
 use crate::exec::nft_netlink::{ElementSocket, ElementSocketError};
 use crate::exec::nft_table_read::{TableReadError, TableStructure, read_structure};
+use crate::exec::{Abandon, never};
 use crate::node_addresses::LocalAddresses;
 
 /// Services per transaction on a cold sync: keeps each transaction (and the kernel's nftables lock) short.
@@ -316,8 +316,8 @@ impl NftProxier {
     /// Our table as the kernel holds it, in two steps: its rules and set declarations now, its elements when
     /// [`Self::complete`] compares them with what they should be. Through the netlink socket when there is
     /// one (the terse listing, then our own element reads); with `nft list table` otherwise, or when that
-    /// read fails.
-    fn read_kernel(&self) -> Result<KernelTable, SyncError> {
+    /// read fails. Given up, by stopping `nft`, once `abandon` says so.
+    fn read_kernel(&self, abandon: Abandon<'_>) -> Result<KernelTable, SyncError> {
         if let Some(socket) = &self.elements {
             let (_, name) = self.table();
             match read_structure(
@@ -325,13 +325,15 @@ impl NftProxier {
                 socket.as_ref(),
                 family(self.intent_config.family),
                 name,
+                abandon,
             ) {
                 Ok(Some(structure)) => return Ok(KernelTable::Structure(structure)),
                 Ok(None) => return Ok(KernelTable::Missing),
+                Err(TableReadError::Abandoned) => return Err(SyncError::Abandoned),
                 Err(e) => self.fell_back(&e),
             }
         }
-        Ok(match self.read_back_listing()? {
+        Ok(match self.read_back_listing(abandon)? {
             Some(table) => KernelTable::Whole(table),
             None => KernelTable::Missing,
         })
@@ -349,40 +351,48 @@ impl NftProxier {
     }
 
     /// The kernel's table and the sets in it found to hold exactly `expected`'s elements (kept without
-    /// them), for [`partial_transaction_given`]; `None` when there is no table.
-    fn complete(&self, kernel: KernelTable, expected: &Ruleset) -> Result<Option<ReadBack>, SyncError> {
+    /// them), for [`partial_transaction_given`]; `None` when there is no table. Given up between two sets'
+    /// elements once `abandon` says so.
+    fn complete(
+        &self,
+        kernel: KernelTable,
+        expected: &Ruleset,
+        abandon: Abandon<'_>,
+    ) -> Result<Option<ReadBack>, SyncError> {
         match kernel {
             KernelTable::Missing => Ok(None),
             KernelTable::Whole(table) => Ok(Some((table, BTreeSet::new()))),
             KernelTable::Structure(structure) => {
                 if let Some(socket) = &self.elements {
-                    match structure.read_elements(socket.as_ref(), Some(expected)) {
+                    match structure.read_elements(socket.as_ref(), Some(expected), abandon) {
                         Ok(read) => return Ok(Some(read)),
+                        Err(TableReadError::Abandoned) => return Err(SyncError::Abandoned),
                         // Another transaction committed meanwhile: at start, the other family's engine
                         // writing its table. Once more the fast way before the slow one.
-                        Err(TableReadError::Moved) => match self.read_kernel()? {
+                        Err(TableReadError::Moved) => match self.read_kernel(abandon)? {
                             KernelTable::Structure(again) => {
-                                match again.read_elements(socket.as_ref(), Some(expected)) {
+                                match again.read_elements(socket.as_ref(), Some(expected), abandon) {
                                     Ok(read) => return Ok(Some(read)),
+                                    Err(TableReadError::Abandoned) => return Err(SyncError::Abandoned),
                                     Err(e) => self.fell_back(&e),
                                 }
                             }
-                            other => return self.complete(other, expected),
+                            other => return self.complete(other, expected, abandon),
                         },
                         Err(e) => self.fell_back(&e),
                     }
                 }
-                Ok(self.read_back_listing()?.map(|t| (t, BTreeSet::new())))
+                Ok(self.read_back_listing(abandon)?.map(|t| (t, BTreeSet::new())))
             }
         }
     }
 
-    fn read_back_listing(&self) -> Result<Option<Ruleset>, SyncError> {
+    fn read_back_listing(&self, abandon: Abandon<'_>) -> Result<Option<Ruleset>, SyncError> {
         let (fam, name) = self.table();
-        let Some(text) = self
-            .cmds
-            .list_table(&fam, name)
-            .map_err(|e| SyncError::ReadBack(e.to_string()))?
+        let Some(text) = self.cmds.list_table(&fam, name, abandon).map_err(|e| match e {
+            ExecError::Abandoned { .. } => SyncError::Abandoned,
+            e => SyncError::ReadBack(e.to_string()),
+        })?
         else {
             return Ok(None);
         };
@@ -582,7 +592,7 @@ impl Proxier for NftProxier {
         // A full sync compares with the kernel's table unless it rebuilds, or follows a table it applied.
         let current = match (&self.applied, mode) {
             (Some(_), SyncMode::Partial) | (_, SyncMode::Rebuild) => None,
-            _ => Some(self.read_kernel()?),
+            _ => Some(self.read_kernel(&never)?),
         };
         // Policy chains keep their endpoint-map slots: those of the table we applied, else those the kernel's
         // copy holds, so a restart onto the right table renders it exactly and writes nothing.
@@ -609,7 +619,7 @@ impl Proxier for NftProxier {
                 Box::new(std::iter::once(text))
             }
             _ => match current
-                .map(|k| self.complete(k, &next.ruleset))
+                .map(|k| self.complete(k, &next.ruleset, &never))
                 .transpose()?
                 .flatten()
             {
@@ -675,10 +685,9 @@ impl Proxier for NftProxier {
         })
     }
 
-    /// The read (0.5 s at 5,000 Services) runs to its end. Giving up between two sets' elements was tried:
-    /// the table listing before them cannot be stopped, and with changes arriving one after another each
-    /// paid for it (382 ms a change instead of 3 ms at 5,000 Services).
-    fn verify_unless(&mut self, scope: VerifyScope, _: Abandon<'_>) -> Result<Vec<Finding>, SyncError> {
+    /// The read (0.5 s at 5,000 Services) is given up while `nft` lists the table (it is killed) or between
+    /// two sets' elements.
+    fn verify_unless(&mut self, scope: VerifyScope, abandon: Abandon<'_>) -> Result<Vec<Finding>, SyncError> {
         let Some((table, _)) = &self.applied else {
             return Ok(Vec::new());
         };
@@ -695,8 +704,17 @@ impl Proxier for NftProxier {
         }
         self.verified = None;
         let before = self.generation_now();
-        let kernel = self.read_kernel()?;
-        let mut read_back = self.complete(kernel, expected)?;
+        let read = self
+            .read_kernel(abandon)
+            .and_then(|kernel| self.complete(kernel, expected, abandon));
+        let mut read_back = match read {
+            Ok(read) => read,
+            Err(e) => {
+                // What the read was to cover is still to be covered, by the read that replaces it.
+                self.last_sync_full |= wrote_in_full;
+                return Err(e);
+            }
+        };
         // Chains flushed and waiting to be deleted are not a difference.
         if let (Some(deferred), Some((table, _))) = (&self.deferred, &mut read_back) {
             deferred.hide_from(table);
