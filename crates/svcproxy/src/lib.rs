@@ -27,6 +27,7 @@ pub mod oom_score;
 pub mod packet_counters;
 pub mod process_metrics;
 pub mod removal_order;
+pub mod served_frontends;
 pub mod service_health;
 pub mod source;
 pub mod status;

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
@@ -17,7 +18,7 @@ use svcproxy::exec::nft::SystemNft;
 use svcproxy::exec::nft_netlink::NetlinkElementSocket;
 use svcproxy::exec::runner::SystemRunner;
 use svcproxy::families;
-use svcproxy::hand_back::{StepAside, step_aside};
+use svcproxy::hand_back::{Served, StepAside, step_aside_once_served};
 use svcproxy::health::ProxyHealth;
 use svcproxy::http_server::{self, AppState};
 use svcproxy::metrics::Metrics;
@@ -25,6 +26,7 @@ use svcproxy::node_addresses::{NodePortSpec, SystemAddresses};
 use svcproxy::oom_score::{OWN_OOM_SCORE_ADJ, OomScoreApplied, set_oom_score_adj};
 use svcproxy::packet_counters::CountingSwitch;
 use svcproxy::removal_order::RemovalOrder;
+use svcproxy::served_frontends::cluster_frontends;
 use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, family_split, manifest_dir::ManifestDir};
 use svcproxy::sync::commit_ledger::CommitLedger;
@@ -558,8 +560,10 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
     let families: Vec<IpFamily> = proxiers.iter().map(|p| p.family()).collect();
     let removal_order = RemovalOrder::default();
     let mut engines = Vec::new();
+    let mut statuses = Vec::new();
     for (i, (proxier, input)) in proxiers.into_iter().zip(inputs).enumerate() {
         let engine = Engine::new(proxier, config.clone(), health.clone(), metrics.clone());
+        statuses.push((families[i], engine.status()));
         // The debug endpoints read and render IPv4 rules, whichever family is primary.
         if families[i] == IpFamily::V4 {
             debug.attach(engine.status());
@@ -616,19 +620,41 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
         }
         Some(None) if args.proxy_mode == ProxyMode::Nftables => {
             removal_order.stop().await;
-            hand_back_table(&families).await;
+            // What each engine last programmed: the Services the other proxy must serve before our table goes.
+            let served = statuses
+                .iter()
+                .map(|(family, status)| {
+                    let ours = status
+                        .borrow()
+                        .applied
+                        .as_deref()
+                        .map(cluster_frontends)
+                        .unwrap_or_default();
+                    (*family, ours)
+                })
+                .collect();
+            hand_back_table(served).await;
         }
         _ => {}
     }
     Ok(())
 }
 
+/// How long a hand-back waits for another proxy's rules to serve every Service ours did: a kube-proxy put
+/// back moments before may still be writing its first sync. Well inside a pod's default 30 s grace period.
+const HAND_BACK_PATIENCE: Duration = Duration::from_secs(10);
+
 /// On the way out in nftables mode, our table goes where another proxy already serves the node, and stays
 /// everywhere else (see [`svcproxy::hand_back`]).
-async fn hand_back_table(families: &[IpFamily]) {
-    let families = families.to_vec();
+async fn hand_back_table(families: Vec<Served>) {
     let outcomes = tokio::task::spawn_blocking(move || {
-        step_aside(&SystemRunner, &families, svcproxy_nftables::config::TABLE_NAME)
+        step_aside_once_served(
+            &SystemRunner,
+            &families,
+            svcproxy_nftables::config::TABLE_NAME,
+            HAND_BACK_PATIENCE,
+            Duration::from_secs(1),
+        )
     })
     .await
     .unwrap_or_default();
@@ -638,6 +664,19 @@ async fn hand_back_table(families: &[IpFamily]) {
             StepAside::Removed { table, found } => tracing::info!(
                 "handed the node back: removed our table {table}, because another proxy's rules are in place \
                  and decide Service traffic ({found})"
+            ),
+            StepAside::Unserved {
+                table,
+                found,
+                unserved,
+                count,
+            } => tracing::warn!(
+                "kept our table {table}, so our Services keep working: another proxy's rules are in place \
+                 ({found}) but after {}s they still do not serve {count} of them, e.g. {} (leftovers nobody \
+                 keeps up, or a proxy that has not synced); once the other proxy serves every Service, \
+                 `nft delete table {table}`",
+                HAND_BACK_PATIENCE.as_secs(),
+                unserved.join(", ")
             ),
             StepAside::Failed { table, error } => tracing::warn!(
                 "another proxy's rules are in place, but our table {table} could not be removed: {error}"

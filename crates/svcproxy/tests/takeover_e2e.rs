@@ -429,6 +429,41 @@ fn stopping_once_kube_proxy_is_back_removes_our_table(kube_proxy_back: impl Fn(&
     assert!(seen.keys().all(|k| k.starts_with("web")), "{seen:?}");
 }
 
+/// Stopped next to kube-proxy rules that do not serve every Service svcproxy served (leftovers of an older
+/// cluster, or a kube-proxy still writing its first sync; here upstream's rules without the web Service),
+/// svcproxy keeps its table and says what the other rules lack: handing the web Service to rules that do not
+/// know it would leave it with nothing.
+#[test]
+fn stopping_next_to_rules_that_lack_a_service_keeps_our_table() {
+    let node = Node::new();
+    node.load_upstream_iptables();
+    let mut proxy = node.take_over(&["--proxy-mode", "nftables"], |n| {
+        kube_proxy_chains(n.ns()).is_empty()
+    });
+    let without_web: String = loadable(&data("upstream-v1.31.14-iptables/clusterip-basic.txt"))
+        .lines()
+        .filter(|l| !(l.starts_with("-A KUBE-SERVICES ") && l.contains("ref-clusterip/web:")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    node.load(&["iptables-restore", "--noflush"], &without_web);
+    assert!(node.without_a_gap(|| proxy.terminate()), "{}", proxy.log());
+    assert!(
+        node.nft_tables().contains("table ip svcproxy"),
+        "{}",
+        node.nft_tables()
+    );
+    let log = proxy.log();
+    assert!(log.contains("kept our table ip svcproxy"), "{log}");
+    assert!(
+        log.contains("ref-clusterip/web:http (10.96.1.20:80/tcp)"),
+        "{log}"
+    );
+    assert!(!log.contains("handed the node back"), "{log}");
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let seen = svcproxy_testkit::spread(node.client.ns(), vip, 20);
+    assert!(seen.keys().all(|k| k.starts_with("web")), "{seen:?}");
+}
+
 /// Stopped while it takes a node over from upstream's iptables mode (SIGTERM right after its first syncs,
 /// while upstream's chains are being removed, as in a rollout that moves on quickly): the node keeps exactly
 /// one working set of rules, ours or upstream's. The hand-back on SIGTERM once took the chains being removed
