@@ -4,11 +4,11 @@ use std::sync::{Arc, Mutex};
 
 use std::process::Command;
 
-use super::Abandon;
 use super::gate::Gate;
 use super::iptables::ExecError;
 use super::runner::{Runner, SystemRunner};
 use super::stoppable_read::read_text;
+use super::{Abandon, never};
 
 pub trait NftCommands: Send + Sync {
     /// `nft -f -`: one atomic transaction.
@@ -58,11 +58,7 @@ impl NftCommands for SystemNft {
     }
 
     fn list_chain(&self, family: &str, table: &str, chain: &str) -> Result<Option<String>, ExecError> {
-        match SystemRunner.run("nft", &["list", "chain", family, table, chain], None) {
-            Ok(text) => Ok(Some(text)),
-            Err(e) if missing(&e) => Ok(None),
-            Err(e) => Err(e),
-        }
+        listing(&["list", "chain", family, table, chain], &never)
     }
 
     fn list_ruleset_terse(&self, abandon: Abandon<'_>) -> Result<String, ExecError> {
