@@ -100,6 +100,7 @@ pub struct Metrics {
     pub health_check_bind_failures: Counter,
     pub sync_failures: Family<ClassLabels, Counter>,
     pub verifications: Family<FamilyLabels, Counter>,
+    pub read_backs_given_up: Family<FamilyLabels, Counter>,
     pub divergences: Family<ClassLabels, Counter>,
     pub repairs: Family<FamilyLabels, Counter>,
     pub conntrack_duration: Family<FamilyLabels, Histogram, fn() -> Histogram>,
@@ -149,6 +150,7 @@ impl Metrics {
             health_check_bind_failures: Counter::default(),
             sync_failures: Family::default(),
             verifications: Family::default(),
+            read_backs_given_up: Family::default(),
             divergences: Family::default(),
             repairs: Family::default(),
             conntrack_duration: Family::new_with_constructor(sync_histogram as fn() -> Histogram),
@@ -310,6 +312,11 @@ impl Metrics {
                 "verifications",
                 "Checks of the kernel against what was written: read-backs, and periodic ones the unmoved nf_tables generation showed nothing could have changed for",
                 m.verifications.clone(),
+            );
+            own.register(
+                "read_backs_given_up",
+                "Read-backs stopped for a change waiting to be synced; each is done again once changes pause",
+                m.read_backs_given_up.clone(),
             );
             own.register(
                 "divergences",

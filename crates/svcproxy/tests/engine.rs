@@ -530,11 +530,12 @@ async fn an_nftables_read_back_gives_way_to_changes_and_follows_once_they_pause(
         canary_period: None,
         ..Default::default()
     };
+    let metrics = Arc::new(Metrics::new());
     let engine = Engine::new(
         nft_proxier(&nft),
         config,
         Arc::new(ProxyHealth::new(Duration::from_secs(60))),
-        Arc::new(Metrics::new()),
+        metrics.clone(),
     );
     let (tx, rx) = mpsc::channel(16);
     for event in [
@@ -603,6 +604,12 @@ async fn an_nftables_read_back_gives_way_to_changes_and_follows_once_they_pause(
     until("the read-back follows once the changes pause", &|| {
         listings() > given_up
     });
+    let text = metrics.encode();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("svcproxy_read_backs_given_up_total{") && l.ends_with(" 1")),
+        "{text}"
+    );
 }
 
 /// The proxier's side of the same: in nftables mode a partial sync between a full one and its read-back

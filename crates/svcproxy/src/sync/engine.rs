@@ -597,6 +597,10 @@ impl<P: Proxier> Engine<P> {
                 self.on_findings(check, findings);
             }
             Err(SyncError::Abandoned) => {
+                self.metrics
+                    .read_backs_given_up
+                    .get_or_create(&self.family_labels())
+                    .inc();
                 let now = Instant::now();
                 let since = *self.reads_put_off_since.get_or_insert(now);
                 self.reads_resume_at = Some((now + READ_QUIET).min(since + READ_PUT_OFF_MOST));
