@@ -142,7 +142,7 @@ mod tests {
     /// The one Service we served: kube-dns's UDP port.
     fn ours() -> BTreeMap<Frontend, String> {
         let frontend = Frontend {
-            ip: "10.96.0.10".parse().unwrap(),
+            ip: Some("10.96.0.10".parse().unwrap()),
             protocol: svcproxy_model::Protocol::Udp,
             port: 53,
         };

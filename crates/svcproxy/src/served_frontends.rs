@@ -1,4 +1,4 @@
-//! Which Service frontends (cluster IP, protocol, port) another proxy's rules on the node serve. svcproxy in
+//! Which Service frontends (cluster IP or node port, protocol, port) another proxy's rules on the node serve. svcproxy in
 //! nftables mode hands the node back on the way out by deleting its table where another proxy's rules are in
 //! place; rules that are there are not necessarily rules that are kept up (leftovers of a kube-proxy that
 //! stopped long ago, or one that has not synced since it came back), and handing a Service over to rules that
@@ -14,44 +14,65 @@ use svcproxy_nftables::{Family, parse_listing};
 
 use crate::exec::runner::Runner;
 
-/// Where a Service is addressed inside the cluster.
+/// Where a Service is addressed: its cluster IP (`ip`), or with no address its node port, on every node
+/// address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    pub ip: IpAddr,
+    pub ip: Option<IpAddr>,
     pub protocol: Protocol,
     pub port: u16,
 }
 
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let addr = std::net::SocketAddr::new(self.ip, self.port);
-        write!(f, "{addr}/{}", self.protocol.lower())
+        match self.ip {
+            Some(ip) => write!(f, "{}", std::net::SocketAddr::new(ip, self.port))?,
+            None => write!(f, "node port {}", self.port)?,
+        }
+        write!(f, "/{}", self.protocol.lower())
     }
 }
 
-/// The cluster-IP frontends of `intent`, each with its service port's name (`ns/svc:port`).
+/// The cluster-IP and node-port frontends of `intent`, each with its service port's name (`ns/svc:port`).
 pub fn cluster_frontends(intent: &Intent) -> BTreeMap<Frontend, String> {
-    intent
-        .service_ports
-        .values()
-        .map(|spi| {
-            let frontend = Frontend {
-                ip: spi.cluster_ip,
-                protocol: spi.name.protocol,
-                port: spi.port,
-            };
-            (frontend, spi.name.to_string())
-        })
-        .collect()
+    let mut frontends = BTreeMap::new();
+    for spi in intent.service_ports.values() {
+        let (protocol, name) = (spi.name.protocol, spi.name.to_string());
+        let node_port = spi.node_port.map(|port| Frontend {
+            ip: None,
+            protocol,
+            port,
+        });
+        let cluster_ip = Frontend {
+            ip: Some(spi.cluster_ip),
+            protocol,
+            port: spi.port,
+        };
+        for frontend in std::iter::once(cluster_ip).chain(node_port) {
+            frontends.insert(frontend, name.clone());
+        }
+    }
+    frontends
 }
 
-/// Upstream's nftables table, and its two maps that every cluster IP is in: one for Services with endpoints,
-/// one (reject or drop) for those without.
+/// Upstream's nftables table, and its maps that every cluster IP and node port is in: one for Services with
+/// endpoints, one (reject or drop) for those without.
 const UPSTREAM_TABLE: &str = "kube-proxy";
-const UPSTREAM_MAPS: [&str; 2] = ["service-ips", "no-endpoint-services"];
-/// The chain every kube-proxy version's iptables mode matches cluster IPs in: in nat for Services with
-/// endpoints, in filter (reject) for those without.
-const KUBE_SERVICES: &str = "KUBE-SERVICES";
+const UPSTREAM_MAPS: [&str; 4] = [
+    "service-ips",
+    "no-endpoint-services",
+    "service-nodeports",
+    "no-endpoint-nodeports",
+];
+/// The chains every kube-proxy version's iptables mode matches Services in: cluster IPs in nat
+/// `KUBE-SERVICES` with endpoints, in filter `KUBE-SERVICES` (reject) without; node ports in nat
+/// `KUBE-NODEPORTS` with endpoints, in filter `KUBE-EXTERNAL-SERVICES` without.
+const SERVICE_CHAINS: [(&str, &str); 4] = [
+    ("nat", "KUBE-SERVICES"),
+    ("filter", "KUBE-SERVICES"),
+    ("nat", "KUBE-NODEPORTS"),
+    ("filter", "KUBE-EXTERNAL-SERVICES"),
+];
 
 /// The frontends other proxies' rules in `family` serve: the elements of upstream's nftables maps, and the
 /// destinations matched in nat and filter `KUBE-SERVICES` of either iptables backend. A program that is not
@@ -82,33 +103,39 @@ pub fn served_by_others(runner: &dyn Runner, family: IpFamily) -> BTreeSet<Front
         let Ok(saved) = parse_save(&dump) else {
             continue;
         };
-        for table in ["nat", "filter"] {
+        for (table, chain) in SERVICE_CHAINS {
             if let Some(t) = saved.table(table) {
-                served.extend(
-                    t.rules_of(KUBE_SERVICES)
-                        .filter_map(|r| frontend_of_rule(&r.args)),
-                );
+                served.extend(t.rules_of(chain).filter_map(|r| frontend_of_rule(&r.args)));
             }
         }
     }
     served
 }
 
-/// `10.96.0.10 . udp . 53`, as `nft` lists a key of upstream's maps.
+/// `10.96.0.10 . udp . 53` or `tcp . 30080`, as `nft` lists a key of upstream's maps.
 fn frontend_of_element(key: &str) -> Option<Frontend> {
-    let mut parts = key.split(" . ").map(str::trim);
-    let ip = parts.next()?.parse().ok()?;
-    let protocol = protocol(parts.next()?)?;
-    let port = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some(Frontend { ip, protocol, port })
+    let parts: Vec<&str> = key.split(" . ").map(str::trim).collect();
+    let (ip, protocol_text, port) = match parts[..] {
+        [ip, protocol, port] => (Some(ip.parse().ok()?), protocol, port),
+        [protocol, port] => (None, protocol, port),
+        _ => return None,
+    };
+    Some(Frontend {
+        ip,
+        protocol: protocol(protocol_text)?,
+        port: port.parse().ok()?,
+    })
 }
 
-/// The destination a `KUBE-SERVICES` rule matches: `-d IP/32 -p udp … --dport 53`, none negated.
+/// The destination a Service rule matches: `-d IP/32 -p udp … --dport 53`, or without `-d` a node port;
+/// none negated.
 fn frontend_of_rule(args: &[String]) -> Option<Frontend> {
     let (mut ip, mut proto, mut port) = (None, None, None);
     for (at, pair) in args.windows(2).enumerate() {
         let negated = at > 0 && args[at - 1] == "!";
         match (pair[0].as_str(), negated) {
+            // Matching everything but one destination or port is no Service's frontend.
+            ("-d" | "-p" | "--dport", true) => return None,
             ("-d", false) => {
                 let (addr, prefix) = pair[1].split_once('/').unwrap_or((&pair[1], ""));
                 let addr: IpAddr = addr.parse().ok()?;
@@ -125,7 +152,7 @@ fn frontend_of_rule(args: &[String]) -> Option<Frontend> {
         }
     }
     Some(Frontend {
-        ip: ip?,
+        ip,
         protocol: proto?,
         port: port?,
     })
@@ -144,54 +171,85 @@ fn protocol(text: &str) -> Option<Protocol> {
 mod tests {
     use super::*;
     use crate::exec::runner::RecordingRunner;
+    use svcproxy_testkit::fixtures::intent_of;
+    use svcproxy_testkit::fixtures::scenario::scenario_state;
 
-    /// What upstream v1.31.14 wrote for the same scenario in each of its modes.
+    /// A scenario with every kind of Service, and what upstream v1.31.14 wrote for it in each of its modes.
+    const SCENARIO: &str = include_str!("../../iptables/tests/data/scenarios/all-in-one.yaml");
     const UPSTREAM_IPTABLES: &str =
-        include_str!("../../iptables/tests/data/upstream-v1.31.14-iptables/clusterip-basic.txt");
+        include_str!("../../iptables/tests/data/upstream-v1.31.14-iptables/all-in-one.txt");
     const UPSTREAM_NFTABLES: &str =
-        include_str!("../tests/data/kube-proxy-v1.31.14-nftables-clusterip-basic.nft");
+        include_str!("../../nftables/tests/data/upstream-v1.31.14-nftables/all-in-one.txt");
 
     fn frontend(text: &str) -> Frontend {
         let (addr, protocol) = text.split_once('/').unwrap();
-        let addr: std::net::SocketAddr = addr.parse().unwrap();
-        Frontend {
-            ip: addr.ip(),
-            protocol: super::protocol(protocol).unwrap(),
-            port: addr.port(),
+        let protocol = super::protocol(protocol).unwrap();
+        match addr.strip_prefix("node port ") {
+            Some(port) => Frontend {
+                ip: None,
+                protocol,
+                port: port.parse().unwrap(),
+            },
+            None => {
+                let addr: std::net::SocketAddr = addr.parse().unwrap();
+                Frontend {
+                    ip: Some(addr.ip()),
+                    protocol,
+                    port: addr.port(),
+                }
+            }
         }
     }
 
-    fn runner_without_anything() -> RecordingRunner {
+    fn upstream_iptables() -> RecordingRunner {
         let r = RecordingRunner::default();
         r.answer("nft list table", Err(RecordingRunner::absent()));
-        r.answer("iptables-nft-save", Err(RecordingRunner::absent()));
-        r.answer("iptables-legacy-save", Err(RecordingRunner::absent()));
+        r.answer("iptables-nft-save", Ok(UPSTREAM_IPTABLES.into()));
+        r.answer("iptables-legacy-save", Ok(String::new()));
         r
     }
 
+    fn upstream_nftables() -> RecordingRunner {
+        let r = RecordingRunner::default();
+        r.answer("nft list table ip kube-proxy", Ok(UPSTREAM_NFTABLES.into()));
+        r.answer("iptables-", Err(RecordingRunner::absent()));
+        r
+    }
+
+    /// Upstream synced on the same objects serves every Service svcproxy would ask it to, in either mode, so a
+    /// hand-back to it is never held up by a difference of spelling.
     #[test]
-    fn upstreams_two_modes_serve_the_same_frontends_of_one_scenario() {
-        let iptables = RecordingRunner::default();
-        iptables.answer("nft list table", Err(RecordingRunner::absent()));
-        iptables.answer("iptables-nft-save", Ok(UPSTREAM_IPTABLES.into()));
-        iptables.answer("iptables-legacy-save", Ok(String::new()));
-        let nftables = RecordingRunner::default();
-        nftables.answer("nft list table ip kube-proxy", Ok(UPSTREAM_NFTABLES.into()));
-        nftables.answer("iptables-", Err(RecordingRunner::absent()));
-        let by_iptables = served_by_others(&iptables, IpFamily::V4);
-        let by_nftables = served_by_others(&nftables, IpFamily::V4);
-        assert_eq!(by_iptables, by_nftables);
+    fn upstream_serves_every_frontend_of_the_same_scenario_in_both_modes() {
+        let ours = cluster_frontends(&intent_of(&scenario_state(SCENARIO)));
+        assert!(
+            ours.keys().any(|f| f.ip.is_none()),
+            "the scenario has node ports: {ours:?}"
+        );
+        for (mode, runner) in [
+            ("iptables", upstream_iptables()),
+            ("nftables", upstream_nftables()),
+        ] {
+            let served = served_by_others(&runner, IpFamily::V4);
+            let unserved: Vec<_> = ours.iter().filter(|(f, _)| !served.contains(f)).collect();
+            assert!(unserved.is_empty(), "{mode}: unserved {unserved:?} of {served:?}");
+        }
         for f in [
             "10.96.0.1:443/tcp",
             "10.96.1.10:53/udp",
             "10.96.1.10:53/sctp",
-            "10.96.1.20:443/tcp",
+            "node port 30210/tcp",
         ] {
-            assert!(by_iptables.contains(&frontend(f)), "{f} in {by_iptables:?}");
+            assert!(ours.contains_key(&frontend(f)), "{f} in {ours:?}");
         }
-        // Nothing of another family, and nothing where nothing is.
-        assert!(served_by_others(&nftables, IpFamily::V6).is_empty());
-        assert!(served_by_others(&runner_without_anything(), IpFamily::V4).is_empty());
+    }
+
+    #[test]
+    fn nothing_is_served_where_nothing_is() {
+        assert!(served_by_others(&upstream_nftables(), IpFamily::V6).is_empty());
+        let r = RecordingRunner::default();
+        r.answer("nft list table", Err(RecordingRunner::absent()));
+        r.answer("iptables-", Err(RecordingRunner::absent()));
+        assert!(served_by_others(&r, IpFamily::V4).is_empty());
     }
 
     #[test]
@@ -210,6 +268,10 @@ mod tests {
             rule("-d fd00::a/128 -p tcp -m tcp --dport 80 -j KUBE-SVC-X"),
             Some(frontend("[fd00::a]:80/tcp"))
         );
+        assert_eq!(
+            rule("-p tcp -m comment --comment ns/np:http -m tcp --dport 30080 -j KUBE-EXT-X"),
+            Some(frontend("node port 30080/tcp"))
+        );
         // The NodePort gate, a negated destination, a range: none is one Service's address.
         assert_eq!(
             rule("-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS"),
@@ -221,6 +283,10 @@ mod tests {
             frontend_of_element("10.96.0.10 . udp . 53"),
             Some(frontend("10.96.0.10:53/udp"))
         );
-        assert_eq!(frontend_of_element("tcp . 30080"), None);
+        assert_eq!(
+            frontend_of_element("tcp . 30080"),
+            Some(frontend("node port 30080/tcp"))
+        );
+        assert_eq!(frontend_of_element("10.96.0.10 . tcp"), None);
     }
 }
