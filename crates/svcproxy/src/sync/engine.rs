@@ -592,8 +592,7 @@ impl<P: Proxier> Engine<P> {
         });
         match result {
             Ok(findings) => {
-                self.reads_put_off_since = None;
-                self.reads_resume_at = None;
+                self.read_done(check);
                 self.on_findings(check, findings);
             }
             Err(SyncError::Abandoned) => {
@@ -616,13 +615,21 @@ impl<P: Proxier> Engine<P> {
                 return;
             }
             Err(e) => {
-                self.reads_put_off_since = None;
-                self.reads_resume_at = None;
+                self.read_done(check);
                 tracing::warn!("read-back failed: {e}");
             }
         }
         if matches!(check, Check::Verify) {
             self.check_hazards();
+        }
+    }
+
+    /// A whole or after-sync read ran to its end: nothing is put off any more. The canary, a glance at one
+    /// chain, does not count: a read given up stays due.
+    fn read_done(&mut self, check: Check) {
+        if !matches!(check, Check::Canary) {
+            self.reads_put_off_since = None;
+            self.reads_resume_at = None;
         }
     }
 
