@@ -518,6 +518,37 @@ async fn a_change_arriving_during_a_whole_read_back_is_synced_before_it() {
 /// between two changes of a burst, where it would only be given up again.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_nftables_read_back_gives_way_to_changes_and_follows_once_they_pause() {
+    read_back_gives_way_to_a_burst(None).await;
+}
+
+/// The canary, a glance at one chain every few seconds, is no read of the table: one that finds its chain
+/// right during a burst leaves the whole read put off, not started again between two changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canary_during_a_burst_leaves_the_read_back_put_off() {
+    read_back_gives_way_to_a_burst(Some(Duration::from_millis(20))).await;
+}
+
+/// The chain `chain` as `nft list chain` shows it, from the transaction that wrote it.
+fn chain_as_listed(transaction: &str, chain: &str) -> String {
+    let declared = format!("add chain ip svcproxy {chain} {{ ");
+    let head = transaction
+        .lines()
+        .find_map(|l| l.strip_prefix(declared.as_str()))
+        .and_then(|rest| rest.strip_suffix(" }"))
+        .unwrap_or_else(|| panic!("{chain} declared in {transaction}"));
+    let rule = format!("add rule ip svcproxy {chain} ");
+    let rules: Vec<&str> = transaction
+        .lines()
+        .filter_map(|l| l.strip_prefix(rule.as_str()))
+        .collect();
+    assert!(!rules.is_empty(), "{chain} has rules in {transaction}");
+    format!(
+        "table ip svcproxy {{\n\tchain {chain} {{\n\t\t{head}\n\t\t{}\n\t}}\n}}\n",
+        rules.join("\n\t\t")
+    )
+}
+
+async fn read_back_gives_way_to_a_burst(canary_period: Option<Duration>) {
     use std::sync::atomic::Ordering;
     use svcproxy::exec::nft::RecordingNft;
 
@@ -527,7 +558,7 @@ async fn an_nftables_read_back_gives_way_to_changes_and_follows_once_they_pause(
         min_sync_period: Duration::ZERO,
         verify_after_sync: true,
         verify_period: None,
-        canary_period: None,
+        canary_period,
         ..Default::default()
     };
     let metrics = Arc::new(Metrics::new());
@@ -547,7 +578,9 @@ async fn an_nftables_read_back_gives_way_to_changes_and_follows_once_they_pause(
     }
     let (_stop, stop_rx) = watch::channel(false);
     tokio::spawn(engine.run(rx, stop_rx));
-    let listings = || nft.listings.load(Ordering::SeqCst);
+    // Whole reads of the table, not the canary's listings of one chain.
+    let listings = || nft.listings.load(Ordering::SeqCst) - nft.chain_listings.load(Ordering::SeqCst);
+    let canaries = || nft.chain_listings.load(Ordering::SeqCst);
     let written = |ip: &str| nft.applied.lock().unwrap().iter().any(|t| t.contains(ip));
     // Waits for `done` (10 s at most); gives up with the gates open, so the engine is not left held.
     let until = |what: &str, done: &dyn Fn() -> bool| {
@@ -568,6 +601,9 @@ async fn an_nftables_read_back_gives_way_to_changes_and_follows_once_they_pause(
     nft.listing_gate.open();
     // After the feature probe, the first of its transactions.
     until("the full sync writes", &|| nft.applied.lock().unwrap().len() >= 2);
+    // The canary's chain, the first base chain by name, reads as the full sync wrote it.
+    let full = nft.applied.lock().unwrap()[1].clone();
+    *nft.chain_listing.lock().unwrap() = Some(chain_as_listed(&full, "filter-forward"));
     let before = listings();
     nft.listing_gate.close();
     nft.apply_gate.open();
@@ -585,6 +621,7 @@ async fn an_nftables_read_back_gives_way_to_changes_and_follows_once_they_pause(
     });
     nft.listing_gate.open();
     let given_up = listings();
+    let canaries_before = canaries();
     // A burst: each change comes well within the quiet period after the one before it.
     for n in 3..8 {
         let ips: Vec<String> = (1..=n).map(|i| format!("10.244.0.{i}")).collect();
@@ -599,6 +636,14 @@ async fn an_nftables_read_back_gives_way_to_changes_and_follows_once_they_pause(
             listings(),
             given_up,
             "the read-back restarted within a burst of changes"
+        );
+    }
+    if canary_period.is_some() {
+        assert!(canaries() > canaries_before, "the canary ran during the burst");
+        let text = metrics.encode();
+        assert!(
+            !text.contains("kind=\"missing_chain\""),
+            "the canary found its chain as written: {text}"
         );
     }
     until("the read-back follows once the changes pause", &|| {

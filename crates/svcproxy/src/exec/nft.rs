@@ -96,6 +96,10 @@ pub struct RecordingNft {
     pub fail: Arc<Mutex<Vec<ExecError>>>,
     /// Listings asked for, of any kind.
     pub listings: Arc<std::sync::atomic::AtomicUsize>,
+    /// What listing one chain answers, when set (otherwise `listing`), and how many such listings were asked
+    /// for (counted in `listings` too).
+    pub chain_listing: Arc<Mutex<Option<String>>>,
+    pub chain_listings: Arc<std::sync::atomic::AtomicUsize>,
     /// While closed, a transaction is recorded and then waits until it opens: a sync caught in the middle.
     pub apply_gate: Gate,
     /// While closed, a read-back's listing is counted and then waits until it opens, or until the caller
@@ -141,7 +145,10 @@ impl NftCommands for RecordingNft {
     }
 
     fn list_chain(&self, _family: &str, _table: &str, _chain: &str) -> Result<Option<String>, ExecError> {
-        Ok(self.listed())
+        self.chain_listings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let listed = self.listed();
+        Ok(self.chain_listing.lock().unwrap().clone().or(listed))
     }
 
     /// The listing, or an empty ruleset.
