@@ -26,7 +26,7 @@ use svcproxy::node_addresses::{NodePortSpec, SystemAddresses};
 use svcproxy::oom_score::{OWN_OOM_SCORE_ADJ, OomScoreApplied, set_oom_score_adj};
 use svcproxy::packet_counters::CountingSwitch;
 use svcproxy::removal_order::RemovalOrder;
-use svcproxy::served_frontends::cluster_frontends;
+use svcproxy::served_frontends::service_frontends;
 use svcproxy::service_health::ServiceHealthServers;
 use svcproxy::source::{self, family_split, manifest_dir::ManifestDir};
 use svcproxy::sync::commit_ledger::CommitLedger;
@@ -628,7 +628,7 @@ async fn drive<P: svcproxy::sync::proxier::Proxier + 'static>(
                         .borrow()
                         .applied
                         .as_deref()
-                        .map(cluster_frontends)
+                        .map(service_frontends)
                         .unwrap_or_default();
                     (*family, ours)
                 })

@@ -1,9 +1,9 @@
-//! Which Service frontends (cluster IP or node port, protocol, port) another proxy's rules on the node serve. svcproxy in
-//! nftables mode hands the node back on the way out by deleting its table where another proxy's rules are in
-//! place; rules that are there are not necessarily rules that are kept up (leftovers of a kube-proxy that
-//! stopped long ago, or one that has not synced since it came back), and handing a Service over to rules that
-//! do not know it leaves it with nothing. So the hand-back first checks that every Service svcproxy serves is
-//! served there too.
+//! Which Service frontends (an address or a node port, with protocol and port) another proxy's rules on the
+//! node serve. svcproxy in nftables mode hands the node back on the way out by deleting its table where
+//! another proxy's rules are in place; rules that are there are not necessarily rules that are kept up
+//! (leftovers of a kube-proxy that stopped long ago, or one that has not synced since it came back), and
+//! handing a Service over to rules that do not know it leaves it with nothing. So the hand-back first checks
+//! that every Service svcproxy serves is served there too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -14,8 +14,8 @@ use svcproxy_nftables::{Family, parse_listing};
 
 use crate::exec::runner::Runner;
 
-/// Where a Service is addressed: its cluster IP (`ip`), or with no address its node port, on every node
-/// address.
+/// Where a Service is addressed: one of its addresses (cluster IP, external IP, load-balancer IP) as `ip`, or
+/// with no address its node port, on every node address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub ip: Option<IpAddr>,
@@ -33,30 +33,34 @@ impl std::fmt::Display for Frontend {
     }
 }
 
-/// The cluster-IP and node-port frontends of `intent`, each with its service port's name (`ns/svc:port`).
-pub fn cluster_frontends(intent: &Intent) -> BTreeMap<Frontend, String> {
+/// Every frontend of `intent`, each with its service port's name (`ns/svc:port`): cluster IPs, node ports,
+/// external IPs and load-balancer IPs (those of ipMode Proxy are not in the intent: no proxy captures them).
+pub fn service_frontends(intent: &Intent) -> BTreeMap<Frontend, String> {
     let mut frontends = BTreeMap::new();
     for spi in intent.service_ports.values() {
-        let (protocol, name) = (spi.name.protocol, spi.name.to_string());
+        let (protocol, port, name) = (spi.name.protocol, spi.port, spi.name.to_string());
+        let addressed = std::iter::once(spi.cluster_ip)
+            .chain(spi.external_ips.iter().copied())
+            .chain(spi.load_balancer_ips.iter().copied())
+            .map(|ip| Frontend {
+                ip: Some(ip),
+                protocol,
+                port,
+            });
         let node_port = spi.node_port.map(|port| Frontend {
             ip: None,
             protocol,
             port,
         });
-        let cluster_ip = Frontend {
-            ip: Some(spi.cluster_ip),
-            protocol,
-            port: spi.port,
-        };
-        for frontend in std::iter::once(cluster_ip).chain(node_port) {
+        for frontend in addressed.chain(node_port) {
             frontends.insert(frontend, name.clone());
         }
     }
     frontends
 }
 
-/// Upstream's nftables table, and its maps that every cluster IP and node port is in: one for Services with
-/// endpoints, one (reject or drop) for those without.
+/// Upstream's nftables table, and its maps that every Service address and node port is in: one for Services
+/// with endpoints, one (reject or drop) for those without.
 const UPSTREAM_TABLE: &str = "kube-proxy";
 const UPSTREAM_MAPS: [&str; 4] = [
     "service-ips",
@@ -64,9 +68,10 @@ const UPSTREAM_MAPS: [&str; 4] = [
     "service-nodeports",
     "no-endpoint-nodeports",
 ];
-/// The chains every kube-proxy version's iptables mode matches Services in: cluster IPs in nat
-/// `KUBE-SERVICES` with endpoints, in filter `KUBE-SERVICES` (reject) without; node ports in nat
-/// `KUBE-NODEPORTS` with endpoints, in filter `KUBE-EXTERNAL-SERVICES` without.
+/// The chains every kube-proxy version's iptables mode matches Services in: every address in nat
+/// `KUBE-SERVICES` with endpoints; without, cluster IPs in filter `KUBE-SERVICES` (reject), external and
+/// load-balancer IPs and node ports in filter `KUBE-EXTERNAL-SERVICES`; node ports with endpoints in nat
+/// `KUBE-NODEPORTS`.
 const SERVICE_CHAINS: [(&str, &str); 4] = [
     ("nat", "KUBE-SERVICES"),
     ("filter", "KUBE-SERVICES"),
@@ -230,7 +235,7 @@ mod tests {
     /// hand-back to it is never held up by a difference of spelling.
     #[test]
     fn upstream_serves_every_frontend_of_the_same_scenario_in_both_modes() {
-        let ours = cluster_frontends(&intent_of(&scenario_state(SCENARIO)));
+        let ours = service_frontends(&intent_of(&scenario_state(SCENARIO)));
         assert!(
             ours.keys().any(|f| f.ip.is_none()),
             "the scenario has node ports: {ours:?}"
@@ -248,9 +253,17 @@ mod tests {
             "10.96.1.10:53/udp",
             "10.96.1.10:53/sctp",
             "node port 30210/tcp",
+            // External IPs, with endpoints and without.
+            "198.51.100.51:80/tcp",
+            "198.51.100.54:80/tcp",
+            // Load-balancer IPs, plain and behind source ranges.
+            "192.0.2.41:80/tcp",
+            "192.0.2.42:80/tcp",
         ] {
             assert!(ours.contains_key(&frontend(f)), "{f} in {ours:?}");
         }
+        // An ingress IP of ipMode Proxy is the load balancer's to forward: no proxy on the node serves it.
+        assert!(!ours.contains_key(&frontend("192.0.2.45:80/tcp")), "{ours:?}");
     }
 
     #[test]
