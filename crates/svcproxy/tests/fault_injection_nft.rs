@@ -34,6 +34,8 @@ mod fault {
     pub mod report;
     #[path = "web.rs"]
     pub mod web;
+    #[path = "write_failures.rs"]
+    pub mod write_failures;
 }
 
 use std::net::Ipv4Addr;
@@ -50,6 +52,7 @@ use fault::harness::{
 };
 use fault::report::Case;
 use fault::web::{VIP, WebNode, names, spn};
+use fault::write_failures::writes_refused_then_recovered;
 use svcproxy_nftables::names::{SERVICE_IPS, cluster_chain};
 use svcproxy_nftables::{Family, Ruleset, parse_listing};
 use svcproxy_testkit::{Backend, Lab, NetNs, wait_until};
@@ -556,90 +559,7 @@ fn nd_nft_fails_then_recovers() {
     let mut args = NFTABLES.to_vec();
     args.extend(["--sync-period", "2s", "--unhealthy-after", "3"]);
     let mut s = WebNode::start(&case, &args, &[("PATH", &path)]);
-    let before = s.metrics();
-    let failed_lines = |s: &WebNode| s.proxy.log().matches("sync failed").count();
-
-    case.stage("transactions failing; pod12 removed");
-    std::fs::write(wrappers.path().join("fail-count"), FAILURES.to_string()).unwrap();
-    case.injected();
-    s.set_endpoints(&["10.244.0.11"]);
-    let (detected_at, ()) = measure(case.origin(), "a failed sync is logged", WAIT, || {
-        s.proxy.assert_running();
-        (failed_lines(&s) > 0).then_some(())
-    });
-    case.detected(detected_at);
-    case.stage("waiting for the ladder to converge");
-    s.wait_traffic(&["pod11"]);
-    s.health.wait_for("healthz is 200 without a reason", WAIT, |p| {
-        p.status == 200 && p.reason.is_none()
-    });
-    case.repaired(case.now());
-    let after = s.metrics();
-    let delta =
-        |name: &str, labels: &[(&str, &str)]| metric(&after, name, labels) - metric(&before, name, labels);
-    let ladder: Vec<String> = ["partial", "full", "rebuild"]
-        .iter()
-        .flat_map(|kind| {
-            ["failure", "success"].map(|result| {
-                format!(
-                    "{kind}/{result}={}",
-                    delta("svcproxy_syncs_total", &[("kind", kind), ("result", result)])
-                )
-            })
-        })
-        .collect();
-    case.note(format!("syncs {}", ladder.join(" ")));
-    let during = s.traffic.since(case.injected_at());
-    case.note(format!("traffic: {}", traffic_summary(&during)));
-    case.health(s.health.summary());
-
-    assert_eq!(failures(&during), 0, "{}", traffic_summary(&during));
-    let left = std::fs::read_to_string(wrappers.path().join("fail-count")).unwrap();
-    assert_eq!(left.trim(), "0", "every planned failure happened");
-    assert_eq!(
-        delta("svcproxy_sync_failures_total", &[("class", "other")]),
-        f64::from(FAILURES),
-        "svcproxy_sync_failures_total{{class=\"other\"}}"
-    );
-    // The ladder: the partial sync fails, then a full one, then rebuilds until one succeeds.
-    for (kind, result, want) in [
-        ("partial", "failure", 1.0),
-        ("full", "failure", 1.0),
-        ("rebuild", "failure", f64::from(FAILURES - 2)),
-    ] {
-        assert_eq!(
-            delta("svcproxy_syncs_total", &[("kind", kind), ("result", result)]),
-            want,
-            "{kind} syncs with {result}: {}",
-            ladder.join(" ")
-        );
-    }
-    assert!(
-        delta(
-            "svcproxy_syncs_total",
-            &[("kind", "rebuild"), ("result", "success")]
-        ) >= 1.0,
-        "a rebuild finally succeeds: {}",
-        ladder.join(" ")
-    );
-    let log = s.proxy.log();
-    let failed = log
-        .lines()
-        .find(|l| l.contains("sync failed"))
-        .unwrap_or_else(|| panic!("no failed sync logged:\n{log}"));
-    assert!(
-        failed.contains("(other)") && failed.contains("Device or resource busy"),
-        "classified and with nft's message: {failed}"
-    );
-    let red = s
-        .health
-        .first_after(case.injected_at(), |p| p.status == 503 && p.reason.is_some())
-        .unwrap_or_else(|| panic!("healthz never reported the failures: {}", s.health.summary()));
-    assert!(
-        red.reason.as_deref().unwrap().contains("Device or resource busy"),
-        "the reason quotes the failure: {red:?}"
-    );
-    s.proxy.assert_running();
+    writes_refused_then_recovered(&mut case, &mut s, &wrappers, FAILURES, "Device or resource busy");
 }
 
 /// The real `nft` behind a wrapper that behaves like a kernel without the `numgen` expression: every

@@ -4,6 +4,7 @@ pub mod harness;
 pub mod manifests;
 pub mod report;
 pub mod web;
+pub mod write_failures;
 
 mod api_outage;
 mod backends;

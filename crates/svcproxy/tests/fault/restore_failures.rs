@@ -9,12 +9,13 @@ use std::time::Duration;
 use svcproxy_testkit::{tcp_request, wait_until};
 
 use super::harness::{
-    POLL, WAIT, Wrappers, addr, failures, identities, log_tail, measure, metric, poll_for, real_binary,
-    require_tool, save, save_with, traffic_summary,
+    POLL, WAIT, Wrappers, addr, failures, identities, log_tail, metric, poll_for, real_binary, require_tool,
+    save, save_with, traffic_summary,
 };
 use super::manifests::{HTTP, service};
 use super::report::Case;
 use super::web::{WebNode, names, web_manifest};
+use super::write_failures::writes_refused_then_recovered;
 
 /// G: the real binary behind a wrapper that fails while a counter file holds a positive number, saving each
 /// payload it refuses, with legacy iptables' message, which names a line and nothing else.
@@ -53,105 +54,20 @@ fn g_restore_fails_mid_way_then_recovers() {
         &["--sync-period", "2s", "--unhealthy-after", UNHEALTHY_AFTER],
         &[("PATH", &path)],
     );
-    let before = s.metrics();
-    let failed_lines = |s: &WebNode| s.proxy.log().matches("sync failed").count();
-
-    case.stage("restores failing; pod12 removed");
-    std::fs::write(wrappers.path().join("fail-count"), FAILURES.to_string()).unwrap();
-    case.injected();
-    s.set_endpoints(&["10.244.0.11"]);
-    let (detected_at, ()) = measure(case.origin(), "a failed sync is logged", WAIT, || {
-        s.proxy.assert_running();
-        (failed_lines(&s) > 0).then_some(())
-    });
-    case.detected(detected_at);
-    case.stage("waiting for the ladder to converge");
-    s.wait_traffic(&["pod11"]);
-    s.health.wait_for("healthz is 200 without a reason", WAIT, |p| {
-        p.status == 200 && p.reason.is_none()
-    });
-    case.repaired(case.now());
-    let after = s.metrics();
-    let delta =
-        |name: &str, labels: &[(&str, &str)]| metric(&after, name, labels) - metric(&before, name, labels);
-    let ladder: Vec<String> = ["partial", "full", "rebuild"]
-        .iter()
-        .flat_map(|kind| {
-            ["failure", "success"].map(|result| {
-                format!(
-                    "{kind}/{result}={}",
-                    delta("svcproxy_syncs_total", &[("kind", kind), ("result", result)])
-                )
-            })
-        })
-        .collect();
-    case.note(format!("syncs {}", ladder.join(" ")));
-    let during = s.traffic.since(case.injected_at());
-    case.note(format!("traffic: {}", traffic_summary(&during)));
-    case.health(s.health.summary());
-
-    // A refused transaction changes nothing, so the old rules serve until the one that succeeds.
-    assert_eq!(failures(&during), 0, "{}", traffic_summary(&during));
-    let left = std::fs::read_to_string(wrappers.path().join("fail-count")).unwrap();
-    assert_eq!(left.trim(), "0", "every planned failure happened");
-    // Classified and counted.
+    let delta = writes_refused_then_recovered(&mut case, &mut s, &wrappers, FAILURES, "line 3 failed");
     assert_eq!(
-        delta("svcproxy_sync_failures_total", &[("class", "other")]),
-        f64::from(FAILURES),
-        "svcproxy_sync_failures_total{{class=\"other\"}}"
-    );
-    assert_eq!(
-        delta("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", &[]),
+        delta.of("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", &[]),
         f64::from(FAILURES),
         "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
     );
-    // The ladder: the partial sync fails, then a full one, then rebuilds until one succeeds.
-    for (kind, result, want) in [
-        ("partial", "failure", 1.0),
-        ("full", "failure", 1.0),
-        ("rebuild", "failure", f64::from(FAILURES - 2)),
-    ] {
-        assert_eq!(
-            delta("svcproxy_syncs_total", &[("kind", kind), ("result", result)]),
-            want,
-            "{kind} syncs with {result}: {}",
-            ladder.join(" ")
-        );
-    }
-    assert!(
-        delta(
-            "svcproxy_syncs_total",
-            &[("kind", "rebuild"), ("result", "success")]
-        ) >= 1.0,
-        "a rebuild finally succeeds: {}",
-        ladder.join(" ")
-    );
-    // The log classifies the failure and quotes the line the message points at, from the payload refused.
+    // The log quotes the line the message points at, from the payload refused.
     let log = s.proxy.log();
-    let failed = log
-        .lines()
-        .find(|l| l.contains("sync failed"))
-        .unwrap_or_else(|| panic!("no failed sync logged:\n{log}"));
-    assert!(
-        failed.contains("(other)") && failed.contains("line 3 failed"),
-        "classified and with the original message: {failed}"
-    );
     let refused = std::fs::read_to_string(wrappers.path().join(format!("refused-{FAILURES}"))).unwrap();
     let line3 = refused.lines().nth(2).expect("the refused payload has a line 3");
     assert!(
         log.contains(&format!("3: {line3}")),
         "the log quotes payload line 3 ({line3:?}):\n{log}"
     );
-    // Unhealthy with the reason once `--unhealthy-after` syncs in a row failed, then healthy again.
-    let red = s
-        .health
-        .first_after(case.injected_at(), |p| p.status == 503 && p.reason.is_some())
-        .unwrap_or_else(|| panic!("healthz never reported the failures: {}", s.health.summary()));
-    assert!(
-        red.reason.as_deref().unwrap().contains("line 3 failed"),
-        "the reason quotes the failure: {red:?}"
-    );
-    s.proxy.assert_running();
 }
 
 /// H: the xtables lock held by another program while an endpoint change is pending. Only legacy iptables
