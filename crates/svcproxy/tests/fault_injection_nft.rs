@@ -32,6 +32,8 @@ mod fault {
     pub mod manifests;
     #[path = "report.rs"]
     pub mod report;
+    #[path = "second_writer.rs"]
+    pub mod second_writer;
     #[path = "web.rs"]
     pub mod web;
     #[path = "write_failures.rs"]
@@ -40,9 +42,6 @@ mod fault {
 
 use std::net::Ipv4Addr;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::{Svcproxy, TempDir};
@@ -51,6 +50,7 @@ use fault::harness::{
     poll_for, real_binary, require_tool, traffic_summary,
 };
 use fault::report::Case;
+use fault::second_writer::{Fight, SYNC_PERIOD_S, SecondWriter, WRITER_COMMENT, fight_and_settle};
 use fault::web::{VIP, WebNode, names, spn};
 use fault::write_failures::writes_refused_then_recovered;
 use svcproxy_nftables::names::{SERVICE_IPS, cluster_chain};
@@ -150,12 +150,6 @@ fn divergence_lines(proxy: &Svcproxy) -> Vec<String> {
         .filter(|l| l.contains("kernel diverges from what was written"))
         .map(str::to_owned)
         .collect()
-}
-
-/// Syncs that rewrite everything we own: the repairs.
-fn full_syncs(metrics: &str) -> f64 {
-    metric(metrics, "svcproxy_syncs_total", &[("kind", "full")])
-        + metric(metrics, "svcproxy_syncs_total", &[("kind", "rebuild")])
 }
 
 /// demo/web's chain that picks among its endpoints.
@@ -300,93 +294,11 @@ fn nb3_map_element_removed() {
     );
 }
 
-/// The second writer's rule only sets the masquerade mark, so traffic works with or without it: any failed
-/// request in N-C is svcproxy's doing, not the other writer's.
-const WRITER_COMMENT: &str = "written by another proxy";
 /// Repairs are counted over this long once svcproxy has recognised the second writer.
 const FIGHT_WINDOW: Duration = Duration::from_secs(15);
-/// N-C's `--sync-period`: short enough that "one repair per sync period" shows as several in the window, and
-/// long enough to tell apart from one repair per read-back (every second).
-const SYNC_PERIOD_S: u64 = 5;
-/// How long the node may take to settle once the second writer has stopped: several sync periods.
-const SETTLE: Duration = Duration::from_secs(30);
 
-/// Another program that keeps putting its rule back into one of our chains, once a second. Counts how often
-/// it found its rule gone, which is how often a repair really reached the kernel.
-struct SecondWriter {
-    stop: Arc<AtomicBool>,
-    reinserted: Arc<AtomicUsize>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl SecondWriter {
-    fn start(namespace: &str, chain: &str) -> SecondWriter {
-        let stop = Arc::new(AtomicBool::new(false));
-        let reinserted = Arc::new(AtomicUsize::new(0));
-        let namespace = namespace.to_owned();
-        let chain = chain.to_owned();
-        let thread = std::thread::spawn({
-            let (stop, reinserted) = (Arc::clone(&stop), Arc::clone(&reinserted));
-            move || {
-                let nft = |args: &[&str]| {
-                    Command::new("ip")
-                        .args(["netns", "exec", &namespace, "nft"])
-                        .args(args)
-                        .output()
-                        .ok()
-                        .filter(|o| o.status.success())
-                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                };
-                let comment = format!("\"{WRITER_COMMENT}\"");
-                while !stop.load(Ordering::Relaxed) {
-                    let present = nft(&["list", "chain", "ip", "svcproxy", &chain])
-                        .is_some_and(|text| text.contains(WRITER_COMMENT));
-                    let insert = [
-                        "insert",
-                        "rule",
-                        "ip",
-                        "svcproxy",
-                        &chain,
-                        "jump",
-                        "mark-for-masquerade",
-                        "comment",
-                        &comment,
-                    ];
-                    if !present && nft(&insert).is_some() {
-                        reinserted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        });
-        SecondWriter {
-            stop,
-            reinserted,
-            thread: Some(thread),
-        }
-    }
-
-    fn reinserted(&self) -> usize {
-        self.reinserted.load(Ordering::Relaxed)
-    }
-
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for SecondWriter {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// N-C: a second writer re-inserts a (harmless) rule into demo/web's chain every second. svcproxy must notice,
-/// say on `/healthz` that another writer is at work, slow its repairs to one per sync period instead of
-/// flapping with the other writer, keep traffic flowing, and settle once the other writer stops.
+/// N-C: a second writer re-inserts a (harmless) rule into demo/web's chain every second (see
+/// [`fight_and_settle`] for what svcproxy must do).
 #[test]
 fn nc_second_writer_every_second() {
     let mut case = Case::new("N-C second writer, 1/s");
@@ -395,120 +307,48 @@ fn nc_second_writer_every_second() {
     args.extend(["--verify-period", "1s", "--sync-period", &period]);
     let mut s = WebNode::start(&case, &args, &[]);
     let before = our_table(s.cluster.node()).expect("svcproxy wrote its table");
-    let divergences_before = divergence_lines(&s.proxy).len();
-
-    case.stage("second writer running");
-    case.injected();
-    let mut writer = SecondWriter::start(s.cluster.node().name(), &web_chain());
-    let (detected_at, ()) = measure(case.origin(), "the divergence is logged", WAIT, || {
-        s.proxy.assert_running();
-        (divergence_lines(&s.proxy).len() > divergences_before).then_some(())
-    });
-    case.detected(detected_at);
-    case.stage("waiting for the second writer to be reported");
-    let fight = wait_until(
-        WAIT,
-        Duration::from_millis(50),
-        "healthz names another writer",
-        || {
-            s.health.points().into_iter().find(|p| {
-                p.reason
-                    .as_deref()
-                    .is_some_and(|r| r.contains("another") && r.contains("writing"))
-            })
+    let namespace = s.cluster.node().name().to_owned();
+    let chain = web_chain();
+    let put_back = move || {
+        let nft = |args: &[&str]| {
+            Command::new("ip")
+                .args(["netns", "exec", &namespace, "nft"])
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        };
+        let present = nft(&["list", "chain", "ip", "svcproxy", &chain])
+            .is_some_and(|text| text.contains(WRITER_COMMENT));
+        let comment = format!("\"{WRITER_COMMENT}\"");
+        let insert = [
+            "insert",
+            "rule",
+            "ip",
+            "svcproxy",
+            &chain,
+            "jump",
+            "mark-for-masquerade",
+            "comment",
+            &comment,
+        ];
+        !present && nft(&insert).is_some()
+    };
+    let difference = |s: &WebNode| table_diff(&before, our_table(s.cluster.node()).as_ref());
+    let (reason, mut problems) = fight_and_settle(
+        &mut case,
+        &mut s,
+        || SecondWriter::start(put_back),
+        Fight {
+            window: FIGHT_WINDOW,
+            reported: &|reason| reason.contains("another") && reason.contains("writing"),
+            difference: &difference,
         },
     );
-    case.note(format!(
-        "second writer reported after {:.1}s: {}",
-        (fight.at - case.injected_at()).as_secs_f64(),
-        fault::harness::shorten(fight.reason.as_deref().unwrap_or_default(), 220)
-    ));
-
-    // Count repairs over a fixed window once the fight is recognised: unthrottled, there would be one per
-    // read-back (every second); throttled, one per sync period.
-    case.stage("counting repairs while the writer keeps going");
-    let m0 = s.metrics();
-    let writes0 = writer.reinserted();
-    let window_start = case.now();
-    std::thread::sleep(FIGHT_WINDOW);
-    let m1 = s.metrics();
-    let repairs = full_syncs(&m1) - full_syncs(&m0);
-    let verified = metric(&m1, "svcproxy_repairs_total", &[]) - metric(&m0, "svcproxy_repairs_total", &[]);
-    let undone = writer.reinserted() - writes0;
-    let flips = s
-        .health
-        .points()
-        .iter()
-        .filter(|p| p.at >= window_start && p.status == 200)
-        .count();
-    case.note(format!(
-        "in {}s of fighting: {repairs} full syncs, the writer's rule removed {undone} times, \
-         {verified} repairs counted as verified, healthz back to 200 {flips} times",
-        FIGHT_WINDOW.as_secs()
-    ));
-
-    case.stage("second writer stopped; waiting to settle");
-    writer.stop();
-    let stopped = case.now();
-    let settled = poll_for(SETTLE, || {
-        let ok = table_diff(&before, our_table(s.cluster.node()).as_ref()).is_empty()
-            && s.health
-                .current()
-                .is_some_and(|p| p.status == 200 && p.reason.is_none());
-        ok.then_some(())
-    });
-    if settled.is_some() {
-        case.repaired(case.now());
-        case.note(format!(
-            "settled {:.1}s after the writer stopped",
-            (case.now() - stopped).as_secs_f64()
-        ));
-    }
-    let samples = s.traffic.since(case.injected_at());
-    case.note(format!("traffic: {}", traffic_summary(&samples)));
-    case.health(s.health.summary());
-    case.stage("checking the outcome");
-
-    // Every expectation is checked and all violations reported together: they tend to share a cause.
-    let window = FIGHT_WINDOW.as_secs();
-    let bound = window as f64 / SYNC_PERIOD_S as f64 + 2.0;
-    let mut problems = Vec::new();
-    let reason = fight.reason.unwrap_or_default();
     if reason.contains("KUBE-*") {
         problems.push(format!(
             "in nftables mode the other writer changes our table, not KUBE-* chains; the reason says: {reason}"
-        ));
-    }
-    if repairs > bound {
-        problems.push(format!(
-            "repairs must slow to one per sync period while another writer fights: {repairs} full syncs in \
-             {window}s (at most {bound})"
-        ));
-    }
-    if repairs < 1.0 || undone == 0 {
-        problems.push(format!(
-            "repairs must slow down, not stop: {repairs} full syncs and {undone} removals of the foreign rule in \
-             {window}s with --sync-period {period}"
-        ));
-    }
-    if verified > repairs {
-        problems.push(format!(
-            "{verified} repairs counted as verified (svcproxy_repairs_total) but only {repairs} syncs rewrote \
-             anything"
-        ));
-    }
-    if failures(&samples) > 0 {
-        problems.push(format!(
-            "traffic must keep flowing: {}",
-            traffic_summary(&samples)
-        ));
-    }
-    if settled.is_none() {
-        problems.push(format!(
-            "{}s after the writer stopped, our table still differs from what was written ({:?}) or healthz is \
-             not 200",
-            SETTLE.as_secs(),
-            table_diff(&before, our_table(s.cluster.node()).as_ref())
         ));
     }
     assert!(

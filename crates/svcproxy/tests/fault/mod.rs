@@ -3,6 +3,7 @@
 pub mod harness;
 pub mod manifests;
 pub mod report;
+pub mod second_writer;
 pub mod web;
 pub mod write_failures;
 
