@@ -10,6 +10,10 @@
 //! be leftovers nobody keeps up, or a kube-proxy still writing its first sync, and handing a Service to rules
 //! that do not know it would leave it with nothing. Such a hand-back waits a few seconds for them, then keeps
 //! the table and says which Services the other rules lack.
+//!
+//! Where a Service is addressed is checked, not where the other rules send it: for a Service they know, their
+//! nat rules decide before ours whether our table stays or not, so keeping it could not correct endpoints of
+//! theirs gone stale; it only helps the Services they do not know at all.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
