@@ -579,7 +579,7 @@ async fn read_back_gives_way_to_a_burst(canary_period: Option<Duration>) {
     let (_stop, stop_rx) = watch::channel(false);
     tokio::spawn(engine.run(rx, stop_rx));
     // Whole reads of the table, not the canary's listings of one chain.
-    let listings = || nft.listings.load(Ordering::SeqCst) - nft.chain_listings.load(Ordering::SeqCst);
+    let listings = || nft.table_listings.load(Ordering::SeqCst);
     let canaries = || nft.chain_listings.load(Ordering::SeqCst);
     let written = |ip: &str| nft.applied.lock().unwrap().iter().any(|t| t.contains(ip));
     // Waits for `done` (10 s at most); gives up with the gates open, so the engine is not left held.

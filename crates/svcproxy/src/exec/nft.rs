@@ -96,10 +96,11 @@ pub struct RecordingNft {
     pub fail: Arc<Mutex<Vec<ExecError>>>,
     /// Listings asked for, of any kind.
     pub listings: Arc<std::sync::atomic::AtomicUsize>,
-    /// What listing one chain answers, when set (otherwise `listing`), and how many such listings were asked
-    /// for (counted in `listings` too).
-    pub chain_listing: Arc<Mutex<Option<String>>>,
+    /// Of those, the read-backs' listings of a whole table or ruleset, and the listings of one chain.
+    pub table_listings: Arc<std::sync::atomic::AtomicUsize>,
     pub chain_listings: Arc<std::sync::atomic::AtomicUsize>,
+    /// What listing one chain answers, when set (otherwise `listing`).
+    pub chain_listing: Arc<Mutex<Option<String>>>,
     /// While closed, a transaction is recorded and then waits until it opens: a sync caught in the middle.
     pub apply_gate: Gate,
     /// While closed, a read-back's listing is counted and then waits until it opens, or until the caller
@@ -116,6 +117,8 @@ impl RecordingNft {
     /// A read-back's listing: it waits at the gate.
     fn listed_unless(&self, abandon: Abandon<'_>) -> Result<Option<String>, ExecError> {
         self.listings.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.table_listings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !self.listing_gate.pass_unless(abandon) {
             return Err(ExecError::Abandoned {
                 program: "nft".into(),
