@@ -642,7 +642,7 @@ async fn read_back_gives_way_to_a_burst(canary_period: Option<Duration>) {
         assert!(canaries() > canaries_before, "the canary ran during the burst");
         let text = metrics.encode();
         assert!(
-            !text.contains("kind=\"missing_chain\""),
+            !text.contains("class=\"missing_chain\""),
             "the canary found its chain as written: {text}"
         );
     }
