@@ -10,6 +10,7 @@ pub mod conntrack_plan;
 pub mod endpoint;
 pub mod endpoint_slice;
 pub mod family;
+pub mod frontend_claims;
 pub mod intent;
 pub mod intent_update;
 pub mod node;

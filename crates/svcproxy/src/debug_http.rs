@@ -27,6 +27,7 @@ use axum::routing::get;
 use clap::ValueEnum;
 use imbl::ordmap::DiffItem;
 use serde::Deserialize;
+use svcproxy_model::frontend_claims::contests;
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::{Intent, IntentConfig, IpFamily};
 use tokio::sync::watch;
@@ -38,7 +39,7 @@ use crate::diff;
 use crate::exec::runner::SystemRunner;
 use crate::explain::{self, Expected, ExplainInput, KernelRead, ToSpec};
 use crate::node_addresses::{LocalAddresses, SystemAddresses};
-use crate::status::{EndpointCounts, ServicePortStatus, StatusReport};
+use crate::status::{ContestedFrontend, EndpointCounts, ServicePortStatus, StatusReport};
 use crate::sync::engine::EngineStatus;
 use crate::sync::iptables_proxier::{OptionsError, ProxierOptions};
 
@@ -285,6 +286,16 @@ impl DebugState {
                 ProxyMode::Iptables => Vec::new(),
             },
             service_ports,
+            contested: s
+                .applied
+                .iter()
+                .flat_map(|i| contests(i))
+                .map(|c| ContestedFrontend {
+                    frontend: c.frontend.to_string(),
+                    winner: c.winner.to_string(),
+                    others: c.others.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
         }
     }
 }

@@ -96,6 +96,8 @@ pub struct Metrics {
     /// 1 while the `--config` file on disk cannot be used (svcproxy runs on the settings it started with).
     pub config_file_unusable: Gauge,
     pub programmed_service_ports: Family<FamilyLabels, Gauge>,
+    /// Addresses with protocol and port that more than one service port claims (only the first gets them).
+    pub contested_frontends: Family<FamilyLabels, Gauge>,
     pub payload_lines: Family<FamilyLabels, Gauge>,
     pub health_check_bind_failures: Counter,
     pub sync_failures: Family<ClassLabels, Counter>,
@@ -146,6 +148,7 @@ impl Metrics {
             rejected_objects: Counter::default(),
             config_file_unusable: Gauge::default(),
             programmed_service_ports: Family::default(),
+            contested_frontends: Family::default(),
             payload_lines: Family::default(),
             health_check_bind_failures: Counter::default(),
             sync_failures: Family::default(),
@@ -297,6 +300,11 @@ impl Metrics {
                 "programmed_service_ports",
                 "Service ports in the last successfully applied intent",
                 m.programmed_service_ports.clone(),
+            );
+            own.register(
+                "contested_frontends",
+                "Service addresses (with protocol and port) that more than one service port claims: the first in name order gets their traffic, the others none of it there",
+                m.contested_frontends.clone(),
             );
             own.register(
                 "payload_lines",

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use svcproxy_iptables::save_parser::tokenize;
+use svcproxy_model::frontend_claims::frontends_of;
 use svcproxy_model::{Intent, IpFamily, Protocol};
 use svcproxy_nftables::{Family, parse_listing};
 
@@ -38,15 +39,12 @@ impl std::fmt::Display for Frontend {
 pub fn service_frontends(intent: &Intent) -> BTreeMap<Frontend, String> {
     let mut frontends = BTreeMap::new();
     for spi in intent.service_ports.values() {
-        let (protocol, port, name) = (spi.name.protocol, spi.port, spi.name.to_string());
-        let addressed = std::iter::once(spi.cluster_ip)
-            .chain(spi.external_ips.iter().copied())
-            .chain(spi.load_balancer_ips.iter().copied())
-            .map(|ip| Frontend {
-                ip: Some(ip),
-                protocol,
-                port,
-            });
+        let (protocol, name) = (spi.name.protocol, spi.name.to_string());
+        let addressed = frontends_of(spi).into_iter().map(|f| Frontend {
+            ip: Some(f.ip),
+            protocol: f.protocol,
+            port: f.port,
+        });
         let node_port = spi.node_port.map(|port| Frontend {
             ip: None,
             protocol,

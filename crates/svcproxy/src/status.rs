@@ -155,6 +155,18 @@ pub struct StatusReport {
     #[serde(default)]
     pub service_cidrs: Vec<String>,
     pub service_ports: Vec<ServicePortStatus>,
+    /// Addresses (with protocol and port) more than one service port claims.
+    #[serde(default)]
+    pub contested: Vec<ContestedFrontend>,
+}
+
+/// An address, protocol and port more than one service port claims: `winner` (the first in name order) gets
+/// its traffic, `others` none of it there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContestedFrontend {
+    pub frontend: String,
+    pub winner: String,
+    pub others: Vec<String>,
 }
 
 fn vips(s: &ServicePortStatus) -> String {
@@ -250,6 +262,15 @@ pub fn render_text(r: &StatusReport) -> String {
     if let Some(p) = &r.source_problem {
         let _ = writeln!(out, "CANNOT READ THE CLUSTER since {}: {}", p.since, p.error);
     }
+    for c in &r.contested {
+        let _ = writeln!(
+            out,
+            "CONTESTED {}: {} gets its traffic, {} none of it there",
+            c.frontend,
+            c.winner,
+            c.others.join(", ")
+        );
+    }
     out
 }
 
@@ -304,6 +325,11 @@ mod tests {
                 programmed_at: None,
                 verified: true,
             }],
+            contested: vec![ContestedFrontend {
+                frontend: "192.0.2.1:80/tcp".into(),
+                winner: "demo/web:http".into(),
+                others: vec!["other/web:http".into()],
+            }],
         };
         let text = render_text(&r);
         let lines: Vec<&str> = text.lines().collect();
@@ -314,6 +340,12 @@ mod tests {
         assert!(text.contains("3 syncs, last successful 2026-01-01T00:00:00Z; last read-back never"));
         assert!(
             text.contains("unallocated addresses of 10.96.0.0/16 are dropped"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "CONTESTED 192.0.2.1:80/tcp: demo/web:http gets its traffic, other/web:http none of it there"
+            ),
             "{text}"
         );
     }

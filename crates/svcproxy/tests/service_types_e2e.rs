@@ -279,6 +279,115 @@ fn external_ips_reach_the_endpoints(mode: &str) {
     s.proxy.assert_no_divergence();
 }
 
+/// `t/capture` (ClusterIP 10.96.0.60, `http` on 80, endpoint pod12), with `spec_extra` added to its spec.
+fn capture(spec_extra: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: capture, namespace: t}}
+spec:
+  clusterIP: 10.96.0.60
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080}}
+{spec_extra}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: capture-1
+  namespace: t
+  labels: {{kubernetes.io/service-name: capture}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+endpoints:
+- addresses: [10.244.0.12]
+  conditions: {{ready: true}}
+  nodeName: node-b
+"
+    )
+}
+
+/// A second Service naming another's external IP and port takes its traffic when it sorts first, in both
+/// modes, and svcproxy says so in its log, its status and `svcproxy_contested_frontends`; once the claim is
+/// withdrawn the address is the first Service's again.
+fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str) {
+    let spec = "  externalIPs: [198.51.100.5]";
+    let mut s = setup(mode, &manifest(spec, "", &[ready("10.244.0.11", "node-b")]));
+    let eip = addr("198.51.100.5", 80);
+    let answered_by = |s: &Setup| tcp_request(s.lab.external(), eip, T).map(|r| r.identity);
+    s.wait_for("the external IP answers", |s| {
+        answered_by(s).is_ok_and(|id| id == "pod11")
+    });
+    let contested = |s: &Setup| {
+        common::metric_value(
+            &s.proxy.metrics(s.lab.node()),
+            "svcproxy_contested_frontends{ip_family=\"IPv4\"}",
+        )
+    };
+    assert_eq!(contested(&s), Some(0.0));
+
+    // `t/capture` sorts before `t/svc`: it wins the address.
+    s.dir.write("capture.yaml", &capture(spec));
+    s.wait_for("the capturing Service gets the external IP", |s| {
+        answered_by(s).is_ok_and(|id| id == "pod12")
+    });
+    let log = s.proxy.log();
+    assert!(
+        log.contains(
+            "198.51.100.5:80/tcp claimed by more than one service port: t/capture:http gets its traffic, \
+             t/svc:http none of it there"
+        ),
+        "{log}"
+    );
+    assert_eq!(contested(&s), Some(1.0));
+    let out = s
+        .lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args(["status", "--output", "json"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["contested"],
+        serde_json::json!([{
+            "frontend": "198.51.100.5:80/tcp",
+            "winner": "t/capture:http",
+            "others": ["t/svc:http"],
+        }]),
+        "{status}"
+    );
+    // The cluster IPs are not contested: each still reaches its own Service.
+    assert_eq!(
+        tcp_request(s.client.ns(), addr("10.96.0.60", 80), T)
+            .unwrap()
+            .identity,
+        "pod12"
+    );
+    assert_eq!(
+        tcp_request(s.client.ns(), addr("10.96.0.50", 80), T)
+            .unwrap()
+            .identity,
+        "pod11"
+    );
+
+    // Withdrawn, the address is `t/svc`'s again.
+    s.dir.write("capture.yaml", &capture(""));
+    s.wait_for("the external IP is the first Service's again", |s| {
+        answered_by(s).is_ok_and(|id| id == "pod11")
+    });
+    s.wait_for("the contest is over", |s| contested(s) == Some(0.0));
+    assert!(
+        s.proxy
+            .log()
+            .contains("198.51.100.5:80/tcp is claimed by one service port again"),
+        "{}",
+        s.proxy.log()
+    );
+    s.proxy.assert_no_divergence();
+}
+
 fn internal_traffic_policy_local_uses_only_local_endpoints(mode: &str) {
     let spec = "  internalTrafficPolicy: Local";
     let mut s = setup(
@@ -484,6 +593,7 @@ in_both_modes!(
     load_balancer_ip_honours_source_ranges,
     load_balancer_source_ranges_without_endpoints,
     external_ips_reach_the_endpoints,
+    a_contested_external_ip_goes_to_the_first_claimant_and_is_reported,
     internal_traffic_policy_local_uses_only_local_endpoints,
     client_ip_affinity_keeps_one_backend,
     terminating_endpoints_serve_only_when_nothing_is_ready,

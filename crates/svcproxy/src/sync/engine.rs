@@ -1,9 +1,10 @@
 //! The engine: applies source events to the cluster state and decides when and how to sync.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use svcproxy_model::frontend_claims::{Frontend, FrontendClaims};
 use svcproxy_model::{ClusterState, EndpointSlice, IntentChanges, ObjectName, Service};
 use tokio::sync::{mpsc, watch};
 
@@ -96,6 +97,11 @@ pub struct Engine<P: Proxier> {
     consecutive_failures: u32,
     /// Repairs of divergences recently made, to recognise a second writer fighting us.
     recent_repairs: Vec<Instant>,
+    /// Which service ports claim each address, as of `claims_of`, the intent last applied; and the
+    /// contested addresses already warned about.
+    claims: FrontendClaims,
+    claims_of: Option<Arc<svcproxy_model::Intent>>,
+    contests_announced: BTreeSet<Frontend>,
     /// The health problem reported because of divergence, if any.
     divergence_problem: Option<String>,
     /// The health problem reported because of failed syncs, if any.
@@ -226,6 +232,9 @@ impl<P: Proxier> Engine<P> {
             follow_up_at: None,
             consecutive_failures: 0,
             recent_repairs: Vec::new(),
+            claims: FrontendClaims::default(),
+            claims_of: None,
+            contests_announced: BTreeSet::new(),
             divergence_problem: None,
             failure_problem: None,
             hazard_problem: None,
@@ -624,6 +633,37 @@ impl<P: Proxier> Engine<P> {
         }
     }
 
+    /// Follows which service ports claim each address into `applied`, and says so when one more than one claims
+    /// appears, changes hands or is no longer contested. Only the first in name order gets such an address's
+    /// traffic, in both modes; the others would lose it without a word otherwise.
+    fn follow_claims(&mut self, applied: &Arc<svcproxy_model::Intent>) {
+        let touched = self.claims.follow(self.claims_of.as_deref(), applied);
+        self.claims_of = Some(applied.clone());
+        for frontend in touched {
+            match self.claims.contest(&frontend) {
+                Some(contest) => {
+                    let others: Vec<String> = contest.others.iter().map(ToString::to_string).collect();
+                    tracing::warn!(
+                        "{} claimed by more than one service port: {} gets its traffic, {} none of it there",
+                        contest.frontend,
+                        contest.winner,
+                        others.join(", ")
+                    );
+                    self.contests_announced.insert(frontend);
+                }
+                None => {
+                    if self.contests_announced.remove(&frontend) {
+                        tracing::info!("{frontend} is claimed by one service port again");
+                    }
+                }
+            }
+        }
+        self.metrics
+            .contested_frontends
+            .get_or_create(&self.family_labels())
+            .set(self.claims.contested() as i64);
+    }
+
     /// A whole or after-sync read ran to its end: nothing is put off any more. The canary, a glance at one
     /// chain, does not count: a read given up stays due.
     fn read_done(&mut self, check: Check) {
@@ -845,6 +885,7 @@ impl<P: Proxier> Engine<P> {
                     self.metrics.iptables_rules_total.get_or_create(&l).set(total);
                     self.metrics.iptables_rules_last.get_or_create(&l).set(last);
                 }
+                self.follow_claims(&report.intent);
                 self.status.send_modify(|s| {
                     s.syncs += 1;
                     s.applied = Some(report.intent.clone());
