@@ -5,7 +5,7 @@
 //! happens to come first) and the others get nothing there, silently. Being able to name such contests lets
 //! the proxy say so; an external IP taken this way is how one namespace captures another's traffic.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use imbl::ordmap::DiffItem;
@@ -53,10 +53,13 @@ pub fn frontends_of(spi: &ServicePortIntent) -> BTreeSet<Frontend> {
         .collect()
 }
 
-/// Every frontend's claimants, kept up to date intent by intent at the cost of what changed.
+/// How many service ports claim each frontend, kept up to date intent by intent at the cost of what changed.
+/// Only counts are kept (a few bytes a frontend at any scale); the names behind a contest are looked up in the
+/// intent when one is asked for, which happens only when a contest appears or changes.
 #[derive(Debug, Default)]
 pub struct FrontendClaims {
-    claimants: HashMap<Frontend, BTreeSet<ServicePortName>>,
+    claimants: HashMap<Frontend, u32>,
+    contested: usize,
 }
 
 impl FrontendClaims {
@@ -65,35 +68,41 @@ impl FrontendClaims {
     /// ports they share; one that changed (its endpoints, say) costs a comparison of its few frontends.
     pub fn follow(&mut self, before: Option<&Intent>, after: &Intent) -> BTreeSet<Frontend> {
         let mut touched = BTreeSet::new();
-        let mut change = |name: &ServicePortName, old: BTreeSet<Frontend>, new: BTreeSet<Frontend>| {
+        let mut change = |old: BTreeSet<Frontend>, new: BTreeSet<Frontend>| {
             for gone in old.difference(&new) {
-                if let Some(set) = self.claimants.get_mut(gone) {
-                    set.remove(name);
-                    if set.is_empty() {
-                        self.claimants.remove(gone);
+                if let Some(count) = self.claimants.get_mut(gone) {
+                    *count -= 1;
+                    match *count {
+                        0 => {
+                            self.claimants.remove(gone);
+                        }
+                        1 => self.contested -= 1,
+                        _ => {}
                     }
                 }
                 touched.insert(*gone);
             }
             for came in new.difference(&old) {
-                self.claimants.entry(*came).or_default().insert(name.clone());
+                let count = self.claimants.entry(*came).or_default();
+                *count += 1;
+                if *count == 2 {
+                    self.contested += 1;
+                }
                 touched.insert(*came);
             }
         };
         match before {
             None => {
-                for (name, spi) in &after.service_ports {
-                    change(name, BTreeSet::new(), frontends_of(spi));
+                for spi in after.service_ports.values() {
+                    change(BTreeSet::new(), frontends_of(spi));
                 }
             }
             Some(before) => {
                 for item in before.service_ports.diff(&after.service_ports) {
                     match item {
-                        DiffItem::Add(name, spi) => change(name, BTreeSet::new(), frontends_of(spi)),
-                        DiffItem::Update { old, new } => {
-                            change(new.0, frontends_of(old.1), frontends_of(new.1))
-                        }
-                        DiffItem::Remove(name, spi) => change(name, frontends_of(spi), BTreeSet::new()),
+                        DiffItem::Add(_, spi) => change(BTreeSet::new(), frontends_of(spi)),
+                        DiffItem::Update { old, new } => change(frontends_of(old.1), frontends_of(new.1)),
+                        DiffItem::Remove(_, spi) => change(frontends_of(spi), BTreeSet::new()),
                     }
                 }
             }
@@ -101,30 +110,49 @@ impl FrontendClaims {
         touched
     }
 
-    /// The contest over `frontend`, if more than one service port claims it.
-    pub fn contest(&self, frontend: &Frontend) -> Option<Contest> {
-        let claimants = self.claimants.get(frontend)?;
-        let mut names = claimants.iter().cloned();
+    /// The contest over `frontend` in `intent` (the one last followed), if more than one service port claims
+    /// it. Reads every service port of the intent: for a contest that appeared or changed, not for each sync.
+    pub fn contest(&self, frontend: &Frontend, intent: &Intent) -> Option<Contest> {
+        if self.claimants.get(frontend).is_none_or(|count| *count < 2) {
+            return None;
+        }
+        // The intent's order is name order: the first claimant found is the one that gets the traffic.
+        let mut names = intent
+            .service_ports
+            .iter()
+            .filter(|(_, spi)| frontends_of(spi).contains(frontend))
+            .map(|(name, _)| name.clone());
         let winner = names.next()?;
-        let others: Vec<ServicePortName> = names.collect();
-        (!others.is_empty()).then_some(Contest {
+        Some(Contest {
             frontend: *frontend,
             winner,
-            others,
+            others: names.collect(),
         })
     }
 
     /// How many frontends more than one service port claims.
     pub fn contested(&self) -> usize {
-        self.claimants.values().filter(|c| c.len() > 1).count()
+        self.contested
     }
 }
 
-/// Every contest of `intent`, in frontend order: what [`FrontendClaims`] tracks, worked out from scratch.
+/// Every contest of `intent`, in frontend order, worked out from scratch.
 pub fn contests(intent: &Intent) -> Vec<Contest> {
-    let mut claims = FrontendClaims::default();
-    let frontends = claims.follow(None, intent);
-    frontends.iter().filter_map(|f| claims.contest(f)).collect()
+    let mut claimants: BTreeMap<Frontend, Vec<&ServicePortName>> = BTreeMap::new();
+    for (name, spi) in &intent.service_ports {
+        for frontend in frontends_of(spi) {
+            claimants.entry(frontend).or_default().push(name);
+        }
+    }
+    claimants
+        .into_iter()
+        .filter(|(_, names)| names.len() > 1)
+        .map(|(frontend, names)| Contest {
+            frontend,
+            winner: names[0].clone(),
+            others: names[1..].iter().map(|n| (*n).clone()).collect(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -227,7 +255,7 @@ mod tests {
         let touched = claims.follow(Some(&first), &second);
         let contested = frontend("192.0.2.1:80", tcp);
         assert_eq!(touched, BTreeSet::from([contested]));
-        assert_eq!(claims.contest(&contested), contests(&second).pop());
+        assert_eq!(claims.contest(&contested, &second), contests(&second).pop());
         assert_eq!(claims.contested(), 1);
 
         // An unchanged intent touches nothing; a gone, its claim goes and the contest with it.
@@ -235,8 +263,37 @@ mod tests {
         let third = intent(&[b_takes]);
         let touched = claims.follow(Some(&second), &third);
         assert!(touched.contains(&contested), "{touched:?}");
-        assert_eq!(claims.contest(&contested), None);
+        assert_eq!(claims.contest(&contested, &third), None);
         assert_eq!(claims.contested(), 0);
         assert!(contests(&third).is_empty());
+    }
+
+    /// A contest of three stays one when a claimant leaves, and its winner moves on when the first does.
+    #[test]
+    fn a_contest_outlives_claimants_until_one_is_left() {
+        let tcp = Protocol::Tcp;
+        let claim = |name: &str, ip: &str| service(name, ip, &["192.0.2.9"], vec![port("http", tcp, 80)]);
+        let (a, b, c) = (
+            claim("a", "10.96.0.1"),
+            claim("b", "10.96.0.2"),
+            claim("c", "10.96.0.3"),
+        );
+        let contested = frontend("192.0.2.9:80", tcp);
+        let mut claims = FrontendClaims::default();
+        let all = intent(&[a.clone(), b.clone(), c.clone()]);
+        claims.follow(None, &all);
+        assert_eq!(claims.contested(), 1);
+        let without_a = intent(&[b, c.clone()]);
+        assert!(claims.follow(Some(&all), &without_a).contains(&contested));
+        assert_eq!(claims.contested(), 1);
+        let contest = claims.contest(&contested, &without_a).unwrap();
+        assert_eq!(
+            (contest.winner, contest.others),
+            (spn("b", "http", tcp), vec![spn("c", "http", tcp)])
+        );
+        let only_c = intent(&[c]);
+        claims.follow(Some(&without_a), &only_c);
+        assert_eq!(claims.contested(), 0);
+        assert_eq!(claims.contest(&contested, &only_c), None);
     }
 }

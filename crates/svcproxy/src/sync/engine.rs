@@ -640,7 +640,7 @@ impl<P: Proxier> Engine<P> {
         let touched = self.claims.follow(self.claims_of.as_deref(), applied);
         self.claims_of = Some(applied.clone());
         for frontend in touched {
-            match self.claims.contest(&frontend) {
+            match self.claims.contest(&frontend, applied) {
                 Some(contest) => {
                     let others: Vec<String> = contest.others.iter().map(ToString::to_string).collect();
                     tracing::warn!(
