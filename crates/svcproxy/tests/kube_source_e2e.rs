@@ -180,15 +180,7 @@ fn rules_follow_the_api_through_changes_relists_and_outages() {
 
     // A long outage is reported by status (and so by explain), with when it began; healthz stays green so
     // load balancers keep the node; once the API answers again the report clears.
-    let status = || -> Value {
-        let out = lab
-            .node()
-            .command(env!("CARGO_BIN_EXE_svcproxy"))
-            .args(["status", "--output", "json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let status = || common::status_json(lab.node());
     store.set_fail_lists(1_000_000);
     store.set_fail_watches(1_000_000);
     store.break_watches();
@@ -308,14 +300,7 @@ impl OnePodNode {
 
     /// `svcproxy status --output json`.
     fn status(&self) -> Value {
-        let out = self
-            .lab
-            .node()
-            .command(env!("CARGO_BIN_EXE_svcproxy"))
-            .args(["status", "--output", "json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
+        common::status_json(self.lab.node())
     }
 
     fn healthz(&self) -> (u16, String) {

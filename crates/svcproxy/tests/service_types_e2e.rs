@@ -341,14 +341,7 @@ fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str
         "{log}"
     );
     assert_eq!(contested(&s), Some(1.0));
-    let out = s
-        .lab
-        .node()
-        .command(env!("CARGO_BIN_EXE_svcproxy"))
-        .args(["status", "--output", "json"])
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = common::status_json(s.lab.node());
     assert_eq!(
         status["contested"],
         serde_json::json!([{

@@ -196,6 +196,17 @@ impl Drop for Svcproxy {
     }
 }
 
+/// `svcproxy status --output json` run in `ns`, as an operator on the node would; `Null` when the daemon
+/// does not answer.
+pub fn status_json(ns: &NetNs) -> serde_json::Value {
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args(["status", "--output", "json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
 /// The value of one sample line of a Prometheus text exposition (`name{labels} value`), if present.
 pub fn metric_value(exposition: &str, name_and_labels: &str) -> Option<f64> {
     exposition.lines().find_map(|l| {
