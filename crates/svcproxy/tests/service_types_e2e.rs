@@ -351,6 +351,33 @@ fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str
         }]),
         "{status}"
     );
+    // `explain` traces the address to the Service that gets it, and says who else claims it.
+    let out = s
+        .lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args([
+            "explain",
+            "--daemon",
+            "--from",
+            EXTERNAL,
+            "--to",
+            "198.51.100.5:80/tcp",
+        ])
+        .args(["--output", "json"])
+        .output()
+        .unwrap();
+    let explained: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(explained["service"]["name"], "t/capture:http", "{explained}");
+    assert!(
+        explained["notes"]
+            .as_array()
+            .is_some_and(|notes| notes.iter().any(|n| n
+                == "198.51.100.5:80/tcp is claimed by more than one service port: t/capture:http gets its \
+                traffic, t/svc:http none of it there")),
+        "{explained}"
+    );
     // The cluster IPs are not contested: each still reaches its own Service.
     assert_eq!(
         tcp_request(s.client.ns(), addr("10.96.0.60", 80), T)
