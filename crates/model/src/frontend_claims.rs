@@ -39,6 +39,39 @@ pub struct Contest {
     pub others: Vec<ServicePortName>,
 }
 
+/// The sentence the log and `explain` say it with.
+impl std::fmt::Display for Contest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} claimed by more than one service port: {} gets its traffic, ",
+            self.frontend, self.winner
+        )?;
+        for (i, other) in self.others.iter().enumerate() {
+            write!(f, "{}{other}", if i == 0 { "" } else { ", " })?;
+        }
+        f.write_str(" none of it there")
+    }
+}
+
+/// The contest over `frontend` in `intent`, if more than one service port claims it. Reads every service
+/// port: for a contest known to have appeared or changed, or a one-off question.
+pub fn contest_in(intent: &Intent, frontend: &Frontend) -> Option<Contest> {
+    // The intent's order is name order: the first claimant found is the one that gets the traffic.
+    let mut names = intent
+        .service_ports
+        .iter()
+        .filter(|(_, spi)| frontends_of(spi).contains(frontend))
+        .map(|(name, _)| name.clone());
+    let winner = names.next()?;
+    let others: Vec<ServicePortName> = names.collect();
+    (!others.is_empty()).then_some(Contest {
+        frontend: *frontend,
+        winner,
+        others,
+    })
+}
+
 /// The frontends of one service port: its cluster IP, external IPs and load-balancer IPs (those of ipMode
 /// Proxy are not in the intent), each once.
 pub fn frontends_of(spi: &ServicePortIntent) -> BTreeSet<Frontend> {
@@ -111,23 +144,12 @@ impl FrontendClaims {
     }
 
     /// The contest over `frontend` in `intent` (the one last followed), if more than one service port claims
-    /// it. Reads every service port of the intent: for a contest that appeared or changed, not for each sync.
+    /// it; only a frontend the counts say is contested is looked up.
     pub fn contest(&self, frontend: &Frontend, intent: &Intent) -> Option<Contest> {
         if self.claimants.get(frontend).is_none_or(|count| *count < 2) {
             return None;
         }
-        // The intent's order is name order: the first claimant found is the one that gets the traffic.
-        let mut names = intent
-            .service_ports
-            .iter()
-            .filter(|(_, spi)| frontends_of(spi).contains(frontend))
-            .map(|(name, _)| name.clone());
-        let winner = names.next()?;
-        Some(Contest {
-            frontend: *frontend,
-            winner,
-            others: names.collect(),
-        })
+        contest_in(intent, frontend)
     }
 
     /// How many frontends more than one service port claims.
@@ -235,6 +257,11 @@ mod tests {
             }]
         );
         assert_eq!(frontend("192.0.2.1:80", tcp).to_string(), "192.0.2.1:80/tcp");
+        assert_eq!(
+            contests(&intent(&services))[0].to_string(),
+            "192.0.2.1:80/tcp claimed by more than one service port: ns/a:http gets its traffic, ns/b:http none \
+             of it there"
+        );
     }
 
     /// Followed change by change, the claims end where working them out from scratch does, and what changed

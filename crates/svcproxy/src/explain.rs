@@ -27,7 +27,7 @@ use svcproxy_iptables::save_parser::{SaveParseError, SavedRuleset, parse_save, t
 use svcproxy_iptables::tracer::{NodeContext, trace};
 use svcproxy_iptables::{is_owned_service_chain, jump_rules, render, saved_view};
 use svcproxy_model::ServicePortIntent;
-use svcproxy_model::frontend_claims::{Frontend, frontends_of};
+use svcproxy_model::frontend_claims::{Frontend, contest_in};
 use svcproxy_model::intent::build_intent;
 use svcproxy_model::trace::{Origin, Packet, Trace, Verdict};
 use svcproxy_model::{ClusterState, EndpointInfo, Intent, IntentConfig, IpFamily, ObjectName, Protocol};
@@ -889,25 +889,6 @@ fn service_at<'a>(
     })
 }
 
-/// When more than one service port claims the address, which one gets its traffic: the traced path is that
-/// one's, whichever Service was asked about.
-fn contest_note(intent: &Intent, ip: IpAddr, port: u16, protocol: Protocol) -> Option<String> {
-    let frontend = Frontend { ip, protocol, port };
-    let claimants: Vec<String> = intent
-        .service_ports
-        .values()
-        .filter(|spi| frontends_of(spi).contains(&frontend))
-        .map(|spi| spi.name.to_string())
-        .collect();
-    let (winner, others) = claimants.split_first()?;
-    (!others.is_empty()).then(|| {
-        format!(
-            "{frontend} is claimed by more than one service port: {winner} gets its traffic, {} none of it there",
-            others.join(", ")
-        )
-    })
-}
-
 fn port_list(ports: &[&ServicePortIntent]) -> String {
     ports
         .iter()
@@ -1223,8 +1204,9 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
         hazards_unavailable: None,
         diagnosis: Vec::new(),
     };
-    if let Some(note) = intent.and_then(|i| contest_note(i, ip, port, protocol)) {
-        report.notes.push(note);
+    // The traced path is the claimant's that gets the address, whichever Service was asked about.
+    if let Some(contest) = intent.and_then(|i| contest_in(i, &Frontend { ip, protocol, port })) {
+        report.notes.push(contest.to_string());
     }
     if let KernelRules::Nftables(table) = input.kernel {
         let table_name = format!("{} {NFT_TABLE}", nft_family(family));

@@ -374,7 +374,7 @@ fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str
         explained["notes"]
             .as_array()
             .is_some_and(|notes| notes.iter().any(|n| n
-                == "198.51.100.5:80/tcp is claimed by more than one service port: t/capture:http gets its \
+                == "198.51.100.5:80/tcp claimed by more than one service port: t/capture:http gets its \
                 traffic, t/svc:http none of it there")),
         "{explained}"
     );

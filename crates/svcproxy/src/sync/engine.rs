@@ -642,13 +642,7 @@ impl<P: Proxier> Engine<P> {
         for frontend in touched {
             match self.claims.contest(&frontend, applied) {
                 Some(contest) => {
-                    let others: Vec<String> = contest.others.iter().map(ToString::to_string).collect();
-                    tracing::warn!(
-                        "{} claimed by more than one service port: {} gets its traffic, {} none of it there",
-                        contest.frontend,
-                        contest.winner,
-                        others.join(", ")
-                    );
+                    tracing::warn!("{contest}");
                     self.contests_announced.insert(frontend);
                 }
                 None => {
