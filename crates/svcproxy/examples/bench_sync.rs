@@ -258,10 +258,20 @@ impl Proxy {
 
     /// Peak resident memory so far, from the kernel's high-water mark.
     fn peak_rss_mib(&self) -> f64 {
+        self.memory_mib("VmHWM:")
+    }
+
+    /// Resident memory now: what a long run of changes leaves behind shows here, not in the peak, which the
+    /// cold sync sets.
+    fn rss_mib(&self) -> f64 {
+        self.memory_mib("VmRSS:")
+    }
+
+    fn memory_mib(&self, field: &str) -> f64 {
         let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
             .map(|kib| kib / 1024.0)
             .unwrap_or_default()
@@ -357,6 +367,7 @@ fn main() {
         let mut latencies = Vec::new();
         let mut sync_times = Vec::new();
         let mut change_lines = 0;
+        let mut rss_after_first = 0.0;
         for c in 0..changes {
             let i = (c * 7919) % n;
             let sent = SystemTime::now();
@@ -366,7 +377,11 @@ fn main() {
             sync_times.push(s.seconds * 1000.0);
             change_lines = s.lines;
             debug_assert_eq!(s.kind, "partial");
+            if c == 0 {
+                rss_after_first = proxy.rss_mib();
+            }
         }
+        let rss_after_all = proxy.rss_mib();
         // The first change is sent the moment the cold sync is logged, when the read-back after it is due.
         let first_change = latencies.first().copied().unwrap_or_default();
         latencies.sort_by(f64::total_cmp);
@@ -442,6 +457,12 @@ fn main() {
             "{n} × {m}: a change made during the cold sync was in the kernel {after_cold:.1} ms after it; the \
              first change sent as the cold sync ended, {first_change:.1} ms event → kernel"
         );
+        if changes > 1 {
+            println!(
+                "{n} × {m}: resident memory {rss_after_first:.1} MiB after the first change, \
+                 {rss_after_all:.1} MiB after all {changes}"
+            );
+        }
         if settle > 0 {
             println!(
                 "{n} × {m}: idle for {settle} s with --verify-period {verify}: {idle_cpu:.2} s of CPU (the proxy and its children)"
