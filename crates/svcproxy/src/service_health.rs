@@ -65,6 +65,11 @@ async fn answer(State(s): State<ListenerState>) -> Response {
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r.headers_mut()
         .insert("X-Content-Type-Options", HeaderValue::from_static("nosniff"));
+    // Newer kube-proxy releases send the count as a weight too: load balancers that weigh nodes by their
+    // health checks (Google Cloud's weighted Maglev) then give each node traffic in proportion to its local
+    // endpoints instead of equally.
+    r.headers_mut()
+        .insert("X-Load-Balancing-Endpoint-Weight", HeaderValue::from(count));
     r
 }
 
@@ -275,5 +280,58 @@ mod tests {
         servers.update(&desired, Some(&loopback)).await;
         assert_eq!(events.0.lock().unwrap().len(), 1);
         assert!(servers.failing.is_empty());
+    }
+
+    /// What a load balancer's probe reads: the status line and the headers.
+    async fn probe(port: u16) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.0\r\nHost: lb\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        raw.split("\r\n\r\n").next().unwrap().to_ascii_lowercase()
+    }
+
+    #[tokio::test]
+    async fn the_probe_answer_weighs_the_node_by_its_local_endpoints() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut servers = ServiceHealthServers::new(
+            Arc::new(ProxyHealth::new(Duration::from_secs(60))),
+            Arc::new(Metrics::new()),
+        );
+        let loopback = [IpAddr::from(Ipv4Addr::LOCALHOST)];
+        let with = |local_ready_endpoints| {
+            BTreeMap::from([(
+                ObjectName::new("demo", "web"),
+                HealthCheck {
+                    node_port: port,
+                    local_ready_endpoints,
+                },
+            )])
+        };
+        servers.update(&with(3), Some(&loopback)).await;
+        let head = probe(port).await;
+        assert!(head.starts_with("http/1.0 200"), "{head}");
+        assert!(
+            head.contains("\r\nx-load-balancing-endpoint-weight: 3\r\n"),
+            "{head}"
+        );
+
+        servers.update(&with(0), Some(&loopback)).await;
+        let head = probe(port).await;
+        assert!(head.starts_with("http/1.0 503"), "{head}");
+        assert!(
+            head.contains("\r\nx-load-balancing-endpoint-weight: 0\r\n"),
+            "{head}"
+        );
     }
 }
