@@ -125,9 +125,11 @@ fn object_name(
     meta: &ObjectMeta,
     default_namespace: &str,
 ) -> Result<ObjectName, ConvertError> {
+    // An empty namespace is no namespace, as `kubectl apply` reads a manifest's `namespace: ""`.
     let namespace = meta
         .namespace
         .clone()
+        .filter(|n| !n.is_empty())
         .unwrap_or_else(|| default_namespace.to_string());
     let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
         return Err(ConvertError {
@@ -565,6 +567,60 @@ mod tests {
             "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": port_name, "port": 80}]}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn an_empty_namespace_is_the_default_one() {
+        let mut object = svc("web", "http");
+        object.metadata.namespace = Some(String::new());
+        assert_eq!(
+            service(&object, "apps").unwrap().name,
+            ObjectName::new("apps", "web")
+        );
+    }
+
+    /// Text an author could put in a name: DNS-label characters mostly, so that valid names come up, with the
+    /// characters that would end a quoted comment, split a restore line or start a shell expansion mixed in.
+    fn author_text() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::string::string_regex(
+            "[a-z0-9.-]{0,6}[a-zA-Z0-9 .\t\n\"'\\;$`|&()*/:_é-]{0,3}[a-z0-9-]{0,6}",
+        )
+        .unwrap()
+    }
+
+    proptest::proptest! {
+        /// Whatever a Service's names hold, it is either refused naming the field that holds the bad text, or
+        /// everything of it that reaches a rule comment is made of the characters DNS names allow.
+        #[test]
+        fn a_service_name_is_refused_by_field_or_safe_in_a_comment(
+            namespace in author_text(),
+            name in author_text(),
+            port_name in author_text(),
+        ) {
+            let mut object = svc(&name, &port_name);
+            object.metadata.namespace = Some(namespace.clone());
+            match service(&object, "default") {
+                Ok(converted) => {
+                    for port in &converted.ports {
+                        let spn = format!("{}:{}", converted.name, port.name);
+                        proptest::prop_assert!(
+                            spn.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-./:".contains(&b)),
+                            "{spn:?} was accepted"
+                        );
+                    }
+                }
+                Err(e) => {
+                    let bad = match e.field.as_str() {
+                        "metadata.namespace" => &namespace,
+                        "metadata.name" => &name,
+                        "spec.ports[0].name" => &port_name,
+                        other => return Err(proptest::test_runner::TestCaseError::fail(format!("refused for {other}: {e}"))),
+                    };
+                    let says = if bad.is_empty() { "missing".to_string() } else { format!("{bad:?}") };
+                    proptest::prop_assert!(e.to_string().contains(&says), "{e} does not say {says}");
+                }
+            }
+        }
     }
 
     fn cidr_object(name: &str, cidrs: &[&str]) -> networking::ServiceCIDR {
