@@ -3,7 +3,8 @@
 //! Services: two service ports can claim the same address, protocol and port. Both renderers then send its
 //! traffic to the first of them in service-port order (in upstream's iptables mode, to the one whose rule
 //! happens to come first) and the others get nothing there, silently. Being able to name such contests lets
-//! the proxy say so; an external IP taken this way is how one namespace captures another's traffic.
+//! the proxy say so; an external IP taken this way is how one namespace captures another's traffic. Node ports
+//! are allocated one per Service too, but Services read from hand-written manifests can share one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -12,22 +13,22 @@ use imbl::ordmap::DiffItem;
 
 use crate::{Intent, Protocol, ServicePortIntent, ServicePortName};
 
-/// An address a service port is reached at, with its protocol and port.
+/// Where a service port is reached: one of its addresses (cluster IP, external IP, load-balancer IP) as `ip`,
+/// or with no address its node port, on every node address; with its protocol and port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    pub ip: IpAddr,
+    pub ip: Option<IpAddr>,
     pub protocol: Protocol,
     pub port: u16,
 }
 
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            std::net::SocketAddr::new(self.ip, self.port),
-            self.protocol.lower()
-        )
+        match self.ip {
+            Some(ip) => write!(f, "{}", std::net::SocketAddr::new(ip, self.port))?,
+            None => write!(f, "node port {}", self.port)?,
+        }
+        write!(f, "/{}", self.protocol.lower())
     }
 }
 
@@ -73,16 +74,22 @@ pub fn contest_in(intent: &Intent, frontend: &Frontend) -> Option<Contest> {
 }
 
 /// The frontends of one service port: its cluster IP, external IPs and load-balancer IPs (those of ipMode
-/// Proxy are not in the intent), each once.
+/// Proxy are not in the intent), each once, and its node port.
 pub fn frontends_of(spi: &ServicePortIntent) -> BTreeSet<Frontend> {
+    let protocol = spi.name.protocol;
     std::iter::once(spi.cluster_ip)
         .chain(spi.external_ips.iter().copied())
         .chain(spi.load_balancer_ips.iter().copied())
         .map(|ip| Frontend {
-            ip,
-            protocol: spi.name.protocol,
+            ip: Some(ip),
+            protocol,
             port: spi.port,
         })
+        .chain(spi.node_port.map(|port| Frontend {
+            ip: None,
+            protocol,
+            port,
+        }))
         .collect()
 }
 
@@ -219,7 +226,7 @@ mod tests {
     fn frontend(text: &str, protocol: Protocol) -> Frontend {
         let addr: std::net::SocketAddr = text.parse().unwrap();
         Frontend {
-            ip: addr.ip(),
+            ip: Some(addr.ip()),
             protocol,
             port: addr.port(),
         }
@@ -262,6 +269,48 @@ mod tests {
             "192.0.2.1:80/tcp claimed by more than one service port: ns/a:http gets its traffic, ns/b:http none \
              of it there"
         );
+    }
+
+    /// Two Services of hand-written manifests naming one node port contest it on every node address; the same
+    /// number as another Service's port, or under another protocol, is no contest.
+    #[test]
+    fn two_services_naming_one_node_port_contest_it() {
+        let tcp = Protocol::Tcp;
+        let node_port = |name: &str, protocol, number| ServicePort {
+            node_port: Some(number),
+            ..port(name, protocol, 80)
+        };
+        let node_port_service = |name: &str, ip: &str, port: ServicePort| Service {
+            service_type: crate::ServiceType::NodePort,
+            ..service(name, ip, &[], vec![port])
+        };
+        let services = [
+            node_port_service("b", "10.96.0.2", node_port("http", tcp, 30080)),
+            node_port_service("a", "10.96.0.1", node_port("http", tcp, 30080)),
+            node_port_service("c", "10.96.0.3", node_port("dns", Protocol::Udp, 30080)),
+            service("d", "10.96.0.4", &[], vec![port("alt", tcp, 30080)]),
+        ];
+        let contested = Frontend {
+            ip: None,
+            protocol: tcp,
+            port: 30080,
+        };
+        assert_eq!(
+            contests(&intent(&services)),
+            vec![Contest {
+                frontend: contested,
+                winner: spn("a", "http", tcp),
+                others: vec![spn("b", "http", tcp)],
+            }]
+        );
+        assert_eq!(
+            contests(&intent(&services))[0].to_string(),
+            "node port 30080/tcp claimed by more than one service port: ns/a:http gets its traffic, ns/b:http \
+             none of it there"
+        );
+        let mut claims = FrontendClaims::default();
+        claims.follow(None, &intent(&services));
+        assert_eq!(claims.contested(), 1);
     }
 
     /// Followed change by change, the claims end where working them out from scratch does, and what changed

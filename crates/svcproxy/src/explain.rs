@@ -1204,8 +1204,13 @@ pub fn explain(input: ExplainInput<'_>) -> Result<ExplainReport, ExplainError> {
         hazards_unavailable: None,
         diagnosis: Vec::new(),
     };
-    // The traced path is the claimant's that gets the address, whichever Service was asked about.
-    if let Some(contest) = intent.and_then(|i| contest_in(i, &Frontend { ip, protocol, port })) {
+    // The traced path is the claimant's that gets the address, whichever Service was asked about. On a node
+    // address, what is contested may be a node port.
+    let contest = intent.and_then(|i| {
+        let at = |ip| contest_in(i, &Frontend { ip, protocol, port });
+        at(Some(ip)).or_else(|| is_local(ip, input.local_ips).then(|| at(None)).flatten())
+    });
+    if let Some(contest) = contest {
         report.notes.push(contest.to_string());
     }
     if let KernelRules::Nftables(table) = input.kernel {

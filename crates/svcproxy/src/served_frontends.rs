@@ -15,42 +15,16 @@ use svcproxy_nftables::{Family, parse_listing};
 
 use crate::exec::runner::Runner;
 
-/// Where a Service is addressed: one of its addresses (cluster IP, external IP, load-balancer IP) as `ip`, or
-/// with no address its node port, on every node address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Frontend {
-    pub ip: Option<IpAddr>,
-    pub protocol: Protocol,
-    pub port: u16,
-}
-
-impl std::fmt::Display for Frontend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.ip {
-            Some(ip) => write!(f, "{}", std::net::SocketAddr::new(ip, self.port))?,
-            None => write!(f, "node port {}", self.port)?,
-        }
-        write!(f, "/{}", self.protocol.lower())
-    }
-}
+/// Where a Service is addressed: the model's frontends, which the other proxy's rules are read into as well.
+pub use svcproxy_model::frontend_claims::Frontend;
 
 /// Every frontend of `intent`, each with its service port's name (`ns/svc:port`): cluster IPs, node ports,
 /// external IPs and load-balancer IPs (those of ipMode Proxy are not in the intent: no proxy captures them).
 pub fn service_frontends(intent: &Intent) -> BTreeMap<Frontend, String> {
     let mut frontends = BTreeMap::new();
     for spi in intent.service_ports.values() {
-        let (protocol, name) = (spi.name.protocol, spi.name.to_string());
-        let addressed = frontends_of(spi).into_iter().map(|f| Frontend {
-            ip: Some(f.ip),
-            protocol: f.protocol,
-            port: f.port,
-        });
-        let node_port = spi.node_port.map(|port| Frontend {
-            ip: None,
-            protocol,
-            port,
-        });
-        for frontend in addressed.chain(node_port) {
+        let name = spi.name.to_string();
+        for frontend in frontends_of(spi) {
             frontends.insert(frontend, name.clone());
         }
     }

@@ -408,6 +408,76 @@ fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str
     s.proxy.assert_no_divergence();
 }
 
+/// Hand-written manifests can give two Services one node port (the API server would not): the first in name
+/// order gets it on every node address, and svcproxy says so, as for an address.
+fn a_contested_node_port_goes_to_the_first_claimant_and_is_reported(mode: &str) {
+    let mut s = setup(
+        mode,
+        &manifest("  type: NodePort", "", &[ready("10.244.0.11", "node-b")]),
+    );
+    let node_port = addr("10.0.0.10", 30080);
+    let answered_by = |s: &Setup| tcp_request(s.lab.external(), node_port, T).map(|r| r.identity);
+    s.wait_for("the node port answers", |s| {
+        answered_by(s).is_ok_and(|id| id == "pod11")
+    });
+    let contested = |s: &Setup| {
+        common::metric_value(
+            &s.proxy.metrics(s.lab.node()),
+            "svcproxy_contested_frontends{ip_family=\"IPv4\"}",
+        )
+    };
+    assert_eq!(contested(&s), Some(0.0));
+
+    let sentence = "node port 30080/tcp claimed by more than one service port: t/capture:http gets its traffic, \
+                    t/svc:http none of it there";
+    let capturing =
+        capture("  type: NodePort").replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
+    s.dir.write("capture.yaml", &capturing);
+    s.wait_for("the capturing Service gets the node port", |s| {
+        answered_by(s).is_ok_and(|id| id == "pod12")
+    });
+    let log = s.proxy.log();
+    assert!(log.contains(sentence), "{log}");
+    assert_eq!(contested(&s), Some(1.0));
+    let status = common::status_json(s.lab.node());
+    assert_eq!(
+        status["contested"][0]["frontend"], "node port 30080/tcp",
+        "{status}"
+    );
+    let out = s
+        .lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .args([
+            "explain",
+            "--daemon",
+            "--from",
+            EXTERNAL,
+            "--to",
+            "10.0.0.10:30080/tcp",
+        ])
+        .args(["--output", "json"])
+        .output()
+        .unwrap();
+    let explained: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(explained["service"]["name"], "t/capture:http", "{explained}");
+    assert!(
+        explained["notes"]
+            .as_array()
+            .is_some_and(|notes| notes.iter().any(|n| n == sentence)),
+        "{explained}"
+    );
+
+    // Withdrawn, the node port is `t/svc`'s again.
+    s.dir.write("capture.yaml", &capture("  type: NodePort"));
+    s.wait_for("the node port is the first Service's again", |s| {
+        answered_by(s).is_ok_and(|id| id == "pod11")
+    });
+    s.wait_for("the contest is over", |s| contested(s) == Some(0.0));
+    s.proxy.assert_no_divergence();
+}
+
 fn internal_traffic_policy_local_uses_only_local_endpoints(mode: &str) {
     let spec = "  internalTrafficPolicy: Local";
     let mut s = setup(
@@ -614,6 +684,7 @@ in_both_modes!(
     load_balancer_source_ranges_without_endpoints,
     external_ips_reach_the_endpoints,
     a_contested_external_ip_goes_to_the_first_claimant_and_is_reported,
+    a_contested_node_port_goes_to_the_first_claimant_and_is_reported,
     internal_traffic_policy_local_uses_only_local_endpoints,
     client_ip_affinity_keeps_one_backend,
     terminating_endpoints_serve_only_when_nothing_is_ready,
