@@ -227,24 +227,24 @@ fn both_families_are_served(mode: &str) {
     s.proxy.assert_no_divergence();
 
     // explain reads the IPv6 rules for an IPv6 destination, and they agree with the IPv6 intent.
-    let out = s
-        .lab
-        .node()
-        .command(env!("CARGO_BIN_EXE_svcproxy"))
-        .args([
-            "explain",
+    let (from, to) = (pod6(0x50).to_string(), format!("[{VIP6}]:80/tcp"));
+    let r = common::explain_json(
+        s.lab.node(),
+        &[
             "--from",
-            &pod6(0x50).to_string(),
+            &from,
             "--to",
-            &format!("[{VIP6}]:80/tcp"),
-        ])
-        .args(["--output", "json", "--manifests", s.dir.path().to_str().unwrap()])
-        .args(["--hostname-override", "node-a", "--proxy-mode", mode])
-        .args(["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/64"])
-        .output()
-        .unwrap();
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+            &to,
+            "--manifests",
+            s.dir.path().to_str().unwrap(),
+            "--hostname-override",
+            "node-a",
+            "--proxy-mode",
+            mode,
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:10:244::/64",
+        ],
+    );
     assert_eq!(r["agree"], true, "{r:#}");
     assert_eq!(r["service"]["name"], "demo/web:http", "{r:#}");
     let endpoints = r["kernel"]["endpoints"].as_array().unwrap();

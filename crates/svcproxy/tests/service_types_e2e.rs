@@ -352,23 +352,10 @@ fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str
         "{status}"
     );
     // `explain` traces the address to the Service that gets it, and says who else claims it.
-    let out = s
-        .lab
-        .node()
-        .command(env!("CARGO_BIN_EXE_svcproxy"))
-        .args([
-            "explain",
-            "--daemon",
-            "--from",
-            EXTERNAL,
-            "--to",
-            "198.51.100.5:80/tcp",
-        ])
-        .args(["--output", "json"])
-        .output()
-        .unwrap();
-    let explained: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let explained = common::explain_json(
+        s.lab.node(),
+        &["--daemon", "--from", EXTERNAL, "--to", "198.51.100.5:80/tcp"],
+    );
     assert_eq!(explained["service"]["name"], "t/capture:http", "{explained}");
     assert!(
         explained["notes"]
@@ -444,23 +431,10 @@ fn a_contested_node_port_goes_to_the_first_claimant_and_is_reported(mode: &str) 
         status["contested"][0]["frontend"], "node port 30080/tcp",
         "{status}"
     );
-    let out = s
-        .lab
-        .node()
-        .command(env!("CARGO_BIN_EXE_svcproxy"))
-        .args([
-            "explain",
-            "--daemon",
-            "--from",
-            EXTERNAL,
-            "--to",
-            "10.0.0.10:30080/tcp",
-        ])
-        .args(["--output", "json"])
-        .output()
-        .unwrap();
-    let explained: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let explained = common::explain_json(
+        s.lab.node(),
+        &["--daemon", "--from", EXTERNAL, "--to", "10.0.0.10:30080/tcp"],
+    );
     assert_eq!(explained["service"]["name"], "t/capture:http", "{explained}");
     assert!(
         explained["notes"]

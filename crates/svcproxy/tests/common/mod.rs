@@ -207,6 +207,19 @@ pub fn status_json(ns: &NetNs) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
+/// `svcproxy explain ARGS --output json` run in `ns`; its report, or a panic quoting what it printed instead.
+pub fn explain_json(ns: &NetNs, args: &[&str]) -> serde_json::Value {
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_svcproxy"))
+        .arg("explain")
+        .args(args)
+        .args(["--output", "json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
 /// The value of one sample line of a Prometheus text exposition (`name{labels} value`), if present.
 pub fn metric_value(exposition: &str, name_and_labels: &str) -> Option<f64> {
     exposition.lines().find_map(|l| {
