@@ -311,6 +311,14 @@ endpoints:
 /// A second Service naming another's external IP and port takes its traffic when it sorts first, in both
 /// modes, and svcproxy says so in its log, its status and `svcproxy_contested_frontends`; once the claim is
 /// withdrawn the address is the first Service's again.
+/// What `svcproxy_contested_frontends` says for IPv4.
+fn contested_frontends(s: &Setup) -> Option<f64> {
+    common::metric_value(
+        &s.proxy.metrics(s.lab.node()),
+        "svcproxy_contested_frontends{ip_family=\"IPv4\"}",
+    )
+}
+
 fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str) {
     let spec = "  externalIPs: [198.51.100.5]";
     let mut s = setup(mode, &manifest(spec, "", &[ready("10.244.0.11", "node-b")]));
@@ -319,13 +327,7 @@ fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str
     s.wait_for("the external IP answers", |s| {
         answered_by(s).is_ok_and(|id| id == "pod11")
     });
-    let contested = |s: &Setup| {
-        common::metric_value(
-            &s.proxy.metrics(s.lab.node()),
-            "svcproxy_contested_frontends{ip_family=\"IPv4\"}",
-        )
-    };
-    assert_eq!(contested(&s), Some(0.0));
+    assert_eq!(contested_frontends(&s), Some(0.0));
 
     // `t/capture` sorts before `t/svc`: it wins the address.
     s.dir.write("capture.yaml", &capture(spec));
@@ -340,7 +342,7 @@ fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str
         ),
         "{log}"
     );
-    assert_eq!(contested(&s), Some(1.0));
+    assert_eq!(contested_frontends(&s), Some(1.0));
     let status = common::status_json(s.lab.node());
     assert_eq!(
         status["contested"],
@@ -384,7 +386,7 @@ fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str
     s.wait_for("the external IP is the first Service's again", |s| {
         answered_by(s).is_ok_and(|id| id == "pod11")
     });
-    s.wait_for("the contest is over", |s| contested(s) == Some(0.0));
+    s.wait_for("the contest is over", |s| contested_frontends(s) == Some(0.0));
     assert!(
         s.proxy
             .log()
@@ -407,13 +409,7 @@ fn a_contested_node_port_goes_to_the_first_claimant_and_is_reported(mode: &str) 
     s.wait_for("the node port answers", |s| {
         answered_by(s).is_ok_and(|id| id == "pod11")
     });
-    let contested = |s: &Setup| {
-        common::metric_value(
-            &s.proxy.metrics(s.lab.node()),
-            "svcproxy_contested_frontends{ip_family=\"IPv4\"}",
-        )
-    };
-    assert_eq!(contested(&s), Some(0.0));
+    assert_eq!(contested_frontends(&s), Some(0.0));
 
     let sentence = "node port 30080/tcp claimed by more than one service port: t/capture:http gets its traffic, \
                     t/svc:http none of it there";
@@ -425,7 +421,7 @@ fn a_contested_node_port_goes_to_the_first_claimant_and_is_reported(mode: &str) 
     });
     let log = s.proxy.log();
     assert!(log.contains(sentence), "{log}");
-    assert_eq!(contested(&s), Some(1.0));
+    assert_eq!(contested_frontends(&s), Some(1.0));
     let status = common::status_json(s.lab.node());
     assert_eq!(
         status["contested"][0]["frontend"], "node port 30080/tcp",
@@ -448,7 +444,7 @@ fn a_contested_node_port_goes_to_the_first_claimant_and_is_reported(mode: &str) 
     s.wait_for("the node port is the first Service's again", |s| {
         answered_by(s).is_ok_and(|id| id == "pod11")
     });
-    s.wait_for("the contest is over", |s| contested(s) == Some(0.0));
+    s.wait_for("the contest is over", |s| contested_frontends(s) == Some(0.0));
     s.proxy.assert_no_divergence();
 }
 
