@@ -319,6 +319,39 @@ fn contested_frontends(s: &Setup) -> Option<f64> {
     )
 }
 
+/// `t/capture` won `frontend` from `t/svc`, and the log, the gauge, `svcproxy status` and `explain` of a
+/// packet to `explain_to` (the frontend as a destination) say so; `explain` traces it to the winner.
+fn assert_contest_reported(s: &Setup, frontend: &str, explain_to: &str) {
+    let sentence = format!(
+        "{frontend} claimed by more than one service port: t/capture:http gets its traffic, t/svc:http none \
+         of it there"
+    );
+    let log = s.proxy.log();
+    assert!(log.contains(&sentence), "{log}");
+    assert_eq!(contested_frontends(s), Some(1.0));
+    let status = common::status_json(s.lab.node());
+    assert_eq!(
+        status["contested"],
+        serde_json::json!([{
+            "frontend": frontend,
+            "winner": "t/capture:http",
+            "others": ["t/svc:http"],
+        }]),
+        "{status}"
+    );
+    let explained = common::explain_json(
+        s.lab.node(),
+        &["--daemon", "--from", EXTERNAL, "--to", explain_to],
+    );
+    assert_eq!(explained["service"]["name"], "t/capture:http", "{explained}");
+    assert!(
+        explained["notes"]
+            .as_array()
+            .is_some_and(|notes| notes.iter().any(|n| *n == *sentence)),
+        "{explained}"
+    );
+}
+
 fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str) {
     let spec = "  externalIPs: [198.51.100.5]";
     let mut s = setup(mode, &manifest(spec, "", &[ready("10.244.0.11", "node-b")]));
@@ -334,39 +367,7 @@ fn a_contested_external_ip_goes_to_the_first_claimant_and_is_reported(mode: &str
     s.wait_for("the capturing Service gets the external IP", |s| {
         answered_by(s).is_ok_and(|id| id == "pod12")
     });
-    let log = s.proxy.log();
-    assert!(
-        log.contains(
-            "198.51.100.5:80/tcp claimed by more than one service port: t/capture:http gets its traffic, \
-             t/svc:http none of it there"
-        ),
-        "{log}"
-    );
-    assert_eq!(contested_frontends(&s), Some(1.0));
-    let status = common::status_json(s.lab.node());
-    assert_eq!(
-        status["contested"],
-        serde_json::json!([{
-            "frontend": "198.51.100.5:80/tcp",
-            "winner": "t/capture:http",
-            "others": ["t/svc:http"],
-        }]),
-        "{status}"
-    );
-    // `explain` traces the address to the Service that gets it, and says who else claims it.
-    let explained = common::explain_json(
-        s.lab.node(),
-        &["--daemon", "--from", EXTERNAL, "--to", "198.51.100.5:80/tcp"],
-    );
-    assert_eq!(explained["service"]["name"], "t/capture:http", "{explained}");
-    assert!(
-        explained["notes"]
-            .as_array()
-            .is_some_and(|notes| notes.iter().any(|n| n
-                == "198.51.100.5:80/tcp claimed by more than one service port: t/capture:http gets its \
-                traffic, t/svc:http none of it there")),
-        "{explained}"
-    );
+    assert_contest_reported(&s, "198.51.100.5:80/tcp", "198.51.100.5:80/tcp");
     // The cluster IPs are not contested: each still reaches its own Service.
     assert_eq!(
         tcp_request(s.client.ns(), addr("10.96.0.60", 80), T)
@@ -411,33 +412,13 @@ fn a_contested_node_port_goes_to_the_first_claimant_and_is_reported(mode: &str) 
     });
     assert_eq!(contested_frontends(&s), Some(0.0));
 
-    let sentence = "node port 30080/tcp claimed by more than one service port: t/capture:http gets its traffic, \
-                    t/svc:http none of it there";
     let capturing =
         capture("  type: NodePort").replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
     s.dir.write("capture.yaml", &capturing);
     s.wait_for("the capturing Service gets the node port", |s| {
         answered_by(s).is_ok_and(|id| id == "pod12")
     });
-    let log = s.proxy.log();
-    assert!(log.contains(sentence), "{log}");
-    assert_eq!(contested_frontends(&s), Some(1.0));
-    let status = common::status_json(s.lab.node());
-    assert_eq!(
-        status["contested"][0]["frontend"], "node port 30080/tcp",
-        "{status}"
-    );
-    let explained = common::explain_json(
-        s.lab.node(),
-        &["--daemon", "--from", EXTERNAL, "--to", "10.0.0.10:30080/tcp"],
-    );
-    assert_eq!(explained["service"]["name"], "t/capture:http", "{explained}");
-    assert!(
-        explained["notes"]
-            .as_array()
-            .is_some_and(|notes| notes.iter().any(|n| n == sentence)),
-        "{explained}"
-    );
+    assert_contest_reported(&s, "node port 30080/tcp", "10.0.0.10:30080/tcp");
 
     // Withdrawn, the node port is `t/svc`'s again.
     s.dir.write("capture.yaml", &capture("  type: NodePort"));
@@ -445,6 +426,11 @@ fn a_contested_node_port_goes_to_the_first_claimant_and_is_reported(mode: &str) 
         answered_by(s).is_ok_and(|id| id == "pod11")
     });
     s.wait_for("the contest is over", |s| contested_frontends(s) == Some(0.0));
+    let log = s.proxy.log();
+    assert!(
+        log.contains("node port 30080/tcp is claimed by one service port again"),
+        "{log}"
+    );
     s.proxy.assert_no_divergence();
 }
 
